@@ -1,0 +1,3 @@
+"""leap: built on the metazoo core."""
+
+__all__: list[str] = []

@@ -1,0 +1,3 @@
+"""maml: built on the metazoo core."""
+
+__all__: list[str] = []

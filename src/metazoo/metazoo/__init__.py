@@ -1,0 +1,63 @@
+"""metazoo: the shared core of the meta-learning zoo.
+
+Pure functional models (``forward``, ``params_of``), differentiable inner optimizers
+(``SGD``, ``Adam``, ``RMSprop``), exact checkpointed unrolls (``unroll``) and the
+``MetaLearner`` interface every algorithm implements.
+"""
+
+from metazoo.functional import (
+    BatchNormMode,
+    Buffers,
+    Params,
+    check_params,
+    forward,
+    initial_buffers,
+    make_loss_fn,
+    params_of,
+    split_params,
+)
+from metazoo.learner import (
+    Adapted,
+    Batch,
+    EvalResult,
+    MetaLearner,
+    MetaStepResult,
+    Task,
+    accuracy,
+    mean_results,
+)
+from metazoo.optim import SGD, Adam, InnerOptimizer, OptState, RMSprop, safe_sqrt
+from metazoo.unroll import DEFAULT_SEGMENT, LossFn, UnrollResult, clip_grad_norm, unroll
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DEFAULT_SEGMENT",
+    "SGD",
+    "Adam",
+    "Adapted",
+    "Batch",
+    "BatchNormMode",
+    "Buffers",
+    "EvalResult",
+    "InnerOptimizer",
+    "LossFn",
+    "MetaLearner",
+    "MetaStepResult",
+    "OptState",
+    "Params",
+    "RMSprop",
+    "Task",
+    "UnrollResult",
+    "accuracy",
+    "check_params",
+    "clip_grad_norm",
+    "forward",
+    "initial_buffers",
+    "make_loss_fn",
+    "mean_results",
+    "params_of",
+    "safe_sqrt",
+    "split_params",
+    "unroll",
+]

@@ -1,0 +1,204 @@
+"""Calling an ``nn.Module`` as a pure function of explicit parameters and buffers.
+
+Adaptation never mutates a module: parameters travel as ``Params`` dicts and BatchNorm
+statistics travel as ``Buffers`` dicts. A forward pass returns the output together with the
+buffers it produced, so a recomputed step (gradient checkpointing) yields the same statistics
+again instead of updating them twice.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+from torch.nn.modules.batchnorm import _BatchNorm
+
+Params = dict[str, Tensor]
+Buffers = dict[str, Tensor]
+
+__all__ = [
+    "BatchNormMode",
+    "Buffers",
+    "Params",
+    "check_params",
+    "forward",
+    "initial_buffers",
+    "make_loss_fn",
+    "params_of",
+    "split_params",
+]
+
+
+class BatchNormMode(str, enum.Enum):
+    """How BatchNorm layers compute and keep statistics during meta-learning.
+
+    Attributes:
+        BATCH: transductive; every forward pass (support and query) normalises with the
+            statistics of its own batch, as in the MAML paper's protocol. Running statistics are
+            neither used nor updated.
+        RUNNING: inductive; each task starts from fresh running statistics (mean 0, var 1),
+            inner training steps normalise with batch statistics and update the task's running
+            statistics, and evaluation (``training=False``) normalises with them.
+    """
+
+    BATCH = "batch"
+    RUNNING = "running"
+
+
+def params_of(module: nn.Module, *, detach: bool = False) -> Params:
+    """Returns the module's parameters as a ``Params`` dict (the tensors themselves, not copies).
+
+    Args:
+        module: any ``nn.Module``.
+        detach: return detached views instead of the parameters.
+    """
+    return {name: (p.detach() if detach else p) for name, p in module.named_parameters()}
+
+
+def split_params(params: Params, predicate: Callable[[str], bool]) -> tuple[Params, Params]:
+    """Splits ``params`` by name into ``(selected, rest)``, keeping the original order."""
+    selected = {name: p for name, p in params.items() if predicate(name)}
+    rest = {name: p for name, p in params.items() if name not in selected}
+    return selected, rest
+
+
+def check_params(module: nn.Module, params: Params) -> None:
+    """Raises ``ValueError`` naming missing, extra or misshapen entries of ``params``.
+
+    Args:
+        module: the module the parameters are meant for.
+        params: the full parameter dict (adapted and static parts merged).
+    """
+    expected = dict(module.named_parameters())
+    missing = sorted(set(expected) - set(params))
+    extra = sorted(set(params) - set(expected))
+    if missing or extra:
+        raise ValueError(
+            f"params do not match {type(module).__name__}: missing {missing}, unexpected {extra}. "
+            "Build them with metazoo.params_of(module) (and split_params to partition them)."
+        )
+    for name, p in params.items():
+        if p.shape != expected[name].shape:
+            raise ValueError(
+                f"param {name!r} has shape {tuple(p.shape)} but the module expects "
+                f"{tuple(expected[name].shape)}"
+            )
+
+
+def _batchnorm_modules(module: nn.Module) -> list[tuple[str, _BatchNorm]]:
+    return [(name, m) for name, m in module.named_modules() if isinstance(m, _BatchNorm)]
+
+
+def _batchnorm_buffer_names(module: nn.Module) -> set[str]:
+    names = set()
+    for prefix, bn in _batchnorm_modules(module):
+        for buffer_name, _ in bn.named_buffers(recurse=False):
+            names.add(f"{prefix}.{buffer_name}" if prefix else buffer_name)
+    return names
+
+
+def initial_buffers(module: nn.Module, bn_mode: BatchNormMode | str) -> Buffers:
+    """The buffers a task starts from: copies of the module's, BatchNorm statistics reset.
+
+    In ``RUNNING`` mode each task gets fresh statistics (running mean 0, running var 1, count 0),
+    so evaluation on one task never sees statistics of another. In ``BATCH`` mode the statistics
+    are not used, and the module's own values are copied unchanged.
+    """
+    bn_mode = BatchNormMode(bn_mode)
+    buffers = {name: b.detach().clone() for name, b in module.named_buffers()}
+    if bn_mode is BatchNormMode.RUNNING:
+        for name in _batchnorm_buffer_names(module):
+            if name not in buffers:
+                continue
+            leaf = name.rsplit(".", 1)[-1]
+            if leaf == "running_mean" or leaf == "num_batches_tracked":
+                buffers[name].zero_()
+            elif leaf == "running_var":
+                buffers[name].fill_(1.0)
+    return buffers
+
+
+@contextmanager
+def _training_flags(module: nn.Module, training: bool, bn_training: bool) -> Iterator[None]:
+    modes = [(m, m.training) for m in module.modules()]
+    try:
+        for m, _ in modes:
+            m.training = bn_training if isinstance(m, _BatchNorm) else training
+        yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
+def forward(
+    module: nn.Module,
+    params: Params,
+    buffers: Buffers,
+    *args: Any,
+    bn_mode: BatchNormMode | str = BatchNormMode.BATCH,
+    training: bool = True,
+    **kwargs: Any,
+) -> tuple[Any, Buffers]:
+    """Runs ``module`` as a pure function of ``params`` and ``buffers``.
+
+    Args:
+        module: the network; its own parameters and buffers are neither read nor written
+            (every parameter must be in ``params``).
+        params: all parameters of the module by name.
+        buffers: all buffers of the module by name (see ``initial_buffers``).
+        *args: inputs to the module.
+        bn_mode: see ``BatchNormMode``.
+        training: train-mode behaviour for dropout and, in ``RUNNING`` mode, BatchNorm.
+        **kwargs: keyword inputs to the module.
+
+    Returns:
+        ``(output, new_buffers)``. ``new_buffers`` is a new dict; the input dict and its tensors
+        are left untouched.
+    """
+    bn_mode = BatchNormMode(bn_mode)
+    bn_training = training if bn_mode is BatchNormMode.RUNNING else True
+    updates_stats = bn_mode is BatchNormMode.RUNNING and training
+    bn_names = _batchnorm_buffer_names(module)
+    # BatchNorm in train mode writes its running statistics in place: give it copies so the
+    # caller's buffers (and, under checkpointing, the stored segment-boundary buffers) stay as
+    # they were.
+    call_buffers = {
+        name: (b.clone() if name in bn_names and bn_training else b) for name, b in buffers.items()
+    }
+    with _training_flags(module, training, bn_training):
+        output = functional_call(module, (params, call_buffers), args, kwargs, strict=True)
+    new_buffers = call_buffers if updates_stats else dict(buffers)
+    return output, new_buffers
+
+
+def make_loss_fn(
+    module: nn.Module,
+    criterion: Callable[[Tensor, Tensor], Tensor],
+    *,
+    bn_mode: BatchNormMode | str = BatchNormMode.BATCH,
+) -> Callable[[Params, Buffers, tuple[Tensor, Tensor]], tuple[Tensor, Buffers]]:
+    """The usual inner loss for ``unroll``: ``criterion(module(x), y)`` on a training pass.
+
+    Args:
+        module: the network, called through ``forward``.
+        criterion: e.g. ``torch.nn.functional.cross_entropy``.
+        bn_mode: see ``BatchNormMode``.
+
+    Returns:
+        ``loss_fn(params, buffers, (x, y)) -> (loss, new_buffers)``.
+    """
+    bn_mode = BatchNormMode(bn_mode)
+
+    def loss_fn(params: Params, buffers: Buffers,
+                batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Buffers]:
+        inputs, targets = batch
+        output, new_buffers = forward(module, params, buffers, inputs, bn_mode=bn_mode,
+                                      training=True)
+        return criterion(output, targets), new_buffers
+
+    return loss_fn

@@ -1,0 +1,215 @@
+"""The interface every metazoo algorithm implements, and the task and result types.
+
+Experiments only talk to ``MetaLearner``: ``adapt`` a copy of the meta-learned model to one
+task, ``meta_step`` over a batch of tasks (meta-gradient then meta-optimizer step), ``evaluate``
+without meta-updating, and ``state_dict``/``load_state_dict`` for checkpoints.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from metazoo.functional import Buffers, Params
+
+Batch = tuple[Tensor, Tensor]
+
+__all__ = [
+    "Adapted",
+    "Batch",
+    "EvalResult",
+    "MetaLearner",
+    "MetaStepResult",
+    "Task",
+    "accuracy",
+    "mean_results",
+]
+
+
+@dataclass(frozen=True)
+class Task:
+    """One task: support batches for adaptation and a query batch for the meta-objective.
+
+    Attributes:
+        support: inner step k trains on ``support[k % len(support)]``; a few-shot task has one
+            support batch reused every step, an alphabet task a fresh batch per step.
+        query: the held-out batch the adapted model is scored on.
+    """
+
+    support: Sequence[Batch]
+    query: Batch
+
+    def __post_init__(self) -> None:
+        if isinstance(self.support, tuple) and len(self.support) == 2 and all(
+                isinstance(t, Tensor) for t in self.support):
+            raise ValueError("Task.support must be a sequence of (inputs, targets) batches; "
+                             "wrap a single batch as [batch]")
+        if not self.support:
+            raise ValueError("Task.support must hold at least one batch")
+        for name, batch in [("query", self.query)] + [
+                (f"support[{i}]", b) for i, b in enumerate(self.support)]:
+            if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
+                raise ValueError(f"Task.{name} must be an (inputs, targets) pair")
+            if batch[0].shape[0] != batch[1].shape[0]:
+                raise ValueError(f"Task.{name} has {batch[0].shape[0]} inputs but "
+                                 f"{batch[1].shape[0]} targets")
+
+    def to(self, device: torch.device | str) -> Task:
+        """A copy of the task with every tensor on ``device``."""
+        def move(b: Batch) -> Batch:
+            return (b[0].to(device), b[1].to(device))
+
+        return Task([move(b) for b in self.support], move(self.query))
+
+
+@dataclass(frozen=True)
+class Adapted:
+    """A model adapted to one task.
+
+    Attributes:
+        params: every parameter of the model (adapted and static merged).
+        buffers: the task's buffers after adaptation (BatchNorm statistics).
+        inner_losses: support loss before each inner step.
+    """
+
+    params: Params
+    buffers: Buffers
+    inner_losses: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class MetaStepResult:
+    """Summary of one meta-step over a batch of tasks (means over tasks).
+
+    Attributes:
+        meta_loss: query loss of the adapted models (the meta-objective).
+        inner_loss: support loss before the last inner step.
+        accuracy: query accuracy of the adapted models, ``None`` for non-classification.
+        inner_losses: mean support loss before each inner step (the training curve).
+        num_tasks: tasks in the meta-batch.
+        seconds: wall-clock time of the meta-step.
+    """
+
+    meta_loss: float
+    inner_loss: float
+    accuracy: float | None
+    inner_losses: tuple[float, ...]
+    num_tasks: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """Evaluation of adapted models on held-out tasks (means over tasks).
+
+    Attributes:
+        loss: query loss after adaptation.
+        accuracy: query accuracy after adaptation, ``None`` for non-classification.
+        inner_losses: mean support loss before each inner step.
+        num_tasks: tasks evaluated.
+        per_task: ``(loss, accuracy)`` of each task.
+    """
+
+    loss: float
+    accuracy: float | None
+    inner_losses: tuple[float, ...]
+    num_tasks: int
+    per_task: tuple[tuple[float, float | None], ...] = field(default=())
+
+
+def accuracy(output: Tensor, target: Tensor) -> Tensor | None:
+    """Classification accuracy as a 0-dim tensor, or ``None`` if ``target`` is not class labels."""
+    if target.dtype not in (torch.int64, torch.int32) or output.dim() != target.dim() + 1:
+        return None
+    return (output.argmax(dim=1) == target).float().mean()
+
+
+def mean_results(per_task: Sequence[tuple[Tensor, Tensor | None, Tensor]]
+                 ) -> tuple[float, float | None, tuple[float, ...]]:
+    """Reduces per-task ``(query_loss, query_accuracy, inner_losses)`` with one host transfer."""
+    losses = torch.stack([r[0].detach() for r in per_task])
+    curves = torch.stack([r[2].detach() for r in per_task])
+    accs = [r[1] for r in per_task]
+    has_acc = all(a is not None for a in accs)
+    summary = torch.cat([losses.mean().reshape(1),
+                         torch.stack([a.detach() for a in accs]).mean().reshape(1)  # type: ignore[union-attr]
+                         if has_acc else losses.new_zeros(1),
+                         curves.mean(0)]).tolist()
+    return summary[0], (summary[1] if has_acc else None), tuple(summary[2:])
+
+
+class MetaLearner(ABC):
+    """One meta-learning algorithm wrapped around a model.
+
+    Subclasses implement ``adapt``, ``meta_backward`` and ``evaluate``; ``meta_step`` (zero
+    gradients, ``meta_backward``, optional gradient hook such as a distributed all-reduce,
+    meta-optimizer step) is shared. Subclasses are final: configuration goes through keyword-only
+    constructor arguments, not inheritance.
+    """
+
+    model: nn.Module
+    meta_optimizer: torch.optim.Optimizer
+
+    @abstractmethod
+    def adapt(self, task: Task, *, steps: int | None = None) -> Adapted:
+        """Adapts a copy of the meta-learned model to ``task`` (no meta-gradient)."""
+
+    @abstractmethod
+    def meta_backward(self, tasks: Sequence[Task]) -> MetaStepResult:
+        """Accumulates into ``.grad`` the meta-gradient of the mean objective over ``tasks``."""
+
+    @abstractmethod
+    def evaluate(self, tasks: Sequence[Task], *, steps: int | None = None) -> EvalResult:
+        """Adapts to each task and scores the query set, leaving meta-parameters unchanged."""
+
+    def meta_parameters(self) -> Iterator[nn.Parameter]:
+        """The tensors the meta-optimizer updates."""
+        for _, p in self.named_meta_parameters():
+            yield p
+
+    def named_meta_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """``(name, tensor)`` of every meta-learned tensor (default: the model's parameters)."""
+        yield from self.model.named_parameters()
+
+    def meta_step(self, tasks: Sequence[Task], *, grad_hook: Any = None) -> MetaStepResult:
+        """One meta-update over ``tasks``.
+
+        Args:
+            tasks: the meta-batch.
+            grad_hook: optional callable run after ``meta_backward`` and before the optimizer
+                step, e.g. an all-reduce of ``.grad`` across processes.
+        """
+        if not tasks:
+            raise ValueError("meta_step needs at least one task")
+        start = time.perf_counter()
+        self.meta_optimizer.zero_grad(set_to_none=True)
+        result = self.meta_backward(tasks)
+        if grad_hook is not None:
+            grad_hook(self)
+        self.meta_optimizer.step()
+        return MetaStepResult(result.meta_loss, result.inner_loss, result.accuracy,
+                              result.inner_losses, result.num_tasks,
+                              time.perf_counter() - start)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Model and meta-optimizer state; tensors and plain containers only."""
+        return {"model": self.model.state_dict(),
+                "meta_optimizer": self.meta_optimizer.state_dict()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restores ``state_dict()``; mismatched keys raise with their names."""
+        missing = sorted({"model", "meta_optimizer"} - set(state))
+        if missing:
+            raise ValueError(f"state dict lacks {missing}; was it written by "
+                             f"{type(self).__name__}.state_dict()?")
+        result = self.model.load_state_dict(state["model"], strict=False)
+        if result.missing_keys or result.unexpected_keys:
+            raise ValueError(f"checkpoint does not fit this model: missing "
+                             f"{result.missing_keys}, unexpected {result.unexpected_keys}")
+        self.meta_optimizer.load_state_dict(state["meta_optimizer"])

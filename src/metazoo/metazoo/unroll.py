@@ -1,0 +1,413 @@
+"""Differentiable inner loops: K optimizer steps folded from one pure inner step.
+
+Step k evaluates ``loss_fn(params_k, buffers_k, batch_k)``, takes its gradient with respect to
+the adapted parameters and applies the inner optimizer. With ``first_order=False`` (the default)
+the gradient is taken with ``create_graph=True``, so the result is differentiable to second order
+with respect to the initial parameters, the static parameters and every tensor hyperparameter.
+
+Checkpointing (``checkpoint=S``) stores only the state at every S-th step (parameters, optimizer
+state, buffers, RNG state), runs the inner loop forward without a second-order graph, and during
+the backward pass recomputes one segment at a time with ``create_graph=True`` and backpropagates
+through it. Memory is one segment's graph plus the stored boundary states, flat in K, and the
+meta-gradient equals the plain unroll's exactly. (``torch.utils.checkpoint`` around each step is
+exact too but re-runs the inner ``autograd.grad`` repeatedly and costs more than no
+checkpointing at all; see ARCHITECTURE.md.)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.utils._pytree as pytree
+from torch import Tensor
+
+from metazoo.functional import Buffers, Params
+from metazoo.optim import InnerOptimizer, OptState
+
+Batch = Any
+LossFn = Callable[[Params, Buffers, Batch], tuple[Tensor, Buffers]]
+
+#: Segment length used by ``checkpoint=True``. Peak memory is about this many steps' graphs,
+#: whatever K is; smaller segments store more boundary states (one parameter copy each).
+DEFAULT_SEGMENT = 5
+
+__all__ = ["DEFAULT_SEGMENT", "LossFn", "UnrollResult", "clip_grad_norm", "unroll"]
+
+
+@dataclass(frozen=True)
+class UnrollResult:
+    """What an unroll returns.
+
+    Attributes:
+        params: the adapted parameters after the last step (differentiable).
+        state: the optimizer state after the last step (detached when checkpointed).
+        buffers: the buffers after the last step (BatchNorm statistics; never differentiable).
+        losses: the inner loss of each step, evaluated before the step, detached, shape [K].
+        trajectory: ``[params_0, ..., params_K]`` when ``keep_trajectory=True``, else ``None``;
+            each point is differentiable.
+    """
+
+    params: Params
+    state: OptState
+    buffers: Buffers
+    losses: Tensor
+    trajectory: list[Params] | None = None
+
+
+def clip_grad_norm(grads: Sequence[Tensor], max_norm: float) -> list[Tensor]:
+    """Scales ``grads`` so their global 2-norm is at most ``max_norm`` (out of place).
+
+    Same rule as ``torch.nn.utils.clip_grad_norm_`` (coefficient ``max_norm / (norm + 1e-6)``,
+    capped at 1), written with differentiable tensor operations and no host synchronisation.
+    """
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+    coefficient = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+    return [g * coefficient for g in grads]
+
+
+class _ClipBackward(torch.autograd.Function):
+    """Identity forward; the backward clips the global norm of the incoming gradients."""
+
+    @staticmethod
+    def forward(ctx: Any, max_norm: float, *tensors: Tensor) -> tuple[Tensor, ...]:
+        ctx.max_norm = max_norm
+        ctx.set_materialize_grads(False)
+        return tuple(t.view_as(t) for t in tensors)
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Tensor | None) -> tuple[Tensor | None, ...]:
+        present = [g for g in grads if g is not None]
+        if not present:
+            return (None, *grads)
+        clipped = iter(clip_grad_norm(present, ctx.max_norm))
+        return (None, *(None if g is None else next(clipped) for g in grads))
+
+
+@dataclass
+class _Run:
+    """Everything about one unroll that is not a differentiable tensor."""
+
+    loss_fn: LossFn
+    optimizer: InnerOptimizer
+    batches: Sequence[Batch]
+    steps: int
+    inner_grad_clip: float | None
+    backward_grad_clip: float | None
+    final_state: OptState | None = None  # set by the checkpointed forward pass
+
+    def step(self, k: int, params: Params, static: Params, buffers: Buffers, state: OptState,
+             optimizer: InnerOptimizer, *, create_graph: bool
+             ) -> tuple[Params, OptState, Buffers, Tensor]:
+        """One inner step; ``create_graph`` makes it differentiable to second order."""
+        names = list(params)
+        inputs = list(params.values())
+        if (self.backward_grad_clip is not None and torch.is_grad_enabled()
+                and any(p.requires_grad for p in inputs)):
+            inputs = list(_ClipBackward.apply(self.backward_grad_clip, *inputs))
+        with torch.enable_grad():
+            if create_graph:
+                leaves = [p if p.requires_grad else p.detach().requires_grad_() for p in inputs]
+                full = {**static, **dict(zip(names, leaves))}
+            else:
+                # First-order: the inner gradient is a constant, so build its graph on
+                # detached copies and keep nothing that links back to the meta-parameters.
+                leaves = [p.detach().requires_grad_() for p in inputs]
+                full = {**{n: s.detach() for n, s in static.items()}, **dict(zip(names, leaves))}
+            loss, new_buffers = self.loss_fn(full, buffers, self.batches[k % len(self.batches)])
+            if not isinstance(loss, Tensor) or loss.dim() != 0:
+                raise ValueError(
+                    "loss_fn must return (scalar loss tensor, buffers); got a loss of type "
+                    f"{type(loss).__name__}{'' if not isinstance(loss, Tensor) else tuple(loss.shape)}"
+                )
+            grads = list(torch.autograd.grad(loss, leaves, create_graph=create_graph))
+        if self.inner_grad_clip is not None:
+            grads = clip_grad_norm(grads, self.inner_grad_clip)
+        step_params = dict(zip(names, leaves)) if create_graph else dict(zip(names, inputs))
+        new_params, new_state = optimizer.step(step_params, dict(zip(names, grads)), state)
+        return new_params, new_state, new_buffers, loss.detach()
+
+
+def _tensor_leaves(tree: Any) -> list[Tensor]:
+    return [leaf for leaf in pytree.tree_leaves(tree) if isinstance(leaf, Tensor)]
+
+
+def _replace_tensor_leaves(tree: Any, tensors: Sequence[Tensor]) -> Any:
+    leaves, spec = pytree.tree_flatten(tree)
+    replacements = iter(tensors)
+    return pytree.tree_unflatten(
+        [next(replacements) if isinstance(leaf, Tensor) else leaf for leaf in leaves], spec)
+
+
+def _rng_state(device: torch.device) -> tuple[Tensor, Tensor | None]:
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return torch.get_rng_state(), cuda
+
+
+@dataclass
+class _Boundary:
+    params: Params
+    state: OptState
+    buffers: Buffers
+    rng: tuple[Tensor, Tensor | None]
+
+
+class _CheckpointedUnroll(torch.autograd.Function):
+    """The unroll as one autograd node that recomputes segments during its backward pass.
+
+    Inputs (after the non-tensor ``run``, ``segment``, ``keep_trajectory``, ``buffers`` and
+    layout arguments): adapted parameters, static parameters, hyperparameter tensors and initial
+    optimizer-state tensors, flattened. Outputs: the trajectory (or only the final parameters),
+    then the non-differentiable final state tensors, final buffers and losses.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, run: _Run, segment: int, keep_trajectory: bool, buffers: Buffers,
+                layout: tuple[list[str], list[str], int, OptState], *tensors: Tensor
+                ) -> tuple[Tensor, ...]:
+        names, static_names, num_hyper, state_template = layout
+        n, m = len(names), len(static_names)
+        params = dict(zip(names, (t.detach() for t in tensors[:n])))
+        static = dict(zip(static_names, (t.detach() for t in tensors[n:n + m])))
+        hyper = [t.detach() for t in tensors[n + m:n + m + num_hyper]]
+        state = _replace_tensor_leaves(state_template,
+                                       [t.detach() for t in tensors[n + m + num_hyper:]])
+        optimizer = run.optimizer.with_hyperparameter_tensors(hyper)
+        device = tensors[0].device
+
+        boundaries, losses = [], []
+        trajectory = [{k: v.clone() for k, v in params.items()}] if keep_trajectory else []
+        for k in range(run.steps):
+            if k % segment == 0:
+                boundaries.append(_Boundary(params, state, buffers, _rng_state(device)))
+            params, state, buffers, loss = run.step(k, params, static, buffers, state, optimizer,
+                                                    create_graph=False)
+            losses.append(loss)
+            if keep_trajectory:
+                trajectory.append(params)
+        if not keep_trajectory:
+            trajectory = [params]
+
+        ctx.run, ctx.segment, ctx.keep_trajectory, ctx.layout = run, segment, keep_trajectory, layout
+        ctx.boundaries = boundaries
+        ctx.static_tensors, ctx.hyper_tensors = list(static.values()), hyper
+        run.final_state = state
+        ctx.set_materialize_grads(False)
+        extra = (*_tensor_leaves(state), *buffers.values(), torch.stack(losses))
+        ctx.mark_non_differentiable(*extra)
+        return (*(p for point in trajectory for p in point.values()), *extra)
+
+    @staticmethod
+    def backward(ctx: Any, *grad_outputs: Tensor | None) -> tuple[Tensor | None, ...]:
+        run: _Run = ctx.run
+        names, static_names, num_hyper, _ = ctx.layout
+        n, m = len(names), len(static_names)
+        needs = ctx.needs_input_grad[5:]
+        needs_static = any(needs[n:n + m])
+        needs_hyper = any(needs[n + m:n + m + num_hyper])
+        # Gradients arriving at each kept point of the trajectory.
+        points = range(run.steps + 1) if ctx.keep_trajectory else [run.steps]
+        point_grads = {k: list(grad_outputs[i * n:(i + 1) * n]) for i, k in enumerate(points)}
+
+        carry_params: list[Tensor | None] = point_grads.pop(run.steps)
+        carry_state: list[Tensor | None] | None = None
+        static_grads: list[Tensor | None] = [None] * m
+        hyper_grads: list[Tensor | None] = [None] * num_hyper
+
+        for index in reversed(range(len(ctx.boundaries))):
+            boundary: _Boundary = ctx.boundaries[index]
+            start, end = index * ctx.segment, min((index + 1) * ctx.segment, run.steps)
+            devices = [boundary.rng[1].device] if boundary.rng[1] is not None else []
+            with torch.enable_grad(), torch.random.fork_rng(devices=devices):
+                torch.set_rng_state(boundary.rng[0])
+                if boundary.rng[1] is not None:
+                    torch.cuda.set_rng_state(boundary.rng[1])
+                param_leaves = [p.detach().requires_grad_() for p in boundary.params.values()]
+                state_leaves = [t.detach().requires_grad_(t.is_floating_point())
+                                for t in _tensor_leaves(boundary.state)]
+                static_leaves = [t.detach().requires_grad_(needs_static)
+                                 for t in ctx.static_tensors]
+                hyper_leaves = [t.detach().requires_grad_(needs_hyper)
+                                for t in ctx.hyper_tensors]
+                optimizer = run.optimizer.with_hyperparameter_tensors(hyper_leaves)
+                params = dict(zip(names, param_leaves))
+                static = dict(zip(static_names, static_leaves))
+                state = _replace_tensor_leaves(boundary.state, state_leaves)
+                buffers = boundary.buffers
+
+                outputs: list[Tensor] = []
+                output_grads: list[Tensor] = []
+
+                def connect(tensors: Sequence[Tensor], grads: Sequence[Tensor | None]) -> None:
+                    for t, g in zip(tensors, grads):
+                        if g is not None and t.requires_grad:
+                            outputs.append(t)
+                            output_grads.append(g)
+
+                for k in range(start, end):
+                    params, state, buffers, _ = run.step(k, params, static, buffers, state,
+                                                         optimizer, create_graph=True)
+                    if k + 1 < end and k + 1 in point_grads:
+                        connect(list(params.values()), point_grads.pop(k + 1))
+                connect(list(params.values()), carry_params)
+                if carry_state is not None:
+                    connect(_tensor_leaves(state), carry_state)
+
+                inputs = param_leaves + [t for t in state_leaves if t.requires_grad]
+                if needs_static:
+                    inputs += static_leaves
+                if needs_hyper:
+                    inputs += hyper_leaves
+                grads = (torch.autograd.grad(outputs, inputs, output_grads, allow_unused=True)
+                         if outputs else [None] * len(inputs))
+
+            grads = list(grads)
+            carry_params = grads[:n]
+            del grads[:n]
+            carry_state = [grads.pop(0) if t.requires_grad else None for t in state_leaves]
+            if needs_static:
+                static_grads = [_add(a, b) for a, b in zip(static_grads, grads[:m])]
+                del grads[:m]
+            if needs_hyper:
+                hyper_grads = [_add(a, b) for a, b in zip(hyper_grads, grads[:num_hyper])]
+            if start in point_grads:
+                carry_params = [_add(a, b) for a, b in zip(carry_params, point_grads.pop(start))]
+
+        return (None, None, None, None, None, *carry_params, *static_grads, *hyper_grads,
+                *(carry_state or []))
+
+
+def _add(a: Tensor | None, b: Tensor | None) -> Tensor | None:
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return a + b
+
+
+def _validate(params: Params, static: Params, batches: Sequence[Batch], steps: int,
+              checkpoint: int | bool | None, inner_grad_clip: float | None,
+              backward_grad_clip: float | None) -> None:
+    if not isinstance(params, dict) or not params:
+        raise ValueError("params must be a non-empty dict of name -> tensor (metazoo.params_of)")
+    for name, p in params.items():
+        if not isinstance(p, Tensor) or not p.is_floating_point():
+            raise ValueError(f"adapted param {name!r} must be a floating-point tensor")
+    overlap = sorted(set(params) & set(static))
+    if overlap:
+        raise ValueError(f"names {overlap} are both adapted and static; pass each name once")
+    if isinstance(batches, (str, bytes)) or not isinstance(batches, Sequence) or not batches:
+        raise ValueError(
+            "batches must be a non-empty sequence (list/tuple) of batches; step k uses "
+            "batches[k % len(batches)]. For one batch reused every step pass [batch]."
+        )
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be an int >= 1, got {steps!r}")
+    if checkpoint is not None and not isinstance(checkpoint, bool) and (
+            not isinstance(checkpoint, int) or checkpoint < 1):
+        raise ValueError(f"checkpoint must be None, a bool, or a segment length >= 1; got "
+                         f"{checkpoint!r}")
+    for name, value in (("inner_grad_clip", inner_grad_clip),
+                        ("backward_grad_clip", backward_grad_clip)):
+        if value is not None and not (isinstance(value, (int, float)) and value > 0):
+            raise ValueError(f"{name} must be None or a positive number, got {value!r}")
+
+
+def unroll(
+    loss_fn: LossFn,
+    params: Params,
+    optimizer: InnerOptimizer,
+    batches: Sequence[Batch],
+    *,
+    steps: int | None = None,
+    static: Params | None = None,
+    buffers: Buffers | None = None,
+    state: OptState | None = None,
+    first_order: bool = False,
+    checkpoint: int | bool | None = None,
+    inner_grad_clip: float | None = None,
+    backward_grad_clip: float | None = None,
+    keep_trajectory: bool = False,
+) -> UnrollResult:
+    """Runs ``steps`` differentiable inner steps of ``optimizer`` on ``loss_fn``.
+
+    Args:
+        loss_fn: ``loss_fn(params, buffers, batch) -> (loss, buffers)``. ``params`` holds the
+            adapted and static parameters merged. Everything that should receive a
+            meta-gradient must come in through ``params``, ``static`` or a tensor hyperparameter
+            of ``optimizer``; tensors the function closes over are constants under checkpointing.
+        params: the parameters to adapt (the initialisation); usually requiring grad.
+        optimizer: a ``metazoo.optim`` optimizer; tensor hyperparameters receive gradients.
+        batches: step k uses ``batches[k % len(batches)]``; ``[batch]`` reuses one batch.
+        steps: number of inner steps K (default ``len(batches)``).
+        static: parameters the loss uses but the inner loop does not adapt (frozen body, warp
+            layers). They receive meta-gradients through the unroll.
+        buffers: explicit buffers passed to ``loss_fn`` (default empty).
+        state: initial optimizer state (default ``optimizer.init(params)``).
+        first_order: use inner gradients as constants (no second-order terms, no second-order
+            graph).
+        checkpoint: ``None``/``False`` keeps the whole graph; an int S keeps only every S-th
+            state and recomputes segments in the backward pass; ``True`` uses
+            ``DEFAULT_SEGMENT``. Exact: same meta-gradients as the plain unroll.
+        inner_grad_clip: clip the global norm of each inner gradient before the step.
+        backward_grad_clip: clip the global norm of the gradient flowing back into each step's
+            parameters during the meta-backward pass ("max grad-grad norm").
+        keep_trajectory: also return every intermediate point (e.g. for a multi-step loss).
+
+    Returns:
+        An ``UnrollResult``.
+    """
+    static = dict(static or {})
+    buffers = dict(buffers or {})
+    steps = len(batches) if steps is None and isinstance(batches, Sequence) else steps
+    _validate(params, static, batches, steps, checkpoint, inner_grad_clip,  # type: ignore[arg-type]
+              backward_grad_clip)
+    assert steps is not None
+    if state is None:
+        state = optimizer.init(params)
+    run = _Run(loss_fn, optimizer, batches, steps, inner_grad_clip, backward_grad_clip)
+
+    hyper = optimizer.hyperparameter_tensors()
+    differentiable = torch.is_grad_enabled() and any(
+        t.requires_grad for t in (*params.values(), *static.values(), *hyper,
+                                  *_tensor_leaves(state)))
+    segment = DEFAULT_SEGMENT if checkpoint is True else int(checkpoint or 0)
+    if differentiable and not first_order and 0 < segment < steps:
+        return _checkpointed(run, params, static, buffers, state, hyper, segment,
+                             keep_trajectory)
+
+    create_graph = differentiable and not first_order
+    trajectory = [params] if keep_trajectory else None
+    losses = []
+    for k in range(steps):
+        params, state, buffers, loss = run.step(k, params, static, buffers, state, optimizer,
+                                                create_graph=create_graph)
+        losses.append(loss)
+        if trajectory is not None:
+            trajectory.append(params)
+    return UnrollResult(params, state, buffers, torch.stack(losses), trajectory)
+
+
+def _checkpointed(run: _Run, params: Params, static: Params, buffers: Buffers, state: OptState,
+                  hyper: list[Tensor], segment: int, keep_trajectory: bool) -> UnrollResult:
+    names, static_names = list(params), list(static)
+    for batch in run.batches:
+        if any(t.requires_grad for t in _tensor_leaves(batch)):
+            raise ValueError("checkpointed unrolls treat batches as constants; detach batch "
+                             "tensors or use checkpoint=None")
+    state_tensors = _tensor_leaves(state)
+    layout = (names, static_names, len(hyper), state)
+    outputs = _CheckpointedUnroll.apply(run, segment, keep_trajectory, buffers, layout,
+                                        *params.values(), *static.values(), *hyper,
+                                        *state_tensors)
+    n = len(names)
+    num_points = run.steps + 1 if keep_trajectory else 1
+    points = [dict(zip(names, outputs[i * n:(i + 1) * n])) for i in range(num_points)]
+    rest = outputs[num_points * n:]
+    final_state = _replace_tensor_leaves(run.final_state, rest[:len(state_tensors)])
+    final_buffers = dict(zip(buffers, rest[len(state_tensors):len(state_tensors) + len(buffers)]))
+    losses = rest[-1]
+    return UnrollResult(points[-1], final_state, final_buffers, losses,
+                        points if keep_trajectory else None)

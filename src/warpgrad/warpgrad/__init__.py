@@ -1,0 +1,3 @@
+"""warpgrad: built on the metazoo core."""
+
+__all__: list[str] = []
