@@ -9,6 +9,7 @@ again instead of updating them twice.
 from __future__ import annotations
 
 import enum
+import functools
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -16,6 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
+from torch.nn import functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
 Params = dict[str, Tensor]
@@ -43,7 +45,9 @@ class BatchNormMode(str, enum.Enum):
             neither used nor updated.
         RUNNING: inductive; each task starts from fresh running statistics (mean 0, var 1),
             inner training steps normalise with batch statistics and update the task's running
-            statistics, and evaluation (``training=False``) normalises with them.
+            statistics, and evaluation (``training=False``) normalises with them. The statistics
+            are updated out of place and are differentiable with respect to the parameters, so
+            meta-gradients include their dependence on the initialisation.
     """
 
     BATCH = "batch"
@@ -124,15 +128,61 @@ def initial_buffers(module: nn.Module, bn_mode: BatchNormMode | str) -> Buffers:
 
 
 @contextmanager
-def _training_flags(module: nn.Module, training: bool, bn_training: bool) -> Iterator[None]:
+def _training_flags(module: nn.Module, training: bool) -> Iterator[None]:
     modes = [(m, m.training) for m in module.modules()]
     try:
         for m, _ in modes:
-            m.training = bn_training if isinstance(m, _BatchNorm) else training
+            m.training = training
         yield
     finally:
         for m, mode in modes:
             m.training = mode
+
+
+def _batchnorm_forward(bn: _BatchNorm, prefix: str, bn_mode: BatchNormMode, training: bool,
+                       updates: Buffers, x: Tensor) -> Tensor:
+    """BatchNorm whose running statistics are updated out of place and differentiably.
+
+    ``nn.BatchNorm`` writes its running statistics in place, outside autograd. In RUNNING mode
+    the statistics a task accumulates during adaptation depend on the parameters, and the query
+    pass normalises with them, so the meta-gradient must flow through them.
+    """
+    bn._check_input_dim(x)
+    tracks = bn.track_running_stats and bn.running_mean is not None
+    if bn_mode is BatchNormMode.BATCH or not tracks or training:
+        output = F.batch_norm(x, None, None, bn.weight, bn.bias, True, 0.0, bn.eps)
+        if bn_mode is BatchNormMode.RUNNING and tracks and training:
+            dims = [0, *range(2, x.dim())]
+            count = bn.num_batches_tracked + 1
+            factor: float | Tensor = (
+                (1.0 / count).to(x.dtype) if bn.momentum is None else bn.momentum
+            )
+            updates[prefix + "running_mean"] = torch.lerp(bn.running_mean, x.mean(dims), factor)
+            updates[prefix + "running_var"] = torch.lerp(
+                bn.running_var, x.var(dims, correction=1), factor)
+            updates[prefix + "num_batches_tracked"] = count
+        return output
+    shape = [1, -1] + [1] * (x.dim() - 2)
+    output = (x - bn.running_mean.view(shape)) * torch.rsqrt(bn.running_var + bn.eps).view(shape)
+    if bn.weight is not None:
+        output = output * bn.weight.view(shape) + bn.bias.view(shape)
+    return output
+
+
+@contextmanager
+def _functional_batchnorm(module: nn.Module, bn_mode: BatchNormMode, training: bool,
+                          updates: Buffers) -> Iterator[None]:
+    patched = []
+    try:
+        for prefix, bn in _batchnorm_modules(module):
+            bn.forward = functools.partial(  # type: ignore[method-assign]
+                _batchnorm_forward, bn, f"{prefix}." if prefix else "", bn_mode, training,
+                updates)
+            patched.append(bn)
+        yield
+    finally:
+        for bn in patched:
+            del bn.forward
 
 
 def forward(
@@ -148,32 +198,26 @@ def forward(
 
     Args:
         module: the network; its own parameters and buffers are neither read nor written
-            (every parameter must be in ``params``).
+            (every parameter and buffer must be in ``params`` / ``buffers``).
         params: all parameters of the module by name.
         buffers: all buffers of the module by name (see ``initial_buffers``).
         *args: inputs to the module.
         bn_mode: see ``BatchNormMode``.
-        training: train-mode behaviour for dropout and, in ``RUNNING`` mode, BatchNorm.
+        training: train-mode behaviour (dropout, and in ``RUNNING`` mode whether BatchNorm uses
+            and updates batch statistics or normalises with the running ones).
         **kwargs: keyword inputs to the module.
 
     Returns:
-        ``(output, new_buffers)``. ``new_buffers`` is a new dict; the input dict and its tensors
-        are left untouched.
+        ``(output, new_buffers)``: ``new_buffers`` is a new dict; in ``RUNNING`` training passes
+        its BatchNorm statistics are new tensors, differentiable with respect to ``params``.
+        The input dict and its tensors are left untouched.
     """
     bn_mode = BatchNormMode(bn_mode)
-    bn_training = training if bn_mode is BatchNormMode.RUNNING else True
-    updates_stats = bn_mode is BatchNormMode.RUNNING and training
-    bn_names = _batchnorm_buffer_names(module)
-    # BatchNorm in train mode writes its running statistics in place: give it copies so the
-    # caller's buffers (and, under checkpointing, the stored segment-boundary buffers) stay as
-    # they were.
-    call_buffers = {
-        name: (b.clone() if name in bn_names and bn_training else b) for name, b in buffers.items()
-    }
-    with _training_flags(module, training, bn_training):
-        output = functional_call(module, (params, call_buffers), args, kwargs, strict=True)
-    new_buffers = call_buffers if updates_stats else dict(buffers)
-    return output, new_buffers
+    updates: Buffers = {}
+    with _training_flags(module, training), _functional_batchnorm(module, bn_mode, training,
+                                                                  updates):
+        output = functional_call(module, (params, buffers), args, kwargs, strict=True)
+    return output, {**buffers, **updates}
 
 
 def make_loss_fn(

@@ -43,8 +43,9 @@ class UnrollResult:
 
     Attributes:
         params: the adapted parameters after the last step (differentiable).
-        state: the optimizer state after the last step (detached when checkpointed).
-        buffers: the buffers after the last step (BatchNorm statistics; never differentiable).
+        state: the optimizer state after the last step.
+        buffers: the buffers after the last step; BatchNorm running statistics in ``"running"``
+            mode are differentiable with respect to the parameters that produced them.
         losses: the inner loss of each step, evaluated before the step, detached, shape [K].
         trajectory: ``[params_0, ..., params_K]`` when ``keep_trajectory=True``, else ``None``;
             each point is differentiable.
@@ -154,26 +155,51 @@ class _Boundary:
     rng: tuple[Tensor, Tensor | None]
 
 
+@dataclass(frozen=True)
+class _Layout:
+    """How the flat tensor inputs of ``_CheckpointedUnroll`` map back to dicts."""
+
+    names: list[str]
+    static_names: list[str]
+    num_hyper: int
+    state_template: OptState
+    buffer_names: list[str]
+
+    def split(self, tensors: Sequence[Tensor]) -> tuple[list[Tensor], ...]:
+        sizes = [len(self.names), len(self.static_names), self.num_hyper,
+                 len(_tensor_leaves(self.state_template)), len(self.buffer_names)]
+        parts, offset = [], 0
+        for size in sizes:
+            parts.append(list(tensors[offset:offset + size]))
+            offset += size
+        return tuple(parts)
+
+
+def _carried(params: Params, state: OptState, buffers: Buffers) -> list[Tensor]:
+    """The tensors one step hands to the next: parameters, optimizer state, buffers."""
+    return [*params.values(), *_tensor_leaves(state), *buffers.values()]
+
+
 class _CheckpointedUnroll(torch.autograd.Function):
     """The unroll as one autograd node that recomputes segments during its backward pass.
 
-    Inputs (after the non-tensor ``run``, ``segment``, ``keep_trajectory``, ``buffers`` and
-    layout arguments): adapted parameters, static parameters, hyperparameter tensors and initial
-    optimizer-state tensors, flattened. Outputs: the trajectory (or only the final parameters),
-    then the non-differentiable final state tensors, final buffers and losses.
+    Inputs (after the non-tensor ``run``, ``segment``, ``keep_trajectory`` and ``layout``):
+    adapted parameters, static parameters, hyperparameter tensors, initial optimizer-state
+    tensors and initial buffers, flattened. Outputs: the trajectory (or only the final
+    parameters), the final optimizer-state tensors, the final buffers, and the detached losses.
+    Optimizer state and buffers (differentiable BatchNorm running statistics) are carried
+    through the backward pass like the parameters.
     """
 
     @staticmethod
-    def forward(ctx: Any, run: _Run, segment: int, keep_trajectory: bool, buffers: Buffers,
-                layout: tuple[list[str], list[str], int, OptState], *tensors: Tensor
-                ) -> tuple[Tensor, ...]:
-        names, static_names, num_hyper, state_template = layout
-        n, m = len(names), len(static_names)
-        params = dict(zip(names, (t.detach() for t in tensors[:n])))
-        static = dict(zip(static_names, (t.detach() for t in tensors[n:n + m])))
-        hyper = [t.detach() for t in tensors[n + m:n + m + num_hyper]]
-        state = _replace_tensor_leaves(state_template,
-                                       [t.detach() for t in tensors[n + m + num_hyper:]])
+    def forward(ctx: Any, run: _Run, segment: int, keep_trajectory: bool, layout: _Layout,
+                *tensors: Tensor) -> tuple[Tensor, ...]:
+        params_t, static_t, hyper, state_t, buffers_t = layout.split(
+            [t.detach() for t in tensors])
+        params = dict(zip(layout.names, params_t))
+        static = dict(zip(layout.static_names, static_t))
+        state = _replace_tensor_leaves(layout.state_template, state_t)
+        buffers = dict(zip(layout.buffer_names, buffers_t))
         optimizer = run.optimizer.with_hyperparameter_tensors(hyper)
         device = tensors[0].device
 
@@ -192,27 +218,27 @@ class _CheckpointedUnroll(torch.autograd.Function):
 
         ctx.run, ctx.segment, ctx.keep_trajectory, ctx.layout = run, segment, keep_trajectory, layout
         ctx.boundaries = boundaries
-        ctx.static_tensors, ctx.hyper_tensors = list(static.values()), hyper
+        ctx.static_tensors, ctx.hyper_tensors = static_t, hyper
         run.final_state = state
+        losses_tensor = torch.stack(losses)
+        ctx.mark_non_differentiable(losses_tensor)
         ctx.set_materialize_grads(False)
-        extra = (*_tensor_leaves(state), *buffers.values(), torch.stack(losses))
-        ctx.mark_non_differentiable(*extra)
-        return (*(p for point in trajectory for p in point.values()), *extra)
+        return (*(p for point in trajectory for p in point.values()), *_tensor_leaves(state),
+                *buffers.values(), losses_tensor)
 
     @staticmethod
     def backward(ctx: Any, *grad_outputs: Tensor | None) -> tuple[Tensor | None, ...]:
         run: _Run = ctx.run
-        names, static_names, num_hyper, _ = ctx.layout
-        n, m = len(names), len(static_names)
-        needs = ctx.needs_input_grad[5:]
-        needs_static = any(needs[n:n + m])
-        needs_hyper = any(needs[n + m:n + m + num_hyper])
+        layout: _Layout = ctx.layout
+        n, m, num_hyper = len(layout.names), len(layout.static_names), layout.num_hyper
+        num_state = len(_tensor_leaves(layout.state_template))
+        needs_static, needs_hyper = (any(ctx.needs_input_grad[4 + n:4 + n + m]),
+                                     any(ctx.needs_input_grad[4 + n + m:4 + n + m + num_hyper]))
         # Gradients arriving at each kept point of the trajectory.
         points = range(run.steps + 1) if ctx.keep_trajectory else [run.steps]
         point_grads = {k: list(grad_outputs[i * n:(i + 1) * n]) for i, k in enumerate(points)}
-
-        carry_params: list[Tensor | None] = point_grads.pop(run.steps)
-        carry_state: list[Tensor | None] | None = None
+        rest = grad_outputs[len(points) * n:-1]  # final state and buffers; losses have none
+        carry = [*point_grads.pop(run.steps), *rest]
         static_grads: list[Tensor | None] = [None] * m
         hyper_grads: list[Tensor | None] = [None] * num_hyper
 
@@ -224,18 +250,17 @@ class _CheckpointedUnroll(torch.autograd.Function):
                 torch.set_rng_state(boundary.rng[0])
                 if boundary.rng[1] is not None:
                     torch.cuda.set_rng_state(boundary.rng[1])
-                param_leaves = [p.detach().requires_grad_() for p in boundary.params.values()]
-                state_leaves = [t.detach().requires_grad_(t.is_floating_point())
-                                for t in _tensor_leaves(boundary.state)]
+                leaves = [t.detach().requires_grad_(t.is_floating_point())
+                          for t in _carried(boundary.params, boundary.state, boundary.buffers)]
+                params = dict(zip(layout.names, leaves[:n]))
+                state = _replace_tensor_leaves(boundary.state, leaves[n:n + num_state])
+                buffers = dict(zip(layout.buffer_names, leaves[n + num_state:]))
                 static_leaves = [t.detach().requires_grad_(needs_static)
                                  for t in ctx.static_tensors]
                 hyper_leaves = [t.detach().requires_grad_(needs_hyper)
                                 for t in ctx.hyper_tensors]
                 optimizer = run.optimizer.with_hyperparameter_tensors(hyper_leaves)
-                params = dict(zip(names, param_leaves))
-                static = dict(zip(static_names, static_leaves))
-                state = _replace_tensor_leaves(boundary.state, state_leaves)
-                buffers = boundary.buffers
+                static = dict(zip(layout.static_names, static_leaves))
 
                 outputs: list[Tensor] = []
                 output_grads: list[Tensor] = []
@@ -251,32 +276,26 @@ class _CheckpointedUnroll(torch.autograd.Function):
                                                          optimizer, create_graph=True)
                     if k + 1 < end and k + 1 in point_grads:
                         connect(list(params.values()), point_grads.pop(k + 1))
-                connect(list(params.values()), carry_params)
-                if carry_state is not None:
-                    connect(_tensor_leaves(state), carry_state)
+                connect(_carried(params, state, buffers), carry)
 
-                inputs = param_leaves + [t for t in state_leaves if t.requires_grad]
+                inputs = [t for t in leaves if t.requires_grad]
                 if needs_static:
                     inputs += static_leaves
                 if needs_hyper:
                     inputs += hyper_leaves
-                grads = (torch.autograd.grad(outputs, inputs, output_grads, allow_unused=True)
-                         if outputs else [None] * len(inputs))
+                grads = list(torch.autograd.grad(outputs, inputs, output_grads, allow_unused=True)
+                             if outputs else [None] * len(inputs))
 
-            grads = list(grads)
-            carry_params = grads[:n]
-            del grads[:n]
-            carry_state = [grads.pop(0) if t.requires_grad else None for t in state_leaves]
+            carry = [grads.pop(0) if t.requires_grad else None for t in leaves]
             if needs_static:
                 static_grads = [_add(a, b) for a, b in zip(static_grads, grads[:m])]
                 del grads[:m]
             if needs_hyper:
                 hyper_grads = [_add(a, b) for a, b in zip(hyper_grads, grads[:num_hyper])]
             if start in point_grads:
-                carry_params = [_add(a, b) for a, b in zip(carry_params, point_grads.pop(start))]
+                carry[:n] = [_add(a, b) for a, b in zip(carry[:n], point_grads.pop(start))]
 
-        return (None, None, None, None, None, *carry_params, *static_grads, *hyper_grads,
-                *(carry_state or []))
+        return (None, None, None, None, *carry[:n], *static_grads, *hyper_grads, *carry[n:])
 
 
 def _add(a: Tensor | None, b: Tensor | None) -> Tensor | None:
@@ -372,7 +391,7 @@ def unroll(
     hyper = optimizer.hyperparameter_tensors()
     differentiable = torch.is_grad_enabled() and any(
         t.requires_grad for t in (*params.values(), *static.values(), *hyper,
-                                  *_tensor_leaves(state)))
+                                  *_tensor_leaves(state), *buffers.values()))
     segment = DEFAULT_SEGMENT if checkpoint is True else int(checkpoint or 0)
     if differentiable and not first_order and 0 < segment < steps:
         return _checkpointed(run, params, static, buffers, state, hyper, segment,
@@ -398,10 +417,10 @@ def _checkpointed(run: _Run, params: Params, static: Params, buffers: Buffers, s
             raise ValueError("checkpointed unrolls treat batches as constants; detach batch "
                              "tensors or use checkpoint=None")
     state_tensors = _tensor_leaves(state)
-    layout = (names, static_names, len(hyper), state)
-    outputs = _CheckpointedUnroll.apply(run, segment, keep_trajectory, buffers, layout,
+    layout = _Layout(names, static_names, len(hyper), state, list(buffers))
+    outputs = _CheckpointedUnroll.apply(run, segment, keep_trajectory, layout,
                                         *params.values(), *static.values(), *hyper,
-                                        *state_tensors)
+                                        *state_tensors, *buffers.values())
     n = len(names)
     num_points = run.steps + 1 if keep_trajectory else 1
     points = [dict(zip(names, outputs[i * n:(i + 1) * n])) for i in range(num_points)]
