@@ -36,7 +36,7 @@ __all__ = [
 ]
 
 
-class BatchNormMode(str, enum.Enum):
+class BatchNormMode(enum.StrEnum):
     """How BatchNorm layers compute and keep statistics during meta-learning.
 
     Attributes:
@@ -148,23 +148,22 @@ def _batchnorm_forward(bn: _BatchNorm, prefix: str, bn_mode: BatchNormMode, trai
     pass normalises with them, so the meta-gradient must flow through them.
     """
     bn._check_input_dim(x)
-    tracks = bn.track_running_stats and bn.running_mean is not None
-    if bn_mode is BatchNormMode.BATCH or not tracks or training:
+    running_mean, running_var = bn.running_mean, bn.running_var
+    if bn_mode is BatchNormMode.BATCH or running_mean is None or running_var is None or training:
         output = F.batch_norm(x, None, None, bn.weight, bn.bias, True, 0.0, bn.eps)
-        if bn_mode is BatchNormMode.RUNNING and tracks and training:
+        if bn_mode is BatchNormMode.RUNNING and running_mean is not None and training:
+            assert running_var is not None and bn.num_batches_tracked is not None
             dims = [0, *range(2, x.dim())]
             count = bn.num_batches_tracked + 1
-            factor: float | Tensor = (
-                (1.0 / count).to(x.dtype) if bn.momentum is None else bn.momentum
-            )
-            updates[prefix + "running_mean"] = torch.lerp(bn.running_mean, x.mean(dims), factor)
+            factor = (1.0 / count).to(x.dtype) if bn.momentum is None else bn.momentum
+            updates[prefix + "running_mean"] = torch.lerp(running_mean, x.mean(dims), factor)
             updates[prefix + "running_var"] = torch.lerp(
-                bn.running_var, x.var(dims, correction=1), factor)
+                running_var, x.var(dims, correction=1), factor)
             updates[prefix + "num_batches_tracked"] = count
         return output
     shape = [1, -1] + [1] * (x.dim() - 2)
-    output = (x - bn.running_mean.view(shape)) * torch.rsqrt(bn.running_var + bn.eps).view(shape)
-    if bn.weight is not None:
+    output = (x - running_mean.view(shape)) * torch.rsqrt(running_var + bn.eps).view(shape)
+    if bn.weight is not None and bn.bias is not None:
         output = output * bn.weight.view(shape) + bn.bias.view(shape)
     return output
 
@@ -216,8 +215,47 @@ def forward(
     updates: Buffers = {}
     with _training_flags(module, training), _functional_batchnorm(module, bn_mode, training,
                                                                   updates):
-        output = functional_call(module, (params, buffers), args, kwargs, strict=True)
+        output = functional_call(module, _slots(module, params, buffers), args, kwargs,
+                                 tie_weights=False, strict=False)
     return output, {**buffers, **updates}
+
+
+def _slot_names(module: nn.Module, named: Callable[..., Iterator[tuple[str, Tensor]]]
+                ) -> dict[str, list[str]]:
+    """Canonical name -> every name that is a distinct (owner module, attribute) slot of it.
+
+    A module used twice (``nn.Sequential(shared, act, shared)``) has one slot under two names;
+    weights tied across modules (``b.weight = a.weight``) have two slots. Swapping each slot
+    exactly once matters: ``torch.func.functional_call`` restores a slot swapped twice to the
+    swapped-in tensor (torch 2.14), silently replacing the module's own parameter.
+    """
+    canonical = {id(t): name for name, t in named()}
+    slots: dict[str, list[str]] = {name: [] for name in canonical.values()}
+    seen: set[tuple[int, str]] = set()
+    for name, tensor in named(remove_duplicate=False):
+        owner_name, _, attribute = name.rpartition(".")
+        owner = module.get_submodule(owner_name)
+        if (id(owner), attribute) not in seen:
+            seen.add((id(owner), attribute))
+            slots[canonical[id(tensor)]].append(name)
+    return slots
+
+
+def _slots(module: nn.Module, params: Params, buffers: Buffers) -> dict[str, Tensor]:
+    """The tensors to swap into ``module``: each slot once, with a clear error on bad names."""
+    swapped: dict[str, Tensor] = {}
+    for kind, given, named in (("params", params, module.named_parameters),
+                               ("buffers", buffers, module.named_buffers)):
+        slots = _slot_names(module, named)
+        missing, extra = sorted(set(slots) - set(given)), sorted(set(given) - set(slots))
+        if missing or extra:
+            raise ValueError(
+                f"{kind} do not match {type(module).__name__}: missing {missing}, unexpected "
+                f"{extra}. Pass every {kind[:-1]} by its name in module.named_{kind[:-1]}"
+                f"{'eters' if kind == 'params' else 's'}() (params_of / initial_buffers).")
+        for name, names in slots.items():
+            swapped.update(dict.fromkeys(names, given[name]))
+    return swapped
 
 
 def make_loss_fn(

@@ -119,10 +119,9 @@ class _Run:
                 full = {**{n: s.detach() for n, s in static.items()}, **dict(zip(names, leaves))}
             loss, new_buffers = self.loss_fn(full, buffers, self.batches[k % len(self.batches)])
             if not isinstance(loss, Tensor) or loss.dim() != 0:
-                raise ValueError(
-                    "loss_fn must return (scalar loss tensor, buffers); got a loss of type "
-                    f"{type(loss).__name__}{'' if not isinstance(loss, Tensor) else tuple(loss.shape)}"
-                )
+                shape = tuple(loss.shape) if isinstance(loss, Tensor) else ""
+                raise ValueError("loss_fn must return (scalar loss tensor, buffers); got a loss "
+                                 f"of type {type(loss).__name__}{shape}")
             grads = list(torch.autograd.grad(loss, leaves, create_graph=create_graph))
         if self.inner_grad_clip is not None:
             grads = clip_grad_norm(grads, self.inner_grad_clip)
@@ -216,7 +215,8 @@ class _CheckpointedUnroll(torch.autograd.Function):
         if not keep_trajectory:
             trajectory = [params]
 
-        ctx.run, ctx.segment, ctx.keep_trajectory, ctx.layout = run, segment, keep_trajectory, layout
+        ctx.run, ctx.segment, ctx.keep_trajectory = run, segment, keep_trajectory
+        ctx.layout = layout
         ctx.boundaries = boundaries
         ctx.static_tensors, ctx.hyper_tensors = static_t, hyper
         run.final_state = state
@@ -262,21 +262,18 @@ class _CheckpointedUnroll(torch.autograd.Function):
                 optimizer = run.optimizer.with_hyperparameter_tensors(hyper_leaves)
                 static = dict(zip(layout.static_names, static_leaves))
 
-                outputs: list[Tensor] = []
-                output_grads: list[Tensor] = []
-
-                def connect(tensors: Sequence[Tensor], grads: Sequence[Tensor | None]) -> None:
-                    for t, g in zip(tensors, grads):
-                        if g is not None and t.requires_grad:
-                            outputs.append(t)
-                            output_grads.append(g)
-
+                # (output, incoming gradient) pairs: intermediate trajectory points with
+                # gradients, then everything the segment hands to the next one.
+                pairs: list[tuple[Tensor, Tensor | None]] = []
                 for k in range(start, end):
                     params, state, buffers, _ = run.step(k, params, static, buffers, state,
                                                          optimizer, create_graph=True)
                     if k + 1 < end and k + 1 in point_grads:
-                        connect(list(params.values()), point_grads.pop(k + 1))
-                connect(_carried(params, state, buffers), carry)
+                        pairs += zip(params.values(), point_grads.pop(k + 1))
+                pairs += zip(_carried(params, state, buffers), carry)
+                pairs = [(t, g) for t, g in pairs if g is not None and t.requires_grad]
+                outputs = [t for t, _ in pairs]
+                output_grads = [g for _, g in pairs]
 
                 inputs = [t for t in leaves if t.requires_grad]
                 if needs_static:
