@@ -1,0 +1,313 @@
+"""``LeapLearner``: Leap behind the core's ``MetaLearner`` interface.
+
+The update rule is in ``leap.trajectory`` and is shared with the reference-style ``Leap``
+class. Here the initialisation is the model's own parameters; each task adapts a detached copy
+with a pure ``metazoo`` inner optimizer, one step per support batch, and the meta-gradient is
+accumulated segment by segment while the inner loop runs, keeping only the previous point.
+The last segment ends at the adapted parameters; its loss is evaluated on the batch the next
+inner step would use (``support[K % len(support)]``), as the reference's ``update`` on the
+next batch would. No second-order graph is ever built: Leap needs only first-order quantities.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import final
+
+import torch
+from torch import Tensor, nn
+
+import metazoo
+from leap.trajectory import Point, add_to_grad, flatten, segment_increment
+from metazoo import (
+    Adapted,
+    BatchNormMode,
+    Buffers,
+    EvalResult,
+    InnerOptimizer,
+    MetaLearner,
+    MetaStepResult,
+    Params,
+    Task,
+)
+
+__all__ = ["LeapLearner"]
+
+
+@dataclass(frozen=True)
+class _TaskRun:
+    """One task's inner loop: where it ended and, if requested, its Leap meta-gradient."""
+
+    params: Params  # adapted parameters only
+    buffers: Buffers
+    losses: Tensor  # support loss before each inner step, shape [K]
+    meta_grad: Tensor | None  # flat, summed over the task's segments
+
+
+MetaOptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+
+
+def _check_steps(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {value!r}; use at least one step")
+    return value
+
+
+def _check_tasks(tasks: Sequence[Task]) -> None:
+    if isinstance(tasks, Task):
+        raise ValueError("expected a sequence of tasks, got a single Task; pass [task]")
+    if not tasks:
+        raise ValueError("expected at least one task")
+
+
+@final
+class LeapLearner(MetaLearner):
+    """Leap as a ``metazoo.MetaLearner``.
+
+    Example:
+        >>> learner = LeapLearner(model=net, criterion=F.cross_entropy,
+        ...                       inner_optimizer=metazoo.SGD(0.1), inner_steps=100)
+        >>> result = learner.meta_step(tasks)
+    """
+
+    def __init__(
+        self,
+        *,
+        model: nn.Module,
+        criterion: Callable[[Tensor, Tensor], Tensor],
+        inner_optimizer: InnerOptimizer | None = None,
+        inner_steps: int = 5,
+        eval_inner_steps: int | None = None,
+        meta_optimizer: MetaOptimizerFactory | torch.optim.Optimizer | None = None,
+        norm: bool = True,
+        loss: bool = True,
+        stabilizer: bool = True,
+        bn_mode: BatchNormMode | str = BatchNormMode.BATCH,
+        inner_grad_clip: float | None = None,
+    ) -> None:
+        """Builds the learner.
+
+        Args:
+            model: the network; its trainable parameters are the meta-learned initialisation
+                (parameters with ``requires_grad=False`` are used but neither adapted nor
+                meta-learned).
+            criterion: ``criterion(output, target) -> scalar loss``, for support and query sets.
+            inner_optimizer: a pure ``metazoo`` optimizer (default ``metazoo.SGD(0.1)``, the
+                reference's Omniglot setting).
+            inner_steps: inner steps K during meta-training (step k uses
+                ``support[k % len(support)]``; the paper's Omniglot runs used 100).
+            eval_inner_steps: inner steps in ``adapt``/``evaluate`` (default ``inner_steps``).
+            meta_optimizer: a factory called with the meta-parameters, or a ``torch.optim``
+                optimizer already built over them (default
+                ``torch.optim.SGD(params, lr=0.1)``, the reference's Omniglot setting).
+            norm: length metric d1; ``False`` gives the energy metric d2.
+            loss: include the loss in the task manifold.
+            stabilizer: use ``-|L_{i+1} - L_i|`` as the loss difference.
+            bn_mode: BatchNorm statistics mode (``metazoo.BatchNormMode``).
+            inner_grad_clip: clip the global norm of each inner gradient before the inner
+                step; the Leap increment uses the unclipped loss gradient.
+        """
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if not callable(criterion):
+            raise ValueError(f"criterion must be callable as criterion(output, target) -> "
+                             f"scalar loss (e.g. torch.nn.functional.cross_entropy), got "
+                             f"{criterion!r}")
+        inner_optimizer = metazoo.SGD(0.1) if inner_optimizer is None else inner_optimizer
+        if not isinstance(inner_optimizer, InnerOptimizer):
+            raise ValueError(f"inner_optimizer must be a metazoo optimizer (metazoo.SGD, "
+                             f"metazoo.Adam, metazoo.RMSprop), got "
+                             f"{type(inner_optimizer).__name__}")
+        for name, value in (("norm", norm), ("loss", loss), ("stabilizer", stabilizer)):
+            if not isinstance(value, bool):
+                raise ValueError(f"{name} must be True or False, got {value!r}")
+        try:
+            bn_mode = BatchNormMode(bn_mode)
+        except ValueError:
+            raise ValueError(f"bn_mode must be one of {[m.value for m in BatchNormMode]}, got "
+                             f"{bn_mode!r}") from None
+        if inner_grad_clip is not None and (isinstance(inner_grad_clip, bool) or not isinstance(
+                inner_grad_clip, (int, float)) or not inner_grad_clip > 0):
+            raise ValueError(f"inner_grad_clip must be None or a positive number, got "
+                             f"{inner_grad_clip!r}")
+        tied = sorted(set(dict(model.named_parameters(remove_duplicate=False)))
+                      - set(dict(model.named_parameters())))
+        if tied:
+            # metazoo.forward calls torch.func.functional_call, which (torch 2.14) leaves the
+            # passed tensor in place of a tied Parameter after the call: the model would be
+            # silently corrupted.
+            raise ValueError(f"model has tied parameters {tied}; metazoo.forward cannot run "
+                             f"modules with tied weights yet. Untie them, or use the "
+                             f"reference-style leap.Leap, which does not call the module "
+                             f"functionally")
+        trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
+        if not trainable:
+            raise ValueError(f"model {type(model).__name__} has no parameters that require "
+                             f"grad; Leap has nothing to meta-learn")
+        kinds = {(p.dtype, p.device) for p in trainable.values()}
+        if len(kinds) > 1:
+            raise ValueError(f"LeapLearner needs every trainable parameter to share one dtype "
+                             f"and device, got {sorted(map(str, kinds))}; convert the model "
+                             f"with model.to(dtype, device)")
+        self.model = model
+        self.criterion = criterion
+        self.inner_optimizer = inner_optimizer
+        self.inner_steps = _check_steps("inner_steps", inner_steps)
+        self.eval_inner_steps = _check_steps(
+            "eval_inner_steps", inner_steps if eval_inner_steps is None else eval_inner_steps)
+        self.norm, self.loss, self.stabilizer = norm, loss, stabilizer
+        self.bn_mode = bn_mode
+        self.inner_grad_clip = inner_grad_clip
+        self._adapted_names = list(trainable)
+        self._loss_fn = metazoo.make_loss_fn(model, criterion, bn_mode=bn_mode)
+        self.meta_optimizer = self._build_meta_optimizer(meta_optimizer,
+                                                         list(trainable.values()))
+
+    @staticmethod
+    def _build_meta_optimizer(meta_optimizer: MetaOptimizerFactory | torch.optim.Optimizer
+                              | None, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+        if meta_optimizer is None:
+            return torch.optim.SGD(params, lr=0.1)
+        if not isinstance(meta_optimizer, torch.optim.Optimizer):
+            if not callable(meta_optimizer):
+                raise ValueError(f"meta_optimizer must be a callable taking the "
+                                 f"meta-parameters, e.g. lambda params: torch.optim.Adam(params, "
+                                 f"lr=1e-3), or a torch.optim optimizer; got {meta_optimizer!r}")
+            meta_optimizer = meta_optimizer(params)
+            if not isinstance(meta_optimizer, torch.optim.Optimizer):
+                raise ValueError(f"meta_optimizer(parameters) must return a "
+                                 f"torch.optim.Optimizer, got {type(meta_optimizer).__name__}")
+        optimized = {id(p) for group in meta_optimizer.param_groups for p in group["params"]}
+        if optimized != {id(p) for p in params}:
+            raise ValueError("meta_optimizer must optimize exactly the model's trainable "
+                             "parameters; pass a factory such as lambda params: "
+                             "torch.optim.Adam(params, lr=1e-3)")
+        return meta_optimizer
+
+    def named_meta_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """The model's trainable parameters: the initialisation."""
+        for name, p in self.model.named_parameters():
+            if p.requires_grad:
+                yield name, p
+
+    def adapt(self, task: Task, *, steps: int | None = None) -> Adapted:
+        """Adapts a copy of the initialisation to ``task`` with the inner optimizer.
+
+        Args:
+            task: the task; only its support batches are used.
+            steps: inner steps (default ``eval_inner_steps``).
+        """
+        run = self._run(task, self._eval_steps(steps), meta=False)
+        return Adapted({**self._static(), **run.params}, run.buffers,
+                       tuple(run.losses.tolist()))
+
+    def meta_backward(self, tasks: Sequence[Task]) -> MetaStepResult:
+        """Adds the Leap meta-gradient, averaged over ``tasks``, into the model's ``.grad``.
+
+        The returned ``meta_loss`` and ``accuracy`` score the adapted models on the query sets
+        (Leap's meta-objective is the path length, which does not use them).
+        """
+        _check_tasks(tasks)
+        start = time.perf_counter()
+        total: Tensor | None = None
+        per_task = []
+        for task in tasks:
+            run = self._run(task, self.inner_steps, meta=True)
+            assert run.meta_grad is not None
+            total = run.meta_grad if total is None else total.add_(run.meta_grad)
+            per_task.append((*self._score(run, task), run.losses))
+        assert total is not None
+        add_to_grad(list(self.meta_parameters()), total.div_(len(tasks)))
+        meta_loss, acc, curve = metazoo.mean_results(per_task)
+        return MetaStepResult(meta_loss, curve[-1], acc, curve, len(tasks),
+                              time.perf_counter() - start)
+
+    def evaluate(self, tasks: Sequence[Task], *, steps: int | None = None) -> EvalResult:
+        """Adapts to each task and scores its query set; the initialisation is unchanged."""
+        _check_tasks(tasks)
+        k = self._eval_steps(steps)
+        per_task = []
+        for task in tasks:
+            run = self._run(task, k, meta=False)
+            per_task.append((*self._score(run, task), run.losses))
+        loss, acc, curve = metazoo.mean_results(per_task)
+        losses = torch.stack([r[0] for r in per_task]).tolist()
+        accs: list[float | None] = (torch.stack([r[1] for r in per_task]).tolist()  # type: ignore[misc]
+                                    if acc is not None else [None] * len(per_task))
+        return EvalResult(loss, acc, curve, len(tasks), tuple(zip(losses, accs, strict=True)))
+
+    # -- internals -----------------------------------------------------------------------------
+
+    def _eval_steps(self, steps: int | None) -> int:
+        return self.eval_inner_steps if steps is None else _check_steps("steps", steps)
+
+    def _static(self) -> Params:
+        return {name: p.detach() for name, p in self.model.named_parameters()
+                if not p.requires_grad}
+
+    def _loss_and_grads(self, params: Params, static: Params, buffers: Buffers,
+                        batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Params, Buffers]:
+        leaves = {name: p.detach().requires_grad_() for name, p in params.items()}
+        with torch.enable_grad():
+            loss, new_buffers = self._loss_fn({**static, **leaves}, buffers, batch)
+            if not isinstance(loss, Tensor) or loss.numel() != 1:
+                raise ValueError("criterion must return a scalar loss tensor; reduce it with "
+                                 "reduction='mean'")
+            grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
+        return loss.detach().reshape(()), {
+            name: torch.zeros_like(p) if g is None else g
+            for (name, p), g in zip(leaves.items(), grads, strict=True)}, new_buffers
+
+    def _run(self, task: Task, steps: int, *, meta: bool) -> _TaskRun:
+        static = self._static()
+        named = dict(self.model.named_parameters())
+        params = {name: named[name].detach() for name in self._adapted_names}
+        buffers = metazoo.initial_buffers(self.model, self.bn_mode)
+        state = self.inner_optimizer.init(params)
+        previous: Point | None = None
+        total: Tensor | None = None
+        losses = []
+        for k in range(steps):
+            loss, grads, new_buffers = self._loss_and_grads(
+                params, static, buffers, task.support[k % len(task.support)])
+            losses.append(loss)
+            if meta:
+                point = Point(flatten(list(params.values())), loss if self.loss else None,
+                              flatten(list(grads.values())) if self.loss else None)
+                if previous is not None:
+                    total = self._add(total, previous, point)
+                previous = point
+            if self.inner_grad_clip is not None:
+                grads = dict(zip(grads, metazoo.clip_grad_norm(list(grads.values()),
+                                                               self.inner_grad_clip),
+                                 strict=True))
+            with torch.no_grad():
+                params, state = self.inner_optimizer.step(params, grads, state)
+            buffers = new_buffers
+        if meta:
+            assert previous is not None
+            end_loss = None
+            if self.loss:
+                # The final point's loss only; its statistics updates are not kept, so the
+                # adapted model's buffers are those of the K inner steps.
+                with torch.no_grad():
+                    end_loss, _ = self._loss_fn({**static, **params}, buffers,
+                                                task.support[steps % len(task.support)])
+                end_loss = end_loss.reshape(())
+            total = self._add(total, previous, Point(flatten(list(params.values())), end_loss))
+        return _TaskRun(params, buffers, torch.stack(losses), total)
+
+    def _add(self, total: Tensor | None, start: Point, end: Point) -> Tensor:
+        increment = segment_increment(start, end, norm=self.norm, loss=self.loss,
+                                      stabilizer=self.stabilizer)
+        return increment if total is None else total.add_(increment)
+
+    def _score(self, run: _TaskRun, task: Task) -> tuple[Tensor, Tensor | None]:
+        inputs, targets = task.query
+        with torch.no_grad():
+            output, _ = metazoo.forward(self.model, {**self._static(), **run.params},
+                                        run.buffers, inputs, bn_mode=self.bn_mode,
+                                        training=False)
+            return self.criterion(output, targets), metazoo.accuracy(output, targets)
