@@ -106,6 +106,23 @@ class InnerOptimizer(ABC):
         clone.hyperparameters = pytree.tree_unflatten(new_leaves, spec)
         return clone
 
+    def with_hyperparameters(self, **overrides: Hyperparameter) -> InnerOptimizer:
+        """A copy of this optimizer with some hyperparameters replaced, in any accepted form.
+
+        For example ``opt.with_hyperparameters(lr=[{name: tensor, ...}, ...])`` turns a float
+        learning rate into learned per-step, per-parameter rates (MAML++ LSLR, Meta-SGD).
+        """
+        unknown = sorted(set(overrides) - set(self.hyperparameters))
+        if unknown:
+            raise ValueError(f"{type(self).__name__} has no hyperparameters {unknown}; it has "
+                             f"{sorted(self.hyperparameters)}")
+        for key, value in overrides.items():
+            _validate_number(key, value, 0.0)
+        clone = object.__new__(type(self))
+        clone.__dict__.update(self.__dict__)
+        clone.hyperparameters = {**self.hyperparameters, **overrides}
+        return clone
+
     def _get(self, key: str, name: str, step: int) -> Any:
         """The value of hyperparameter ``key`` for parameter ``name`` at inner step ``step``."""
         value = self.hyperparameters[key]

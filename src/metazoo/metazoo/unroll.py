@@ -49,6 +49,8 @@ class UnrollResult:
         losses: the inner loss of each step, evaluated before the step, detached, shape [K].
         trajectory: ``[params_0, ..., params_K]`` when ``keep_trajectory=True``, else ``None``;
             each point is differentiable.
+        buffer_trajectory: ``[buffers_0, ..., buffers_K]`` alongside ``trajectory`` (the
+            BatchNorm statistics each point was reached with), else ``None``.
     """
 
     params: Params
@@ -56,6 +58,7 @@ class UnrollResult:
     buffers: Buffers
     losses: Tensor
     trajectory: list[Params] | None = None
+    buffer_trajectory: list[Buffers] | None = None
 
 
 def clip_grad_norm(grads: Sequence[Tensor], max_norm: float) -> list[Tensor]:
@@ -184,8 +187,9 @@ class _CheckpointedUnroll(torch.autograd.Function):
 
     Inputs (after the non-tensor ``run``, ``segment``, ``keep_trajectory`` and ``layout``):
     adapted parameters, static parameters, hyperparameter tensors, initial optimizer-state
-    tensors and initial buffers, flattened. Outputs: the trajectory (or only the final
-    parameters), the final optimizer-state tensors, the final buffers, and the detached losses.
+    tensors and initial buffers, flattened. Outputs: the points of the trajectory (parameters
+    then buffers of each; only the final point without ``keep_trajectory``), the final
+    optimizer-state tensors, and the detached losses.
     Optimizer state and buffers (differentiable BatchNorm running statistics) are carried
     through the backward pass like the parameters.
     """
@@ -203,17 +207,17 @@ class _CheckpointedUnroll(torch.autograd.Function):
         device = tensors[0].device
 
         boundaries, losses = [], []
-        trajectory = [{k: v.clone() for k, v in params.items()}] if keep_trajectory else []
+        # Point 0 is cloned: an input returned as an output would alias it.
+        points = [[t.clone() for t in (*params.values(), *buffers.values())]]
         for k in range(run.steps):
             if k % segment == 0:
                 boundaries.append(_Boundary(params, state, buffers, _rng_state(device)))
             params, state, buffers, loss = run.step(k, params, static, buffers, state, optimizer,
                                                     create_graph=False)
             losses.append(loss)
-            if keep_trajectory:
-                trajectory.append(params)
+            points.append([*params.values(), *buffers.values()])
         if not keep_trajectory:
-            trajectory = [params]
+            points = points[-1:]
 
         ctx.run, ctx.segment, ctx.keep_trajectory = run, segment, keep_trajectory
         ctx.layout = layout
@@ -223,8 +227,7 @@ class _CheckpointedUnroll(torch.autograd.Function):
         losses_tensor = torch.stack(losses)
         ctx.mark_non_differentiable(losses_tensor)
         ctx.set_materialize_grads(False)
-        return (*(p for point in trajectory for p in point.values()), *_tensor_leaves(state),
-                *buffers.values(), losses_tensor)
+        return (*(t for point in points for t in point), *_tensor_leaves(state), losses_tensor)
 
     @staticmethod
     def backward(ctx: Any, *grad_outputs: Tensor | None) -> tuple[Tensor | None, ...]:
@@ -232,13 +235,16 @@ class _CheckpointedUnroll(torch.autograd.Function):
         layout: _Layout = ctx.layout
         n, m, num_hyper = len(layout.names), len(layout.static_names), layout.num_hyper
         num_state = len(_tensor_leaves(layout.state_template))
+        width = n + len(layout.buffer_names)  # tensors per trajectory point
         needs_static, needs_hyper = (any(ctx.needs_input_grad[4 + n:4 + n + m]),
                                      any(ctx.needs_input_grad[4 + n + m:4 + n + m + num_hyper]))
-        # Gradients arriving at each kept point of the trajectory.
+        # Gradients arriving at each kept point of the trajectory (parameters, then buffers).
         points = range(run.steps + 1) if ctx.keep_trajectory else [run.steps]
-        point_grads = {k: list(grad_outputs[i * n:(i + 1) * n]) for i, k in enumerate(points)}
-        rest = grad_outputs[len(points) * n:-1]  # final state and buffers; losses have none
-        carry = [*point_grads.pop(run.steps), *rest]
+        point_grads = {k: list(grad_outputs[i * width:(i + 1) * width])
+                       for i, k in enumerate(points)}
+        final = point_grads.pop(run.steps)
+        state_grads = grad_outputs[len(points) * width:-1]  # losses have no gradient
+        carry = [*final[:n], *state_grads, *final[n:]]
         static_grads: list[Tensor | None] = [None] * m
         hyper_grads: list[Tensor | None] = [None] * num_hyper
 
@@ -269,7 +275,8 @@ class _CheckpointedUnroll(torch.autograd.Function):
                     params, state, buffers, _ = run.step(k, params, static, buffers, state,
                                                          optimizer, create_graph=True)
                     if k + 1 < end and k + 1 in point_grads:
-                        pairs += zip(params.values(), point_grads.pop(k + 1))
+                        pairs += zip([*params.values(), *buffers.values()],
+                                     point_grads.pop(k + 1))
                 pairs += zip(_carried(params, state, buffers), carry)
                 pairs = [(t, g) for t, g in pairs if g is not None and t.requires_grad]
                 outputs = [t for t, _ in pairs]
@@ -290,7 +297,10 @@ class _CheckpointedUnroll(torch.autograd.Function):
             if needs_hyper:
                 hyper_grads = [_add(a, b) for a, b in zip(hyper_grads, grads[:num_hyper])]
             if start in point_grads:
-                carry[:n] = [_add(a, b) for a, b in zip(carry[:n], point_grads.pop(start))]
+                arriving = point_grads.pop(start)
+                carry[:n] = [_add(a, b) for a, b in zip(carry[:n], arriving[:n])]
+                carry[n + num_state:] = [_add(a, b)
+                                         for a, b in zip(carry[n + num_state:], arriving[n:])]
 
         return (None, None, None, None, *carry[:n], *static_grads, *hyper_grads, *carry[n:])
 
@@ -370,7 +380,8 @@ def unroll(
         inner_grad_clip: clip the global norm of each inner gradient before the step.
         backward_grad_clip: clip the global norm of the gradient flowing back into each step's
             parameters during the meta-backward pass ("max grad-grad norm").
-        keep_trajectory: also return every intermediate point (e.g. for a multi-step loss).
+        keep_trajectory: also return every intermediate point and its buffers (e.g. for a
+            multi-step loss).
 
     Returns:
         An ``UnrollResult``.
@@ -395,15 +406,19 @@ def unroll(
                              keep_trajectory)
 
     create_graph = differentiable and not first_order
-    trajectory = [params] if keep_trajectory else None
+    trajectory, buffer_trajectory = [params], [buffers]
     losses = []
     for k in range(steps):
         params, state, buffers, loss = run.step(k, params, static, buffers, state, optimizer,
                                                 create_graph=create_graph)
         losses.append(loss)
-        if trajectory is not None:
+        if keep_trajectory:
             trajectory.append(params)
-    return UnrollResult(params, state, buffers, torch.stack(losses), trajectory)
+            buffer_trajectory.append(buffers)
+    if not keep_trajectory:
+        return UnrollResult(params, state, buffers, torch.stack(losses))
+    return UnrollResult(params, state, buffers, torch.stack(losses), trajectory,
+                        buffer_trajectory)
 
 
 def _checkpointed(run: _Run, params: Params, static: Params, buffers: Buffers, state: OptState,
@@ -418,12 +433,13 @@ def _checkpointed(run: _Run, params: Params, static: Params, buffers: Buffers, s
     outputs = _CheckpointedUnroll.apply(run, segment, keep_trajectory, layout,
                                         *params.values(), *static.values(), *hyper,
                                         *state_tensors, *buffers.values())
-    n = len(names)
+    n, width = len(names), len(names) + len(buffers)
     num_points = run.steps + 1 if keep_trajectory else 1
-    points = [dict(zip(names, outputs[i * n:(i + 1) * n])) for i in range(num_points)]
-    rest = outputs[num_points * n:]
-    final_state = _replace_tensor_leaves(run.final_state, rest[:len(state_tensors)])
-    final_buffers = dict(zip(buffers, rest[len(state_tensors):len(state_tensors) + len(buffers)]))
-    losses = rest[-1]
-    return UnrollResult(points[-1], final_state, final_buffers, losses,
-                        points if keep_trajectory else None)
+    flat_points = [outputs[i * width:(i + 1) * width] for i in range(num_points)]
+    points = [dict(zip(names, point[:n])) for point in flat_points]
+    point_buffers = [dict(zip(buffers, point[n:])) for point in flat_points]
+    final_state = _replace_tensor_leaves(run.final_state, outputs[num_points * width:-1])
+    losses = outputs[-1]
+    return UnrollResult(points[-1], final_state, point_buffers[-1], losses,
+                        points if keep_trajectory else None,
+                        point_buffers if keep_trajectory else None)

@@ -196,3 +196,17 @@ def test_adam_second_order_through_zero_gradient_is_finite():
 def test_bad_hyperparameters_are_clear_errors(make, match):
     with pytest.raises(ValueError, match=match):
         make()
+
+
+def test_with_hyperparameters_changes_form_and_validates():
+    model, grads = _problem()
+    names = [n for n, _ in model.named_parameters()]
+    opt = metazoo.SGD(0.3, momentum=0.5)
+    learned = opt.with_hyperparameters(lr=[{n: torch.tensor(0.3, dtype=torch.float64)
+                                            for n in names}] * STEPS)
+    _assert_close(_run_pure(model, grads, learned), _run_pure(model, grads, opt))
+    assert opt.hyperparameters["lr"] == 0.3  # the original is untouched
+    with pytest.raises(ValueError, match=r"has no hyperparameters \['betas'\]"):
+        opt.with_hyperparameters(betas=(0.9, 0.99))
+    with pytest.raises(ValueError, match="lr"):
+        opt.with_hyperparameters(lr=-1.0)

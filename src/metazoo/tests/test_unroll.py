@@ -207,6 +207,31 @@ def test_trajectory_gradients_equal_plain():
     _assert_grads_equal(run(None), run(3))
 
 
+@pytest.mark.parametrize("first_order", [False, True])
+def test_buffer_trajectory_gradients_equal_plain(first_order):
+    """Running statistics at every point (multi-step loss in running mode) are exact too."""
+    def run(checkpoint):
+        model, support, query, loss_fn = _setup("conv_bn", bn_mode="running")
+        params = dict(model.named_parameters())
+        result = metazoo.unroll(loss_fn, params, metazoo.SGD(0.3, momentum=0.9), support,
+                                steps=5, buffers=metazoo.initial_buffers(model, "running"),
+                                checkpoint=checkpoint, keep_trajectory=True,
+                                first_order=first_order)
+        assert len(result.buffer_trajectory) == 6
+        assert result.buffer_trajectory[-1] is result.buffers or all(
+            result.buffer_trajectory[-1][k] is v for k, v in result.buffers.items())
+        counts = [b["1.num_batches_tracked"].item() for b in result.buffer_trajectory]
+        assert counts == [0, 1, 2, 3, 4, 5]
+        total = 0.0
+        for point, point_buffers in zip(result.trajectory, result.buffer_trajectory):
+            output, _ = metazoo.forward(model, point, point_buffers, query[0],
+                                        bn_mode="running", training=False)
+            total = total + F.cross_entropy(output, query[1])
+        return torch.autograd.grad(total, list(params.values()))
+
+    _assert_grads_equal(run(None), run(2))
+
+
 def test_backward_grad_clip_limits_each_step_and_is_exact_under_checkpointing():
     def run(checkpoint, clip):
         model, support, query, loss_fn = _setup("mlp")

@@ -1,0 +1,133 @@
+"""Plumbing shared by the learners of this package: argument checks and query scoring."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection, Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+import metazoo
+
+Criterion = Callable[[Tensor, Tensor], Tensor]
+MetaOptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+NamePredicate = Callable[[str], bool]
+
+
+def check_module(model: Any) -> nn.Module:
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not any(True for _ in model.parameters()):
+        raise ValueError(f"model {type(model).__name__} has no parameters to meta-learn")
+    return model
+
+
+def check_criterion(criterion: Any) -> Criterion:
+    if not callable(criterion):
+        raise ValueError(f"criterion must be callable as criterion(output, target) -> scalar "
+                         f"loss (e.g. torch.nn.functional.mse_loss), got {criterion!r}")
+    return criterion
+
+
+def check_steps(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {value!r}; use at least one step")
+    return value
+
+
+def check_optional_positive(name: str, value: Any) -> float | None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                              or not value > 0):
+        raise ValueError(f"{name} must be None or a positive number, got {value!r}")
+    return value
+
+
+def check_inner_optimizer(optimizer: Any) -> metazoo.InnerOptimizer:
+    if not isinstance(optimizer, metazoo.InnerOptimizer):
+        raise ValueError(
+            f"inner_optimizer must be a metazoo optimizer (metazoo.SGD, metazoo.Adam, "
+            f"metazoo.RMSprop), got {type(optimizer).__name__}; torch.optim optimizers update "
+            f"in place and cannot be differentiated through")
+    return optimizer
+
+
+def check_bn_mode(bn_mode: Any) -> metazoo.BatchNormMode:
+    try:
+        return metazoo.BatchNormMode(bn_mode)
+    except ValueError:
+        choices = [m.value for m in metazoo.BatchNormMode]
+        raise ValueError(f"bn_mode must be one of {choices}, got {bn_mode!r}") from None
+
+
+def name_predicate(argument: str, value: NamePredicate | Collection[str] | None,
+                   names: Sequence[str]) -> NamePredicate | None:
+    """Turns a predicate or a collection of parameter names into a checked predicate.
+
+    Raises when a listed name does not exist or when the selection matches no parameter, since
+    both almost always mean a typo in a parameter name.
+    """
+    if value is None:
+        return None
+    if isinstance(value, str):
+        raise ValueError(f"{argument} must be a predicate or a collection of parameter names, "
+                         f"got the string {value!r}; wrap a single name as [{value!r}]")
+    if callable(value):
+        predicate: NamePredicate = value
+    else:
+        chosen = set(value)
+        unknown = sorted(chosen - set(names))
+        if unknown:
+            raise ValueError(f"{argument} names parameters {unknown} that the model does not "
+                             f"have; its parameters are {list(names)}")
+        predicate = chosen.__contains__
+    if not any(predicate(n) for n in names):
+        raise ValueError(f"{argument} matches none of the model's parameters {list(names)}; "
+                         f"check the names (e.g. lambda name: name.startswith('head.'))")
+    return predicate
+
+
+def build_meta_optimizer(factory: MetaOptimizerFactory | None,
+                         parameters: list[nn.Parameter],
+                         default: MetaOptimizerFactory) -> torch.optim.Optimizer:
+    factory = default if factory is None else factory
+    if not callable(factory):
+        raise ValueError(f"meta_optimizer must be a callable taking the meta-parameters, e.g. "
+                         f"lambda params: torch.optim.Adam(params, lr=1e-3); got {factory!r}")
+    optimizer = factory(parameters)
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise ValueError(f"meta_optimizer(parameters) must return a torch.optim.Optimizer, got "
+                         f"{type(optimizer).__name__}")
+    return optimizer
+
+
+def check_tasks(tasks: Sequence[metazoo.Task]) -> None:
+    if isinstance(tasks, metazoo.Task):
+        raise ValueError("expected a sequence of tasks, got a single Task; pass [task]")
+    if not tasks:
+        raise ValueError("expected at least one task")
+
+
+def score_query(model: nn.Module, criterion: Criterion, params: metazoo.Params,
+                buffers: metazoo.Buffers, query: metazoo.Batch,
+                bn_mode: metazoo.BatchNormMode) -> tuple[Tensor, Tensor | None]:
+    """Query loss and accuracy of an adapted model.
+
+    The query pass runs in evaluation mode (``training=False``): dropout is off and, in
+    ``RUNNING`` mode, BatchNorm uses the task's running statistics gathered on the support set;
+    in ``BATCH`` mode it normalises with the query batch's own statistics.
+    """
+    inputs, targets = query
+    output, _ = metazoo.forward(model, params, buffers, inputs, bn_mode=bn_mode, training=False)
+    loss = criterion(output, targets)
+    if not isinstance(loss, Tensor) or loss.dim() != 0:
+        raise ValueError("criterion must return a scalar loss tensor")
+    return loss, metazoo.accuracy(output.detach(), targets)
+
+
+def add_grad(param: Tensor, grad: Tensor) -> None:
+    """Accumulates ``grad`` into ``param.grad`` as ``backward`` would."""
+    if param.grad is None:
+        param.grad = grad.detach().clone()
+    else:
+        param.grad.add_(grad.detach())

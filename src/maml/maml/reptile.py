@@ -1,0 +1,139 @@
+"""Reptile: move the initialisation towards the parameters adapted to each task.
+
+Update rule. For each task T, K inner steps of an inner optimizer on the support batches (no
+second-order graph) give the adapted parameters phi_T (the point after the last step). The
+meta-gradient is g = mean_T (theta - phi_T), written into ``.grad``; the meta-optimizer then steps
+theta along it. With ``torch.optim.SGD(lr=epsilon)`` this is classic (batched) Reptile,
+theta <- theta + epsilon * mean_T (phi_T - theta); any other torch optimizer (e.g. Adam) uses g as
+a pseudo-gradient.
+
+Reference:
+    Nichol, Achiam, Schulman. On First-Order Meta-Learning Algorithms. arXiv:1803.02999, 2018.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+import metazoo
+from maml._learner import (
+    Criterion,
+    MetaOptimizerFactory,
+    add_grad,
+    build_meta_optimizer,
+    check_bn_mode,
+    check_criterion,
+    check_inner_optimizer,
+    check_module,
+    check_optional_positive,
+    check_steps,
+    check_tasks,
+    score_query,
+)
+from metazoo import Adapted, EvalResult, MetaLearner, MetaStepResult, Task
+
+__all__ = ["Reptile"]
+
+
+def _default_meta_optimizer(params: Any) -> torch.optim.Optimizer:
+    return torch.optim.SGD(params, lr=0.1)
+
+
+class Reptile(MetaLearner):
+    """First-order meta-learning by moving towards adapted parameters.
+
+    Example:
+        >>> learner = Reptile(model=net, criterion=F.mse_loss,
+        ...                   inner_optimizer=metazoo.Adam(1e-3), inner_steps=32)
+        >>> result = learner.meta_step(tasks)   # theta += 0.1 * mean(phi - theta)
+    """
+
+    def __init__(
+        self,
+        *,
+        model: nn.Module,
+        criterion: Criterion,
+        inner_optimizer: metazoo.InnerOptimizer | None = None,
+        inner_steps: int = 5,
+        eval_inner_steps: int | None = None,
+        meta_optimizer: MetaOptimizerFactory | None = None,
+        bn_mode: metazoo.BatchNormMode | str = metazoo.BatchNormMode.BATCH,
+        inner_grad_clip: float | None = None,
+    ) -> None:
+        """Builds the learner.
+
+        Args:
+            model: the network; its parameters are the meta-learned initialisation.
+            criterion: ``criterion(output, target) -> scalar loss``.
+            inner_optimizer: a ``metazoo`` optimizer (default ``metazoo.SGD(0.01)``).
+            inner_steps: inner steps K during meta-training.
+            eval_inner_steps: inner steps in ``adapt``/``evaluate`` (default ``inner_steps``).
+            meta_optimizer: factory called with the model's parameters (default
+                ``torch.optim.SGD(params, lr=0.1)``: classic Reptile with step size 0.1).
+            bn_mode: ``"batch"`` or ``"running"`` (see ``metazoo.BatchNormMode``).
+            inner_grad_clip: clip the global norm of each inner gradient.
+        """
+        self.model = check_module(model)
+        self.criterion = check_criterion(criterion)
+        self.inner_optimizer = check_inner_optimizer(
+            metazoo.SGD(0.01) if inner_optimizer is None else inner_optimizer)
+        self.inner_steps = check_steps("inner_steps", inner_steps)
+        self.eval_inner_steps = check_steps(
+            "eval_inner_steps", inner_steps if eval_inner_steps is None else eval_inner_steps)
+        self.bn_mode = check_bn_mode(bn_mode)
+        self.inner_grad_clip = check_optional_positive("inner_grad_clip", inner_grad_clip)
+        self.meta_optimizer = build_meta_optimizer(meta_optimizer, list(self.meta_parameters()),
+                                                   _default_meta_optimizer)
+
+    def _unroll(self, task: Task, steps: int) -> metazoo.UnrollResult:
+        with torch.no_grad():
+            return metazoo.unroll(
+                metazoo.make_loss_fn(self.model, self.criterion, bn_mode=self.bn_mode),
+                metazoo.params_of(self.model, detach=True), self.inner_optimizer,
+                list(task.support), steps=steps,
+                buffers=metazoo.initial_buffers(self.model, self.bn_mode),
+                inner_grad_clip=self.inner_grad_clip)
+
+    def adapt(self, task: Task, *, steps: int | None = None) -> Adapted:
+        """Adapts a copy of the model to ``task`` with ``steps`` (default eval) inner steps."""
+        steps = self.eval_inner_steps if steps is None else check_steps("steps", steps)
+        result = self._unroll(task, steps)
+        return Adapted(result.params, result.buffers, tuple(result.losses.tolist()))
+
+    def meta_backward(self, tasks: Sequence[Task]) -> MetaStepResult:
+        """Accumulates ``mean_T (theta - phi_T)`` into ``.grad``; reports the query loss."""
+        check_tasks(tasks)
+        start = time.perf_counter()
+        per_task = []
+        for task in tasks:
+            result = self._unroll(task, self.inner_steps)
+            with torch.no_grad():
+                for name, p in self.model.named_parameters():
+                    add_grad(p, (p - result.params[name]) / len(tasks))
+                loss, acc = score_query(self.model, self.criterion, result.params,
+                                        result.buffers, task.query, self.bn_mode)
+            per_task.append((loss, acc, result.losses))
+        meta_loss, acc, curve = metazoo.mean_results(per_task)
+        return MetaStepResult(meta_loss, curve[-1], acc, curve, len(tasks),
+                              time.perf_counter() - start)
+
+    def evaluate(self, tasks: Sequence[Task], *, steps: int | None = None) -> EvalResult:
+        """Adapts to each task and scores its query set; the model is left unchanged."""
+        check_tasks(tasks)
+        steps = self.eval_inner_steps if steps is None else check_steps("steps", steps)
+        per_task = []
+        for task in tasks:
+            result = self._unroll(task, steps)
+            with torch.no_grad():
+                loss, acc = score_query(self.model, self.criterion, result.params,
+                                        result.buffers, task.query, self.bn_mode)
+            per_task.append((loss, acc, result.losses))
+        loss_mean, acc_mean, curve = metazoo.mean_results(per_task)
+        return EvalResult(loss_mean, acc_mean, curve, len(tasks),
+                          tuple((float(r[0]), None if r[1] is None else float(r[1]))
+                                for r in per_task))
