@@ -1,3 +1,52 @@
-"""warpgrad: built on the metazoo core."""
+"""warpgrad: Warped Gradient Descent on the metazoo core.
 
-__all__: list[str] = []
+WarpGrad (Flennerhag et al., "Meta-Learning with Warped Gradient Descent", ICLR 2020) meta-learns
+warp layers interleaved with a task learner's adaptable layers, from states replayed out of the
+task learners' trajectories. ``Warp`` wraps the model, ``ReplayBuffer`` stores trajectories,
+``DualUpdater`` (Algorithm 2) and ``OnlineUpdater`` (Algorithm 1) compute and apply the
+meta-gradients, ``OptimizerParameters`` holds the (optionally meta-learned) inner learning rates
+and momenta, ``warpgrad.layers`` has warp-layer building blocks and ``WarpGrad`` exposes it all
+through the core ``MetaLearner`` interface.
+"""
+
+from warpgrad.buffer import ReplayBuffer, ReplayState
+from warpgrad.layers import ABLATIONS, ChannelScale, WarpBlock, WarpHead, WarpLayer, warp_block
+from warpgrad.learner import WarpGrad
+from warpgrad.objectives import (
+    InitObjective,
+    Leap,
+    ReplayContext,
+    SimplifiedLeap,
+    WarpObjective,
+    resolve_init_objective,
+    resolve_warp_objective,
+)
+from warpgrad.optimizer_parameters import OptimizerParameters
+from warpgrad.updaters import DualUpdater, OnlineUpdater, UpdateResult
+from warpgrad.warp import Warp
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ABLATIONS",
+    "ChannelScale",
+    "DualUpdater",
+    "InitObjective",
+    "Leap",
+    "OnlineUpdater",
+    "OptimizerParameters",
+    "ReplayBuffer",
+    "ReplayContext",
+    "ReplayState",
+    "SimplifiedLeap",
+    "UpdateResult",
+    "Warp",
+    "WarpBlock",
+    "WarpGrad",
+    "WarpHead",
+    "WarpLayer",
+    "WarpObjective",
+    "resolve_init_objective",
+    "resolve_warp_objective",
+    "warp_block",
+]

@@ -1,0 +1,154 @@
+"""ReplayBuffer: memory and disk storage, subsampling, loading and cleaning up."""
+
+from __future__ import annotations
+
+import gc
+import os
+
+import pytest
+import torch
+
+from warpgrad import ReplayBuffer
+
+
+def _params(value: float) -> dict[str, torch.Tensor]:
+    return {"w": torch.full((2, 3), value, dtype=torch.float64),
+            "b": torch.full((3,), -value, dtype=torch.float64)}
+
+
+def _fill(buffer: ReplayBuffer, tasks: int = 3, steps: int = 15, momentum: bool = True) -> None:
+    for t in range(tasks):
+        slot = f"task{t}"
+        buffer.init(slot, [t])
+        for k in range(steps):
+            buffer.update(slot, _params(100 * t + k),
+                          {n: v * 0.5 for n, v in _params(k).items()} if momentum and k else None)
+        buffer.finalize(slot, _params(100 * t + steps))
+
+
+@pytest.mark.parametrize("inmem", [True, False])
+def test_states_round_trip_in_order(inmem):
+    buffer = ReplayBuffer(inmem=inmem)
+    _fill(buffer)
+    assert len(buffer) == 45
+    assert buffer.slots() == ["task0", "task1", "task2"]
+    for t, slot in enumerate(buffer.slots()):
+        assert buffer.data(slot) == [t]
+        states = buffer.states(slot)
+        assert [s.step for s in states] == list(range(15))
+        for k, s in enumerate(states):
+            assert torch.equal(s.params["w"], _params(100 * t + k)["w"])
+            assert s.params["w"].dtype == torch.float64
+            if k == 0:
+                assert s.momentum is None
+            else:
+                assert torch.equal(s.momentum["b"], _params(k)["b"] * 0.5)
+        trajectory = buffer.trajectory(slot)
+        assert len(trajectory) == 16
+        assert torch.equal(trajectory[-1]["b"], _params(100 * t + 15)["b"])
+        assert buffer.state(slot, 7).step == 7
+    buffer.close()
+
+
+def test_memory_states_are_copies():
+    buffer = ReplayBuffer()
+    buffer.init("a", [])
+    p = _params(1.0)
+    buffer.update("a", p)
+    p["w"].add_(5)
+    assert torch.equal(buffer.state("a", 0).params["w"], _params(1.0)["w"])
+
+
+def test_disk_mode_loads_with_weights_only_writes_atomically_and_cleans_up(monkeypatch):
+    calls = []
+    real_load = torch.load
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("weights_only"))
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", spy)
+    buffer = ReplayBuffer(inmem=False)
+    directory = buffer.tmpdir
+    _fill(buffer, tasks=2, steps=4)
+    files = os.listdir(directory)
+    assert len(files) == 2 * 4 + 2  # states plus terminal states
+    assert not any(f.endswith(".partial") for f in files)
+    buffer.states("task1")
+    buffer.terminal("task0")
+    assert calls and all(c is True for c in calls)
+    buffer.clear()
+    assert os.listdir(directory) == []
+    assert len(buffer) == 0 and buffer.slots() == []
+    _fill(buffer, tasks=1, steps=2)
+    del buffer
+    gc.collect()
+    assert not os.path.exists(directory)
+
+
+def test_disk_mode_under_given_tmpdir_and_close(tmp_path):
+    buffer = ReplayBuffer(inmem=False, tmpdir=tmp_path)
+    assert os.path.dirname(buffer.tmpdir) == str(tmp_path)
+    _fill(buffer, tasks=1, steps=3)
+    buffer.close()
+    assert not os.path.exists(buffer.tmpdir)
+    assert os.path.exists(tmp_path)
+
+
+@pytest.mark.parametrize("inmem", [True, False])
+def test_every_keeps_a_regular_subsample(inmem):
+    buffer = ReplayBuffer(inmem=inmem, every=4)
+    _fill(buffer, tasks=1, steps=15)
+    assert [s.step for s in buffer.states("task0")] == [0, 4, 8, 12]
+    assert torch.equal(buffer.state("task0", 2).params["w"], _params(8)["w"])
+    buffer.close()
+
+
+@pytest.mark.parametrize("inmem", [True, False])
+def test_max_states_caps_with_a_uniform_subsample(inmem):
+    buffer = ReplayBuffer(inmem=inmem, max_states=5, seed=0)
+    _fill(buffer, tasks=2, steps=40)
+    for slot in buffer.slots():
+        steps = [s.step for s in buffer.states(slot)]
+        assert len(steps) == 5 and steps == sorted(steps) and len(set(steps)) == 5
+        for s in buffer.states(slot):  # each kept state is the one recorded at its step
+            t = int(slot[-1])
+            assert torch.equal(s.params["w"], _params(100 * t + s.step)["w"])
+    if not inmem:
+        assert len(os.listdir(buffer.tmpdir)) == 2 * 5 + 2  # replaced files were deleted
+    # Reservoir sampling keeps late states too (not just the first five).
+    kept = [s.step for slot in buffer.slots() for s in buffer.states(slot)]
+    assert max(kept) >= 5
+    buffer.close()
+
+
+def test_max_states_is_uniform_over_many_draws():
+    counts = torch.zeros(20)
+    for seed in range(300):
+        buffer = ReplayBuffer(max_states=4, seed=seed)
+        buffer.init("a", [])
+        for k in range(20):
+            buffer.update("a", {"w": torch.tensor([float(k)])})
+        for s in buffer.states("a"):
+            counts[s.step] += 1
+    # Each step is kept with probability 4/20 = 0.2: 60 of 300 expected.
+    assert counts.min() > 30 and counts.max() < 95
+
+
+def test_errors_name_the_fix(tmp_path):
+    buffer = ReplayBuffer()
+    buffer.init("a", [])
+    with pytest.raises(ValueError, match="already in the buffer"):
+        buffer.init("a", [])
+    with pytest.raises(ValueError, match="call init"):
+        buffer.update("b", _params(0))
+    with pytest.raises(ValueError, match="every=0"):
+        ReplayBuffer(every=0)
+    with pytest.raises(ValueError, match="max_states=0"):
+        ReplayBuffer(max_states=0)
+    with pytest.raises(ValueError, match="only used with inmem=False"):
+        ReplayBuffer(tmpdir=tmp_path)
+    with pytest.raises(ValueError, match="not an existing directory"):
+        ReplayBuffer(inmem=False, tmpdir=tmp_path / "missing")
+    with pytest.raises(ValueError, match="out of range"):
+        buffer.state("a", 0)
