@@ -208,16 +208,18 @@ class _CheckpointedUnroll(torch.autograd.Function):
 
         boundaries, losses = [], []
         # Point 0 is cloned: an input returned as an output would alias it.
-        points = [[t.clone() for t in (*params.values(), *buffers.values())]]
+        points = ([[t.clone() for t in (*params.values(), *buffers.values())]]
+                  if keep_trajectory else [])
         for k in range(run.steps):
             if k % segment == 0:
                 boundaries.append(_Boundary(params, state, buffers, _rng_state(device)))
             params, state, buffers, loss = run.step(k, params, static, buffers, state, optimizer,
                                                     create_graph=False)
             losses.append(loss)
-            points.append([*params.values(), *buffers.values()])
+            if keep_trajectory:
+                points.append([*params.values(), *buffers.values()])
         if not keep_trajectory:
-            points = points[-1:]
+            points = [[*params.values(), *buffers.values()]]
 
         ctx.run, ctx.segment, ctx.keep_trajectory = run, segment, keep_trajectory
         ctx.layout = layout
