@@ -125,6 +125,24 @@ def score_query(model: nn.Module, criterion: Criterion, params: metazoo.Params,
     return loss, metazoo.accuracy(output.detach(), targets)
 
 
+def evaluate_tasks(tasks: Sequence[metazoo.Task],
+                   adapt: Callable[[metazoo.Task], tuple[metazoo.Params, metazoo.UnrollResult]],
+                   model: nn.Module, criterion: Criterion,
+                   bn_mode: metazoo.BatchNormMode) -> metazoo.EvalResult:
+    """Adapts to each task with ``adapt`` (full params, unroll result) and scores its query."""
+    per_task = []
+    for task in tasks:
+        params, result = adapt(task)
+        with torch.no_grad():
+            loss, acc = score_query(model, criterion, params, result.buffers, task.query,
+                                    bn_mode)
+        per_task.append((loss, acc, result.losses))
+    loss_mean, acc_mean, curve = metazoo.mean_results(per_task)
+    return metazoo.EvalResult(loss_mean, acc_mean, curve, len(tasks),
+                              tuple((float(r[0]), None if r[1] is None else float(r[1]))
+                                    for r in per_task))
+
+
 def add_grad(param: Tensor, grad: Tensor) -> None:
     """Accumulates ``grad`` into ``param.grad`` as ``backward`` would."""
     if param.grad is None:

@@ -47,6 +47,7 @@ from maml._learner import (
     check_optional_positive,
     check_steps,
     check_tasks,
+    evaluate_tasks,
     name_predicate,
     score_query,
 )
@@ -368,14 +369,10 @@ class MAML(MetaLearner):
         """
         check_tasks(tasks)
         steps = self._steps(steps)
-        per_task = []
-        with torch.no_grad():
-            for task in tasks:
+
+        def adapt(task: Task) -> tuple[metazoo.Params, metazoo.UnrollResult]:
+            with torch.no_grad():
                 result, static = self._unroll(task, steps, keep_trajectory=False)
-                loss, acc = score_query(self.model, self.criterion, {**static, **result.params},
-                                        result.buffers, task.query, self.bn_mode)
-                per_task.append((loss, acc, result.losses))
-        loss_mean, acc_mean, curve = metazoo.mean_results(per_task)
-        return EvalResult(loss_mean, acc_mean, curve, len(tasks),
-                          tuple((float(r[0]), None if r[1] is None else float(r[1]))
-                                for r in per_task))
+            return {**static, **result.params}, result
+
+        return evaluate_tasks(tasks, adapt, self.model, self.criterion, self.bn_mode)

@@ -33,6 +33,7 @@ from maml._learner import (
     check_optional_positive,
     check_steps,
     check_tasks,
+    evaluate_tasks,
     score_query,
 )
 from metazoo import Adapted, EvalResult, MetaLearner, MetaStepResult, Task
@@ -126,14 +127,9 @@ class Reptile(MetaLearner):
         """Adapts to each task and scores its query set; the model is left unchanged."""
         check_tasks(tasks)
         steps = self.eval_inner_steps if steps is None else check_steps("steps", steps)
-        per_task = []
-        for task in tasks:
+
+        def adapt(task: Task) -> tuple[metazoo.Params, metazoo.UnrollResult]:
             result = self._unroll(task, steps)
-            with torch.no_grad():
-                loss, acc = score_query(self.model, self.criterion, result.params,
-                                        result.buffers, task.query, self.bn_mode)
-            per_task.append((loss, acc, result.losses))
-        loss_mean, acc_mean, curve = metazoo.mean_results(per_task)
-        return EvalResult(loss_mean, acc_mean, curve, len(tasks),
-                          tuple((float(r[0]), None if r[1] is None else float(r[1]))
-                                for r in per_task))
+            return result.params, result
+
+        return evaluate_tasks(tasks, adapt, self.model, self.criterion, self.bn_mode)
