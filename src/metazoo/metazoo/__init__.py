@@ -5,6 +5,7 @@ Pure functional models (``forward``, ``params_of``), differentiable inner optimi
 ``MetaLearner`` interface every algorithm implements.
 """
 
+from metazoo import distributed
 from metazoo.functional import (
     BatchNormMode,
     Buffers,
@@ -52,6 +53,7 @@ __all__ = [
     "accuracy",
     "check_params",
     "clip_grad_norm",
+    "distributed",
     "forward",
     "initial_buffers",
     "make_loss_fn",

@@ -127,7 +127,8 @@ def accuracy(output: Tensor, target: Tensor) -> Tensor | None:
     """Classification accuracy as a 0-dim tensor, or ``None`` if ``target`` is not class labels."""
     if target.dtype not in (torch.int64, torch.int32) or output.dim() != target.dim() + 1:
         return None
-    return (output.argmax(dim=1) == target).float().mean()
+    dtype = output.dtype if output.is_floating_point() else torch.get_default_dtype()
+    return (output.argmax(dim=1) == target).to(dtype).mean()
 
 
 def mean_results(per_task: Sequence[tuple[Tensor, Tensor | None, Tensor]]
@@ -181,15 +182,19 @@ class MetaLearner(ABC):
         """One meta-update over ``tasks``.
 
         Args:
-            tasks: the meta-batch.
+            tasks: the meta-batch. It may be empty only with a ``grad_hook`` (a process whose
+                share of a distributed meta-batch is empty still joins the all-reduce); the
+                result then has ``num_tasks=0`` and NaN losses.
             grad_hook: optional callable run after ``meta_backward`` and before the optimizer
                 step, e.g. an all-reduce of ``.grad`` across processes.
         """
-        if not tasks:
+        if not tasks and grad_hook is None:
             raise ValueError("meta_step needs at least one task")
         start = time.perf_counter()
         self.meta_optimizer.zero_grad(set_to_none=True)
-        result = self.meta_backward(tasks)
+        nan = float("nan")
+        result = (self.meta_backward(tasks) if tasks
+                  else MetaStepResult(nan, nan, None, (), 0, 0.0))
         if grad_hook is not None:
             grad_hook(self)
         self.meta_optimizer.step()

@@ -112,9 +112,13 @@ def test_state_dict_round_trip_and_mismatch():
         other.load_state_dict({"model": state["model"]})
 
 
-def test_meta_step_needs_tasks():
+def test_meta_step_needs_tasks_unless_a_hook_joins_a_collective():
     with pytest.raises(ValueError, match="at least one task"):
         _learner().meta_step([])
+    learner = _learner()
+    calls = []
+    result = learner.meta_step([], grad_hook=lambda lrn: calls.append(lrn))
+    assert calls == [learner] and result.num_tasks == 0
 
 
 def test_task_validation():

@@ -132,7 +132,7 @@ class WarpGrad(MetaLearner):
                 buffer.init(slot, task.support)
                 adapted, _ = self._adapt(task, self.inner_steps, slot)
                 loss, acc = self._score(adapted, task)
-                per_task.append((loss, acc, torch.tensor(adapted.inner_losses)))
+                per_task.append((loss, acc, torch.tensor(adapted.inner_losses, dtype=loss.dtype)))
             self.updater.accumulate(self.warp)
         finally:
             buffer.clear()
@@ -146,7 +146,7 @@ class WarpGrad(MetaLearner):
         for task in tasks:
             adapted = self.adapt(task, steps=steps)
             loss, acc = self._score(adapted, task)
-            per_task.append((loss, acc, torch.tensor(adapted.inner_losses)))
+            per_task.append((loss, acc, torch.tensor(adapted.inner_losses, dtype=loss.dtype)))
         loss, acc, curve = mean_results(per_task)
         return EvalResult(loss, acc, curve, len(tasks), tuple(
             (float(r[0]), None if r[1] is None else float(r[1])) for r in per_task))
