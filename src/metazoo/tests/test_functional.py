@@ -7,8 +7,6 @@ from torch.nn import functional as F
 
 import metazoo
 
-torch.set_default_dtype(torch.float64)
-
 
 def _net(momentum=0.1) -> nn.Module:
     torch.manual_seed(0)

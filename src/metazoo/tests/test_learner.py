@@ -9,8 +9,6 @@ from torch.nn import functional as F
 
 import metazoo
 
-torch.set_default_dtype(torch.float64)
-
 
 class _TinyMAML(metazoo.MetaLearner):
     """A minimal second-order MAML, enough to exercise the shared meta_step machinery."""

@@ -7,8 +7,6 @@ from torch.nn import functional as F
 
 import metazoo
 
-torch.set_default_dtype(torch.float64)
-
 
 def _mlp() -> nn.Module:
     return nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 3))

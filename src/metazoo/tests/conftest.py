@@ -1,0 +1,13 @@
+"""The core's tests run in float64, where gradient checks are meaningful."""
+
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def float64_default():
+    """float64 by default for each test, restored afterwards so other suites are unaffected."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
