@@ -1,0 +1,197 @@
+"""Recurrent actor-critic agents for the maze: the warped recurrent network and a plain LSTM.
+
+Warped recurrent network (WarpGrad, Flennerhag et al., ICLR 2020, maze experiment). A
+task-adaptable recurrent cell whose four terms are modulated multiplicatively by an adaptation
+LSTM (the warp)::
+
+    (a_t, c_t) = LSTM([x_t, h_{t-1}], (a_{t-1}, c_{t-1}))          warp
+    [m_in, m_rec, m_pre, m_bias] = 1 + P a_t                         warp (P: projection)
+    h_t = tanh(m_pre * (m_in * (W_x x_t) + m_rec * (W_h h_{t-1}) + m_bias * b))   adapted
+    pi_t = softmax(W_pi h_t + b_pi),  v_t = w_v . h_t + b_v                        adapted
+
+Each modulation reads its own ``hidden_size`` slice of the projection output, in the order
+``MODULATIONS``. The cell (``W_x, W_h, b``) and the policy/value heads are the adaptable
+parameters, updated every episode; the adaptation LSTM and ``P`` are the warp parameters,
+updated every ``meta_update_ival`` episodes. ``P`` starts small so that every modulation starts
+close to 1 (the warp starts near the identity).
+
+Plain LSTM agent (learning to reinforcement learn, Wang et al. 2016; Duan et al. 2016): an
+``LSTMCell`` with the same heads; all of its parameters are adaptable and it has no warp
+parameters.
+
+Both agents take the observation ``x_t`` (17 numbers, see ``env``) and a recurrent state, and
+return an ``AgentOutput`` with action logits, the value estimate and the next state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from env import NUM_ACTIONS, OBS_SIZE
+from torch import Tensor, nn
+
+__all__ = [
+    "AGENTS",
+    "MODULATIONS",
+    "AgentOutput",
+    "LSTMAgent",
+    "WarpedRecurrentAgent",
+    "make_agent",
+]
+
+MODULATIONS = ("input", "recurrent", "preactivation", "bias")
+
+
+@dataclass(frozen=True)
+class AgentOutput:
+    """One step of an agent.
+
+    Attributes:
+        logits: ``(batch, NUM_ACTIONS)`` unnormalised action log-probabilities.
+        value: ``(batch,)`` value estimate of the current state.
+        state: recurrent state to pass to the next step.
+    """
+
+    logits: Tensor
+    value: Tensor
+    state: tuple[Tensor, ...]
+
+
+def _check_sizes(input_size: int, hidden_size: int) -> None:
+    for name, value in (("input_size", input_size), ("hidden_size", hidden_size)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+class WarpedRecurrentAgent(nn.Module):
+    """Recurrent cell modulated by an adaptation LSTM, with policy and value heads.
+
+    Args:
+        input_size: observation size.
+        hidden_size: size of the adaptable recurrent cell.
+        warp_hidden_size: size of the adaptation LSTM (defaults to ``hidden_size``).
+        num_actions: number of actions.
+        warp_init_scale: scale of the projection's initial weights; small keeps the initial
+            modulations near 1.
+    """
+
+    def __init__(
+        self,
+        *,
+        input_size: int = OBS_SIZE,
+        hidden_size: int = 100,
+        warp_hidden_size: int | None = None,
+        num_actions: int = NUM_ACTIONS,
+        warp_init_scale: float = 0.1,
+    ) -> None:
+        super().__init__()
+        warp_hidden_size = hidden_size if warp_hidden_size is None else warp_hidden_size
+        _check_sizes(input_size, hidden_size)
+        _check_sizes(input_size, warp_hidden_size)
+        if warp_init_scale < 0:
+            raise ValueError(f"warp_init_scale must be >= 0, got {warp_init_scale!r}")
+        self.hidden_size = hidden_size
+        self.warp_hidden_size = warp_hidden_size
+        # Adaptable: the recurrent cell and the heads.
+        self.input_weight = nn.Linear(input_size, hidden_size, bias=False)
+        self.recurrent_weight = nn.Linear(hidden_size, hidden_size, bias=False)
+        self.bias = nn.Parameter(torch.zeros(hidden_size))
+        self.policy = nn.Linear(hidden_size, num_actions)
+        self.value = nn.Linear(hidden_size, 1)
+        # Warp: the adaptation LSTM and its projection onto the four modulations.
+        self.warp_lstm = nn.LSTMCell(input_size + hidden_size, warp_hidden_size)
+        self.warp_projection = nn.Linear(warp_hidden_size, len(MODULATIONS) * hidden_size)
+        with torch.no_grad():
+            self.warp_projection.weight.mul_(warp_init_scale)
+            self.warp_projection.bias.mul_(warp_init_scale)
+
+    def adapt_parameters(self) -> list[nn.Parameter]:
+        """Parameters adapted every episode: the recurrent cell and the policy/value heads."""
+        return [p for name, p in self.named_parameters() if not name.startswith("warp_")]
+
+    def warp_parameters(self) -> list[nn.Parameter]:
+        """Warp (meta) parameters: the adaptation LSTM and its projection."""
+        return [p for name, p in self.named_parameters() if name.startswith("warp_")]
+
+    def initial_state(self, batch_size: int) -> tuple[Tensor, ...]:
+        """Zero state ``(h, a, c)``: cell hidden, adaptation LSTM hidden and memory."""
+        ref = self.bias
+        return (
+            ref.new_zeros(batch_size, self.hidden_size),
+            ref.new_zeros(batch_size, self.warp_hidden_size),
+            ref.new_zeros(batch_size, self.warp_hidden_size),
+        )
+
+    def modulations(self, x: Tensor, h: Tensor, a: Tensor, c: Tensor) -> tuple[Tensor, ...]:
+        """Advance the adaptation LSTM and return ``(m_input, m_recurrent, m_pre, m_bias, a, c)``.
+
+        Each modulation is ``1 + `` its own consecutive ``hidden_size`` slice of the projection.
+        """
+        a, c = self.warp_lstm(torch.cat([x, h], dim=1), (a, c))
+        m = 1.0 + self.warp_projection(a)
+        m_input, m_rec, m_pre, m_bias = m.split(self.hidden_size, dim=1)
+        return m_input, m_rec, m_pre, m_bias, a, c
+
+    def forward(self, x: Tensor, state: tuple[Tensor, ...]) -> AgentOutput:
+        """One step from observation ``x`` ``(batch, input_size)`` and state ``(h, a, c)``."""
+        h, a, c = state
+        m_input, m_rec, m_pre, m_bias, a, c = self.modulations(x, h, a, c)
+        pre = m_input * self.input_weight(x) + m_rec * self.recurrent_weight(h) + m_bias * self.bias
+        h = torch.tanh(m_pre * pre)
+        return AgentOutput(logits=self.policy(h), value=self.value(h).squeeze(1), state=(h, a, c))
+
+
+class LSTMAgent(nn.Module):
+    """Plain LSTM actor-critic (learning to reinforcement learn); no warp parameters.
+
+    Args:
+        input_size: observation size.
+        hidden_size: LSTM size.
+        num_actions: number of actions.
+    """
+
+    def __init__(
+        self, *, input_size: int = OBS_SIZE, hidden_size: int = 100, num_actions: int = NUM_ACTIONS
+    ) -> None:
+        super().__init__()
+        _check_sizes(input_size, hidden_size)
+        self.hidden_size = hidden_size
+        self.lstm = nn.LSTMCell(input_size, hidden_size)
+        self.policy = nn.Linear(hidden_size, num_actions)
+        self.value = nn.Linear(hidden_size, 1)
+
+    def adapt_parameters(self) -> list[nn.Parameter]:
+        """Every parameter: the LSTM and the heads are all trained every episode."""
+        return list(self.parameters())
+
+    def warp_parameters(self) -> list[nn.Parameter]:
+        """No warp parameters: the baseline has nothing meta-learned at a slower rate."""
+        return []
+
+    def initial_state(self, batch_size: int) -> tuple[Tensor, ...]:
+        """Zero ``(h, c)``."""
+        ref = self.policy.weight
+        return (
+            ref.new_zeros(batch_size, self.hidden_size),
+            ref.new_zeros(batch_size, self.hidden_size),
+        )
+
+    def forward(self, x: Tensor, state: tuple[Tensor, ...]) -> AgentOutput:
+        """One step from observation ``x`` ``(batch, input_size)`` and state ``(h, c)``."""
+        h, c = self.lstm(x, state)
+        return AgentOutput(logits=self.policy(h), value=self.value(h).squeeze(1), state=(h, c))
+
+
+AGENTS = {"warp": WarpedRecurrentAgent, "lstm": LSTMAgent}
+
+
+def make_agent(name: str, *, hidden_size: int) -> nn.Module:
+    """Build an agent by name (``"warp"`` or ``"lstm"``).
+
+    Raises:
+        ValueError: for an unknown name.
+    """
+    if name not in AGENTS:
+        raise ValueError(f"agent must be one of {sorted(AGENTS)}, got {name!r}")
+    return AGENTS[name](hidden_size=hidden_size)

@@ -1,0 +1,119 @@
+"""Plot reward curves of maze runs, comparing agents and seeds.
+
+``python src/maze_navigation/plot.py RUN_DIR [RUN_DIR ...] --out rewards.png [--window 50]``
+
+Each run folder is one written by ``run.py`` (``rewards.csv`` and ``summary.json``). Per agent,
+every seed is drawn thin and the mean over seeds bold (moving average over ``--window``
+episodes); the dashed line is the random policy's mean episode reward measured in the runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display on servers
+import matplotlib.pyplot as plt
+import numpy as np
+
+__all__ = ["RunCurve", "load_run", "main", "moving_average", "plot_runs"]
+
+_COLOURS = {"warp": "tab:blue", "lstm": "tab:orange"}
+
+
+@dataclass(frozen=True)
+class RunCurve:
+    """Per-episode mean rewards of one run."""
+
+    agent: str
+    seed: int
+    rewards: np.ndarray
+    random_reward: float | None
+
+
+def load_run(folder: str | Path) -> RunCurve:
+    """Read ``rewards.csv`` and the config from ``summary.json`` or ``checkpoint.pt``.
+
+    Raises:
+        ValueError: if the folder holds no ``rewards.csv``.
+    """
+    folder = Path(folder)
+    csv_path = folder / "rewards.csv"
+    if not csv_path.exists():
+        raise ValueError(f"run folder {folder} has no rewards.csv; pass folders written by run.py")
+    with csv_path.open(newline="") as f:
+        rewards = np.array([float(r["mean_reward"]) for r in csv.DictReader(f)])
+    summary_path = folder / "summary.json"
+    if summary_path.exists():
+        summary = json.loads(summary_path.read_text())
+        config, random_reward = summary["config"], summary["random_policy_reward"]
+    else:  # a run still in progress: read what its checkpoint knows
+        import torch
+
+        state = torch.load(folder / "checkpoint.pt", map_location="cpu", weights_only=True)
+        config, random_reward = state["config"], state["random_reward"]
+    return RunCurve(
+        agent=config["agent"],
+        seed=int(config["seed"]),
+        rewards=rewards,
+        random_reward=random_reward,
+    )
+
+
+def moving_average(values: np.ndarray, window: int) -> np.ndarray:
+    """Trailing moving average; the first points average over what exists so far."""
+    if window < 1:
+        raise ValueError(f"window must be >= 1, got {window}")
+    csum = np.cumsum(np.insert(values.astype(float), 0, 0.0))
+    idx = np.arange(1, len(values) + 1)
+    start = np.maximum(idx - window, 0)
+    return (csum[idx] - csum[start]) / (idx - start)
+
+
+def plot_runs(runs: list[RunCurve], out: str | Path, *, window: int = 50) -> Path:
+    """Draw the curves of ``runs`` into the PNG ``out`` and return its path."""
+    if not runs:
+        raise ValueError("runs is empty; pass at least one run folder")
+    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=90)
+    for agent in sorted({r.agent for r in runs}):
+        group = [r for r in runs if r.agent == agent]
+        colour = _COLOURS.get(agent)
+        curves = [moving_average(r.rewards, window) for r in group]
+        for c in curves:
+            ax.plot(c, color=colour, alpha=0.35, lw=0.8)
+        n = min(len(c) for c in curves)
+        mean = np.mean([c[:n] for c in curves], axis=0)
+        ax.plot(mean, color=colour, lw=1.8, label=f"{agent} ({len(group)} seed(s))")
+    randoms = [r.random_reward for r in runs if r.random_reward is not None]
+    if randoms:
+        level = float(np.mean(randoms))
+        ax.axhline(level, color="k", ls="--", lw=1, label=f"random policy ({level:.1f})")
+    ax.set_xlabel("episode")
+    ax.set_ylabel(f"reward per episode\n(mean over mazes, {window}-episode average)", fontsize=8)
+    ax.legend(fontsize=8, loc="upper left")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
+def main(argv: list[str] | None = None) -> Path:
+    """Command line: run folders, ``--out`` PNG path, ``--window``."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("runs", nargs="+", type=Path, help="run folders written by run.py")
+    p.add_argument("--out", type=Path, default=Path("maze_rewards.png"))
+    p.add_argument("--window", type=int, default=50, help="moving-average window (episodes)")
+    args = p.parse_args(argv)
+    return plot_runs([load_run(r) for r in args.runs], args.out, window=args.window)
+
+
+if __name__ == "__main__":
+    main()

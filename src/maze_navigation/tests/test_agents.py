@@ -1,0 +1,171 @@
+"""Tests of the warped recurrent agent and the LSTM baseline."""
+
+import pytest
+import torch
+from agents import MODULATIONS, LSTMAgent, WarpedRecurrentAgent, make_agent
+from env import NUM_ACTIONS, OBS_SIZE
+from torch.func import functional_call
+
+HS = 5
+
+
+def warped(seed=0, **kw):
+    torch.manual_seed(seed)
+    return WarpedRecurrentAgent(hidden_size=HS, warp_hidden_size=4, **kw).double()
+
+
+def names_of(agent, params):
+    ids = {id(p) for p in params}
+    return {n for n, p in agent.named_parameters() if id(p) in ids}
+
+
+def test_parameter_partition_warped():
+    agent = warped()
+    adapt = names_of(agent, agent.adapt_parameters())
+    warp = names_of(agent, agent.warp_parameters())
+    assert adapt == {
+        "input_weight.weight",
+        "recurrent_weight.weight",
+        "bias",
+        "policy.weight",
+        "policy.bias",
+        "value.weight",
+        "value.bias",
+    }
+    assert warp == {
+        "warp_lstm.weight_ih",
+        "warp_lstm.weight_hh",
+        "warp_lstm.bias_ih",
+        "warp_lstm.bias_hh",
+        "warp_projection.weight",
+        "warp_projection.bias",
+    }
+    assert agent.warp_projection.out_features == len(MODULATIONS) * HS
+
+
+def test_parameter_partition_lstm():
+    agent = LSTMAgent(hidden_size=HS)
+    assert agent.warp_parameters() == []
+    assert names_of(agent, agent.adapt_parameters()) == {n for n, _ in agent.named_parameters()}
+
+
+def test_each_modulation_reads_its_own_slice():
+    """With a constant projection (zero weights) each term is scaled by its own slice."""
+    agent = warped()
+    scales = {"input": 0.5, "recurrent": 2.0, "preactivation": 1.5, "bias": -1.0}
+    with torch.no_grad():
+        agent.warp_projection.weight.zero_()
+        agent.warp_projection.bias.copy_(
+            torch.cat([torch.full((HS,), scales[m] - 1.0) for m in MODULATIONS]).double()
+        )
+    torch.manual_seed(1)
+    x = torch.randn(3, OBS_SIZE, dtype=torch.float64)
+    h0 = torch.randn(3, HS, dtype=torch.float64)
+    state = (h0, *agent.initial_state(3)[1:])
+    out = agent(x, state)
+    expected = torch.tanh(
+        scales["preactivation"]
+        * (
+            scales["input"] * x @ agent.input_weight.weight.T
+            + scales["recurrent"] * h0 @ agent.recurrent_weight.weight.T
+            + scales["bias"] * agent.bias
+        )
+    )
+    torch.testing.assert_close(out.state[0], expected, rtol=0, atol=1e-12)
+    torch.testing.assert_close(out.logits, agent.policy(expected), rtol=0, atol=1e-12)
+    torch.testing.assert_close(out.value, agent.value(expected).squeeze(1), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("k", range(len(MODULATIONS)))
+def test_modulation_depends_only_on_its_projection_rows(k):
+    agent = warped()
+    x = torch.randn(2, OBS_SIZE, dtype=torch.float64)
+    state = agent.initial_state(2)
+    mods = agent.modulations(x, *state)[:4]
+    mods[k].sum().backward()
+    grad = agent.warp_projection.weight.grad
+    rows = torch.zeros(len(MODULATIONS) * HS, dtype=torch.bool)
+    rows[k * HS : (k + 1) * HS] = True
+    assert grad[rows].abs().sum() > 0
+    assert grad[~rows].abs().sum() == 0
+
+
+def test_initial_modulations_near_identity():
+    agent = WarpedRecurrentAgent(hidden_size=32)
+    x = torch.randn(4, OBS_SIZE)
+    for m in agent.modulations(x, *agent.initial_state(4))[:4]:
+        assert (m - 1).abs().max() < 0.2
+
+
+def unroll_output(agent, params, steps=4):
+    """Logits and values of a few steps, as a pure function of the parameters."""
+    gen = torch.Generator().manual_seed(2)
+    xs = torch.randn(steps, 2, OBS_SIZE, dtype=torch.float64, generator=gen)
+    state = agent.initial_state(2)
+    outs = []
+    for t in range(steps):
+        out = functional_call(agent, params, (xs[t], state))
+        state = out.state
+        outs += [out.logits, out.value]
+    return torch.cat([o.reshape(-1) for o in outs])
+
+
+@pytest.mark.parametrize(
+    ("kind", "group"), [("warp", "adapt"), ("warp", "warp"), ("warp", "all"), ("lstm", "all")]
+)
+def test_gradients_through_time_match_finite_differences(kind, group):
+    """Directional derivatives of a random readout of a 4-step unroll, float64 autograd
+    against central differences, for the adaptable group, the warp group and everything."""
+    agent = warped() if kind == "warp" else LSTMAgent(hidden_size=HS).double()
+    chosen = {"adapt": agent.adapt_parameters, "warp": agent.warp_parameters}.get(
+        group, agent.parameters
+    )()
+    names = names_of(agent, chosen)
+    base = {n: p.detach().clone() for n, p in agent.named_parameters()}
+    gen = torch.Generator().manual_seed(3)
+    readout = torch.randn(unroll_output(agent, base).shape, dtype=torch.float64, generator=gen)
+    leaves = {n: t.clone().requires_grad_(n in names) for n, t in base.items()}
+    (readout @ unroll_output(agent, leaves)).backward()
+    for _ in range(3):
+        direction = {
+            n: torch.randn(base[n].shape, dtype=torch.float64, generator=gen) for n in names
+        }
+        analytic = sum((leaves[n].grad * direction[n]).sum() for n in names)
+        eps = 1e-6
+
+        def at(sign, direction=direction, eps=eps):
+            shifted = {
+                n: t + sign * eps * direction[n] if n in names else t for n, t in base.items()
+            }
+            return readout @ unroll_output(agent, shifted)
+
+        numeric = (at(1) - at(-1)) / (2 * eps)
+        torch.testing.assert_close(analytic, numeric, rtol=1e-7, atol=1e-8)
+        assert abs(float(analytic)) > 1e-6
+
+
+def test_warp_parameters_receive_gradient_through_recurrence():
+    """The adaptation LSTM affects later steps: its gradient is non-zero at step 2's logits."""
+    agent = warped()
+    x = torch.randn(2, OBS_SIZE, dtype=torch.float64)
+    out = agent(x, agent.initial_state(2))
+    out = agent(x, out.state)
+    out.logits.sum().backward()
+    for p in agent.warp_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("name", ["warp", "lstm"])
+def test_output_shapes(name):
+    agent = make_agent(name, hidden_size=HS)
+    out = agent(torch.zeros(3, OBS_SIZE), agent.initial_state(3))
+    assert out.logits.shape == (3, NUM_ACTIONS) and out.value.shape == (3,)
+
+
+def test_validation():
+    with pytest.raises(ValueError, match="agent"):
+        make_agent("gru", hidden_size=4)
+    with pytest.raises(ValueError, match="hidden_size"):
+        WarpedRecurrentAgent(hidden_size=0)
+    with pytest.raises(ValueError, match="hidden_size"):
+        LSTMAgent(hidden_size=-1)

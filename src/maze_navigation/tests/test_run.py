@@ -1,0 +1,111 @@
+"""Tests of the command line: options, logging, checkpoints, resume."""
+
+import csv
+import json
+import shlex
+
+import pytest
+import run
+import torch
+from train import TrainConfig
+
+TINY = shlex.split(
+    "--hs 6 --bs 2 --eplen 10 --msize 7 --random_episodes 2 "
+    "--meta_update_ival 2 --dtype float64 --pe 1"
+)
+
+
+def read_csv(path):
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _argv(spec):
+    """'name value name value ...' -> ['--name', 'value', ...]."""
+    words = spec.split()
+    return [w if i % 2 else f"--{w}" for i, w in enumerate(words)]
+
+
+def test_short_aliases_match_spelled_out_options():
+    short = run.build_parser().parse_args(
+        _argv(
+            "rngseed 3 rew 5 wp 0.1 bent 0.02 blossv 0.2 msize 9 gr 0.8 gc 2 eplen 50 hs 20 "
+            "bs 4 nbiter 7 save_every 3 pe 2 learning_rate 0.01 meta_learning_rate 0.02 "
+            "meta_update_ival 5"
+        )
+    )
+    long = run.build_parser().parse_args(
+        _argv(
+            "seed 3 reward 5 wall_penalty 0.1 concentration 0.02 value_coef 0.2 maze_size 9 "
+            "discount 0.8 grad_clip 2 episode_length 50 hidden_size 20 batch_size 4 "
+            "num_episodes 7 save_every 3 print_every 2 learning_rate 0.01 "
+            "meta_learning_rate 0.02 meta_update_ival 5"
+        )
+    )
+    assert vars(short) == vars(long)
+    config = run._config(short)
+    assert config == TrainConfig(
+        seed=3,
+        reward=5.0,
+        wall_penalty=0.1,
+        concentration=0.02,
+        value_coef=0.2,
+        maze_size=9,
+        discount=0.8,
+        grad_clip=2.0,
+        episode_length=50,
+        hidden_size=20,
+        batch_size=4,
+        num_episodes=7,
+        learning_rate=0.01,
+        meta_learning_rate=0.02,
+        meta_update_ival=5,
+    )
+
+
+def test_defaults_are_the_reference_hyperparameters():
+    c = run._config(run.build_parser().parse_args([]))
+    assert (c.discount, c.value_coef, c.concentration, c.grad_clip) == (0.9, 0.1, 0.03, 4.0)
+    assert (c.learning_rate, c.meta_learning_rate, c.meta_update_ival) == (1e-3, 1e-3, 30)
+    assert (c.maze_size, c.episode_length, c.reward, c.wall_penalty) == (13, 200, 10.0, 0.0)
+
+
+@pytest.mark.parametrize("agent", ["warp", "lstm"])
+def test_run_logs_checkpoints_and_resumes_exactly(tmp_path, agent):
+    straight = run.main([*TINY, "--agent", agent, "--nbiter", "5", "--out", str(tmp_path / "a")])
+    part = tmp_path / "b"
+    run.main([*TINY, "--agent", agent, "--nbiter", "3", "--save_every", "2", "--out", str(part)])
+    assert (part / "checkpoint.pt").exists()
+    state = torch.load(part / "checkpoint.pt", weights_only=True)
+    assert state["episode"] == 3 and state["config"]["agent"] == agent
+    with pytest.raises(RuntimeError, match="--resume"):
+        run.main([*TINY, "--agent", agent, "--nbiter", "5", "--out", str(part)])
+    resumed = run.main([*TINY, "--agent", agent, "--nbiter", "5", "--out", str(part), "--resume"])
+    rows_a, rows_b = read_csv(tmp_path / "a" / "rewards.csv"), read_csv(part / "rewards.csv")
+    assert [r["episode"] for r in rows_b] == ["0", "1", "2", "3", "4"]
+    assert rows_a == rows_b
+    assert resumed["last_10pct_reward"] == straight["last_10pct_reward"]
+    assert resumed["random_policy_reward"] == straight["random_policy_reward"]
+    summary = json.loads((part / "summary.json").read_text())
+    assert summary["episodes"] == 5 and summary["config"]["agent"] == agent
+    assert summary["meta_updates"] == (2 if agent == "warp" else 0)
+    assert summary["last_10pct_reward"] == float(rows_b[-1]["mean_reward"])
+
+
+def test_resume_discards_episodes_logged_after_the_checkpoint(tmp_path):
+    out = tmp_path / "r"
+    run.main([*TINY, "--agent", "lstm", "--nbiter", "4", "--save_every", "2", "--out", str(out)])
+    # Simulate a crash after episode 2's checkpoint: rewind the checkpoint to episode 2.
+    short = tmp_path / "s"
+    run.main([*TINY, "--agent", "lstm", "--nbiter", "2", "--out", str(short)])
+    (out / "checkpoint.pt").write_bytes((short / "checkpoint.pt").read_bytes())
+    run.main([*TINY, "--agent", "lstm", "--nbiter", "4", "--out", str(out), "--resume"])
+    assert [r["episode"] for r in read_csv(out / "rewards.csv")] == ["0", "1", "2", "3"]
+
+
+def test_bad_cli_values_raise(tmp_path):
+    with pytest.raises(ValueError, match="save_every"):
+        run.main([*TINY, "--save_every", "0", "--out", str(tmp_path)])
+    with pytest.raises(ValueError, match="hidden_size"):
+        run.main(["--hs", "0", "--out", str(tmp_path)])
+    assert list(tmp_path.iterdir()) == []

@@ -1,0 +1,455 @@
+"""Advantage actor-critic training of maze agents, with warp parameters on a slower clock.
+
+Every episode (one per maze of the batch, all stepped together) is a task: a new hidden reward
+cell that the agent must discover and then exploit with its recurrent state. Per episode the
+A2C loss (Mnih et al., 2016), summed over the steps and averaged over the mazes, is::
+
+    R_t = r_t + gamma * R_{t+1}                        (R_T = 0; discounted return)
+    A_t = R_t - v_t                                    (per-maze value baseline, v_t detached)
+    L   = -sum_t log pi(a_t|s_t) A_t                   (policy gradient)
+          + value_coef * sum_t (v_t - R_t)^2            (value regression)
+          + concentration * sum_t sum_a pi(a|s_t)^2     (penalises concentrated policies)
+
+Two Adam optimizers (the WarpGrad split, Flennerhag et al., ICLR 2020):
+
+* adaptable parameters (``agent.adapt_parameters()``): clipped (``grad_clip``) gradient step
+  every episode;
+* warp parameters (``agent.warp_parameters()``): their per-episode gradients are accumulated
+  over ``meta_update_ival`` episodes, averaged, clipped and applied in one step.
+
+During the first ``burn_in`` episodes only the adaptable parameters learn: the warp gradients of
+those episodes are discarded (set to ``None``, never accumulated), so the first warp update uses
+only post-burn-in episodes.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from agents import make_agent
+from env import NUM_ACTIONS, Maze
+from torch import Tensor, nn
+
+__all__ = [
+    "A2CLoss",
+    "EpisodeResult",
+    "Rollout",
+    "TrainConfig",
+    "Trainer",
+    "a2c_loss",
+    "config_from_dict",
+    "discounted_returns",
+    "last_fraction_mean",
+    "load_checkpoint",
+    "save_checkpoint",
+]
+
+_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Hyperparameters of one run (defaults follow the reference maze experiment).
+
+    Attributes:
+        agent: ``"warp"`` (warped recurrent network) or ``"lstm"`` (plain LSTM baseline).
+        seed: seed of parameter initialisation, mazes and action sampling.
+        reward: reward for reaching the reward cell.
+        wall_penalty: cost of bumping into a wall.
+        concentration: coefficient of the policy concentration penalty ``sum pi^2``.
+        value_coef: coefficient of the value loss.
+        maze_size: side of the maze (odd).
+        discount: discount factor gamma.
+        grad_clip: maximum gradient norm, applied to each optimizer's parameter group.
+        episode_length: steps per episode.
+        hidden_size: size of the recurrent cell (and of the adaptation LSTM).
+        batch_size: mazes per episode.
+        num_episodes: training episodes.
+        learning_rate: Adam step size of the adaptable parameters (every episode).
+        meta_learning_rate: Adam step size of the warp parameters.
+        meta_update_ival: episodes between warp updates.
+        burn_in: initial episodes during which warp parameters do not learn.
+        random_episodes: episodes of a uniformly random policy measured as a baseline.
+        dtype: ``"float32"`` or ``"float64"``.
+    """
+
+    agent: str = "warp"
+    seed: int = 0
+    reward: float = 10.0
+    wall_penalty: float = 0.0
+    concentration: float = 0.03
+    value_coef: float = 0.1
+    maze_size: int = 13
+    discount: float = 0.9
+    grad_clip: float = 4.0
+    episode_length: int = 200
+    hidden_size: int = 100
+    batch_size: int = 16
+    num_episodes: int = 1000
+    learning_rate: float = 1e-3
+    meta_learning_rate: float = 1e-3
+    meta_update_ival: int = 30
+    burn_in: int = 0
+    random_episodes: int = 20
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        positive = (
+            "episode_length",
+            "hidden_size",
+            "batch_size",
+            "meta_update_ival",
+            "random_episodes",
+        )
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("num_episodes", "burn_in"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+        if not 0.0 <= self.discount <= 1.0:
+            raise ValueError(f"discount must lie in [0, 1], got {self.discount!r}")
+        for name in ("grad_clip", "learning_rate", "meta_learning_rate"):
+            value = getattr(self, name)
+            if not value > 0:
+                raise ValueError(f"{name} must be > 0, got {value!r}")
+        for name in ("concentration", "value_coef", "wall_penalty"):
+            value = getattr(self, name)
+            if value < 0:
+                raise ValueError(f"{name} must be >= 0, got {value!r}")
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
+
+
+@dataclass(frozen=True)
+class Rollout:
+    """One episode of every maze, time-major.
+
+    Attributes:
+        log_probs: ``(T, batch)`` log-probability of each taken action.
+        values: ``(T, batch)`` value estimates.
+        probs: ``(T, batch, NUM_ACTIONS)`` action probabilities.
+        rewards: ``(T, batch)`` rewards.
+    """
+
+    log_probs: Tensor
+    values: Tensor
+    probs: Tensor
+    rewards: Tensor
+
+
+@dataclass(frozen=True)
+class A2CLoss:
+    """The A2C loss and its terms (each summed over time and averaged over mazes)."""
+
+    total: Tensor
+    policy: Tensor
+    value: Tensor
+    concentration: Tensor
+
+
+@dataclass(frozen=True)
+class EpisodeResult:
+    """Outcome of one training episode.
+
+    Attributes:
+        episode: index of the episode (0-based).
+        mean_reward: total reward of the episode, averaged over mazes.
+        loss: A2C loss value.
+        adapt_grad_norm: norm of the adaptable gradient before clipping.
+        meta_updated: whether the warp parameters were updated after this episode.
+    """
+
+    episode: int
+    mean_reward: float
+    loss: float
+    adapt_grad_norm: float
+    meta_updated: bool
+
+
+def discounted_returns(rewards: Tensor, discount: float) -> Tensor:
+    """``R_t = r_t + discount * R_{t+1}`` with ``R_T = 0``, along dim 0 of ``(T, batch)``."""
+    returns = torch.empty_like(rewards)
+    running = torch.zeros_like(rewards[0])
+    for t in range(rewards.shape[0] - 1, -1, -1):
+        running = rewards[t] + discount * running
+        returns[t] = running
+    return returns
+
+
+def a2c_loss(
+    rollout: Rollout, *, discount: float, value_coef: float, concentration: float
+) -> A2CLoss:
+    """Advantage actor-critic loss of a rollout (formula in the module docstring).
+
+    Args:
+        rollout: the episode.
+        discount: gamma.
+        value_coef: weight of the value loss.
+        concentration: weight of the ``sum pi^2`` penalty.
+
+    Returns:
+        The total loss and its terms.
+    """
+    returns = discounted_returns(rollout.rewards, discount)
+    advantage = returns - rollout.values.detach()
+    batch = rollout.rewards.shape[1]
+    policy = -(rollout.log_probs * advantage).sum() / batch
+    value = value_coef * (rollout.values - returns).pow(2).sum() / batch
+    conc = concentration * rollout.probs.pow(2).sum() / batch
+    return A2CLoss(total=policy + value + conc, policy=policy, value=value, concentration=conc)
+
+
+class Trainer:
+    """A2C training of one agent on a batch of mazes.
+
+    Args:
+        config: hyperparameters.
+        device: where the agent and mazes live.
+    """
+
+    def __init__(self, *, config: TrainConfig, device: torch.device | str = "cpu") -> None:
+        if not isinstance(config, TrainConfig):
+            raise ValueError(f"config must be a TrainConfig, got {type(config).__name__}")
+        self.config = config
+        self.device = torch.device(device)
+        dtype = _DTYPES[config.dtype]
+        # Seed the initialisation without touching the caller's global random state.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)
+            agent = make_agent(config.agent, hidden_size=config.hidden_size)
+        self.agent: nn.Module = agent.to(device=self.device, dtype=dtype)
+        self.env_generator = torch.Generator(self.device).manual_seed(config.seed + 1)
+        self.action_generator = torch.Generator(self.device).manual_seed(config.seed + 2)
+        self.env = self._make_env(self.env_generator)
+        self.adapt_params = list(self.agent.adapt_parameters())
+        self.warp_params = list(self.agent.warp_parameters())
+        self.adapt_optimizer = torch.optim.Adam(self.adapt_params, lr=config.learning_rate)
+        self.warp_optimizer = (
+            torch.optim.Adam(self.warp_params, lr=config.meta_learning_rate)
+            if self.warp_params
+            else None
+        )
+        self.warp_accum = [torch.zeros_like(p) for p in self.warp_params]
+        self.warp_count = 0
+        self.episode = 0
+        self.meta_updates = 0
+        self.random_reward: float | None = None
+
+    def _make_env(self, generator: torch.Generator) -> Maze:
+        c = self.config
+        return Maze(
+            batch_size=c.batch_size,
+            size=c.maze_size,
+            reward=c.reward,
+            wall_penalty=c.wall_penalty,
+            episode_length=c.episode_length,
+            generator=generator,
+            dtype=_DTYPES[c.dtype],
+            device=self.device,
+        )
+
+    def rollout(self) -> Rollout:
+        """Play one episode in every maze with actions sampled from the agent's policy."""
+        obs = self.env.reset()
+        state = self.agent.initial_state(self.config.batch_size)
+        log_probs, values, probs, rewards = [], [], [], []
+        done = False
+        while not done:
+            out = self.agent(obs, state)
+            state = out.state
+            p = torch.softmax(out.logits, dim=1)
+            action = torch.multinomial(p.detach(), 1, generator=self.action_generator)
+            log_probs.append(torch.log_softmax(out.logits, dim=1).gather(1, action).squeeze(1))
+            values.append(out.value)
+            probs.append(p)
+            step = self.env.step(action.squeeze(1))
+            rewards.append(step.reward)
+            obs, done = step.obs, step.done
+        return Rollout(
+            log_probs=torch.stack(log_probs),
+            values=torch.stack(values),
+            probs=torch.stack(probs),
+            rewards=torch.stack(rewards),
+        )
+
+    def measure_random_policy(self) -> float:
+        """Mean episode reward of a uniformly random policy, on mazes of this run's size.
+
+        Uses its own random streams (seeded from the config), so it does not change the
+        training run. The result is stored in ``self.random_reward``.
+        """
+        c = self.config
+        env_gen = torch.Generator(self.device).manual_seed(c.seed + 3)
+        act_gen = torch.Generator(self.device).manual_seed(c.seed + 4)
+        env = self._make_env(env_gen)
+        total = 0.0
+        for _ in range(c.random_episodes):
+            env.reset()
+            done = False
+            while not done:
+                action = torch.randint(
+                    NUM_ACTIONS, (c.batch_size,), generator=act_gen, device=self.device
+                )
+                step = env.step(action)
+                total += float(step.reward.sum())
+                done = step.done
+        self.random_reward = total / (c.random_episodes * c.batch_size)
+        return self.random_reward
+
+    def train_episode(self) -> EpisodeResult:
+        """One episode: rollout, A2C loss, adaptable update, warp accumulation/update."""
+        c = self.config
+        rollout = self.rollout()
+        loss = a2c_loss(
+            rollout,
+            discount=c.discount,
+            value_coef=c.value_coef,
+            concentration=c.concentration,
+        )
+        self.adapt_optimizer.zero_grad(set_to_none=True)
+        for p in self.warp_params:
+            p.grad = None
+        loss.total.backward()
+
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.adapt_params, c.grad_clip)
+        self.adapt_optimizer.step()
+        self.adapt_optimizer.zero_grad(set_to_none=True)
+
+        meta_updated = False
+        if self.warp_params:
+            if self.episode >= c.burn_in:
+                self._accumulate_warp_grads()
+                if self.warp_count == c.meta_update_ival:
+                    self._warp_step()
+                    meta_updated = True
+            # Burn-in (and every episode): never leave warp gradients lying in .grad, so that
+            # nothing but the accumulator carries them from one episode to the next.
+            for p in self.warp_params:
+                p.grad = None
+
+        result = EpisodeResult(
+            episode=self.episode,
+            mean_reward=float(rollout.rewards.sum(0).mean()),
+            loss=float(loss.total.detach()),
+            adapt_grad_norm=float(grad_norm),
+            meta_updated=meta_updated,
+        )
+        self.episode += 1
+        return result
+
+    def _accumulate_warp_grads(self) -> None:
+        with torch.no_grad():
+            for acc, p in zip(self.warp_accum, self.warp_params, strict=True):
+                if p.grad is not None:
+                    acc.add_(p.grad)
+        self.warp_count += 1
+
+    def _warp_step(self) -> None:
+        assert self.warp_optimizer is not None
+        for acc, p in zip(self.warp_accum, self.warp_params, strict=True):
+            p.grad = acc / self.warp_count
+        torch.nn.utils.clip_grad_norm_(self.warp_params, self.config.grad_clip)
+        self.warp_optimizer.step()
+        self.warp_optimizer.zero_grad(set_to_none=True)
+        for acc in self.warp_accum:
+            acc.zero_()
+        self.warp_count = 0
+        self.meta_updates += 1
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume bit-for-bit: parameters, optimizers, accumulators, RNGs."""
+        return {
+            "config": asdict(self.config),
+            "agent": self.agent.state_dict(),
+            "adapt_optimizer": self.adapt_optimizer.state_dict(),
+            "warp_optimizer": (
+                self.warp_optimizer.state_dict() if self.warp_optimizer is not None else {}
+            ),
+            "warp_accum": [acc.clone() for acc in self.warp_accum],
+            "warp_count": self.warp_count,
+            "episode": self.episode,
+            "meta_updates": self.meta_updates,
+            "env_rng": self.env_generator.get_state(),
+            "action_rng": self.action_generator.get_state(),
+            "random_reward": self.random_reward,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a ``state_dict``; the run's config must match the stored one.
+
+        Raises:
+            ValueError: if the stored config differs from this trainer's (other than
+                ``num_episodes``, which a resumed run may extend).
+        """
+        stored = dict(state["config"])
+        current = asdict(self.config)
+        stored.pop("num_episodes", None)
+        current.pop("num_episodes")
+        diff = {k: (stored.get(k), v) for k, v in current.items() if stored.get(k) != v}
+        if diff:
+            raise ValueError(
+                f"checkpoint was written with a different config {diff} (stored, requested); "
+                "resume with the same options or start a fresh run folder"
+            )
+        self.agent.load_state_dict(state["agent"])
+        self.adapt_optimizer.load_state_dict(state["adapt_optimizer"])
+        if self.warp_optimizer is not None:
+            self.warp_optimizer.load_state_dict(state["warp_optimizer"])
+        with torch.no_grad():
+            for acc, stored_acc in zip(self.warp_accum, state["warp_accum"], strict=True):
+                acc.copy_(stored_acc)
+        self.warp_count = int(state["warp_count"])
+        self.episode = int(state["episode"])
+        self.meta_updates = int(state["meta_updates"])
+        self.env_generator.set_state(state["env_rng"])
+        self.action_generator.set_state(state["action_rng"])
+        self.random_reward = state["random_reward"]
+
+
+def config_from_dict(values: dict[str, Any]) -> TrainConfig:
+    """Build a ``TrainConfig`` from a (stored) dict, ignoring unknown keys."""
+    names = {f.name for f in fields(TrainConfig)}
+    return TrainConfig(**{k: v for k, v in values.items() if k in names})
+
+
+def save_checkpoint(state: dict[str, Any], path: str | os.PathLike[str]) -> None:
+    """Write a state dict atomically: a temporary file in the same folder, then ``os.replace``.
+
+    A crash mid-write leaves the previous checkpoint intact.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp creates owner-only files; a checkpoint is shareable
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Load a checkpoint with ``torch.load(weights_only=True)`` onto the CPU."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def last_fraction_mean(values: list[float], fraction: float = 0.1) -> float:
+    """Mean of the last ``fraction`` of ``values`` (at least one element)."""
+    if not values:
+        raise ValueError("values is empty; train for at least one episode")
+    count = max(1, math.ceil(len(values) * fraction))
+    return sum(values[-count:]) / count
