@@ -86,6 +86,7 @@ class LeapLearner(MetaLearner):
         stabilizer: bool = True,
         bn_mode: BatchNormMode | str = BatchNormMode.BATCH,
         inner_grad_clip: float | None = None,
+        on_nonfinite: str = "raise",
     ) -> None:
         """Builds the learner.
 
@@ -108,6 +109,9 @@ class LeapLearner(MetaLearner):
             bn_mode: BatchNorm statistics mode (``metazoo.BatchNormMode``).
             inner_grad_clip: clip the global norm of each inner gradient before the inner
                 step; the Leap increment uses the unclipped loss gradient.
+            on_nonfinite: ``"raise"`` (default) stops with ``metazoo.NonFiniteError`` naming the
+                task and inner step of the first NaN/inf loss; ``"skip"`` leaves such tasks out of
+                the meta-gradient and the means and counts them in ``skipped_tasks``.
         """
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -151,8 +155,10 @@ class LeapLearner(MetaLearner):
             raise ValueError(f"LeapLearner needs every trainable parameter to share one dtype "
                              f"and device, got {sorted(map(str, kinds))}; convert the model "
                              f"with model.to(dtype, device)")
+        self.on_nonfinite = metazoo.check_on_nonfinite(on_nonfinite)
         self.model = model
-        self.criterion = criterion
+        # Labels outside the model's classes fail with a message instead of torch's IndexError.
+        self.criterion = metazoo.CheckedCriterion(criterion)
         self.inner_optimizer = inner_optimizer
         self.inner_steps = _check_steps("inner_steps", inner_steps)
         self.eval_inner_steps = _check_steps(
@@ -161,7 +167,7 @@ class LeapLearner(MetaLearner):
         self.bn_mode = bn_mode
         self.inner_grad_clip = inner_grad_clip
         self._adapted_names = list(trainable)
-        self._loss_fn = metazoo.make_loss_fn(model, criterion, bn_mode=bn_mode)
+        self._loss_fn = metazoo.make_loss_fn(model, self.criterion, bn_mode=bn_mode)
         self.meta_optimizer = self._build_meta_optimizer(meta_optimizer,
                                                          list(trainable.values()))
 
@@ -213,16 +219,26 @@ class LeapLearner(MetaLearner):
         start = time.perf_counter()
         total: Tensor | None = None
         per_task = []
-        for task in tasks:
+        for index, task in enumerate(tasks):
             run = self._run(task, self.inner_steps, meta=True)
             assert run.meta_grad is not None
+            loss, acc = self._score(run, task)
+            fault = metazoo.task_fault(index, run.losses, loss)
+            if fault is not None:
+                if self.on_nonfinite == "raise":
+                    raise fault
+                continue
             total = run.meta_grad if total is None else total.add_(run.meta_grad)
-            per_task.append((*self._score(run, task), run.losses))
-        assert total is not None
-        add_to_grad(list(self.meta_parameters()), total.div_(len(tasks)))
-        meta_loss, acc, curve = metazoo.mean_results(per_task)
-        return MetaStepResult(meta_loss, curve[-1], acc, curve, len(tasks),
-                              time.perf_counter() - start)
+            per_task.append((loss, acc, run.losses))
+        skipped = len(tasks) - len(per_task)
+        if total is None:
+            nan = float("nan")
+            return MetaStepResult(nan, nan, None, (), len(tasks), time.perf_counter() - start,
+                                  skipped)
+        add_to_grad(list(self.meta_parameters()), total.div_(len(per_task)))
+        meta_loss, acc_mean, curve = metazoo.mean_results(per_task)
+        return MetaStepResult(meta_loss, curve[-1], acc_mean, curve, len(tasks),
+                              time.perf_counter() - start, skipped)
 
     def evaluate(self, tasks: Sequence[Task], *, steps: int | None = None) -> EvalResult:
         """Adapts to each task and scores its query set; the initialisation is unchanged."""

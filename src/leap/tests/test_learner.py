@@ -261,3 +261,78 @@ def test_tied_weights_work_in_the_reference_api_and_are_refused_by_the_learner(h
                                model[0].weight.detach() - net[0].weight.detach())
     with pytest.raises(ValueError, match="tied parameters"):
         learner(model)
+
+
+# -- faults, bad input, determinism -------------------------------------------------------------
+
+def _classifier(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+
+
+def _class_tasks(count=3, seed=1, poison=None):
+    """``count`` 3-way tasks of 3 support batches; ``poison=(task, batch)`` puts a NaN input in
+    that support batch (``batch=None``: in the query)."""
+    g = torch.Generator().manual_seed(seed)
+    tasks = []
+    for t in range(count):
+        batches = [(torch.randn(6, 4, generator=g, dtype=torch.float64), torch.arange(6) % 3)
+                   for _ in range(4)]
+        if poison is not None and poison[0] == t:
+            batches[3 if poison[1] is None else poison[1]][0][2, 1] = float("nan")
+        tasks.append(metazoo.Task(batches[:3], batches[3]))
+    return tasks
+
+
+@pytest.mark.parametrize(("batch", "where", "first"), [(1, "inner", 1), (None, "query", None)])
+def test_nonfinite_loss_raises_with_task_and_step_and_leaves_the_init(batch, where, first):
+    ours = learner(_classifier(), criterion=nn.functional.cross_entropy)
+    before = [p.detach().clone() for p in ours.meta_parameters()]
+    with pytest.raises(metazoo.NonFiniteError, match="task 1 of the meta-batch") as info:
+        ours.meta_step(_class_tasks(poison=(1, batch)))
+    assert (info.value.task, info.value.where, info.value.inner_step) == (1, where, first)
+    assert all(torch.equal(p, b) for p, b in zip(ours.meta_parameters(), before, strict=True))
+    assert not ours.meta_optimizer.state
+
+
+def test_skip_mode_drops_the_task_from_the_mean_exactly():
+    good = _class_tasks()
+    skipping = learner(_classifier(), criterion=nn.functional.cross_entropy,
+                       on_nonfinite="skip")
+    reference = learner(_classifier(), criterion=nn.functional.cross_entropy)
+    result = skipping.meta_step(_class_tasks(poison=(1, 0)))
+    expected = reference.meta_step([good[0], good[2]])
+    assert (result.skipped_tasks, result.num_tasks) == (1, 3)
+    assert result.meta_loss == pytest.approx(expected.meta_loss, rel=1e-12)
+    for p, q in zip(skipping.meta_parameters(), reference.meta_parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
+    with pytest.raises(ValueError, match="on_nonfinite must be one of"):
+        learner(_classifier(), on_nonfinite=True)
+
+
+def test_labels_outside_the_models_classes_fail_clearly():
+    ours = learner(_classifier(), criterion=nn.functional.cross_entropy)
+    task = _class_tasks(1)[0]
+    bad = metazoo.Task([(x, y + 1) for x, y in task.support], task.query)
+    with pytest.raises(ValueError, match=r"label 3 but the model outputs 3 classes"):
+        ours.meta_step([bad])
+
+
+def test_same_seed_twice_is_bitwise_identical():
+    def run():
+        ours = learner(_classifier(seed=4), criterion=nn.functional.cross_entropy)
+        results = [ours.meta_step(_class_tasks(seed=s)) for s in (7, 8)]
+        return ([(r.meta_loss, r.inner_losses, r.accuracy) for r in results],
+                [p.detach().clone() for p in ours.meta_parameters()])
+
+    (a_results, a_params), (b_results, b_params) = run(), run()
+    assert a_results == b_results
+    assert all(torch.equal(a, b) for a, b in zip(a_params, b_params, strict=True))
+
+
+def test_checkpoint_of_another_model_names_the_keys():
+    state = learner(_classifier(), criterion=nn.functional.cross_entropy).state_dict()
+    other = learner(nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3), nn.Linear(3, 2)
+                                  ).double())
+    with pytest.raises(ValueError, match=r"missing \['3.weight', '3.bias'\]"):
+        other.load_state_dict(state)

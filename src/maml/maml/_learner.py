@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Collection, Iterable, Sequence
 from typing import Any
 
@@ -27,7 +28,8 @@ def check_criterion(criterion: Any) -> Criterion:
     if not callable(criterion):
         raise ValueError(f"criterion must be callable as criterion(output, target) -> scalar "
                          f"loss (e.g. torch.nn.functional.mse_loss), got {criterion!r}")
-    return criterion
+    # Labels outside the model's classes then fail with a message instead of torch's IndexError.
+    return metazoo.CheckedCriterion(criterion)
 
 
 def check_steps(name: str, value: Any) -> int:
@@ -149,3 +151,53 @@ def add_grad(param: Tensor, grad: Tensor) -> None:
         param.grad = grad.detach().clone()
     else:
         param.grad.add_(grad.detach())
+
+
+class TaskGradients:
+    """Collects one meta-batch's gradients so that skipped tasks leave the mean exact.
+
+    Gradients already in ``.grad`` are set aside on entry; each kept task adds its gradient of
+    ``objective / len(tasks)``; on ``finish`` the batch's sum is rescaled to the mean over the
+    kept tasks and the set-aside gradients are added back (``backward`` accumulation).
+    """
+
+    def __init__(self, params: Iterable[Tensor], num_tasks: int, on_nonfinite: str) -> None:
+        self.params = list(params)
+        self.num_tasks = num_tasks
+        self.on_nonfinite = on_nonfinite
+        self.skipped = 0
+        self._saved = [p.grad for p in self.params]
+        for p in self.params:
+            p.grad = None
+
+    def keep(self, index: int, inner_losses: Tensor, objective: Tensor | None) -> bool:
+        """Whether task ``index`` is finite; raises ``metazoo.NonFiniteError`` in raise mode."""
+        fault = metazoo.task_fault(index, inner_losses, objective)
+        if fault is None:
+            return True
+        if self.on_nonfinite == "raise":
+            self.finish()
+            raise fault
+        self.skipped += 1
+        return False
+
+    def finish(self) -> None:
+        kept = self.num_tasks - self.skipped
+        for p, saved in zip(self.params, self._saved, strict=True):
+            if p.grad is not None and 0 < kept < self.num_tasks:
+                p.grad.mul_(self.num_tasks / kept)
+            if saved is not None:
+                p.grad = saved if p.grad is None else saved.add_(p.grad)
+        self._saved = []
+
+
+def summarize(per_task: Sequence[tuple[Tensor, Tensor | None, Tensor]], num_tasks: int,
+              skipped: int, start: float) -> metazoo.MetaStepResult:
+    """Means over the kept tasks (NaN when every task was skipped)."""
+    if not per_task:
+        nan = float("nan")
+        return metazoo.MetaStepResult(nan, nan, None, (), num_tasks,
+                                      time.perf_counter() - start, skipped)
+    meta_loss, acc, curve = metazoo.mean_results(per_task)
+    return metazoo.MetaStepResult(meta_loss, curve[-1], acc, curve, num_tasks,
+                                  time.perf_counter() - start, skipped)

@@ -32,6 +32,7 @@ import metazoo
 from maml._learner import (
     Criterion,
     MetaOptimizerFactory,
+    TaskGradients,
     add_grad,
     build_meta_optimizer,
     check_bn_mode,
@@ -43,6 +44,7 @@ from maml._learner import (
     check_tasks,
     evaluate_tasks,
     score_query,
+    summarize,
 )
 from metazoo import Adapted, EvalResult, MetaLearner, MetaStepResult, Task
 
@@ -115,6 +117,7 @@ class iMAML(MetaLearner):
         meta_optimizer: MetaOptimizerFactory | None = None,
         bn_mode: metazoo.BatchNormMode | str = metazoo.BatchNormMode.BATCH,
         inner_grad_clip: float | None = None,
+        on_nonfinite: str = "raise",
     ) -> None:
         """Builds the learner.
 
@@ -133,6 +136,9 @@ class iMAML(MetaLearner):
                 ``torch.optim.Adam(params, lr=1e-3)``).
             bn_mode: ``"batch"`` or ``"running"`` (see ``metazoo.BatchNormMode``).
             inner_grad_clip: clip the global norm of each inner gradient.
+            on_nonfinite: ``"raise"`` (default) stops with ``metazoo.NonFiniteError`` naming the
+                task and inner step of the first NaN/inf loss; ``"skip"`` leaves such tasks out of
+                the meta-gradient and the means and counts them in ``skipped_tasks``.
         """
         self.model = check_module(model)
         self.criterion = check_criterion(criterion)
@@ -151,6 +157,7 @@ class iMAML(MetaLearner):
             "eval_inner_steps", inner_steps if eval_inner_steps is None else eval_inner_steps)
         self.bn_mode = check_bn_mode(bn_mode)
         self.inner_grad_clip = check_optional_positive("inner_grad_clip", inner_grad_clip)
+        self.on_nonfinite = metazoo.check_on_nonfinite(on_nonfinite)
         self.meta_optimizer = build_meta_optimizer(meta_optimizer, list(self.meta_parameters()),
                                                    _default_meta_optimizer)
 
@@ -228,16 +235,20 @@ class iMAML(MetaLearner):
         """Accumulates the mean implicit meta-gradient over ``tasks`` into ``.grad``."""
         check_tasks(tasks)
         start = time.perf_counter()
+        collected = TaskGradients(self.model.parameters(), len(tasks), self.on_nonfinite)
         per_task = []
-        for task in tasks:
+        for index, task in enumerate(tasks):
             result = self._unroll(task, self.inner_steps)
+            if not collected.keep(index, result.losses, None):
+                continue
             grads, loss, acc = self.implicit_gradient(task, result.params, result.buffers)
+            if not collected.keep(index, result.losses, loss):
+                continue
             for p, g in zip(self.model.parameters(), grads, strict=True):
                 add_grad(p, g / len(tasks))
             per_task.append((loss, acc, result.losses))
-        meta_loss, acc, curve = metazoo.mean_results(per_task)
-        return MetaStepResult(meta_loss, curve[-1], acc, curve, len(tasks),
-                              time.perf_counter() - start)
+        collected.finish()
+        return summarize(per_task, len(tasks), collected.skipped, start)
 
     def evaluate(self, tasks: Sequence[Task], *, steps: int | None = None) -> EvalResult:
         """Adapts to each task (proximal inner problem) and scores its query set."""

@@ -39,6 +39,7 @@ from maml._learner import (
     Criterion,
     MetaOptimizerFactory,
     NamePredicate,
+    TaskGradients,
     build_meta_optimizer,
     check_bn_mode,
     check_criterion,
@@ -50,6 +51,7 @@ from maml._learner import (
     evaluate_tasks,
     name_predicate,
     score_query,
+    summarize,
 )
 from metazoo import Adapted, EvalResult, MetaLearner, MetaStepResult, Task
 
@@ -116,6 +118,7 @@ class MAML(MetaLearner):
         checkpoint: int | bool | None = None,
         inner_grad_clip: float | None = None,
         backward_grad_clip: float | None = None,
+        on_nonfinite: str = "raise",
     ) -> None:
         """Builds the learner.
 
@@ -149,6 +152,9 @@ class MAML(MetaLearner):
             inner_grad_clip: clip the global norm of each inner gradient.
             backward_grad_clip: clip the global norm of the gradient flowing back through each
                 inner step during the meta-backward pass.
+            on_nonfinite: ``"raise"`` (default) stops with ``metazoo.NonFiniteError`` naming the
+                task and inner step of the first NaN/inf loss; ``"skip"`` leaves such tasks out of
+                the meta-gradient and the means and counts them in ``skipped_tasks``.
         """
         self.model = check_module(model)
         self.criterion = check_criterion(criterion)
@@ -167,6 +173,7 @@ class MAML(MetaLearner):
         self.inner_grad_clip = check_optional_positive("inner_grad_clip", inner_grad_clip)
         self.backward_grad_clip = check_optional_positive("backward_grad_clip",
                                                           backward_grad_clip)
+        self.on_nonfinite = metazoo.check_on_nonfinite(on_nonfinite)
 
         names = [n for n, _ in model.named_parameters()]
         self._frozen = name_predicate("frozen", frozen, names)
@@ -351,14 +358,16 @@ class MAML(MetaLearner):
         """
         check_tasks(tasks)
         start = time.perf_counter()
+        grads = TaskGradients(self.meta_parameters(), len(tasks), self.on_nonfinite)
         per_task = []
-        for task in tasks:
+        for index, task in enumerate(tasks):
             objective, loss, acc, inner_losses = self._task_objective(task)
-            (objective / len(tasks)).backward()
-            per_task.append((loss.detach(), acc, inner_losses))
-        meta_loss, acc, curve = metazoo.mean_results(per_task)
-        return MetaStepResult(meta_loss, curve[-1], acc, curve, len(tasks),
-                              time.perf_counter() - start)
+            # Checked before backward: a non-finite task never reaches .grad.
+            if grads.keep(index, inner_losses, objective):
+                (objective / len(tasks)).backward()
+                per_task.append((loss.detach(), acc, inner_losses))
+        grads.finish()
+        return summarize(per_task, len(tasks), grads.skipped, start)
 
     def evaluate(self, tasks: Sequence[Task], *, steps: int | None = None) -> EvalResult:
         """Adapts to each task and scores its query set; meta-parameters are left unchanged.

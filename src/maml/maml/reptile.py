@@ -24,6 +24,7 @@ import metazoo
 from maml._learner import (
     Criterion,
     MetaOptimizerFactory,
+    TaskGradients,
     add_grad,
     build_meta_optimizer,
     check_bn_mode,
@@ -35,6 +36,7 @@ from maml._learner import (
     check_tasks,
     evaluate_tasks,
     score_query,
+    summarize,
 )
 from metazoo import Adapted, EvalResult, MetaLearner, MetaStepResult, Task
 
@@ -65,6 +67,7 @@ class Reptile(MetaLearner):
         meta_optimizer: MetaOptimizerFactory | None = None,
         bn_mode: metazoo.BatchNormMode | str = metazoo.BatchNormMode.BATCH,
         inner_grad_clip: float | None = None,
+        on_nonfinite: str = "raise",
     ) -> None:
         """Builds the learner.
 
@@ -78,6 +81,9 @@ class Reptile(MetaLearner):
                 ``torch.optim.SGD(params, lr=0.1)``: classic Reptile with step size 0.1).
             bn_mode: ``"batch"`` or ``"running"`` (see ``metazoo.BatchNormMode``).
             inner_grad_clip: clip the global norm of each inner gradient.
+            on_nonfinite: ``"raise"`` (default) stops with ``metazoo.NonFiniteError`` naming the
+                task and inner step of the first NaN/inf loss; ``"skip"`` leaves such tasks out of
+                the meta-gradient and the means and counts them in ``skipped_tasks``.
         """
         self.model = check_module(model)
         self.criterion = check_criterion(criterion)
@@ -88,6 +94,7 @@ class Reptile(MetaLearner):
             "eval_inner_steps", inner_steps if eval_inner_steps is None else eval_inner_steps)
         self.bn_mode = check_bn_mode(bn_mode)
         self.inner_grad_clip = check_optional_positive("inner_grad_clip", inner_grad_clip)
+        self.on_nonfinite = metazoo.check_on_nonfinite(on_nonfinite)
         self.meta_optimizer = build_meta_optimizer(meta_optimizer, list(self.meta_parameters()),
                                                    _default_meta_optimizer)
 
@@ -110,18 +117,21 @@ class Reptile(MetaLearner):
         """Accumulates ``mean_T (theta - phi_T)`` into ``.grad``; reports the query loss."""
         check_tasks(tasks)
         start = time.perf_counter()
+        collected = TaskGradients(self.model.parameters(), len(tasks), self.on_nonfinite)
         per_task = []
-        for task in tasks:
+        for index, task in enumerate(tasks):
             result = self._unroll(task, self.inner_steps)
             with torch.no_grad():
-                for name, p in self.model.named_parameters():
-                    add_grad(p, (p - result.params[name]) / len(tasks))
                 loss, acc = score_query(self.model, self.criterion, result.params,
                                         result.buffers, task.query, self.bn_mode)
+                # Reptile's step does not use the query loss, but a NaN there is still a fault.
+                if not collected.keep(index, result.losses, loss):
+                    continue
+                for name, p in self.model.named_parameters():
+                    add_grad(p, (p - result.params[name]) / len(tasks))
             per_task.append((loss, acc, result.losses))
-        meta_loss, acc, curve = metazoo.mean_results(per_task)
-        return MetaStepResult(meta_loss, curve[-1], acc, curve, len(tasks),
-                              time.perf_counter() - start)
+        collected.finish()
+        return summarize(per_task, len(tasks), collected.skipped, start)
 
     def evaluate(self, tasks: Sequence[Task], *, steps: int | None = None) -> EvalResult:
         """Adapts to each task and scores its query set; the model is left unchanged."""

@@ -109,3 +109,99 @@ def test_bad_cli_values_raise(tmp_path):
     with pytest.raises(ValueError, match="hidden_size"):
         run.main(["--hs", "0", "--out", str(tmp_path)])
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_run_killed_with_sigkill_resumes_to_the_same_log(tmp_path):
+    """A real process is SIGKILLed mid-run (after a checkpoint, with episodes logged past it)
+    and resumed: its per-episode log equals that of an uninterrupted run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    script = Path(run.__file__).resolve()
+    args = [*TINY, "--agent", "warp", "--nbiter", "30", "--save_every", "5", "--threads", "1"]
+    killed = tmp_path / "killed"
+    command = [sys.executable, str(script), *args, "--out", str(killed)]
+    env = {**os.environ, "PYTHONWARNINGS": "error"}
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    try:
+        deadline = time.monotonic() + 60
+        while len(read_csv(killed / "rewards.csv")) < 12 if (killed / "rewards.csv").exists() \
+                else True:
+            assert proc.poll() is None, proc.stderr.read().decode()
+            assert time.monotonic() < deadline, "the run logged too slowly"
+            time.sleep(0.005)
+        assert proc.poll() is None, "the run finished before it could be killed"
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait(timeout=30) == -signal.SIGKILL
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stderr.close()
+    logged = read_csv(killed / "rewards.csv")
+    checkpoint = torch.load(killed / "checkpoint.pt", weights_only=True)
+    assert 12 <= len(logged) < 30 and checkpoint["episode"] % 5 == 0
+    assert checkpoint["episode"] <= len(logged)
+    run.main([*args, "--out", str(killed), "--resume"])  # the same argument list
+    straight = tmp_path / "straight"
+    run.main([*args, "--out", str(straight)])
+    rows = read_csv(killed / "rewards.csv")
+    assert [int(r["episode"]) for r in rows] == list(range(30))
+    assert rows == read_csv(straight / "rewards.csv")
+    a = json.loads((killed / "summary.json").read_text())
+    b = json.loads((straight / "summary.json").read_text())
+    assert (a["last_10pct_reward"], a["meta_updates"]) == (b["last_10pct_reward"],
+                                                          b["meta_updates"])
+
+
+class _Payload:
+    """An object whose unpickling would run code (here: create a marker file)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_tampered_checkpoint_is_refused_without_running_code(tmp_path):
+    import pickle
+
+    out = tmp_path / "r"
+    run.main([*TINY, "--agent", "lstm", "--nbiter", "2", "--out", str(out)])
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    marker = tmp_path / "pwned"
+    state["random_reward"] = _Payload(str(marker))
+    torch.save(state, out / "checkpoint.pt")
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+        run.main([*TINY, "--agent", "lstm", "--nbiter", "4", "--out", str(out), "--resume"])
+    assert not marker.exists()
+
+
+def test_a_failed_checkpoint_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    out = tmp_path / "r"
+    run.main([*TINY, "--agent", "lstm", "--nbiter", "2", "--out", str(out)])
+    before = (out / "checkpoint.pt").read_bytes()
+    real_save = torch.save
+
+    def failing_save(obj, f, *args, **kwargs):
+        real_save(obj, f, *args, **kwargs)  # the bytes are written, then the "disk" fails
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    with pytest.raises(OSError, match="No space left"):
+        run.main([*TINY, "--agent", "lstm", "--nbiter", "4", "--out", str(out), "--resume"])
+    monkeypatch.undo()
+    assert (out / "checkpoint.pt").read_bytes() == before
+    # No temporary file is left behind.
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "rewards.csv",
+                                                     "summary.json"]
+    resumed = run.main([*TINY, "--agent", "lstm", "--nbiter", "4", "--out", str(out),
+                        "--resume"])
+    assert resumed["episodes"] == 4
+    run.main([*TINY, "--agent", "lstm", "--nbiter", "4", "--out", str(tmp_path / "straight")])
+    assert read_csv(out / "rewards.csv") == read_csv(tmp_path / "straight" / "rewards.csv")

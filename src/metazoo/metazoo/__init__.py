@@ -6,6 +6,13 @@ Pure functional models (``forward``, ``params_of``), differentiable inner optimi
 """
 
 from metazoo import distributed
+from metazoo.faults import (
+    CheckedCriterion,
+    NonFiniteError,
+    all_finite,
+    check_on_nonfinite,
+    task_fault,
+)
 from metazoo.functional import (
     BatchNormMode,
     Buffers,
@@ -40,17 +47,21 @@ __all__ = [
     "Batch",
     "BatchNormMode",
     "Buffers",
+    "CheckedCriterion",
     "EvalResult",
     "InnerOptimizer",
     "LossFn",
     "MetaLearner",
     "MetaStepResult",
+    "NonFiniteError",
     "OptState",
     "Params",
     "RMSprop",
     "Task",
     "UnrollResult",
     "accuracy",
+    "all_finite",
+    "check_on_nonfinite",
     "check_params",
     "clip_grad_norm",
     "distributed",
@@ -61,5 +72,6 @@ __all__ = [
     "params_of",
     "safe_sqrt",
     "split_params",
+    "task_fault",
     "unroll",
 ]

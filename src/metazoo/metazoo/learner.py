@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from metazoo.faults import NonFiniteError, all_finite
 from metazoo.functional import Buffers, Params
 
 Batch = tuple[Tensor, Tensor]
@@ -94,6 +95,8 @@ class MetaStepResult:
         inner_losses: mean support loss before each inner step (the training curve).
         num_tasks: tasks in the meta-batch.
         seconds: wall-clock time of the meta-step.
+        skipped_tasks: tasks left out of the means and the meta-gradient because a loss was
+            non-finite (learners built with ``on_nonfinite="skip"``).
     """
 
     meta_loss: float
@@ -102,6 +105,7 @@ class MetaStepResult:
     inner_losses: tuple[float, ...]
     num_tasks: int
     seconds: float
+    skipped_tasks: int = 0
 
 
 @dataclass(frozen=True)
@@ -187,6 +191,10 @@ class MetaLearner(ABC):
                 result then has ``num_tasks=0`` and NaN losses.
             grad_hook: optional callable run after ``meta_backward`` and before the optimizer
                 step, e.g. an all-reduce of ``.grad`` across processes.
+
+        Raises:
+            NonFiniteError: a meta-gradient holds NaN or inf (checked after ``grad_hook`` with
+                one fused reduction); the meta-parameters and optimizer state are unchanged.
         """
         if not tasks and grad_hook is None:
             raise ValueError("meta_step needs at least one task")
@@ -197,10 +205,15 @@ class MetaLearner(ABC):
                   else MetaStepResult(nan, nan, None, (), 0, 0.0))
         if grad_hook is not None:
             grad_hook(self)
+        named = [(n, p) for n, p in self.named_meta_parameters() if p.grad is not None]
+        if not all_finite([p.grad for _, p in named]):  # type: ignore[misc]
+            bad = [n for n, p in named if not bool(torch.isfinite(p.grad).all())]
+            self.meta_optimizer.zero_grad(set_to_none=True)
+            raise NonFiniteError(task=None, inner_step=None, where="meta_gradient", names=bad)
         self.meta_optimizer.step()
         return MetaStepResult(result.meta_loss, result.inner_loss, result.accuracy,
                               result.inner_losses, result.num_tasks,
-                              time.perf_counter() - start)
+                              time.perf_counter() - start, result.skipped_tasks)
 
     def state_dict(self) -> dict[str, Any]:
         """Model and meta-optimizer state; tensors and plain containers only."""

@@ -152,3 +152,44 @@ def test_errors_name_the_fix(tmp_path):
         ReplayBuffer(inmem=False, tmpdir=tmp_path / "missing")
     with pytest.raises(ValueError, match="out of range"):
         buffer.state("a", 0)
+
+
+class _Payload:
+    """An object whose unpickling would run code (here: create a marker file)."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_tampered_disk_file_is_refused_without_running_code(tmp_path):
+    import pickle
+
+    buffer = ReplayBuffer(inmem=False)
+    _fill(buffer, tasks=1, steps=2)
+    marker = tmp_path / "pwned"
+    name = sorted(f for f in os.listdir(buffer.tmpdir) if "terminal" not in f)[0]
+    torch.save({"step": 0, "params": _Payload(str(marker)), "momentum": None},
+               os.path.join(buffer.tmpdir, name))
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+        buffer.states("task0")
+    assert not marker.exists()
+    buffer.close()
+
+
+@pytest.mark.parametrize("inmem", [True, False])
+def test_discard_forgets_one_slot_and_its_files(inmem):
+    buffer = ReplayBuffer(inmem=inmem)
+    _fill(buffer, tasks=2, steps=3)
+    buffer.discard("task0")
+    assert buffer.slots() == ["task1"] and len(buffer) == 3
+    if not inmem:
+        assert sorted(os.listdir(buffer.tmpdir)) == sorted(
+            f for f in os.listdir(buffer.tmpdir) if f.startswith("task1"))
+        assert len(os.listdir(buffer.tmpdir)) == 4
+    with pytest.raises(ValueError, match="slot 'task0' is not in the buffer"):
+        buffer.discard("task0")
+    buffer.init("task0", [1])  # the name is free again
+    buffer.close()

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from metazoo import MetaLearner, Task
+from metazoo import MetaLearner, NonFiniteError, Task
 from warpgrad import DualUpdater, OnlineUpdater, OptimizerParameters, Warp, WarpGrad
 
 
@@ -121,3 +121,84 @@ def test_state_dict_round_trip_and_validation(make_model, make_tasks):
         WarpGrad(online, inner_steps=1)
     with pytest.raises(ValueError, match="inner_steps=0"):
         WarpGrad(learner.warp, inner_steps=0)
+
+
+# -- faults and determinism ---------------------------------------------------------------------
+
+def _poisoned(tasks, task, batch):
+    """A NaN input in support batch ``batch`` of ``tasks[task]`` (``None``: in its query)."""
+    support = [(x.clone(), y) for x, y in tasks[task].support]
+    query = (tasks[task].query[0].clone(), tasks[task].query[1])
+    (query[0] if batch is None else support[batch][0])[2, 1] = float("nan")
+    return [*tasks[:task], Task(support, query), *tasks[task + 1:]]
+
+
+def _with_steps(model, on_nonfinite="raise"):
+    learner = _learner(model)
+    return WarpGrad(learner.warp, inner_steps=3, on_nonfinite=on_nonfinite,
+                    meta_optimizer=lambda p: torch.optim.SGD(p, lr=0.1))
+
+
+@pytest.mark.parametrize(("batch", "where", "first"), [(1, "inner", 1), (None, "query", None)])
+def test_nonfinite_loss_raises_with_task_and_step_and_leaves_parameters(
+        make_model, make_tasks, batch, where, first):
+    learner = _with_steps(make_model())
+    before = {n: p.detach().clone() for n, p in learner.named_meta_parameters()}
+    tasks = _poisoned(_tasks(make_tasks, num_tasks=3), 1, batch)
+    with pytest.raises(NonFiniteError, match="task 1 of the meta-batch") as info:
+        learner.meta_step(tasks)
+    assert (info.value.task, info.value.where, info.value.inner_step) == (1, where, first)
+    for n, p in learner.named_meta_parameters():
+        assert torch.equal(p, before[n]), n
+    assert len(learner.warp.buffer) == 0 and not learner.warp.buffer.slots()
+
+
+def test_skip_mode_drops_the_task_and_its_trajectory(make_model, make_tasks):
+    good = _tasks(make_tasks, num_tasks=3)
+    skipping = _with_steps(make_model(), on_nonfinite="skip")
+    reference = _with_steps(make_model())
+    result = skipping.meta_step(_poisoned(good, 1, 0))
+    expected = reference.meta_step([good[0], good[2]])
+    assert (result.skipped_tasks, result.num_tasks) == (1, 3)
+    assert result.meta_loss == pytest.approx(expected.meta_loss, rel=1e-12)
+    for (n, p), q in zip(skipping.named_meta_parameters(), reference.meta_parameters(),
+                         strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14, msg=n)
+    none = skipping.meta_step(_poisoned(good[:1], 0, 0))
+    assert none.skipped_tasks == 1 and none.meta_loss != none.meta_loss
+    with pytest.raises(ValueError, match="on_nonfinite must be one of"):
+        WarpGrad(skipping.warp, inner_steps=3, on_nonfinite="drop")
+
+
+def test_same_seed_twice_is_bitwise_identical(make_model, make_tasks):
+    def run():
+        learner = _with_steps(make_model(seed=3))
+        results = [learner.meta_step(_tasks(make_tasks, num_tasks=2)) for _ in range(2)]
+        return ([(r.meta_loss, r.inner_losses, r.accuracy) for r in results],
+                [p.detach().clone() for p in learner.meta_parameters()])
+
+    (a_results, a_params), (b_results, b_params) = run(), run()
+    assert a_results == b_results
+    assert all(torch.equal(a, b) for a, b in zip(a_params, b_params, strict=True))
+
+
+def test_bad_hyperparameters_and_labels_fail_clearly(make_model, make_tasks):
+    learner = _with_steps(make_model())
+    with pytest.raises(ValueError, match=r"meta_lr=-0.1 must be a positive number, e\.g\. 1e-3"):
+        WarpGrad(learner.warp, inner_steps=1, meta_lr=-0.1)
+    with pytest.raises(ValueError, match="inner_steps=True must be a positive integer"):
+        WarpGrad(learner.warp, inner_steps=True)
+    task = _tasks(make_tasks, num_tasks=1)[0]
+    bad = Task([(x, y + 1) for x, y in task.support], task.query)
+    with pytest.raises(ValueError, match=r"label 3 but the model outputs 3 classes"):
+        learner.meta_step([bad])
+    assert not learner.warp.buffer.slots()
+    with pytest.raises(ValueError, match=r"label -1 but the model outputs 3 classes"):
+        learner.evaluate([Task(task.support, (task.query[0], task.query[1] - 1))])
+
+
+def test_checkpoint_of_another_configuration_names_the_keys(make_model):
+    state = _learner(make_model()).state_dict()
+    other = _learner(make_model(batch_norm=False))
+    with pytest.raises(RuntimeError, match=r"bn\.running_mean"):
+        other.load_state_dict(state)

@@ -233,9 +233,17 @@ def test_partition_errors(make_model):
         Warp(model, [Linear(2, 2)], [model.warp1], updater)
     with pytest.raises(ValueError, match="hold no parameters"):
         Warp(model, [], [model.warp1], updater)
+    with pytest.raises(ValueError, match=r"parameters \['warp2.weight', 'warp2.bias', "
+                                         r"'head.weight', 'head.bias'\] are in neither "
+                                         r"adapt_modules nor warp_modules; add their layers"):
+        Warp(model, [model.fc1, model.fc2, model.bn], [model.warp1], updater)
+    frozen = make_model()
+    frozen.warp2.requires_grad_(False)  # fixed layers may stay out of both lists
+    assert "warp2.weight" not in dict(
+        Warp(frozen, frozen.adapt_modules(), [frozen.warp1], updater).named_meta_parameters())
     with pytest.raises(ValueError, match="updater"):
         Warp(model, [model.fc1], [model.warp1], object())
-    warp = Warp(model, [model.fc1], [model.warp1], updater)
+    warp = Warp(model, model.adapt_modules(), model.warp_modules(), updater)
     with pytest.raises(RuntimeError, match="register_task"):
         warp.collect()
     with pytest.raises(ValueError, match="re-iterable"):

@@ -261,6 +261,21 @@ class ReplayBuffer:
         self._states.clear()
         self._terminal.clear()
 
+    def discard(self, slot: str) -> None:
+        """Forgets one slot (its data, states and files), e.g. a task whose loss was not finite.
+
+        Raises:
+            ValueError: if ``slot`` is not in the buffer.
+        """
+        self._check_slot(slot)
+        entries = list(self._states.pop(slot))
+        terminal = self._terminal.pop(slot, None)
+        if not self.inmem:
+            for _, path in entries + ([terminal] if terminal is not None else []):
+                if os.path.exists(path):
+                    os.unlink(path)
+        del self._data[slot], self._seen[slot], self._candidates[slot]
+
     def close(self) -> None:
         """Clears the buffer and removes its temporary directory (disk mode)."""
         self.clear()

@@ -23,15 +23,18 @@ from torch import Tensor, nn
 from metazoo import (
     Adapted,
     BatchNormMode,
+    CheckedCriterion,
     EvalResult,
     MetaLearner,
     MetaStepResult,
     Params,
     Task,
     accuracy,
+    check_on_nonfinite,
     forward,
     initial_buffers,
     mean_results,
+    task_fault,
 )
 from warpgrad.updaters import DualUpdater
 from warpgrad.warp import Warp
@@ -51,20 +54,27 @@ class WarpGrad(MetaLearner):
             ``torch.optim.Adam(params, lr=meta_lr)``).
         meta_lr: learning rate of the default meta-optimizer.
         bn_mode: ``metazoo.BatchNormMode`` of adaptation and evaluation.
+        on_nonfinite: ``"raise"`` (default) stops with ``metazoo.NonFiniteError`` naming the task
+            and inner step of the first NaN/inf loss; ``"skip"`` drops such tasks' trajectories
+            from the replay buffer (out of the meta-gradient and the means) and counts them in
+            ``skipped_tasks``.
     """
 
     def __init__(self, warp: Warp, *, inner_steps: int,
                  meta_optimizer: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
-                 | None = None, meta_lr: float = 1e-3, bn_mode: str = "batch") -> None:
+                 | None = None, meta_lr: float = 1e-3, bn_mode: str = "batch",
+                 on_nonfinite: str = "raise") -> None:
         if not isinstance(warp, Warp):
             raise ValueError(f"warp must be a warpgrad.Warp, got {type(warp).__name__}")
         if not isinstance(warp.updater, DualUpdater):
             raise ValueError(f"warp.updater must be a DualUpdater for WarpGrad, got "
                              f"{type(warp.updater).__name__}")
-        if not isinstance(inner_steps, int) or inner_steps < 1:
-            raise ValueError(f"inner_steps={inner_steps!r} must be a positive integer")
-        if not meta_lr > 0:
-            raise ValueError(f"meta_lr={meta_lr!r} must be positive")
+        if isinstance(inner_steps, bool) or not isinstance(inner_steps, int) or inner_steps < 1:
+            raise ValueError(f"inner_steps={inner_steps!r} must be a positive integer; use at "
+                             "least one adaptation step")
+        if isinstance(meta_lr, bool) or not isinstance(meta_lr, (int, float)) or not meta_lr > 0:
+            raise ValueError(f"meta_lr={meta_lr!r} must be a positive number, e.g. 1e-3")
+        self.on_nonfinite = check_on_nonfinite(on_nonfinite)
         self.warp = warp
         self.updater: DualUpdater = warp.updater
         self.model = warp.model
@@ -79,7 +89,8 @@ class WarpGrad(MetaLearner):
         return self.warp.named_meta_parameters(include_init=True)
 
     def _adapt(self, task: Task, steps: int, slot: str | None) -> tuple[Adapted, Params]:
-        criterion = self.updater.criterion
+        # Labels outside the model's classes fail with a message instead of torch's IndexError.
+        criterion = CheckedCriterion(self.updater.criterion)
         ctx = self.warp.replay_context(criterion, bn_mode=self.bn_mode)
         fixed = {**ctx.static, **{n: w.detach() for n, w in ctx.warp.items()}}
         theta = {n: p.detach().clone() for n, p in self.warp.named_init_parameters()}
@@ -116,7 +127,7 @@ class WarpGrad(MetaLearner):
         with torch.no_grad():
             output, _ = forward(self.model, adapted.params, adapted.buffers, x,
                                 bn_mode=self.bn_mode, training=False)
-            return self.updater.criterion(output, y), accuracy(output, y)
+            return CheckedCriterion(self.updater.criterion)(output, y), accuracy(output, y)
 
     def meta_backward(self, tasks: Sequence[Task]) -> MetaStepResult:
         """Adapts to every task while recording, then accumulates all meta-gradients."""
@@ -127,18 +138,32 @@ class WarpGrad(MetaLearner):
                                "before driving it through the MetaLearner interface")
         per_task = []
         try:
-            for task in tasks:
+            for index, task in enumerate(tasks):
                 slot = uuid.uuid4().hex
                 buffer.init(slot, task.support)
                 adapted, _ = self._adapt(task, self.inner_steps, slot)
                 loss, acc = self._score(adapted, task)
-                per_task.append((loss, acc, torch.tensor(adapted.inner_losses, dtype=loss.dtype)))
-            self.updater.accumulate(self.warp)
+                inner = torch.tensor(adapted.inner_losses, dtype=loss.dtype)
+                fault = task_fault(index, inner, loss)
+                if fault is not None:
+                    if self.on_nonfinite == "raise":
+                        raise fault
+                    # A non-finite trajectory must not be replayed by the warp objective.
+                    buffer.discard(slot)
+                    continue
+                per_task.append((loss, acc, inner))
+            if per_task:
+                self.updater.accumulate(self.warp)
         finally:
             buffer.clear()
+        skipped = len(tasks) - len(per_task)
+        if not per_task:
+            nan = float("nan")
+            return MetaStepResult(nan, nan, None, (), len(tasks), time.perf_counter() - start,
+                                  skipped)
         meta_loss, acc, curve = mean_results(per_task)
         return MetaStepResult(meta_loss, curve[-1], acc, curve, len(tasks),
-                              time.perf_counter() - start)
+                              time.perf_counter() - start, skipped)
 
     def evaluate(self, tasks: Sequence[Task], *, steps: int | None = None) -> EvalResult:
         """Adapts to each task and scores its query batch; meta-parameters are unchanged."""

@@ -95,6 +95,14 @@ class Warp:
         if overlap:
             raise ValueError(f"parameters {overlap} are in both adapt_modules and warp_modules; "
                              "each layer is either adapted or a warp layer")
+        covered = set(self._adapt_names) | set(self._warp_names)
+        orphans = [n for n, p in model.named_parameters() if p.requires_grad and n not in covered]
+        if orphans:
+            # Such a parameter would be used but neither adapted nor meta-learned: almost always
+            # a layer left out of both lists.
+            raise ValueError(f"parameters {orphans} are in neither adapt_modules nor "
+                             "warp_modules; add their layers to one of them, or set "
+                             "requires_grad=False on them to keep them fixed")
         self.updater = updater
         self.buffer = buffer if buffer is not None else ReplayBuffer()
         self._optimizer_parameters = optimizer_parameters or OptimizerParameters()

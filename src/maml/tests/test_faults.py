@@ -1,0 +1,218 @@
+"""Faults shared by this package's learners (``_learner.TaskGradients``): NaN/inf losses stop
+with the task and inner step or skip the task exactly, bad labels and parameter dicts fail with
+clear messages, tampered checkpoints are refused, and runs are bitwise reproducible."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import metazoo
+from maml import MAML, Reptile, iMAML
+
+DTYPE = torch.float64
+
+LEARNERS = {
+    "maml": lambda m, **kw: MAML(model=m, criterion=F.cross_entropy, inner_steps=3,
+                                 inner_optimizer=metazoo.SGD(0.3), **kw),
+    "fomaml": lambda m, **kw: MAML(model=m, criterion=F.cross_entropy, inner_steps=3,
+                                   first_order=True, inner_optimizer=metazoo.SGD(0.3), **kw),
+    "imaml": lambda m, **kw: iMAML(model=m, criterion=F.cross_entropy, inner_steps=3,
+                                   cg_steps=2, inner_optimizer=metazoo.SGD(0.3), **kw),
+    "reptile": lambda m, **kw: Reptile(model=m, criterion=F.cross_entropy, inner_steps=3,
+                                       inner_optimizer=metazoo.SGD(0.3), **kw),
+}
+
+
+def model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).to(DTYPE)
+
+
+def tasks(count: int = 3, seed: int = 1) -> list[metazoo.Task]:
+    g = torch.Generator().manual_seed(seed)
+
+    def batch() -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.randn(6, 4, generator=g, dtype=DTYPE), torch.arange(6) % 3
+
+    return [metazoo.Task([batch() for _ in range(3)], batch()) for _ in range(count)]
+
+
+def poisoned(task: metazoo.Task, *, step: int | None, value: float = float("nan")
+             ) -> metazoo.Task:
+    """A copy of ``task`` with one input entry set to ``value`` in support batch ``step``
+    (``None``: in the query batch)."""
+    support = [(x.clone(), y) for x, y in task.support]
+    query = (task.query[0].clone(), task.query[1])
+    (query[0] if step is None else support[step][0])[2, 1] = value
+    return metazoo.Task(support, query)
+
+
+def snapshot(learner: metazoo.MetaLearner) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in learner.named_meta_parameters()}
+
+
+@pytest.mark.parametrize("name", list(LEARNERS))
+@pytest.mark.parametrize(("step", "value", "where", "first"), [
+    (1, float("nan"), "inner", 1),
+    # An infinite input saturates tanh: the loss at step 1 is finite but its gradient is
+    # 0 * inf = NaN, so the first non-finite loss is that of step 2.
+    (1, float("inf"), "inner", 2),
+    (None, float("nan"), "query", None)])
+def test_nonfinite_loss_raises_with_task_and_step_and_leaves_parameters(name, step, value,
+                                                                         where, first):
+    learner = LEARNERS[name](model())
+    batch = tasks()
+    batch[1] = poisoned(batch[1], step=step, value=value)
+    before = snapshot(learner)
+    with pytest.raises(metazoo.NonFiniteError, match="task 1 of the meta-batch") as info:
+        learner.meta_step(batch)
+    assert (info.value.task, info.value.where) == (1, where)
+    assert info.value.inner_step == first
+    if first is not None:
+        assert f"inner step {first}" in str(info.value)
+    assert "on_nonfinite='skip'" in str(info.value)
+    for n, p in learner.named_meta_parameters():
+        assert torch.equal(p, before[n]), n
+    assert not learner.meta_optimizer.state  # the optimizer never stepped
+    # The error names the meta-step once the experiment loop adds it, and survives pickling.
+    named = info.value.with_meta_step(17)
+    assert "meta-step 17" in str(named) and named.meta_step == 17
+    assert str(pickle.loads(pickle.dumps(named))) == str(named)
+
+
+@pytest.mark.parametrize("name", list(LEARNERS))
+def test_skip_mode_drops_the_task_from_the_mean_exactly(name):
+    good = tasks()
+    bad = [good[0], poisoned(good[1], step=1), good[2]]
+    skipping = LEARNERS[name](model(), on_nonfinite="skip")
+    reference = LEARNERS[name](model())
+    result = skipping.meta_step(bad)
+    expected = reference.meta_step([good[0], good[2]])
+    assert result.skipped_tasks == 1 and result.num_tasks == 3
+    assert expected.skipped_tasks == 0
+    assert result.meta_loss == pytest.approx(expected.meta_loss, rel=1e-12)
+    assert result.inner_losses == pytest.approx(expected.inner_losses, rel=1e-12)
+    for (n, p), q in zip(skipping.named_meta_parameters(), reference.meta_parameters(),
+                         strict=True):
+        assert torch.isfinite(p).all(), n
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
+
+
+def test_skip_mode_keeps_earlier_gradients_and_reports_an_all_skipped_batch():
+    learner = LEARNERS["maml"](model(), on_nonfinite="skip")
+    good = tasks()
+    # meta_backward accumulates into .grad like backward: what was there stays.
+    learner.meta_backward([good[0]])
+    first = [p.grad.clone() for p in learner.meta_parameters()]
+    result = learner.meta_backward([good[1], poisoned(good[2], step=0)])
+    solo = LEARNERS["maml"](model())
+    solo.meta_backward([good[1]])
+    for p, g, s in zip(learner.meta_parameters(), first, solo.meta_parameters(), strict=True):
+        torch.testing.assert_close(p.grad, g + s.grad, rtol=1e-12, atol=1e-14)
+    assert result.skipped_tasks == 1
+    before = snapshot(learner)
+    learner.meta_optimizer.zero_grad()
+    none = learner.meta_step([poisoned(good[0], step=0)])
+    assert none.skipped_tasks == 1 and none.accuracy is None
+    assert none.meta_loss != none.meta_loss  # NaN: nothing to average
+    for n, p in learner.named_meta_parameters():
+        assert torch.equal(p, before[n]), n
+
+
+def test_on_nonfinite_is_validated():
+    for build in LEARNERS.values():
+        with pytest.raises(ValueError, match=r"on_nonfinite must be one of \['raise', 'skip'\], "
+                                             r"got 'ignore'"):
+            build(model(), on_nonfinite="ignore")
+
+
+@pytest.mark.parametrize("name", list(LEARNERS))
+def test_labels_outside_the_models_classes_fail_clearly(name):
+    learner = LEARNERS[name](model())
+    task = tasks(1)[0]
+    x, y = task.support[0]
+    bad = metazoo.Task([(x, torch.where(y == 2, 3, y))], task.query)
+    with pytest.raises(ValueError, match=r"label 3 but the model outputs 3 classes \(valid "
+                                         r"labels 0..2\); relabel"):
+        learner.meta_step([bad])
+    negative = metazoo.Task(task.support, (task.query[0], task.query[1] - 1))
+    with pytest.raises(ValueError, match="label -1 but the model outputs 3 classes"):
+        learner.evaluate([negative])
+
+
+def test_inputs_that_do_not_fit_the_model_fail():
+    learner = LEARNERS["maml"](model())
+    task = tasks(1)[0]
+    wide = metazoo.Task([(torch.randn(6, 5, dtype=DTYPE), task.support[0][1])], task.query)
+    with pytest.raises(RuntimeError, match=r"shapes cannot be multiplied \(6x5 and 4x5\)"):
+        learner.meta_step([wide])
+
+
+def test_parameter_dicts_with_missing_or_extra_names_are_refused():
+    learner = LEARNERS["maml"](model())
+    adapted = learner.adapt(tasks(1)[0])
+    x = tasks(1)[0].query[0]
+    missing = {n: p for n, p in adapted.params.items() if n != "2.bias"}
+    with pytest.raises(ValueError, match=r"2\.bias"):
+        metazoo.forward(learner.model, missing, adapted.buffers, x)
+    extra = {**adapted.params, "3.weight": torch.zeros(2)}
+    with pytest.raises(ValueError, match=r"3\.weight"):
+        metazoo.forward(learner.model, extra, adapted.buffers, x)
+
+
+def test_checkpoint_of_another_configuration_names_the_keys():
+    learner = LEARNERS["maml"](model())
+    state = learner.state_dict()
+    wider = MAML(model=nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3),
+                                     nn.Linear(3, 3)).to(DTYPE), criterion=F.cross_entropy)
+    with pytest.raises(ValueError, match=r"missing \['3.weight', '3.bias'\]"):
+        wider.load_state_dict(state)
+    lslr = MAML(model=model(), criterion=F.cross_entropy, learn_inner_lr="per_tensor")
+    with pytest.raises(ValueError, match="learned inner learning rates"):
+        lslr.load_state_dict(state)
+
+
+class _Payload:
+    """An object whose unpickling would run code (here: create a marker file)."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_tampered_learner_checkpoint_is_refused_without_running_code(tmp_path):
+    learner = LEARNERS["maml"](model())
+    path, marker = tmp_path / "learner.pt", tmp_path / "pwned"
+    torch.save(learner.state_dict(), path)
+    learner.load_state_dict(torch.load(path, weights_only=True))
+    state = learner.state_dict()
+    state["extra"] = _Payload(str(marker))
+    torch.save(state, path)
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+        torch.load(path, weights_only=True)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("name", list(LEARNERS))
+def test_same_seed_twice_is_bitwise_identical(name):
+    def run() -> tuple[list[tuple], list[torch.Tensor]]:
+        learner = LEARNERS[name](model(seed=5))
+        results = []
+        for meta_step in range(2):
+            r = learner.meta_step(tasks(seed=10 + meta_step))
+            results.append((r.meta_loss, r.inner_loss, r.accuracy, r.inner_losses))
+        return results, [p.detach().clone() for p in learner.meta_parameters()]
+
+    first, second = run(), run()
+    assert first[0] == second[0]
+    for a, b in zip(first[1], second[1], strict=True):
+        assert torch.equal(a, b)
+    assert copy.deepcopy(first[0]) == second[0]

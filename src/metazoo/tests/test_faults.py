@@ -1,0 +1,101 @@
+"""metazoo.faults: task faults, the fused finiteness check guarding meta_step, and the
+criterion wrapper that explains targets which do not fit the model."""
+
+from collections.abc import Sequence
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+import metazoo
+
+
+class _GradWriter(metazoo.MetaLearner):
+    """Writes a given gradient, to test the guard in the shared meta_step."""
+
+    def __init__(self, grads: dict[str, torch.Tensor]) -> None:
+        torch.manual_seed(0)
+        self.model = nn.Linear(3, 2)
+        self.meta_optimizer = torch.optim.Adam(self.model.parameters(), lr=0.1)
+        self.grads = grads
+
+    def adapt(self, task, *, steps=None):
+        raise NotImplementedError
+
+    def meta_backward(self, tasks: Sequence[metazoo.Task]) -> metazoo.MetaStepResult:
+        for name, p in self.model.named_parameters():
+            p.grad = self.grads[name].clone()
+        return metazoo.MetaStepResult(0.0, 0.0, None, (0.0,), len(tasks), 0.0)
+
+    def evaluate(self, tasks, *, steps=None):
+        raise NotImplementedError
+
+
+def _task() -> metazoo.Task:
+    return metazoo.Task([(torch.zeros(2, 3), torch.zeros(2, dtype=torch.long))],
+                        (torch.zeros(2, 3), torch.zeros(2, dtype=torch.long)))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_meta_step_never_applies_a_nonfinite_meta_gradient(bad):
+    weight = torch.ones(2, 3)
+    weight[1, 2] = bad
+    learner = _GradWriter({"weight": weight, "bias": torch.ones(2)})
+    before = {n: p.detach().clone() for n, p in learner.model.named_parameters()}
+    with pytest.raises(metazoo.NonFiniteError,
+                       match=r"non-finite meta-gradient of \['weight'\]") as info:
+        learner.meta_step([_task()])
+    assert (info.value.where, info.value.names, info.value.task) == ("meta_gradient",
+                                                                     ("weight",), None)
+    for n, p in learner.model.named_parameters():
+        assert torch.equal(p, before[n]) and p.grad is None
+    assert not learner.meta_optimizer.state
+    # A finite gradient then steps normally, and a gradient hook's output is what is checked.
+    learner.grads["weight"] = torch.ones(2, 3)
+    assert learner.meta_step([_task()]).skipped_tasks == 0
+    assert not torch.equal(learner.model.weight, before["weight"])
+
+    def poison(lrn):
+        lrn.model.bias.grad[0] = bad
+
+    with pytest.raises(metazoo.NonFiniteError, match=r"\['bias'\]"):
+        learner.meta_step([_task()], grad_hook=poison)
+
+
+def test_large_finite_gradients_pass_the_check():
+    big = torch.full((4,), 1e30, dtype=torch.float32)  # its squared norm overflows float32
+    assert metazoo.all_finite([big, torch.zeros(3)]) and metazoo.all_finite([])
+    assert not metazoo.all_finite([big, torch.tensor([0.0, float("nan")])])
+
+
+def test_task_fault_names_the_first_nonfinite_step_or_the_query():
+    nan, inf = float("nan"), float("inf")
+    assert metazoo.task_fault(0, torch.tensor([1.0, 2.0]), torch.tensor(3.0)) is None
+    fault = metazoo.task_fault(4, torch.tensor([1.0, inf, nan]), torch.tensor(nan))
+    assert (fault.task, fault.inner_step, fault.where) == (4, 1, "inner")
+    assert "non-finite support loss at inner step 1 (task 4 of the meta-batch)" in str(fault)
+    fault = metazoo.task_fault(2, torch.tensor([1.0, 2.0]), torch.tensor(-inf))
+    assert (fault.task, fault.inner_step, fault.where) == (2, None, "query")
+    assert metazoo.task_fault(0, torch.tensor([nan]), None).inner_step == 0
+    with pytest.raises(ValueError, match="on_nonfinite must be one of"):
+        metazoo.check_on_nonfinite("warn")
+
+
+def test_checked_criterion_explains_targets_that_do_not_fit():
+    criterion = metazoo.CheckedCriterion(F.cross_entropy)
+    assert metazoo.CheckedCriterion(criterion).criterion is F.cross_entropy
+    logits = torch.randn(4, 3)
+    torch.testing.assert_close(criterion(logits, torch.tensor([0, 1, 2, 0])),
+                               F.cross_entropy(logits, torch.tensor([0, 1, 2, 0])))
+    with pytest.raises(ValueError, match=r"label 3 but the model outputs 3 classes \(valid "
+                                         r"labels 0..2\); relabel .* or give the model a head"):
+        criterion(logits, torch.tensor([0, 1, 3, 0]))
+    with pytest.raises(ValueError, match=r"output shape \(4, 3\), target shape \(5,\)"):
+        criterion(logits, torch.tensor([0, 1, 2, 0, 1]))
+    # Errors it cannot explain are re-raised unchanged.
+    def broken(output, target):
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        metazoo.CheckedCriterion(broken)(logits, torch.tensor([0, 1, 2, 0]))
