@@ -452,24 +452,23 @@ def all_reduce_meta_gradients(learner: MetaLearner, *, num_tasks: int,
     return total
 
 
-def gradient_hook(num_tasks: int, *, group: Group = None) -> Callable[[MetaLearner], None]:
+def gradient_hook(*, group: Group = None) -> Callable[[MetaLearner, MetaStepResult], None]:
     """A ``grad_hook`` for ``MetaLearner.meta_step`` that all-reduces the meta-gradients.
 
     Example:
-        >>> local = distributed.shard(tasks)
-        >>> learner.meta_step(local, grad_hook=distributed.gradient_hook(len(local)))
+        >>> learner.meta_step(distributed.shard(tasks), grad_hook=distributed.gradient_hook())
 
-    ``MetaLearner.meta_step`` refuses an empty task list, so when a rank can get no task (more
-    ranks than tasks), use ``distributed.meta_step``, which handles that case.
+    Each process is weighted by the tasks that contributed to its gradient (``num_tasks -
+    skipped_tasks`` of its step result), so the update is the mean over every task of the
+    meta-batch that was not skipped, whatever the shards' sizes.
 
     Args:
-        num_tasks: tasks this rank passes to ``meta_step`` (>= 0).
         group: process group (default: the world).
     """
-    _check_count("num_tasks", num_tasks, 0)
 
-    def hook(learner: MetaLearner) -> None:
-        all_reduce_meta_gradients(learner, num_tasks=num_tasks, group=group)
+    def hook(learner: MetaLearner, result: MetaStepResult) -> None:
+        all_reduce_meta_gradients(learner, num_tasks=result.num_tasks - result.skipped_tasks,
+                                  group=group)
 
     return hook
 
@@ -508,7 +507,7 @@ def meta_step(learner: MetaLearner, tasks: Sequence[Task], *,
     if _world_size(group) == 1:
         return learner.meta_step(tasks)
     # A rank with no task still zeroes, joins the all-reduce and steps (num_tasks=0).
-    stepped = learner.meta_step(tasks, grad_hook=gradient_hook(len(tasks), group=group))
+    stepped = learner.meta_step(tasks, grad_hook=gradient_hook(group=group))
     local = stepped if tasks else None
     parts = [p for p in _gather(None if local is None else (
         local.num_tasks, local.meta_loss, local.inner_loss, local.accuracy,

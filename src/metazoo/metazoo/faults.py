@@ -130,8 +130,8 @@ class CheckedCriterion:
     """
 
     def __init__(self, criterion: Criterion) -> None:
-        self.criterion = criterion.criterion if isinstance(criterion, CheckedCriterion) \
-            else criterion
+        self.criterion: Criterion = (criterion.criterion if isinstance(criterion, CheckedCriterion)
+                                     else criterion)
 
     def __call__(self, output: Tensor, target: Tensor) -> Tensor:
         try:

@@ -189,8 +189,10 @@ class MetaLearner(ABC):
             tasks: the meta-batch. It may be empty only with a ``grad_hook`` (a process whose
                 share of a distributed meta-batch is empty still joins the all-reduce); the
                 result then has ``num_tasks=0`` and NaN losses.
-            grad_hook: optional callable run after ``meta_backward`` and before the optimizer
-                step, e.g. an all-reduce of ``.grad`` across processes.
+            grad_hook: optional ``grad_hook(learner, result)`` run after ``meta_backward`` and
+                before the optimizer step, e.g. an all-reduce of ``.grad`` across processes;
+                ``result`` is this process's ``MetaStepResult`` (its ``num_tasks -
+                skipped_tasks`` tasks contributed to ``.grad``).
 
         Raises:
             NonFiniteError: a meta-gradient holds NaN or inf (checked after ``grad_hook`` with
@@ -204,10 +206,10 @@ class MetaLearner(ABC):
         result = (self.meta_backward(tasks) if tasks
                   else MetaStepResult(nan, nan, None, (), 0, 0.0))
         if grad_hook is not None:
-            grad_hook(self)
-        named = [(n, p) for n, p in self.named_meta_parameters() if p.grad is not None]
-        if not all_finite([p.grad for _, p in named]):  # type: ignore[misc]
-            bad = [n for n, p in named if not bool(torch.isfinite(p.grad).all())]
+            grad_hook(self, result)
+        grads = [(n, p.grad) for n, p in self.named_meta_parameters() if p.grad is not None]
+        if not all_finite([g for _, g in grads]):
+            bad = [n for n, g in grads if not bool(torch.isfinite(g).all())]
             self.meta_optimizer.zero_grad(set_to_none=True)
             raise NonFiniteError(task=None, inner_step=None, where="meta_gradient", names=bad)
         self.meta_optimizer.step()

@@ -383,7 +383,7 @@ def test_single_process_needs_no_setup(monkeypatch, tmp_path):
         assert torch.equal(p, q), name
     distributed.check_synchronized(wrapped)
     # The hook leaves a single process's gradients alone.
-    wrapped.meta_step(tasks, grad_hook=distributed.gradient_hook(len(tasks)))
+    wrapped.meta_step(tasks, grad_hook=distributed.gradient_hook())
     plain.meta_step(tasks)
     for (_, p), (_, q) in zip(plain.named_meta_parameters(), wrapped.named_meta_parameters()):
         assert torch.equal(p.grad, q.grad)
@@ -444,8 +444,15 @@ def test_rank_seeds_differ_between_ranks_and_repeat_between_runs():
         distributed.rank_seed(-1)
 
 
-def test_gradient_hook_rejects_negative_counts():
-    with pytest.raises(ValueError, match="num_tasks must be an int >= 0"):
-        distributed.gradient_hook(-1)
+def test_gradient_hook_weights_by_the_tasks_that_contributed(monkeypatch):
+    """Skipped (non-finite) tasks do not count towards a process's weight in the mean."""
+    counts = []
+    monkeypatch.setattr(distributed, "all_reduce_meta_gradients",
+                        lambda learner, *, num_tasks, group: counts.append(num_tasks))
+    hook = distributed.gradient_hook()
+    nan = float("nan")
+    hook(None, metazoo.MetaStepResult(nan, nan, None, (), 4, 0.0, skipped_tasks=1))
+    hook(None, metazoo.MetaStepResult(nan, nan, None, (), 0, 0.0))
+    assert counts == [3, 0]
 
 

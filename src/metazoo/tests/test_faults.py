@@ -56,7 +56,7 @@ def test_meta_step_never_applies_a_nonfinite_meta_gradient(bad):
     assert learner.meta_step([_task()]).skipped_tasks == 0
     assert not torch.equal(learner.model.weight, before["weight"])
 
-    def poison(lrn):
+    def poison(lrn, _result):
         lrn.model.bias.grad[0] = bad
 
     with pytest.raises(metazoo.NonFiniteError, match=r"\['bias'\]"):

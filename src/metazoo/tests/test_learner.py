@@ -61,7 +61,7 @@ def test_meta_step_applies_the_mean_meta_gradient_and_calls_the_hook():
     tasks = [_task(0), _task(1)]
     before = [p.detach().clone() for p in learner.model.parameters()]
     hooked = []
-    result = learner.meta_step(tasks, grad_hook=lambda lrn: hooked.append(
+    result = learner.meta_step(tasks, grad_hook=lambda lrn, _: hooked.append(
         [p.grad.clone() for p in lrn.meta_parameters()]))
     # The hook saw the mean of the per-task meta-gradients, computed here independently.
     reference = _learner()
@@ -115,8 +115,8 @@ def test_meta_step_needs_tasks_unless_a_hook_joins_a_collective():
         _learner().meta_step([])
     learner = _learner()
     calls = []
-    result = learner.meta_step([], grad_hook=lambda lrn: calls.append(lrn))
-    assert calls == [learner] and result.num_tasks == 0
+    result = learner.meta_step([], grad_hook=lambda lrn, res: calls.append((lrn, res)))
+    assert calls[0][0] is learner and calls[0][1].num_tasks == 0 and result.num_tasks == 0
 
 
 def test_task_validation():
