@@ -1,0 +1,144 @@
+#!/usr/bin/env bash
+# Omniglot experiment setup: -p install packages, -d get the data, -l make the log folders.
+#
+#   bash make_omniglot.sh -pdl                                    # online: official archives
+#   bash make_omniglot.sh -pdl --source ../shared/data/omniglot   # offline: local archives
+#   OMNIGLOT_SOURCE=../shared/data/omniglot bash make_omniglot.sh -d
+#
+# Options:
+#   -p              pip install the core, the algorithm packages and src/omniglot/requirements.txt
+#   -d              get the archives (download, or copy from --source) and extract them
+#   -l              create the log folder
+#   --source DIR    folder of Omniglot .zip archives to use instead of the network
+#                   (env OMNIGLOT_SOURCE; on our machines ../shared/data/omniglot)
+#   --root DIR      where the data go (env OMNIGLOT_ROOT, default data; main.py --root)
+#   --log_dir DIR   log folder (env OMNIGLOT_LOG_DIR, default logs; main.py --log_dir)
+#
+# Checksums: a SHA256SUMS file next to the archives (in --source, or downloaded into the
+# archive folder by you) is verified for every archive it lists; the two small archives that
+# ship on our machines are also pinned below. Archives neither pinned nor listed are used with
+# a warning that they were not verified.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+URL=${OMNIGLOT_URL:-https://raw.githubusercontent.com/brendenlake/omniglot/master/python}
+ARCHIVES=(images_background.zip images_evaluation.zip)
+declare -A PINNED=(
+  [images_background_small1.zip]=f38eb80f801274ac2b4dff5b24289016bfaba4a7d5bb50deebf27104ad6cb8a4
+  [images_background_small2.zip]=3ccaa407515a8778e5d0861875af38b17e418f301ad5bb3b5a6b65d901a41c7f
+)
+
+SOURCE=${OMNIGLOT_SOURCE:-}
+ROOT=${OMNIGLOT_ROOT:-data}
+LOG_DIR=${OMNIGLOT_LOG_DIR:-logs}
+INSTALL=0 DATA=0 LOGS=0
+
+usage() { sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+die() { echo "make_omniglot.sh: $*" >&2; exit 1; }
+
+while [[ $# -gt 0 ]]; do
+  case $1 in
+    --source) [[ $# -ge 2 ]] || die "--source needs a folder"; SOURCE=$2; shift 2 ;;
+    --source=*) SOURCE=${1#*=}; shift ;;
+    --root) [[ $# -ge 2 ]] || die "--root needs a folder"; ROOT=$2; shift 2 ;;
+    --root=*) ROOT=${1#*=}; shift ;;
+    --log_dir) [[ $# -ge 2 ]] || die "--log_dir needs a folder"; LOG_DIR=$2; shift 2 ;;
+    --log_dir=*) LOG_DIR=${1#*=}; shift ;;
+    -h|--help) usage 0 ;;
+    -*)
+      flags=${1#-}
+      [[ -n $flags && $flags =~ ^[pdl]+$ ]] || { echo "unknown option $1" >&2; usage 2; }
+      [[ $flags == *p* ]] && INSTALL=1
+      [[ $flags == *d* ]] && DATA=1
+      [[ $flags == *l* ]] && LOGS=1
+      shift ;;
+    *) echo "unexpected argument $1" >&2; usage 2 ;;
+  esac
+done
+[[ $INSTALL$DATA$LOGS != 000 ]] || usage 2
+
+sha256() { python - "$1" <<'EOF'
+import hashlib, sys
+h = hashlib.sha256()
+with open(sys.argv[1], "rb") as f:
+    for chunk in iter(lambda: f.read(1 << 20), b""):
+        h.update(chunk)
+print(h.hexdigest())
+EOF
+}
+
+verify() {  # verify ARCHIVE [SUMS_FILE]
+  local file=$1 sums=${2:-} name expected="" actual
+  name=$(basename "$file")
+  if [[ -n $sums && -f $sums ]]; then
+    expected=$(awk -v n="$name" '$2 == n || $2 == "*"n {print $1}' "$sums")
+  fi
+  [[ -z $expected ]] && expected=${PINNED[$name]:-}
+  if [[ -z $expected ]]; then
+    echo "warning: no checksum known for $name (no SHA256SUMS entry, not pinned): not verified" >&2
+    return 0
+  fi
+  actual=$(sha256 "$file")
+  [[ $actual == "$expected" ]] || die "checksum mismatch for $file: got $actual, expected $expected"
+  echo "verified $name (sha256 $actual)"
+}
+
+extract() {  # extract ARCHIVE DEST: refuses absolute paths and '..' entries
+  python - "$1" "$2" <<'EOF'
+import os, sys, zipfile
+archive, dest = sys.argv[1], os.path.realpath(sys.argv[2])
+with zipfile.ZipFile(archive) as z:
+    for info in z.infolist():
+        name = info.filename
+        parts = name.replace("\\", "/").split("/")
+        target = os.path.realpath(os.path.join(dest, name))
+        if name.startswith(("/", "\\")) or ".." in parts or (len(name) > 1 and name[1] == ":") \
+                or not (target == dest or target.startswith(dest + os.sep)):
+            sys.exit(f"refusing unsafe archive entry {name!r} in {archive}")
+    z.extractall(dest)
+print(f"extracted {archive} -> {dest}")
+EOF
+}
+
+if [[ $INSTALL == 1 ]]; then
+  python -m pip install --quiet -e src/metazoo -e src/maml -e src/leap -e src/warpgrad
+  python -m pip install --quiet -r src/omniglot/requirements.txt
+  echo "installed metazoo, maml, leap, warpgrad and src/omniglot/requirements.txt"
+fi
+
+if [[ $DATA == 1 ]]; then
+  mkdir -p "$ROOT/omniglot"
+  if [[ -n $SOURCE ]]; then
+    [[ -d $SOURCE ]] || die "--source $SOURCE is not a folder of Omniglot .zip archives"
+    shopt -s nullglob
+    zips=("$SOURCE"/*.zip)
+    shopt -u nullglob
+    [[ ${#zips[@]} -gt 0 ]] || die "no .zip archives in $SOURCE"
+    for z in "${zips[@]}"; do
+      verify "$z" "$SOURCE/SHA256SUMS"
+      extract "$z" "$ROOT/omniglot"
+    done
+  else
+    for name in "${ARCHIVES[@]}"; do
+      dest="$ROOT/omniglot/$name"
+      if [[ ! -f $dest ]]; then
+        echo "downloading $URL/$name"
+        if ! curl -fsSL --connect-timeout 10 --max-time 600 -o "$dest.part" "$URL/$name"; then
+          rm -f "$dest.part"
+          die "cannot download $URL/$name (no network?). Point at local archives instead:
+  bash make_omniglot.sh -d --source ../shared/data/omniglot
+or set OMNIGLOT_SOURCE=../shared/data/omniglot (any folder of Omniglot .zip archives)."
+        fi
+        mv "$dest.part" "$dest"
+      fi
+      verify "$dest" "$ROOT/omniglot/SHA256SUMS"
+      extract "$dest" "$ROOT/omniglot"
+    done
+  fi
+  echo "data in $ROOT/omniglot (main.py --root $ROOT)"
+fi
+
+if [[ $LOGS == 1 ]]; then
+  mkdir -p "$LOG_DIR"
+  echo "log folder $LOG_DIR (main.py --log_dir $LOG_DIR)"
+fi

@@ -1,0 +1,468 @@
+"""Omniglot meta-learning experiment (Leap, ICLR 2019; WarpGrad, ICLR 2020 protocol).
+
+Each alphabet is a task: ``--classes``-way classification of that many of its characters, 15
+drawings per character for adaptation (augmented) and 5 held out. Every method is built by
+``wrapper.build_learner`` and driven through the ``metazoo.MetaLearner`` interface.
+
+Logs (the reference's files and format) go to ``<log_dir>/<meta_model>/<suffix>/``:
+``results_train_train.log`` and ``results_train_val.log`` (meta-training tasks: adaptation
+curve and held-out drawings), ``results_<i>_<val|test>_<train|val>.log`` (each evaluation
+task i), one line per write: ``step,meta_loss,loss,acc,loss curve;...;,acc curve;...;``.
+Beside them: ``args.log``, ``split.json``, ``checkpoint.pt`` (``--resume``), ``best.pt``
+(``--select best``) and ``done.json`` (final test summary).
+
+Example (the paper's protocol needs the full archives; see README.md for the CPU preset)::
+
+    python src/omniglot/main.py --meta_model leap --root data --suffix s1 --seed 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import re
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from data import RESIZE_MODES, TaskSampler, load_alphabets, make_split
+from wrapper import METHODS, LearnerConfig, build_learner, score
+
+from metazoo import MetaLearner, MetaStepResult, Task
+
+LOG_LINE = re.compile(r"^results_.*\.log$")
+
+
+# -- flags ------------------------------------------------------------------------------------
+
+def convert_arg(value: str) -> Any:
+    """``"none"``/``"true"``/``"false"`` and numbers (``1e-3`` included) to Python values."""
+    low = value.lower()
+    if low == "none":
+        return None
+    if low in ("true", "false"):
+        return low == "true"
+    for cast in (int, float):
+        try:
+            return cast(value)
+        except ValueError:
+            pass
+    return value
+
+
+def build_kwargs(pairs: Sequence[str], flag: str) -> dict[str, Any]:
+    """``["lr", "0.1", "betas", "0.9:0.99"]`` -> ``{"lr": 0.1, "betas": (0.9, 0.99)}``."""
+    if len(pairs) % 2:
+        raise ValueError(f"{flag} {' '.join(pairs)!r} must be key value pairs, e.g. "
+                         f"{flag} lr 0.1 momentum 0.9")
+    out: dict[str, Any] = {}
+    for key, value in zip(pairs[::2], pairs[1::2]):
+        out[key] = (tuple(convert_arg(v) for v in value.split(":")) if ":" in value
+                    else convert_arg(value))
+    return out
+
+
+def _nonneg_int(text: str) -> int:
+    try:
+        number = float(text)  # "1e3" is a valid count
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if number < 0 or not number.is_integer():
+        raise argparse.ArgumentTypeError(f"{text!r} must be a non-negative integer")
+    return int(number)
+
+
+def _pos_int(text: str) -> int:
+    value = _nonneg_int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a positive integer")
+    return value
+
+
+def make_parser() -> argparse.ArgumentParser:
+    """The command line (the reference's flags keep their names and meaning)."""
+    p = argparse.ArgumentParser("Omniglot meta-learning experiment")
+    a = p.add_argument
+    a("--root", default="data", help="folder holding the extracted Omniglot archives")
+    a("--seed", type=int, default=8879, help="the seed: fixes the split, batches and init")
+    a("--workers", type=_nonneg_int, default=0,
+      help="data-loading parallelism of the reference; accepted and unused (tensors in memory)")
+    a("--threads", type=_nonneg_int, default=0, help="torch CPU threads (0: torch default)")
+    a("--num_pretrain", type=_nonneg_int, default=30, help="meta-training alphabets")
+    a("--num_val", type=_nonneg_int, default=0, help="meta-validation alphabets")
+    a("--num_test", type=_nonneg_int, default=10, help="meta-test alphabets")
+    a("--classes", type=_pos_int, default=20, help="classes (characters) per task")
+    a("--train_images", type=_pos_int, default=15, help="drawings per character to adapt on")
+    a("--resize", choices=RESIZE_MODES, default="area",
+      help="28x28 resize: area (grey, default) or nearest (the reference's binary images)")
+    a("--no_augment", action="store_true", help="no affine augmentation")
+    a("--meta_batch_size", type=_pos_int, default=20, help="tasks per meta-batch")
+    a("--task_batch_size", type=_pos_int, default=128, help="images per inner batch")
+    a("--meta_train_steps", type=_nonneg_int, default=1000, help="meta-steps")
+    a("--task_train_steps", type=_pos_int, default=100, help="inner steps, meta-training")
+    a("--task_val_steps", type=_pos_int, default=100, help="inner steps, evaluation tasks")
+    a("--log_ival", type=_nonneg_int, default=1,
+      help="meta-steps between progress lines (0: never)")
+    a("--write_ival", type=_nonneg_int, default=1,
+      help="meta-steps between train log lines (0: never)")
+    a("--test_ival", type=_nonneg_int, default=20, help="meta-steps between validations (0: never)")
+    a("--save_ival", type=_nonneg_int, default=1, help="meta-steps between checkpoints (0: never)")
+    a("--no_cuda", action="store_true", help="run on the CPU even if CUDA is available")
+    a("--device", type=int, default=0, help="CUDA device index")
+    a("--log_dir", default="logs", help="logs go to <log_dir>/<meta_model>/<suffix>/")
+    a("--suffix", default="tmp", help="run name")
+    a("--overwrite", action="store_true", help="replace an existing run of the same name")
+    a("--resume", action="store_true", help="continue a stopped run from its checkpoint")
+    a("--evaluate", action="store_true", help="only evaluate the saved model on the test tasks")
+    a("--select", choices=("last", "best"), default="last",
+      help="model for the final test: last, or best on validation (needs --num_val, --test_ival)")
+    a("--kernel_size", type=_pos_int, default=3)
+    a("--padding", type=_nonneg_int, default=1)
+    a("--num_layers", type=_pos_int, default=4)
+    a("--num_filters", type=_pos_int, default=64)
+    a("--no_batch_norm", action="store_true")
+    a("--bn_mode", choices=("batch", "running"), default="batch",
+      help="BatchNorm statistics: batch (transductive, reference) or per-task running")
+    a("--meta_model", default="warp_leap", choices=METHODS)
+    a("--efficient", action="store_true", help="checkpointed unrolls (MAML through 100 steps)")
+    a("--inner_opt", default="sgd", help="sgd | adam | rmsprop")
+    a("--outer_opt", default="sgd", help="sgd | adam | rmsprop")
+    a("--inner_kwargs", nargs="+", default=["lr", "0.1"], help="e.g. lr 0.1 momentum 0.9")
+    a("--outer_kwargs", nargs="+", default=["lr", "0.1"], help="e.g. lr 1e-3")
+    a("--meta_kwargs", nargs="+", default=[], help="method options, e.g. norm false")
+    a("--warp_layer", default="3x3",
+      help="warp block variant: none, scaling, 1x1, 3x3, 3x3+relu, 3x3+relu+bn, residual, 2-layer")
+    a("--warp_num_layers", type=_pos_int, default=None, help="layers per warp block")
+    a("--warp_num_filters", type=_pos_int, default=None, help="hidden width of warp blocks")
+    a("--warp_act_fun", default=None, help="warp activation (None, relu, leakyrelu, tanh, ...)")
+    a("--warp_residual", action="store_true", help="residual warp layers")
+    a("--warp_batch_norm", action="store_true", help="BatchNorm in warp layers")
+    a("--warp_final_head", action="store_true", help="linear warp layer after the head")
+    return p
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parses and validates the flags."""
+    args = make_parser().parse_args(argv)
+    args.inner_kwargs = build_kwargs(args.inner_kwargs, "--inner_kwargs")
+    args.outer_kwargs = build_kwargs(args.outer_kwargs, "--outer_kwargs")
+    args.meta_kwargs = build_kwargs(args.meta_kwargs, "--meta_kwargs")
+    if args.select == "best" and not (args.num_val and args.test_ival):
+        raise ValueError("--select best needs validation tasks: set --num_val >= 1 and "
+                         "--test_ival >= 1")
+    return args
+
+
+def learner_config(args: argparse.Namespace) -> LearnerConfig:
+    """Flags -> ``wrapper.LearnerConfig``."""
+    warp: dict[str, Any] = {}
+    if args.warp_num_layers is not None:
+        warp["num_layers"] = args.warp_num_layers
+    if args.warp_num_filters is not None:
+        warp["hidden_channels"] = args.warp_num_filters
+    if args.warp_act_fun is not None and args.warp_act_fun.lower() != "none":
+        warp["activation"] = args.warp_act_fun.lower()
+    if args.warp_residual:
+        warp["residual"] = True
+    if args.warp_batch_norm:
+        warp["batch_norm"] = True
+    return LearnerConfig(
+        meta_model=args.meta_model, classes=args.classes,
+        num_train_tasks=max(args.num_pretrain, 1), task_train_steps=args.task_train_steps,
+        task_val_steps=args.task_val_steps, num_layers=args.num_layers,
+        num_filters=args.num_filters, kernel_size=args.kernel_size, padding=args.padding,
+        batch_norm=not args.no_batch_norm, inner_opt=args.inner_opt.lower(),
+        outer_opt=args.outer_opt.lower(), inner_kwargs=args.inner_kwargs,
+        outer_kwargs=args.outer_kwargs, meta_kwargs=args.meta_kwargs,
+        warp_layer=args.warp_layer, warp_kwargs=warp, warp_final_head=args.warp_final_head,
+        bn_mode=args.bn_mode, efficient=args.efficient)
+
+
+# -- logs -------------------------------------------------------------------------------------
+
+def auc(values: Sequence[float]) -> float:
+    """The reference's area under a curve (composite trapezoidal rule over ``len`` points)."""
+    n = len(values)
+    return sum(((values[i] - values[i - 1]) / 2 + values[i - 1]) / n for i in range(1, n))
+
+
+def write_line(path: Path, step: int, meta_loss: float, loss: float, acc: float,
+               losses: Sequence[float], accs: Sequence[float]) -> None:
+    """Appends one line in the reference's format."""
+    curve = "".join(f"{v:f};" for v in losses)
+    acc_curve = "".join(f"{v:f};" for v in accs)
+    with open(path, "a") as f:
+        f.write(f"{step:d},{meta_loss:f},{loss:f},{acc:f},{curve},{acc_curve}\n")
+
+
+def truncate_logs(log_dir: Path, step: int, *, drop_test: bool) -> None:
+    """Drops log lines written after the checkpoint at ``step`` (and all test lines)."""
+    for path in sorted(log_dir.iterdir()):
+        if not LOG_LINE.match(path.name):
+            continue
+        if drop_test and "_test_" in path.name:
+            path.unlink()
+            continue
+        lines = path.read_text().splitlines(keepends=True)
+        kept = [ln for ln in lines if ln.endswith("\n") and int(ln.split(",", 1)[0]) <= step]
+        path.write_text("".join(kept))
+
+
+def atomic_save(obj: object, path: Path) -> None:
+    """``torch.save`` to a temporary file, then ``os.replace``: never a half-written file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+# -- state ------------------------------------------------------------------------------------
+
+@dataclass
+class RunState:
+    """What a checkpoint holds besides the learner."""
+
+    step: int
+    data_generator: torch.Generator
+    task_rng: random.Random
+    best_acc: float = -math.inf
+    best_step: int = -1
+
+    def rng_state(self) -> dict[str, Any]:
+        np_state = np.random.get_state()
+        return {"torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)),
+                          "pos": int(np_state[2]), "has_gauss": int(np_state[3]),
+                          "cached": float(np_state[4])},
+                "python": list(random.getstate()[1]),
+                "data": self.data_generator.get_state(),
+                "tasks": list(self.task_rng.getstate()[1])}
+
+    def set_rng_state(self, state: dict[str, Any]) -> None:
+        torch.set_rng_state(state["torch"])
+        if state["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
+        n = state["numpy"]
+        np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"],
+                             n["has_gauss"], n["cached"]))
+        random.setstate((3, tuple(state["python"]), None))
+        self.data_generator.set_state(state["data"])
+        self.task_rng.setstate((3, tuple(state["tasks"]), None))
+
+
+def save_checkpoint(path: Path, learner: MetaLearner, run: RunState) -> None:
+    """Learner (model, meta-optimizer and any extra state), RNG states and step."""
+    atomic_save({"learner": learner.state_dict(), "step": run.step, "rng": run.rng_state(),
+                 "best_acc": run.best_acc, "best_step": run.best_step}, path)
+
+
+def load_checkpoint(path: Path, learner: MetaLearner, run: RunState | None = None) -> int:
+    """Restores a checkpoint (``weights_only=True``); returns its step."""
+    state = torch.load(path, weights_only=True, map_location="cpu")
+    learner.load_state_dict(state["learner"])
+    if run is not None:
+        run.set_rng_state(state["rng"])
+        run.step = state["step"]
+        run.best_acc, run.best_step = state["best_acc"], state["best_step"]
+    return int(state["step"])
+
+
+# -- tasks and evaluation ---------------------------------------------------------------------
+
+class Experiment:
+    """Data, split and task construction for one run."""
+
+    def __init__(self, args: argparse.Namespace, device: torch.device) -> None:
+        images = load_alphabets(args.root, resize=args.resize)
+        self.split = make_split({a: len(c) for a, c in images.items()},
+                                {a: [t.shape[0] for t in c] for a, c in images.items()},
+                                seed=args.seed, num_train=args.num_pretrain,
+                                num_val=args.num_val, num_test=args.num_test,
+                                classes=args.classes, train_images=args.train_images)
+        self.sampler = TaskSampler(images, self.split, device=device,
+                                   augment_images=not args.no_augment)
+        self.args = args
+
+    def task(self, name: str, steps: int, generator: torch.Generator, head: int | None = None
+             ) -> Task:
+        """Adaptation batches (augmented) and the held-out drawings as the query."""
+        support = self.sampler.batches(name, steps=steps, batch_size=self.args.task_batch_size,
+                                       generator=generator)
+        query = self.sampler.held_out(name)
+        if head is not None:  # multi-head pretraining: target = head * classes + label
+            offset = head * self.args.classes
+            support = [(x, y + offset) for x, y in support]
+            query = (query[0], query[1] + offset)
+        return Task(support, query)
+
+    def eval_generator(self, case: str, index: int) -> torch.Generator:
+        """The same augmented batches for task ``index`` at every evaluation, for every
+        method."""
+        code = {"val": 1, "test": 2}[case]
+        return torch.Generator().manual_seed(self.args.seed * 1_000_003 + code * 10_007 + index)
+
+
+def evaluate(learner: MetaLearner, exp: Experiment, case: str, step: int, log_dir: Path | None,
+             printer: Callable[[str], None]) -> float:
+    """Adapts to every ``case`` task and writes its two log files; returns mean held-out acc."""
+    names = exp.split.val if case == "val" else exp.split.test
+    accs = []
+    steps = exp.args.task_val_steps
+    for i, name in enumerate(names):
+        start = time.perf_counter()
+        task = exp.task(name, steps, exp.eval_generator(case, i))
+        adapted = learner.adapt(task, steps=steps)
+        _, train_acc = score(learner, adapted, exp.sampler.train_images(name))
+        held_loss, held_acc = score(learner, adapted, task.query)
+        accs.append(held_acc)
+        curve = adapted.inner_losses
+        if log_dir is not None:
+            write_line(log_dir / f"results_{i}_{case}_train.log", step, auc(curve),
+                       sum(curve) / len(curve), train_acc, curve, [train_acc])
+            write_line(log_dir / f"results_{i}_{case}_val.log", step, held_loss, held_loss,
+                       held_acc, [held_loss], [held_acc])
+        printer(f"[{case} task {i} {name}] {time.perf_counter() - start:.1f}s inner "
+                f"{curve[0]:.3f}->{curve[-1]:.3f} train acc {train_acc:.3f} held-out loss "
+                f"{held_loss:.3f} acc {held_acc:.3f}")
+    mean = sum(accs) / len(accs) if accs else float("nan")
+    printer(f"[{case} step {step}] mean held-out acc {mean:.4f} over {len(accs)} tasks")
+    return mean
+
+
+def meta_train(learner: MetaLearner, exp: Experiment, run: RunState, log_dir: Path,
+               printer: Callable[[str], None], *, grad_hook: Callable[[MetaLearner], None]
+               | None = None) -> None:
+    """The meta-training loop: one ``learner.meta_step`` per iteration, logs, validation,
+    checkpoints. ``grad_hook`` (e.g. a distributed all-reduce) runs between the meta-backward
+    pass and the meta-optimizer step."""
+    args = exp.args
+    multi_head = getattr(learner, "multi_head", False)
+    heads = {name: i for i, name in enumerate(exp.split.train)}
+    start, first = time.perf_counter(), run.step
+    while run.step < args.meta_train_steps:
+        names = exp.sampler.meta_batch(exp.split.train, args.meta_batch_size, run.task_rng)
+        tasks = [exp.task(n, args.task_train_steps, run.data_generator,
+                          heads[n] if multi_head else None) for n in names]
+        result: MetaStepResult = learner.meta_step(tasks, grad_hook=grad_hook)
+        run.step += 1
+        if not math.isfinite(result.meta_loss):
+            raise RuntimeError(f"meta_loss is {result.meta_loss} at step {run.step}; lower "
+                               "--outer_kwargs lr or --inner_kwargs lr")
+        if args.write_ival and run.step % args.write_ival == 0:
+            curve = result.inner_losses
+            acc = float("nan") if result.accuracy is None else result.accuracy
+            write_line(log_dir / "results_train_train.log", run.step, auc(curve),
+                       sum(curve) / max(len(curve), 1), float("nan"), curve, [])
+            write_line(log_dir / "results_train_val.log", run.step, result.meta_loss,
+                       result.meta_loss, acc, [result.meta_loss], [acc])
+        if args.test_ival and run.step % args.test_ival == 0 and exp.split.val:
+            acc = evaluate(learner, exp, "val", run.step, log_dir, printer)
+            if acc > run.best_acc:
+                run.best_acc, run.best_step = acc, run.step
+                if args.select == "best":
+                    save_checkpoint(log_dir / "best.pt", learner, run)
+        if args.save_ival and (run.step % args.save_ival == 0
+                               or run.step == args.meta_train_steps):
+            save_checkpoint(log_dir / "checkpoint.pt", learner, run)
+        if args.log_ival and run.step % args.log_ival == 0:
+            rate = (time.perf_counter() - start) / (run.step - first)
+            eta = rate * (args.meta_train_steps - run.step)
+            acc_text = "nan" if result.accuracy is None else f"{result.accuracy:.3f}"
+            printer(f"[step {run.step}/{args.meta_train_steps}] meta_loss "
+                    f"{result.meta_loss:.4f} inner {result.inner_loss:.4f} acc {acc_text} | "
+                    f"{rate:.2f} s/step, eta {time.strftime('%H:%M:%S', time.gmtime(eta))}")
+
+
+# -- entry point ------------------------------------------------------------------------------
+
+def main(argv: Sequence[str] | None = None) -> float:
+    """Runs the experiment; returns the mean held-out test accuracy."""
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    use_cuda = torch.cuda.is_available() and not args.no_cuda
+    device = torch.device(f"cuda:{args.device}" if use_cuda else "cpu")
+    log_dir = Path(args.log_dir) / args.meta_model / args.suffix
+
+    def printer(msg: str) -> None:
+        if args.log_ival:
+            print(msg, flush=True)
+
+    torch.manual_seed(args.seed)
+    np.random.seed(args.seed % 2**32)
+    random.seed(args.seed)
+    exp = Experiment(args, device)
+    with device:  # every parameter (warp init copies included) is created on the device
+        learner = build_learner(learner_config(args))
+    ckpt = log_dir / "checkpoint.pt"
+
+    if args.evaluate:
+        source = log_dir / ("best.pt" if args.select == "best" else "checkpoint.pt")
+        if not source.exists():
+            raise RuntimeError(f"--evaluate needs a saved model at {source}; train first")
+        step = load_checkpoint(source, learner)
+        for path in log_dir.glob("results_*_test_*.log"):  # replaced; training logs are kept
+            path.unlink()
+        return evaluate(learner, exp, "test", step, log_dir, printer)
+
+    run = RunState(0, torch.Generator().manual_seed(args.seed), random.Random(args.seed))
+    if args.resume and ckpt.exists():
+        load_checkpoint(ckpt, learner, run)
+        truncate_logs(log_dir, run.step, drop_test=True)
+        (log_dir / "done.json").unlink(missing_ok=True)
+        printer(f"resumed {log_dir} at step {run.step}")
+    else:
+        if log_dir.exists() and any(log_dir.iterdir()):
+            if not (args.overwrite or args.resume):
+                raise RuntimeError(f"{log_dir} exists; pass --overwrite to replace it, "
+                                   "--resume to continue it, or another --suffix")
+            for path in log_dir.iterdir():
+                if path.is_file():
+                    path.unlink()
+        log_dir.mkdir(parents=True, exist_ok=True)
+        (log_dir / "args.log").write_text(repr(args) + "\n")
+        (log_dir / "split.json").write_text(exp.split.to_json() + "\n")
+        printer(f"split: train {list(exp.split.train)} val {list(exp.split.val)} test "
+                f"{list(exp.split.test)}")
+        if args.test_ival and exp.split.val:
+            acc = evaluate(learner, exp, "val", 0, log_dir, printer)
+            run.best_acc, run.best_step = acc, 0
+            if args.select == "best":
+                save_checkpoint(log_dir / "best.pt", learner, run)
+        if args.save_ival:
+            save_checkpoint(ckpt, learner, run)
+
+    if getattr(learner, "meta_learns", True):
+        meta_train(learner, exp, run, log_dir, printer)
+    else:
+        printer(f"{args.meta_model}: no meta-training")
+    if args.select == "best" and (log_dir / "best.pt").exists():
+        load_checkpoint(log_dir / "best.pt", learner)
+        printer(f"testing the best model on validation (step {run.best_step})")
+    acc = evaluate(learner, exp, "test", run.step, log_dir, printer)
+    summary = {"meta_model": args.meta_model, "seed": args.seed, "step": run.step,
+               "test_acc": acc, "best_step": run.best_step}
+    (log_dir / "done.json").write_text(json.dumps(summary, sort_keys=True) + "\n")
+    return acc
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, RuntimeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,147 @@
+"""data.py: discovery and dedupe, the cache, both resize modes, the seeded split and the
+augmentation."""
+
+import math
+from pathlib import Path
+
+import data
+import pytest
+import torch
+
+
+def test_find_alphabets_dedupes_and_sorts(omniglot_root):
+    alphabets = data.find_alphabets(omniglot_root)
+    names = [a.name for a in alphabets]
+    assert names == sorted(["Alpha", "Beta", "Delta", "Epsilon", "Gamma", "Shared", "Tiny"])
+    shared = next(a for a in alphabets if a.name == "Shared")
+    assert "images_background_small1" in shared.characters[0][1][0]  # first archive wins
+    assert [len(imgs) for _, imgs in shared.characters] == [5] * 5
+
+
+def test_find_alphabets_errors_name_the_fix(tmp_path):
+    with pytest.raises(ValueError, match=r"make_omniglot\.sh -d --source"):
+        data.find_alphabets(tmp_path / "missing")
+    with pytest.raises(ValueError, match="no Omniglot alphabet"):
+        data.find_alphabets(tmp_path)
+
+
+def test_load_alphabets_decodes_once_and_caches(omniglot_root, tmp_path):
+    images = data.load_alphabets(omniglot_root, cache_dir=tmp_path)
+    caches = list(tmp_path.glob("omniglot_cache_*.pt"))
+    assert len(caches) == 1
+    assert images["Alpha"][0].shape == (5, 28, 28) and images["Alpha"][0].dtype == torch.uint8
+    # strokes are ink (high), the background 0: zero padding under augmentation is background
+    assert images["Alpha"][0][:, 0, 0].eq(0).all() and images["Alpha"][0].max() > 200
+    mtime = caches[0].stat().st_mtime_ns
+    again = data.load_alphabets(omniglot_root, cache_dir=tmp_path)
+    assert caches[0].stat().st_mtime_ns == mtime
+    assert all(torch.equal(a, b) for k in images for a, b in zip(images[k], again[k]))
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_nearest_mode_is_binary_and_area_mode_is_grey(omniglot_root, tmp_path):
+    near = data.load_alphabets(omniglot_root, resize="nearest", cache_dir=tmp_path)
+    area = data.load_alphabets(omniglot_root, resize="area", cache_dir=tmp_path)
+    assert set(near["Beta"][1].unique().tolist()) == {0, 255}
+    assert len(area["Beta"][1].unique()) > 2
+    assert len(list(tmp_path.glob("omniglot_cache_*.pt"))) == 2
+    with pytest.raises(ValueError, match="resize"):
+        data.load_alphabets(omniglot_root, resize="bicubic", cache_dir=tmp_path)
+
+
+def test_nearest_matches_the_reference_resize(omniglot_root, tmp_path):
+    import numpy as np
+    from PIL import Image
+    path = data.find_alphabets(omniglot_root)[0].characters[0][1][0]
+    with Image.open(path) as img:
+        # the reference's resize.py call; Pillow resizes mode '1' images with NEAREST
+        ref = img.resize((28, 28), resample=Image.Resampling.LANCZOS)
+    expected = torch.from_numpy(np.asarray(ref.convert("L")).astype(np.int64))
+    got = data.load_alphabets(omniglot_root, resize="nearest", cache_dir=tmp_path)["Alpha"][0][0]
+    assert torch.equal(got.long(), 255 - expected)
+
+
+def _counts(root: Path):
+    images = data.load_alphabets(root, cache_dir=root)
+    return ({a: len(c) for a, c in images.items()},
+            {a: [t.shape[0] for t in c] for a, c in images.items()})
+
+
+def test_split_depends_on_the_seed_alone(omniglot_root):
+    chars, draws = _counts(omniglot_root)
+    kw = {"num_train": 3, "num_val": 1, "num_test": 2, "classes": 3, "train_images": 3}
+    a = data.make_split(chars, draws, seed=5, **kw)
+    b = data.make_split(dict(reversed(list(chars.items()))), draws, seed=5, **kw)
+    assert a == b and a.to_json() == b.to_json()
+    others = [data.make_split(chars, draws, seed=s, **kw) for s in range(6, 12)]
+    assert any(o.to_json() != a.to_json() for o in others)
+    assert "Tiny" not in a.train + a.val + a.test
+    assert len(set(a.train + a.val + a.test)) == 6
+    for name, chosen in a.characters.items():
+        assert len(chosen) == 3 and chosen == sorted(chosen)
+        assert all(len(k) == 3 for k in a.train_images[name])
+
+
+def test_split_validation_messages(omniglot_root):
+    chars, draws = _counts(omniglot_root)
+    with pytest.raises(ValueError, match="only 6 have >= 3 characters"):
+        data.make_split(chars, draws, seed=0, num_train=5, num_val=1, num_test=2, classes=3)
+    with pytest.raises(ValueError, match="leaves none held out"):
+        data.make_split(chars, draws, seed=0, num_train=1, num_val=0, num_test=1, classes=3,
+                        train_images=5)
+
+
+def test_augment_identity_and_known_rotation():
+    x = torch.rand(4, 1, 28, 28, dtype=torch.float64)
+
+    g = torch.Generator().manual_seed(0)
+    same = data.augment(x, g, rotation=0.0, translation=0.0, scale=(1.0, 1.0))
+    assert torch.allclose(same, x, atol=1e-12)
+    # 90 degrees exactly: u = 0.25 of 360 degrees; compare with torch.rot90
+    img = torch.zeros(1, 1, 28, 28, dtype=torch.float64)
+    img[0, 0, 3:10, 5:8] = 1.0
+    g = torch.Generator().manual_seed(0)
+    u = torch.rand(1, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    out = data.augment(img, g, rotation=90.0 / u[0, 0].item(), translation=0.0,
+                       scale=(1.0, 1.0))
+    rotated = [torch.rot90(img, k, dims=(2, 3)) for k in (1, 3)]
+    assert min((out - r).abs().max().item() for r in rotated) < 1e-9
+    assert math.isclose(out.sum().item(), img.sum().item(), rel_tol=1e-9)
+
+
+def test_augment_ranges_and_determinism():
+    x = torch.zeros(64, 1, 28, 28)
+    x[:, :, 12:16, 12:16] = 1.0
+    a = data.augment(x, torch.Generator().manual_seed(1))
+    b = data.augment(x, torch.Generator().manual_seed(1))
+    assert torch.equal(a, b)
+    mass = a.sum(dim=(1, 2, 3)) / x[0].sum()
+    # area scales by 1/s^2 for s in [0.8, 1.2]; translation keeps the square inside
+    assert mass.min() > 1 / 1.2**2 - 0.1 and mass.max() < 1 / 0.8**2 + 0.1
+    assert not torch.equal(a[0], a[1])
+
+
+def test_task_sampler_batches_and_held_out(omniglot_root):
+    chars, draws = _counts(omniglot_root)
+    split = data.make_split(chars, draws, seed=1, num_train=3, num_val=1, num_test=2, classes=3,
+                            train_images=3)
+    images = data.load_alphabets(omniglot_root, cache_dir=omniglot_root)
+    sampler = data.TaskSampler(images, split, dtype=torch.float64)
+    name = split.train[0]
+    batches = sampler.batches(name, steps=4, batch_size=5,
+                              generator=torch.Generator().manual_seed(0))
+    assert len(batches) == 4 and batches[0][0].shape == (5, 1, 28, 28)
+    assert batches[0][0].dtype == torch.float64
+    labels = torch.cat([y for _, y in batches])
+    assert sorted(labels.unique().tolist()) == [0, 1, 2]
+    hx, hy = sampler.held_out(name)
+    assert hx.shape == (3 * 2, 1, 28, 28) and hy.tolist() == [0, 0, 1, 1, 2, 2]
+    tx, _ = sampler.train_images(name)
+    # held-out drawings are not among the adaptation drawings
+    assert not any(torch.equal(h, t) for h in hx for t in tx)
+    again = sampler.batches(name, steps=4, batch_size=5,
+                            generator=torch.Generator().manual_seed(0))
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(batches, again))
+    import random
+    assert sampler.meta_batch(split.train, 5, random.Random(0))[:3] != [] and sorted(
+        sampler.meta_batch(split.train, 3, random.Random(0))) == sorted(split.train)

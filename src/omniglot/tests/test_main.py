@@ -1,0 +1,163 @@
+"""main.py: a smoke run per --meta_model, flags, resume (in process and a killed subprocess),
+the split from the seed alone, and best-on-validation selection."""
+
+import filecmp
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import main
+import pytest
+from monitor import FileHandler
+from wrapper import METHODS
+
+MAIN = Path(main.__file__)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_smoke_every_method_writes_logs_that_filehandler_reads(tiny, omniglot_root, tmp_path,
+                                                               method):
+    acc = main.main(tiny(omniglot_root, tmp_path, method))
+    run = tmp_path / method / "tmp"
+    handler = FileHandler(run)
+    assert 0.0 <= acc <= 1.0
+    assert handler.final_test_acc() == pytest.approx(acc, abs=1e-6)
+    assert len(handler.test_eval_data) == 2 and len(handler.val_eval_data) == 1
+    if method == "no":  # no meta-training: only the step-0 validation
+        assert handler.train_train_data is None
+        assert handler.val_eval_data[0]["step"] == [0]
+    else:
+        assert handler.train_train_data["step"] == [1, 2]
+        assert [len(c) for c in handler.train_train_data["loss_curve"]] == [2, 2]
+        assert handler.val_eval_data[0]["step"] == [0, 1, 2]
+    assert handler.test_train_data[0]["step"] == [0 if method == "no" else 2]
+    assert len(handler.test_train_data[0]["loss_curve"][0]) == 2
+    assert json.loads((run / "done.json").read_text())["test_acc"] == pytest.approx(acc)
+
+
+def test_log_line_format(tiny, omniglot_root, tmp_path):
+    main.main(tiny(omniglot_root, tmp_path, "reptile"))
+    line = (tmp_path / "reptile/tmp/results_0_test_train.log").read_text().splitlines()[0]
+    step, meta_loss, loss, acc, losses, accs = line.split(",")
+    assert step == "2" and losses.count(";") == 2 and accs.count(";") == 1
+    for value in (meta_loss, loss, acc, *losses.split(";")[:-1]):
+        assert len(value.split(".")[1]) == 6  # "{:f}"
+    curve = [float(v) for v in losses.split(";")[:-1]]
+    assert float(loss) == pytest.approx(sum(curve) / 2, abs=2e-6)
+    assert float(meta_loss) == pytest.approx(main.auc(curve), abs=2e-6)
+
+
+def test_flags_parse_and_zero_intervals_mean_never(tiny, omniglot_root, tmp_path):
+    args = main.parse_args(["--outer_kwargs", "lr", "1e-3", "--inner_kwargs", "lr", "0.1",
+                            "momentum", "0.9", "--meta_train_steps", "1e1",
+                            "--meta_kwargs", "norm", "false", "betas", "0.9:0.99"])
+    assert args.outer_kwargs == {"lr": 1e-3} and args.meta_train_steps == 10
+    assert args.inner_kwargs == {"lr": 0.1, "momentum": 0.9}
+    assert args.meta_kwargs == {"norm": False, "betas": (0.9, 0.99)}
+    with pytest.raises(ValueError, match="key value pairs"):
+        main.parse_args(["--inner_kwargs", "lr"])
+    with pytest.raises(SystemExit):
+        main.parse_args(["--meta_train_steps", "1.5"])
+    argv = tiny(omniglot_root, tmp_path, "fomaml", "--log_ival", "0", "--write_ival", "0",
+                "--test_ival", "0", "--save_ival", "0")
+    main.main(argv)
+    run = tmp_path / "fomaml/tmp"
+    assert not (run / "results_train_train.log").exists()
+    assert not list(run.glob("results_*_val_*.log"))
+    assert not (run / "checkpoint.pt").exists()
+    assert len(list(run.glob("results_*_test_*.log"))) == 4
+
+
+def test_existing_run_needs_overwrite(tiny, omniglot_root, tmp_path):
+    main.main(tiny(omniglot_root, tmp_path, "no"))
+    with pytest.raises(RuntimeError, match="--overwrite"):
+        main.main(tiny(omniglot_root, tmp_path, "no"))
+    main.main(tiny(omniglot_root, tmp_path, "no", "--overwrite"))
+
+
+def test_same_seed_same_split_twice_other_seed_differs(tiny, omniglot_root, tmp_path):
+    splits = []
+    for suffix, seed in (("a", "3"), ("b", "3"), ("c", "4")):
+        main.main(tiny(omniglot_root, tmp_path, "no", "--suffix", suffix, "--seed", seed,
+                       "--num_pretrain", "2"))
+        splits.append((tmp_path / "no" / suffix / "split.json").read_text())
+    assert splits[0] == splits[1]
+    assert splits[0] != splits[2]
+    split = json.loads(splits[0])
+    assert len(split["train"]) == 2 and len(split["val"]) == 1 and len(split["test"]) == 2
+    assert "Tiny" not in split["characters"]  # 2 characters < 3 classes
+
+
+def _logs(run: Path) -> list[str]:
+    return sorted(p.name for p in run.glob("results_*.log"))
+
+
+def _assert_same_logs(a: Path, b: Path) -> None:
+    names = _logs(a)
+    assert names == _logs(b) and len(names) >= 8
+    for name in names:
+        assert filecmp.cmp(a / name, b / name, shallow=False), name
+    assert (a / "split.json").read_text() == (b / "split.json").read_text()
+    assert json.loads((a / "done.json").read_text()) == json.loads((b / "done.json").read_text())
+
+
+@pytest.mark.parametrize("method", ["warp_leap", "maml", "ft"])
+def test_stop_and_resume_gives_identical_logs(tiny, omniglot_root, tmp_path, method):
+    full = tiny(omniglot_root, tmp_path, method, "--meta_train_steps", "4", "--test_ival", "2")
+    main.main([*full, "--suffix", "straight"])
+    # the same run stopped after 1 step (with its final test), then resumed to 4 steps
+    main.main([*full, "--suffix", "resumed", "--meta_train_steps", "1"])
+    main.main([*full, "--suffix", "resumed", "--resume"])
+    _assert_same_logs(tmp_path / method / "straight", tmp_path / method / "resumed")
+
+
+def test_killed_subprocess_resumes_to_identical_logs(tiny, omniglot_root, tmp_path):
+    argv = [*tiny(omniglot_root, tmp_path, "leap", "--meta_train_steps", "40",
+                  "--task_train_steps", "4", "--test_ival", "10", "--threads", "1"),
+            "--suffix", "killed"]
+    proc = subprocess.Popen([sys.executable, str(MAIN), *argv], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    log = tmp_path / "leap/killed/results_train_train.log"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        if log.exists() and len(log.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.01)
+    proc.kill()
+    _, err = proc.communicate()
+    assert proc.returncode != 0, f"the run finished before it was killed: {err.decode()}"
+    run = tmp_path / "leap/killed"
+    assert not (run / "done.json").exists()
+    killed_at = len(log.read_text().splitlines())
+    assert 3 <= killed_at < 40
+    main.main([*argv, "--resume"])
+    main.main([*argv[:-1], "straight"])
+    _assert_same_logs(tmp_path / "leap/straight", run)
+
+
+def test_select_best_and_evaluate_only(tiny, omniglot_root, tmp_path, capsys):
+    argv = tiny(omniglot_root, tmp_path, "reptile", "--select", "best",
+                "--meta_train_steps", "3", "--log_ival", "1")
+    acc = main.main(argv)
+    run = tmp_path / "reptile/tmp"
+    val = FileHandler(run).agg_val("acc", "eval")[:, 0]
+    assert (run / "best.pt").exists()
+    out = capsys.readouterr().out
+    best_step = int(val.argmax())  # validations at steps 0..3; the first maximum wins
+    assert f"testing the best model on validation (step {best_step})" in out
+    train_log = (run / "results_train_train.log").read_text()
+    again = main.main([*argv, "--evaluate"])
+    assert again == pytest.approx(acc)
+    assert (run / "results_train_train.log").read_text() == train_log  # untouched
+    assert len(FileHandler(run).agg_val("acc", "eval")) == 4
+    assert FileHandler(run).test_eval_data[0]["step"] == [best_step]
+    with pytest.raises(ValueError, match="--num_val"):
+        main.parse_args(["--select", "best", "--num_val", "0"])
+
+
+def test_progress_line_has_eta(tiny, omniglot_root, tmp_path, capsys):
+    main.main(tiny(omniglot_root, tmp_path, "fomaml", "--log_ival", "1"))
+    out = capsys.readouterr().out
+    assert "[step 2/2]" in out and "eta 00:00:00" in out and "s/step" in out
