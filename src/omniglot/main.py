@@ -37,7 +37,7 @@ import torch
 from data import RESIZE_MODES, TaskSampler, load_alphabets, make_split
 from wrapper import METHODS, LearnerConfig, build_learner, score
 
-from metazoo import MetaLearner, MetaStepResult, Task
+from metazoo import MetaLearner, MetaStepResult, Task, distributed
 
 LOG_LINE = re.compile(r"^results_.*\.log$")
 
@@ -344,12 +344,15 @@ def evaluate(learner: MetaLearner, exp: Experiment, case: str, step: int, log_di
 
 
 def meta_train(learner: MetaLearner, exp: Experiment, run: RunState, log_dir: Path,
-               printer: Callable[[str], None], *, grad_hook: Callable[[MetaLearner], None]
-               | None = None) -> None:
-    """The meta-training loop: one ``learner.meta_step`` per iteration, logs, validation,
-    checkpoints. ``grad_hook`` (e.g. a distributed all-reduce) runs between the meta-backward
-    pass and the meta-optimizer step."""
+               printer: Callable[[str], None]) -> None:
+    """The meta-training loop: one meta-step per iteration, logs, validation, checkpoints.
+
+    Under torchrun every process draws the same meta-batch from the seed (so a run equals the
+    single-process one) and adapts its shard of it; the meta-gradients are averaged over all
+    tasks by one all-reduce, and only the main process validates, logs and checkpoints.
+    """
     args = exp.args
+    main_process = distributed.is_main_process()
     multi_head = getattr(learner, "multi_head", False)
     heads = {name: i for i, name in enumerate(exp.split.train)}
     start, first = time.perf_counter(), run.step
@@ -357,11 +360,13 @@ def meta_train(learner: MetaLearner, exp: Experiment, run: RunState, log_dir: Pa
         names = exp.sampler.meta_batch(exp.split.train, args.meta_batch_size, run.task_rng)
         tasks = [exp.task(n, args.task_train_steps, run.data_generator,
                           heads[n] if multi_head else None) for n in names]
-        result: MetaStepResult = learner.meta_step(tasks, grad_hook=grad_hook)
+        result: MetaStepResult = distributed.meta_step(learner, distributed.shard(tasks))
         run.step += 1
         if not math.isfinite(result.meta_loss):
             raise RuntimeError(f"meta_loss is {result.meta_loss} at step {run.step}; lower "
                                "--outer_kwargs lr or --inner_kwargs lr")
+        if not main_process:
+            continue
         if args.write_ival and run.step % args.write_ival == 0:
             curve = result.inner_losses
             acc = float("nan") if result.accuracy is None else result.accuracy
@@ -390,16 +395,30 @@ def meta_train(learner: MetaLearner, exp: Experiment, run: RunState, log_dir: Pa
 # -- entry point ------------------------------------------------------------------------------
 
 def main(argv: Sequence[str] | None = None) -> float:
-    """Runs the experiment; returns the mean held-out test accuracy."""
+    """Runs the experiment; returns the mean held-out test accuracy.
+
+    Launched by ``torchrun --nproc_per_node N``, the processes share each meta-step (gloo on
+    CPU, NCCL on CUDA with one GPU per local rank); a plain ``python`` run needs no setup.
+    """
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     use_cuda = torch.cuda.is_available() and not args.no_cuda
     device = torch.device(f"cuda:{args.device}" if use_cuda else "cpu")
+    context = distributed.setup(device=None if use_cuda else "cpu")
+    if context.world_size > 1:
+        device = context.device
+    try:
+        return _run(args, device, distributed.is_main_process())
+    finally:
+        distributed.teardown()
+
+
+def _run(args: argparse.Namespace, device: torch.device, main_process: bool) -> float:
     log_dir = Path(args.log_dir) / args.meta_model / args.suffix
 
     def printer(msg: str) -> None:
-        if args.log_ival:
+        if args.log_ival and main_process:
             print(msg, flush=True)
 
     torch.manual_seed(args.seed)
@@ -422,10 +441,11 @@ def main(argv: Sequence[str] | None = None) -> float:
     run = RunState(0, torch.Generator().manual_seed(args.seed), random.Random(args.seed))
     if args.resume and ckpt.exists():
         load_checkpoint(ckpt, learner, run)
-        truncate_logs(log_dir, run.step, drop_test=True)
-        (log_dir / "done.json").unlink(missing_ok=True)
+        if main_process:
+            truncate_logs(log_dir, run.step, drop_test=True)
+            (log_dir / "done.json").unlink(missing_ok=True)
         printer(f"resumed {log_dir} at step {run.step}")
-    else:
+    elif main_process:
         if log_dir.exists() and any(log_dir.iterdir()):
             if not (args.overwrite or args.resume):
                 raise RuntimeError(f"{log_dir} exists; pass --overwrite to replace it, "
@@ -447,7 +467,10 @@ def main(argv: Sequence[str] | None = None) -> float:
             save_checkpoint(ckpt, learner, run)
 
     if getattr(learner, "meta_learns", True):
+        distributed.broadcast_learner(learner)
         meta_train(learner, exp, run, log_dir, printer)
+        if not main_process:
+            return float("nan")
     else:
         printer(f"{args.meta_model}: no meta-training")
     if args.select == "best" and (log_dir / "best.pt").exists():
