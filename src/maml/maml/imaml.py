@@ -210,7 +210,8 @@ class iMAML(MetaLearner):
                                              materialize_grads=True)
             # Only the support loss's Hessian enters CG: the proximal term's Hessian lam * I is
             # the identity part of the system.
-            inner = sum(support_loss(leaves, start_buffers, b)[0] for b in task.support)
+            inner = torch.stack([support_loss(leaves, start_buffers, b)[0]
+                                 for b in task.support]).sum()
             inner_grad = torch.autograd.grad(inner / len(task.support), inputs,
                                              create_graph=True, allow_unused=True,
                                              materialize_grads=True)

@@ -294,7 +294,8 @@ class MAML(MetaLearner):
         return steps
 
     def _initial_params(self) -> tuple[metazoo.Params, metazoo.Params]:
-        adapted, static = {}, {}
+        adapted: metazoo.Params = {}
+        static: metazoo.Params = {}
         for name, p in self.model.named_parameters():
             if self._zero_head is not None and self._zero_head(name):
                 # A fresh zero tensor per task: the head starts from zero and gets no

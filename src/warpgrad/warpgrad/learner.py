@@ -161,8 +161,8 @@ class WarpGrad(MetaLearner):
             nan = float("nan")
             return MetaStepResult(nan, nan, None, (), len(tasks), time.perf_counter() - start,
                                   skipped)
-        meta_loss, acc, curve = mean_results(per_task)
-        return MetaStepResult(meta_loss, curve[-1], acc, curve, len(tasks),
+        meta_loss, mean_acc, curve = mean_results(per_task)
+        return MetaStepResult(meta_loss, curve[-1], mean_acc, curve, len(tasks),
                               time.perf_counter() - start, skipped)
 
     def evaluate(self, tasks: Sequence[Task], *, steps: int | None = None) -> EvalResult:
@@ -172,8 +172,8 @@ class WarpGrad(MetaLearner):
             adapted = self.adapt(task, steps=steps)
             loss, acc = self._score(adapted, task)
             per_task.append((loss, acc, torch.tensor(adapted.inner_losses, dtype=loss.dtype)))
-        loss, acc, curve = mean_results(per_task)
-        return EvalResult(loss, acc, curve, len(tasks), tuple(
+        mean_loss, mean_acc, curve = mean_results(per_task)
+        return EvalResult(mean_loss, mean_acc, curve, len(tasks), tuple(
             (float(r[0]), None if r[1] is None else float(r[1])) for r in per_task))
 
     def state_dict(self) -> dict[str, Any]:
