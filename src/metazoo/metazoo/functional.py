@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import enum
 import functools
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -127,16 +129,66 @@ def initial_buffers(module: nn.Module, bn_mode: BatchNormMode | str) -> Buffers:
     return buffers
 
 
+@dataclass(frozen=True)
+class _Structure:
+    """What ``forward`` needs to know about a module tree, computed once per tree shape.
+
+    Recomputing the slot names (``named_parameters(remove_duplicate=False)`` plus
+    ``get_submodule`` per name) and walking ``modules()`` on every call cost about as much as
+    the network's own Python overhead; ``forward`` runs hundreds of times per meta-step.
+    ``key`` records every module's child, parameter and buffer slots (names and tensor ids), so
+    any change to the tree (a new or replaced submodule, parameter or buffer, weights tied or
+    untied) gives another key and a recomputation. Modules are held by position, never the root
+    itself, so the cache (keyed weakly by the root) does not keep the root alive.
+    """
+
+    key: tuple[Any, ...]
+    submodules: list[nn.Module]  # module.modules() without the root, in order
+    param_slots: dict[str, list[str]]
+    buffer_slots: dict[str, list[str]]
+    batchnorms: list[tuple[str, int]]  # (prefix, index into [root, *submodules])
+
+
+_STRUCTURES: weakref.WeakKeyDictionary[nn.Module, _Structure] = weakref.WeakKeyDictionary()
+
+
+def _structure_key(modules: list[nn.Module]) -> tuple[Any, ...]:
+    return tuple(
+        (id(m), tuple(m._modules), tuple(map(id, m._modules.values())),
+         tuple(m._parameters), tuple(map(id, m._parameters.values())),
+         tuple(m._buffers), tuple(map(id, m._buffers.values())))
+        for m in modules)
+
+
+def _structure(module: nn.Module) -> tuple[_Structure, list[nn.Module]]:
+    """The cached ``_Structure`` of ``module`` (recomputed if the tree changed) and its modules."""
+    cached = _STRUCTURES.get(module)
+    if cached is not None:
+        modules = [module, *cached.submodules]
+        if _structure_key(modules) == cached.key:
+            return cached, modules
+    modules = list(module.modules())
+    index = {id(m): i for i, m in enumerate(modules)}
+    structure = _Structure(
+        key=_structure_key(modules), submodules=modules[1:],
+        param_slots=_slot_names(module, module.named_parameters),
+        buffer_slots=_slot_names(module, module.named_buffers),
+        batchnorms=[(name, index[id(m)]) for name, m in _batchnorm_modules(module)])
+    _STRUCTURES[module] = structure
+    return structure, modules
+
+
 @contextmanager
-def _training_flags(module: nn.Module, training: bool) -> Iterator[None]:
-    modes = [(m, m.training) for m in module.modules()]
+def _training_flags(modules: list[nn.Module], training: bool) -> Iterator[None]:
+    # Setting ``training`` goes through ``nn.Module.__setattr__``: skip modules already right.
+    changed = [m for m in modules if m.training != training]
     try:
-        for m, _ in modes:
+        for m in changed:
             m.training = training
         yield
     finally:
-        for m, mode in modes:
-            m.training = mode
+        for m in changed:
+            m.training = not training
 
 
 def _batchnorm_forward(bn: _BatchNorm, prefix: str, bn_mode: BatchNormMode, training: bool,
@@ -169,11 +221,11 @@ def _batchnorm_forward(bn: _BatchNorm, prefix: str, bn_mode: BatchNormMode, trai
 
 
 @contextmanager
-def _functional_batchnorm(module: nn.Module, bn_mode: BatchNormMode, training: bool,
-                          updates: Buffers) -> Iterator[None]:
+def _functional_batchnorm(batchnorms: list[tuple[str, _BatchNorm]], bn_mode: BatchNormMode,
+                          training: bool, updates: Buffers) -> Iterator[None]:
     patched = []
     try:
-        for prefix, bn in _batchnorm_modules(module):
+        for prefix, bn in batchnorms:
             bn.forward = functools.partial(  # type: ignore[method-assign]
                 _batchnorm_forward, bn, f"{prefix}." if prefix else "", bn_mode, training,
                 updates)
@@ -213,10 +265,12 @@ def forward(
     """
     bn_mode = BatchNormMode(bn_mode)
     updates: Buffers = {}
-    with _training_flags(module, training), _functional_batchnorm(module, bn_mode, training,
-                                                                  updates):
-        output = functional_call(module, _slots(module, params, buffers), args, kwargs,
-                                 tie_weights=False, strict=False)
+    structure, modules = _structure(module)
+    batchnorms = [(prefix, modules[i]) for prefix, i in structure.batchnorms]
+    slots = _slots(module, structure, params, buffers)
+    with _training_flags(modules, training), _functional_batchnorm(
+            batchnorms, bn_mode, training, updates):  # type: ignore[arg-type]
+        output = functional_call(module, slots, args, kwargs, tie_weights=False, strict=False)
     return output, {**buffers, **updates}
 
 
@@ -241,20 +295,22 @@ def _slot_names(module: nn.Module, named: Callable[..., Iterator[tuple[str, Tens
     return slots
 
 
-def _slots(module: nn.Module, params: Params, buffers: Buffers) -> dict[str, Tensor]:
+def _slots(module: nn.Module, structure: _Structure, params: Params, buffers: Buffers
+           ) -> dict[str, Tensor]:
     """The tensors to swap into ``module``: each slot once, with a clear error on bad names."""
     swapped: dict[str, Tensor] = {}
-    for kind, given, named in (("params", params, module.named_parameters),
-                               ("buffers", buffers, module.named_buffers)):
-        slots = _slot_names(module, named)
-        missing, extra = sorted(set(slots) - set(given)), sorted(set(given) - set(slots))
-        if missing or extra:
+    for kind, given, slots in (("params", params, structure.param_slots),
+                               ("buffers", buffers, structure.buffer_slots)):
+        if given.keys() != slots.keys():
+            missing, extra = sorted(set(slots) - set(given)), sorted(set(given) - set(slots))
             raise ValueError(
                 f"{kind} do not match {type(module).__name__}: missing {missing}, unexpected "
                 f"{extra}. Pass every {kind[:-1]} by its name in module.named_{kind[:-1]}"
                 f"{'eters' if kind == 'params' else 's'}() (params_of / initial_buffers).")
         for name, names in slots.items():
-            swapped.update(dict.fromkeys(names, given[name]))
+            tensor = given[name]
+            for slot in names:
+                swapped[slot] = tensor
     return swapped
 
 

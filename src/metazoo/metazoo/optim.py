@@ -195,7 +195,11 @@ class SGD(InnerOptimizer):
                     buf = momentum * state["momentum_buffer"][name] + (1 - dampening) * d
                 new_buffers[name] = buf
                 d = d + momentum * buf if self.nesterov else buf
-            new_params[name] = p - self._get("lr", name, k) * d
+            lr = self._get("lr", name, k)
+            # A float rate fuses the scale into the subtraction (one autograd node instead of
+            # two; the same arithmetic as torch.optim.SGD's ``add_(d, alpha=-lr)``).
+            new_params[name] = (p - lr * d if isinstance(lr, Tensor)
+                                else torch.add(p, d, alpha=-lr))
         new_state: OptState = {"step": k + 1}
         if "momentum_buffer" in state:
             new_state["momentum_buffer"] = new_buffers
