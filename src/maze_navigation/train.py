@@ -26,15 +26,15 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from dataclasses import asdict, dataclass, fields
-from pathlib import Path
 from typing import Any
 
 import torch
 from agents import make_agent
 from env import NUM_ACTIONS, Maze
 from torch import Tensor, nn
+
+from metazoo import atomic_save
 
 __all__ = [
     "A2CLoss",
@@ -426,20 +426,7 @@ def save_checkpoint(state: dict[str, Any], path: str | os.PathLike[str]) -> None
 
     A crash mid-write leaves the previous checkpoint intact.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates owner-only files; a checkpoint is shareable
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_save(state, path)
 
 
 def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:

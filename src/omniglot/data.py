@@ -30,7 +30,6 @@ import json
 import math
 import os
 import random
-import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -40,6 +39,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
+
+from metazoo import atomic_save
 
 __all__ = [
     "RESIZE_MODES",
@@ -115,17 +116,6 @@ def _decode(path: str, resize: str) -> np.ndarray:
     return np.round(ink * 255.0).astype(np.uint8)
 
 
-def _atomic_save(obj: object, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def load_alphabets(root: str | os.PathLike, *, resize: str = "area",
                    cache_dir: str | os.PathLike | None = None) -> dict[str, list[Tensor]]:
     """All alphabets as ``{name: [uint8 tensor (drawings, 28, 28) per character]}``.
@@ -149,7 +139,7 @@ def load_alphabets(root: str | os.PathLike, *, resize: str = "area",
     data = {a.name: [torch.from_numpy(np.stack([_decode(p, resize) for p in paths]))
                      for _, paths in a.characters] for a in alphabets}
     cache.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_save(data, cache)
+    atomic_save(data, cache)
     return data
 
 

@@ -21,11 +21,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import random
 import re
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -37,7 +35,7 @@ import torch
 from data import RESIZE_MODES, TaskSampler, load_alphabets, make_split
 from wrapper import METHODS, LearnerConfig, build_learner, score
 
-from metazoo import MetaLearner, MetaStepResult, Task, distributed
+from metazoo import MetaLearner, MetaStepResult, Task, atomic_save, distributed
 
 LOG_LINE = re.compile(r"^results_.*\.log$")
 
@@ -215,18 +213,6 @@ def truncate_logs(log_dir: Path, step: int, *, drop_test: bool) -> None:
         lines = path.read_text().splitlines(keepends=True)
         kept = [ln for ln in lines if ln.endswith("\n") and int(ln.split(",", 1)[0]) <= step]
         path.write_text("".join(kept))
-
-
-def atomic_save(obj: object, path: Path) -> None:
-    """``torch.save`` to a temporary file, then ``os.replace``: never a half-written file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 # -- state ------------------------------------------------------------------------------------

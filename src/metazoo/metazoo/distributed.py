@@ -42,7 +42,6 @@ import hashlib
 import math
 import os
 import random
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -55,6 +54,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from metazoo.learner import EvalResult, MetaLearner, MetaStepResult, Task
+from metazoo.serialization import atomic_save
 
 __all__ = [
     "DEFAULT_TIMEOUT",
@@ -275,14 +275,7 @@ def save_checkpoint(state: Any, path: str | os.PathLike[str], *, group: Group = 
         if not target.parent.is_dir():
             raise ValueError(f"path={str(path)!r}: folder {str(target.parent)!r} does not "
                              f"exist; create it first")
-        handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
-        try:
-            with os.fdopen(handle, "wb") as file:
-                torch.save(state, file)
-            os.replace(temporary, target)
-        except BaseException:
-            Path(temporary).unlink(missing_ok=True)
-            raise
+        atomic_save(state, target)
     barrier(group)
 
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from metazoo import Params
+from metazoo import Params, atomic_save
 
 __all__ = ["ReplayBuffer", "ReplayState"]
 
@@ -51,10 +51,9 @@ def _copy(tensors: Params | None, device: torch.device | str | None) -> Params |
 
 
 def _atomic_save(obj: Any, path: str) -> None:
-    # A crash mid-write must never leave a truncated file that a later replay would load.
-    partial = path + ".partial"
-    torch.save(obj, partial)
-    os.replace(partial, path)
+    # A crash mid-write must never leave a truncated file that a later replay would load; the
+    # files die with the buffer, so no fsync.
+    atomic_save(obj, path, durable=False)
 
 
 class ReplayBuffer:
