@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 from data import RESIZE_MODES, TaskSampler, load_alphabets, make_split
-from wrapper import METHODS, LearnerConfig, build_learner, score
+from wrapper import HEAD_POLICIES, METHODS, LearnerConfig, build_learner, score
 
 from metazoo import MetaLearner, MetaStepResult, Task, atomic_save, distributed
 
@@ -131,6 +131,9 @@ def make_parser() -> argparse.ArgumentParser:
     a("--bn_mode", choices=("batch", "running"), default="batch",
       help="BatchNorm statistics: batch (transductive, reference) or per-task running")
     a("--meta_model", default="warp_leap", choices=METHODS)
+    a("--head_policy", default="meta", choices=HEAD_POLICIES,
+      help="meta: every method meta-learns its head (default); reference: the reference "
+           "code's per-method heads (see wrapper.py)")
     a("--efficient", action="store_true", help="checkpointed unrolls (MAML through 100 steps)")
     a("--inner_opt", default="sgd", help="sgd | adam | rmsprop")
     a("--outer_opt", default="sgd", help="sgd | adam | rmsprop")
@@ -182,7 +185,7 @@ def learner_config(args: argparse.Namespace) -> LearnerConfig:
         outer_opt=args.outer_opt.lower(), inner_kwargs=args.inner_kwargs,
         outer_kwargs=args.outer_kwargs, meta_kwargs=args.meta_kwargs,
         warp_layer=args.warp_layer, warp_kwargs=warp, warp_final_head=args.warp_final_head,
-        bn_mode=args.bn_mode, efficient=args.efficient)
+        bn_mode=args.bn_mode, efficient=args.efficient, head_policy=args.head_policy)
 
 
 # -- logs -------------------------------------------------------------------------------------

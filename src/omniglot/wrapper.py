@@ -7,6 +7,10 @@ Methods (all through the core interface: ``adapt``, ``meta_step``, ``evaluate``,
 ``warp_leap``  ``warpgrad.WarpGrad``: warp blocks after every conv block, initialisation learned
                with the simplified-Leap objective (``meta_kwargs``: ``warp_objective``,
                ``init_objective``)
+``warp_maml``  ``WarpMAML`` (below): the same warped net; warp layers learned with the warp
+               (replay) objective of ``warpgrad.WarpGrad``, the initialisation with MAML's
+               objective (``maml.MAML`` with the warp layers frozen); Flennerhag et al. 2020,
+               "Warp-MAML" (``meta_kwargs``: ``warp_objective``)
 ``leap``       ``leap.LeapLearner`` (``meta_kwargs``: ``norm``, ``loss``, ``stabilizer``)
 ``reptile``    ``maml.Reptile``
 ``fomaml``     ``maml.MAML(first_order=True)``
@@ -21,9 +25,20 @@ Methods (all through the core interface: ``adapt``, ``meta_step``, ``evaluate``,
 ``FineTune`` and ``NoMeta`` live here because they are baselines of this experiment, not
 meta-learning algorithms.
 
-Head policy: every method that meta-learns an initialisation meta-learns the head too (the
-reference's behaviour for all of them); ``ft`` cannot (its pretraining heads belong to the
-training tasks) and starts each task from a zero head; ``no`` starts from a random one.
+Head policy (``LearnerConfig.head_policy``, ``--head_policy``):
+
+* ``"meta"`` (default), one policy for every method: a method that meta-learns an
+  initialisation meta-learns the head with it; ``ft`` (whose pretraining heads belong to the
+  training tasks) starts each task from a zero head and ``no`` from a fresh random network.
+* ``"reference"``, the reference code's per-method behaviour (flennerhag/warpgrad,
+  ``src/omniglot``): its ``init_adaptation`` called ``head.reset_parameters()`` before every
+  task's adaptation, which the WarpGrad wrapper then overwrote with the meta-learned
+  initialisation and ``MAMLWrapper`` never called. So ``warp_leap``, ``maml`` keep a
+  meta-learned head; ``leap``, ``reptile``, ``fomaml`` start every task (meta-training and
+  evaluation) from a fresh random head, whose meta-gradient is dropped (``RandomHead``); ``no``
+  reuses one fixed random body with a fresh random head per task; ``ft`` pretrains one head
+  shared by all training tasks (the reference's ``ModuleList([linear] * 50)`` holds one module
+  50 times) and starts test tasks from it. Methods the reference lacks keep the default.
 """
 
 from __future__ import annotations
@@ -45,9 +60,13 @@ import metazoo
 import warpgrad
 from metazoo import Adapted, EvalResult, MetaLearner, MetaStepResult, Task
 
-__all__ = ["METHODS", "FineTune", "LearnerConfig", "NoMeta", "build_learner", "score"]
+__all__ = ["HEAD_POLICIES", "METHODS", "FineTune", "LearnerConfig", "NoMeta", "RandomHead",
+           "WarpMAML", "build_learner", "score"]
 
-METHODS = ("warp_leap", "leap", "reptile", "fomaml", "maml", "imaml", "anil", "ft", "no")
+METHODS = ("warp_leap", "warp_maml", "leap", "reptile", "fomaml", "maml", "imaml", "anil", "ft",
+           "no")
+
+HEAD_POLICIES = ("meta", "reference")
 
 _INNER = {"sgd": metazoo.SGD, "adam": metazoo.Adam, "rmsprop": metazoo.RMSprop}
 _OUTER = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "rmsprop": torch.optim.RMSprop}
@@ -77,6 +96,7 @@ class LearnerConfig:
     warp_final_head: bool = False
     bn_mode: str = "batch"
     efficient: bool = False
+    head_policy: str = "meta"
 
 
 def _inner_optimizer(cfg: LearnerConfig) -> metazoo.InnerOptimizer:
@@ -113,13 +133,18 @@ def build_learner(cfg: LearnerConfig) -> MetaLearner:
         ValueError: for an unknown name or an option the method does not have.
     """
     name = cfg.meta_model
+    if cfg.head_policy not in HEAD_POLICIES:
+        raise ValueError(f"--head_policy {cfg.head_policy!r} is not one of {list(HEAD_POLICIES)}")
+    reference = cfg.head_policy == "reference"
     common = {"criterion": F.cross_entropy, "inner_optimizer": _inner_optimizer(cfg),
               "inner_steps": cfg.task_train_steps, "eval_inner_steps": cfg.task_val_steps,
               "meta_optimizer": _meta_optimizer(cfg), "bn_mode": cfg.bn_mode}
-    if name == "warp_leap":
-        _unused(cfg, ("warp_objective", "init_objective"))
+    if name in ("warp_leap", "warp_maml"):
+        init_default = "simplified_leap" if name == "warp_leap" else "none"
+        _unused(cfg, ("warp_objective", "init_objective") if name == "warp_leap"
+                else ("warp_objective",))
         if cfg.inner_opt != "sgd" or set(cfg.inner_kwargs) - {"lr", "momentum"}:
-            raise ValueError(f"warp_leap adapts with SGD (lr, momentum) from "
+            raise ValueError(f"{name} adapts with SGD (lr, momentum) from "
                              f"warpgrad.OptimizerParameters; got --inner_opt {cfg.inner_opt} "
                              f"--inner_kwargs {cfg.inner_kwargs}")
         net = WarpedOmniConv(**_net_kwargs(cfg), warp_layer=cfg.warp_layer,
@@ -127,43 +152,51 @@ def build_learner(cfg: LearnerConfig) -> MetaLearner:
         updater = warpgrad.DualUpdater(
             F.cross_entropy, warp_objective=cfg.meta_kwargs.get("warp_objective",
                                                                 "stop_gradient"),
-            init_objective=cfg.meta_kwargs.get("init_objective", "simplified_leap"),
+            init_objective=cfg.meta_kwargs.get("init_objective", init_default),
             bn_mode=cfg.bn_mode)
         params = warpgrad.OptimizerParameters(
             default_lr=float(cfg.inner_kwargs.get("lr", 0.1)),
             default_momentum=float(cfg.inner_kwargs.get("momentum", 0.0)))
         warp = warpgrad.Warp(net, net.adapt_modules(), net.warp_modules(), updater,
                              warpgrad.ReplayBuffer(), optimizer_parameters=params)
-        return _WarpGrad(warpgrad.WarpGrad(warp, inner_steps=cfg.task_train_steps,
-                                           meta_optimizer=common["meta_optimizer"],
-                                           bn_mode=cfg.bn_mode), cfg.task_val_steps)
+        learner = warpgrad.WarpGrad(warp, inner_steps=cfg.task_train_steps,
+                                    meta_optimizer=common["meta_optimizer"], bn_mode=cfg.bn_mode)
+        if name == "warp_leap":
+            return _WarpGrad(learner, cfg.task_val_steps)
+        return WarpMAML(learner, eval_inner_steps=cfg.task_val_steps,
+                        inner_optimizer=common["inner_optimizer"],
+                        checkpoint=True if cfg.efficient else None)
     if name == "leap":
         _unused(cfg, ("norm", "loss", "stabilizer"))
-        return leap.LeapLearner(model=OmniConv(**_net_kwargs(cfg)), **common, **cfg.meta_kwargs)
+        learner: MetaLearner = leap.LeapLearner(model=OmniConv(**_net_kwargs(cfg)), **common,
+                                                **cfg.meta_kwargs)
+        return RandomHead(learner) if reference else learner
     if name == "reptile":
         _unused(cfg, ())
-        return maml.Reptile(model=OmniConv(**_net_kwargs(cfg)), **common)
+        learner = maml.Reptile(model=OmniConv(**_net_kwargs(cfg)), **common)
+        return RandomHead(learner) if reference else learner
     if name in ("maml", "fomaml", "anil"):
         _unused(cfg, ("learn_inner_lr", "per_step_inner_lr", "inner_grad_clip",
                       "backward_grad_clip"))
         frozen = (lambda n: not n.startswith("head.")) if name == "anil" else None
-        return maml.MAML(model=OmniConv(**_net_kwargs(cfg)), **common,
-                         first_order=name == "fomaml", frozen=frozen,
-                         checkpoint=True if cfg.efficient else None, **cfg.meta_kwargs)
+        learner = maml.MAML(model=OmniConv(**_net_kwargs(cfg)), **common,
+                            first_order=name == "fomaml", frozen=frozen,
+                            checkpoint=True if cfg.efficient else None, **cfg.meta_kwargs)
+        return RandomHead(learner) if reference and name == "fomaml" else learner
     if name == "imaml":
         _unused(cfg, ("lam", "cg_steps", "damping", "inner_grad_clip"))
         return maml.iMAML(model=OmniConv(**_net_kwargs(cfg)), **common, **cfg.meta_kwargs)
     if name == "ft":
         _unused(cfg, ())
         return FineTune(model=MultiHeadOmniConv(**_net_kwargs(cfg),
-                                                num_heads=cfg.num_train_tasks),
-                        eval_model=OmniConv(**_net_kwargs(cfg)), **common)
+                                                num_heads=1 if reference else cfg.num_train_tasks),
+                        eval_model=OmniConv(**_net_kwargs(cfg)), shared_head=reference,
+                        **common)
     if name == "no":
         _unused(cfg, ())
         common.pop("inner_steps")
-        return NoMeta(model=OmniConv(**_net_kwargs(cfg)), **common)
-    raise ValueError(f"--meta_model {name!r} is not one of {list(METHODS)} (warp_maml is not "
-                     "available: warpgrad.WarpGrad has no MAML init objective)")
+        return NoMeta(model=OmniConv(**_net_kwargs(cfg)), fixed_body=reference, **common)
+    raise ValueError(f"--meta_model {name!r} is not one of {list(METHODS)}")
 
 
 class _WarpGrad(MetaLearner):
@@ -188,6 +221,182 @@ class _WarpGrad(MetaLearner):
     def evaluate(self, tasks: Sequence[Task], *, steps: int | None = None) -> EvalResult:
         return self.inner.evaluate(tasks,
                                    steps=self.eval_inner_steps if steps is None else steps)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.inner.load_state_dict(state)
+
+
+class WarpMAML(MetaLearner):
+    """Warp-MAML: warp layers by the warp (replay) objective, initialisation by MAML's.
+
+    Update rule (Flennerhag et al., "Meta-Learning with Warped Gradient Descent", ICLR 2020,
+    Warp-MAML): with warp parameters phi fixed during adaptation, the initialisation theta0 gets
+    the MAML meta-gradient d/dtheta0 of the mean query loss after the K warped inner steps
+    (second order through the unroll, phi static), and phi gets WarpGrad's warp-objective
+    gradient over the replayed trajectories. It is composed from the packages, unchanged:
+
+    * ``warp``: a ``warpgrad.WarpGrad`` whose updater has ``init_objective="none"``; it adapts
+      (from ``Warp``'s initialisation tensors) and gives the warp parameters their gradient.
+    * ``maml``: a ``maml.MAML`` over the same network with the warp parameters ``frozen``
+      (static in the unroll). Before each use the network's adaptable parameters are set to
+      the initialisation; its meta-gradient on them is moved to the initialisation tensors, and
+      what it gives the warp parameters is dropped (they keep the warp objective only).
+
+    The meta-parameters and the one meta-optimizer are ``warp``'s (warp layers, initialisation,
+    learned inner rates), so each tensor is stepped exactly once; ``maml``'s own meta-optimizer
+    is never stepped. Both adapt identically (SGD from the initialisation with fixed warp
+    layers), so ``adapt``/``evaluate`` use ``warp``'s.
+    """
+
+    def __init__(self, warp: warpgrad.WarpGrad, *, eval_inner_steps: int,
+                 inner_optimizer: metazoo.InnerOptimizer,
+                 checkpoint: bool | int | None = None) -> None:
+        if warp.updater.init_objective is not None:
+            raise ValueError(f"WarpMAML learns the initialisation with MAML's objective; the "
+                             f"WarpGrad updater's init_objective must be 'none', got "
+                             f"{warp.updater.init_objective}")
+        if warp.warp.learn_optimizer:
+            raise ValueError("WarpMAML does not learn inner learning rates (maml.MAML would "
+                             "not see them); build OptimizerParameters(trainable=False)")
+        self.warp = warp
+        self.model = warp.model
+        self.meta_optimizer = warp.meta_optimizer
+        self.bn_mode = warp.bn_mode
+        self.eval_inner_steps = eval_inner_steps
+        warp_names = {n for n, _ in warp.warp.named_warp_parameters()}
+        # Never stepped: WarpGrad's meta-optimizer owns every tensor (SGD lr 0 has no state).
+        self.maml = maml.MAML(model=self.model, criterion=warp.updater.criterion,
+                              inner_optimizer=inner_optimizer, inner_steps=warp.inner_steps,
+                              eval_inner_steps=eval_inner_steps, bn_mode=warp.bn_mode,
+                              frozen=sorted(warp_names), checkpoint=checkpoint,
+                              meta_optimizer=lambda ps: torch.optim.SGD(ps, lr=0.0))
+
+    def named_meta_parameters(self):  # type: ignore[no-untyped-def]
+        return self.warp.named_meta_parameters()
+
+    def _sync(self) -> dict[str, nn.Parameter]:
+        """Copies the initialisation into the network's adaptable parameters."""
+        adapt = dict(self.warp.warp.named_adapt_parameters())
+        with torch.no_grad():
+            for n, p in self.warp.warp.named_init_parameters():
+                adapt[n].copy_(p)
+        return adapt
+
+    def adapt(self, task: Task, *, steps: int | None = None) -> Adapted:
+        return self.warp.adapt(task, steps=self.eval_inner_steps if steps is None else steps)
+
+    def meta_backward(self, tasks: Sequence[Task]) -> MetaStepResult:
+        """MAML meta-gradient into the initialisation, then WarpGrad's warp gradient."""
+        adapt = self._sync()
+        named = dict(self.model.named_parameters())
+        # Keep whatever .grad already holds (meta_backward accumulates); MAML's contribution to
+        # the network's own tensors is removed again below.
+        saved = {n: None if p.grad is None else p.grad.clone() for n, p in named.items()}
+        for p in named.values():
+            p.grad = None
+        result = self.maml.meta_backward(tasks)
+        init = dict(self.warp.warp.named_init_parameters())
+        for n, p in adapt.items():
+            if p.grad is not None:
+                target = init[n]
+                target.grad = p.grad.clone() if target.grad is None else target.grad + p.grad
+        for n, p in named.items():
+            p.grad = saved[n]
+        warp_result = self.warp.meta_backward(tasks)
+        return MetaStepResult(result.meta_loss, result.inner_loss, result.accuracy,
+                              result.inner_losses, result.num_tasks,
+                              result.seconds + warp_result.seconds, result.skipped_tasks)
+
+    def evaluate(self, tasks: Sequence[Task], *, steps: int | None = None) -> EvalResult:
+        return self.warp.evaluate(tasks,
+                                  steps=self.eval_inner_steps if steps is None else steps)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.warp.state_dict()
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.warp.load_state_dict(state)
+        self._sync()
+
+
+class RandomHead(MetaLearner):
+    """The reference's head policy for Leap, Reptile and FOMAML: a random head per task.
+
+    Before each task's adaptation (meta-training and evaluation) the network's ``head`` is
+    redrawn with ``reset_parameters()`` (global torch RNG), as the reference's
+    ``OmniConv.init_adaptation`` did; the body stays the meta-learned initialisation. Tasks go
+    through ``inner`` one at a time so each gets its own head; the meta-gradient of the mean
+    (all three objectives are means of per-task terms) is the sum of the per-task gradients
+    over the number of tasks. The head's meta-gradient is dropped: its initialisation is never
+    used.
+    """
+
+    def __init__(self, inner: MetaLearner) -> None:
+        head = getattr(inner.model, "head", None)
+        if not isinstance(head, nn.Linear):
+            raise ValueError(f"RandomHead needs a model with a linear .head, got "
+                             f"{type(inner.model).__name__}")
+        self.inner = inner
+        self.model = inner.model
+        self.meta_optimizer = inner.meta_optimizer
+        self.bn_mode = getattr(inner, "bn_mode", "batch")
+
+    def named_meta_parameters(self):  # type: ignore[no-untyped-def]
+        return self.inner.named_meta_parameters()
+
+    def draw_head(self) -> None:
+        """Redraws the head in place, as ``nn.Linear.reset_parameters`` initialises it."""
+        with torch.no_grad():
+            self.model.head.reset_parameters()
+
+    def adapt(self, task: Task, *, steps: int | None = None) -> Adapted:
+        self.draw_head()
+        return self.inner.adapt(task, steps=steps)
+
+    def meta_backward(self, tasks: Sequence[Task]) -> MetaStepResult:
+        if not tasks:
+            raise ValueError("meta_backward needs at least one task, got an empty list")
+        start = time.perf_counter()
+        params = [p for _, p in self.named_meta_parameters()]
+        saved = [None if p.grad is None else p.grad.clone() for p in params]
+        for p in params:
+            p.grad = None
+        results = []
+        for task in tasks:
+            self.draw_head()
+            results.append(self.inner.meta_backward([task]))
+        with torch.no_grad():
+            for p, old in zip(params, saved, strict=True):
+                new = None if p.grad is None else p.grad / len(tasks)
+                p.grad = old if new is None else new if old is None else old + new
+        for p in self.model.head.parameters():
+            # Never used as an initialisation, so never stepped (None: optimizers skip it).
+            p.grad = None
+        n = len(results)
+        accs = [r.accuracy for r in results]
+        curve = tuple(sum(c) / n for c in zip(*(r.inner_losses for r in results), strict=True))
+        return MetaStepResult(sum(r.meta_loss for r in results) / n,
+                              sum(r.inner_loss for r in results) / n,
+                              None if any(a is None for a in accs) else sum(accs) / n,
+                              curve, len(tasks), time.perf_counter() - start,
+                              sum(r.skipped_tasks for r in results))
+
+    def evaluate(self, tasks: Sequence[Task], *, steps: int | None = None) -> EvalResult:
+        if not tasks:
+            raise ValueError("evaluate needs at least one task, got an empty list")
+        results = []
+        for task in tasks:
+            self.draw_head()
+            results.append(self.inner.evaluate([task], steps=steps))
+        n = len(results)
+        accs = [r.accuracy for r in results]
+        curve = tuple(sum(c) / n for c in zip(*(r.inner_losses for r in results), strict=True))
+        return EvalResult(sum(r.loss for r in results) / n,
+                          None if any(a is None for a in accs) else sum(accs) / n, curve, n,
+                          tuple(r.per_task[0] for r in results))
 
     def state_dict(self) -> dict[str, Any]:
         return self.inner.state_dict()
@@ -246,10 +455,14 @@ class FineTune(MetaLearner):
                  criterion: Callable[[Tensor, Tensor], Tensor],
                  inner_optimizer: metazoo.InnerOptimizer, inner_steps: int,
                  eval_inner_steps: int, meta_optimizer: Callable[..., torch.optim.Optimizer],
-                 bn_mode: str = "batch") -> None:
+                 bn_mode: str = "batch", shared_head: bool = False) -> None:
         if not isinstance(model, MultiHeadOmniConv):
             raise ValueError(f"model must be a MultiHeadOmniConv, got {type(model).__name__}")
         del criterion  # the pretraining loss is the multi-head cross-entropy
+        if shared_head and len(model.heads) != 1:
+            raise ValueError(f"shared_head=True needs a MultiHeadOmniConv with num_heads=1, got "
+                             f"{len(model.heads)}")
+        self.shared_head = shared_head
         self.model = model
         self.eval_model = eval_model
         self.inner_optimizer = inner_optimizer
@@ -261,7 +474,11 @@ class FineTune(MetaLearner):
     def _loss(self, tasks: Sequence[Task], k: int) -> Tensor:
         x = torch.cat([t.support[k % len(t.support)][0] for t in tasks])
         y = torch.cat([t.support[k % len(t.support)][1] for t in tasks])
-        return multi_head_loss(self.model(x), y)
+        return multi_head_loss(self.model(x), self._targets(y))
+
+    def _targets(self, y: Tensor) -> Tensor:
+        # One shared head: every task's labels go to head 0.
+        return y % self.model.classes if self.shared_head else y
 
     def meta_backward(self, tasks: Sequence[Task]) -> MetaStepResult:
         """Gradient of the mean multi-head loss on every task's first support batch."""
@@ -289,7 +506,7 @@ class FineTune(MetaLearner):
             losses.append(loss.detach())
         with torch.no_grad():
             x = torch.cat([t.query[0] for t in tasks])
-            y = torch.cat([t.query[1] for t in tasks])
+            y = self._targets(torch.cat([t.query[1] for t in tasks]))
             out = self.model(x)
             query_loss, query_acc = multi_head_loss(out, y), multi_head_accuracy(out, y)
         curve = tuple(torch.stack(losses).tolist())
@@ -297,9 +514,13 @@ class FineTune(MetaLearner):
                               time.perf_counter() - start)
 
     def adapt(self, task: Task, *, steps: int | None = None) -> Adapted:
-        """Body from pretraining, a zero head, ``steps`` inner steps on the task."""
+        """Body from pretraining, a zero head (the shared head with ``shared_head``), ``steps``
+        inner steps on the task."""
         body = {n: p.detach() for n, p in self.model.named_parameters()
                 if not n.startswith("heads.")}
+        if self.shared_head:
+            head = self.model.heads[0]
+            body.update({"head." + n: p.detach() for n, p in head.named_parameters()})
         params = {n: body[n].clone() if n in body else torch.zeros_like(p)
                   for n, p in self.eval_model.named_parameters()}
         missing = sorted(n for n in body if n not in params)
@@ -315,6 +536,9 @@ class FineTune(MetaLearner):
 class NoMeta(MetaLearner):
     """No meta-learning: each task trains a freshly initialised network (global torch RNG).
 
+    With ``fixed_body`` (the reference's ``no``) every task starts from the model's own body,
+    one fixed random initialisation, and only the head is redrawn per task.
+
     ``meta_learns = False`` tells ``main.py`` to skip meta-training; ``meta_backward`` adapts
     and scores the tasks but writes no gradient.
     """
@@ -324,8 +548,9 @@ class NoMeta(MetaLearner):
     def __init__(self, *, model: nn.Module, criterion: Callable[[Tensor, Tensor], Tensor],
                  inner_optimizer: metazoo.InnerOptimizer, eval_inner_steps: int,
                  meta_optimizer: Callable[..., torch.optim.Optimizer],
-                 bn_mode: str = "batch") -> None:
+                 bn_mode: str = "batch", fixed_body: bool = False) -> None:
         del criterion
+        self.fixed_body = fixed_body
         self.model = model
         self.inner_optimizer = inner_optimizer
         self.eval_inner_steps = eval_inner_steps
@@ -334,7 +559,8 @@ class NoMeta(MetaLearner):
 
     def _fresh(self) -> dict[str, Tensor]:
         net = copy.deepcopy(self.model)
-        for m in net.modules():
+        # fixed_body: the reference reloaded one fixed random network and then redrew its head.
+        for m in [net.head] if self.fixed_body else net.modules():
             if m is not net and hasattr(m, "reset_parameters"):
                 m.reset_parameters()
         return {n: p.detach() for n, p in net.named_parameters()}

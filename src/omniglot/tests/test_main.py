@@ -103,7 +103,7 @@ def _assert_same_logs(a: Path, b: Path) -> None:
     assert json.loads((a / "done.json").read_text()) == json.loads((b / "done.json").read_text())
 
 
-@pytest.mark.parametrize("method", ["warp_leap", "maml", "ft"])
+@pytest.mark.parametrize("method", ["warp_leap", "warp_maml", "maml", "ft"])
 def test_stop_and_resume_gives_identical_logs(tiny, omniglot_root, tmp_path, method):
     full = tiny(omniglot_root, tmp_path, method, "--meta_train_steps", "4", "--test_ival", "2")
     main.main([*full, "--suffix", "straight"])
@@ -161,3 +161,12 @@ def test_progress_line_has_eta(tiny, omniglot_root, tmp_path, capsys):
     main.main(tiny(omniglot_root, tmp_path, "fomaml", "--log_ival", "1"))
     out = capsys.readouterr().out
     assert "[step 2/2]" in out and "eta 00:00:00" in out and "s/step" in out
+
+
+@pytest.mark.parametrize("method", ["reptile", "ft", "no"])
+def test_reference_head_policy_runs(tiny, omniglot_root, tmp_path, method):
+    acc = main.main(tiny(omniglot_root, tmp_path, method, "--head_policy", "reference"))
+    assert 0.0 <= acc <= 1.0
+    assert "head_policy" in (tmp_path / method / "tmp" / "args.log").read_text()
+    with pytest.raises(SystemExit):
+        main.parse_args(tiny(omniglot_root, tmp_path, method, "--head_policy", "bogus"))

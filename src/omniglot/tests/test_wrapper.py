@@ -14,7 +14,8 @@ import maml
 import metazoo
 import warpgrad
 
-EXPECTED = {"warp_leap": wrapper._WarpGrad, "leap": leap.LeapLearner, "reptile": maml.Reptile,
+EXPECTED = {"warp_leap": wrapper._WarpGrad, "warp_maml": wrapper.WarpMAML,
+            "leap": leap.LeapLearner, "reptile": maml.Reptile,
             "fomaml": maml.MAML, "maml": maml.MAML, "imaml": maml.iMAML, "anil": maml.MAML,
             "ft": wrapper.FineTune, "no": wrapper.NoMeta}
 
@@ -64,8 +65,8 @@ def test_method_options_reach_the_learner():
 
 
 def test_validation_messages_name_the_flag():
-    with pytest.raises(ValueError, match="--meta_model 'warp_maml'"):
-        wrapper.build_learner(cfg("warp_maml"))
+    with pytest.raises(ValueError, match="--meta_model 'bogus'"):
+        wrapper.build_learner(cfg("bogus"))
     with pytest.raises(ValueError, match="--meta_kwargs \\['bogus'\\]"):
         wrapper.build_learner(cfg("leap", meta_kwargs={"bogus": 1}))
     with pytest.raises(ValueError, match="--inner_opt"):
@@ -146,3 +147,191 @@ def test_no_meta_starts_every_task_from_a_fresh_init_and_never_meta_learns():
     for n, p in learner.model.named_parameters():
         assert torch.equal(p, before[n])
     assert learner.meta_learns is False
+
+
+def test_warp_maml_gradients_equal_maml_for_the_init_and_warpgrad_for_the_warp():
+    torch.manual_seed(0)
+    c = cfg("warp_maml", num_layers=2, task_train_steps=2, warp_layer="3x3",
+            inner_kwargs={"lr": 0.1})
+    learner = wrapper.build_learner(c)
+    assert isinstance(learner, wrapper.WarpMAML)
+    learner.model.double()
+    for p in learner.warp.warp.init_parameters():
+        p.data = p.data.double()
+    # Move the initialisation away from the network's own tensors: the init must be used.
+    with torch.no_grad():
+        for p in learner.warp.warp.init_parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    init = {n: p.detach().clone() for n, p in learner.warp.warp.named_init_parameters()}
+    warp_names = [n for n, _ in learner.warp.warp.named_warp_parameters()]
+    batch = tasks(2, steps=2)
+    # MAML on a copy of the network with the initialisation loaded and the warp layers frozen.
+    net = copy.deepcopy(learner.model)
+    with torch.no_grad():
+        for n, p in net.named_parameters():
+            if n in init:
+                p.copy_(init[n])
+    reference = maml.MAML(model=net, criterion=F.cross_entropy,
+                          inner_optimizer=metazoo.SGD(0.1), inner_steps=2, frozen=warp_names)
+    reference.meta_backward(batch)
+    # WarpGrad with no init objective on another copy: its warp-only gradient.
+    other = wrapper.build_learner(c)
+    other.model.double()
+    other.model.load_state_dict(net.state_dict())
+    with torch.no_grad():
+        for n, p in other.warp.warp.named_init_parameters():
+            p.data = init[n].clone()
+    other.warp.meta_backward(batch)
+    result = learner.meta_backward(batch)
+    assert result.num_tasks == 2 and len(result.inner_losses) == 2
+    ref = dict(net.named_parameters())
+    for n, p in learner.warp.warp.named_init_parameters():
+        assert torch.allclose(p.grad, ref[n].grad, atol=1e-10), n
+    theirs = dict(other.model.named_parameters())
+    for n, p in learner.warp.warp.named_warp_parameters():
+        assert theirs[n].grad is not None and theirs[n].grad.abs().sum() > 0, n
+        assert torch.allclose(p.grad, theirs[n].grad, atol=1e-10), n
+    # The network's own adaptable tensors get nothing: the initialisation tensors own the step.
+    model_params = dict(learner.model.named_parameters())
+    assert all(model_params[n].grad is None for n in init)
+    stepped = {id(p) for g in learner.meta_optimizer.param_groups for p in g["params"]}
+    assert len(stepped) == len(list(learner.meta_parameters()))
+    assert {id(p) for p in learner.warp.warp.init_parameters()} <= stepped
+    assert not {id(model_params[n]) for n in init} & stepped
+
+
+def test_warp_maml_state_dict_round_trips():
+    torch.manual_seed(0)
+    c = cfg("warp_maml", num_layers=2, outer_opt="adam", outer_kwargs={"lr": 1e-2})
+    learner = wrapper.build_learner(c)
+    batch = [metazoo.Task([(x.float(), y) for x, y in t.support], (t.query[0].float(),
+                                                                  t.query[1]))
+             for t in tasks(2)]
+    learner.meta_step(batch)
+    state = copy.deepcopy(learner.state_dict())
+    clone = wrapper.build_learner(c)
+    clone.load_state_dict(state)
+    torch.manual_seed(1)  # the replay objective samples states from the global RNG
+    learner.meta_step(batch)
+    torch.manual_seed(1)
+    clone.meta_step(batch)
+    for (n, p), (_, q) in zip(learner.named_meta_parameters(), clone.named_meta_parameters()):
+        assert torch.equal(p, q), n
+    with pytest.raises(ValueError, match="init_objective"):
+        wrapper.build_learner(cfg("warp_maml", meta_kwargs={"init_objective": "leap"}))
+
+
+def test_reference_head_policy_changes_only_the_reference_methods():
+    with pytest.raises(ValueError, match="--head_policy 'bogus'"):
+        wrapper.build_learner(cfg("maml", head_policy="bogus"))
+    for method in ("leap", "reptile", "fomaml"):
+        learner = wrapper.build_learner(cfg(method, head_policy="reference"))
+        assert isinstance(learner, wrapper.RandomHead)
+        assert isinstance(learner.inner, EXPECTED[method])
+        assert learner.meta_optimizer is learner.inner.meta_optimizer
+    for method in ("warp_leap", "warp_maml", "maml", "imaml", "anil"):
+        assert type(wrapper.build_learner(cfg(method, head_policy="reference"))) is \
+            EXPECTED[method]
+    assert wrapper.build_learner(cfg("no", head_policy="reference")).fixed_body
+    assert not wrapper.build_learner(cfg("no")).fixed_body
+    assert len(wrapper.build_learner(cfg("ft", head_policy="reference")).model.heads) == 1
+    assert len(wrapper.build_learner(cfg("ft")).model.heads) == 2
+
+
+def _sgd_from(net, task, steps, lr=0.1):
+    opt = torch.optim.SGD(net.parameters(), lr=lr)
+    for k in range(steps):
+        opt.zero_grad()
+        F.cross_entropy(net(task.support[k % len(task.support)][0]),
+                        task.support[k % len(task.support)][1]).backward()
+        opt.step()
+    return net
+
+
+def test_random_head_fomaml_draws_a_head_per_task_and_drops_its_meta_gradient():
+    torch.manual_seed(0)
+    learner = wrapper.build_learner(cfg("fomaml", head_policy="reference", num_layers=2))
+    learner.model.double()
+    batch = tasks(2, steps=2)
+    start = copy.deepcopy(learner.model)
+    torch.manual_seed(5)
+    result = learner.meta_backward(batch)
+    # Plain autograd: per task, the body from the initialisation, a head drawn from the same
+    # RNG stream, two SGD steps, then the query-loss gradient at the adapted weights; the mean.
+    torch.manual_seed(5)
+    expected = {n: torch.zeros_like(p) for n, p in start.named_parameters()}
+    for task in batch:
+        net = copy.deepcopy(start)
+        net.head.reset_parameters()
+        _sgd_from(net, task, 2)
+        net.zero_grad()
+        F.cross_entropy(net(task.query[0]), task.query[1]).backward()
+        for n, p in net.named_parameters():
+            expected[n] += p.grad / len(batch)
+    for n, p in learner.model.named_parameters():
+        if n.startswith("head."):
+            assert p.grad is None, n
+        else:
+            assert torch.allclose(p.grad, expected[n], atol=1e-10), n
+    assert result.num_tasks == 2 and len(result.inner_losses) == 2
+    # adapt and evaluate redraw the head too: the same RNG state gives the same head.
+    task = batch[0]
+    torch.manual_seed(7)
+    a = learner.adapt(task, steps=1)
+    torch.manual_seed(7)
+    net = copy.deepcopy(learner.model)
+    net.head.reset_parameters()
+    _sgd_from(net, task, 1)
+    for n, p in net.named_parameters():
+        assert torch.allclose(a.params[n], p, atol=1e-12), n
+    b = learner.adapt(task, steps=1)
+    assert not torch.equal(a.params["head.weight"], b.params["head.weight"])
+    torch.manual_seed(7)
+    ev = learner.evaluate([task], steps=1)
+    assert ev.loss == pytest.approx(wrapper.score(learner, a, task.query)[0], abs=1e-10)
+
+
+def test_reference_no_reuses_one_fixed_body_with_a_fresh_head():
+    learner = wrapper.build_learner(cfg("no", head_policy="reference"))
+    learner.model.double()
+    task = tasks(1)[0]
+    torch.manual_seed(3)
+    a = learner.adapt(task, steps=1)
+    b = learner.adapt(task, steps=1)
+    assert not torch.equal(a.params["head.weight"], b.params["head.weight"])
+    torch.manual_seed(3)
+    net = copy.deepcopy(learner.model)
+    net.head.reset_parameters()
+    _sgd_from(net, task, 1)
+    for n, p in net.named_parameters():
+        assert torch.allclose(a.params[n], p, atol=1e-12), n
+
+
+def test_reference_ft_pretrains_one_shared_head_and_fine_tunes_from_it():
+    torch.manual_seed(0)
+    learner = wrapper.build_learner(cfg("ft", head_policy="reference", task_train_steps=2,
+                                        task_val_steps=2, num_layers=2))
+    learner.model.double()
+    learner.eval_model.double()
+    batch = tasks(2, steps=2, heads=True)  # targets head * classes + label, as main.py writes
+    reference = copy.deepcopy(learner.model)
+    learner.meta_step(batch)
+    opt = torch.optim.SGD(reference.parameters(), lr=0.1)
+    for k in range(2):
+        opt.zero_grad()
+        x = torch.cat([t.support[k][0] for t in batch])
+        y = torch.cat([t.support[k][1] for t in batch]) % 3
+        F.cross_entropy(reference(x)[:, 0], y).backward()
+        opt.step()
+    for (n, p), q in zip(learner.model.named_parameters(), reference.parameters()):
+        assert torch.allclose(p, q, atol=1e-12), n
+    task = tasks(1, steps=2)[0]
+    adapted = learner.adapt(task)
+    net = copy.deepcopy(learner.eval_model)
+    trained = dict(learner.model.named_parameters())
+    with torch.no_grad():
+        for n, p in net.named_parameters():
+            p.copy_(trained[n.replace("head.", "heads.0.")])
+    _sgd_from(net, task, 2)
+    for n, p in net.named_parameters():
+        assert torch.allclose(adapted.params[n], p, atol=1e-12), n
