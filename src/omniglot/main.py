@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import random
 import re
 import sys
@@ -398,7 +399,11 @@ def main(argv: Sequence[str] | None = None) -> float:
     if context.world_size > 1:
         device = context.device
     try:
-        return _run(args, device, distributed.is_main_process())
+        result = _run(args, device, distributed.is_main_process())
+        # The other ranks wait for rank 0's final evaluation: a rank that tears its process
+        # group down while a peer still holds connections aborts in gloo.
+        distributed.barrier()
+        return result
     finally:
         distributed.teardown()
 
@@ -478,3 +483,11 @@ if __name__ == "__main__":
     except (ValueError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # Under torchrun, gloo's worker threads can still hold tensors while the interpreter
+        # finalises, which aborts a process that finished cleanly ("terminate called without
+        # an active exception", pytorch/pytorch#190489). Logs and checkpoints are written and
+        # the process group is destroyed by now, so leave without finalising.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
