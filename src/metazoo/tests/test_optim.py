@@ -54,27 +54,11 @@ SGD_GRID = [
 ]
 
 
-@pytest.mark.parametrize("hp", SGD_GRID, ids=str)
-def test_sgd_matches_torch(hp):
-    model, grads = _problem()
-    expected = _run_torch(model, grads, lambda p: torch.optim.SGD(p, foreach=False, **hp))
-    lr = hp.pop("lr")
-    _assert_close(_run_pure(model, grads, metazoo.SGD(lr, **hp)), expected)
-
-
 ADAM_GRID = [
     dict(lr=lr, betas=b, eps=e, weight_decay=wd, amsgrad=a)
     for lr, b, e, wd, a in itertools.product([1e-3, 0.1], [(0.9, 0.999), (0.5, 0.8)],
                                              [1e-8, 1e-3], [0.0, 0.1], [False, True])
 ]
-
-
-@pytest.mark.parametrize("hp", ADAM_GRID, ids=str)
-def test_adam_matches_torch(hp):
-    model, grads = _problem()
-    expected = _run_torch(model, grads, lambda p: torch.optim.Adam(p, foreach=False, **hp))
-    lr = hp.pop("lr")
-    _assert_close(_run_pure(model, grads, metazoo.Adam(lr, **hp)), expected)
 
 
 RMSPROP_GRID = [
@@ -84,12 +68,20 @@ RMSPROP_GRID = [
 ]
 
 
-@pytest.mark.parametrize("hp", RMSPROP_GRID, ids=str)
-def test_rmsprop_matches_torch(hp):
+@pytest.mark.parametrize(
+    "name, hp",
+    [("SGD", hp) for hp in SGD_GRID] + [("Adam", hp) for hp in ADAM_GRID]
+    + [("RMSprop", hp) for hp in RMSPROP_GRID],
+    ids=str,
+)
+def test_matches_torch_optim(name, hp):
+    """One step after another, each pure optimizer equals its torch.optim namesake."""
     model, grads = _problem()
-    expected = _run_torch(model, grads, lambda p: torch.optim.RMSprop(p, foreach=False, **hp))
+    expected = _run_torch(model, grads,
+                          lambda p: getattr(torch.optim, name)(p, foreach=False, **hp))
+    hp = dict(hp)
     lr = hp.pop("lr")
-    _assert_close(_run_pure(model, grads, metazoo.RMSprop(lr, **hp)), expected)
+    _assert_close(_run_pure(model, grads, getattr(metazoo, name)(lr, **hp)), expected)
 
 
 def test_hyperparameter_forms_agree():
