@@ -36,9 +36,9 @@ import torch
 from data import RESIZE_MODES, TaskSampler, load_alphabets, make_split
 from wrapper import HEAD_POLICIES, METHODS, LearnerConfig, build_learner, score
 
-from metazoo import MetaLearner, MetaStepResult, Task, atomic_save, distributed
+from metazoo import MetaLearner, MetaStepResult, NonFiniteError, Task, atomic_save, distributed
 
-LOG_LINE = re.compile(r"^results_.*\.log$")
+LOG_LINE = re.compile(r"^(results_.*|nonfinite)\.log$")
 
 
 # -- flags ------------------------------------------------------------------------------------
@@ -136,6 +136,9 @@ def make_parser() -> argparse.ArgumentParser:
       help="meta: every method meta-learns its head (default); reference: the reference "
            "code's per-method heads (see wrapper.py)")
     a("--efficient", action="store_true", help="checkpointed unrolls (MAML through 100 steps)")
+    a("--on_nonfinite", choices=("raise", "skip"), default="raise",
+      help="a NaN/inf loss: raise (stop, naming the meta-step, task and inner step) or skip "
+           "the task (counted in nonfinite.log and the progress line)")
     a("--inner_opt", default="sgd", help="sgd | adam | rmsprop")
     a("--outer_opt", default="sgd", help="sgd | adam | rmsprop")
     a("--inner_kwargs", nargs="+", default=["lr", "0.1"], help="e.g. lr 0.1 momentum 0.9")
@@ -186,7 +189,8 @@ def learner_config(args: argparse.Namespace) -> LearnerConfig:
         outer_opt=args.outer_opt.lower(), inner_kwargs=args.inner_kwargs,
         outer_kwargs=args.outer_kwargs, meta_kwargs=args.meta_kwargs,
         warp_layer=args.warp_layer, warp_kwargs=warp, warp_final_head=args.warp_final_head,
-        bn_mode=args.bn_mode, efficient=args.efficient, head_policy=args.head_policy)
+        bn_mode=args.bn_mode, efficient=args.efficient, head_policy=args.head_policy,
+        on_nonfinite=args.on_nonfinite)
 
 
 # -- logs -------------------------------------------------------------------------------------
@@ -350,13 +354,21 @@ def meta_train(learner: MetaLearner, exp: Experiment, run: RunState, log_dir: Pa
         names = exp.sampler.meta_batch(exp.split.train, args.meta_batch_size, run.task_rng)
         tasks = [exp.task(n, args.task_train_steps, run.data_generator,
                           heads[n] if multi_head else None) for n in names]
-        result: MetaStepResult = distributed.meta_step(learner, distributed.shard(tasks))
+        try:
+            result: MetaStepResult = distributed.meta_step(learner, distributed.shard(tasks))
+        except NonFiniteError as err:  # the meta-parameters were not updated
+            raise err.with_meta_step(run.step + 1) from None
         run.step += 1
-        if not math.isfinite(result.meta_loss):
+        if result.skipped_tasks < result.num_tasks and not math.isfinite(result.meta_loss):
             raise RuntimeError(f"meta_loss is {result.meta_loss} at step {run.step}; lower "
                                "--outer_kwargs lr or --inner_kwargs lr")
         if not main_process:
             continue
+        if result.skipped_tasks:
+            with open(log_dir / "nonfinite.log", "a") as f:
+                f.write(f"{run.step:d},{result.skipped_tasks:d},{result.num_tasks:d}\n")
+            printer(f"[step {run.step}] skipped {result.skipped_tasks} of {result.num_tasks} "
+                    "tasks with a non-finite loss (--on_nonfinite skip)")
         if args.write_ival and run.step % args.write_ival == 0:
             curve = result.inner_losses
             acc = float("nan") if result.accuracy is None else result.accuracy

@@ -97,6 +97,7 @@ class LearnerConfig:
     bn_mode: str = "batch"
     efficient: bool = False
     head_policy: str = "meta"
+    on_nonfinite: str = "raise"
 
 
 def _inner_optimizer(cfg: LearnerConfig) -> metazoo.InnerOptimizer:
@@ -136,6 +137,12 @@ def build_learner(cfg: LearnerConfig) -> MetaLearner:
     if cfg.head_policy not in HEAD_POLICIES:
         raise ValueError(f"--head_policy {cfg.head_policy!r} is not one of {list(HEAD_POLICIES)}")
     reference = cfg.head_policy == "reference"
+    metazoo.check_on_nonfinite(cfg.on_nonfinite)
+    if cfg.on_nonfinite != "raise" and name in ("ft", "no"):
+        raise ValueError(f"--on_nonfinite {cfg.on_nonfinite} is not supported by --meta_model "
+                         f"{name} (it has no per-task meta-objective to skip); use raise")
+    # ft and no have no per-task check: the experiment loop stops on a non-finite meta-loss.
+    nonfinite = {} if name in ("ft", "no") else {"on_nonfinite": cfg.on_nonfinite}
     common = {"criterion": F.cross_entropy, "inner_optimizer": _inner_optimizer(cfg),
               "inner_steps": cfg.task_train_steps, "eval_inner_steps": cfg.task_val_steps,
               "meta_optimizer": _meta_optimizer(cfg), "bn_mode": cfg.bn_mode}
@@ -160,20 +167,21 @@ def build_learner(cfg: LearnerConfig) -> MetaLearner:
         warp = warpgrad.Warp(net, net.adapt_modules(), net.warp_modules(), updater,
                              warpgrad.ReplayBuffer(), optimizer_parameters=params)
         learner = warpgrad.WarpGrad(warp, inner_steps=cfg.task_train_steps,
-                                    meta_optimizer=common["meta_optimizer"], bn_mode=cfg.bn_mode)
+                                    meta_optimizer=common["meta_optimizer"], bn_mode=cfg.bn_mode,
+                                    **nonfinite)
         if name == "warp_leap":
             return _WarpGrad(learner, cfg.task_val_steps)
         return WarpMAML(learner, eval_inner_steps=cfg.task_val_steps,
                         inner_optimizer=common["inner_optimizer"],
-                        checkpoint=True if cfg.efficient else None)
+                        checkpoint=True if cfg.efficient else None, **nonfinite)
     if name == "leap":
         _unused(cfg, ("norm", "loss", "stabilizer"))
         learner: MetaLearner = leap.LeapLearner(model=OmniConv(**_net_kwargs(cfg)), **common,
-                                                **cfg.meta_kwargs)
+                                                **cfg.meta_kwargs, **nonfinite)
         return RandomHead(learner) if reference else learner
     if name == "reptile":
         _unused(cfg, ())
-        learner = maml.Reptile(model=OmniConv(**_net_kwargs(cfg)), **common)
+        learner = maml.Reptile(model=OmniConv(**_net_kwargs(cfg)), **common, **nonfinite)
         return RandomHead(learner) if reference else learner
     if name in ("maml", "fomaml", "anil"):
         _unused(cfg, ("learn_inner_lr", "per_step_inner_lr", "inner_grad_clip",
@@ -181,11 +189,13 @@ def build_learner(cfg: LearnerConfig) -> MetaLearner:
         frozen = (lambda n: not n.startswith("head.")) if name == "anil" else None
         learner = maml.MAML(model=OmniConv(**_net_kwargs(cfg)), **common,
                             first_order=name == "fomaml", frozen=frozen,
-                            checkpoint=True if cfg.efficient else None, **cfg.meta_kwargs)
+                            checkpoint=True if cfg.efficient else None, **cfg.meta_kwargs,
+                            **nonfinite)
         return RandomHead(learner) if reference and name == "fomaml" else learner
     if name == "imaml":
         _unused(cfg, ("lam", "cg_steps", "damping", "inner_grad_clip"))
-        return maml.iMAML(model=OmniConv(**_net_kwargs(cfg)), **common, **cfg.meta_kwargs)
+        return maml.iMAML(model=OmniConv(**_net_kwargs(cfg)), **common, **cfg.meta_kwargs,
+                          **nonfinite)
     if name == "ft":
         _unused(cfg, ())
         return FineTune(model=MultiHeadOmniConv(**_net_kwargs(cfg),
@@ -253,7 +263,7 @@ class WarpMAML(MetaLearner):
 
     def __init__(self, warp: warpgrad.WarpGrad, *, eval_inner_steps: int,
                  inner_optimizer: metazoo.InnerOptimizer,
-                 checkpoint: bool | int | None = None) -> None:
+                 checkpoint: bool | int | None = None, on_nonfinite: str = "raise") -> None:
         if warp.updater.init_objective is not None:
             raise ValueError(f"WarpMAML learns the initialisation with MAML's objective; the "
                              f"WarpGrad updater's init_objective must be 'none', got "
@@ -272,7 +282,8 @@ class WarpMAML(MetaLearner):
                               inner_optimizer=inner_optimizer, inner_steps=warp.inner_steps,
                               eval_inner_steps=eval_inner_steps, bn_mode=warp.bn_mode,
                               frozen=sorted(warp_names), checkpoint=checkpoint,
-                              meta_optimizer=lambda ps: torch.optim.SGD(ps, lr=0.0))
+                              meta_optimizer=lambda ps: torch.optim.SGD(ps, lr=0.0),
+                              on_nonfinite=on_nonfinite)
 
     def named_meta_parameters(self):  # type: ignore[no-untyped-def]
         return self.warp.named_meta_parameters()

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import main
 import pytest
+import torch
 from monitor import FileHandler
 from wrapper import METHODS
 
@@ -170,3 +171,106 @@ def test_reference_head_policy_runs(tiny, omniglot_root, tmp_path, method):
     assert "head_policy" in (tmp_path / method / "tmp" / "args.log").read_text()
     with pytest.raises(SystemExit):
         main.parse_args(tiny(omniglot_root, tmp_path, method, "--head_policy", "bogus"))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_same_seed_twice_gives_identical_logs(tiny, omniglot_root, tmp_path, method):
+    for suffix in ("first", "second"):
+        main.main(tiny(omniglot_root, tmp_path, method, "--suffix", suffix, "--seed", "5"))
+    first, second = tmp_path / method / "first", tmp_path / method / "second"
+    names = _logs(first)
+    assert names == _logs(second) and len(names) >= 6
+    for name in names:
+        assert filecmp.cmp(first / name, second / name, shallow=False), name
+    assert (first / "done.json").read_text() == (second / "done.json").read_text()
+
+
+@pytest.mark.parametrize("flags, message", [
+    # 6 alphabets have >= 3 characters: 5 + 1 + 2 alphabets cannot be drawn
+    (["--num_pretrain", "5"], r"num_train \+ num_val \+ num_test = 8 alphabets, but only 6"),
+    # no synthetic alphabet has 6 characters
+    (["--classes", "6"], r"only 0 have >= 6 characters.*--classes"),
+    # 5 drawings per character: adapting on all 5 leaves nothing held out
+    (["--train_images", "5"], r"train_images=5 leaves none held out"),
+    (["--task_train_steps", "0"], None),
+    (["--meta_model", "ft", "--on_nonfinite", "skip"], r"--on_nonfinite skip is not supported"),
+])
+def test_impossible_flag_combinations_fail_with_the_fix(tiny, omniglot_root, tmp_path, flags,
+                                                        message):
+    argv = tiny(omniglot_root, tmp_path, "reptile", *flags)
+    if message is None:  # rejected by the parser itself
+        with pytest.raises(SystemExit):
+            main.parse_args(argv)
+        return
+    with pytest.raises(ValueError, match=message):
+        main.main(argv)
+
+
+def test_command_line_error_is_one_line_and_exit_code_2(tiny, omniglot_root, tmp_path):
+    done = subprocess.run([sys.executable, str(MAIN),
+                           *tiny(omniglot_root, tmp_path, "maml", "--classes", "6")],
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 2
+    assert done.stderr.startswith("error: num_train + num_val + num_test") and "Traceback" \
+        not in done.stderr
+
+
+def _finite(state) -> bool:
+    """Every floating tensor in a (nested) state dict is finite."""
+    if isinstance(state, torch.Tensor):
+        return not state.is_floating_point() or bool(torch.isfinite(state).all())
+    if isinstance(state, dict):
+        return all(_finite(v) for v in state.values())
+    if isinstance(state, (list, tuple)):
+        return all(_finite(v) for v in state)
+    return True
+
+
+def _poison_first_training_task(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first meta-training task gets a NaN image in its support batches (training tasks
+    are the ones built with the 2 --task_train_steps; evaluation uses 3 --task_val_steps)."""
+    original = main.Experiment.task
+    calls = {"train": 0}
+
+    def task(self, name, steps, generator, head=None):
+        built = original(self, name, steps, generator, head)
+        if steps == 2:
+            calls["train"] += 1
+            if calls["train"] == 1:
+                x, y = built.support[0]
+                x = x.clone()
+                x[0, 0, 0, 0] = float("nan")
+                built = main.Task([(x, y), *built.support[1:]], built.query)
+        return built
+
+    monkeypatch.setattr(main.Experiment, "task", task)
+
+
+@pytest.mark.parametrize("method", ["maml", "leap", "warp_leap"])
+def test_nonfinite_loss_stops_naming_step_task_and_inner_step(tiny, omniglot_root, tmp_path,
+                                                              monkeypatch, method):
+    _poison_first_training_task(monkeypatch)
+    argv = tiny(omniglot_root, tmp_path, method, "--task_val_steps", "3")
+    with pytest.raises(main.NonFiniteError, match="meta-step 1, task 0 of the meta-batch") as err:
+        main.main(argv)
+    assert err.value.meta_step == 1 and err.value.inner_step == 0
+    # the step-0 checkpoint is all that was saved, and it is finite
+    state = torch.load(tmp_path / method / "tmp" / "checkpoint.pt", weights_only=True)
+    assert state["step"] == 0
+    assert _finite(state["learner"])
+
+
+@pytest.mark.parametrize("method", ["maml", "reptile", "warp_leap"])
+def test_nonfinite_task_is_skipped_and_counted(tiny, omniglot_root, tmp_path, monkeypatch,
+                                               method):
+    _poison_first_training_task(monkeypatch)
+    acc = main.main(tiny(omniglot_root, tmp_path, method, "--task_val_steps", "3",
+                         "--on_nonfinite", "skip"))
+    run = tmp_path / method / "tmp"
+    assert (run / "nonfinite.log").read_text() == "1,1,2\n"  # step 1: 1 of 2 tasks skipped
+    assert 0.0 <= acc <= 1.0
+    for line in (run / "results_train_val.log").read_text().splitlines():
+        assert all(v == v for v in map(float, line.split(",")[1:3]))  # finite meta-losses
+    state = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert state["step"] == 2
+    assert _finite(state["learner"])
