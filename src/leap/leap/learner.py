@@ -136,16 +136,8 @@ class LeapLearner(MetaLearner):
                 inner_grad_clip, (int, float)) or not inner_grad_clip > 0):
             raise ValueError(f"inner_grad_clip must be None or a positive number, got "
                              f"{inner_grad_clip!r}")
-        tied = sorted(set(dict(model.named_parameters(remove_duplicate=False)))
-                      - set(dict(model.named_parameters())))
-        if tied:
-            # metazoo.forward calls torch.func.functional_call, which (torch 2.14) leaves the
-            # passed tensor in place of a tied Parameter after the call: the model would be
-            # silently corrupted.
-            raise ValueError(f"model has tied parameters {tied}; metazoo.forward cannot run "
-                             f"modules with tied weights yet. Untie them, or use the "
-                             f"reference-style leap.Leap, which does not call the module "
-                             f"functionally")
+        # Tied weights are one tensor under their first name (named_parameters); the core's
+        # forward fills every slot that holds it, so they stay tied while adapting.
         trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
         if not trainable:
             raise ValueError(f"model {type(model).__name__} has no parameters that require "

@@ -240,7 +240,7 @@ def test_constructor_validates_every_argument(helpers):
         ours.evaluate(task)
 
 
-def test_tied_weights_work_in_the_reference_api_and_are_refused_by_the_learner(helpers):
+def test_tied_weights_give_the_same_meta_gradient_in_both_apis(helpers):
     torch.manual_seed(0)
     shared = nn.Linear(3, 3)
     model = nn.Sequential(shared, nn.Tanh(), shared, nn.Tanh(), nn.Linear(3, 1)).double()
@@ -259,8 +259,17 @@ def test_tied_weights_work_in_the_reference_api_and_are_refused_by_the_learner(h
     helpers.reference_loop(untied_view, net, tasks[:1], steps=3, lr=0.1)
     torch.testing.assert_close(next(untied_view.parameters()).grad,
                                model[0].weight.detach() - net[0].weight.detach())
-    with pytest.raises(ValueError, match="tied parameters"):
-        learner(model)
+    # The learner adapts the tied tensor as one tensor too: the same meta-gradient.
+    reference = Leap(copy.deepcopy(model))
+    helpers.reference_loop(reference, copy.deepcopy(model), tasks, steps=3, lr=0.1, finish=True)
+    ours_model = copy.deepcopy(model)
+    ours = learner(ours_model, steps=3)
+    ours.meta_backward(tasks)
+    assert ours_model[2].weight is ours_model[0].weight
+    for (name, p), (ref_name, q) in zip(ours.named_meta_parameters(),
+                                        reference.named_parameters(), strict=True):
+        assert name == ref_name
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-13)
 
 
 # -- faults, bad input, determinism -------------------------------------------------------------
