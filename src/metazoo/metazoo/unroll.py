@@ -129,6 +129,11 @@ class _Run:
         if self.inner_grad_clip is not None:
             grads = clip_grad_norm(grads, self.inner_grad_clip)
         step_params = dict(zip(names, leaves)) if create_graph else dict(zip(names, inputs))
+        if not create_graph:
+            # The running statistics were computed on the detached copies, whose graph the
+            # autograd.grad above has freed: to first order they are constants, like the
+            # inner gradient (backpropagating into them would fail).
+            new_buffers = {n: b.detach() for n, b in new_buffers.items()}
         new_params, new_state = optimizer.step(step_params, dict(zip(names, grads)), state)
         return new_params, new_state, new_buffers, loss.detach()
 
@@ -375,7 +380,7 @@ def unroll(
         buffers: explicit buffers passed to ``loss_fn`` (default empty).
         state: initial optimizer state (default ``optimizer.init(params)``).
         first_order: use inner gradients as constants (no second-order terms, no second-order
-            graph).
+            graph); running statistics updated in the loop are constants too (detached).
         checkpoint: ``None``/``False`` keeps the whole graph; an int S keeps only every S-th
             state and recomputes segments in the backward pass; ``True`` uses
             ``DEFAULT_SEGMENT``. Exact: same meta-gradients as the plain unroll.

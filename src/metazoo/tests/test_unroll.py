@@ -276,6 +276,24 @@ def test_first_order_meta_gradient_is_query_gradient_at_adapted_params():
     assert not torch.allclose(torch.autograd.grad(second, list(params.values()))[0], meta[0])
 
 
+def test_first_order_running_statistics_are_constants_of_the_meta_gradient():
+    """FOMAML with per-task running statistics: the query pass uses the adapted statistics,
+    the meta-gradient is the query gradient at the adapted parameters with those statistics
+    held fixed (backpropagating used to hit the freed inner graphs)."""
+    model, support, query, loss_fn = _setup("conv_bn", bn_mode="running")
+    params = dict(model.named_parameters())
+    loss, result = _meta_loss(model, loss_fn, params, metazoo.SGD(0.3), support, query,
+                              steps=3, bn_mode="running", first_order=True)
+    assert not any(b.requires_grad for b in result.buffers.values())
+    assert result.buffers["1.num_batches_tracked"].item() == 3
+    meta = torch.autograd.grad(loss, list(params.values()))
+    adapted = {n: p.detach().requires_grad_() for n, p in result.params.items()}
+    output, _ = metazoo.forward(model, adapted, result.buffers, query[0], bn_mode="running",
+                                training=False)
+    expected = torch.autograd.grad(F.cross_entropy(output, query[1]), list(adapted.values()))
+    _assert_grads_equal(meta, expected, tol=1e-14)
+
+
 def test_each_step_uses_its_own_batch():
     model, support, _, loss_fn = _setup("mlp")
     params = {n: p.detach().clone() for n, p in model.named_parameters()}
