@@ -14,6 +14,14 @@ Beside them: ``args.log``, ``split.json``, ``checkpoint.pt`` (``--resume``), ``b
 Example (the paper's protocol needs the full archives; see README.md for the CPU preset)::
 
     python src/omniglot/main.py --meta_model leap --root data --suffix s1 --seed 1
+
+``--protocol fewshot`` (``FewShotExperiment``, ``episodes.py``) is the episodic N-way K-shot
+protocol of the MAML paper instead: meta-training episodes from the characters of the
+meta-training alphabets (or ``--dataset folder``: ``--root/train``), a fixed seeded set of test
+episodes reported as mean accuracy +- 95% CI (``results_fewshot_<case>_ci.log``,
+``fewshot_test.json``). Both protocols give ``meta_train`` the same small interface
+(``ExperimentLike``: ``meta_batch``, ``evaluate``, ``has_validation``), so the loop, checkpoints,
+``--resume`` and torchrun are shared.
 """
 
 from __future__ import annotations
@@ -27,17 +35,32 @@ import re
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 from data import RESIZE_MODES, TaskSampler, load_alphabets, make_split
+from episodes import (
+    CHANNELS,
+    EpisodeIndices,
+    EpisodeSampler,
+    FewShotSplit,
+    LabelledImages,
+    MeanCI,
+    load_image_folder,
+    mean_ci,
+    split_alphabets,
+)
+from model import DOWNSAMPLE
 from wrapper import HEAD_POLICIES, METHODS, LearnerConfig, build_learner, score
 
 from metazoo import MetaLearner, MetaStepResult, NonFiniteError, Task, atomic_save, distributed
 
+PROTOCOLS = ("alphabet", "fewshot")
+# --bn_eval in few-shot terms -> the learners' bn_mode
+BN_EVAL = {"transductive": "batch", "inductive": "running"}
 LOG_LINE = re.compile(r"^(results_.*|nonfinite)\.log$")
 
 
@@ -129,8 +152,9 @@ def make_parser() -> argparse.ArgumentParser:
     a("--num_layers", type=_pos_int, default=4)
     a("--num_filters", type=_pos_int, default=64)
     a("--no_batch_norm", action="store_true")
-    a("--bn_mode", choices=("batch", "running"), default="batch",
-      help="BatchNorm statistics: batch (transductive, reference) or per-task running")
+    a("--bn_mode", choices=("batch", "running"), default=None,
+      help="BatchNorm statistics: batch (transductive, reference; default) or per-task running "
+           "(--bn_eval says the same in few-shot terms)")
     a("--meta_model", default="warp_leap", choices=METHODS)
     a("--head_policy", default="meta", choices=HEAD_POLICIES,
       help="meta: every method meta-learns its head (default); reference: the reference "
@@ -152,6 +176,38 @@ def make_parser() -> argparse.ArgumentParser:
     a("--warp_residual", action="store_true", help="residual warp layers")
     a("--warp_batch_norm", action="store_true", help="BatchNorm in warp layers")
     a("--warp_final_head", action="store_true", help="linear warp layer after the head")
+    # few-shot protocol (episodes.py; README "Few-shot protocol")
+    a("--protocol", choices=PROTOCOLS, default="alphabet",
+      help="alphabet: each alphabet a task (default); fewshot: N-way K-shot episodes")
+    a("--dataset", choices=("omniglot", "folder"), default="omniglot",
+      help="fewshot data: Omniglot alphabets under --root, or an image folder "
+           "--root/{train,val,test}/<class>/*.png|jpg|jpeg")
+    a("--ways", type=_pos_int, default=5, help="fewshot: classes per episode (N)")
+    a("--shots", type=_pos_int, default=1, help="fewshot: support images per class (K)")
+    a("--queries", type=_pos_int, default=15, help="fewshot: query images per class (Q)")
+    a("--train_shots", type=_pos_int, default=None,
+      help="fewshot: support images per class in meta-training episodes (default --shots; "
+           "the Reptile paper meta-trains 1-shot Omniglot with 10)")
+    a("--train_queries", type=_pos_int, default=None,
+      help="fewshot: query images per class in meta-training episodes (default --queries)")
+    a("--test_episodes", type=_pos_int, default=600,
+      help="fewshot: fixed, seeded test episodes (mean accuracy +- 95%% CI)")
+    a("--val_episodes", type=_nonneg_int, default=100,
+      help="fewshot: fixed, seeded validation episodes every --test_ival steps (0: none)")
+    a("--rotations", action="store_true",
+      help="fewshot: meta-training classes rotated by 90/180/270 degrees as new classes")
+    a("--bn_eval", choices=tuple(BN_EVAL), default=None,
+      help="BatchNorm at evaluation: transductive (batch statistics of the evaluated batch, "
+           "= --bn_mode batch, the MAML paper's protocol; default) or inductive (per-task "
+           "running statistics from the support set, = --bn_mode running)")
+    a("--image_size", type=_pos_int, default=None,
+      help="fewshot image height = width (default 28 for omniglot, 84 for folder)")
+    a("--channels", choices=CHANNELS, default="rgb", help="folder images: rgb or grey")
+    a("--norm_mean", type=float, nargs="+", default=None,
+      help="fewshot normalisation (x/255 - mean) / std, one value or one per channel")
+    a("--norm_std", type=float, nargs="+", default=None, help="see --norm_mean")
+    a("--downsample", choices=DOWNSAMPLE, default="pool",
+      help="conv blocks: pool (conv, 2x2 max-pool) or stride (stride-2 conv, the MAML net)")
     return p
 
 
@@ -164,7 +220,40 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.select == "best" and not (args.num_val and args.test_ival):
         raise ValueError("--select best needs validation tasks: set --num_val >= 1 and "
                          "--test_ival >= 1")
+    check_protocol(args)
     return args
+
+
+def check_protocol(args: argparse.Namespace) -> None:
+    """Resolves ``--bn_eval``/``--bn_mode`` and ``--image_size``; rejects combinations that the
+    protocol has no meaning for."""
+    if args.bn_eval is not None:
+        mode = BN_EVAL[args.bn_eval]
+        if args.bn_mode is not None and args.bn_mode != mode:
+            raise ValueError(f"--bn_eval {args.bn_eval} means --bn_mode {mode}, but --bn_mode "
+                             f"{args.bn_mode} was given; pass one of them")
+        args.bn_mode = mode
+    args.bn_mode = args.bn_mode or "batch"
+    args.bn_eval = {v: k for k, v in BN_EVAL.items()}[args.bn_mode]
+    if args.image_size is None:
+        args.image_size = 84 if args.dataset == "folder" else 28
+    if args.protocol == "alphabet":
+        if args.dataset != "omniglot":
+            raise ValueError(f"--dataset {args.dataset} needs --protocol fewshot (the alphabet "
+                             "protocol is Omniglot's)")
+        if args.image_size != 28:
+            raise ValueError(f"--image_size {args.image_size}: the alphabet protocol uses the "
+                             "28x28 images; drop the flag or use --protocol fewshot")
+    elif args.meta_model == "ft":
+        raise ValueError("--meta_model ft pretrains one head per alphabet task, which episodes "
+                         "with shuffled labels do not have; use --protocol alphabet or "
+                         "another --meta_model")
+
+
+def in_channels(args: argparse.Namespace) -> int:
+    """Input channels of the net: 3 for RGB image folders, else 1."""
+    return 3 if args.protocol == "fewshot" and args.dataset == "folder" and \
+        args.channels == "rgb" else 1
 
 
 def learner_config(args: argparse.Namespace) -> LearnerConfig:
@@ -181,7 +270,8 @@ def learner_config(args: argparse.Namespace) -> LearnerConfig:
     if args.warp_batch_norm:
         warp["batch_norm"] = True
     return LearnerConfig(
-        meta_model=args.meta_model, classes=args.classes,
+        meta_model=args.meta_model,
+        classes=args.ways if args.protocol == "fewshot" else args.classes,
         num_train_tasks=max(args.num_pretrain, 1), task_train_steps=args.task_train_steps,
         task_val_steps=args.task_val_steps, num_layers=args.num_layers,
         num_filters=args.num_filters, kernel_size=args.kernel_size, padding=args.padding,
@@ -190,6 +280,7 @@ def learner_config(args: argparse.Namespace) -> LearnerConfig:
         outer_kwargs=args.outer_kwargs, meta_kwargs=args.meta_kwargs,
         warp_layer=args.warp_layer, warp_kwargs=warp, warp_final_head=args.warp_final_head,
         bn_mode=args.bn_mode, efficient=args.efficient, head_policy=args.head_policy,
+        in_channels=in_channels(args), image_size=args.image_size, downsample=args.downsample,
         on_nonfinite=args.on_nonfinite)
 
 
@@ -309,6 +400,193 @@ class Experiment:
         code = {"val": 1, "test": 2}[case]
         return torch.Generator().manual_seed(self.args.seed * 1_000_003 + code * 10_007 + index)
 
+    @property
+    def has_validation(self) -> bool:
+        """Whether there are validation tasks."""
+        return bool(self.split.val)
+
+    def meta_batch(self, learner: MetaLearner, run: RunState) -> list[Task]:
+        """The next meta-batch: reshuffled passes over the training alphabets
+        (``run.task_rng``), augmented batches from ``run.data_generator``."""
+        args = self.args
+        multi_head = getattr(learner, "multi_head", False)
+        heads = {name: i for i, name in enumerate(self.split.train)}
+        names = self.sampler.meta_batch(self.split.train, args.meta_batch_size, run.task_rng)
+        return [self.task(n, args.task_train_steps, run.data_generator,
+                          heads[n] if multi_head else None) for n in names]
+
+    def evaluate(self, learner: MetaLearner, case: str, step: int, log_dir: Path | None,
+                 printer: Callable[[str], None]) -> float:
+        """Mean held-out accuracy over the ``case`` alphabets (module-level ``evaluate``)."""
+        return evaluate(learner, self, case, step, log_dir, printer)
+
+
+@dataclass(frozen=True)
+class FewShotResult:
+    """One few-shot evaluation (what ``main`` returns and ``fewshot_test.json`` holds).
+
+    Attributes:
+        accuracy: mean query accuracy over the episodes with its 95% confidence interval.
+        loss: mean query loss.
+        support_accuracy: mean accuracy on the support images after adaptation.
+        episodes, ways, shots, queries: the episodes.
+        bn_eval: ``"transductive"`` or ``"inductive"`` (``--bn_eval``).
+        inner_steps: adaptation steps per episode.
+        step: meta-step of the evaluated model.
+        seconds: wall time of the evaluation.
+    """
+
+    accuracy: MeanCI
+    loss: float
+    support_accuracy: float
+    episodes: int
+    ways: int
+    shots: int
+    queries: int
+    bn_eval: str
+    inner_steps: int
+    step: int
+    seconds: float
+
+
+class FewShotExperiment:
+    """The few-shot protocol: N-way K-shot episodes for meta-training and evaluation.
+
+    Meta-training classes are every character of the meta-training alphabets (Omniglot; the
+    seeded alphabet split of the alphabet protocol, ``episodes.split_alphabets``) or the classes
+    of ``root/train`` (image folder), optionally with rotated copies (``--rotations``); each
+    meta-batch draws ``--meta_batch_size`` episodes from ``run.data_generator``. Validation
+    and test episodes are drawn once from generators seeded by ``--seed`` and the case alone,
+    so every evaluation and every method sees the same episodes.
+    """
+
+    def __init__(self, args: argparse.Namespace, device: torch.device) -> None:
+        self.args = args
+        self.notes: list[str] = []
+        data: dict[str, LabelledImages] = {}
+        if args.dataset == "omniglot":
+            images = load_alphabets(args.root, resize=args.resize)
+            train, val, test = split_alphabets(list(images), seed=args.seed,
+                                               num_train=args.num_pretrain,
+                                               num_val=args.num_val, num_test=args.num_test)
+            for role, names in (("train", train), ("val", val), ("test", test)):
+                if names:
+                    data[role] = LabelledImages.from_alphabets(images, names).resized(
+                        args.image_size)
+            seed: int | None = args.seed
+        else:
+            root = Path(args.root)
+            train, val, test = ["train"], ["val"] if (root / "val").is_dir() else [], ["test"]
+            for role in ("train", *val, "test"):
+                data[role] = load_image_folder(root, role, image_size=args.image_size,
+                                               channels=args.channels)
+            seed = None
+        for role in ("train", "test"):
+            if role not in data:
+                raise ValueError(f"the few-shot protocol needs {role} classes; set "
+                                 f"--{'num_pretrain' if role == 'train' else 'num_test'} >= 1")
+        self.split = FewShotSplit(seed, tuple(train), tuple(val), tuple(test),
+                                  {role: d.num_classes for role, d in data.items()})
+        self.samplers: dict[str, EpisodeSampler] = {}
+        for role, d in data.items():
+            training = role == "train"
+            shots = args.train_shots if training and args.train_shots else args.shots
+            queries = args.train_queries if training and args.train_queries else args.queries
+            try:
+                self.samplers[role] = EpisodeSampler(
+                    d, ways=args.ways, shots=shots, queries=queries,
+                    rotations=args.rotations and training, device=device,
+                    mean=args.norm_mean, std=args.norm_std, exclude_small=True)
+            except ValueError as err:
+                raise ValueError(f"{role} classes ({', '.join(getattr(self.split, role))}): "
+                                 f"{err}") from None
+            for name, count in self.samplers[role].excluded.items():
+                self.notes.append(f"{role} class {name!r} left out: {count} images < shots + "
+                                  f"queries = {shots + queries}")
+        self.indices: dict[str, EpisodeIndices] = {}
+        for code, (case, count) in enumerate((("val", args.val_episodes),
+                                              ("test", args.test_episodes)), start=1):
+            if case in self.samplers and count:
+                gen = torch.Generator().manual_seed(args.seed * 1_000_003 + code * 10_007)
+                self.indices[case] = self.samplers[case].draw(count, gen)
+        self.results: dict[str, FewShotResult] = {}
+
+    @property
+    def has_validation(self) -> bool:
+        """Whether there are validation episodes."""
+        return "val" in self.indices
+
+    def meta_batch(self, learner: MetaLearner, run: RunState) -> list[Task]:
+        """``--meta_batch_size`` training episodes drawn from ``run.data_generator``."""
+        del learner
+        return self.samplers["train"].sample(self.args.meta_batch_size, run.data_generator)
+
+    def evaluate(self, learner: MetaLearner, case: str, step: int, log_dir: Path | None,
+                 printer: Callable[[str], None]) -> float:
+        """Adapts to each fixed ``case`` episode and scores its query; logs the mean accuracy
+        with its 95% CI; returns the mean accuracy (the full result in ``results[case]``).
+
+        Logs: ``results_0_<case>_train.log`` and ``results_0_<case>_val.log`` hold the episodes'
+        means in the reference format (the episode set read as one task by ``monitor``), and
+        ``results_fewshot_<case>_ci.log`` one line per evaluation:
+        ``step,mean_acc,ci95,std,episodes,mean_loss,bn_eval``.
+        """
+        args, sampler, indices = self.args, self.samplers[case], self.indices[case]
+        steps = args.task_val_steps
+        start = time.perf_counter()
+        losses, accs, support_accs, curves = [], [], [], []
+        for i in range(len(indices)):
+            task = sampler.task(indices, i)
+            adapted = learner.adapt(task, steps=steps)
+            support_accs.append(score(learner, adapted, task.support[0])[1])
+            loss, acc = score(learner, adapted, task.query)
+            losses.append(loss)
+            accs.append(acc)
+            curves.append(adapted.inner_losses)
+        ci = mean_ci(accs)
+        loss = sum(losses) / len(losses)
+        support_acc = sum(support_accs) / len(support_accs)
+        curve = [sum(c) / len(c) for c in zip(*curves)]
+        result = FewShotResult(ci, loss, support_acc, ci.n, args.ways, args.shots, args.queries,
+                               args.bn_eval, steps, step, time.perf_counter() - start)
+        self.results[case] = result
+        if log_dir is not None:
+            write_line(log_dir / f"results_0_{case}_train.log", step, auc(curve),
+                       sum(curve) / max(len(curve), 1), support_acc, curve, [support_acc])
+            write_line(log_dir / f"results_0_{case}_val.log", step, loss, loss, ci.mean, [loss],
+                       [ci.mean])
+            with open(log_dir / f"results_fewshot_{case}_ci.log", "a") as f:
+                f.write(f"{step:d},{ci.mean:f},{ci.ci95:f},{ci.std:f},{ci.n:d},{loss:f},"
+                        f"{args.bn_eval}\n")
+        printer(f"[{case} step {step}] {args.ways}-way {args.shots}-shot acc {ci.mean:.4f} "
+                f"+- {ci.ci95:.4f} (95% CI, {ci.n} episodes, BN {args.bn_eval}, {steps} inner "
+                f"steps) loss {loss:.4f} support acc {support_acc:.3f} "
+                f"{result.seconds:.1f}s")
+        return ci.mean
+
+
+class ExperimentLike(Protocol):
+    """What ``meta_train`` and ``_run`` need from a protocol (``Experiment``: alphabets as
+    tasks; ``FewShotExperiment``: episodes)."""
+
+    args: argparse.Namespace
+
+    @property
+    def has_validation(self) -> bool: ...
+
+    def meta_batch(self, learner: MetaLearner, run: RunState) -> list[Task]: ...
+
+    def evaluate(self, learner: MetaLearner, case: str, step: int, log_dir: Path | None,
+                 printer: Callable[[str], None]) -> float: ...
+
+
+def make_experiment(args: argparse.Namespace, device: torch.device
+                    ) -> Experiment | FewShotExperiment:
+    """The ``--protocol``'s experiment."""
+    if args.protocol == "fewshot":
+        return FewShotExperiment(args, device)
+    return Experiment(args, device)
+
 
 def evaluate(learner: MetaLearner, exp: Experiment, case: str, step: int, log_dir: Path | None,
              printer: Callable[[str], None]) -> float:
@@ -337,7 +615,7 @@ def evaluate(learner: MetaLearner, exp: Experiment, case: str, step: int, log_di
     return mean
 
 
-def meta_train(learner: MetaLearner, exp: Experiment, run: RunState, log_dir: Path,
+def meta_train(learner: MetaLearner, exp: ExperimentLike, run: RunState, log_dir: Path,
                printer: Callable[[str], None]) -> None:
     """The meta-training loop: one meta-step per iteration, logs, validation, checkpoints.
 
@@ -347,13 +625,9 @@ def meta_train(learner: MetaLearner, exp: Experiment, run: RunState, log_dir: Pa
     """
     args = exp.args
     main_process = distributed.is_main_process()
-    multi_head = getattr(learner, "multi_head", False)
-    heads = {name: i for i, name in enumerate(exp.split.train)}
     start, first = time.perf_counter(), run.step
     while run.step < args.meta_train_steps:
-        names = exp.sampler.meta_batch(exp.split.train, args.meta_batch_size, run.task_rng)
-        tasks = [exp.task(n, args.task_train_steps, run.data_generator,
-                          heads[n] if multi_head else None) for n in names]
+        tasks = exp.meta_batch(learner, run)  # the protocol's tasks (the same on every rank)
         try:
             result: MetaStepResult = distributed.meta_step(learner, distributed.shard(tasks))
         except NonFiniteError as err:  # the meta-parameters were not updated
@@ -376,8 +650,8 @@ def meta_train(learner: MetaLearner, exp: Experiment, run: RunState, log_dir: Pa
                        sum(curve) / max(len(curve), 1), float("nan"), curve, [])
             write_line(log_dir / "results_train_val.log", run.step, result.meta_loss,
                        result.meta_loss, acc, [result.meta_loss], [acc])
-        if args.test_ival and run.step % args.test_ival == 0 and exp.split.val:
-            acc = evaluate(learner, exp, "val", run.step, log_dir, printer)
+        if args.test_ival and run.step % args.test_ival == 0 and exp.has_validation:
+            acc = exp.evaluate(learner, "val", run.step, log_dir, printer)
             if acc > run.best_acc:
                 run.best_acc, run.best_step = acc, run.step
                 if args.select == "best":
@@ -396,8 +670,9 @@ def meta_train(learner: MetaLearner, exp: Experiment, run: RunState, log_dir: Pa
 
 # -- entry point ------------------------------------------------------------------------------
 
-def main(argv: Sequence[str] | None = None) -> float:
-    """Runs the experiment; returns the mean held-out test accuracy.
+def main(argv: Sequence[str] | None = None) -> float | FewShotResult:
+    """Runs the experiment; returns the mean held-out test accuracy (alphabet protocol) or the
+    ``FewShotResult`` of the test episodes (``--protocol fewshot``; ``nan`` on ranks > 0).
 
     Launched by ``torchrun --nproc_per_node N``, the processes share each meta-step (gloo on
     CPU, NCCL on CUDA with one GPU per local rank); a plain ``python`` run needs no setup.
@@ -420,7 +695,25 @@ def main(argv: Sequence[str] | None = None) -> float:
         distributed.teardown()
 
 
-def _run(args: argparse.Namespace, device: torch.device, main_process: bool) -> float:
+def _test(exp: Experiment | FewShotExperiment, learner: MetaLearner, step: int, log_dir: Path,
+          printer: Callable[[str], None]) -> float | FewShotResult:
+    """The final test; the few-shot result also goes to ``fewshot_test.json``."""
+    acc = exp.evaluate(learner, "test", step, log_dir, printer)
+    if not isinstance(exp, FewShotExperiment):
+        return acc
+    result = exp.results["test"]
+    args = exp.args
+    record = {"meta_model": args.meta_model, "seed": args.seed, "dataset": args.dataset,
+              "rotations": args.rotations, "downsample": args.downsample,
+              "train_shots": args.train_shots or args.shots,
+              "train_queries": args.train_queries or args.queries, **asdict(result)}
+    (log_dir / "fewshot_test.json").write_text(json.dumps(record, indent=1, sort_keys=True)
+                                               + "\n")
+    return result
+
+
+def _run(args: argparse.Namespace, device: torch.device, main_process: bool
+         ) -> float | FewShotResult:
     log_dir = Path(args.log_dir) / args.meta_model / args.suffix
 
     def printer(msg: str) -> None:
@@ -430,7 +723,7 @@ def _run(args: argparse.Namespace, device: torch.device, main_process: bool) -> 
     torch.manual_seed(args.seed)
     np.random.seed(args.seed % 2**32)
     random.seed(args.seed)
-    exp = Experiment(args, device)
+    exp = make_experiment(args, device)
     with device:  # every parameter (warp init copies included) is created on the device
         learner = build_learner(learner_config(args))
     ckpt = log_dir / "checkpoint.pt"
@@ -442,7 +735,7 @@ def _run(args: argparse.Namespace, device: torch.device, main_process: bool) -> 
         step = load_checkpoint(source, learner)
         for path in log_dir.glob("results_*_test_*.log"):  # replaced; training logs are kept
             path.unlink()
-        return evaluate(learner, exp, "test", step, log_dir, printer)
+        return _test(exp, learner, step, log_dir, printer)
 
     run = RunState(0, torch.Generator().manual_seed(args.seed), random.Random(args.seed))
     if args.resume and ckpt.exists():
@@ -464,8 +757,10 @@ def _run(args: argparse.Namespace, device: torch.device, main_process: bool) -> 
         (log_dir / "split.json").write_text(exp.split.to_json() + "\n")
         printer(f"split: train {list(exp.split.train)} val {list(exp.split.val)} test "
                 f"{list(exp.split.test)}")
-        if args.test_ival and exp.split.val:
-            acc = evaluate(learner, exp, "val", 0, log_dir, printer)
+        for note in getattr(exp, "notes", ()):
+            printer(note)
+        if args.test_ival and exp.has_validation:
+            acc = exp.evaluate(learner, "val", 0, log_dir, printer)
             run.best_acc, run.best_step = acc, 0
             if args.select == "best":
                 save_checkpoint(log_dir / "best.pt", learner, run)
@@ -482,11 +777,12 @@ def _run(args: argparse.Namespace, device: torch.device, main_process: bool) -> 
     if args.select == "best" and (log_dir / "best.pt").exists():
         load_checkpoint(log_dir / "best.pt", learner)
         printer(f"testing the best model on validation (step {run.best_step})")
-    acc = evaluate(learner, exp, "test", run.step, log_dir, printer)
+    result = _test(exp, learner, run.step, log_dir, printer)
+    acc = result.accuracy.mean if isinstance(result, FewShotResult) else result
     summary = {"meta_model": args.meta_model, "seed": args.seed, "step": run.step,
                "test_acc": acc, "best_step": run.best_step}
     (log_dir / "done.json").write_text(json.dumps(summary, sort_keys=True) + "\n")
-    return acc
+    return result
 
 
 if __name__ == "__main__":

@@ -97,6 +97,9 @@ class LearnerConfig:
     bn_mode: str = "batch"
     efficient: bool = False
     head_policy: str = "meta"
+    in_channels: int = 1
+    image_size: int = 28
+    downsample: str = "pool"
     on_nonfinite: str = "raise"
 
 
@@ -117,7 +120,9 @@ def _meta_optimizer(cfg: LearnerConfig) -> Callable[[Iterable[nn.Parameter]],
 def _net_kwargs(cfg: LearnerConfig) -> dict[str, Any]:
     return {"classes": cfg.classes, "num_layers": cfg.num_layers,
             "num_filters": cfg.num_filters, "kernel_size": cfg.kernel_size,
-            "padding": cfg.padding, "batch_norm": cfg.batch_norm}
+            "padding": cfg.padding, "batch_norm": cfg.batch_norm,
+            "in_channels": cfg.in_channels, "image_size": cfg.image_size,
+            "downsample": cfg.downsample}
 
 
 def _unused(cfg: LearnerConfig, allowed: Sequence[str]) -> None:

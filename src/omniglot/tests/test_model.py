@@ -77,3 +77,49 @@ def test_multi_head_loss_is_each_samples_own_head_cross_entropy():
     acc = model.multi_head_accuracy(out, heads * 3 + labels)
     expected_acc = (out[torch.arange(6), heads].argmax(1) == labels).sum().item() / 6
     assert acc.item() == pytest.approx(expected_acc)
+
+
+@pytest.mark.parametrize("downsample", ["pool", "stride"])
+@pytest.mark.parametrize("image_size, channels", [(28, 1), (84, 3), (17, 3), (16, 1)])
+def test_few_shot_nets_both_downsampling_options_any_image_size(downsample, image_size,
+                                                                 channels):
+    torch.manual_seed(0)
+    net = model.OmniConv(classes=5, num_filters=4, in_channels=channels, image_size=image_size,
+                         downsample=downsample).double()
+    x = torch.randn(2, channels, image_size, image_size, dtype=torch.float64)
+    assert net(x).shape == (2, 5)
+    width = net.blocks(x).flatten(1).shape[1]
+    assert width == model.feature_size(num_layers=4, num_filters=4, kernel_size=3, padding=1,
+                                       image_size=image_size, downsample=downsample)
+    assert net.head.in_features == width
+    convs = [m for m in net.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert len(convs) == 4 and convs[0].in_channels == channels
+    assert all(c.stride == ((2, 2) if downsample == "stride" else (1, 1)) for c in convs)
+    pools = [m for m in net.modules() if isinstance(m, torch.nn.MaxPool2d)]
+    assert len(pools) == (4 if downsample == "pool" else 0)
+    for cls in (model.WarpedOmniConv, model.MultiHeadOmniConv):
+        extra = {"num_heads": 2} if cls is model.MultiHeadOmniConv else {}
+        other = cls(classes=5, num_filters=4, in_channels=channels, image_size=image_size,
+                    downsample=downsample, **extra).double()
+        assert other(x).shape[-1] == 5
+
+
+def test_stride_block_is_conv_bn_relu_of_the_maml_net():
+    net = model.OmniConv(classes=5, downsample="stride")
+    assert [type(m).__name__ for m in net.blocks[0]] == ["Conv2d", "BatchNorm2d", "ReLU"]
+    conv = net.blocks[0][0]
+    assert (conv.kernel_size, conv.stride, conv.padding, conv.out_channels) == (
+        (3, 3), (2, 2), (1, 1), 64)
+    # 28 -> 14 -> 7 -> 4 -> 2: 64 * 2 * 2 features; the pool net: 28 -> 14 -> 7 -> 3 -> 1
+    assert net.head.in_features == 256
+    assert model.OmniConv(classes=5).head.in_features == 64
+    with pytest.raises(ValueError, match="downsample='avg'"):
+        model.OmniConv(classes=5, downsample="avg")
+    with pytest.raises(ValueError, match="in_channels=0"):
+        model.OmniConv(classes=5, in_channels=0)
+    # 9 -> 4 -> 2 -> 1 -> 0 with pooling; strided convs keep 1x1: 9 -> 5 -> 3 -> 2 -> 1
+    with pytest.raises(ValueError, match="shrink a 9x9 image to nothing"):
+        model.OmniConv(classes=5, image_size=9)
+    assert model.OmniConv(classes=5, image_size=9, downsample="stride").head.in_features == 64
+    with pytest.raises(ValueError, match="image_size=0"):
+        model.feature_size(num_layers=4, num_filters=4, kernel_size=3, padding=1, image_size=0)
