@@ -7,22 +7,28 @@
 #
 # Options:
 #   -p              pip install the core, the algorithm packages and src/omniglot/requirements.txt
-#   -d              get the archives (download, or copy from --source) and extract them
+#   -d              get the archives (download, or copy from --source) and extract them: the
+#                   alphabets into ROOT/omniglot, Lake et al.'s one-shot benchmark
+#                   (all_runs.zip: run01..run20) into ROOT_oneshot, beside ROOT (main.py
+#                   takes every alphabet-like folder under ROOT, runNN/ included)
 #   -l              create the log folder
 #   --source DIR    folder of Omniglot .zip archives to use instead of the network
-#                   (env OMNIGLOT_SOURCE; on our machines ../shared/data/omniglot)
+#                   (env OMNIGLOT_SOURCE; on our machines ../shared/data/omniglot); its
+#                   all_runs.zip, when present, is the one-shot benchmark (when absent, the
+#                   benchmark is not installed and a note says how to get it)
 #   --root DIR      where the data go (env OMNIGLOT_ROOT, default data; main.py --root)
 #   --log_dir DIR   log folder (env OMNIGLOT_LOG_DIR, default logs; main.py --log_dir)
 #
 # Checksums: a SHA256SUMS file next to the archives (in --source, or downloaded into the
-# archive folder by you) is verified for every archive it lists; the two small archives that
-# ship on our machines are also pinned below. Archives neither pinned nor listed are used with
-# a warning that they were not verified.
+# archive folder by you: ROOT/omniglot, ROOT_oneshot) is verified for every archive
+# it lists; the two small archives that ship on our machines are also pinned below. Archives
+# neither pinned nor listed are used with a warning that they were not verified.
 set -euo pipefail
 cd "$(dirname "$0")"
 
 URL=${OMNIGLOT_URL:-https://raw.githubusercontent.com/brendenlake/omniglot/master/python}
 ARCHIVES=(images_background.zip images_evaluation.zip)
+ONESHOT=all_runs.zip  # one-shot-classification/ in the dataset repository
 declare -A PINNED=(
   [images_background_small1.zip]=f38eb80f801274ac2b4dff5b24289016bfaba4a7d5bb50deebf27104ad6cb8a4
   [images_background_small2.zip]=3ccaa407515a8778e5d0861875af38b17e418f301ad5bb3b5a6b65d901a41c7f
@@ -33,7 +39,7 @@ ROOT=${OMNIGLOT_ROOT:-data}
 LOG_DIR=${OMNIGLOT_LOG_DIR:-logs}
 INSTALL=0 DATA=0 LOGS=0
 
-usage() { sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+usage() { sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
 die() { echo "make_omniglot.sh: $*" >&2; exit 1; }
 
 while [[ $# -gt 0 ]]; do
@@ -111,9 +117,12 @@ if [[ $DATA == 1 ]]; then
   if [[ -n $SOURCE ]]; then
     [[ -d $SOURCE ]] || die "--source $SOURCE is not a folder of Omniglot .zip archives"
     shopt -s nullglob
-    zips=("$SOURCE"/*.zip)
+    zips=()
+    for z in "$SOURCE"/*.zip; do  # all_runs.zip is the benchmark, not alphabets (below)
+      [[ $(basename "$z") == "$ONESHOT" ]] || zips+=("$z")
+    done
     shopt -u nullglob
-    [[ ${#zips[@]} -gt 0 ]] || die "no .zip archives in $SOURCE"
+    [[ ${#zips[@]} -gt 0 ]] || die "no Omniglot alphabet .zip archives in $SOURCE"
     for z in "${zips[@]}"; do
       verify "$z" "$SOURCE/SHA256SUMS"
       extract "$z" "$ROOT/omniglot"
@@ -136,6 +145,48 @@ or set OMNIGLOT_SOURCE=../shared/data/omniglot (any folder of Omniglot .zip arch
     done
   fi
   echo "data in $ROOT/omniglot (main.py --root $ROOT)"
+
+  # Lake et al.'s one-shot benchmark: optional, and kept outside $ROOT: data.find_alphabets
+  # walks all of $ROOT (main.py --root) and would take each runNN/ for an alphabet.
+  ONESHOT_DIR=${ROOT%/}_oneshot
+  oneshot_note() {
+    echo "note: the one-shot benchmark data ($ONESHOT, Lake et al. 2015) was NOT installed: $1.
+  The alphabets are installed; only src/omniglot/evaluate_oneshot.py needs the benchmark. To get
+  it, download $URL/one-shot-classification/$ONESHOT
+  (github.com/brendenlake/omniglot, python/one-shot-classification/) into the --source folder
+  and re-run with --source, or re-run bash make_omniglot.sh -d with network access." >&2
+  }
+  oneshot_zip=""
+  if [[ -n $SOURCE ]]; then
+    if [[ -f $SOURCE/$ONESHOT ]]; then
+      oneshot_zip=$SOURCE/$ONESHOT
+      verify "$oneshot_zip" "$SOURCE/SHA256SUMS"
+    else
+      oneshot_note "there is no $ONESHOT in $SOURCE"
+    fi
+  else
+    mkdir -p "$ONESHOT_DIR"
+    dest=$ONESHOT_DIR/$ONESHOT
+    if [[ ! -f $dest ]]; then
+      echo "downloading $URL/one-shot-classification/$ONESHOT"
+      if curl -fsSL --connect-timeout 10 --max-time 600 -o "$dest.part" \
+          "$URL/one-shot-classification/$ONESHOT"; then
+        mv "$dest.part" "$dest"
+      else
+        rm -f "$dest.part"
+        rmdir "$ONESHOT_DIR" 2>/dev/null || true  # leave no empty benchmark folder behind
+        oneshot_note "cannot download $URL/one-shot-classification/$ONESHOT"
+      fi
+    fi
+    if [[ -f $dest ]]; then
+      oneshot_zip=$dest
+      verify "$oneshot_zip" "$ONESHOT_DIR/SHA256SUMS"
+    fi
+  fi
+  if [[ -n $oneshot_zip ]]; then
+    extract "$oneshot_zip" "$ONESHOT_DIR"
+    echo "one-shot runs in $ONESHOT_DIR (evaluate_oneshot.py --root $ROOT, or --runs DIR)"
+  fi
 fi
 
 if [[ $LOGS == 1 ]]; then

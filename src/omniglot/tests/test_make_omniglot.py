@@ -1,14 +1,19 @@
 """make_omniglot.sh: local archives (checksums, safe extraction), the offline failure message,
-the log folder; the extracted data load."""
+the log folder; the extracted data load; the one-shot benchmark's all_runs.zip (local source,
+download, absent, unsafe, checksum)."""
 
+import functools
 import hashlib
 import os
 import shutil
 import subprocess
+import threading
 import zipfile
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import data
+import oneshot
 import pytest
 
 SCRIPT = Path(__file__).resolve().parents[3] / "make_omniglot.sh"
@@ -81,3 +86,119 @@ def test_bad_flags_show_usage():
     assert result.returncode == 2 and "unknown option -x" in result.stderr
     assert "-p" in result.stdout
     assert run().returncode == 2
+
+
+# -- Lake et al.'s one-shot benchmark (all_runs.zip) --------------------------------------------
+
+def write_runs_zip(path: Path, omniglot_root: Path, *, entries: dict[str, bytes] | None = None
+                   ) -> Path:
+    """A small all_runs.zip in the official layout (all_runs/run01..run02, 2 classes each,
+    class_labels.txt mapping test item k to class 3 - k), from the synthetic drawings."""
+    pngs = sorted(omniglot_root.rglob("*.png"))
+    with zipfile.ZipFile(path, "w") as z:
+        for r in (1, 2):
+            lines = []
+            for c in (1, 2):
+                z.write(pngs[8 * r + c], f"all_runs/run0{r}/training/class0{c}.png")
+                z.write(pngs[8 * r + 4 + c], f"all_runs/run0{r}/test/item0{c}.png")
+                lines.append(f"run0{r}/test/item0{c}.png run0{r}/training/class0{3 - c}.png")
+            z.writestr(f"all_runs/run0{r}/class_labels.txt", "\n".join(lines) + "\n")
+        for name, content in (entries or {}).items():
+            z.writestr(name, content)
+    return path
+
+
+def add_sum(folder: Path, path: Path, digest: str | None = None) -> None:
+    with open(folder / "SHA256SUMS", "a") as f:
+        f.write(f"{digest or hashlib.sha256(path.read_bytes()).hexdigest()}  {path.name}\n")
+
+
+def test_oneshot_runs_from_source_are_extracted_beside_root(archives, omniglot_root, tmp_path):
+    add_sum(archives, write_runs_zip(archives / "all_runs.zip", omniglot_root))
+    root = tmp_path / "data"
+    result = run("-d", "--source", str(archives), "--root", str(root))
+    assert result.returncode == 0, result.stderr
+    assert "verified all_runs.zip" in result.stdout and result.stdout.count("verified") == 3
+    runs = oneshot.load_runs(tmp_path / "data_oneshot")
+    assert [r.name for r in runs] == ["run01", "run02"]
+    assert [r.test_labels.tolist() for r in runs] == [[1, 0], [1, 0]]
+    # not among the alphabets main.py reads, not extracted as alphabets
+    names = [a.name for a in data.find_alphabets(root)]
+    assert names == ["Alpha", "Beta", "Delta", "Epsilon", "Gamma", "Shared", "Tiny"]
+    assert not (root / "omniglot" / "all_runs").exists()
+    # a zip that is not listed in SHA256SUMS is used with a warning
+    (archives / "SHA256SUMS").write_text("".join(
+        ln + "\n" for ln in (archives / "SHA256SUMS").read_text().splitlines()
+        if "all_runs" not in ln))
+    again = run("-d", "--source", str(archives), "--root", str(root))
+    assert again.returncode == 0, again.stderr
+    assert "no checksum known for all_runs.zip" in again.stderr
+
+
+def test_absent_oneshot_zip_is_a_note_not_a_failure(archives, tmp_path):
+    result = run("-d", "--source", str(archives), "--root", str(tmp_path / "data"))
+    assert result.returncode == 0, result.stderr
+    assert "one-shot benchmark data (all_runs.zip, Lake et al. 2015) was NOT installed" \
+        in result.stderr
+    assert f"no all_runs.zip in {archives}" in result.stderr
+    assert "one-shot-classification/all_runs.zip" in result.stderr
+    assert not (tmp_path / "data_oneshot").exists()
+    assert len(data.find_alphabets(tmp_path / "data")) == 7
+
+
+@pytest.mark.parametrize("entry", ["../evil.png", "/abs/evil.png"])
+def test_unsafe_oneshot_entries_are_refused(archives, omniglot_root, tmp_path, entry):
+    write_runs_zip(archives / "all_runs.zip", omniglot_root, entries={entry: b"x"})
+    result = run("-d", "--source", str(archives), "--root", str(tmp_path / "data"))
+    assert result.returncode != 0 and "refusing unsafe archive entry" in result.stderr
+    assert not (tmp_path / "evil.png").exists() and not (tmp_path / "data_oneshot").exists()
+
+
+def test_oneshot_checksum_mismatch_fails(archives, omniglot_root, tmp_path):
+    add_sum(archives, write_runs_zip(archives / "all_runs.zip", omniglot_root), "0" * 64)
+    result = run("-d", "--source", str(archives), "--root", str(tmp_path / "data"))
+    assert result.returncode != 0
+    assert "checksum mismatch for" in result.stderr and "all_runs.zip" in result.stderr
+    assert not (tmp_path / "data_oneshot").exists()
+
+
+@pytest.fixture
+def server(tmp_path):
+    """A local HTTP server standing in for the dataset repository's python/ folder."""
+    folder = tmp_path / "served"
+    folder.mkdir()
+    handler = functools.partial(QuietHandler, directory=str(folder))
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield folder, f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+    httpd.server_close()
+    thread.join()
+
+
+class QuietHandler(SimpleHTTPRequestHandler):
+    def log_message(self, format, *args):
+        pass
+
+
+def test_download_fetches_the_oneshot_runs_and_survives_their_absence(archives, omniglot_root,
+                                                                       server, tmp_path):
+    folder, url = server
+    shutil.copy(archives / "images_background_small1.zip", folder / "images_background.zip")
+    shutil.copy(archives / "images_background_small2.zip", folder / "images_evaluation.zip")
+    # Without all_runs.zip on the server: alphabets installed, a note, success.
+    root = tmp_path / "data"
+    result = run("-d", "--root", str(root), env={"OMNIGLOT_URL": url})
+    assert result.returncode == 0, result.stderr
+    assert f"cannot download {url}/one-shot-classification/all_runs.zip" in result.stderr
+    assert len(data.find_alphabets(root)) == 7
+    # With it: downloaded into data_oneshot/, checked against a SHA256SUMS there, extracted.
+    (folder / "one-shot-classification").mkdir()
+    zipped = write_runs_zip(folder / "one-shot-classification/all_runs.zip", omniglot_root)
+    (tmp_path / "data_oneshot").mkdir()
+    add_sum(tmp_path / "data_oneshot", zipped)
+    result = run("-d", "--root", str(root), env={"OMNIGLOT_URL": url})
+    assert result.returncode == 0, result.stderr
+    assert "verified all_runs.zip" in result.stdout
+    assert len(oneshot.load_runs(tmp_path / "data_oneshot")) == 2
