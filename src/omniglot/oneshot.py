@@ -27,7 +27,9 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
+import shutil
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -44,7 +46,7 @@ import metazoo
 from metazoo import MetaLearner, Task
 
 __all__ = ["LABELS_FILE", "OneShotResult", "OneShotRun", "RunResult", "evaluate_oneshot",
-           "find_runs_folder", "load_runs"]
+           "find_runs_folder", "load_runs", "write_runs"]
 
 LABELS_FILE = "class_labels.txt"
 _RUN = re.compile(r"^run(\d+)$")
@@ -316,3 +318,60 @@ def evaluate_oneshot(learner: MetaLearner, runs: Sequence[OneShotRun], *, steps:
                                  tuple(predictions.tolist()), adapted.inner_losses))
     overall = sum(r.error_rate for r in results) / len(results)
     return OneShotResult(overall, tuple(results), bn_mode, steps)
+
+
+def write_runs(alphabets: Sequence[str | os.PathLike], folder: str | os.PathLike, *,
+               runs: int = 20, ways: int = 20, seed: int = 0) -> Path:
+    """Writes runs in the official layout from held-out alphabet folders (``<Alphabet>/
+    <character>/*.png``), the way Lake et al. built theirs from the evaluation alphabets: per
+    run one alphabet (in turn), ``ways`` of its characters and two different drawers; the first
+    drawer's drawing of each character is its training image, the second's the test image.
+
+    For checking a model on real drawings when ``all_runs.zip`` cannot be fetched; scores on
+    these runs are not the official benchmark's.
+
+    Returns:
+        ``folder`` (which must not exist yet).
+    """
+    out = Path(folder)
+    if out.exists():
+        raise ValueError(f"folder={str(out)!r} exists; pass a new folder for the runs")
+    rng = random.Random(seed)
+    listed = []
+    for alphabet in alphabets:
+        chars = sorted(c for c in Path(alphabet).iterdir() if c.is_dir())
+        if len(chars) < ways:
+            raise ValueError(f"alphabet {str(alphabet)!r} has {len(chars)} characters; a "
+                             f"{ways}-way run needs {ways}: pass larger alphabets or fewer ways")
+        listed.append(chars)
+    if not listed:
+        raise ValueError("alphabets is empty; pass the held-out alphabet folders")
+    for r in range(1, runs + 1):
+        chosen = rng.sample(listed[(r - 1) % len(listed)], ways)
+        drawings = [sorted(c.glob("*.png")) for c in chosen]
+        first, second = rng.sample(range(min(len(d) for d in drawings)), 2)
+        order = rng.sample(range(ways), ways)
+        name = f"run{r:02d}"
+        (out / name / "training").mkdir(parents=True)
+        (out / name / "test").mkdir()
+        for c, files in enumerate(drawings):
+            shutil.copyfile(files[first], out / name / "training" / f"class{c + 1:02d}.png")
+        lines = []
+        for i, c in enumerate(order):
+            shutil.copyfile(drawings[c][second], out / name / "test" / f"item{i + 1:02d}.png")
+            lines.append(f"{name}/test/item{i + 1:02d}.png {name}/training/class{c + 1:02d}.png")
+        (out / name / LABELS_FILE).write_text("\n".join(lines) + "\n")
+    return out
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Write one-shot runs in the official layout "
+                                     "from held-out alphabet folders (write_runs)")
+    parser.add_argument("out", help="new folder for run01 ... runNN")
+    parser.add_argument("alphabets", nargs="+", help="<Alphabet> folders of held-out alphabets")
+    parser.add_argument("--runs", type=int, default=20)
+    parser.add_argument("--seed", type=int, default=0)
+    cli = parser.parse_args()
+    print(write_runs(cli.alphabets, cli.out, runs=cli.runs, seed=cli.seed))

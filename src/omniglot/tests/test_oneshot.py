@@ -362,3 +362,30 @@ def test_command_errors(tiny, omniglot_root, official, tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "error: no trained model at" in done.stderr
     assert "absent" in done.stderr
+
+
+def test_write_runs_from_alphabets_reads_back_with_each_test_item_of_its_class(omniglot_root,
+                                                                             tmp_path):
+    from oneshot import write_runs
+
+    alphabets = [omniglot_root / "images_background_small1" / "Alpha",
+                 omniglot_root / "images_background_small2" / "Delta"]  # 4 characters each
+    out = write_runs(alphabets, tmp_path / "runs", runs=3, ways=4, seed=1)
+    runs = load_runs(out)
+    assert [r.name for r in runs] == ["run01", "run02", "run03"]
+    for r, run in enumerate(runs):
+        folder = out / run.name
+        alphabet = alphabets[r % 2]
+        for line in (folder / "class_labels.txt").read_text().splitlines():
+            test, train = (Path(p) for p in line.split())
+            # the test drawing and its training drawing are the same character, other drawers
+            same = [c for c in alphabet.iterdir()
+                    if any((c / f.name).exists() and (c / f.name).read_bytes()
+                           == (out / test).read_bytes() for f in c.iterdir())]
+            assert same and any((same[0] / f.name).read_bytes() == (out / train).read_bytes()
+                                for f in same[0].iterdir())
+            assert (out / test).read_bytes() != (out / train).read_bytes()
+    with pytest.raises(ValueError, match="exists"):
+        write_runs(alphabets, out)
+    with pytest.raises(ValueError, match="has 4 characters; a 5-way run needs 5"):
+        write_runs(alphabets, tmp_path / "other", ways=5)
