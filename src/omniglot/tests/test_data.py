@@ -121,6 +121,25 @@ def test_augment_ranges_and_determinism():
     assert not torch.equal(a[0], a[1])
 
 
+def test_augment_equals_affine_grid_and_grid_sample_across_chunks():
+    """The cached-grid, chunked CPU path (more images than one chunk, a ragged last chunk)
+    is torch's affine_grid + grid_sample on the same random draws."""
+    n = 2 * data._AUGMENT_CHUNK + 37
+    x = torch.rand(n, 1, 28, 28, generator=torch.Generator().manual_seed(3),
+                   dtype=torch.float64)
+    out = data.augment(x, torch.Generator().manual_seed(4))
+    u = torch.rand(n, 4, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    angle, s = u[:, 0] * 2 * math.pi, 0.8 + u[:, 1] * 0.4
+    t = (u[:, 2:] * 2 - 1) * 0.4
+    cos, sin = torch.cos(angle) / s, torch.sin(angle) / s
+    theta = torch.stack([torch.stack([cos, -sin, t[:, 0]], 1),
+                         torch.stack([sin, cos, t[:, 1]], 1)], 1)
+    grid = torch.nn.functional.affine_grid(theta, [n, 1, 28, 28], align_corners=False)
+    want = torch.nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="zeros",
+                                           align_corners=False)
+    torch.testing.assert_close(out, want, rtol=0, atol=1e-12)
+
+
 def test_task_sampler_batches_and_held_out(omniglot_root):
     chars, draws = _counts(omniglot_root)
     split = data.make_split(chars, draws, seed=1, num_train=3, num_val=1, num_test=2, classes=3,
