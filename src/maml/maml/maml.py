@@ -119,6 +119,7 @@ class MAML(MetaLearner):
         inner_grad_clip: float | None = None,
         backward_grad_clip: float | None = None,
         on_nonfinite: str = "raise",
+        channels_last: bool = False,
     ) -> None:
         """Builds the learner.
 
@@ -155,6 +156,15 @@ class MAML(MetaLearner):
             on_nonfinite: ``"raise"`` (default) stops with ``metazoo.NonFiniteError`` naming the
                 task and inner step of the first NaN/inf loss; ``"skip"`` leaves such tasks out of
                 the meta-gradient and the means and counts them in ``skipped_tasks``.
+            channels_last: run adaptation and the query pass in channels-last memory format:
+                every 4-D floating input (the first element of each support and query batch)
+                and every 4-D parameter is copied to ``torch.channels_last`` for each task, so
+                convolution, pooling and BatchNorm outputs stay channels-last; other inputs
+                and parameters are left as they are, and the model is not modified (``adapt``
+                returns channels-last parameters). The same computation in another layout:
+                results equal the default's up to rounding.
+                On CPUs the PyTorch max-pooling kernel is about 10x faster on channels-last
+                tensors; ``benchmarks/meta_step.py`` measures the effect.
         """
         self.model = check_module(model)
         self.criterion = check_criterion(criterion)
@@ -174,6 +184,10 @@ class MAML(MetaLearner):
         self.backward_grad_clip = check_optional_positive("backward_grad_clip",
                                                           backward_grad_clip)
         self.on_nonfinite = metazoo.check_on_nonfinite(on_nonfinite)
+        if not isinstance(channels_last, bool):
+            raise ValueError(f"channels_last must be a bool, got {channels_last!r}; pass True "
+                             f"to run 4-D (image) inputs in channels-last memory format")
+        self.channels_last = channels_last
 
         names = [n for n, _ in model.named_parameters()]
         self._frozen = name_predicate("frozen", frozen, names)
@@ -305,7 +319,17 @@ class MAML(MetaLearner):
                 adapted[name] = p
             else:
                 static[name] = p
+        if self.channels_last:
+            adapted = {n: _to_channels_last(p) for n, p in adapted.items()}
+            static = {n: _to_channels_last(p) for n, p in static.items()}
         return adapted, static
+
+    def _layout(self, task: Task) -> Task:
+        """``task`` with its 4-D inputs in channels-last format when ``channels_last`` is set."""
+        if not self.channels_last:
+            return task
+        return Task(support=[_inputs_to_channels_last(b) for b in task.support],
+                    query=_inputs_to_channels_last(task.query))
 
     def _unroll(self, task: Task, steps: int, *, keep_trajectory: bool
                 ) -> tuple[metazoo.UnrollResult, metazoo.Params]:
@@ -328,7 +352,7 @@ class MAML(MetaLearner):
         """
         steps = self._steps(steps)
         with torch.no_grad():
-            result, static = self._unroll(task, steps, keep_trajectory=False)
+            result, static = self._unroll(self._layout(task), steps, keep_trajectory=False)
         params = {**static, **result.params}
         params = {name: params[name].detach() for name, _ in self.model.named_parameters()}
         return Adapted(params, result.buffers, tuple(result.losses.tolist()))
@@ -336,6 +360,7 @@ class MAML(MetaLearner):
     def _task_objective(self, task: Task) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
         """Meta-objective of one task, its final query loss and accuracy, and inner losses."""
         msl = self.multi_step_weights
+        task = self._layout(task)
         result, static = self._unroll(task, self.inner_steps,
                                                keep_trajectory=msl is not None)
         loss, acc = score_query(self.model, self.criterion, {**static, **result.params},
@@ -379,6 +404,7 @@ class MAML(MetaLearner):
         """
         check_tasks(tasks)
         steps = self._steps(steps)
+        tasks = [self._layout(task) for task in tasks]
 
         def adapt(task: Task) -> tuple[metazoo.Params, metazoo.UnrollResult]:
             with torch.no_grad():
@@ -386,3 +412,18 @@ class MAML(MetaLearner):
             return {**static, **result.params}, result
 
         return evaluate_tasks(tasks, adapt, self.model, self.criterion, self.bn_mode)
+
+
+def _to_channels_last(tensor: Tensor) -> Tensor:
+    if tensor.dim() != 4 or not tensor.is_floating_point():
+        return tensor
+    # clone, not contiguous(): with one channel both layouts count as contiguous, so
+    # contiguous() keeps the NCHW strides and convolution then writes an NCHW output (the
+    # slow-pooling layout). The clone is differentiable: meta-gradients reach the original.
+    return tensor.clone(memory_format=torch.channels_last)
+
+
+def _inputs_to_channels_last(batch: Any) -> Any:
+    inputs, *rest = batch
+    return (_to_channels_last(inputs) if isinstance(inputs, Tensor) else inputs, *rest)
+

@@ -4,6 +4,7 @@ plain autograd (float64), invariants, and argument validation."""
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -135,6 +136,95 @@ def assert_close(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tens
         torch.testing.assert_close(actual[n], expected[n], atol=atol, rtol=rtol, msg=n)
 
 
+# -- channels_last -------------------------------------------------------------------------------
+
+def conv_model(in_channels: int, seed: int = 0) -> nn.Module:
+    """Two conv -> max-pool -> BatchNorm -> ReLU blocks and a linear head, on 8x8 images."""
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(in_channels, 4, 3, padding=1), nn.MaxPool2d(2), nn.BatchNorm2d(4), nn.ReLU(),
+        nn.Conv2d(4, 4, 3, padding=1), nn.MaxPool2d(2), nn.BatchNorm2d(4), nn.ReLU(),
+        nn.Flatten(), nn.Linear(16, 3)).to(DTYPE)
+
+
+def image_tasks(count: int, in_channels: int, seed: int = 3) -> list[metazoo.Task]:
+    g = torch.Generator().manual_seed(seed)
+
+    def batch(per_class: int) -> tuple[torch.Tensor, torch.Tensor]:
+        y = torch.arange(3).repeat_interleave(per_class)
+        return torch.randn(len(y), in_channels, 8, 8, generator=g, dtype=DTYPE), y
+
+    return [metazoo.Task([batch(2), batch(1)], batch(3)) for _ in range(count)]
+
+
+def conv_learner(in_channels: int, channels_last: bool, **kwargs) -> MAML:
+    return MAML(model=conv_model(in_channels), criterion=F.cross_entropy,
+                inner_optimizer=metazoo.SGD(0.3, momentum=0.5), inner_steps=3,
+                channels_last=channels_last, **kwargs)
+
+
+@pytest.mark.parametrize("in_channels", [1, 3])
+@pytest.mark.parametrize("bn_mode", ["batch", "running"])
+@pytest.mark.parametrize("variant", [{}, {"first_order": True}, {"checkpoint": 1},
+                                     {"learn_inner_lr": "per_tensor"}])
+def test_channels_last_gives_the_default_layouts_meta_gradients(in_channels, bn_mode, variant):
+    tasks = image_tasks(2, in_channels)
+    results, grads = [], []
+    for channels_last in (False, True):
+        learner = conv_learner(in_channels, channels_last, bn_mode=bn_mode, **variant)
+        grads.append(meta_grads(learner, tasks))
+        learner.meta_optimizer.zero_grad(set_to_none=True)
+        results.append(learner.meta_backward(tasks))
+    assert_close(grads[1], grads[0], atol=1e-10, rtol=1e-10)
+    assert math.isclose(results[1].meta_loss, results[0].meta_loss, rel_tol=1e-12)
+    assert results[1].inner_losses == pytest.approx(results[0].inner_losses, rel=1e-12)
+
+
+@pytest.mark.parametrize("in_channels", [1, 3])
+def test_channels_last_runs_the_network_in_channels_last(in_channels):
+    # With one input channel, contiguous(memory_format=channels_last) is a no-op that leaves
+    # NCHW strides and the convolution then writes NCHW: the layout must really change.
+    task = image_tasks(1, in_channels)[0]
+    for channels_last in (False, True):
+        learner = conv_learner(in_channels, channels_last)
+        layouts = []
+
+        def record(module, args, output, layouts=layouts):
+            layouts.append((output.is_contiguous(memory_format=torch.channels_last),
+                            output.is_contiguous()))
+
+        for block in (0, 4):
+            learner.model[block].register_forward_hook(record)
+        learner.meta_backward([task])
+        learner.evaluate([task])
+        assert len(layouts) == 2 * (3 + 1 + 3 + 1)  # 2 convs x (3 steps + query), twice
+        assert set(layouts) == {(True, False) if channels_last else (False, True)}
+        assert all(p.is_contiguous() for p in learner.model.parameters())  # model untouched
+
+
+def test_channels_last_adapt_and_evaluate_match_the_default_layout():
+    tasks = image_tasks(2, 1)
+    adapted, evaluated = [], []
+    for channels_last in (False, True):
+        learner = conv_learner(1, channels_last, bn_mode="running")
+        adapted.append(learner.adapt(tasks[0], steps=4))
+        evaluated.append(learner.evaluate(tasks))
+    assert_close(adapted[1].params, adapted[0].params, atol=1e-12, rtol=1e-12)
+    assert_close(adapted[1].buffers, adapted[0].buffers, atol=1e-12, rtol=1e-12)
+    assert math.isclose(evaluated[1].loss, evaluated[0].loss, rel_tol=1e-12)
+    assert [loss for loss, _ in evaluated[1].per_task] == pytest.approx(
+        [loss for loss, _ in evaluated[0].per_task], rel=1e-12)
+    assert [acc for _, acc in evaluated[1].per_task] == [acc for _, acc in evaluated[0].per_task]
+
+
+def test_channels_last_leaves_other_inputs_alone():
+    tasks = regression_tasks(2)
+    grads = [meta_grads(MAML(model=regression_model("bn_hidden"), criterion=F.mse_loss,
+                             inner_steps=2, channels_last=channels_last), tasks)
+             for channels_last in (False, True)]
+    assert_close(grads[1], grads[0], atol=0.0, rtol=0.0)
+
+
 # -- invariants -------------------------------------------------------------------------------
 
 
@@ -183,6 +273,30 @@ def test_first_order_meta_gradient_is_query_gradient_at_adapted_params():
                              inner_optimizer=metazoo.SGD(0.1, momentum=0.9), inner_steps=3),
                         tasks)
     assert max((second[n] - grads[n]).abs().max().item() for n in grads) > 1e-4
+
+
+@pytest.mark.parametrize("msl", [False, True])
+def test_first_order_running_mode_meta_gradient_is_query_gradient_at_adapted_params(msl):
+    # The running statistics of a hidden BatchNorm come out of the first-order unroll with a
+    # graph into freed inner steps; they must be constants of the query loss, not an error.
+    model = regression_model("bn_hidden")
+    tasks = regression_tasks(2)
+    weights = [0.0, 0.0, 1.0] if msl else None  # MSL path, same objective as the plain one
+    learner = MAML(model=model, criterion=F.mse_loss, first_order=True, bn_mode="running",
+                   inner_optimizer=metazoo.SGD(0.1, momentum=0.9), inner_steps=3,
+                   multi_step_weights=weights)
+    grads = meta_grads(learner, tasks)
+
+    expected = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
+    for task in tasks:
+        adapted = learner.adapt(task)
+        phi = {n: p.clone().requires_grad_() for n, p in adapted.params.items()}
+        out, _ = metazoo.forward(model, phi, adapted.buffers, task.query[0], bn_mode="running",
+                                 training=False)
+        query_grads = torch.autograd.grad(F.mse_loss(out, task.query[1]), list(phi.values()))
+        for n, g in zip(phi, query_grads, strict=True):
+            expected[n] += g / len(tasks)
+    assert_close(grads, expected, atol=1e-14, rtol=1e-12)
 
 
 # -- second-order gradients against finite differences ----------------------------------------
@@ -458,6 +572,7 @@ def test_meta_step_reports_and_updates():
     ({"model": "net"}, "model must be a torch.nn.Module"),
     ({"model": nn.ReLU()}, "has no parameters"),
     ({"meta_optimizer": lambda p: None}, "must return a torch.optim.Optimizer"),
+    ({"channels_last": 1}, "channels_last must be a bool, got 1"),
 ])
 def test_constructor_validation(kwargs, message):
     arguments = {"model": regression_model(), "criterion": F.mse_loss, **kwargs}
