@@ -20,6 +20,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _torchrun(argv: list[str]) -> None:
+    """main.py under torchrun: 2 gloo processes on the loopback, bounded in time."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1",
+                "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+                "--master_port", str(_free_port())]
+    done = subprocess.run([*launcher, str(MAIN), *argv], capture_output=True, text=True,
+                          timeout=240, check=False)
+    assert done.returncode == 0, done.stderr[-12000:]
+
+
 def _numbers(path: Path) -> list[float]:
     values = []
     for line in path.read_text().splitlines():
@@ -33,12 +43,7 @@ def _numbers(path: Path) -> list[float]:
 def test_torchrun_two_processes_match_one(tiny, omniglot_root, tmp_path, method):
     argv = [*tiny(omniglot_root, tmp_path, method, "--meta_batch_size", "3", "--threads", "1")]
     main.main([*argv, "--suffix", "single"])
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1",
-                "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-                "--master_port", str(_free_port())]
-    done = subprocess.run([*launcher, str(MAIN), *argv, "--suffix", "torchrun"],
-                          capture_output=True, text=True, timeout=240, check=False)
-    assert done.returncode == 0, done.stderr[-12000:]
+    _torchrun([*argv, "--suffix", "torchrun"])
     single, shared = tmp_path / method / "single", tmp_path / method / "torchrun"
     names = sorted(p.name for p in single.glob("results_*.log"))
     assert names == sorted(p.name for p in shared.glob("results_*.log")) and names
@@ -73,12 +78,7 @@ def test_torchrun_two_processes_match_one_fewshot(omniglot_root, tmp_path):
             "--test_ival", "1", "--num_filters", "4", "--log_ival", "0", "--no_cuda",
             "--inner_kwargs", "lr", "0.1", "--threads", "1"]
     single_result = main.main([*argv, "--suffix", "single"])
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1",
-                "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-                "--master_port", str(_free_port())]
-    done = subprocess.run([*launcher, str(MAIN), *argv, "--suffix", "torchrun"],
-                          capture_output=True, text=True, timeout=240, check=False)
-    assert done.returncode == 0, done.stderr[-12000:]
+    _torchrun([*argv, "--suffix", "torchrun"])
     single, shared = tmp_path / "maml" / "single", tmp_path / "maml" / "torchrun"
     names = sorted(p.name for p in single.glob("results_*.log"))
     assert names == sorted(p.name for p in shared.glob("results_*.log"))
