@@ -1,6 +1,7 @@
 """Puts src/omniglot on sys.path (an experiment folder, not a package) and builds synthetic
 alphabets: PNG drawings in the official archives' layout, in a temporary folder."""
 
+import filecmp
 import sys
 from pathlib import Path
 
@@ -68,3 +69,18 @@ def tiny_args(root: Path, log_dir: Path | None, method: str | None, *extra: str)
 def tiny():
     """``tiny_args``: flags for a tiny run (test modules cannot import each other here)."""
     return tiny_args
+
+
+def assert_same_log_files(a: Path, b: Path, minimum: int) -> None:
+    """Runs ``a`` and ``b`` wrote the same ``results_*.log`` files (at least ``minimum``),
+    byte for byte."""
+    names = sorted(p.name for p in a.glob("results_*.log"))
+    assert names == sorted(p.name for p in b.glob("results_*.log")) and len(names) >= minimum
+    for name in names:
+        assert filecmp.cmp(a / name, b / name, shallow=False), name
+
+
+@pytest.fixture(scope="session")
+def same_log_files():
+    """``assert_same_log_files`` (test modules cannot import each other here)."""
+    return assert_same_log_files

@@ -1,7 +1,6 @@
 """main.py: a smoke run per --meta_model, flags, resume (in process and a killed subprocess),
 the split from the seed alone, and best-on-validation selection."""
 
-import filecmp
 import json
 import subprocess
 import sys
@@ -91,30 +90,26 @@ def test_same_seed_same_split_twice_other_seed_differs(tiny, omniglot_root, tmp_
     assert "Tiny" not in split["characters"]  # 2 characters < 3 classes
 
 
-def _logs(run: Path) -> list[str]:
-    return sorted(p.name for p in run.glob("results_*.log"))
-
-
-def _assert_same_logs(a: Path, b: Path) -> None:
-    names = _logs(a)
-    assert names == _logs(b) and len(names) >= 8
-    for name in names:
-        assert filecmp.cmp(a / name, b / name, shallow=False), name
+def _assert_same_logs(a: Path, b: Path, same_log_files) -> None:
+    same_log_files(a, b, 8)
     assert (a / "split.json").read_text() == (b / "split.json").read_text()
     assert json.loads((a / "done.json").read_text()) == json.loads((b / "done.json").read_text())
 
 
 @pytest.mark.parametrize("method", ["warp_leap", "warp_maml", "maml", "ft"])
-def test_stop_and_resume_gives_identical_logs(tiny, omniglot_root, tmp_path, method):
+def test_stop_and_resume_gives_identical_logs(tiny, omniglot_root, tmp_path, same_log_files,
+                                               method):
     full = tiny(omniglot_root, tmp_path, method, "--meta_train_steps", "4", "--test_ival", "2")
     main.main([*full, "--suffix", "straight"])
     # the same run stopped after 1 step (with its final test), then resumed to 4 steps
     main.main([*full, "--suffix", "resumed", "--meta_train_steps", "1"])
     main.main([*full, "--suffix", "resumed", "--resume"])
-    _assert_same_logs(tmp_path / method / "straight", tmp_path / method / "resumed")
+    _assert_same_logs(tmp_path / method / "straight", tmp_path / method / "resumed",
+                      same_log_files)
 
 
-def test_killed_subprocess_resumes_to_identical_logs(tiny, omniglot_root, tmp_path):
+def test_killed_subprocess_resumes_to_identical_logs(tiny, omniglot_root, tmp_path,
+                                                     same_log_files):
     argv = [*tiny(omniglot_root, tmp_path, "leap", "--meta_train_steps", "40",
                   "--task_train_steps", "4", "--test_ival", "10", "--threads", "1"),
             "--suffix", "killed"]
@@ -135,7 +130,7 @@ def test_killed_subprocess_resumes_to_identical_logs(tiny, omniglot_root, tmp_pa
     assert 3 <= killed_at < 40
     main.main([*argv, "--resume"])
     main.main([*argv[:-1], "straight"])
-    _assert_same_logs(tmp_path / "leap/straight", run)
+    _assert_same_logs(tmp_path / "leap/straight", run, same_log_files)
 
 
 def test_select_best_and_evaluate_only(tiny, omniglot_root, tmp_path, capsys):
@@ -174,14 +169,12 @@ def test_reference_head_policy_runs(tiny, omniglot_root, tmp_path, method):
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_same_seed_twice_gives_identical_logs(tiny, omniglot_root, tmp_path, method):
+def test_same_seed_twice_gives_identical_logs(tiny, omniglot_root, tmp_path, same_log_files,
+                                              method):
     for suffix in ("first", "second"):
         main.main(tiny(omniglot_root, tmp_path, method, "--suffix", suffix, "--seed", "5"))
     first, second = tmp_path / method / "first", tmp_path / method / "second"
-    names = _logs(first)
-    assert names == _logs(second) and len(names) >= 6
-    for name in names:
-        assert filecmp.cmp(first / name, second / name, shallow=False), name
+    same_log_files(first, second, 6)
     assert (first / "done.json").read_text() == (second / "done.json").read_text()
 
 

@@ -2,7 +2,6 @@
 determinism, stop-and-resume, fixed evaluation episodes, BatchNorm modes, image folders and flag
 errors."""
 
-import filecmp
 import json
 import random
 from dataclasses import asdict
@@ -28,15 +27,8 @@ def fewshot(root: Path, log_dir: Path, method: str, *extra: str) -> list[str]:
             "--inner_kwargs", "lr", "0.1", *extra]
 
 
-def _logs(run: Path) -> list[str]:
-    return sorted(p.name for p in run.glob("results_*.log"))
-
-
-def _assert_same_logs(a: Path, b: Path) -> None:
-    names = _logs(a)
-    assert names == _logs(b) and len(names) >= 8
-    for name in names:
-        assert filecmp.cmp(a / name, b / name, shallow=False), name
+def _assert_same_logs(a: Path, b: Path, same_log_files) -> None:
+    same_log_files(a, b, 8)
     ja, jb = (json.loads((r / "fewshot_test.json").read_text()) for r in (a, b))
     ja.pop("seconds"), jb.pop("seconds")
     assert ja == jb
@@ -76,10 +68,10 @@ def test_smoke_runs_write_results_with_ci(omniglot_root, tmp_path, capsys, metho
     assert split["classes"] == {"train": 12, "val": 3, "test": 7}
 
 
-def test_same_seed_twice_gives_identical_logs(omniglot_root, tmp_path):
+def test_same_seed_twice_gives_identical_logs(omniglot_root, tmp_path, same_log_files):
     for suffix in ("a", "b"):
         main.main(fewshot(omniglot_root, tmp_path, "maml", "--suffix", suffix, "--rotations"))
-    _assert_same_logs(tmp_path / "maml" / "a", tmp_path / "maml" / "b")
+    _assert_same_logs(tmp_path / "maml" / "a", tmp_path / "maml" / "b", same_log_files)
     main.main(fewshot(omniglot_root, tmp_path, "maml", "--suffix", "c", "--rotations",
                       "--seed", "6"))  # seed 6: Beta in validation too, other training data
     assert (tmp_path / "maml/a/results_train_val.log").read_text() != \
@@ -87,12 +79,13 @@ def test_same_seed_twice_gives_identical_logs(omniglot_root, tmp_path):
 
 
 @pytest.mark.parametrize("method", ["maml", "reptile"])
-def test_stop_and_resume_gives_identical_logs(omniglot_root, tmp_path, method):
+def test_stop_and_resume_gives_identical_logs(omniglot_root, tmp_path, same_log_files, method):
     full = fewshot(omniglot_root, tmp_path, method, "--meta_train_steps", "3")
     main.main([*full, "--suffix", "straight"])
     main.main([*full, "--suffix", "resumed", "--meta_train_steps", "1"])  # with its own test
     main.main([*full, "--suffix", "resumed", "--resume"])
-    _assert_same_logs(tmp_path / method / "straight", tmp_path / method / "resumed")
+    _assert_same_logs(tmp_path / method / "straight", tmp_path / method / "resumed",
+                      same_log_files)
 
 
 def test_evaluation_episodes_are_fixed_and_the_same_for_every_method(omniglot_root):
