@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import logging
 import sys
@@ -25,6 +26,8 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
+
+from metazoo import atomic_write_text
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -102,10 +105,16 @@ def _config(args: argparse.Namespace) -> TrainConfig:
 
 
 def _read_rewards(path: Path, upto: int) -> list[dict[str, str]]:
+    """The logged rows of the episodes before ``upto``.
+
+    A run killed mid-write can leave a torn last line (``"2"`` of ``"25,..."``); only lines
+    that end with a newline are complete, so only those are read.
+    """
     if not path.exists():
         return []
-    with path.open(newline="") as f:
-        return [row for row in csv.DictReader(f) if int(row["episode"]) < upto]
+    lines = path.read_text().splitlines(keepends=True)
+    complete = [line for line in lines if line.endswith("\n")]
+    return [row for row in csv.DictReader(complete) if int(row["episode"]) < upto]
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -130,11 +139,13 @@ def main(argv: list[str] | None = None) -> dict:
         trainer.load_state_dict(load_checkpoint(ckpt_path))
         logger.info("resumed %s at episode %d", ckpt_path, trainer.episode)
     # Episodes logged after the checkpoint are replayed identically, so drop them.
+    # The rewrite is atomic: a kill during it must not lose the rows before the checkpoint.
     rows = _read_rewards(csv_path, trainer.episode)
-    with csv_path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
-        writer.writeheader()
-        writer.writerows(rows)
+    kept = io.StringIO(newline="")
+    writer = csv.DictWriter(kept, fieldnames=CSV_FIELDS)
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(kept.getvalue(), csv_path)
     rewards = [float(r["mean_reward"]) for r in rows]
 
     if trainer.random_reward is None:
@@ -188,7 +199,7 @@ def main(argv: list[str] | None = None) -> dict:
         "last_10pct_reward": last_fraction_mean(rewards) if rewards else None,
         "wall_seconds_this_invocation": round(time.time() - start, 1),
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    atomic_write_text(json.dumps(summary, indent=2) + "\n", out / "summary.json")
     logger.info(
         "done: last 10%% mean reward %s, random policy %.3f",
         summary["last_10pct_reward"],

@@ -41,7 +41,7 @@ from oneshot import OneShotResult, evaluate_oneshot, load_runs
 from torch import nn
 from wrapper import RandomHead, build_learner, scoring_model
 
-from metazoo import MetaLearner
+from metazoo import MetaLearner, atomic_write_text
 
 __all__ = ["HEAD_MODES", "ZERO_HEAD_METHODS", "LoadedModel", "default_runs_folder",
            "load_model", "main_oneshot", "make_parser", "parse_args"]
@@ -261,7 +261,7 @@ def main_oneshot(argv: Sequence[str] | None = None) -> OneShotResult:
                "runs_folder": str(folder), "resize": args.resize, "seed": args.seed,
                "protocol": args.protocol, "image_size": args.image_size}
     out = loaded.checkpoint.parent / "oneshot.json"
-    out.write_text(json.dumps(summary, indent=1, sort_keys=True) + "\n")
+    atomic_write_text(json.dumps(summary, indent=1, sort_keys=True) + "\n", out)
     print(f"wrote {out}")
     return result
 

@@ -56,7 +56,15 @@ from episodes import (
 from model import DOWNSAMPLE
 from wrapper import HEAD_POLICIES, METHODS, LearnerConfig, build_learner, score
 
-from metazoo import MetaLearner, MetaStepResult, NonFiniteError, Task, atomic_save, distributed
+from metazoo import (
+    MetaLearner,
+    MetaStepResult,
+    NonFiniteError,
+    Task,
+    atomic_save,
+    atomic_write_text,
+    distributed,
+)
 
 PROTOCOLS = ("alphabet", "fewshot")
 # --bn_eval in few-shot terms -> the learners' bn_mode
@@ -311,7 +319,7 @@ def truncate_logs(log_dir: Path, step: int, *, drop_test: bool) -> None:
             continue
         lines = path.read_text().splitlines(keepends=True)
         kept = [ln for ln in lines if ln.endswith("\n") and int(ln.split(",", 1)[0]) <= step]
-        path.write_text("".join(kept))
+        atomic_write_text("".join(kept), path)  # a kill mid-rewrite keeps the old lines
 
 
 # -- state ------------------------------------------------------------------------------------
@@ -707,8 +715,8 @@ def _test(exp: Experiment | FewShotExperiment, learner: MetaLearner, step: int, 
               "rotations": args.rotations, "downsample": args.downsample,
               "train_shots": args.train_shots or args.shots,
               "train_queries": args.train_queries or args.queries, **asdict(result)}
-    (log_dir / "fewshot_test.json").write_text(json.dumps(record, indent=1, sort_keys=True)
-                                               + "\n")
+    atomic_write_text(json.dumps(record, indent=1, sort_keys=True) + "\n",
+                      log_dir / "fewshot_test.json")
     return result
 
 
@@ -781,7 +789,7 @@ def _run(args: argparse.Namespace, device: torch.device, main_process: bool
     acc = result.accuracy.mean if isinstance(result, FewShotResult) else result
     summary = {"meta_model": args.meta_model, "seed": args.seed, "step": run.step,
                "test_acc": acc, "best_step": run.best_step}
-    (log_dir / "done.json").write_text(json.dumps(summary, sort_keys=True) + "\n")
+    atomic_write_text(json.dumps(summary, sort_keys=True) + "\n", log_dir / "done.json")
     return result
 
 

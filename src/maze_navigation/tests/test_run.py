@@ -129,8 +129,8 @@ def test_a_run_killed_with_sigkill_resumes_to_the_same_log(tmp_path):
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     try:
         deadline = time.monotonic() + 60
-        while len(read_csv(killed / "rewards.csv")) < 12 if (killed / "rewards.csv").exists() \
-                else True:
+        # Polls while the run writes: only complete lines count (see run._read_rewards).
+        while len(run._read_rewards(killed / "rewards.csv", upto=30)) < 12:
             assert proc.poll() is None, proc.stderr.read().decode()
             assert time.monotonic() < deadline, "the run logged too slowly"
             time.sleep(0.005)
@@ -205,3 +205,12 @@ def test_a_failed_checkpoint_write_keeps_the_previous_checkpoint(tmp_path, monke
     assert resumed["episodes"] == 4
     run.main([*TINY, "--agent", "lstm", "--nbiter", "4", "--out", str(tmp_path / "straight")])
     assert read_csv(out / "rewards.csv") == read_csv(tmp_path / "straight" / "rewards.csv")
+
+
+def test_a_torn_last_log_line_is_dropped_on_resume(tmp_path):
+    """A kill mid-write can leave '2' of '25,...': that line must not count as episode 2."""
+    path = tmp_path / "rewards.csv"
+    path.write_text("episode,mean_reward,loss,meta_update\n0,1,2,0\n1,1,2,1\n2")
+    assert [r["episode"] for r in run._read_rewards(path, upto=30)] == ["0", "1"]
+    path.write_text("")  # created, header not yet written
+    assert run._read_rewards(path, upto=30) == []

@@ -35,7 +35,7 @@ from metazoo.learner import (
     mean_results,
 )
 from metazoo.optim import SGD, Adam, InnerOptimizer, OptState, RMSprop, safe_sqrt
-from metazoo.serialization import atomic_save
+from metazoo.serialization import atomic_save, atomic_write_text
 from metazoo.unroll import DEFAULT_SEGMENT, LossFn, UnrollResult, clip_grad_norm, unroll
 
 __version__ = "0.1.0"
@@ -63,6 +63,7 @@ __all__ = [
     "accuracy",
     "all_finite",
     "atomic_save",
+    "atomic_write_text",
     "check_on_nonfinite",
     "check_params",
     "clip_grad_norm",

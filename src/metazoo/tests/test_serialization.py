@@ -35,3 +35,26 @@ def test_failed_write_keeps_the_previous_file(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == ["checkpoint.pt"]
     monkeypatch.undo()
     assert torch.load(path, weights_only=True) == {"step": 1}
+
+
+def test_atomic_write_text_replaces_whole_files(tmp_path):
+    path = tmp_path / "log" / "rewards.csv"
+    metazoo.atomic_write_text("a,b\n1,2\n", path)
+    metazoo.atomic_write_text("a,b\nü,3\n", path, durable=False)
+    assert path.read_text(encoding="utf-8") == "a,b\nü,3\n"
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o644
+    assert os.listdir(path.parent) == ["rewards.csv"]
+
+
+def test_failed_text_write_keeps_the_previous_file(tmp_path):
+    path = tmp_path / "rewards.csv"
+    metazoo.atomic_write_text("episode\n0\n1\n", path)
+
+    class Unencodable(str):
+        def encode(self, *args, **kwargs):
+            raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        metazoo.atomic_write_text(Unencodable("episode\n"), path)
+    assert path.read_text() == "episode\n0\n1\n"
+    assert os.listdir(tmp_path) == ["rewards.csv"]
