@@ -38,6 +38,7 @@ Reference:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import os
@@ -53,6 +54,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from metazoo.faults import NonFiniteError
 from metazoo.learner import EvalResult, MetaLearner, MetaStepResult, Task
 from metazoo.serialization import atomic_save
 
@@ -384,7 +386,7 @@ def _reduce_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32) if dtype.is_floating_point else dtype
 
 
-def all_reduce_meta_gradients(learner: MetaLearner, *, num_tasks: int,
+def all_reduce_meta_gradients(learner: MetaLearner, *, num_tasks: int, fault: bool = False,
                               group: Group = None) -> int:
     """Replaces each meta-parameter's ``.grad`` by the mean over every rank's tasks.
 
@@ -395,6 +397,9 @@ def all_reduce_meta_gradients(learner: MetaLearner, *, num_tasks: int,
     Args:
         learner: the learner after ``meta_backward``.
         num_tasks: tasks this rank adapted (>= 0).
+        fault: this rank stopped on a non-finite loss before its gradients were complete; it
+            joins the collective its peers wait in, and every rank raises instead of waiting
+            for the process group's timeout.
         group: process group (default: the world).
 
     Returns:
@@ -402,6 +407,8 @@ def all_reduce_meta_gradients(learner: MetaLearner, *, num_tasks: int,
 
     Raises:
         RuntimeError: no rank had a task.
+        NonFiniteError: (``where="other_rank"``) some rank passed ``fault=True``; every
+            rank's meta-gradients are cleared.
     """
     _check_count("num_tasks", num_tasks, 0)
     if _world_size(group) == 1:
@@ -414,12 +421,14 @@ def all_reduce_meta_gradients(learner: MetaLearner, *, num_tasks: int,
                 raise RuntimeError(f"meta-parameter {name!r} has a {p.grad.layout} gradient; "
                                    f"only dense gradients can be all-reduced")
         reduce_dtype = _reduce_dtype(dtype)
-        header_size = 1 + len(members)
+        header_size = 2 + len(members)
         sizes = [p.numel() for _, p in members]
         buffer = torch.zeros(header_size + sum(sizes), dtype=reduce_dtype, device=device)
-        # [count, has-grad flag per tensor, count * gradients]: counts and flags travel in the
-        # same collective as the gradients, so uneven and empty shards cost nothing extra.
-        header = [float(num_tasks)] + [float(p.grad is not None) for _, p in members]
+        # [count, faults, has-grad flag per tensor, count * gradients]: counts and flags travel
+        # in the same collective as the gradients, so uneven and empty shards and faults cost
+        # nothing extra.
+        header = [float(num_tasks), float(fault)] + [float(p.grad is not None)
+                                                      for _, p in members]
         buffer[:header_size].copy_(torch.tensor(header, dtype=reduce_dtype))
         slices = list(torch.split(buffer[header_size:], sizes))
         for (_, p), chunk in zip(members, slices):
@@ -429,12 +438,16 @@ def all_reduce_meta_gradients(learner: MetaLearner, *, num_tasks: int,
             buffer[header_size:].mul_(num_tasks)
         dist.all_reduce(buffer, op=dist.ReduceOp.SUM, group=group)
         counts = buffer[:header_size].tolist()
+        if counts[1] > 0:
+            for _, p in params:
+                p.grad = None
+            raise NonFiniteError(task=None, inner_step=None, where="other_rank")
         total = round(counts[0])
         if total == 0:
             raise RuntimeError("no rank had a task in this meta-step; give the meta-batch at "
                                "least one task")
         buffer[header_size:].div_(total)
-        for (_, p), chunk, flag in zip(members, slices, counts[1:]):
+        for (_, p), chunk, flag in zip(members, slices, counts[2:]):
             if flag == 0:
                 continue  # no rank produced a gradient: stays None, as in one process
             grad = chunk.view(p.shape)
@@ -500,7 +513,24 @@ def meta_step(learner: MetaLearner, tasks: Sequence[Task], *,
     if _world_size(group) == 1:
         return learner.meta_step(tasks)
     # A rank with no task still zeroes, joins the all-reduce and steps (num_tasks=0).
-    stepped = learner.meta_step(tasks, grad_hook=gradient_hook(group=group))
+    all_reduce = gradient_hook(group=group)
+    joined = False
+
+    def hook(learner: MetaLearner, result: MetaStepResult) -> None:
+        nonlocal joined
+        joined = True
+        all_reduce(learner, result)
+
+    try:
+        stepped = learner.meta_step(tasks, grad_hook=hook)
+    except NonFiniteError:
+        if not joined:
+            # This rank stopped on a non-finite loss (on_nonfinite="raise") while its peers
+            # wait in the gradient all-reduce: join it with the fault flagged, so that every
+            # rank raises now instead of waiting for the process group's timeout.
+            with contextlib.suppress(NonFiniteError):
+                all_reduce_meta_gradients(learner, num_tasks=0, fault=True, group=group)
+        raise
     local = stepped if tasks else None
     parts = [p for p in _gather(None if local is None else (
         local.num_tasks, local.meta_loss, local.inner_loss, local.accuracy,

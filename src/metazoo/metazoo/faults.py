@@ -30,7 +30,9 @@ class NonFiniteError(RuntimeError):
         inner_step: inner step whose support loss was first non-finite (``where="inner"``);
             ``None`` otherwise.
         where: ``"inner"`` (support loss), ``"query"`` (query loss / meta-objective) or
-            ``"meta_gradient"`` (the accumulated meta-gradient, after any gradient hook).
+            ``"meta_gradient"`` (the accumulated meta-gradient, after any gradient hook) or
+            ``"other_rank"`` (distributed: another process stopped on a non-finite loss; its
+            own error names the task).
         meta_step: the meta-step number, filled in by the experiment loop (``None`` until then).
         names: for ``where="meta_gradient"``, the meta-parameters with non-finite gradients.
     """
@@ -49,6 +51,9 @@ class NonFiniteError(RuntimeError):
             what = f"non-finite support loss at inner step {self.inner_step}"
         elif self.where == "query":
             what = "non-finite query loss after adaptation (inner losses were finite)"
+        elif self.where == "other_rank":
+            what = ("another process of the distributed run stopped on a non-finite loss (its "
+                    "error names the task)")
         else:
             what = f"non-finite meta-gradient of {list(self.names)}"
         return (f"{what}{' (' + ', '.join(at) + ')' if at else ''}; the meta-parameters were "

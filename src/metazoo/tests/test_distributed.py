@@ -200,7 +200,35 @@ def _worker_equal(out: Path, ctx: distributed.DistributedContext) -> None:
     (out / f"desync-{ctx.rank}.txt").write_text(message)
 
 
+def _worker_nonfinite(out: Path, ctx: distributed.DistributedContext) -> None:
+    """Rank 1's second task has a NaN input (on_nonfinite="raise"): every rank must raise at
+    once, leave the meta-parameters alone, and the next meta-step must still work."""
+    learner = _build("maml_uneven", seed=0)
+    before = _snapshot(learner)
+    tasks = distributed.shard(_meta_batch(0, 4))  # rank 0: tasks 0, 2; rank 1: tasks 1, 3
+    if ctx.rank == 1:
+        (x, y), = tasks[1].support
+        tasks[1] = Task([(torch.full_like(x, float("nan")), y)], tasks[1].query)
+    started = time.monotonic()
+    try:
+        distributed.meta_step(learner, tasks)
+        error: dict[str, Any] = {}
+    except metazoo.NonFiniteError as caught:
+        error = {"where": caught.where, "task": caught.task, "message": str(caught)}
+    seconds = time.monotonic() - started
+    unchanged = all(torch.equal(before[n], p) for n, p in learner.named_meta_parameters())
+    no_grads = all(p.grad is None for _, p in learner.named_meta_parameters())
+    result = distributed.meta_step(learner, distributed.shard(_meta_batch(1, 4)))
+    distributed.check_synchronized(learner)
+    torch.save({"error": error, "seconds": seconds, "unchanged": unchanged,
+                "no_grads": no_grads, "next": _results(result)},
+               out / f"nonfinite-{ctx.rank}.pt")
+
+
 def _worker_fail(out: Path, ctx: distributed.DistributedContext, mode: str) -> None:
+    if mode == "nonfinite":
+        _worker_nonfinite(out, ctx)
+        return
     learner = _build("maml_uneven", seed=0)
     tasks = distributed.shard(_meta_batch(0, 4))
     if ctx.rank == 1:
@@ -231,7 +259,8 @@ def _worker(mode: str, out: Path, rank_: int, port: int) -> None:
                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
     if Path("/sys/class/net/lo").exists():
         os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # loopback only
-    ctx = distributed.setup(device="cpu", timeout=60.0 if mode == "equal" else FAIL_TIMEOUT)
+    ctx = distributed.setup(device="cpu", timeout=FAIL_TIMEOUT if mode in ("crash", "stall")
+                            else 60.0)
     assert ctx.backend == "gloo" and ctx.world_size == 2 and dist.is_initialized()
     if mode == "equal":
         _worker_equal(out, ctx)
@@ -292,8 +321,8 @@ def test_two_ranks_take_the_single_process_meta_step(two_rank_run, case):
     # The steps moved every meta-parameter, so equality below is not that of an idle run.
     assert all((expected[n] - initial[n]).abs().max() > 1e-6 for n in initial)
     # One all-reduce per meta-step for all meta-parameters (float64 on the CPU): the count, the
-    # has-gradient flags and every gradient element.
-    size = 1 + len(expected) + sum(v.numel() for v in expected.values())
+    # fault flag, the has-gradient flags and every gradient element.
+    size = 2 + len(expected) + sum(v.numel() for v in expected.values())
     for got in ranks:
         assert got["all_reduce"] == [size] * STEPS
         assert set(got["params"]) == set(expected)
@@ -361,6 +390,22 @@ def test_a_failed_rank_makes_the_other_exit_with_an_error(tmp_path, mode):
         assert "injected failure" in logs[1]
     assert waited < FAIL_TIMEOUT + 20  # ... and not much longer
     assert seconds < FAIL_TIMEOUT + 40  # the process exited too, start-up included
+
+
+def test_a_nonfinite_task_on_one_rank_stops_every_rank_at_once(tmp_path):
+    codes, logs, _ = _launch("nonfinite", tmp_path)
+    assert codes == {0: 0, 1: 0}, logs
+    ranks = [torch.load(tmp_path / f"nonfinite-{r}.pt") for r in range(2)]
+    # Rank 1 names its task (the second of its shard); rank 0 says it was another rank's.
+    assert ranks[1]["error"]["where"] == "inner" and ranks[1]["error"]["task"] == 1
+    assert ranks[0]["error"]["where"] == "other_rank", ranks[0]["error"]
+    assert "another process" in ranks[0]["error"]["message"]
+    for rank in ranks:
+        # Not after the process group's 60 s timeout: the fault travelled in the all-reduce.
+        assert rank["seconds"] < 30, rank["seconds"]
+        assert rank["unchanged"] and rank["no_grads"]
+    # The process group is still usable and in step: the next meta-step agrees on every rank.
+    assert ranks[0]["next"] == ranks[1]["next"] and ranks[0]["next"][4] == 4
 
 
 def test_single_process_needs_no_setup(monkeypatch, tmp_path):
