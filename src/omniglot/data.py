@@ -49,6 +49,7 @@ __all__ = [
     "Split",
     "TaskSampler",
     "augment",
+    "decode_drawing",
     "find_alphabets",
     "load_alphabets",
     "make_split",
@@ -105,7 +106,11 @@ def find_alphabets(root: str | os.PathLike) -> list[Alphabet]:
     return sorted(found.values(), key=lambda a: a.name)
 
 
-def _decode(path: str, resize: str) -> np.ndarray:
+def decode_drawing(path: str, resize: str) -> np.ndarray:
+    """One Omniglot PNG as a (28, 28) uint8 ink image (255 = ink), resized like the cache.
+
+    The one-shot benchmark decodes its runs with this too, so both match exactly.
+    """
     with Image.open(path) as img:
         if resize == "nearest":
             small = img.convert("1").resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.NEAREST)
@@ -137,7 +142,7 @@ def load_alphabets(root: str | os.PathLike, *, resize: str = "area",
     cache = Path(cache_dir if cache_dir is not None else root) / f"omniglot_cache_{key}.pt"
     if cache.exists():
         return torch.load(cache, weights_only=True)
-    data = {a.name: [torch.from_numpy(np.stack([_decode(p, resize) for p in paths]))
+    data = {a.name: [torch.from_numpy(np.stack([decode_drawing(p, resize) for p in paths]))
                      for _, paths in a.characters] for a in alphabets}
     cache.parent.mkdir(parents=True, exist_ok=True)
     atomic_save(data, cache)

@@ -36,8 +36,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from data import IMAGE_SIZE, RESIZE_MODES
-from data import _decode as decode_drawing  # the training data's decoder, so both match exactly
+from data import IMAGE_SIZE, RESIZE_MODES, decode_drawing
 from episodes import LabelledImages
 from torch import Tensor
 from wrapper import scoring_model
