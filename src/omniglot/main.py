@@ -168,6 +168,9 @@ def make_parser() -> argparse.ArgumentParser:
       help="meta: every method meta-learns its head (default); reference: the reference "
            "code's per-method heads (see wrapper.py)")
     a("--efficient", action="store_true", help="checkpointed unrolls (MAML through 100 steps)")
+    a("--channels_last", action="store_true",
+      help="run maml, fomaml, anil, reptile and leap in channels-last memory format (on a CPU "
+           "1.6-1.8x faster for reptile and leap, 1.2x for maml; results equal up to rounding)")
     a("--on_nonfinite", choices=("raise", "skip"), default="raise",
       help="a NaN/inf loss: raise (stop, naming the meta-step, task and inner step) or skip "
            "the task (counted in nonfinite.log and the progress line)")
@@ -289,7 +292,7 @@ def learner_config(args: argparse.Namespace) -> LearnerConfig:
         warp_layer=args.warp_layer, warp_kwargs=warp, warp_final_head=args.warp_final_head,
         bn_mode=args.bn_mode, efficient=args.efficient, head_policy=args.head_policy,
         in_channels=in_channels(args), image_size=args.image_size, downsample=args.downsample,
-        on_nonfinite=args.on_nonfinite)
+        on_nonfinite=args.on_nonfinite, channels_last=args.channels_last)
 
 
 # -- logs -------------------------------------------------------------------------------------

@@ -101,6 +101,10 @@ class LearnerConfig:
     image_size: int = 28
     downsample: str = "pool"
     on_nonfinite: str = "raise"
+    channels_last: bool = False
+
+
+CHANNELS_LAST_METHODS = ("maml", "fomaml", "anil", "reptile", "leap")
 
 
 def _inner_optimizer(cfg: LearnerConfig) -> metazoo.InnerOptimizer:
@@ -148,6 +152,10 @@ def build_learner(cfg: LearnerConfig) -> MetaLearner:
                          f"{name} (it has no per-task meta-objective to skip); use raise")
     # ft and no have no per-task check: the experiment loop stops on a non-finite meta-loss.
     nonfinite = {} if name in ("ft", "no") else {"on_nonfinite": cfg.on_nonfinite}
+    if cfg.channels_last and name not in CHANNELS_LAST_METHODS:
+        raise ValueError(f"--channels_last is supported by --meta_model "
+                         f"{', '.join(CHANNELS_LAST_METHODS)}, not {name}; drop the flag")
+    layout = {"channels_last": cfg.channels_last}
     common = {"criterion": F.cross_entropy, "inner_optimizer": _inner_optimizer(cfg),
               "inner_steps": cfg.task_train_steps, "eval_inner_steps": cfg.task_val_steps,
               "meta_optimizer": _meta_optimizer(cfg), "bn_mode": cfg.bn_mode}
@@ -182,11 +190,12 @@ def build_learner(cfg: LearnerConfig) -> MetaLearner:
     if name == "leap":
         _unused(cfg, ("norm", "loss", "stabilizer"))
         learner: MetaLearner = leap.LeapLearner(model=OmniConv(**_net_kwargs(cfg)), **common,
-                                                **cfg.meta_kwargs, **nonfinite)
+                                                **cfg.meta_kwargs, **nonfinite, **layout)
         return RandomHead(learner) if reference else learner
     if name == "reptile":
         _unused(cfg, ())
-        learner = maml.Reptile(model=OmniConv(**_net_kwargs(cfg)), **common, **nonfinite)
+        learner = maml.Reptile(model=OmniConv(**_net_kwargs(cfg)), **common, **nonfinite,
+                               **layout)
         return RandomHead(learner) if reference else learner
     if name in ("maml", "fomaml", "anil"):
         _unused(cfg, ("learn_inner_lr", "per_step_inner_lr", "inner_grad_clip",
@@ -195,7 +204,7 @@ def build_learner(cfg: LearnerConfig) -> MetaLearner:
         learner = maml.MAML(model=OmniConv(**_net_kwargs(cfg)), **common,
                             first_order=name == "fomaml", frozen=frozen,
                             checkpoint=True if cfg.efficient else None, **cfg.meta_kwargs,
-                            **nonfinite)
+                            **nonfinite, **layout)
         return RandomHead(learner) if reference and name == "fomaml" else learner
     if name == "imaml":
         _unused(cfg, ("lam", "cg_steps", "damping", "inner_grad_clip"))

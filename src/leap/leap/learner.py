@@ -87,6 +87,7 @@ class LeapLearner(MetaLearner):
         bn_mode: BatchNormMode | str = BatchNormMode.BATCH,
         inner_grad_clip: float | None = None,
         on_nonfinite: str = "raise",
+        channels_last: bool = False,
     ) -> None:
         """Builds the learner.
 
@@ -112,6 +113,11 @@ class LeapLearner(MetaLearner):
             on_nonfinite: ``"raise"`` (default) stops with ``metazoo.NonFiniteError`` naming the
                 task and inner step of the first NaN/inf loss; ``"skip"`` leaves such tasks out of
                 the meta-gradient and the means and counts them in ``skipped_tasks``.
+            channels_last: run adaptation and scoring in channels-last memory format: per
+                task, 4-D floating-point inputs and 4-D parameters are copied to
+                ``torch.channels_last`` (the model is not modified). On a CPU, image models run
+                much faster (max-pooling over NCHW tensors is ~10x slower); the results equal
+                the default layout's up to floating-point rounding.
         """
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -148,6 +154,7 @@ class LeapLearner(MetaLearner):
                              f"and device, got {sorted(map(str, kinds))}; convert the model "
                              f"with model.to(dtype, device)")
         self.on_nonfinite = metazoo.check_on_nonfinite(on_nonfinite)
+        self.channels_last = metazoo.check_channels_last(channels_last)
         self.model = model
         # Labels outside the model's classes fail with a message instead of torch's IndexError.
         self.criterion = metazoo.CheckedCriterion(criterion)
@@ -197,7 +204,7 @@ class LeapLearner(MetaLearner):
             task: the task; only its support batches are used.
             steps: inner steps (default ``eval_inner_steps``).
         """
-        run = self._run(task, self._eval_steps(steps), meta=False)
+        run = self._run(self._layout(task), self._eval_steps(steps), meta=False)
         return Adapted({**self._static(), **run.params}, run.buffers,
                        tuple(run.losses.tolist()))
 
@@ -212,6 +219,7 @@ class LeapLearner(MetaLearner):
         total: Tensor | None = None
         per_task = []
         for index, task in enumerate(tasks):
+            task = self._layout(task)
             run = self._run(task, self.inner_steps, meta=True)
             assert run.meta_grad is not None
             loss, acc = self._score(run, task)
@@ -238,6 +246,7 @@ class LeapLearner(MetaLearner):
         k = self._eval_steps(steps)
         per_task = []
         for task in tasks:
+            task = self._layout(task)
             run = self._run(task, k, meta=False)
             per_task.append((*self._score(run, task), run.losses))
         loss, acc, curve = metazoo.mean_results(per_task)
@@ -251,9 +260,15 @@ class LeapLearner(MetaLearner):
     def _eval_steps(self, steps: int | None) -> int:
         return self.eval_inner_steps if steps is None else _check_steps("steps", steps)
 
+    def _layout(self, task: Task) -> Task:
+        return metazoo.task_to_channels_last(task) if self.channels_last else task
+
+    def _in_layout(self, params: Params) -> Params:
+        return metazoo.params_to_channels_last(params) if self.channels_last else params
+
     def _static(self) -> Params:
-        return {name: p.detach() for name, p in self.model.named_parameters()
-                if not p.requires_grad}
+        return self._in_layout({name: p.detach() for name, p in self.model.named_parameters()
+                                if not p.requires_grad})
 
     def _loss_and_grads(self, params: Params, static: Params, buffers: Buffers,
                         batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Params, Buffers]:
@@ -271,7 +286,7 @@ class LeapLearner(MetaLearner):
     def _run(self, task: Task, steps: int, *, meta: bool) -> _TaskRun:
         static = self._static()
         named = dict(self.model.named_parameters())
-        params = {name: named[name].detach() for name in self._adapted_names}
+        params = self._in_layout({name: named[name].detach() for name in self._adapted_names})
         buffers = metazoo.initial_buffers(self.model, self.bn_mode)
         state = self.inner_optimizer.init(params)
         previous: Point | None = None

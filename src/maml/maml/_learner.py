@@ -129,11 +129,17 @@ def score_query(model: nn.Module, criterion: Criterion, params: metazoo.Params,
 
 def evaluate_tasks(tasks: Sequence[metazoo.Task],
                    adapt: Callable[[metazoo.Task], tuple[metazoo.Params, metazoo.UnrollResult]],
-                   model: nn.Module, criterion: Criterion,
-                   bn_mode: metazoo.BatchNormMode) -> metazoo.EvalResult:
-    """Adapts to each task with ``adapt`` (full params, unroll result) and scores its query."""
+                   model: nn.Module, criterion: Criterion, bn_mode: metazoo.BatchNormMode,
+                   layout: Callable[[metazoo.Task], metazoo.Task] | None = None
+                   ) -> metazoo.EvalResult:
+    """Adapts to each task with ``adapt`` (full params, unroll result) and scores its query.
+
+    ``layout`` converts each task first (e.g. to channels-last), one task at a time.
+    """
     per_task = []
     for task in tasks:
+        if layout is not None:
+            task = layout(task)
         params, result = adapt(task)
         with torch.no_grad():
             loss, acc = score_query(model, criterion, params, result.buffers, task.query,

@@ -184,10 +184,7 @@ class MAML(MetaLearner):
         self.backward_grad_clip = check_optional_positive("backward_grad_clip",
                                                           backward_grad_clip)
         self.on_nonfinite = metazoo.check_on_nonfinite(on_nonfinite)
-        if not isinstance(channels_last, bool):
-            raise ValueError(f"channels_last must be a bool, got {channels_last!r}; pass True "
-                             f"to run 4-D (image) inputs in channels-last memory format")
-        self.channels_last = channels_last
+        self.channels_last = metazoo.check_channels_last(channels_last)
 
         names = [n for n, _ in model.named_parameters()]
         self._frozen = name_predicate("frozen", frozen, names)
@@ -320,16 +317,13 @@ class MAML(MetaLearner):
             else:
                 static[name] = p
         if self.channels_last:
-            adapted = {n: _to_channels_last(p) for n, p in adapted.items()}
-            static = {n: _to_channels_last(p) for n, p in static.items()}
+            adapted = metazoo.params_to_channels_last(adapted)
+            static = metazoo.params_to_channels_last(static)
         return adapted, static
 
     def _layout(self, task: Task) -> Task:
         """``task`` with its 4-D inputs in channels-last format when ``channels_last`` is set."""
-        if not self.channels_last:
-            return task
-        return Task(support=[_inputs_to_channels_last(b) for b in task.support],
-                    query=_inputs_to_channels_last(task.query))
+        return metazoo.task_to_channels_last(task) if self.channels_last else task
 
     def _unroll(self, task: Task, steps: int, *, keep_trajectory: bool
                 ) -> tuple[metazoo.UnrollResult, metazoo.Params]:
@@ -404,26 +398,12 @@ class MAML(MetaLearner):
         """
         check_tasks(tasks)
         steps = self._steps(steps)
-        tasks = [self._layout(task) for task in tasks]
 
         def adapt(task: Task) -> tuple[metazoo.Params, metazoo.UnrollResult]:
             with torch.no_grad():
                 result, static = self._unroll(task, steps, keep_trajectory=False)
             return {**static, **result.params}, result
 
-        return evaluate_tasks(tasks, adapt, self.model, self.criterion, self.bn_mode)
-
-
-def _to_channels_last(tensor: Tensor) -> Tensor:
-    if tensor.dim() != 4 or not tensor.is_floating_point():
-        return tensor
-    # clone, not contiguous(): with one channel both layouts count as contiguous, so
-    # contiguous() keeps the NCHW strides and convolution then writes an NCHW output (the
-    # slow-pooling layout). The clone is differentiable: meta-gradients reach the original.
-    return tensor.clone(memory_format=torch.channels_last)
-
-
-def _inputs_to_channels_last(batch: Any) -> Any:
-    inputs, *rest = batch
-    return (_to_channels_last(inputs) if isinstance(inputs, Tensor) else inputs, *rest)
+        return evaluate_tasks(tasks, adapt, self.model, self.criterion, self.bn_mode,
+                              self._layout)
 

@@ -68,6 +68,7 @@ class Reptile(MetaLearner):
         bn_mode: metazoo.BatchNormMode | str = metazoo.BatchNormMode.BATCH,
         inner_grad_clip: float | None = None,
         on_nonfinite: str = "raise",
+        channels_last: bool = False,
     ) -> None:
         """Builds the learner.
 
@@ -84,6 +85,12 @@ class Reptile(MetaLearner):
             on_nonfinite: ``"raise"`` (default) stops with ``metazoo.NonFiniteError`` naming the
                 task and inner step of the first NaN/inf loss; ``"skip"`` leaves such tasks out of
                 the meta-gradient and the means and counts them in ``skipped_tasks``.
+            channels_last: run adaptation and the query pass in channels-last memory format:
+                per task, 4-D floating-point inputs and 4-D parameters are copied to
+                ``torch.channels_last`` (the model is not modified), so every activation and
+                inner update stays channels-last. On a CPU, image models run much faster
+                (max-pooling over NCHW tensors is ~10x slower); the results equal the default
+                layout's up to floating-point rounding.
         """
         self.model = check_module(model)
         self.criterion = check_criterion(criterion)
@@ -95,22 +102,29 @@ class Reptile(MetaLearner):
         self.bn_mode = check_bn_mode(bn_mode)
         self.inner_grad_clip = check_optional_positive("inner_grad_clip", inner_grad_clip)
         self.on_nonfinite = metazoo.check_on_nonfinite(on_nonfinite)
+        self.channels_last = metazoo.check_channels_last(channels_last)
         self.meta_optimizer = build_meta_optimizer(meta_optimizer, list(self.meta_parameters()),
                                                    _default_meta_optimizer)
 
+    def _layout(self, task: Task) -> Task:
+        return metazoo.task_to_channels_last(task) if self.channels_last else task
+
     def _unroll(self, task: Task, steps: int) -> metazoo.UnrollResult:
+        """Adapts to ``task`` (already in the learner's layout, see ``_layout``)."""
+        params = metazoo.params_of(self.model, detach=True)
+        if self.channels_last:
+            params = metazoo.params_to_channels_last(params)
         with torch.no_grad():
             return metazoo.unroll(
                 metazoo.make_loss_fn(self.model, self.criterion, bn_mode=self.bn_mode),
-                metazoo.params_of(self.model, detach=True), self.inner_optimizer,
-                list(task.support), steps=steps,
+                params, self.inner_optimizer, list(task.support), steps=steps,
                 buffers=metazoo.initial_buffers(self.model, self.bn_mode),
                 inner_grad_clip=self.inner_grad_clip)
 
     def adapt(self, task: Task, *, steps: int | None = None) -> Adapted:
         """Adapts a copy of the model to ``task`` with ``steps`` (default eval) inner steps."""
         steps = self.eval_inner_steps if steps is None else check_steps("steps", steps)
-        result = self._unroll(task, steps)
+        result = self._unroll(self._layout(task), steps)
         return Adapted(result.params, result.buffers, tuple(result.losses.tolist()))
 
     def meta_backward(self, tasks: Sequence[Task]) -> MetaStepResult:
@@ -120,6 +134,7 @@ class Reptile(MetaLearner):
         collected = TaskGradients(self.model.parameters(), len(tasks), self.on_nonfinite)
         per_task = []
         for index, task in enumerate(tasks):
+            task = self._layout(task)
             result = self._unroll(task, self.inner_steps)
             with torch.no_grad():
                 loss, acc = score_query(self.model, self.criterion, result.params,
@@ -142,4 +157,5 @@ class Reptile(MetaLearner):
             result = self._unroll(task, steps)
             return result.params, result
 
-        return evaluate_tasks(tasks, adapt, self.model, self.criterion, self.bn_mode)
+        return evaluate_tasks(tasks, adapt, self.model, self.criterion, self.bn_mode,
+                              self._layout)

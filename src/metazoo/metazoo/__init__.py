@@ -24,6 +24,12 @@ from metazoo.functional import (
     params_of,
     split_params,
 )
+from metazoo.layout import (
+    check_channels_last,
+    params_to_channels_last,
+    task_to_channels_last,
+    to_channels_last,
+)
 from metazoo.learner import (
     Adapted,
     Batch,
@@ -64,6 +70,7 @@ __all__ = [
     "all_finite",
     "atomic_save",
     "atomic_write_text",
+    "check_channels_last",
     "check_on_nonfinite",
     "check_params",
     "clip_grad_norm",
@@ -73,8 +80,11 @@ __all__ = [
     "make_loss_fn",
     "mean_results",
     "params_of",
+    "params_to_channels_last",
     "safe_sqrt",
     "split_params",
     "task_fault",
+    "task_to_channels_last",
+    "to_channels_last",
     "unroll",
 ]

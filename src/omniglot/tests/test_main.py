@@ -10,6 +10,7 @@ from pathlib import Path
 import main
 import pytest
 import torch
+import wrapper
 from monitor import FileHandler
 from wrapper import METHODS
 
@@ -267,3 +268,45 @@ def test_nonfinite_task_is_skipped_and_counted(tiny, omniglot_root, tmp_path, mo
     state = torch.load(run / "checkpoint.pt", weights_only=True)
     assert state["step"] == 2
     assert _finite(state["learner"])
+
+
+@pytest.mark.parametrize("method", ["maml", "reptile", "leap"])
+def test_channels_last_runs_give_the_default_layouts_logs(tiny, omniglot_root, tmp_path, method):
+    """Only the memory format changes: the logged curves agree up to float32 rounding, which
+    the tiny BatchNorm net amplifies (MAML's float32 meta-gradients already differ by 3e-5
+    relative, float64 ones by 3e-13; the exact comparisons are in test_layout.py and
+    test_maml.py) to ~1e-3 over two meta-steps."""
+    argv = tiny(omniglot_root, tmp_path, method)
+    accs = [main.main([*argv, "--suffix", "nchw"]),
+            main.main([*argv, "--suffix", "cl", "--channels_last"])]
+    assert accs[1] == pytest.approx(accs[0], abs=1e-6)
+    runs = [FileHandler(tmp_path / method / suffix) for suffix in ("nchw", "cl")]
+    for data in ("train_train_data", "val_eval_data", "test_eval_data"):
+        a, b = (_numbers(getattr(r, data)) for r in runs)
+        assert len(a) > 5 and b == pytest.approx(a, rel=5e-3, abs=1e-5, nan_ok=True), data
+
+
+def _numbers(data):
+    """Every number in a FileHandler record (lists and dicts of lists), in order."""
+    if isinstance(data, dict):
+        return [v for key in sorted(data) for v in _numbers(data[key])]
+    if isinstance(data, (list, tuple)):
+        return [v for item in data for v in _numbers(item)]
+    return [float(data)]
+
+
+def test_channels_last_reaches_the_learner():
+    for method in METHODS:
+        config = wrapper.LearnerConfig(meta_model=method, classes=3, num_filters=4,
+                                       channels_last=True)
+        if method in wrapper.CHANNELS_LAST_METHODS:
+            learner = wrapper.build_learner(config)
+            assert getattr(learner, "inner", learner).channels_last is True, method
+        else:
+            with pytest.raises(ValueError, match=f"not {method}; drop the flag"):
+                wrapper.build_learner(config)
+
+
+def test_channels_last_is_refused_where_it_does_not_apply(tiny, omniglot_root, tmp_path):
+    with pytest.raises(ValueError, match="--channels_last is supported by --meta_model maml"):
+        main.main([*tiny(omniglot_root, tmp_path, "warp_leap"), "--channels_last"])
