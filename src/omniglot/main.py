@@ -169,8 +169,8 @@ def make_parser() -> argparse.ArgumentParser:
            "code's per-method heads (see wrapper.py)")
     a("--efficient", action="store_true", help="checkpointed unrolls (MAML through 100 steps)")
     a("--channels_last", action="store_true",
-      help="run maml, fomaml, anil, reptile and leap in channels-last memory format (on a CPU "
-           "1.6-1.8x faster for reptile and leap, 1.2x for maml; results equal up to rounding)")
+      help="run warp_leap, warp_maml, maml, fomaml, anil, reptile and leap in channels-last "
+           "memory format (faster on a CPU; results equal up to rounding)")
     a("--on_nonfinite", choices=("raise", "skip"), default="raise",
       help="a NaN/inf loss: raise (stop, naming the meta-step, task and inner step) or skip "
            "the task (counted in nonfinite.log and the progress line)")

@@ -104,7 +104,7 @@ class LearnerConfig:
     channels_last: bool = False
 
 
-CHANNELS_LAST_METHODS = ("maml", "fomaml", "anil", "reptile", "leap")
+CHANNELS_LAST_METHODS = ("warp_leap", "warp_maml", "maml", "fomaml", "anil", "reptile", "leap")
 
 
 def _inner_optimizer(cfg: LearnerConfig) -> metazoo.InnerOptimizer:
@@ -181,7 +181,7 @@ def build_learner(cfg: LearnerConfig) -> MetaLearner:
                              warpgrad.ReplayBuffer(), optimizer_parameters=params)
         learner = warpgrad.WarpGrad(warp, inner_steps=cfg.task_train_steps,
                                     meta_optimizer=common["meta_optimizer"], bn_mode=cfg.bn_mode,
-                                    **nonfinite)
+                                    **nonfinite, **layout)
         if name == "warp_leap":
             return _WarpGrad(learner, cfg.task_val_steps)
         return WarpMAML(learner, eval_inner_steps=cfg.task_val_steps,
@@ -297,7 +297,7 @@ class WarpMAML(MetaLearner):
                               eval_inner_steps=eval_inner_steps, bn_mode=warp.bn_mode,
                               frozen=sorted(warp_names), checkpoint=checkpoint,
                               meta_optimizer=lambda ps: torch.optim.SGD(ps, lr=0.0),
-                              on_nonfinite=on_nonfinite)
+                              on_nonfinite=on_nonfinite, channels_last=warp.channels_last)
 
     def named_meta_parameters(self):  # type: ignore[no-untyped-def]
         return self.warp.named_meta_parameters()

@@ -1,6 +1,6 @@
-"""Channels-last layout: the core helpers, and Reptile and Leap with ``channels_last=True``
-(MAML's option is tested in ``src/maml/tests/test_maml.py``). float64 throughout: the layout
-changes the order of floating-point sums, nothing else."""
+"""Channels-last layout: the core helpers, and Reptile, Leap and WarpGrad with
+``channels_last=True`` (MAML's option is tested in ``src/maml/tests/test_maml.py``). float64
+throughout: the layout changes the order of floating-point sums, nothing else."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from torch import nn
 import metazoo
 from leap import LeapLearner
 from maml import Reptile
+from warpgrad import DualUpdater, OptimizerParameters, ReplayBuffer, Warp, WarpGrad
 
 DTYPE = torch.float64
 
@@ -43,10 +44,10 @@ def test_task_and_params_to_channels_last_convert_only_images():
     assert out["conv.weight"].stride() == (9, 1, 3, 1) and out["conv.bias"] is params["conv.bias"]
 
 
-@pytest.mark.parametrize("learner", [Reptile, LeapLearner])
-def test_channels_last_must_be_a_bool(learner):
+@pytest.mark.parametrize("kind", ["reptile", "leap", "warpgrad"])
+def test_channels_last_must_be_a_bool(kind):
     with pytest.raises(ValueError, match="channels_last must be a bool, got 1"):
-        learner(model=nn.Linear(2, 2), criterion=F.cross_entropy, channels_last=1)
+        _build(kind, 1, "batch", 1)  # type: ignore[arg-type]
 
 
 def _conv_net(in_channels: int) -> nn.Module:
@@ -55,6 +56,24 @@ def _conv_net(in_channels: int) -> nn.Module:
         nn.Conv2d(in_channels, 4, 3, padding=1), nn.MaxPool2d(2), nn.BatchNorm2d(4), nn.ReLU(),
         nn.Conv2d(4, 4, 3, padding=1), nn.MaxPool2d(2), nn.BatchNorm2d(4), nn.ReLU(),
         nn.Flatten(), nn.Linear(16, 3)).to(DTYPE)
+
+
+class _WarpedConvNet(nn.Module):
+    """``_conv_net`` with a 3x3 warp convolution after each block (indices 0 and 4 stay the
+    adapted convolutions, for the layout hooks)."""
+
+    def __init__(self, in_channels: int) -> None:
+        super().__init__()
+        self.net = _conv_net(in_channels)
+        self.warps = nn.ModuleList(nn.Conv2d(4, 4, 3, padding=1) for _ in range(2)).to(DTYPE)
+
+    def __getitem__(self, index: int) -> nn.Module:
+        return self.net[index]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.warps[0](self.net[:4](x))
+        x = self.warps[1](self.net[4:8](x))
+        return self.net[8:](x)
 
 
 def _tasks(in_channels: int) -> list[metazoo.Task]:
@@ -69,13 +88,20 @@ def _tasks(in_channels: int) -> list[metazoo.Task]:
 
 def _build(kind: str, in_channels: int, bn_mode: str, channels_last: bool
            ) -> metazoo.MetaLearner:
+    if kind == "warpgrad":
+        model = _WarpedConvNet(in_channels)
+        adapt = [model.net[0], model.net[2], model.net[4], model.net[6], model.net[9]]
+        warp = Warp(model, adapt, list(model.warps), DualUpdater(F.cross_entropy),
+                    ReplayBuffer(), optimizer_parameters=OptimizerParameters(
+                        trainable=True, default_lr=0.3, default_momentum=0.5))
+        return WarpGrad(warp, inner_steps=3, bn_mode=bn_mode, channels_last=channels_last)
     common = {"model": _conv_net(in_channels), "criterion": F.cross_entropy,
               "inner_optimizer": metazoo.SGD(0.3, momentum=0.5), "inner_steps": 3,
               "bn_mode": bn_mode, "channels_last": channels_last}
     return Reptile(**common) if kind == "reptile" else LeapLearner(**common)
 
 
-@pytest.mark.parametrize("kind", ["reptile", "leap"])
+@pytest.mark.parametrize("kind", ["reptile", "leap", "warpgrad"])
 @pytest.mark.parametrize("bn_mode", ["batch", "running"])
 @pytest.mark.parametrize("in_channels", [1, 3])
 def test_channels_last_gives_the_default_layouts_results(kind, bn_mode, in_channels):
@@ -103,7 +129,7 @@ def test_channels_last_gives_the_default_layouts_results(kind, bn_mode, in_chann
     assert [acc for _, acc in e1.per_task] == [acc for _, acc in e0.per_task]
 
 
-@pytest.mark.parametrize("kind", ["reptile", "leap"])
+@pytest.mark.parametrize("kind", ["reptile", "leap", "warpgrad"])
 def test_channels_last_runs_every_convolution_in_channels_last(kind):
     task = _tasks(1)[0]
     for channels_last in (False, True):

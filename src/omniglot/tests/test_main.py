@@ -270,7 +270,7 @@ def test_nonfinite_task_is_skipped_and_counted(tiny, omniglot_root, tmp_path, mo
     assert _finite(state["learner"])
 
 
-@pytest.mark.parametrize("method", ["maml", "reptile", "leap"])
+@pytest.mark.parametrize("method", ["maml", "reptile", "leap", "warp_leap", "warp_maml"])
 def test_channels_last_runs_give_the_default_layouts_logs(tiny, omniglot_root, tmp_path, method):
     """Only the memory format changes: the logged curves agree up to float32 rounding, which
     the tiny BatchNorm net amplifies (MAML's float32 meta-gradients already differ by 3e-5
@@ -301,12 +301,14 @@ def test_channels_last_reaches_the_learner():
                                        channels_last=True)
         if method in wrapper.CHANNELS_LAST_METHODS:
             learner = wrapper.build_learner(config)
-            assert getattr(learner, "inner", learner).channels_last is True, method
+            parts = [getattr(learner, name) for name in ("inner", "warp", "maml")
+                     if hasattr(learner, name)] or [learner]  # wrappers: what they compose
+            assert all(part.channels_last is True for part in parts), method
         else:
             with pytest.raises(ValueError, match=f"not {method}; drop the flag"):
                 wrapper.build_learner(config)
 
 
 def test_channels_last_is_refused_where_it_does_not_apply(tiny, omniglot_root, tmp_path):
-    with pytest.raises(ValueError, match="--channels_last is supported by --meta_model maml"):
-        main.main([*tiny(omniglot_root, tmp_path, "warp_leap"), "--channels_last"])
+    with pytest.raises(ValueError, match="--channels_last is supported by --meta_model warp_"):
+        main.main([*tiny(omniglot_root, tmp_path, "imaml"), "--channels_last"])
