@@ -26,8 +26,9 @@ a meta-batch of 16 tasks and an Adam meta-optimizer.
 
 Small alphabet-protocol configuration (20-way, batches of 20, 5 inner steps with a fresh batch
 per step, 4 tasks): ``reptile_api`` (``maml.Reptile``), ``leap_api`` (``leap.LeapLearner``),
-both with ``channels_last=True``, ``reptile_api_nchw`` / ``leap_api_nchw`` (the default layout)
-and ``warpgrad`` (one WarpGrad meta-step from ``warp_meta_step.py``: adaptation, replay and init
+``imaml_api`` (``maml.iMAML``, lam 1, 5 CG steps), all with ``channels_last=True``,
+``reptile_api_nchw`` / ``leap_api_nchw`` / ``imaml_api_nchw`` (the default layout) and
+``warpgrad`` (one WarpGrad meta-step from ``warp_meta_step.py``: adaptation, replay and init
 update reported separately).
 
 Before timing, ``check`` compares the meta-gradients of ``maml.MAML`` and the hand loop (second
@@ -59,7 +60,8 @@ from torch.func import functional_call
 
 STANDARD = ("maml_api", "maml_hand", "fomaml_api", "maml_ckpt1", "maml_ckpt_true",
             "maml_api_nchw", "fomaml_api_nchw", "maml_hand_cl")
-SMALL = ("reptile_api", "leap_api", "reptile_api_nchw", "leap_api_nchw", "warpgrad")
+SMALL = ("reptile_api", "leap_api", "reptile_api_nchw", "leap_api_nchw", "imaml_api",
+         "imaml_api_nchw", "warpgrad")
 ALL = ("overhead", "check", *STANDARD, *SMALL)
 
 
@@ -247,14 +249,16 @@ def time_config(name: str, args: argparse.Namespace, device: torch.device,
             checkpoint = {"maml_ckpt1": 1, "maml_ckpt_true": True}.get(name)
             learner = maml_learner(net, first_order=name.startswith("fomaml"),
                                    checkpoint=checkpoint, channels_last=not name.endswith("nchw"))
-    elif name in ("reptile_api", "leap_api", "reptile_api_nchw", "leap_api_nchw"):
+    elif name in ("reptile_api", "leap_api", "imaml_api", "reptile_api_nchw", "leap_api_nchw",
+                  "imaml_api_nchw"):
         import leap
         import maml
         import metazoo
 
         net = omniglot_net(20).to(device)
         tasks = alphabet_tasks(4, classes=20, batch=20, steps=5, device=device)
-        kind = maml.Reptile if name.startswith("reptile") else leap.LeapLearner
+        kind = {"reptile": maml.Reptile, "leap": leap.LeapLearner,
+                "imaml": maml.iMAML}[name.split("_")[0]]
         learner = kind(model=net, criterion=F.cross_entropy, inner_optimizer=metazoo.SGD(0.1),
                        inner_steps=5, channels_last=not name.endswith("nchw"))
     elif name == "warpgrad":
@@ -408,7 +412,8 @@ def main() -> None:
                              ("fomaml_api_nchw", "maml_api_nchw", 0.6),
                              ("maml_api", "maml_hand_cl", None),
                              ("reptile_api", "reptile_api_nchw", None),
-                             ("leap_api", "leap_api_nchw", None)):
+                             ("leap_api", "leap_api_nchw", None),
+                             ("imaml_api", "imaml_api_nchw", None)):
         if num in median and den in median:
             ratios = [median[num][k] / median[den][k] for k in ("wall", "wall_min", "cpu")]
             if target is None:

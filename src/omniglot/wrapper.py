@@ -104,7 +104,8 @@ class LearnerConfig:
     channels_last: bool = False
 
 
-CHANNELS_LAST_METHODS = ("warp_leap", "warp_maml", "maml", "fomaml", "anil", "reptile", "leap")
+CHANNELS_LAST_METHODS = ("warp_leap", "warp_maml", "maml", "fomaml", "anil", "reptile", "leap",
+                         "imaml")
 
 
 def _inner_optimizer(cfg: LearnerConfig) -> metazoo.InnerOptimizer:
@@ -209,7 +210,7 @@ def build_learner(cfg: LearnerConfig) -> MetaLearner:
     if name == "imaml":
         _unused(cfg, ("lam", "cg_steps", "damping", "inner_grad_clip"))
         return maml.iMAML(model=OmniConv(**_net_kwargs(cfg)), **common, **cfg.meta_kwargs,
-                          **nonfinite)
+                          **nonfinite, **layout)
     if name == "ft":
         _unused(cfg, ())
         return FineTune(model=MultiHeadOmniConv(**_net_kwargs(cfg),

@@ -151,14 +151,6 @@ def evaluate_tasks(tasks: Sequence[metazoo.Task],
                                     for r in per_task))
 
 
-def add_grad(param: Tensor, grad: Tensor) -> None:
-    """Accumulates ``grad`` into ``param.grad`` as ``backward`` would."""
-    if param.grad is None:
-        param.grad = grad.detach().clone()
-    else:
-        param.grad.add_(grad.detach())
-
-
 class TaskGradients:
     """Collects one meta-batch's gradients so that skipped tasks leave the mean exact.
 

@@ -33,7 +33,6 @@ from maml._learner import (
     Criterion,
     MetaOptimizerFactory,
     TaskGradients,
-    add_grad,
     build_meta_optimizer,
     check_bn_mode,
     check_criterion,
@@ -118,6 +117,7 @@ class iMAML(MetaLearner):
         bn_mode: metazoo.BatchNormMode | str = metazoo.BatchNormMode.BATCH,
         inner_grad_clip: float | None = None,
         on_nonfinite: str = "raise",
+        channels_last: bool = False,
     ) -> None:
         """Builds the learner.
 
@@ -139,6 +139,12 @@ class iMAML(MetaLearner):
             on_nonfinite: ``"raise"`` (default) stops with ``metazoo.NonFiniteError`` naming the
                 task and inner step of the first NaN/inf loss; ``"skip"`` leaves such tasks out of
                 the meta-gradient and the means and counts them in ``skipped_tasks``.
+            channels_last: run adaptation, the query pass and the Hessian-vector products in
+                channels-last memory format: every 4-D floating input (the first element of
+                each support and query batch) and every 4-D parameter is copied to
+                ``torch.channels_last`` for each task (the model is not modified). The same
+                computation in another layout: results equal the default's up to rounding.
+                Faster for image models on CPUs (``benchmarks/README.md``).
         """
         self.model = check_module(model)
         self.criterion = check_criterion(criterion)
@@ -158,11 +164,19 @@ class iMAML(MetaLearner):
         self.bn_mode = check_bn_mode(bn_mode)
         self.inner_grad_clip = check_optional_positive("inner_grad_clip", inner_grad_clip)
         self.on_nonfinite = metazoo.check_on_nonfinite(on_nonfinite)
+        self.channels_last = metazoo.check_channels_last(channels_last)
         self.meta_optimizer = build_meta_optimizer(meta_optimizer, list(self.meta_parameters()),
                                                    _default_meta_optimizer)
 
+    def _layout(self, task: Task) -> Task:
+        """``task`` with its 4-D inputs in channels-last format when ``channels_last`` is set."""
+        return metazoo.task_to_channels_last(task) if self.channels_last else task
+
     def _unroll(self, task: Task, steps: int) -> metazoo.UnrollResult:
+        """Solves the proximal problem of ``task`` (already in the learner's layout)."""
         theta = metazoo.params_of(self.model, detach=True)
+        if self.channels_last:
+            theta = metazoo.params_to_channels_last(theta)
         support_loss = metazoo.make_loss_fn(self.model, self.criterion, bn_mode=self.bn_mode)
         lam = self.lam
 
@@ -181,7 +195,7 @@ class iMAML(MetaLearner):
     def adapt(self, task: Task, *, steps: int | None = None) -> Adapted:
         """Approximately solves the proximal inner problem of ``task`` (no meta-gradient)."""
         steps = self.eval_inner_steps if steps is None else check_steps("steps", steps)
-        result = self._unroll(task, steps)
+        result = self._unroll(self._layout(task), steps)
         return Adapted(result.params, result.buffers, tuple(result.losses.tolist()))
 
     def implicit_gradient(self, task: Task, phi: metazoo.Params, buffers: metazoo.Buffers
@@ -239,6 +253,7 @@ class iMAML(MetaLearner):
         collected = TaskGradients(self.model.parameters(), len(tasks), self.on_nonfinite)
         per_task = []
         for index, task in enumerate(tasks):
+            task = self._layout(task)
             result = self._unroll(task, self.inner_steps)
             if not collected.keep(index, result.losses, None):
                 continue
@@ -246,7 +261,7 @@ class iMAML(MetaLearner):
             if not collected.keep(index, result.losses, loss):
                 continue
             for p, g in zip(self.model.parameters(), grads, strict=True):
-                add_grad(p, g / len(tasks))
+                metazoo.accumulate_grad(p, g / len(tasks))
             per_task.append((loss, acc, result.losses))
         collected.finish()
         return summarize(per_task, len(tasks), collected.skipped, start)
@@ -260,4 +275,5 @@ class iMAML(MetaLearner):
             result = self._unroll(task, steps)
             return result.params, result
 
-        return evaluate_tasks(tasks, adapt, self.model, self.criterion, self.bn_mode)
+        return evaluate_tasks(tasks, adapt, self.model, self.criterion, self.bn_mode,
+                              self._layout)

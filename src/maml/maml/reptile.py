@@ -25,7 +25,6 @@ from maml._learner import (
     Criterion,
     MetaOptimizerFactory,
     TaskGradients,
-    add_grad,
     build_meta_optimizer,
     check_bn_mode,
     check_criterion,
@@ -143,7 +142,7 @@ class Reptile(MetaLearner):
                 if not collected.keep(index, result.losses, loss):
                     continue
                 for name, p in self.model.named_parameters():
-                    add_grad(p, (p - result.params[name]) / len(tasks))
+                    metazoo.accumulate_grad(p, (p - result.params[name]) / len(tasks))
             per_task.append((loss, acc, result.losses))
         collected.finish()
         return summarize(per_task, len(tasks), collected.skipped, start)

@@ -25,6 +25,7 @@ from metazoo.functional import (
     split_params,
 )
 from metazoo.layout import (
+    accumulate_grad,
     check_channels_last,
     params_to_channels_last,
     task_to_channels_last,
@@ -66,6 +67,7 @@ __all__ = [
     "RMSprop",
     "Task",
     "UnrollResult",
+    "accumulate_grad",
     "accuracy",
     "all_finite",
     "atomic_save",

@@ -18,8 +18,8 @@ from torch import Tensor
 from metazoo.functional import Params
 from metazoo.learner import Task
 
-__all__ = ["check_channels_last", "params_to_channels_last", "task_to_channels_last",
-           "to_channels_last"]
+__all__ = ["accumulate_grad", "check_channels_last", "params_to_channels_last",
+           "task_to_channels_last", "to_channels_last"]
 
 
 def check_channels_last(value: Any) -> bool:
@@ -54,3 +54,16 @@ def task_to_channels_last(task: Task) -> Task:
     """``task`` with the inputs (first element) of its support and query batches in
     channels-last format when they are 4-D images; targets and other inputs are left alone."""
     return Task(support=[_batch(b) for b in task.support], query=_batch(task.query))
+
+
+def accumulate_grad(param: Tensor, grad: Tensor) -> None:
+    """Adds ``grad`` (detached) into ``param.grad`` as ``backward`` would.
+
+    A new ``.grad`` gets the parameter's strides, whatever layout ``grad`` was computed in
+    (``backward``'s layout contract): a learner that adapts channels-last copies hands the
+    meta-optimizer gradients laid out like the model's own parameters.
+    """
+    if param.grad is None:
+        param.grad = torch.empty_like(param).copy_(grad.detach())
+    else:
+        param.grad.add_(grad.detach())

@@ -1,4 +1,4 @@
-"""Channels-last layout: the core helpers, and Reptile, Leap and WarpGrad with
+"""Channels-last layout: the core helpers, and Reptile, Leap, iMAML and WarpGrad with
 ``channels_last=True`` (MAML's option is tested in ``src/maml/tests/test_maml.py``). float64
 throughout: the layout changes the order of floating-point sums, nothing else."""
 
@@ -13,7 +13,7 @@ from torch import nn
 
 import metazoo
 from leap import LeapLearner
-from maml import MAML, Reptile
+from maml import MAML, Reptile, iMAML
 from warpgrad import DualUpdater, OptimizerParameters, ReplayBuffer, Warp, WarpGrad
 
 DTYPE = torch.float64
@@ -44,7 +44,18 @@ def test_task_and_params_to_channels_last_convert_only_images():
     assert out["conv.weight"].stride() == (9, 1, 3, 1) and out["conv.bias"] is params["conv.bias"]
 
 
-@pytest.mark.parametrize("kind", ["reptile", "leap", "warpgrad"])
+def test_accumulate_grad_keeps_the_parameters_layout_and_adds():
+    param = torch.randn(4, 3, 2, 2, dtype=DTYPE, requires_grad=True)
+    grad = metazoo.to_channels_last(torch.randn(4, 3, 2, 2, dtype=DTYPE, requires_grad=True))
+    metazoo.accumulate_grad(param, grad * 2)
+    assert param.grad.stride() == param.stride() and not param.grad.requires_grad
+    torch.testing.assert_close(param.grad, grad.detach() * 2)
+    metazoo.accumulate_grad(param, grad)
+    assert param.grad.stride() == param.stride()
+    torch.testing.assert_close(param.grad, grad.detach() * 3)
+
+
+@pytest.mark.parametrize("kind", ["reptile", "leap", "imaml", "warpgrad"])
 def test_channels_last_must_be_a_bool(kind):
     with pytest.raises(ValueError, match="channels_last must be a bool, got 1"):
         _build(kind, 1, "batch", 1)  # type: ignore[arg-type]
@@ -102,10 +113,12 @@ def _build(kind: str, in_channels: int, bn_mode: str, channels_last: bool
     common = {"model": _conv_net(in_channels), "criterion": F.cross_entropy,
               "inner_optimizer": metazoo.SGD(0.3, momentum=0.5), "inner_steps": 3,
               "bn_mode": bn_mode, "channels_last": channels_last}
+    if kind == "imaml":
+        return iMAML(**common, lam=2.0, cg_steps=3)
     return Reptile(**common) if kind == "reptile" else LeapLearner(**common)
 
 
-@pytest.mark.parametrize("kind", ["reptile", "leap", "warpgrad"])
+@pytest.mark.parametrize("kind", ["reptile", "leap", "imaml", "warpgrad"])
 @pytest.mark.parametrize("bn_mode", ["batch", "running"])
 @pytest.mark.parametrize("in_channels", [1, 3])
 def test_channels_last_gives_the_default_layouts_results(kind, bn_mode, in_channels):
@@ -119,6 +132,8 @@ def test_channels_last_gives_the_default_layouts_results(kind, bn_mode, in_chann
         evaluation = learner.evaluate(tasks)
         runs.append((result, grads, adapted, evaluation))
         assert all(p.is_contiguous() for p in learner.model.parameters())  # model untouched
+        # backward's layout contract: .grad has the parameter's strides
+        assert all(p.grad.stride() == p.stride() for _, p in learner.named_meta_parameters())
     (r0, g0, a0, e0), (r1, g1, a1, e1) = runs
     assert max(g.abs().max().item() for g in g0.values()) > 1e-3  # a gradient that moves
     for name in g0:
@@ -134,10 +149,12 @@ def test_channels_last_gives_the_default_layouts_results(kind, bn_mode, in_chann
 
 
 # Forward passes through both convolutions in one meta_backward + evaluate of one task:
-# (3 inner steps + query) twice, Leap's end-of-trajectory loss once more; WarpGrad's replay
-# adds a number that depends on its sampling (at least the adaptation's).
+# (3 inner steps + query) twice, Leap's end-of-trajectory loss once more, iMAML's support
+# loss at the solution (one pass per support batch) for the Hessian; WarpGrad's replay adds a
+# number that depends on its sampling (at least the adaptation's).
 FORWARDS = {"maml": 2 * (3 + 1 + 3 + 1), "reptile": 2 * (3 + 1 + 3 + 1),
-            "leap": 2 * (3 + 1 + 1 + 3 + 1), "warpgrad": None}
+            "leap": 2 * (3 + 1 + 1 + 3 + 1), "imaml": 2 * (3 + 1 + 2 + 3 + 1),
+            "warpgrad": None}
 
 
 @pytest.mark.parametrize("kind", list(FORWARDS))

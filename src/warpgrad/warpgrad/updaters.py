@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from metazoo import BatchNormMode, Params
+from metazoo import BatchNormMode, Params, accumulate_grad
 from warpgrad.buffer import ReplayState
 from warpgrad.objectives import (
     InitObjective,
@@ -108,10 +108,8 @@ def _accumulate(target: list[Tensor | None], grads: Sequence[Tensor | None]) -> 
 
 def _write_grads(params: Sequence[Tensor], grads: Sequence[Tensor | None]) -> None:
     for p, g in zip(params, grads, strict=True):
-        if g is None:
-            continue
-        g = g.detach()
-        p.grad = g.clone() if p.grad is None else p.grad + g
+        if g is not None:
+            accumulate_grad(p, g)
 
 
 def _meta_targets(warp: Warp, ctx: ReplayContext) -> tuple[list[Tensor], list[Tensor]]:
