@@ -53,6 +53,7 @@ from episodes import (
     mean_ci,
     split_alphabets,
 )
+from metazoo.cli import UsageError, run_command, user_input
 from model import DOWNSAMPLE
 from wrapper import HEAD_POLICIES, METHODS, LearnerConfig, build_learner, score
 
@@ -688,7 +689,8 @@ def main(argv: Sequence[str] | None = None) -> float | FewShotResult:
     Launched by ``torchrun --nproc_per_node N``, the processes share each meta-step (gloo on
     CPU, NCCL on CUDA with one GPU per local rank); a plain ``python`` run needs no setup.
     """
-    args = parse_args(argv)
+    with user_input():
+        args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     use_cuda = torch.cuda.is_available() and not args.no_cuda
@@ -734,15 +736,16 @@ def _run(args: argparse.Namespace, device: torch.device, main_process: bool
     torch.manual_seed(args.seed)
     np.random.seed(args.seed % 2**32)
     random.seed(args.seed)
-    exp = make_experiment(args, device)
-    with device:  # every parameter (warp init copies included) is created on the device
+    # Set-up depends on the flags alone: a ValueError here is bad input, later it is a bug.
+    with user_input(), device:  # every parameter (warp copies included) is made on the device
+        exp = make_experiment(args, device)
         learner = build_learner(learner_config(args))
     ckpt = log_dir / "checkpoint.pt"
 
     if args.evaluate:
         source = log_dir / ("best.pt" if args.select == "best" else "checkpoint.pt")
         if not source.exists():
-            raise RuntimeError(f"--evaluate needs a saved model at {source}; train first")
+            raise UsageError(f"--evaluate needs a saved model at {source}; train first")
         step = load_checkpoint(source, learner)
         for path in log_dir.glob("results_*_test_*.log"):  # replaced; training logs are kept
             path.unlink()
@@ -758,7 +761,7 @@ def _run(args: argparse.Namespace, device: torch.device, main_process: bool
     elif main_process:
         if log_dir.exists() and any(log_dir.iterdir()):
             if not (args.overwrite or args.resume):
-                raise RuntimeError(f"{log_dir} exists; pass --overwrite to replace it, "
+                raise UsageError(f"{log_dir} exists; pass --overwrite to replace it, "
                                    "--resume to continue it, or another --suffix")
             for path in log_dir.iterdir():
                 if path.is_file():
@@ -797,11 +800,7 @@ def _run(args: argparse.Namespace, device: torch.device, main_process: bool
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, RuntimeError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    run_command(main)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # Under torchrun, gloo's worker threads can still hold tensors while the interpreter
         # finalises, which aborts a process that finished cleanly ("terminate called without

@@ -5,7 +5,7 @@ Pure functional models (``forward``, ``params_of``), differentiable inner optimi
 ``MetaLearner`` interface every algorithm implements.
 """
 
-from metazoo import distributed
+from metazoo import cli, distributed
 from metazoo.faults import (
     CheckedCriterion,
     NonFiniteError,
@@ -75,6 +75,7 @@ __all__ = [
     "check_channels_last",
     "check_on_nonfinite",
     "check_params",
+    "cli",
     "clip_grad_norm",
     "distributed",
     "forward",

@@ -11,6 +11,7 @@ import main
 import pytest
 import torch
 import wrapper
+from metazoo.cli import UsageError
 from monitor import FileHandler
 from wrapper import METHODS
 
@@ -73,7 +74,7 @@ def test_flags_parse_and_zero_intervals_mean_never(tiny, omniglot_root, tmp_path
 
 def test_existing_run_needs_overwrite(tiny, omniglot_root, tmp_path):
     main.main(tiny(omniglot_root, tmp_path, "no"))
-    with pytest.raises(RuntimeError, match="--overwrite"):
+    with pytest.raises(UsageError, match="--overwrite"):
         main.main(tiny(omniglot_root, tmp_path, "no"))
     main.main(tiny(omniglot_root, tmp_path, "no", "--overwrite"))
 

@@ -1,0 +1,62 @@
+"""Command-line conventions shared by the experiments' entry points.
+
+Bad input from the person at the keyboard (a flag's value, a missing file, a run folder that
+does not match the flags) is reported as one ``error: ...`` line naming the flag, the value and
+the fix, with exit code 2. Everything else is a bug or a fault and keeps its traceback. The two
+are told apart by type, not by guessing from ``ValueError``/``RuntimeError``: commands raise
+``UsageError`` for bad input, or validate their input inside ``user_input()``, which turns the
+library's ``ValueError`` (its constructors' argument checks) into ``UsageError`` while the run
+is being set up. This module is the one place in the core that prints.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, NoReturn
+
+from metazoo.faults import NonFiniteError
+
+__all__ = ["UsageError", "fail_usage", "run_command", "user_input"]
+
+
+class UsageError(ValueError):
+    """Bad input to a command: printed as one ``error:`` line, exit code 2, no traceback.
+
+    A ``ValueError``, so callers of a command's ``main`` that catch bad values still do.
+    """
+
+
+def fail_usage(message: str) -> NoReturn:
+    """Prints ``error: message`` to stderr and exits with code 2 (argparse's convention)."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+@contextmanager
+def user_input() -> Iterator[None]:
+    """Treats a ``ValueError`` raised inside the block as bad input (``UsageError``).
+
+    Wrap the set-up that only depends on the user's flags (building the data set and the
+    learner from them), not training: a ``ValueError`` in a training step is a bug.
+    """
+    try:
+        yield
+    except UsageError:
+        raise
+    except ValueError as err:
+        raise UsageError(str(err)) from err
+
+
+def run_command(main: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Calls a command's ``main``; bad input and non-finite runs end in one line and exit 2.
+
+    ``NonFiniteError`` is reported the same way: it names the meta-step, the task and the fix
+    (lower the learning rates, or skip such tasks), and a traceback would add nothing to that.
+    Every other exception propagates with its traceback.
+    """
+    try:
+        return main(*args, **kwargs)
+    except (UsageError, NonFiniteError) as err:
+        fail_usage(str(err))

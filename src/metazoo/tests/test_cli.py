@@ -1,0 +1,41 @@
+"""The command-line error convention: bad input is one line and exit 2, bugs keep tracebacks."""
+
+import pytest
+from metazoo.cli import UsageError, run_command, user_input
+
+from metazoo import NonFiniteError
+
+
+def test_user_input_turns_value_errors_into_usage_errors():
+    with pytest.raises(UsageError, match="--lr 'x'") as info, user_input():
+        raise ValueError("--lr 'x' is not a number; pass a float")
+    assert isinstance(info.value.__cause__, ValueError)
+
+
+def test_user_input_leaves_other_errors_alone():
+    with pytest.raises(RuntimeError, match="bug") as info, user_input():
+        raise RuntimeError("bug")
+    assert not isinstance(info.value, UsageError)
+
+
+@pytest.mark.parametrize("error", [UsageError("--seed 'x': pass an integer"),
+                                   NonFiniteError(task=1, inner_step=2, where="inner")])
+def test_run_command_prints_one_line_and_exits_2(error, capsys):
+    def main():
+        raise error
+
+    with pytest.raises(SystemExit) as info:
+        run_command(main)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err == f"error: {error}\n"
+    assert "Traceback" not in err
+
+
+def test_run_command_keeps_internal_errors_and_returns_results():
+    def broken():
+        raise RuntimeError("Expected all tensors to be on the same device")
+
+    with pytest.raises(RuntimeError, match="same device"):
+        run_command(broken)
+    assert run_command(lambda x, *, y: x + y, 1, y=2) == 3
