@@ -27,6 +27,7 @@ episodes reported as mean accuracy +- 95% CI (``results_fewshot_<case>_ci.log``,
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import math
 import os
@@ -54,7 +55,9 @@ from episodes import (
     split_alphabets,
 )
 from metazoo.cli import UsageError, run_command, user_input
+from metazoo.serialization import load_checked, save_checked
 from model import DOWNSAMPLE
+from warpgrad.layers import ABLATIONS
 from wrapper import HEAD_POLICIES, METHODS, LearnerConfig, build_learner, score
 
 from metazoo import (
@@ -62,7 +65,6 @@ from metazoo import (
     MetaStepResult,
     NonFiniteError,
     Task,
-    atomic_save,
     atomic_write_text,
     distributed,
 )
@@ -71,6 +73,21 @@ PROTOCOLS = ("alphabet", "fewshot")
 # --bn_eval in few-shot terms -> the learners' bn_mode
 BN_EVAL = {"transductive": "batch", "inductive": "running"}
 LOG_LINE = re.compile(r"^(results_.*|nonfinite)\.log$")
+# Every file main.py (and evaluate_oneshot.py) writes into a run folder, and the temporaries
+# of their atomic writes (".<name>.<random>.tmp"): --overwrite removes these and nothing else.
+RUN_FILE = re.compile(r"^(args\.log|split\.json|checkpoint\.pt|best\.pt|done\.json|"
+                      r"fewshot_test\.json|oneshot\.json|nonfinite\.log|results_[^/]*\.log)$")
+RUN_TEMPORARY = re.compile(r"^\.(?P<name>[^/]+)\.[A-Za-z0-9_]+\.tmp$")
+# Flags that may differ between a run and its --resume (or --evaluate): how long it runs, how
+# often it logs and saves, where it runs and where its files are. Every other flag must equal
+# the one in the run's args.log and checkpoint, or the resumed run would be another experiment.
+RESUME_MAY_CHANGE = frozenset({
+    "meta_train_steps", "log_ival", "write_ival", "save_ival", "threads", "workers", "device",
+    "no_cuda", "resume", "overwrite", "evaluate", "root", "log_dir", "suffix"})
+# Meta-optimizer and inner-optimizer hyperparameters that must be non-negative numbers.
+NUMERIC_KWARGS = frozenset({"lr", "momentum", "dampening", "weight_decay", "eps", "alpha",
+                            "betas", "meta_lr"})
+SEED_MAX = 2**32 - 1
 
 
 # -- flags ------------------------------------------------------------------------------------
@@ -112,6 +129,35 @@ def _nonneg_int(text: str) -> int:
     return int(number)
 
 
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if not 0 <= value <= SEED_MAX:
+        raise argparse.ArgumentTypeError(f"{text!r} must be an integer from 0 to {SEED_MAX}")
+    return value
+
+
+def check_kwargs(kwargs: dict[str, Any], flag: str) -> None:
+    """Rejects non-finite numbers anywhere, and non-numbers or negative numbers for the
+    optimizers' numeric hyperparameters (``NUMERIC_KWARGS``), naming the flag and the fix."""
+    for key, value in kwargs.items():
+        values = value if isinstance(value, tuple) else (value,)
+        text = ":".join(str(v) for v in values)
+        for v in values:
+            number = isinstance(v, (int, float)) and not isinstance(v, bool)
+            if number and not math.isfinite(v):
+                raise ValueError(f"{flag} {key} {text}: must be a finite number; a NaN or "
+                                 f"infinite value makes the parameters NaN (e.g. {flag} "
+                                 f"{key} 0.1)")
+            if key in NUMERIC_KWARGS and not number:
+                raise ValueError(f"{flag} {key} {text!r}: must be a number, e.g. {flag} "
+                                 f"{key} {'0.9:0.999' if key == 'betas' else '0.1'}")
+            if key in NUMERIC_KWARGS and v < 0:
+                raise ValueError(f"{flag} {key} {text}: must be >= 0")
+
+
 def _pos_int(text: str) -> int:
     value = _nonneg_int(text)
     if value < 1:
@@ -124,7 +170,7 @@ def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser("Omniglot meta-learning experiment")
     a = p.add_argument
     a("--root", default="data", help="folder holding the extracted Omniglot archives")
-    a("--seed", type=int, default=8879, help="the seed: fixes the split, batches and init")
+    a("--seed", type=_seed, default=8879, help="the seed: fixes the split, batches and init")
     a("--workers", type=_nonneg_int, default=0,
       help="data-loading parallelism of the reference; accepted and unused (tensors in memory)")
     a("--threads", type=_nonneg_int, default=0, help="torch CPU threads (0: torch default)")
@@ -180,7 +226,7 @@ def make_parser() -> argparse.ArgumentParser:
     a("--inner_kwargs", nargs="+", default=["lr", "0.1"], help="e.g. lr 0.1 momentum 0.9")
     a("--outer_kwargs", nargs="+", default=["lr", "0.1"], help="e.g. lr 1e-3")
     a("--meta_kwargs", nargs="+", default=[], help="method options, e.g. norm false")
-    a("--warp_layer", default="3x3",
+    a("--warp_layer", default="3x3", choices=tuple(ABLATIONS),
       help="warp block variant: none, scaling, 1x1, 3x3, 3x3+relu, 3x3+relu+bn, residual, 2-layer")
     a("--warp_num_layers", type=_pos_int, default=None, help="layers per warp block")
     a("--warp_num_filters", type=_pos_int, default=None, help="hidden width of warp blocks")
@@ -229,6 +275,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args.inner_kwargs = build_kwargs(args.inner_kwargs, "--inner_kwargs")
     args.outer_kwargs = build_kwargs(args.outer_kwargs, "--outer_kwargs")
     args.meta_kwargs = build_kwargs(args.meta_kwargs, "--meta_kwargs")
+    for flag in ("--inner_kwargs", "--outer_kwargs", "--meta_kwargs"):
+        check_kwargs(getattr(args, flag[2:]), flag)
     if args.select == "best" and not (args.num_val and args.test_ival):
         raise ValueError("--select best needs validation tasks: set --num_val >= 1 and "
                          "--test_ival >= 1")
@@ -361,21 +409,139 @@ class RunState:
         self.task_rng.setstate((3, tuple(state["tasks"]), None))
 
 
-def save_checkpoint(path: Path, learner: MetaLearner, run: RunState) -> None:
-    """Learner (model, meta-optimizer and any extra state), RNG states and step."""
-    atomic_save({"learner": learner.state_dict(), "step": run.step, "rng": run.rng_state(),
-                 "best_acc": run.best_acc, "best_step": run.best_step}, path)
+def nonfinite_entries(state: Any, prefix: str = "") -> list[str]:
+    """Names (``a.b.0``) of the floating tensors in a nested state dict that hold NaN/inf."""
+    if isinstance(state, torch.Tensor):
+        finite = not state.is_floating_point() or bool(torch.isfinite(state).all())
+        return [] if finite else [prefix or "tensor"]
+    if isinstance(state, dict):
+        items: Any = state.items()
+    elif isinstance(state, (list, tuple)):
+        items = enumerate(state)
+    else:
+        return []
+    return [name for key, value in items
+            for name in nonfinite_entries(value, f"{prefix}.{key}" if prefix else str(key))]
 
 
-def load_checkpoint(path: Path, learner: MetaLearner, run: RunState | None = None) -> int:
-    """Restores a checkpoint (``weights_only=True``); returns its step."""
-    state = torch.load(path, weights_only=True, map_location="cpu")
-    learner.load_state_dict(state["learner"])
+def run_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """The parsed flags as the checkpoint records them (what produced it)."""
+    return dict(vars(args))
+
+
+def flag_differences(stored: dict[str, Any], args: argparse.Namespace) -> list[str]:
+    """``--flag stored -> now`` for every flag outside ``RESUME_MAY_CHANGE`` that differs
+    (flags the stored record does not know, from an older version, are not compared)."""
+    now = vars(args)
+    return [f"--{key} {stored[key]!r} -> {now[key]!r}" for key in sorted(stored)
+            if key in now and key not in RESUME_MAY_CHANGE and stored[key] != now[key]]
+
+
+def read_args_log(path: Path) -> dict[str, Any]:
+    """The flags in a run's ``args.log`` (``repr`` of the parsed ``argparse.Namespace``).
+
+    Raises:
+        UsageError: if the file is not such a record.
+    """
+    try:
+        node = ast.parse(path.read_text().strip(), mode="eval").body
+        if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+                and node.func.id == "Namespace" and not node.args):
+            raise ValueError("not a Namespace(...) record")
+        return {kw.arg: ast.literal_eval(kw.value) for kw in node.keywords if kw.arg}
+    except (OSError, SyntaxError, ValueError) as err:
+        raise UsageError(f"{path} cannot be read ({err}), so the flags of that run are not "
+                         "known; nothing was changed. Restore the file, or start again with "
+                         "--overwrite or another --suffix") from None
+
+
+def save_checkpoint(path: Path, learner: MetaLearner, run: RunState,
+                    flags: dict[str, Any] | None = None) -> None:
+    """Learner (model, meta-optimizer and any extra state), RNG states, step, the flags that
+    produced it and a checksum (``metazoo.serialization.save_checked``).
+
+    Raises:
+        RuntimeError: if the learner's state is not finite (nothing is written: a checkpoint
+            is only ever a state that can be resumed).
+    """
+    state = {"learner": learner.state_dict(), "step": run.step, "rng": run.rng_state(),
+             "best_acc": run.best_acc, "best_step": run.best_step}
+    if flags is not None:
+        state["flags"] = flags
+    bad = nonfinite_entries(state["learner"])
+    if bad:
+        raise RuntimeError(f"the learner's state at meta-step {run.step} is not finite in "
+                           f"{bad[:5]}{' ...' if len(bad) > 5 else ''}; {path.name} was not "
+                           "written. Lower --outer_kwargs lr / --inner_kwargs lr")
+    save_checked(state, path)
+
+
+def load_checkpoint(path: Path, learner: MetaLearner, run: RunState | None = None,
+                    args: argparse.Namespace | None = None) -> int:
+    """Restores a checkpoint (``weights_only=True``); returns its step.
+
+    Everything is checked before anything changes: the checksum, finite weights and, with
+    ``args``, that the flags which produced it match (``flag_differences``); then the learner
+    (and ``run``) are restored. No file is touched.
+
+    Raises:
+        UsageError: a damaged or non-finite checkpoint, one written under other flags, or one
+            that does not fit the learner built from these flags.
+    """
+    fix = ("nothing was changed. Resume with the run's flags, or start again with --overwrite "
+           "or another --suffix")
+    try:
+        state = load_checked(path)
+    except ValueError as err:
+        raise UsageError(f"{err}; {fix}") from None
+    bad = nonfinite_entries(state.get("learner"))
+    if bad:
+        raise UsageError(f"{path} holds non-finite weights ({', '.join(bad[:5])}"
+                         f"{' ...' if len(bad) > 5 else ''}) and cannot be used; {fix}")
+    if args is not None and "flags" in state:
+        differences = flag_differences(state["flags"], args)
+        if differences:
+            raise UsageError(f"{path} was written by a run with other flags "
+                             f"({'; '.join(differences)}); {fix}")
+    try:
+        learner.load_state_dict(state["learner"])
+    except (KeyError, RuntimeError) as err:  # torch's missing keys / size mismatch
+        raise UsageError(f"{path} does not fit the learner built from these flags "
+                         f"(--meta_model {getattr(args, 'meta_model', '?')}; "
+                         f"{str(err).splitlines()[0]}); {fix}") from None
     if run is not None:
         run.set_rng_state(state["rng"])
         run.step = state["step"]
         run.best_acc, run.best_step = state["best_acc"], state["best_step"]
     return int(state["step"])
+
+
+def check_run_folder(log_dir: Path, args: argparse.Namespace, split_json: str | None) -> None:
+    """Refuses to continue a run folder whose ``args.log`` (or ``split.json``) says it was
+    another experiment than these flags give, naming the differences. Touches nothing."""
+    args_log = log_dir / "args.log"
+    if args_log.exists():
+        differences = flag_differences(read_args_log(args_log), args)
+        if differences:
+            raise UsageError(f"{log_dir} is a run with other flags than these "
+                             f"({'; '.join(differences)}; see its args.log); nothing was "
+                             "changed. Pass the run's flags (only "
+                             f"{', '.join('--' + f for f in sorted(RESUME_MAY_CHANGE))} may "
+                             "change), or start a new run with another --suffix")
+    split_path = log_dir / "split.json"
+    if split_json is not None and split_path.exists() and \
+            split_path.read_text().strip() != split_json.strip():
+        raise UsageError(f"the alphabets under --root {args.root} give another split than "
+                         f"{split_path} records; nothing was changed. Point --root at the "
+                         "run's data")
+
+
+def remove_own_temporaries(log_dir: Path) -> None:
+    """Deletes what a killed run left of its atomic writes (``.<run file>.<random>.tmp``)."""
+    for path in log_dir.iterdir():
+        match = RUN_TEMPORARY.match(path.name)
+        if match and RUN_FILE.match(match["name"]) and path.is_file():
+            path.unlink()
 
 
 # -- tasks and evaluation ---------------------------------------------------------------------
@@ -667,10 +833,10 @@ def meta_train(learner: MetaLearner, exp: ExperimentLike, run: RunState, log_dir
             if acc > run.best_acc:
                 run.best_acc, run.best_step = acc, run.step
                 if args.select == "best":
-                    save_checkpoint(log_dir / "best.pt", learner, run)
+                    save_checkpoint(log_dir / "best.pt", learner, run, run_flags(args))
         if args.save_ival and (run.step % args.save_ival == 0
                                or run.step == args.meta_train_steps):
-            save_checkpoint(log_dir / "checkpoint.pt", learner, run)
+            save_checkpoint(log_dir / "checkpoint.pt", learner, run, run_flags(args))
         if args.log_ival and run.step % args.log_ival == 0:
             rate = (time.perf_counter() - start) / (run.step - first)
             eta = rate * (args.meta_train_steps - run.step)
@@ -746,25 +912,37 @@ def _run(args: argparse.Namespace, device: torch.device, main_process: bool
         source = log_dir / ("best.pt" if args.select == "best" else "checkpoint.pt")
         if not source.exists():
             raise UsageError(f"--evaluate needs a saved model at {source}; train first")
-        step = load_checkpoint(source, learner)
+        check_run_folder(log_dir, args, None)
+        step = load_checkpoint(source, learner, args=args)
         for path in log_dir.glob("results_*_test_*.log"):  # replaced; training logs are kept
             path.unlink()
         return _test(exp, learner, step, log_dir, printer)
 
     run = RunState(0, torch.Generator().manual_seed(args.seed), random.Random(args.seed))
     if args.resume and ckpt.exists():
-        load_checkpoint(ckpt, learner, run)
+        # Validated (flags, split, checksum, finite weights) and loaded before any file is
+        # touched: a refused resume leaves a finished run's results as they were.
+        check_run_folder(log_dir, args, exp.split.to_json())
+        load_checkpoint(ckpt, learner, run, args)
         if main_process:
+            remove_own_temporaries(log_dir)
             truncate_logs(log_dir, run.step, drop_test=True)
             (log_dir / "done.json").unlink(missing_ok=True)
         printer(f"resumed {log_dir} at step {run.step}")
     elif main_process:
         if log_dir.exists() and any(log_dir.iterdir()):
-            if not (args.overwrite or args.resume):
+            if args.resume and not args.overwrite:
+                raise UsageError(f"--resume: {log_dir} has no checkpoint.pt to continue from "
+                                 "(a run with --save_ival 0, or not a run folder); nothing was "
+                                 "changed. Pass --overwrite to start that run again (it "
+                                 "replaces the run's files), or another --suffix")
+            if not args.overwrite:
                 raise UsageError(f"{log_dir} exists; pass --overwrite to replace it, "
                                    "--resume to continue it, or another --suffix")
-            for path in log_dir.iterdir():
-                if path.is_file():
+            for path in log_dir.iterdir():  # the run's own files; anything else stays
+                match = RUN_TEMPORARY.match(path.name)
+                if path.is_file() and (RUN_FILE.match(path.name)
+                                       or (match and RUN_FILE.match(match["name"]))):
                     path.unlink()
         log_dir.mkdir(parents=True, exist_ok=True)
         (log_dir / "args.log").write_text(repr(args) + "\n")
@@ -777,9 +955,9 @@ def _run(args: argparse.Namespace, device: torch.device, main_process: bool
             acc = exp.evaluate(learner, "val", 0, log_dir, printer)
             run.best_acc, run.best_step = acc, 0
             if args.select == "best":
-                save_checkpoint(log_dir / "best.pt", learner, run)
+                save_checkpoint(log_dir / "best.pt", learner, run, run_flags(args))
         if args.save_ival:
-            save_checkpoint(ckpt, learner, run)
+            save_checkpoint(ckpt, learner, run, run_flags(args))
 
     if getattr(learner, "meta_learns", True):
         distributed.broadcast_learner(learner)
@@ -789,8 +967,12 @@ def _run(args: argparse.Namespace, device: torch.device, main_process: bool
     else:
         printer(f"{args.meta_model}: no meta-training")
     if args.select == "best" and (log_dir / "best.pt").exists():
-        load_checkpoint(log_dir / "best.pt", learner)
+        load_checkpoint(log_dir / "best.pt", learner, args=args)
         printer(f"testing the best model on validation (step {run.best_step})")
+    bad = nonfinite_entries(learner.state_dict())
+    if bad:  # never a test accuracy of NaN weights in done.json
+        raise RuntimeError(f"the learner's state after meta-step {run.step} is not finite in "
+                           f"{bad[:5]}; not tested. Lower --outer_kwargs lr / --inner_kwargs lr")
     result = _test(exp, learner, run.step, log_dir, printer)
     acc = result.accuracy.mean if isinstance(result, FewShotResult) else result
     summary = {"meta_model": args.meta_model, "seed": args.seed, "step": run.step,
