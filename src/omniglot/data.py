@@ -115,15 +115,26 @@ def decode_drawing(path: str, resize: str) -> np.ndarray:
     """One Omniglot PNG as a (28, 28) uint8 ink image (255 = ink), resized like the cache.
 
     The one-shot benchmark decodes its runs with this too, so both match exactly.
+
+    Raises:
+        ValueError: naming the file, if it is not a readable image (truncated, not a PNG, a
+            link to nothing or to a folder).
     """
-    with Image.open(path) as img:
-        if resize == "nearest":
-            small = img.convert("1").resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.NEAREST)
-            ink = 1.0 - np.asarray(small.convert("L"), dtype=np.float32) / 255.0
-        else:
-            ink = 1.0 - np.asarray(img.convert("L"), dtype=np.float32) / 255.0
-            ink = F.adaptive_avg_pool2d(torch.from_numpy(ink)[None, None],
-                                        IMAGE_SIZE)[0, 0].numpy()
+    try:
+        with Image.open(path) as img:
+            if resize == "nearest":
+                small = img.convert("1").resize((IMAGE_SIZE, IMAGE_SIZE),
+                                                Image.Resampling.NEAREST)
+                ink = 1.0 - np.asarray(small.convert("L"), dtype=np.float32) / 255.0
+            else:
+                ink = 1.0 - np.asarray(img.convert("L"), dtype=np.float32) / 255.0
+                ink = F.adaptive_avg_pool2d(torch.from_numpy(ink)[None, None],
+                                            IMAGE_SIZE)[0, 0].numpy()
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        kind = "a link to a missing file or a folder" if os.path.islink(path) and \
+            not os.path.isfile(path) else "not a readable image"
+        raise ValueError(f"{path} is {kind} ({type(err).__name__}: {err}); replace it with "
+                         "the drawing from the official archive") from None
     return np.round(ink * 255.0).astype(np.uint8)
 
 

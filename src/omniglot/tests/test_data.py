@@ -213,3 +213,14 @@ def test_an_edited_drawing_is_decoded_again(omniglot_root, tmp_path):
     assert int(after["Alpha"][0][0].min()) == 255 and int(before["Alpha"][0][0].min()) == 0
     assert torch.equal(after["Alpha"][0][1:], before["Alpha"][0][1:])
     assert len(list(root.glob("omniglot_cache_*.pt"))) == 2
+
+
+def test_a_truncated_drawing_is_named(omniglot_root, tmp_path):
+    import shutil
+
+    root = tmp_path / "data"
+    shutil.copytree(omniglot_root, root, ignore=shutil.ignore_patterns("omniglot_cache_*"))
+    drawing = sorted((root / "images_background_small2" / "Gamma" / "character02").iterdir())[1]
+    drawing.write_bytes(drawing.read_bytes()[:70])
+    with pytest.raises(ValueError, match=rf"{drawing} is not a readable image .*official archive"):
+        data.load_alphabets(root)

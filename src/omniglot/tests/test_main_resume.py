@@ -8,7 +8,7 @@ from pathlib import Path
 import main
 import pytest
 import torch
-from metazoo.cli import UsageError, run_command
+from metazoo.cli import run_command
 from metazoo.serialization import load_checked, save_checked
 
 from metazoo import NonFiniteError
