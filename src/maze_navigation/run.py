@@ -192,6 +192,10 @@ def main(argv: list[str] | None = None) -> dict:
             except ValueError as err:
                 raise ValueError(f"--resume {ckpt_path}: {err}") from None
         logger.info("resumed %s at episode %d", ckpt_path, trainer.episode)
+        for path in out.iterdir():  # what a killed run left of its atomic writes, and only that
+            if any(path.name.startswith(f".{name}.") for name in RUN_FILES) and \
+                    path.name.endswith(".tmp") and path.is_file():
+                path.unlink()
     out.mkdir(parents=True, exist_ok=True)
     # Episodes logged after the checkpoint are replayed identically, so drop them.
     # The rewrite is atomic: a kill during it must not lose the rows before the checkpoint.

@@ -198,7 +198,9 @@ def make_parser() -> argparse.ArgumentParser:
     a("--log_dir", default="logs", help="logs go to <log_dir>/<meta_model>/<suffix>/")
     a("--suffix", default="tmp", help="run name")
     a("--overwrite", action="store_true", help="replace an existing run of the same name")
-    a("--resume", action="store_true", help="continue a stopped run from its checkpoint")
+    a("--resume", action="store_true",
+      help="continue a stopped run from its checkpoint (the run's flags; see "
+           "RESUME_MAY_CHANGE for those that may differ)")
     a("--evaluate", action="store_true", help="only evaluate the saved model on the test tasks")
     a("--select", choices=("last", "best"), default="last",
       help="model for the final test: last, or best on validation (needs --num_val, --test_ival)")

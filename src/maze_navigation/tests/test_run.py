@@ -147,7 +147,11 @@ def test_a_run_killed_with_sigkill_resumes_to_the_same_log(tmp_path):
     checkpoint = torch.load(killed / "checkpoint.pt", weights_only=True)
     assert 12 <= len(logged) < 30 and checkpoint["episode"] % 5 == 0
     assert checkpoint["episode"] <= len(logged)
+    (killed / ".rewards.csv.abc_1234.tmp").write_text("a kill mid-rewrite leaves this")
+    (killed / ".my_notes.tmp").write_text("not the run's")
     run.main([*args, "--out", str(killed), "--resume"])  # the same argument list
+    assert not (killed / ".rewards.csv.abc_1234.tmp").exists()
+    assert (killed / ".my_notes.tmp").exists()
     straight = tmp_path / "straight"
     run.main([*args, "--out", str(straight)])
     rows = read_csv(killed / "rewards.csv")
