@@ -199,8 +199,9 @@ def make_parser() -> argparse.ArgumentParser:
     a("--suffix", default="tmp", help="run name")
     a("--overwrite", action="store_true", help="replace an existing run of the same name")
     a("--resume", action="store_true",
-      help="continue a stopped run from its checkpoint (the run's flags; see "
-           "RESUME_MAY_CHANGE for those that may differ)")
+      help="continue a stopped run from its checkpoint, with the run's flags (only "
+           "--meta_train_steps, --log_ival, --write_ival, --save_ival, --threads, --workers, "
+           "--device, --no_cuda, --root, --log_dir and --suffix may differ)")
     a("--evaluate", action="store_true", help="only evaluate the saved model on the test tasks")
     a("--select", choices=("last", "best"), default="last",
       help="model for the final test: last, or best on validation (needs --num_val, --test_ival)")

@@ -452,3 +452,17 @@ def test_help_shows_every_own_default(capsys):
         evaluate_oneshot.parse_args(["--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "(default: checkpoint)" in text and "(default: <--root>_oneshot)" in text
+
+
+def test_write_runs_command_bad_input_is_one_line(omniglot_root, tmp_path, capsys):
+    import oneshot
+
+    alphabet = str(omniglot_root / "images_background_small1" / "Alpha")
+    for argv, message in (([str(tmp_path / "r"), alphabet], "has 4 characters; a 20-way run"),
+                          ([str(tmp_path / "r"), str(tmp_path / "nope")], "does not exist"),
+                          ([str(tmp_path / "r"), alphabet, "--runs", "0"], "--runs 0")):
+        with pytest.raises(SystemExit) as exit_info:
+            run_command(oneshot.main, argv)
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and err.count("\n") == 1 and message in err, err
+        assert not (tmp_path / "r").exists()
