@@ -156,6 +156,8 @@ def check_kwargs(kwargs: dict[str, Any], flag: str) -> None:
                                  f"{key} {'0.9:0.999' if key == 'betas' else '0.1'}")
             if key in NUMERIC_KWARGS and v < 0:
                 raise ValueError(f"{flag} {key} {text}: must be >= 0")
+            if key == "eps" and v <= 0:  # Adam/RMSprop: a zero gradient would give 0/0 = NaN
+                raise ValueError(f"{flag} eps {text}: must be > 0, e.g. {flag} eps 1e-8")
 
 
 def _pos_int(text: str) -> int:
@@ -427,21 +429,33 @@ def nonfinite_entries(state: Any, prefix: str = "") -> list[str]:
             for name in nonfinite_entries(value, f"{prefix}.{key}" if prefix else str(key))]
 
 
+def _plain(value: Any) -> Any:
+    """``value`` as numbers, strings and containers of them (anything else as its ``repr``)."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return type(value)(_plain(v) for v in value)
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    return repr(value)
+
+
 def run_flags(args: argparse.Namespace) -> dict[str, Any]:
     """The parsed flags as the checkpoint records them (what produced it)."""
-    return dict(vars(args))
+    return {key: _plain(value) for key, value in vars(args).items()}
 
 
 def flag_differences(stored: dict[str, Any], args: argparse.Namespace) -> list[str]:
     """``--flag stored -> now`` for every flag outside ``RESUME_MAY_CHANGE`` that differs
     (flags the stored record does not know, from an older version, are not compared)."""
-    now = vars(args)
+    now = run_flags(args)
     return [f"--{key} {stored[key]!r} -> {now[key]!r}" for key in sorted(stored)
             if key in now and key not in RESUME_MAY_CHANGE and stored[key] != now[key]]
 
 
 def read_args_log(path: Path) -> dict[str, Any]:
-    """The flags in a run's ``args.log`` (``repr`` of the parsed ``argparse.Namespace``).
+    """The flags in a run's ``args.log`` (``repr`` of the parsed ``argparse.Namespace``);
+    values that are not Python literals (``inf``, objects) are left out.
 
     Raises:
         UsageError: if the file is not such a record.
@@ -451,7 +465,14 @@ def read_args_log(path: Path) -> dict[str, Any]:
         if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
                 and node.func.id == "Namespace" and not node.args):
             raise ValueError("not a Namespace(...) record")
-        return {kw.arg: ast.literal_eval(kw.value) for kw in node.keywords if kw.arg}
+        flags = {}
+        for keyword in node.keywords:
+            try:
+                if keyword.arg:
+                    flags[keyword.arg] = ast.literal_eval(keyword.value)
+            except ValueError:
+                continue
+        return flags
     except (OSError, SyntaxError, ValueError) as err:
         raise UsageError(f"{path} cannot be read ({err}), so the flags of that run are not "
                          "known; nothing was changed. Restore the file, or start again with "

@@ -8,7 +8,7 @@ from pathlib import Path
 import main
 import pytest
 import torch
-from metazoo.cli import run_command
+from metazoo.cli import UsageError, run_command
 from metazoo.serialization import load_checked, save_checked
 
 from metazoo import NonFiniteError
@@ -51,6 +51,8 @@ def test_nonfinite_hyperparameters_are_refused_before_the_run(tiny, omniglot_roo
     (["--outer_kwargs", "lr", "abc"], "--outer_kwargs lr 'abc': must be a number"),
     (["--inner_kwargs", "lr", "0.1", "momentum", "fast"], "--inner_kwargs momentum 'fast'"),
     (["--outer_kwargs", "lr", "-1"], "--outer_kwargs lr -1: must be >= 0"),
+    (["--outer_opt", "adam", "--outer_kwargs", "lr", "0.1", "eps", "0"],
+     "--outer_kwargs eps 0: must be > 0"),
 ])
 def test_non_numeric_hyperparameters_are_named(tiny, omniglot_root, tmp_path, capsys, flags,
                                                message):
@@ -253,3 +255,13 @@ def test_resume_removes_only_its_own_temporaries(tiny, omniglot_root, tmp_path):
     main.main([*tiny(omniglot_root, tmp_path, "leap"), "--resume"])
     names = {p.name for p in run.iterdir()}
     assert not names & set(own) and set(foreign) <= names
+
+
+def test_args_log_values_that_are_not_literals_are_not_compared(tmp_path):
+    (tmp_path / "args.log").write_text("Namespace(seed=3, lr=inf, dtype=torch.float32, "
+                                       "outer_kwargs={'lr': 0.1})\n")
+    assert main.read_args_log(tmp_path / "args.log") == {"seed": 3,
+                                                          "outer_kwargs": {"lr": 0.1}}
+    (tmp_path / "args.log").write_text("garbage(\n")
+    with pytest.raises(UsageError, match=r"args\.log cannot be read"):
+        main.read_args_log(tmp_path / "args.log")
