@@ -969,8 +969,8 @@ def _run(args: argparse.Namespace, device: torch.device, main_process: bool
                                        or (match and RUN_FILE.match(match["name"]))):
                     path.unlink()
         log_dir.mkdir(parents=True, exist_ok=True)
-        (log_dir / "args.log").write_text(repr(args) + "\n")
-        (log_dir / "split.json").write_text(exp.split.to_json() + "\n")
+        atomic_write_text(repr(args) + "\n", log_dir / "args.log")
+        atomic_write_text(exp.split.to_json() + "\n", log_dir / "split.json")
         printer(f"split: train {list(exp.split.train)} val {list(exp.split.val)} test "
                 f"{list(exp.split.test)}")
         for note in getattr(exp, "notes", ()):
