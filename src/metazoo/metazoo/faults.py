@@ -5,19 +5,24 @@ be silently averaged away. Learners check each task's inner losses and query los
 host transfer per task (``task_fault``) and either raise ``NonFiniteError`` naming the task
 and the inner step where the fault first appeared, or (``on_nonfinite="skip"``) leave the task
 out of the mean and count it in ``MetaStepResult.skipped_tasks``. ``MetaLearner.meta_step``
-checks every meta-gradient with one fused reduction (``all_finite``) before the optimizer step.
+steps the meta-optimizer through ``checked_step``: one fused reduction (``all_finite``, one host
+transfer) over the meta-gradients, the stepped meta-parameters and the optimizer state; if any
+is non-finite the step is undone (parameters and state restored) and ``NonFiniteError`` names
+them. A non-finite meta-update (an lr of NaN or inf, Adam's ``eps=0`` on a zero gradient) is
+not a task fault: ``on_nonfinite="skip"`` cannot drop a task to avoid it, so it always raises.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import copy
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
 __all__ = ["NONFINITE_MODES", "CheckedCriterion", "NonFiniteError", "all_finite",
-           "check_on_nonfinite", "task_fault"]
+           "check_on_nonfinite", "checked_step", "task_fault"]
 
 NONFINITE_MODES = ("raise", "skip")
 
@@ -29,12 +34,17 @@ class NonFiniteError(RuntimeError):
         task: index of the task within the meta-batch, ``None`` when not attributable to one.
         inner_step: inner step whose support loss was first non-finite (``where="inner"``);
             ``None`` otherwise.
-        where: ``"inner"`` (support loss), ``"query"`` (query loss / meta-objective) or
-            ``"meta_gradient"`` (the accumulated meta-gradient, after any gradient hook) or
-            ``"other_rank"`` (distributed: another process stopped on a non-finite loss; its
-            own error names the task).
+        where: ``"inner"`` (support loss), ``"query"`` (query loss / meta-objective),
+            ``"meta_gradient"`` (the accumulated meta-gradient, after any gradient hook),
+            ``"meta_update"`` (the meta-optimizer's step made meta-parameters or its own state
+            non-finite from finite gradients: its lr or eps), ``"meta_parameters"`` (they were
+            already non-finite before the step, e.g. loaded so), ``"trajectory"`` (a task's
+            recorded parameters, in the reference-style APIs that see only those; ``inner_step``
+            is the first non-finite state) or ``"other_rank"`` (distributed: another process
+            stopped on a non-finite loss; its own error names the task).
         meta_step: the meta-step number, filled in by the experiment loop (``None`` until then).
-        names: for ``where="meta_gradient"``, the meta-parameters with non-finite gradients.
+        names: for ``where="meta_gradient"``, the meta-parameters with non-finite gradients; for
+            ``"meta_update"``, those the step made non-finite (value or optimizer state).
     """
 
     def __init__(self, *, task: int | None, inner_step: int | None, where: str,
@@ -54,6 +64,23 @@ class NonFiniteError(RuntimeError):
         elif self.where == "other_rank":
             what = ("another process of the distributed run stopped on a non-finite loss (its "
                     "error names the task)")
+        elif self.where == "trajectory":
+            what = (f"non-finite parameters recorded from state {self.inner_step} of the task's "
+                    f"adaptation (a NaN/inf loss or learning rate in that task's inner loop)")
+        elif self.where == "meta_parameters":
+            return (f"the meta-parameters {list(self.names)} (or their optimizer state) were "
+                    f"already non-finite before the meta-optimizer step"
+                    f"{' (' + ', '.join(at) + ')' if at else ''}; they were left as they were. "
+                    f"Load a checkpoint with finite weights or initialise the model again")
+        elif self.where == "meta_update":
+            # Not a task fault: skipping tasks cannot help, so the advice differs.
+            return (f"the meta-optimizer step made {list(self.names)} (or their optimizer state) "
+                    f"non-finite from finite meta-gradients"
+                    f"{' (' + ', '.join(at) + ')' if at else ''}; the meta-parameters and the "
+                    f"optimizer state were restored to their values before the step. Check the "
+                    f"meta-optimizer's hyperparameters: the learning rate must be finite and "
+                    f"positive (nan or inf does this), and Adam's eps must be > 0 (eps=0 "
+                    f"divides 0 by 0 where a gradient is zero)")
         else:
             what = f"non-finite meta-gradient of {list(self.names)}"
         return (f"{what}{' (' + ', '.join(at) + ')' if at else ''}; the meta-parameters were "
@@ -116,6 +143,71 @@ def all_finite(tensors: Sequence[Tensor]) -> bool:
     # isfinite().all() per tensor stays on the device; only the stacked flags are transferred.
     # (A norm-based check would report overflow of large finite gradients as non-finite.)
     return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
+
+
+def _state_tensors(state: dict[str, Any]) -> list[Tensor]:
+    return [v for v in state.values() if isinstance(v, Tensor) and v.is_floating_point()]
+
+
+def _finite(tensors: Iterable[Tensor]) -> bool:
+    """Per-tensor check for the error path only (one transfer per tensor)."""
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
+def checked_step(optimizer: torch.optim.Optimizer,
+                 named_parameters: Iterable[tuple[str, Tensor]] = ()) -> None:
+    """``optimizer.step()``, undone and reported if anything it touches is not finite.
+
+    The one place every meta-update goes through (``MetaLearner.meta_step``; with the
+    reference-style APIs call it in ``meta_step_fn`` instead of ``meta_optimizer.step()``).
+    The parameters that have a gradient (the only ones ``torch.optim`` optimizers step) and
+    their optimizer state are copied first; after the step their gradients, values and
+    floating-point state are checked with one fused reduction (one host transfer). If any entry
+    is NaN or infinite, values and state are restored to their copies, the gradients are set to
+    ``None`` and ``NonFiniteError`` is raised: ``where="meta_gradient"`` when a gradient was
+    non-finite, else ``where="meta_update"`` (the optimizer's own fault: its lr or eps).
+
+    Args:
+        optimizer: a ``torch.optim`` optimizer whose gradients are in ``.grad``.
+        named_parameters: ``(name, tensor)`` pairs naming the parameters in the error (e.g.
+            ``learner.named_meta_parameters()``); others are named ``param_groups[i][j]``.
+
+    Raises:
+        NonFiniteError: as above; the parameters and the optimizer state are unchanged.
+    """
+    names = {id(p): n for n, p in named_parameters}
+    stepped = [(names.get(id(p), f"param_groups[{i}][{j}]"), p)
+               for i, group in enumerate(optimizer.param_groups)
+               for j, p in enumerate(group["params"]) if p.grad is not None]
+    saved_values = [p.detach().clone() for _, p in stepped]
+    saved_states = [copy.deepcopy(optimizer.state[p]) if p in optimizer.state else None
+                    for _, p in stepped]
+    optimizer.step()
+    checked = [t for _, p in stepped
+               for t in (p.grad, p, *_state_tensors(optimizer.state.get(p, {})))
+               if t is not None]
+    if all_finite(checked):
+        return
+    # The error path: find the culprits, then put everything back.
+    bad_grads = [n for n, p in stepped if p.grad is not None and not _finite([p.grad])]
+    bad_values = [n for n, p in stepped
+                  if not _finite([p, *_state_tensors(optimizer.state.get(p, {}))])]
+    already = [n for (n, _), before, state in zip(stepped, saved_values, saved_states,
+                                                  strict=True)
+               if not _finite([before, *_state_tensors(state or {})])]
+    with torch.no_grad():
+        for (_, p), before, state in zip(stepped, saved_values, saved_states, strict=True):
+            p.copy_(before)
+            if state is None:
+                optimizer.state.pop(p, None)
+            else:
+                optimizer.state[p] = state
+            p.grad = None
+    if bad_grads:
+        raise NonFiniteError(task=None, inner_step=None, where="meta_gradient", names=bad_grads)
+    if already:
+        raise NonFiniteError(task=None, inner_step=None, where="meta_parameters", names=already)
+    raise NonFiniteError(task=None, inner_step=None, where="meta_update", names=bad_values)
 
 
 Criterion = Callable[[Tensor, Tensor], Tensor]

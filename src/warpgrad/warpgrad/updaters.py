@@ -13,6 +13,7 @@ The objectives themselves (and which derivatives each mode keeps) are documented
 from __future__ import annotations
 
 import copy
+import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -94,9 +95,10 @@ class BatchStream:
 
 
 def _validate_common(init_lr: float | None, bn_mode: str) -> None:
-    if init_lr is not None and (not isinstance(init_lr, (int, float)) or init_lr <= 0):
-        raise ValueError(f"init_lr={init_lr!r} must be a positive number, or None to leave the "
-                         "initialisation's step to meta_step_fn")
+    if init_lr is not None and (isinstance(init_lr, bool) or not isinstance(init_lr, (int, float))
+                                or not 0 < init_lr < math.inf):
+        raise ValueError(f"init_lr={init_lr!r} must be a finite positive number, or None to "
+                         "leave the initialisation's step to meta_step_fn")
     BatchNormMode(bn_mode)
 
 

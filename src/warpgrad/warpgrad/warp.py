@@ -67,7 +67,8 @@ class Warp:
             pass one matching the task optimizer (``optimizer_parameter_groups()`` builds
             ``torch.optim`` groups from it).
 
-    Parameters in neither group are held fixed: neither adapted by the replay nor
+    Parameters in neither group, and parameters with ``requires_grad=False`` when the ``Warp``
+    is built (in either group), are held fixed: neither adapted by the replay nor
     meta-learned. ``init_adaptation`` resets per-task state itself (BatchNorm statistics, then
     the model's own ``init_adaptation()`` if it defines one); the model needs no hook.
     """
@@ -86,16 +87,16 @@ class Warp:
         self.model = model
         self.adapt_modules = _as_modules("adapt_modules", adapt_modules)
         self.warp_modules = _as_modules("warp_modules", warp_modules)
-        self._adapt_names = _names_of(model, self.adapt_modules, "adapt_modules")
-        self._warp_names = _names_of(model, self.warp_modules, "warp_modules")
-        if not self._adapt_names:
+        adapt_names = _names_of(model, self.adapt_modules, "adapt_modules")
+        warp_names = _names_of(model, self.warp_modules, "warp_modules")
+        if not adapt_names:
             raise ValueError("adapt_modules hold no parameters; give the layers the task "
                              "learner trains")
-        overlap = sorted(set(self._adapt_names) & set(self._warp_names))
+        overlap = sorted(set(adapt_names) & set(warp_names))
         if overlap:
             raise ValueError(f"parameters {overlap} are in both adapt_modules and warp_modules; "
                              "each layer is either adapted or a warp layer")
-        covered = set(self._adapt_names) | set(self._warp_names)
+        covered = set(adapt_names) | set(warp_names)
         orphans = [n for n, p in model.named_parameters() if p.requires_grad and n not in covered]
         if orphans:
             # Such a parameter would be used but neither adapted nor meta-learned: almost always
@@ -103,6 +104,16 @@ class Warp:
             raise ValueError(f"parameters {orphans} are in neither adapt_modules nor "
                              "warp_modules; add their layers to one of them, or set "
                              "requires_grad=False on them to keep them fixed")
+        # The rule of every metazoo learner: requires_grad=False (read here, once: Warp itself
+        # toggles the flag of warp layers while a task adapts) means frozen, neither adapted
+        # nor meta-learned.
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        self._adapt_names = [n for n in adapt_names if n in trainable]
+        self._warp_names = [n for n in warp_names if n in trainable]
+        if not self._adapt_names:
+            raise ValueError("adapt_modules hold no parameters with requires_grad=True; give "
+                             "the layers the task learner trains (requires_grad=False freezes "
+                             "a parameter)")
         self.updater = updater
         self.buffer = buffer if buffer is not None else ReplayBuffer()
         self._optimizer_parameters = optimizer_parameters or OptimizerParameters()
