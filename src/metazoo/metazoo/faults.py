@@ -39,8 +39,8 @@ class NonFiniteError(RuntimeError):
             ``"meta_update"`` (the meta-optimizer's step made meta-parameters or its own state
             non-finite from finite gradients: its lr or eps), ``"meta_parameters"`` (they were
             already non-finite before the step, e.g. loaded so), ``"trajectory"`` (a task's
-            recorded parameters, in the reference-style APIs that see only those; ``inner_step``
-            is the first non-finite state) or ``"other_rank"`` (distributed: another process
+            recorded path, in the reference-style APIs that see no losses; ``inner_step`` is
+            the first non-finite point or segment) or ``"other_rank"`` (distributed: another process
             stopped on a non-finite loss; its own error names the task).
         meta_step: the meta-step number, filled in by the experiment loop (``None`` until then).
         names: for ``where="meta_gradient"``, the meta-parameters with non-finite gradients; for
@@ -65,8 +65,9 @@ class NonFiniteError(RuntimeError):
             what = ("another process of the distributed run stopped on a non-finite loss (its "
                     "error names the task)")
         elif self.where == "trajectory":
-            what = (f"non-finite parameters recorded from state {self.inner_step} of the task's "
-                    f"adaptation (a NaN/inf loss or learning rate in that task's inner loop)")
+            what = (f"non-finite values in the task's adaptation trajectory, first at its "
+                    f"point or segment {self.inner_step} (a NaN/inf batch, loss or learning rate "
+                    f"in that task's inner loop)")
         elif self.where == "meta_parameters":
             return (f"the meta-parameters {list(self.names)} (or their optimizer state) were "
                     f"already non-finite before the meta-optimizer step"

@@ -50,6 +50,15 @@ def _copy(tensors: Params | None, device: torch.device | str | None) -> Params |
             else t.detach().clone() for name, t in tensors.items()}
 
 
+def _all_finite(params: Params, momentum: Params | None) -> torch.Tensor:
+    """Whether every stored value is finite, as a 0-dim tensor (no host transfer)."""
+    tensors = [*params.values(), *(momentum or {}).values()]
+    if not tensors:
+        return torch.tensor(True)
+    return torch.stack([torch.isfinite(t.detach()).all().to(tensors[0].device)
+                        for t in tensors]).all()
+
+
 def _atomic_save(obj: Any, path: str) -> None:
     # A crash mid-write must never leave a truncated file that a later replay would load; the
     # files die with the buffer, so no fsync.
@@ -98,6 +107,10 @@ class ReplayBuffer:
         # In memory: ReplayState objects; on disk: (step, path) pairs.
         self._states: dict[str, list[Any]] = {}
         self._terminal: dict[str, Any] = {}
+        # Whether each stored state is finite, computed on the device when it is stored (no
+        # host transfer) and read for the whole buffer at once by ``nonfinite_slots``.
+        self._finite: dict[str, list[tuple[int, torch.Tensor]]] = {}
+        self._terminal_finite: dict[str, tuple[int, torch.Tensor]] = {}
         self._counter = 0
         self.tmpdir: str | None = None
         if not inmem:
@@ -119,6 +132,7 @@ class ReplayBuffer:
         self._seen[slot] = 0
         self._candidates[slot] = 0
         self._states[slot] = []
+        self._finite[slot] = []
 
     def _check_slot(self, slot: str) -> None:
         if slot not in self._data:
@@ -148,10 +162,13 @@ class ReplayBuffer:
             if not self.inmem:
                 os.unlink(states[j][1])
         entry = self._store(slot, step, params, momentum)
+        flag = (step, _all_finite(params, momentum))
         if position == len(states):
             states.append(entry)
+            self._finite[slot].append(flag)
         else:
             states[position] = entry
+            self._finite[slot][position] = flag
 
     def finalize(self, slot: str, params: Params) -> None:
         """Stores the task's final (adapted) parameters, which close its last segment.
@@ -164,6 +181,7 @@ class ReplayBuffer:
         if previous is not None and not self.inmem:
             os.unlink(previous[1])
         self._terminal[slot] = self._store(slot, self._seen[slot], params, None, terminal=True)
+        self._terminal_finite[slot] = (self._seen[slot], _all_finite(params, None))
 
     def _store(self, slot: str, step: int, params: Params, momentum: Params | None,
                terminal: bool = False) -> Any:
@@ -239,6 +257,25 @@ class ReplayBuffer:
             points.append(final.params)
         return points
 
+    def nonfinite_slots(self) -> dict[str, int]:
+        """Slots holding a NaN or infinite stored value, each with the step of its first one.
+
+        The flags were computed when the states were stored; reading them all costs one host
+        transfer. The terminal state (``finalize``) counts as the step after the last update.
+        """
+        entries = [(slot, step, flag) for slot, flags in self._finite.items()
+                   for step, flag in flags]
+        entries += [(slot, step, flag) for slot, (step, flag) in self._terminal_finite.items()]
+        if not entries:
+            return {}
+        device = entries[0][2].device
+        finite = torch.stack([flag.to(device) for _, _, flag in entries]).tolist()
+        first: dict[str, int] = {}
+        for (slot, step, _), ok in zip(entries, finite, strict=True):
+            if not ok and (slot not in first or step < first[slot]):
+                first[slot] = step
+        return first
+
     def __len__(self) -> int:
         return sum(len(s) for s in self._states.values())
 
@@ -259,6 +296,8 @@ class ReplayBuffer:
         self._candidates.clear()
         self._states.clear()
         self._terminal.clear()
+        self._finite.clear()
+        self._terminal_finite.clear()
 
     def discard(self, slot: str) -> None:
         """Forgets one slot (its data, states and files), e.g. a task whose loss was not finite.
@@ -273,7 +312,8 @@ class ReplayBuffer:
             for _, path in entries + ([terminal] if terminal is not None else []):
                 if os.path.exists(path):
                     os.unlink(path)
-        del self._data[slot], self._seen[slot], self._candidates[slot]
+        del self._data[slot], self._seen[slot], self._candidates[slot], self._finite[slot]
+        self._terminal_finite.pop(slot, None)
 
     def close(self) -> None:
         """Clears the buffer and removes its temporary directory (disk mode)."""

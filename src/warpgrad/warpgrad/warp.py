@@ -14,6 +14,7 @@ the adaptable parameters first, so the buffer holds the state before every step.
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
@@ -22,7 +23,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from metazoo import Params
+from metazoo import NonFiniteError, Params, check_on_nonfinite
 from warpgrad.buffer import ReplayBuffer, ReplayState
 from warpgrad.objectives import ReplayContext
 from warpgrad.optimizer_parameters import OptimizerParameters
@@ -66,6 +67,14 @@ class Warp:
             (not meta-learned) lr 0.1 and no momentum; the replay's inner step uses these, so
             pass one matching the task optimizer (``optimizer_parameter_groups()`` builds
             ``torch.optim`` groups from it).
+        on_nonfinite: what ``backward`` does with a task whose recorded trajectory holds NaN
+            or inf values (a NaN batch or an inf learning rate in its inner loop): ``"raise"``
+            (default) ``metazoo.NonFiniteError`` naming the task (``where="trajectory"``)
+            before any meta-parameter changes, or ``"skip"`` the task (its trajectory is
+            discarded; ``UpdateResult.skipped_tasks`` counts it). A non-finite replayed
+            gradient (e.g. a NaN batch drawn again from the task's data) always raises
+            (``where="meta_gradient"``) before it is written, since it cannot be traced to one
+            task; ``OnlineUpdater`` records no trajectory and raises that way too.
 
     Parameters in neither group, and parameters with ``requires_grad=False`` when the ``Warp``
     is built (in either group), are held fixed: neither adapted by the replay nor
@@ -76,7 +85,8 @@ class Warp:
     def __init__(self, model: nn.Module, adapt_modules: nn.Module | Iterable[nn.Module],
                  warp_modules: nn.Module | Iterable[nn.Module], updater: Updater,
                  buffer: ReplayBuffer | None = None,
-                 optimizer_parameters: OptimizerParameters | None = None) -> None:
+                 optimizer_parameters: OptimizerParameters | None = None, *,
+                 on_nonfinite: str = "raise") -> None:
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be an nn.Module, got {type(model).__name__}")
         if not isinstance(updater, (DualUpdater, OnlineUpdater)):
@@ -115,6 +125,7 @@ class Warp:
                              "the layers the task learner trains (requires_grad=False freezes "
                              "a parameter)")
         self.updater = updater
+        self.on_nonfinite = check_on_nonfinite(on_nonfinite)
         self.buffer = buffer if buffer is not None else ReplayBuffer()
         self._optimizer_parameters = optimizer_parameters or OptimizerParameters()
         self._optimizer_parameters.init(self.named_adapt_parameters())
@@ -382,7 +393,10 @@ class Warp:
         collecting = self._collect
         self.no_collect()
         try:
+            skipped = self._drop_nonfinite_tasks()
             result = self.updater.backward(self, meta_step_fn)
+            if skipped:
+                result = dataclasses.replace(result, skipped_tasks=skipped)
         except BaseException:
             # Keep the trajectories for inspection or a retry; only the flag is restored.
             self._collect = collecting and self._task is not None
@@ -394,6 +408,22 @@ class Warp:
         if collecting and self._task is not None:
             self._collect = True
         return result
+
+    def _drop_nonfinite_tasks(self) -> int:
+        """Raises on, or discards, tasks whose recorded trajectory is not finite."""
+        if not self.updater.uses_buffer:
+            return 0
+        bad = self.buffer.nonfinite_slots()  # one host transfer for the whole buffer
+        if not bad:
+            return 0
+        slots = self.buffer.slots()
+        if self.on_nonfinite == "raise":
+            first = min(bad, key=slots.index)
+            raise NonFiniteError(task=slots.index(first), inner_step=bad[first],
+                                 where="trajectory")
+        for slot in bad:
+            self.buffer.discard(slot)
+        return len(bad)
 
     def clear(self) -> None:
         """Clears the replay buffer (the current task is forgotten too)."""
