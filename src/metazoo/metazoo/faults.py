@@ -69,13 +69,13 @@ class NonFiniteError(RuntimeError):
                     f"point or segment {self.inner_step} (a NaN/inf batch, loss or learning rate "
                     f"in that task's inner loop)")
         elif self.where == "meta_parameters":
-            return (f"the meta-parameters {list(self.names)} (or their optimizer state) were "
+            return (f"the meta-parameters {_shown(self.names)} (or their optimizer state) were "
                     f"already non-finite before the meta-optimizer step"
                     f"{' (' + ', '.join(at) + ')' if at else ''}; they were left as they were. "
                     f"Load a checkpoint with finite weights or initialise the model again")
         elif self.where == "meta_update":
             # Not a task fault: skipping tasks cannot help, so the advice differs.
-            return (f"the meta-optimizer step made {list(self.names)} (or their optimizer state) "
+            return (f"the meta-optimizer step made {_shown(self.names)} (or their optimizer state) "
                     f"non-finite from finite meta-gradients"
                     f"{' (' + ', '.join(at) + ')' if at else ''}; the meta-parameters and the "
                     f"optimizer state were restored to their values before the step. Check the "
@@ -83,7 +83,7 @@ class NonFiniteError(RuntimeError):
                     f"positive (nan or inf does this), and Adam's eps must be > 0 (eps=0 "
                     f"divides 0 by 0 where a gradient is zero)")
         else:
-            what = f"non-finite meta-gradient of {list(self.names)}"
+            what = f"non-finite meta-gradient of {_shown(self.names)}"
         return (f"{what}{' (' + ', '.join(at) + ')' if at else ''}; the meta-parameters were "
                 f"not updated. Check that task's data and lower the learning rates, or pass "
                 f"on_nonfinite='skip' to leave such tasks out of the meta-step")
@@ -96,6 +96,13 @@ class NonFiniteError(RuntimeError):
     def __reduce__(self) -> tuple[Any, ...]:
         # Keyword-only constructor: pickle through a helper so errors cross process borders.
         return (_rebuild, (self.task, self.inner_step, self.where, self.meta_step, self.names))
+
+
+def _shown(names: Sequence[str], limit: int = 6) -> str:
+    """``names`` as a list, the first ``limit`` of a long one (every name stays in ``.names``)."""
+    if len(names) <= limit:
+        return str(list(names))
+    return f"{str(list(names[:limit]))[:-1]}, ... {len(names) - limit} more]"
 
 
 def _rebuild(task: int | None, inner_step: int | None, where: str, meta_step: int | None,

@@ -147,3 +147,10 @@ def test_checked_step_steps_like_step_and_reports_already_nonfinite_parameters()
     with pytest.raises(metazoo.NonFiniteError, match=r"\['bias'\] .*were already non-finite "
                                                      r"before the meta-optimizer step"):
         metazoo.checked_step(optimizer, model.named_parameters())
+
+
+def test_a_long_list_of_parameters_is_shortened_in_the_message_only():
+    names = [f"layer{i}.weight" for i in range(20)]
+    error = metazoo.NonFiniteError(task=None, inner_step=None, where="meta_update", names=names)
+    assert "'layer5.weight', ... 14 more]" in str(error) and "layer6" not in str(error)
+    assert error.names == tuple(names)
