@@ -528,7 +528,8 @@ class FineTune(MetaLearner):
             loss.backward()
             if grad_hook is not None:
                 grad_hook(self)
-            self.meta_optimizer.step()
+            # Undone and reported if the gradient or the step is non-finite (as in meta_step).
+            metazoo.checked_step(self.meta_optimizer, self.model.named_parameters())
             losses.append(loss.detach())
         with torch.no_grad():
             x = torch.cat([t.query[0] for t in tasks])

@@ -11,6 +11,7 @@ from metazoo.faults import (
     NonFiniteError,
     all_finite,
     check_on_nonfinite,
+    checked_step,
     task_fault,
 )
 from metazoo.functional import (
@@ -40,6 +41,7 @@ from metazoo.learner import (
     Task,
     accuracy,
     mean_results,
+    trainable_parameters,
 )
 from metazoo.optim import SGD, Adam, InnerOptimizer, OptState, RMSprop, safe_sqrt
 from metazoo.serialization import atomic_save, atomic_write_text
@@ -75,6 +77,7 @@ __all__ = [
     "check_channels_last",
     "check_on_nonfinite",
     "check_params",
+    "checked_step",
     "cli",
     "clip_grad_norm",
     "distributed",
@@ -89,5 +92,6 @@ __all__ = [
     "task_fault",
     "task_to_channels_last",
     "to_channels_last",
+    "trainable_parameters",
     "unroll",
 ]

@@ -12,6 +12,7 @@ every group; the update rules are documented in ``warpgrad.objectives``.
 
 from __future__ import annotations
 
+import math
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -80,8 +81,9 @@ class WarpGrad(MetaLearner):
         if isinstance(inner_steps, bool) or not isinstance(inner_steps, int) or inner_steps < 1:
             raise ValueError(f"inner_steps={inner_steps!r} must be a positive integer; use at "
                              "least one adaptation step")
-        if isinstance(meta_lr, bool) or not isinstance(meta_lr, (int, float)) or not meta_lr > 0:
-            raise ValueError(f"meta_lr={meta_lr!r} must be a positive number, e.g. 1e-3")
+        if isinstance(meta_lr, bool) or not isinstance(meta_lr, (int, float)) or not (
+                0 < meta_lr < math.inf):
+            raise ValueError(f"meta_lr={meta_lr!r} must be a finite positive number, e.g. 1e-3")
         self.on_nonfinite = check_on_nonfinite(on_nonfinite)
         self.channels_last = check_channels_last(channels_last)
         self.warp = warp
