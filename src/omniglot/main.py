@@ -737,9 +737,12 @@ def _run(args: argparse.Namespace, device: torch.device, main_process: bool
     np.random.seed(args.seed % 2**32)
     random.seed(args.seed)
     # Set-up depends on the flags alone: a ValueError here is bad input, later it is a bug.
-    with user_input(), device:  # every parameter (warp copies included) is made on the device
+    with user_input():
+        # The data stays out of the default-device block: its index bookkeeping (episode
+        # offsets and counts) lives on the CPU, where the sampling generators draw.
         exp = make_experiment(args, device)
-        learner = build_learner(learner_config(args))
+        with device:  # every parameter (warp copies included) is made on the device
+            learner = build_learner(learner_config(args))
     ckpt = log_dir / "checkpoint.pt"
 
     if args.evaluate:

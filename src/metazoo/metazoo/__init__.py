@@ -6,6 +6,7 @@ Pure functional models (``forward``, ``params_of``), differentiable inner optimi
 """
 
 from metazoo import cli, distributed
+from metazoo.devices import DeviceMixError, strict_devices
 from metazoo.faults import (
     CheckedCriterion,
     NonFiniteError,
@@ -56,6 +57,7 @@ __all__ = [
     "BatchNormMode",
     "Buffers",
     "CheckedCriterion",
+    "DeviceMixError",
     "EvalResult",
     "InnerOptimizer",
     "LossFn",
@@ -86,6 +88,7 @@ __all__ = [
     "params_to_channels_last",
     "safe_sqrt",
     "split_params",
+    "strict_devices",
     "task_fault",
     "task_to_channels_last",
     "to_channels_last",
