@@ -13,7 +13,8 @@ CUDA_SKIP_REASON = ("needs a CUDA GPU (torch.cuda.is_available() is False); run 
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Tests marked ``cuda`` are collected everywhere and skipped, with the reason, without a GPU."""
+    """Tests marked ``cuda`` are collected everywhere; without a GPU they are skipped, with the
+    reason."""
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason=CUDA_SKIP_REASON)

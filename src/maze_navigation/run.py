@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from metazoo import atomic_write_text
+from metazoo import PRECISIONS, atomic_write_text, set_fp32_precision
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -93,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--random_episodes", type=int, default=d.random_episodes)
     p.add_argument("--dtype", choices=("float32", "float64"), default=d.dtype)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--precision", choices=PRECISIONS, default="exact",
+                   help="float32 on a GPU: exact (TF32 off) or tf32 (TF32 matmuls and RNNs: "
+                        "faster, less exact); no effect on CPUs")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
     p.add_argument("--out", type=Path, default=None, help="run folder")
     p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
@@ -125,6 +128,7 @@ def main(argv: list[str] | None = None) -> dict:
             raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
     if args.threads > 0:
         torch.set_num_threads(args.threads)
+    set_fp32_precision(args.precision)  # for the process: main() is the command
     config = _config(args)
     out = args.out or Path("logs/maze_navigation") / f"{config.agent}_seed{config.seed}"
     out.mkdir(parents=True, exist_ok=True)

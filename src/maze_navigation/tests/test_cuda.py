@@ -38,7 +38,7 @@ def test_a_checkpoint_names_the_device_of_its_random_streams():
     state = trainer.state_dict()
     assert state["rng_device"] == "cpu"
     state["rng_device"] = "cuda"  # as written by a GPU run
-    with pytest.raises(ValueError, match="written on cuda.*resume with --device cuda"):
+    with pytest.raises(ValueError, match=r"written on cuda.*resume with --device cuda"):
         _trainer("lstm", "cpu").load_state_dict(state)
 
 
@@ -70,3 +70,19 @@ def test_checkpoints_do_not_continue_on_the_other_device_type():
     on_cpu = _trainer("warp", "cpu").state_dict()
     with pytest.raises(ValueError, match="written on cpu"):
         _trainer("warp", "cuda").load_state_dict(on_cpu)
+
+
+@pytest.mark.parametrize("precision, value", [("tf32", "tf32"), ("exact", "ieee")])
+def test_the_precision_flag_sets_the_backends_for_the_process(tmp_path, precision, value):
+    import run
+
+    before = metazoo.fp32_precision_flags()
+    try:
+        run.main(["--hs", "6", "--bs", "2", "--eplen", "4", "--msize", "7", "--nbiter", "1",
+                  "--random_episodes", "1", "--precision", precision, "--out", str(tmp_path)])
+        assert metazoo.fp32_precision_flags() == dict.fromkeys(before, value)
+    finally:
+        for name, backend in (("cuda.matmul", torch.backends.cuda.matmul),
+                              ("cudnn.conv", torch.backends.cudnn.conv),
+                              ("cudnn.rnn", torch.backends.cudnn.rnn)):
+            backend.fp32_precision = before[name]

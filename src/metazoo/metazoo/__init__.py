@@ -43,6 +43,12 @@ from metazoo.learner import (
     mean_results,
 )
 from metazoo.optim import SGD, Adam, InnerOptimizer, OptState, RMSprop, safe_sqrt
+from metazoo.precision import (
+    PRECISIONS,
+    fp32_precision,
+    fp32_precision_flags,
+    set_fp32_precision,
+)
 from metazoo.serialization import atomic_save, atomic_write_text
 from metazoo.unroll import DEFAULT_SEGMENT, LossFn, UnrollResult, clip_grad_norm, unroll
 
@@ -50,6 +56,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DEFAULT_SEGMENT",
+    "PRECISIONS",
     "SGD",
     "Adam",
     "Adapted",
@@ -81,12 +88,15 @@ __all__ = [
     "clip_grad_norm",
     "distributed",
     "forward",
+    "fp32_precision",
+    "fp32_precision_flags",
     "initial_buffers",
     "make_loss_fn",
     "mean_results",
     "params_of",
     "params_to_channels_last",
     "safe_sqrt",
+    "set_fp32_precision",
     "split_params",
     "strict_devices",
     "task_fault",
