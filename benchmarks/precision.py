@@ -35,9 +35,9 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from meta_step import HandMAML, few_shot_tasks, maml_learner, omniglot_net, sync  # noqa: E402
+from meta_step import HandMAML, few_shot_tasks, maml_learner, omniglot_net, sync
 
-import metazoo  # noqa: E402
+import metazoo
 
 
 def meta_gradient(net: torch.nn.Module, tasks: list[Any], *, hand: bool) -> torch.Tensor:
@@ -113,8 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"MAML meta-gradient, Omniglot net, 5-way 1-shot, {args.tasks} tasks, 5 inner SGD "
           f"steps at lr 0.4, on {device} ({results['gpu'] or 'CPU'}, torch {torch.__version__})")
     for precision in metazoo.PRECISIONS:
-        print(f"  float32 {precision:5}: rel to float64 {results[f'rel_{precision}_vs_float64']:.2e}"
-              f" (hand loop {results[f'rel_{precision}_hand_vs_float64']:.2e}); API vs hand loop "
+        print(f"  float32 {precision:5}: rel to float64 "
+              f"{results[f'rel_{precision}_vs_float64']:.2e} (hand loop {results[f'rel_{precision}_hand_vs_float64']:.2e}); API vs hand loop "
               f"{results[f'rel_{precision}_api_vs_hand']:.2e}; "
               f"{results[f'seconds_per_meta_step_{precision}']:.4f} s per meta-step (median)")
     print(f"  time ratio tf32 / exact: {results['time_ratio_tf32_over_exact']:.3f}")
