@@ -113,10 +113,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"MAML meta-gradient, Omniglot net, 5-way 1-shot, {args.tasks} tasks, 5 inner SGD "
           f"steps at lr 0.4, on {device} ({results['gpu'] or 'CPU'}, torch {torch.__version__})")
     for precision in metazoo.PRECISIONS:
-        print(f"  float32 {precision:5}: rel to float64 "
-              f"{results[f'rel_{precision}_vs_float64']:.2e} (hand loop {results[f'rel_{precision}_hand_vs_float64']:.2e}); API vs hand loop "
-              f"{results[f'rel_{precision}_api_vs_hand']:.2e}; "
-              f"{results[f'seconds_per_meta_step_{precision}']:.4f} s per meta-step (median)")
+        r = {k[len(f"rel_{precision}_"):]: v for k, v in results.items()
+             if k.startswith(f"rel_{precision}_")}
+        seconds = results[f"seconds_per_meta_step_{precision}"]
+        print(f"  float32 {precision:5}: rel to float64 {r['vs_float64']:.2e} (hand loop "
+              f"{r['hand_vs_float64']:.2e}); API vs hand loop {r['api_vs_hand']:.2e}; "
+              f"{seconds:.4f} s per meta-step (median)")
     print(f"  time ratio tf32 / exact: {results['time_ratio_tf32_over_exact']:.3f}")
     print(json.dumps(results))
     if device.type == "cuda" and not results["rel_exact_vs_float64"] < args.tolerance:
