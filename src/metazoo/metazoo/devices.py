@@ -72,7 +72,7 @@ class DeviceMixError(RuntimeError):
 def _origin() -> str:
     """The innermost frame outside torch and this module: where the host tensor was made."""
     for frame in reversed(traceback.extract_stack()[:-2]):
-        if "/torch/" not in frame.filename and not frame.filename.endswith("devices.py"):
+        if "/torch/" not in frame.filename and frame.filename != __file__:
             return f"{frame.filename}:{frame.lineno} ({frame.line})"
     return "unknown"
 
@@ -126,6 +126,10 @@ class _StrictDevices(TorchFunctionMode):
                 # ``.to`` returned its input (already on the CPU): on a GPU this would be a
                 # device copy, so the tensor counts as one from here on.
                 self.host.pop(out, None)
+            elif out is args[0] and target and args[0] not in self.host:
+                # ``.cpu()`` of a "device" tensor returned it unchanged: on a GPU it would be a
+                # host copy, so hand out an alias that can carry the host mark.
+                out = out.view_as(out)
         elif (getattr(func, "__qualname__", "").startswith("_VariableFunctionsClass.")
               and name in _FACTORIES
               and not (name in _INHERITING_WITH_TENSOR_ARGS and inputs)):
