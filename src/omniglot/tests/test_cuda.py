@@ -18,6 +18,7 @@ import main
 import pytest
 import torch
 from oneshot import write_runs
+from torch.utils._pytree import tree_leaves
 from wrapper import METHODS
 
 import metazoo
@@ -39,7 +40,11 @@ def _on_cuda(argv: list[str]) -> list[str]:
 def _saved_device(run: Path) -> torch.device:
     """Where the checkpoint's model tensors were when it was written."""
     state = torch.load(run / "checkpoint.pt", weights_only=True)  # no map_location: as saved
-    return next(iter(state["learner"]["model"].values())).device
+    tensors = [t for t in tree_leaves(state["learner"]) if isinstance(t, torch.Tensor)]
+    # 0-dim tensors left out: torch.optim keeps step counts on the CPU whatever the device.
+    devices = {t.device.type for t in tensors if t.is_floating_point() and t.dim() > 0}
+    assert len(devices) == 1, devices
+    return torch.device(devices.pop())
 
 
 @pytest.mark.parametrize("method", METHODS)
