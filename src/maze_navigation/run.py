@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from metazoo.cli import UsageError, run_command, user_input
 
-from metazoo import atomic_write_text
+from metazoo import PRECISIONS, atomic_write_text, set_fp32_precision
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -98,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
       help="episodes of a uniformly random policy measured as the baseline")
     a("--dtype", choices=("float32", "float64"), default=d.dtype, help="floating-point type")
     a("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
+    a("--precision", choices=PRECISIONS, default="exact",
+      help="float32 on a GPU: exact (TF32 off) or tf32 (TF32 matmuls and RNNs: faster, less "
+           "exact); no effect on CPUs")
     a("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
     a("--out", type=Path, default=DEFAULT_OUT, help="run folder")
     a("--resume", action="store_true",
@@ -167,6 +170,7 @@ def main(argv: list[str] | None = None) -> dict:
         raise UsageError(f"--device {args.device}: CUDA is not available here; use --device cpu")
     if args.threads > 0:
         torch.set_num_threads(args.threads)
+    set_fp32_precision(args.precision)  # for the process: main() is the command
     out = args.out
     if out == DEFAULT_OUT:
         out = Path("logs/maze_navigation") / f"{config.agent}_seed{config.seed}"

@@ -397,6 +397,8 @@ class Trainer:
             "warp_count": self.warp_count,
             "episode": self.episode,
             "meta_updates": self.meta_updates,
+            # Generator states are device-specific (the generators live on ``self.device``).
+            "rng_device": self.device.type,
             "env_rng": self.env_generator.get_state(),
             "action_rng": self.action_generator.get_state(),
             "random_reward": self.random_reward,
@@ -418,6 +420,13 @@ class Trainer:
             raise ValueError(
                 f"checkpoint was written with a different config {diff} (stored, requested); "
                 "resume with the same options or start a fresh run folder"
+            )
+        stored_device = state.get("rng_device", self.device.type)
+        if stored_device != self.device.type:
+            raise ValueError(
+                f"checkpoint was written on {stored_device} and its random streams are "
+                f"{stored_device} generator states, which cannot continue on "
+                f"{self.device.type}; resume with --device {stored_device}"
             )
         self.agent.load_state_dict(state["agent"])
         self.adapt_optimizer.load_state_dict(state["adapt_optimizer"])

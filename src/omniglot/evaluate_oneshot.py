@@ -43,7 +43,7 @@ from oneshot import OneShotResult, evaluate_oneshot, load_runs
 from torch import nn
 from wrapper import RandomHead, build_learner, scoring_model
 
-from metazoo import MetaLearner, atomic_write_text
+from metazoo import MetaLearner, atomic_write_text, fp32_precision
 
 __all__ = ["HEAD_MODES", "ZERO_HEAD_METHODS", "LoadedModel", "default_runs_folder",
            "load_model", "main_oneshot", "make_parser", "parse_args"]
@@ -272,10 +272,11 @@ def main_oneshot(argv: Sequence[str] | None = None) -> OneShotResult:
         loaded = load_model(args, head=own.oneshot_head, ways=ways.pop(), device=device)
     # Pixels as the model saw them in training: the few-shot protocol's size and normalisation.
     fewshot = args.protocol == "fewshot"
-    result = evaluate_oneshot(loaded.learner, runs, steps=args.task_val_steps,
-                              image_size=args.image_size,
-                              mean=args.norm_mean if fewshot else None,
-                              std=args.norm_std if fewshot else None)
+    with fp32_precision(args.precision):
+        result = evaluate_oneshot(loaded.learner, runs, steps=args.task_val_steps,
+                                  image_size=args.image_size,
+                                  mean=args.norm_mean if fewshot else None,
+                                  std=args.norm_std if fewshot else None)
     bn = "transductive" if result.transductive else "inductive"
     print(f"one-shot benchmark: {len(runs)} runs from {folder}, {runs[0].ways}-way, "
           f"{args.meta_model} step {loaded.step} ({loaded.checkpoint}), head {loaded.head} "

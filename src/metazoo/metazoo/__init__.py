@@ -6,6 +6,7 @@ Pure functional models (``forward``, ``params_of``), differentiable inner optimi
 """
 
 from metazoo import cli, distributed
+from metazoo.devices import DeviceMixError, strict_devices
 from metazoo.faults import (
     CheckedCriterion,
     NonFiniteError,
@@ -44,6 +45,12 @@ from metazoo.learner import (
     trainable_parameters,
 )
 from metazoo.optim import SGD, Adam, InnerOptimizer, OptState, RMSprop, safe_sqrt
+from metazoo.precision import (
+    PRECISIONS,
+    fp32_precision,
+    fp32_precision_flags,
+    set_fp32_precision,
+)
 from metazoo.serialization import atomic_save, atomic_write_text
 from metazoo.unroll import DEFAULT_SEGMENT, LossFn, UnrollResult, clip_grad_norm, unroll
 
@@ -51,6 +58,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DEFAULT_SEGMENT",
+    "PRECISIONS",
     "SGD",
     "Adam",
     "Adapted",
@@ -58,6 +66,7 @@ __all__ = [
     "BatchNormMode",
     "Buffers",
     "CheckedCriterion",
+    "DeviceMixError",
     "EvalResult",
     "InnerOptimizer",
     "LossFn",
@@ -82,13 +91,17 @@ __all__ = [
     "clip_grad_norm",
     "distributed",
     "forward",
+    "fp32_precision",
+    "fp32_precision_flags",
     "initial_buffers",
     "make_loss_fn",
     "mean_results",
     "params_of",
     "params_to_channels_last",
     "safe_sqrt",
+    "set_fp32_precision",
     "split_params",
+    "strict_devices",
     "task_fault",
     "task_to_channels_last",
     "to_channels_last",

@@ -126,7 +126,8 @@ def task_fault(task: int, inner_losses: Tensor, query_loss: Tensor | None) -> No
         task: index of the task in the meta-batch.
         inner_losses: support loss before each inner step, shape ``[K]``.
         query_loss: the task's query loss or meta-objective (``None`` to check only the inner
-            losses).
+            losses); it may live on another device than ``inner_losses`` (a learner that keeps
+            its inner losses on the host and its query loss on the GPU).
 
     Returns:
         ``None`` when every loss is finite, else the error to raise (``where="inner"`` with the
@@ -134,7 +135,8 @@ def task_fault(task: int, inner_losses: Tensor, query_loss: Tensor | None) -> No
     """
     losses = inner_losses.detach().reshape(-1)
     if query_loss is not None:
-        losses = torch.cat([losses, query_loss.detach().reshape(1).to(losses.dtype)])
+        query = query_loss.detach().reshape(1)
+        losses = torch.cat([losses.to(device=query.device, dtype=query.dtype), query])
     bad = ~torch.isfinite(losses)
     if not bool(bad.any()):
         return None

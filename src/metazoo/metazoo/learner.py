@@ -139,14 +139,17 @@ def accuracy(output: Tensor, target: Tensor) -> Tensor | None:
 def mean_results(per_task: Sequence[tuple[Tensor, Tensor | None, Tensor]]
                  ) -> tuple[float, float | None, tuple[float, ...]]:
     """Reduces per-task ``(query_loss, query_accuracy, inner_losses)`` with one host transfer."""
-    losses = torch.stack([r[0].detach() for r in per_task])
-    curves = torch.stack([r[2].detach() for r in per_task])
+    # Everything is gathered on the first query loss's device: a learner may keep its inner
+    # losses on the host (CPU) while the query losses live on the GPU.
+    device = per_task[0][0].device
+    losses = torch.stack([r[0].detach().to(device) for r in per_task])
+    curves = torch.stack([r[2].detach().to(device) for r in per_task])
     accs = [r[1] for r in per_task]
     has_acc = all(a is not None for a in accs)
     summary = torch.cat([losses.mean().reshape(1),
-                         torch.stack([a.detach() for a in accs]).mean().reshape(1)  # type: ignore[union-attr]
+                         torch.stack([a.detach().to(device) for a in accs]).mean().reshape(1)  # type: ignore[union-attr]
                          if has_acc else losses.new_zeros(1),
-                         curves.mean(0)]).tolist()
+                         curves.mean(0).to(losses.dtype)]).tolist()
     return summary[0], (summary[1] if has_acc else None), tuple(summary[2:])
 
 

@@ -164,7 +164,7 @@ class WarpGrad(MetaLearner):
                 buffer.init(slot, task.support)
                 adapted, _ = self._adapt(task, self.inner_steps, slot)
                 loss, acc = self._score(adapted, task)
-                inner = torch.tensor(adapted.inner_losses, dtype=loss.dtype)
+                inner = torch.tensor(adapted.inner_losses, dtype=loss.dtype, device=loss.device)
                 fault = task_fault(index, inner, loss)
                 if fault is not None:
                     if self.on_nonfinite == "raise":
@@ -193,7 +193,8 @@ class WarpGrad(MetaLearner):
             task = self._layout(task)
             adapted = self._adapt(task, self.inner_steps if steps is None else steps, None)[0]
             loss, acc = self._score(adapted, task)
-            per_task.append((loss, acc, torch.tensor(adapted.inner_losses, dtype=loss.dtype)))
+            per_task.append((loss, acc, torch.tensor(adapted.inner_losses, dtype=loss.dtype,
+                                                     device=loss.device)))
         mean_loss, mean_acc, curve = mean_results(per_task)
         return EvalResult(mean_loss, mean_acc, curve, len(tasks), tuple(
             (float(r[0]), None if r[1] is None else float(r[1])) for r in per_task))
