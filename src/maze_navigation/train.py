@@ -30,10 +30,10 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import torch
-from agents import make_agent
-from env import NUM_ACTIONS, Maze
 from torch import Tensor, nn
 
+from agents import make_agent
+from env import NUM_ACTIONS, Maze
 from metazoo import atomic_save
 
 __all__ = [

@@ -34,14 +34,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import main
 import numpy as np
 import torch
-from oneshot import OneShotResult, evaluate_oneshot, load_runs
 from torch import nn
-from wrapper import RandomHead, build_learner, scoring_model
 
+import main
 from metazoo import MetaLearner, atomic_write_text
+from oneshot import OneShotResult, evaluate_oneshot, load_runs
+from wrapper import RandomHead, build_learner, scoring_model
 
 __all__ = ["HEAD_MODES", "ZERO_HEAD_METHODS", "LoadedModel", "default_runs_folder",
            "load_model", "main_oneshot", "make_parser", "parse_args"]

@@ -41,6 +41,7 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
+
 from data import RESIZE_MODES, TaskSampler, load_alphabets, make_split
 from episodes import (
     CHANNELS,
@@ -53,10 +54,6 @@ from episodes import (
     mean_ci,
     split_alphabets,
 )
-from metazoo.cli import UsageError, run_command, user_input
-from model import DOWNSAMPLE
-from wrapper import HEAD_POLICIES, METHODS, LearnerConfig, build_learner, score
-
 from metazoo import (
     MetaLearner,
     MetaStepResult,
@@ -66,6 +63,9 @@ from metazoo import (
     atomic_write_text,
     distributed,
 )
+from metazoo.cli import UsageError, run_command, user_input
+from model import DOWNSAMPLE
+from wrapper import HEAD_POLICIES, METHODS, LearnerConfig, build_learner, score
 
 PROTOCOLS = ("alphabet", "fewshot")
 # --bn_eval in few-shot terms -> the learners' bn_mode

@@ -5,8 +5,9 @@ import json
 import shlex
 
 import pytest
-import run
 import torch
+
+import run
 from train import TrainConfig
 
 TINY = shlex.split(

@@ -1,11 +1,12 @@
 """monitor.py: FileHandler reads runs back with the reference's attributes; plots with their
 defaults; the compare command writes a PNG."""
 
-import main
 import matplotlib
-import monitor
 import numpy as np
 import pytest
+
+import main
+import monitor
 
 matplotlib.use("Agg")
 

@@ -9,20 +9,20 @@ import subprocess
 import sys
 from pathlib import Path
 
-import evaluate_oneshot
-import main
 import numpy as np
 import pytest
 import torch
-from episodes import LabelledImages
-from oneshot import OneShotRun, load_runs
-from oneshot import evaluate_oneshot as score_runs
 from PIL import Image
 from torch import nn
-from wrapper import LearnerConfig, build_learner
 
+import evaluate_oneshot
+import main
 import metazoo
+from episodes import LabelledImages
 from metazoo import Adapted, EvalResult, MetaLearner, MetaStepResult
+from oneshot import OneShotRun, load_runs
+from oneshot import evaluate_oneshot as score_runs
+from wrapper import LearnerConfig, build_learner
 
 RUNS, WAYS = 3, 20
 
