@@ -6,10 +6,10 @@
 ``plot_val``, ``plot_test``. Each dict holds ``step``, ``loss``, ``acc``, ``loss_curve``,
 ``acc_curve`` and, where written, ``meta_loss``.
 
-Compare command (writes a PNG: validation learning curves and final test accuracy, mean and
+Compare command (writes an image: validation learning curves and final test accuracy, mean and
 standard deviation over seeds)::
 
-    python src/omniglot/monitor.py compare logs/leap/s1 logs/leap/s2 logs/no/s1 --out cmp.png
+    python src/omniglot/monitor.py compare logs/cpu_preset/*/n4_s* --out cmp.png
 
 Runs are grouped by method (the parent folder's name, ``<log_dir>/<meta_model>/<suffix>``).
 """

@@ -29,7 +29,7 @@ from typing import NoReturn
 import numpy as np
 
 from helptext import HelpFormatter
-from progress import format_duration, parse_step_line
+from progress import StepProgress, format_duration, parse_step_line
 
 MAIN = Path(__file__).resolve().with_name("main.py")
 # main.py's flags that the sweep sets for each run
@@ -143,6 +143,8 @@ class _Running:
     read_to: int = 0
     last_shown: float = field(default=float("-inf"))
     partial: str = ""
+    latest: StepProgress | None = None  # its newest progress line
+    shown: StepProgress | None = None  # the one the console shows
 
 
 def _start(run: Run, log_dir: Path, extra: Sequence[str]) -> _Running:
@@ -158,24 +160,26 @@ def _start(run: Run, log_dir: Path, extra: Sequence[str]) -> _Running:
 
 
 def _show_output(running: _Running, every: float, final: bool = False) -> None:
-    """Prints the run's newest progress line (at most one per ``every`` seconds) and every
-    estimate, warning or error line it wrote since the last call."""
+    """Prints the run's newest progress line (at most one per ``every`` seconds, and the last
+    one when the run ends) and every estimate, warning or error line it wrote since the last
+    call."""
     with open(running.out_path) as f:
         f.seek(running.read_to)
         text = running.partial + f.read()
         running.read_to = f.tell()
     lines = text.split("\n")
     running.partial = "" if final else lines.pop()  # a line still being written
-    latest = None
     for line in lines:
         progress = parse_step_line(line)
         if progress is not None:
-            latest = progress
+            running.latest = progress
         elif line.startswith(("estimated ", "warning:", "error:", "resumed ")):
             print(f"{running.run.name:>16}: {line}", flush=True)
     now = time.perf_counter()
-    if latest is not None and (final or now - running.last_shown >= every):
-        running.last_shown = now
+    latest = running.latest
+    if latest is not None and latest != running.shown and (
+            final or now - running.last_shown >= every):
+        running.last_shown, running.shown = now, latest
         print(f"{running.run.name:>16}: step {latest.step}/{latest.steps}, "
               f"{latest.seconds_per_step:.2f} s/step, eta {latest.eta}", flush=True)
 
