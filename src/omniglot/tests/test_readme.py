@@ -38,13 +38,15 @@ def _commands(readme: Path) -> list[tuple[Path, list[str]]]:
     Placeholders such as ``<other training flags>`` become one ``PLACEHOLDER`` word."""
     script = ['rec() { printf "%s\\x1f" "$PWD" "$@" >> "$REC"; printf "\\x1e" >> "$REC"; }']
     script += [f'{name}() {{ rec {name} "$@"; }}' for name in RECORDED]
+    # PATH is an empty folder: any other program is recorded as unknown, never run
+    script += ['command_not_found_handle() { rec UNKNOWN "$@"; return 127; }']
     for block in _blocks(readme, "bash"):
         script += [f'cd "{ROOT}"', re.sub(r"<[a-z][a-z ]*>", "PLACEHOLDER", block)]
     with tempfile.TemporaryDirectory() as folder:
         record = Path(folder) / "commands"
         record.write_text("")
-        result = subprocess.run(["bash", "-c", "\n".join(script)], cwd=ROOT, text=True,
-                                capture_output=True, env={"REC": str(record), "PATH": "/bin"})
+        result = subprocess.run(["/bin/bash", "-c", "\n".join(script)], cwd=ROOT, text=True,
+                                capture_output=True, env={"REC": str(record), "PATH": folder})
         assert result.returncode == 0, result.stderr
         text = record.read_text()
     out = []
@@ -98,6 +100,7 @@ def test_shell_commands_name_what_exists_with_flags_their_scripts_accept(readme,
     assert commands or readme.name == "README.md"
     for cwd, argv in commands:
         shown = " ".join(argv)
+        assert argv[0] != "UNKNOWN", f"{readme}: {shown}: add a recorder for it to this test"
         if argv[0] == "bash" or argv[0] == "./scripts/setup.sh":
             script = cwd / (argv[1] if argv[0] == "bash" else argv[0])
             assert script.is_file(), f"{readme}: {shown}: no {script}"
