@@ -6,7 +6,8 @@
 #   OMNIGLOT_SOURCE=../shared/data/omniglot bash make_omniglot.sh -d
 #
 # Options:
-#   -p              pip install the core, the algorithm packages and src/omniglot/requirements.txt
+#   -p              install the pinned torch, the core, the algorithm packages and the experiments'
+#                   requirements (scripts/setup.sh)
 #   -d              get the archives (download, or copy from --source) and extract them: the
 #                   alphabets into ROOT/omniglot, Lake et al.'s one-shot benchmark
 #                   (all_runs.zip: run01..run20) into ROOT_oneshot, beside ROOT (main.py
@@ -145,9 +146,10 @@ check_archive() { unzip_py check "$1"; }
 extract() { unzip_py extract "$1" "$2"; }
 
 if [[ $INSTALL == 1 ]]; then
-  python -m pip install --quiet -e src/metazoo -e src/maml -e src/leap -e src/warpgrad
-  python -m pip install --quiet -r src/omniglot/requirements.txt
-  echo "installed metazoo, maml, leap, warpgrad and src/omniglot/requirements.txt"
+  # setup.sh knows the order pip needs (the algorithm packages name the core by its path, and
+  # pip refuses that and an editable core in one call).
+  bash scripts/setup.sh
+  echo "installed torch, metazoo, maml, leap, warpgrad and the experiments' requirements"
 fi
 
 if [[ $DATA == 1 ]]; then

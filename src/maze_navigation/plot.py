@@ -20,6 +20,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only; no display on servers
 import matplotlib.pyplot as plt
 import numpy as np
+
 from metazoo.cli import UsageError, run_command, user_input
 
 __all__ = ["RunCurve", "load_run", "main", "moving_average", "plot_runs"]

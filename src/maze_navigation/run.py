@@ -26,9 +26,9 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from metazoo.cli import UsageError, run_command, user_input
 
 from metazoo import PRECISIONS, atomic_write_text, set_fp32_precision
+from metazoo.cli import UsageError, run_command, user_input
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 

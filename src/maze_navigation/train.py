@@ -30,10 +30,11 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import torch
+from torch import Tensor, nn
+
 from agents import make_agent
 from env import NUM_ACTIONS, Maze
 from metazoo.serialization import load_checked, save_checked
-from torch import Tensor, nn
 
 __all__ = [
     "A2CLoss",

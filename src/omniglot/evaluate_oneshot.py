@@ -34,16 +34,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import main
 import numpy as np
 import torch
+from torch import nn
+
+import main
+from metazoo import MetaLearner, atomic_write_text, fp32_precision
 from metazoo.cli import UsageError, run_command, user_input
 from metazoo.serialization import load_checked
 from oneshot import OneShotResult, evaluate_oneshot, load_runs
-from torch import nn
 from wrapper import RandomHead, build_learner, scoring_model
-
-from metazoo import MetaLearner, atomic_write_text, fp32_precision
 
 __all__ = ["HEAD_MODES", "ZERO_HEAD_METHODS", "LoadedModel", "default_runs_folder",
            "load_model", "main_oneshot", "make_parser", "parse_args"]

@@ -42,6 +42,7 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
+
 from data import RESIZE_MODES, TaskSampler, load_alphabets, make_split
 from episodes import (
     CHANNELS,
@@ -54,12 +55,7 @@ from episodes import (
     mean_ci,
     split_alphabets,
 )
-from metazoo.cli import UsageError, run_command, user_input
-from metazoo.serialization import load_checked, save_checked
-from model import DOWNSAMPLE
-from warpgrad.layers import ABLATIONS
-from wrapper import HEAD_POLICIES, METHODS, LearnerConfig, build_learner, score
-
+from helptext import HelpFormatter
 from metazoo import (
     PRECISIONS,
     MetaLearner,
@@ -70,6 +66,12 @@ from metazoo import (
     distributed,
     fp32_precision,
 )
+from metazoo.cli import UsageError, run_command, user_input
+from metazoo.serialization import load_checked, save_checked
+from model import DOWNSAMPLE
+from progress import estimate_lines, format_duration
+from warpgrad.layers import ABLATIONS
+from wrapper import HEAD_POLICIES, METHODS, LearnerConfig, build_learner, score
 
 PROTOCOLS = ("alphabet", "fewshot")
 # --bn_eval in few-shot terms -> the learners' bn_mode
@@ -183,7 +185,8 @@ def _pos_int(text: str) -> int:
 
 def make_parser() -> argparse.ArgumentParser:
     """The command line (the reference's flags keep their names and meaning)."""
-    p = argparse.ArgumentParser("Omniglot meta-learning experiment")
+    p = argparse.ArgumentParser("main.py", description="Omniglot meta-learning experiment",
+                                formatter_class=HelpFormatter)
     a = p.add_argument
     a("--root", default="data", help="folder holding the extracted Omniglot archives")
     a("--seed", type=_seed, default=8879, help="the seed: fixes the split, batches and init")
@@ -887,13 +890,20 @@ def meta_train(learner: MetaLearner, exp: ExperimentLike, run: RunState, log_dir
         if args.save_ival and (run.step % args.save_ival == 0
                                or run.step == args.meta_train_steps):
             save_checkpoint(log_dir / "checkpoint.pt", learner, run, run_flags(args))
+        rate = (time.perf_counter() - start) / (run.step - first)
+        if run.step == first + 1 < args.meta_train_steps:  # warn before hours are spent
+            param = next(learner.meta_parameters(), None)
+            estimate, *warning = estimate_lines(rate, args.meta_train_steps - first,
+                                                param is None or param.device.type == "cpu")
+            printer(estimate)
+            for line in warning:  # shown even with --log_ival 0
+                print(line, file=sys.stderr, flush=True)
         if args.log_ival and run.step % args.log_ival == 0:
-            rate = (time.perf_counter() - start) / (run.step - first)
             eta = rate * (args.meta_train_steps - run.step)
             acc_text = "nan" if result.accuracy is None else f"{result.accuracy:.3f}"
             printer(f"[step {run.step}/{args.meta_train_steps}] meta_loss "
                     f"{result.meta_loss:.4f} inner {result.inner_loss:.4f} acc {acc_text} | "
-                    f"{rate:.2f} s/step, eta {time.strftime('%H:%M:%S', time.gmtime(eta))}")
+                    f"{rate:.2f} s/step, eta {format_duration(eta)}")
 
 
 # -- entry point ------------------------------------------------------------------------------

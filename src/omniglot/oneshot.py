@@ -37,14 +37,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from data import IMAGE_SIZE, RESIZE_MODES, decode_drawing
-from episodes import LabelledImages
-from metazoo.cli import UsageError, run_command, user_input
 from torch import Tensor
-from wrapper import scoring_model
 
 import metazoo
+from data import IMAGE_SIZE, RESIZE_MODES, decode_drawing
+from episodes import LabelledImages
 from metazoo import MetaLearner, Task
+from metazoo.cli import UsageError, run_command, user_input
+from wrapper import scoring_model
 
 __all__ = ["LABELS_FILE", "OneShotResult", "OneShotRun", "RunResult", "evaluate_oneshot",
            "find_runs_folder", "load_runs", "write_runs"]

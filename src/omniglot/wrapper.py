@@ -51,7 +51,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from model import MultiHeadOmniConv, OmniConv, WarpedOmniConv, multi_head_accuracy, multi_head_loss
 from torch import Tensor, nn
 
 import leap
@@ -59,6 +58,7 @@ import maml
 import metazoo
 import warpgrad
 from metazoo import Adapted, EvalResult, MetaLearner, MetaStepResult, Task
+from model import MultiHeadOmniConv, OmniConv, WarpedOmniConv, multi_head_accuracy, multi_head_loss
 
 __all__ = ["HEAD_POLICIES", "METHODS", "FineTune", "LearnerConfig", "NoMeta", "RandomHead",
            "WarpMAML", "build_learner", "score"]

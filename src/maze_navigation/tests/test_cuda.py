@@ -12,9 +12,9 @@ import math
 
 import pytest
 import torch
-from train import TrainConfig, Trainer
 
 import metazoo
+from train import TrainConfig, Trainer
 
 TINY = {"hidden_size": 6, "batch_size": 3, "episode_length": 12, "maze_size": 7,
         "dtype": "float64", "random_episodes": 2, "meta_update_ival": 2}

@@ -3,8 +3,9 @@
 import shlex
 
 import numpy as np
-import plot
 import pytest
+
+import plot
 import run
 
 TINY = shlex.split("--hs 4 --bs 2 --eplen 8 --msize 5 --random_episodes 1 --nbiter 3")

@@ -5,8 +5,9 @@ import json
 import shlex
 
 import pytest
-import run
 import torch
+
+import run
 from metazoo.cli import UsageError
 from train import TrainConfig
 

@@ -13,15 +13,15 @@ import json
 import math
 from pathlib import Path
 
-import evaluate_oneshot
-import main
 import pytest
 import torch
-from oneshot import write_runs
 from torch.utils._pytree import tree_leaves
-from wrapper import METHODS
 
+import evaluate_oneshot
+import main
 import metazoo
+from oneshot import write_runs
+from wrapper import METHODS
 
 # ft pretrains one head per alphabet task, which the few-shot protocol does not have.
 FEWSHOT_METHODS = [m for m in METHODS if m != "ft"]

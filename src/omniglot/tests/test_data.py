@@ -4,9 +4,10 @@ augmentation."""
 import math
 from pathlib import Path
 
-import data
 import pytest
 import torch
+
+import data
 
 
 def test_find_alphabets_dedupes_and_sorts(omniglot_root):

@@ -5,13 +5,13 @@ import json
 import shutil
 from pathlib import Path
 
-import main
 import pytest
 import torch
+
+import main
+from metazoo import NonFiniteError
 from metazoo.cli import UsageError, run_command
 from metazoo.serialization import load_checked, save_checked
-
-from metazoo import NonFiniteError
 
 
 def _snapshot(folder: Path) -> dict[str, bytes]:

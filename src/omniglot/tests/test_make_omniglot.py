@@ -12,9 +12,10 @@ import zipfile
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import pytest
+
 import data
 import oneshot
-import pytest
 
 SCRIPT = Path(__file__).resolve().parents[3] / "make_omniglot.sh"
 

@@ -9,22 +9,22 @@ import subprocess
 import sys
 from pathlib import Path
 
-import evaluate_oneshot
-import main
 import numpy as np
 import pytest
 import torch
+from PIL import Image
+from torch import nn
+
+import evaluate_oneshot
+import main
+import metazoo
 from data import decode_drawing
 from episodes import LabelledImages
+from metazoo import Adapted, EvalResult, MetaLearner, MetaStepResult
 from metazoo.cli import UsageError, run_command
 from oneshot import OneShotRun, load_runs
 from oneshot import evaluate_oneshot as score_runs
-from PIL import Image
-from torch import nn
 from wrapper import LearnerConfig, build_learner
-
-import metazoo
-from metazoo import Adapted, EvalResult, MetaLearner, MetaStepResult
 
 RUNS, WAYS = 3, 20
 

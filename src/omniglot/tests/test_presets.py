@@ -2,10 +2,10 @@
 
 from types import SimpleNamespace
 
-import evaluate_oneshot
-import main
 import pytest
 
+import evaluate_oneshot
+import main
 import metazoo
 
 PAPER = {"meta_batch_size": 20, "task_batch_size": 128, "task_train_steps": 100,
