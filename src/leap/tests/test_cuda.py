@@ -16,23 +16,14 @@ from torch import nn
 
 import metazoo
 from leap import Leap, LeapLearner
-
-DTYPE = torch.float64
-
-
-def conv_net(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
-                         nn.MaxPool2d(2), nn.Flatten(), nn.Linear(4 * 4 * 4, 3)).to(DTYPE)
-
-
-def image_tasks(count: int = 2, seed: int = 1) -> list[metazoo.Task]:
-    g = torch.Generator().manual_seed(seed)
-
-    def batch(n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return torch.randn(n, 1, 8, 8, generator=g, dtype=DTYPE), torch.arange(n) % 3
-
-    return [metazoo.Task([batch(6), batch(6)], batch(6)) for _ in range(count)]
+from metazoo.testing import (
+    assert_same_meta_step,
+    image_tasks,
+    meta_step_snapshot,
+    small_conv_net,
+    strict_meta_step,
+    tasks_to,
+)
 
 
 def _leap(model: nn.Module, **options: object) -> LeapLearner:
@@ -48,25 +39,6 @@ LEARNERS: dict[str, Callable[[nn.Module], LeapLearner]] = {
     "leap_running_bn_clipped": lambda m: _leap(m, bn_mode="running", inner_grad_clip=1.0),
     "leap_channels_last": lambda m: _leap(m, channels_last=True),
 }
-
-
-def _to(tasks: list[metazoo.Task], device: str) -> list[metazoo.Task]:
-    def move(batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-        return tuple(t.to(device) for t in batch)
-
-    return [metazoo.Task([move(b) for b in t.support], move(t.query)) for t in tasks]
-
-
-def _run(name: str, device: str) -> tuple[dict[str, torch.Tensor], ...]:
-    learner = LEARNERS[name](conv_net().to(device))
-    tasks = _to(image_tasks(), device)
-    learner.meta_optimizer.zero_grad(set_to_none=True)
-    learner.meta_backward(tasks)
-    grads = {n: p.grad.cpu() for n, p in learner.named_meta_parameters() if p.grad is not None}
-    adapted = {n: p.detach().cpu() for n, p in learner.adapt(tasks[0]).params.items()}
-    learner.meta_step(tasks)
-    stepped = {n: p.detach().cpu() for n, p in learner.named_meta_parameters()}
-    return grads, adapted, stepped
 
 
 def _reference_api_step(model: nn.Module, tasks: list[metazoo.Task]) -> dict[str, torch.Tensor]:
@@ -89,17 +61,13 @@ def _reference_api_step(model: nn.Module, tasks: list[metazoo.Task]) -> dict[str
 
 @pytest.mark.parametrize("name", LEARNERS)
 def test_meta_step_never_mixes_host_and_device_tensors(name):
-    model, tasks = conv_net(), image_tasks()
-    with metazoo.strict_devices():
-        learner = LEARNERS[name](model)
-        result = learner.meta_step(tasks)
-        learner.adapt(tasks[0])
-        evaluation = learner.evaluate(tasks)
+    model = small_conv_net()
+    result, evaluation = strict_meta_step(lambda: LEARNERS[name](model), image_tasks())
     assert result.num_tasks == 2 and evaluation.num_tasks == 2
 
 
 def test_reference_api_never_mixes_host_and_device_tensors():
-    model, tasks = conv_net(), image_tasks()
+    model, tasks = small_conv_net(), image_tasks()
     with metazoo.strict_devices():
         grads = _reference_api_step(model, tasks)
     assert grads and all(torch.isfinite(g).all() for g in grads.values())
@@ -108,17 +76,15 @@ def test_reference_api_never_mixes_host_and_device_tensors():
 @pytest.mark.cuda
 @pytest.mark.parametrize("name", LEARNERS)
 def test_float64_meta_step_on_cuda_equals_cpu(name):
-    cpu, cuda = _run(name, "cpu"), _run(name, "cuda")
-    for on_cpu, on_cuda in zip(cpu, cuda):
-        assert on_cpu.keys() == on_cuda.keys() and on_cpu
-        for n in on_cpu:
-            torch.testing.assert_close(on_cuda[n], on_cpu[n], rtol=1e-10, atol=1e-10, msg=n)
+    snapshots = [meta_step_snapshot(LEARNERS[name](small_conv_net().to(device)),
+                                    tasks_to(image_tasks(), device)) for device in ("cpu", "cuda")]
+    assert_same_meta_step(snapshots[1], snapshots[0], tol=1e-10)
 
 
 @pytest.mark.cuda
 def test_float64_reference_api_on_cuda_equals_cpu():
-    cpu = _reference_api_step(conv_net(), image_tasks())
-    cuda = _reference_api_step(conv_net().to("cuda"), _to(image_tasks(), "cuda"))
+    cpu = _reference_api_step(small_conv_net(), image_tasks())
+    cuda = _reference_api_step(small_conv_net().to("cuda"), tasks_to(image_tasks(), "cuda"))
     assert cpu.keys() == cuda.keys()
     for n in cpu:
         torch.testing.assert_close(cuda[n], cpu[n], rtol=1e-10, atol=1e-10, msg=n)

@@ -16,7 +16,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import metazoo
+from metazoo.testing import (
+    assert_same_meta_step,
+    image_tasks,
+    meta_step_snapshot,
+    strict_meta_step,
+    tasks_to,
+)
 from warpgrad import DualUpdater, OptimizerParameters, ReplayBuffer, Warp, WarpGrad
 
 DTYPE = torch.float64
@@ -40,15 +46,6 @@ class WarpedConvNet(nn.Module):
 def warped_net(seed: int = 0) -> WarpedConvNet:
     torch.manual_seed(seed)
     return WarpedConvNet().to(DTYPE)
-
-
-def image_tasks(count: int = 2, seed: int = 1) -> list[metazoo.Task]:
-    g = torch.Generator().manual_seed(seed)
-
-    def batch(n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return torch.randn(n, 1, 8, 8, generator=g, dtype=DTYPE), torch.arange(n) % 3
-
-    return [metazoo.Task([batch(6), batch(6)], batch(6)) for _ in range(count)]
 
 
 def _learner(model: WarpedConvNet, *, buffer: ReplayBuffer | None = None,
@@ -77,46 +74,19 @@ LEARNERS: dict[str, Callable[[WarpedConvNet, Path], WarpGrad]] = {
 }
 
 
-def _to(tasks: list[metazoo.Task], device: str) -> list[metazoo.Task]:
-    def move(batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-        return tuple(t.to(device) for t in batch)
-
-    return [metazoo.Task([move(b) for b in t.support], move(t.query)) for t in tasks]
-
-
-def _run(name: str, device: str, folder: Path) -> tuple[dict[str, torch.Tensor], ...]:
-    """Meta-gradient of one meta-batch, the adapted parameters of its first task and the
-    meta-parameters after one meta-step, all on the CPU."""
-    learner = LEARNERS[name](warped_net().to(device), folder)
-    tasks = _to(image_tasks(), device)
-    learner.meta_optimizer.zero_grad(set_to_none=True)
-    learner.meta_backward(tasks)
-    grads = {n: p.grad.cpu() for n, p in learner.named_meta_parameters() if p.grad is not None}
-    adapted = {n: p.detach().cpu() for n, p in learner.adapt(tasks[0]).params.items()}
-    learner.meta_step(tasks)
-    stepped = {n: p.detach().cpu() for n, p in learner.named_meta_parameters()}
-    return grads, adapted, stepped
-
-
 @pytest.mark.parametrize("name", LEARNERS)
 def test_meta_step_never_mixes_host_and_device_tensors(name, tmp_path):
-    model, tasks = warped_net(), image_tasks()
-    with metazoo.strict_devices():
-        learner = LEARNERS[name](model, tmp_path)
-        result = learner.meta_step(tasks)
-        learner.adapt(tasks[0])
-        evaluation = learner.evaluate(tasks)
+    model = warped_net()
+    result, evaluation = strict_meta_step(lambda: LEARNERS[name](model, tmp_path), image_tasks())
     assert result.num_tasks == 2 and evaluation.num_tasks == 2
 
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("name", LEARNERS)
 def test_float64_meta_step_on_cuda_equals_cpu(name, tmp_path):
-    (tmp_path / "cpu").mkdir()
-    (tmp_path / "cuda").mkdir()
-    cpu = _run(name, "cpu", tmp_path / "cpu")
-    cuda = _run(name, "cuda", tmp_path / "cuda")
-    for on_cpu, on_cuda in zip(cpu, cuda):
-        assert on_cpu.keys() == on_cuda.keys() and on_cpu
-        for n in on_cpu:
-            torch.testing.assert_close(on_cuda[n], on_cpu[n], rtol=1e-10, atol=1e-10, msg=n)
+    snapshots = []
+    for device in ("cpu", "cuda"):
+        (tmp_path / device).mkdir()
+        learner = LEARNERS[name](warped_net().to(device), tmp_path / device)
+        snapshots.append(meta_step_snapshot(learner, tasks_to(image_tasks(), device)))
+    assert_same_meta_step(snapshots[1], snapshots[0], tol=1e-10)
