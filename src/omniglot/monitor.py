@@ -401,7 +401,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                  for m, v in summarize(handlers).items()}
     print(f"{'method':>10} {'test acc':>9} {'std':>7} {'runs':>5}")
     for method, (mean, dev, n) in sorted(table.items(), key=lambda kv: -kv[1][0]):
-        print(f"{method:>10} {mean:9.4f} {dev:7.4f} {n:5d}" if math.isfinite(mean) else method)
+        spread = f"{dev:7.4f}" if n > 1 else f"{'-':>7}"  # one run has no spread to show
+        print(f"{method:>10} {mean:9.4f} {spread} {n:5d}" if math.isfinite(mean) else method)
 
 
 if __name__ == "__main__":

@@ -157,3 +157,11 @@ def test_command_line_reports_bad_input_without_a_traceback(tmp_path):
                              "--out", str(tmp_path / "cmp.png")], capture_output=True, text=True)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.startswith("error: no results_*.log files")
+
+
+def test_the_printed_table_shows_no_spread_for_one_run(runs, tmp_path, capsys):
+    monitor.main(["compare", *(str(r) for r in runs if r.name == "s1"), "--out",
+                  str(tmp_path / "one.png")])
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[1:]]
+    assert sorted(row[0] for row in rows) == ["no", "reptile"]
+    assert all(row[2] == "-" and row[3] == "1" for row in rows)  # not a std of 0.0000
