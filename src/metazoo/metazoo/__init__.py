@@ -5,7 +5,7 @@ Pure functional models (``forward``, ``params_of``), differentiable inner optimi
 ``MetaLearner`` interface every algorithm implements.
 """
 
-from metazoo import cli, distributed
+from metazoo import cli, distributed, vectorize
 from metazoo.faults import (
     CheckedCriterion,
     NonFiniteError,
@@ -90,4 +90,5 @@ __all__ = [
     "task_to_channels_last",
     "to_channels_last",
     "unroll",
+    "vectorize",
 ]
