@@ -336,9 +336,8 @@ class MAML(MetaLearner):
         """Adapted and static parameters; ``meta`` replaces the model's (vectorized path)."""
         adapted: metazoo.Params = {}
         static: metazoo.Params = {}
-        for name, p in self.model.named_parameters():
-            if meta is not None and name in meta:
-                p = meta[name]
+        for name, own in self.model.named_parameters():
+            p = meta[name] if meta is not None and name in meta else own
             if self._zero_head is not None and self._zero_head(name):
                 # A fresh zero tensor per task: the head starts from zero and gets no
                 # meta-gradient, so its width may change between meta-training and testing.

@@ -46,7 +46,7 @@ Vectorize = bool | int | str
 
 
 def check_vectorize(value: Any) -> Vectorize:
-    """Validates a learner's ``vectorize`` option: ``False``, ``True``, a chunk size or ``"auto"``."""
+    """Validates a learner's ``vectorize`` option: False, True, a chunk size or "auto"."""
     if isinstance(value, bool) or value == "auto":
         return value  # type: ignore[no-any-return]
     if isinstance(value, int) and value >= 1:
