@@ -58,6 +58,8 @@ CONFIGS = {
     "first_order_meta_sgd_adam": dict(inner_optimizer=metazoo.Adam(0.05), first_order=True,
                                       learn_inner_lr="per_element", bn_mode="running"),
     "several_support_batches": dict(inner_optimizer=metazoo.SGD(0.4), bn_mode="running"),
+    "rmsprop_centered": dict(inner_optimizer=metazoo.RMSprop(0.01, momentum=0.5, centered=True),
+                             bn_mode="running"),
 }
 
 
@@ -186,6 +188,21 @@ def test_vectorized_skip_leaves_non_finite_tasks_out_exactly():
     assert_same(got, expected)
     assert_results_match(result, expected_result)
     assert all(torch.isfinite(g).all() for g in got.values())
+
+
+def test_a_users_tensor_hyperparameter_gets_the_loops_gradient():
+    """Tensors of the inner optimizer that require grad but are not MAML's meta-parameters
+    receive .grad as the loop's backward gives them."""
+    grads = []
+    for vectorize in (False, True):
+        lr = torch.tensor(0.3, dtype=DTYPE, requires_grad=True)
+        momentum = torch.tensor(0.6, dtype=DTYPE, requires_grad=True)
+        maml = learner("running_sgd", vectorize,
+                       inner_optimizer=metazoo.SGD(lr, momentum=momentum))
+        maml.meta_backward(tasks())
+        grads.append({"lr": lr.grad, "momentum": momentum.grad})
+    assert_same(grads[1], grads[0])
+    assert grads[0]["lr"].abs() > 0 and grads[0]["momentum"].abs() > 0
 
 
 def test_vectorized_gradient_accumulates_like_the_loop():
