@@ -1,19 +1,21 @@
-"""MAML's vectorized meta-batches: its per-task objective mapped over tasks (``metazoo.vectorize``).
+"""Vectorized meta-batches of this package's learners (``metazoo.vectorize``).
 
-The objective is ``MAML._task_objective`` itself, called with the meta-parameters as explicit
+MAML's objective is ``MAML._task_objective`` itself, called with the meta-parameters as explicit
 inputs (``MetaInputs``) and the ``torch.func`` unroll; ``vmap(grad_and_value(...))`` of it gives
-each task's meta-gradient inside the map, exactly the loop's.
+each task's meta-gradient inside the map, exactly the loop's. Reptile maps its adaptation
+(``Reptile._unroll`` with the ``torch.func`` unroll) and sums ``theta - phi_T``.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
+from torch.func import vmap
 
 import metazoo
 from maml._learner import score_query, summarize
@@ -21,6 +23,9 @@ from metazoo import EvalResult, MetaStepResult, Task
 
 if TYPE_CHECKING:
     from maml.maml import MAML
+    from maml.reptile import Reptile
+
+Adapt = Callable[[Task], tuple[metazoo.Params, metazoo.UnrollResult]]
 
 
 @dataclass(frozen=True)
@@ -84,17 +89,60 @@ def meta_backward(learner: MAML, tasks: Sequence[Task], chunk: int) -> MetaStepR
     return summarize(per_task, len(tasks), len(tasks) - len(kept), start)
 
 
-def evaluate(learner: MAML, tasks: Sequence[Task], steps: int, chunk: int) -> EvalResult:
-    """``MAML.evaluate`` with the tasks mapped ``chunk`` at a time."""
-    support, query = metazoo.vectorize.stack_tasks(tasks)
+def maml_adapt(learner: MAML, steps: int) -> Adapt:
+    """MAML's adaptation for ``evaluate``: the ``torch.func`` unroll from the meta-parameters."""
     meta = MetaInputs(_model_params(learner), learner.inner_optimizer)
+
+    def adapt(task: Task) -> tuple[metazoo.Params, metazoo.UnrollResult]:
+        result, static = learner._unroll(task, steps, keep_trajectory=False, meta=meta)
+        return {**static, **result.params}, result
+
+    return adapt
+
+
+def reptile_meta_backward(learner: Reptile, tasks: Sequence[Task], chunk: int
+                          ) -> MetaStepResult:
+    """``Reptile.meta_backward`` with the tasks mapped ``chunk`` at a time: the mean over the
+    finite tasks of ``theta - phi_T`` into ``.grad`` (one host transfer for the fault check)."""
+    start = time.perf_counter()
+    support, query = metazoo.vectorize.stack_tasks(tasks)
+    named = list(learner.model.named_parameters())
+    has_accuracy: list[bool] = []
+
+    def task_step(support: list[metazoo.Batch], query: metazoo.Batch
+                  ) -> tuple[list[Tensor], tuple[Tensor, tuple[Tensor, tuple[Tensor, Tensor]]]]:
+        result = learner._unroll(Task(support, query), learner.inner_steps, vectorized=True)
+        loss, acc = score_query(learner.model, learner.criterion, result.params, result.buffers,
+                                query, learner.bn_mode)
+        has_accuracy.append(acc is not None)
+        differences = [p.detach() - result.params[name] for name, p in named]
+        return differences, (loss, (result.losses, (loss, loss.new_zeros(()) if acc is None
+                                                    else acc)))
+
+    with torch.no_grad():
+        result = metazoo.vectorize.map_and_sum(vmap(task_step), [], [support, query], len(tasks),
+                                               chunk)
+    kept = metazoo.vectorize.raise_or_count_faults(result, learner.on_nonfinite)
+    if kept:
+        for (_, p), difference in zip(named, result.grads, strict=True):
+            metazoo.accumulate_grad(p, difference / len(kept))
+    losses, accuracies = result.aux
+    per_task = _per_task(losses, accuracies if all(has_accuracy) else None,
+                         result.inner_losses, kept)
+    return summarize(per_task, len(tasks), len(tasks) - len(kept), start)
+
+
+def evaluate(learner: MAML | Reptile, tasks: Sequence[Task], chunk: int, adapt: Adapt
+             ) -> EvalResult:
+    """``evaluate`` with the tasks mapped ``chunk`` at a time; ``adapt(task)`` returns the
+    adapted parameters (all of the model's) and the unroll's result, inside ``vmap``."""
+    support, query = metazoo.vectorize.stack_tasks(tasks)
     has_accuracy: list[bool] = []
 
     def score(support: list[metazoo.Batch], query: metazoo.Batch) -> tuple[Tensor, ...]:
-        result, static = learner._unroll(Task(support, query), steps, keep_trajectory=False,
-                                         meta=meta)
-        loss, acc = score_query(learner.model, learner.criterion, {**static, **result.params},
-                                result.buffers, query, learner.bn_mode)
+        params, result = adapt(Task(support, query))
+        loss, acc = score_query(learner.model, learner.criterion, params, result.buffers, query,
+                                learner.bn_mode)
         has_accuracy.append(acc is not None)
         return loss, loss.new_zeros(()) if acc is None else acc, result.losses
 

@@ -437,7 +437,7 @@ class MAML(MetaLearner):
         steps = self._steps(steps)
         chunk = metazoo.vectorize.resolve_chunk(self.vectorize, len(tasks), self._device())
         if chunk is not None:
-            return _vectorized.evaluate(self, tasks, steps, chunk)
+            return _vectorized.evaluate(self, tasks, chunk, _vectorized.maml_adapt(self, steps))
 
         def adapt(task: Task) -> tuple[metazoo.Params, metazoo.UnrollResult]:
             with torch.no_grad():

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import metazoo
-from maml import MAML
+from maml import MAML, Reptile
 
 DTYPE = torch.float64
 TASKS = 4
@@ -236,3 +236,53 @@ def test_tasks_of_different_shapes_and_bad_values_raise():
     for bad in (0, "always", 2.0):
         with pytest.raises(ValueError, match="vectorize must be False"):
             learner("batch_sgd", bad)
+
+
+# -- Reptile ------------------------------------------------------------------------------------
+
+REPTILE_CONFIGS = {
+    "batch_sgd": dict(inner_optimizer=metazoo.SGD(0.4)),
+    "running_adam_clip": dict(inner_optimizer=metazoo.Adam(0.05), bn_mode="running",
+                              inner_grad_clip=0.5),
+    "momentum": dict(inner_optimizer=metazoo.SGD(0.1, momentum=0.9)),
+}
+
+
+def reptile(config: str, vectorize=False, **overrides) -> Reptile:
+    kwargs = {"inner_steps": 3, **REPTILE_CONFIGS[config], **overrides}
+    return Reptile(model=bn_net(), criterion=F.cross_entropy, vectorize=vectorize, **kwargs)
+
+
+@pytest.mark.parametrize("config", sorted(REPTILE_CONFIGS))
+def test_reptile_vectorized_equals_the_loop(config):
+    batch = tasks(support_batches=2)
+    expected, expected_result = meta_grads(reptile(config), batch)
+    for vectorize in (True, 3):
+        got, result = meta_grads(reptile(config, vectorize), batch)
+        assert_same(got, expected)
+        assert_results_match(result, expected_result)
+    loop_eval = reptile(config).evaluate(batch, steps=2)
+    vectorized_eval = reptile(config, 2).evaluate(batch, steps=2)
+    assert vectorized_eval.loss == pytest.approx(loop_eval.loss, rel=1e-10)
+    flat = [value for row in vectorized_eval.per_task for value in row]
+    assert flat == pytest.approx([value for row in loop_eval.per_task for value in row],
+                                 rel=1e-10)
+
+
+def test_reptile_vectorized_runs_batched_skips_and_raises_like_the_loop():
+    criterion = CountingCriterion()
+    Reptile(model=bn_net(), criterion=criterion, inner_optimizer=metazoo.SGD(0.4),
+            inner_steps=3, vectorize=True).meta_backward(tasks())
+    assert criterion.calls == criterion.batched == 4  # 3 inner steps + the query, one chunk
+    bad = tasks()
+    bad[3] = metazoo.Task([(bad[3].support[0][0], bad[3].support[0][1])],
+                          (bad[3].query[0] * float("nan"), bad[3].query[1]))
+    expected, expected_result = meta_grads(reptile("batch_sgd", on_nonfinite="skip"), bad)
+    got, result = meta_grads(reptile("batch_sgd", True, on_nonfinite="skip"), bad)
+    assert result.skipped_tasks == 1
+    assert_same(got, expected)
+    assert_results_match(result, expected_result)
+    with pytest.raises(metazoo.NonFiniteError, match="task 3 of the meta-batch"):
+        reptile("batch_sgd", True).meta_backward(bad)
+    with pytest.raises(ValueError, match="vectorize=True does not support channels_last"):
+        reptile("batch_sgd", True, channels_last=True)

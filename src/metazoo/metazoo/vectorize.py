@@ -39,8 +39,9 @@ from metazoo.learner import Batch, Task
 from metazoo.optim import InnerOptimizer, OptState
 from metazoo.unroll import LossFn, UnrollResult, clip_grad_norm
 
-__all__ = ["VectorizedGradients", "check_vectorize", "functional_unroll", "map_tasks",
-           "raise_or_count_faults", "resolve_chunk", "stack_tasks", "vectorized_meta_gradients"]
+__all__ = ["VectorizedGradients", "check_vectorize", "functional_unroll", "map_and_sum",
+           "map_tasks", "raise_or_count_faults", "resolve_chunk", "stack_tasks",
+           "vectorized_meta_gradients"]
 
 Vectorize = bool | int | str
 
@@ -212,11 +213,12 @@ def map_tasks(fn: Callable[..., Any], batched: Any, num_tasks: int, chunk: int) 
 
 @dataclass(frozen=True)
 class VectorizedGradients:
-    """What ``vectorized_meta_gradients`` returns.
+    """What ``vectorized_meta_gradients`` (and ``map_and_sum``) return.
 
     Attributes:
-        grads: per input, the sum of the per-task gradients over the tasks whose losses are
-            all finite (non-finite tasks contribute nothing, not NaN).
+        grads: per input, the sum of the per-task gradients (``map_and_sum``: of the summed
+            outputs) over the tasks whose losses are all finite (non-finite tasks contribute
+            nothing, not NaN).
         objectives: each task's objective, shape ``[T]``.
         inner_losses: each task's support loss before each inner step, shape ``[T, K]``.
         aux: the rest of each task's auxiliary output, every leaf with a leading ``[T]``.
@@ -229,6 +231,39 @@ class VectorizedGradients:
     inner_losses: Tensor
     aux: Any
     finite: Tensor
+
+
+def map_and_sum(
+    mapped: Callable[..., tuple[Sequence[Tensor], tuple[Tensor, tuple[Tensor, Any]]]],
+    shared: Sequence[Any],
+    batched: Sequence[Any],
+    num_tasks: int,
+    chunk: int,
+) -> VectorizedGradients:
+    """Runs the vmapped ``mapped(*shared, *task_args)`` on ``chunk`` tasks at a time and sums
+    its first output over the finite tasks of each chunk before the next chunk.
+
+    ``mapped`` returns ``(tensors to sum [n, ...], (objectives [n], (inner_losses [n, K],
+    aux)))`` for a chunk of n tasks. No host synchronisation.
+    """
+    sums: list[Tensor] | None = None
+    objectives, inner_losses, auxes, finites = [], [], [], []
+    for rows in _chunks(num_tasks, chunk):
+        grads, (values, (inner, aux)) = mapped(*shared, *_take(list(batched), rows))
+        finite = torch.isfinite(values) & torch.isfinite(inner).all(dim=1)
+        # where, not a product: a NaN gradient times 0 is still NaN.
+        masked = [torch.where(finite.view(-1, *[1] * (g.dim() - 1)), g, 0.0).sum(0)
+                  for g in grads]
+        sums = masked if sums is None else [a + b for a, b in zip(sums, masked, strict=True)]
+        objectives.append(values.detach())
+        inner_losses.append(inner.detach())
+        auxes.append(pytree.tree_map(lambda t: t.detach(), aux))
+        finites.append(finite)
+    assert sums is not None
+    aux_leaves, specs = zip(*(pytree.tree_flatten(a) for a in auxes))
+    aux_all = pytree.tree_unflatten([torch.cat(parts) for parts in zip(*aux_leaves)], specs[0])
+    return VectorizedGradients(sums, torch.cat(objectives), torch.cat(inner_losses), aux_all,
+                               torch.cat(finites))
 
 
 def vectorized_meta_gradients(
@@ -253,27 +288,9 @@ def vectorized_meta_gradients(
         num_tasks: T.
         chunk: tasks per ``vmap`` call (T for one call).
     """
-    shared = [t.detach() for t in inputs]
     mapped = vmap(grad_and_value(objective, has_aux=True),
                   in_dims=(None, *([0] * len(batched))))
-    sums: list[Tensor] | None = None
-    objectives, inner_losses, auxes, finites = [], [], [], []
-    for rows in _chunks(num_tasks, chunk):
-        grads, (values, (inner, aux)) = mapped(shared, *_take(list(batched), rows))
-        finite = torch.isfinite(values) & torch.isfinite(inner).all(dim=1)
-        # where, not a product: a NaN gradient times 0 is still NaN.
-        masked = [torch.where(finite.view(-1, *[1] * (g.dim() - 1)), g, 0.0).sum(0)
-                  for g in grads]
-        sums = masked if sums is None else [a + b for a, b in zip(sums, masked, strict=True)]
-        objectives.append(values.detach())
-        inner_losses.append(inner.detach())
-        auxes.append(pytree.tree_map(lambda t: t.detach(), aux))
-        finites.append(finite)
-    assert sums is not None
-    aux_leaves, specs = zip(*(pytree.tree_flatten(a) for a in auxes))
-    aux_all = pytree.tree_unflatten([torch.cat(parts) for parts in zip(*aux_leaves)], specs[0])
-    return VectorizedGradients(sums, torch.cat(objectives), torch.cat(inner_losses), aux_all,
-                               torch.cat(finites))
+    return map_and_sum(mapped, [[t.detach() for t in inputs]], batched, num_tasks, chunk)
 
 
 def raise_or_count_faults(result: VectorizedGradients, on_nonfinite: str) -> list[int]:
