@@ -12,23 +12,28 @@ round) after one warm-up meta-step each:
 - ``maml_vectorized``: ``maml.MAML(vectorize=True)`` (``metazoo.vectorize``), or chunks of
   ``--chunk`` tasks.
 - ``maml_auto``: ``maml.MAML(vectorize="auto")``: the loop on a CPU, vectorized on CUDA.
+- on request (``--impls``): ``fomaml`` / ``fomaml_vectorized`` (``MAML(first_order=True)``) and
+  ``reptile`` / ``reptile_vectorized`` (``maml.Reptile``, meta-SGD step 0.1); their ratio and
+  agreement columns compare with their own loop (``fomaml``, ``reptile``).
 
 Workloads (the issue's): the MAML Omniglot net (4 x [conv3x3 ``--filters``, BatchNorm with batch
 statistics, ReLU, max-pool 2], linear head), 28x28 synthetic inputs, 5 inner SGD steps at lr 0.4,
 ``--queries`` query images per class, one Adam meta-step; ``5way``: 5-way 1-shot, 32 tasks;
 ``20way``: 20-way 1-shot, 16 tasks (``--tasks`` overrides both).
 
-Reported per implementation: the median seconds per meta-step (float32), the ratio to ``loop``,
-the peak memory of one meta-step after warm-up (``torch.cuda.max_memory_allocated`` on CUDA; on a
-CPU the peak resident set size sampled every millisecond during the step, above its level just
-before it, after ``malloc_trim``), and the
-float64 meta-gradient agreement with ``loop`` on ``--check-tasks`` tasks (max abs difference
-over the largest entry).
+Reported per implementation: the median seconds per meta-step (float32), the ratio to its
+reference (``loop``, or the own loop of FOMAML and Reptile), the peak memory of one meta-step after
+warm-up (``torch.cuda.max_memory_allocated`` on CUDA; on a CPU the peak resident set size sampled
+every millisecond during the step, above its level just before it, after ``malloc_trim``), and
+the float64 meta-gradient agreement with the reference on ``--check-tasks`` tasks (max abs
+difference over the largest entry).
 
 Usage::
 
     python benchmarks/gpu_meta_step.py --device cuda                 # the issue's sizes, a GPU
     python benchmarks/gpu_meta_step.py --device cpu --tasks 4 --repeats 3
+    python benchmarks/gpu_meta_step.py --device cuda \
+        --impls fomaml,fomaml_vectorized,reptile,reptile_vectorized
 """
 
 from __future__ import annotations
@@ -47,9 +52,13 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, grad_and_value, vmap
 
 import metazoo
-from maml import MAML
+from maml import MAML, Reptile
 
 IMPLS = ("loop", "vmap", "maml", "maml_vectorized", "maml_auto")
+EXTRA = ("fomaml", "fomaml_vectorized", "reptile", "reptile_vectorized")
+# What each implementation's ratio and agreement are against (default: the plain loop).
+REFERENCE = {"fomaml": "fomaml", "fomaml_vectorized": "fomaml", "reptile": "reptile",
+             "reptile_vectorized": "reptile"}
 WORKLOADS = {"5way": (5, 32), "20way": (20, 16)}  # ways, tasks
 INNER_STEPS, INNER_LR = 5, 0.4
 
@@ -89,14 +98,20 @@ class Impl:
     def __init__(self, name: str, net: nn.Module, chunk: int | None) -> None:
         self.name, self.net = name, net
         self.params = dict(net.named_parameters())
-        self.learner: MAML | None = None
-        if name.startswith("maml"):
-            vectorize = {"maml": False, "maml_vectorized": chunk or True,
-                         "maml_auto": "auto"}[name]
+        self.learner: MAML | Reptile | None = None
+        vectorize = (chunk or True) if name.endswith("_vectorized") else (
+            "auto" if name.endswith("_auto") else False)
+        if name.startswith(("maml", "fomaml")):
             self.learner = MAML(model=net, criterion=F.cross_entropy,
                                 inner_optimizer=metazoo.SGD(INNER_LR), inner_steps=INNER_STEPS,
+                                first_order=name.startswith("fomaml"),
                                 meta_optimizer=lambda p: torch.optim.Adam(p, lr=1e-3),
                                 vectorize=vectorize)
+            self.optimizer = self.learner.meta_optimizer
+        elif name.startswith("reptile"):
+            self.learner = Reptile(model=net, criterion=F.cross_entropy,
+                                   inner_optimizer=metazoo.SGD(INNER_LR), inner_steps=INNER_STEPS,
+                                   vectorize=vectorize)
             self.optimizer = self.learner.meta_optimizer
         else:
             self.optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
@@ -152,7 +167,8 @@ def sync(device: torch.device) -> None:
 
 def agreement(impls: list[str], ways: int, args: argparse.Namespace,
               device: torch.device) -> dict[str, float]:
-    """float64 meta-gradient of each implementation against ``loop``: max |diff| / max |loop|."""
+    """float64 meta-gradient of each implementation against its reference (``loop``, or its own
+    loop for ``*_vectorized`` of FOMAML and Reptile): max |diff| / max |reference|."""
     base = omniglot_net(ways, args.filters).to(device, torch.float64)
     data = make_tasks(ways, args.check_tasks, args.queries, device, torch.float64, seed=1)
     grads = {}
@@ -160,10 +176,13 @@ def agreement(impls: list[str], ways: int, args: argparse.Namespace,
         impl = Impl(name, copy.deepcopy(base), args.chunk)
         impl.backward(data)
         grads[name] = [impl.params[n].grad for n in impl.params]
-    reference = grads["loop"]
-    scale = max(g.abs().max().item() for g in reference)
-    return {name: max((a - b).abs().max().item() for a, b in zip(g, reference, strict=True))
-            / scale for name, g in grads.items()}
+    errors = {}
+    for name, g in grads.items():
+        reference = grads[REFERENCE.get(name, "loop")]
+        scale = max(r.abs().max().item() for r in reference)
+        errors[name] = max((a - b).abs().max().item()
+                           for a, b in zip(g, reference, strict=True)) / scale
+    return errors
 
 
 def peak_memory_cuda(impl: Impl, data: Stacked, device: torch.device) -> float:
@@ -231,16 +250,16 @@ def run_workload(workload: str, impls: list[str], args: argparse.Namespace,
             sync(device)
             times[name].append(time.perf_counter() - start)
     medians = {name: statistics.median(t) for name, t in times.items()}
-    reference = medians.get("loop")
     memory_label = "peak MiB (cuda)" if device.type == "cuda" else "peak RSS MiB"
-    print(f"| impl | median s | min-max s | ratio to loop | {memory_label} | "
-          f"float64 grad vs loop |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print(f"| impl | median s | min-max s | ratio to reference | {memory_label} | "
+          f"float64 grad vs reference | reference |")
+    print("|---|---:|---:|---:|---:|---:|---|")
     for name in impls:
-        ratio = f"{medians[name] / reference:.2f}" if reference else "-"
+        reference = REFERENCE.get(name, "loop")
+        ratio = f"{medians[name] / medians[reference]:.2f}" if reference in medians else "-"
         error = f"{errors[name]:.1e}" if name in errors else "-"
         print(f"| {name} | {medians[name]:.3f} | {min(times[name]):.3f}-{max(times[name]):.3f} "
-              f"| {ratio} | {memory[name]:.0f} | {error} |")
+              f"| {ratio} | {memory[name]:.0f} | {error} | {reference} |")
     if "maml" in medians and "maml_auto" in medians:
         print(f"\nmaml_auto / maml (vectorize='auto' against the library's loop): "
               f"{medians['maml_auto'] / medians['maml']:.2f}")
@@ -265,13 +284,17 @@ def main() -> None:
     args.chunk = args.chunk or None
     torch.set_num_threads(args.threads)
     impls = [name.strip() for name in args.impls.split(",") if name.strip()]
-    unknown = sorted(set(impls) - set(IMPLS)) + sorted(
+    unknown = sorted(set(impls) - set(IMPLS + EXTRA)) + sorted(
         set(args.workloads.split(",")) - set(WORKLOADS))
     if unknown:
-        parser.error(f"unknown implementations or workloads {unknown}; choose from {IMPLS} and "
+        parser.error(f"unknown implementations or workloads {unknown}; choose from "
+                     f"{IMPLS + EXTRA} and "
                      f"{sorted(WORKLOADS)}")
-    if args.check_tasks and "loop" not in impls:
-        impls.insert(0, "loop")
+    if args.check_tasks:
+        for name in [*impls]:
+            reference = REFERENCE.get(name, "loop")
+            if reference not in impls:
+                impls.insert(0, reference)
     device = torch.device(args.device)
     print(f"torch {torch.__version__}, {device}"
           + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else
