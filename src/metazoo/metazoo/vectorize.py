@@ -7,9 +7,9 @@ For tasks whose batches share shapes, ``vectorized_meta_gradients`` maps
 of each task's objective is taken INSIDE the map, then sums the per-task gradients. This is exact
 (the same meta-gradient as the per-task loop; float64 tests to 1e-10). The tempting other order,
 ``vmap`` of the objective followed by an ordinary ``.backward()``, is wrong when BatchNorm uses
-batch statistics (0.115 relative error measured; a limit of BatchNorm's batching rule), and so is
-the loop's ``unroll`` (``torch.autograd.grad`` on ``requires_grad_()`` leaves) under these
-transforms, which ``torch.func`` does not support.
+batch statistics (0.115 relative error measured; a limit of BatchNorm's batching rule). The loop's
+``unroll`` is not used inside the map either: it makes leaves with ``requires_grad_()``, which
+``torch.func`` transforms refuse (first-order steps, zero-initialised heads).
 
 Inside the map the inner loop is ``functional_unroll``: the steps of ``metazoo.unroll`` with the
 inner gradient taken by ``torch.func.grad`` (second order: nested transforms; first order: on
