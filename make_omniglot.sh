@@ -6,7 +6,8 @@
 #   OMNIGLOT_SOURCE=../shared/data/omniglot bash make_omniglot.sh -d
 #
 # Options:
-#   -p              pip install the core, the algorithm packages and src/omniglot/requirements.txt
+#   -p              install the pinned torch, the core, the algorithm packages and the experiments'
+#                   requirements (scripts/setup.sh)
 #   -d              get the archives (download, or copy from --source) and extract them: the
 #                   alphabets into ROOT/omniglot, Lake et al.'s one-shot benchmark
 #                   (all_runs.zip: run01..run20) into ROOT_oneshot, beside ROOT (main.py
@@ -19,10 +20,12 @@
 #   --root DIR      where the data go (env OMNIGLOT_ROOT, default data; main.py --root)
 #   --log_dir DIR   log folder (env OMNIGLOT_LOG_DIR, default logs; main.py --log_dir)
 #
-# Checksums: a SHA256SUMS file next to the archives (in --source, or downloaded into the
-# archive folder by you: ROOT/omniglot, ROOT_oneshot) is verified for every archive
-# it lists; the two small archives that ship on our machines are also pinned below. Archives
-# neither pinned nor listed are used with a warning that they were not verified.
+# Checksums: the two small archives that ship on our machines are pinned below, and nothing
+# overrides a pinned checksum. Other archives are verified against a SHA256SUMS file next to
+# them (in --source, or downloaded into the archive folder by you: ROOT/omniglot,
+# ROOT_oneshot) when it lists them, else used with a warning that they were not verified.
+# Every archive is verified and checked (a readable zip, safe entry names, no links, at most
+# OMNIGLOT_MAX_EXTRACT_MB megabytes unpacked, default 2048) before any is extracted.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -40,7 +43,7 @@ LOG_DIR=${OMNIGLOT_LOG_DIR:-logs}
 INSTALL=0 DATA=0 LOGS=0
 
 usage() { sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
-die() { echo "make_omniglot.sh: $*" >&2; exit 1; }
+die() { echo "make_omniglot.sh: $*" >&2; exit 2; }  # one line naming what and the fix
 
 while [[ $# -gt 0 ]]; do
   case $1 in
@@ -73,43 +76,80 @@ print(h.hexdigest())
 EOF
 }
 
-verify() {  # verify ARCHIVE [SUMS_FILE]
-  local file=$1 sums=${2:-} name expected="" actual
+verify() {  # verify ARCHIVE [SUMS_FILE]: a pinned checksum wins over any SHA256SUMS entry
+  local file=$1 sums=${2:-} name expected listed="" from actual
   name=$(basename "$file")
   if [[ -n $sums && -f $sums ]]; then
-    expected=$(awk -v n="$name" '$2 == n || $2 == "*"n {print $1}' "$sums")
+    listed=$(awk -v n="$name" '$2 == n || $2 == "*"n {print $1; exit}' "$sums")
   fi
-  [[ -z $expected ]] && expected=${PINNED[$name]:-}
+  expected=${PINNED[$name]:-} from="pinned in make_omniglot.sh, which no SHA256SUMS overrides"
+  [[ -z $expected ]] && expected=$listed from="listed in $sums"
   if [[ -z $expected ]]; then
     echo "warning: no checksum known for $name (no SHA256SUMS entry, not pinned): not verified" >&2
     return 0
   fi
   actual=$(sha256 "$file")
-  [[ $actual == "$expected" ]] || die "checksum mismatch for $file: got $actual, expected $expected"
+  [[ $actual == "$expected" ]] || die "checksum mismatch for $file: got $actual, expected $expected ($from); get the official archive again"
+  if [[ -n $listed && $listed != "$expected" ]]; then
+    echo "warning: $sums lists another checksum for $name than the pinned one, which it matches" >&2
+  fi
   echo "verified $name (sha256 $actual)"
 }
 
-extract() {  # extract ARCHIVE DEST: refuses absolute paths and '..' entries
-  python - "$1" "$2" <<'EOF'
-import os, sys, zipfile
-archive, dest = sys.argv[1], os.path.realpath(sys.argv[2])
-with zipfile.ZipFile(archive) as z:
-    for info in z.infolist():
+unzip_py() {  # unzip_py check|extract ARCHIVE [DEST]: one error line and exit 2 on a bad archive
+  python - "$@" <<'EOF'
+import os, stat, sys, zipfile
+mode, archive = sys.argv[1], sys.argv[2]
+dest = os.path.realpath(sys.argv[3] if len(sys.argv) > 3 else ".")
+limit_mb = int(os.environ.get("OMNIGLOT_MAX_EXTRACT_MB") or 2048)
+def fail(message):
+    print(f"make_omniglot.sh: {message}", file=sys.stderr)
+    sys.exit(2)
+try:
+    z = zipfile.ZipFile(archive)
+except (zipfile.BadZipFile, OSError) as err:
+    fail(f"{archive} is not a readable zip archive ({err}); get the official archive again")
+with z:
+    infos = z.infolist()
+    files = {i.filename for i in infos if not i.is_dir()}
+    for info in infos:
         name = info.filename
         parts = name.replace("\\", "/").split("/")
         target = os.path.realpath(os.path.join(dest, name))
         if name.startswith(("/", "\\")) or ".." in parts or (len(name) > 1 and name[1] == ":") \
                 or not (target == dest or target.startswith(dest + os.sep)):
-            sys.exit(f"refusing unsafe archive entry {name!r} in {archive}")
-    z.extractall(dest)
-print(f"extracted {archive} -> {dest}")
+            fail(f"refusing unsafe archive entry {name!r} in {archive}")
+        if stat.S_ISLNK(info.external_attr >> 16):
+            fail(f"refusing link entry {name!r} in {archive}: Omniglot archives hold files only")
+        if any("/".join(parts[:k]) in files for k in range(1, len(parts))):
+            fail(f"refusing archive entry {name!r} in {archive}: it lies under a file entry")
+    total = sum(i.file_size for i in infos)
+    if total > limit_mb * 2**20:
+        fail(f"{archive} would unpack to {total / 2**20:.0f} MB, more than the limit of "
+             f"{limit_mb} MB; not an Omniglot archive (raise OMNIGLOT_MAX_EXTRACT_MB if it is)")
+    try:
+        bad = z.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, NotImplementedError) as err:
+        bad = f"? ({err})"
+    if bad is not None:
+        fail(f"{archive} is corrupt (entry {bad} fails its check); get the official archive "
+             "again")
+    if mode == "extract":
+        try:
+            z.extractall(dest)
+        except OSError as err:
+            fail(f"cannot extract {archive} into {dest}: {err}")
+        print(f"extracted {archive} -> {dest}")
 EOF
 }
+check_archive() { unzip_py check "$1"; }
+extract() { unzip_py extract "$1" "$2"; }
 
 if [[ $INSTALL == 1 ]]; then
-  python -m pip install --quiet -e src/metazoo -e src/maml -e src/leap -e src/warpgrad
-  python -m pip install --quiet -r src/omniglot/requirements.txt
-  echo "installed metazoo, maml, leap, warpgrad and src/omniglot/requirements.txt"
+  # setup.sh knows the order pip needs (the algorithm packages name the core by its path, and
+  # pip refuses that and an editable core in one call).
+  bash scripts/setup.sh
+  echo "installed torch, metazoo, maml, leap, warpgrad and the experiments' requirements"
 fi
 
 if [[ $DATA == 1 ]]; then
@@ -123,8 +163,15 @@ if [[ $DATA == 1 ]]; then
     done
     shopt -u nullglob
     [[ ${#zips[@]} -gt 0 ]] || die "no Omniglot alphabet .zip archives in $SOURCE"
-    for z in "${zips[@]}"; do
+    for z in "${zips[@]}"; do  # every archive checked before any is extracted
       verify "$z" "$SOURCE/SHA256SUMS"
+      check_archive "$z"
+    done
+    if [[ -f $SOURCE/$ONESHOT ]]; then
+      verify "$SOURCE/$ONESHOT" "$SOURCE/SHA256SUMS"
+      check_archive "$SOURCE/$ONESHOT"
+    fi
+    for z in "${zips[@]}"; do
       extract "$z" "$ROOT/omniglot"
     done
   else
@@ -141,7 +188,10 @@ or set OMNIGLOT_SOURCE=../shared/data/omniglot (any folder of Omniglot .zip arch
         mv "$dest.part" "$dest"
       fi
       verify "$dest" "$ROOT/omniglot/SHA256SUMS"
-      extract "$dest" "$ROOT/omniglot"
+      check_archive "$dest"
+    done
+    for name in "${ARCHIVES[@]}"; do
+      extract "$ROOT/omniglot/$name" "$ROOT/omniglot"
     done
   fi
   echo "data in $ROOT/omniglot (main.py --root $ROOT)"
@@ -150,17 +200,12 @@ or set OMNIGLOT_SOURCE=../shared/data/omniglot (any folder of Omniglot .zip arch
   # walks all of $ROOT (main.py --root) and would take each runNN/ for an alphabet.
   ONESHOT_DIR=${ROOT%/}_oneshot
   oneshot_note() {
-    echo "note: the one-shot benchmark data ($ONESHOT, Lake et al. 2015) was NOT installed: $1.
-  The alphabets are installed; only src/omniglot/evaluate_oneshot.py needs the benchmark. To get
-  it, download $URL/one-shot-classification/$ONESHOT
-  (github.com/brendenlake/omniglot, python/one-shot-classification/) into the --source folder
-  and re-run with --source, or re-run bash make_omniglot.sh -d with network access." >&2
+    echo "note: the one-shot benchmark data ($ONESHOT, Lake et al. 2015) was NOT installed ($1); only evaluate_oneshot.py needs it: put $URL/one-shot-classification/$ONESHOT into the --source folder, or re-run with network access" >&2
   }
   oneshot_zip=""
   if [[ -n $SOURCE ]]; then
     if [[ -f $SOURCE/$ONESHOT ]]; then
-      oneshot_zip=$SOURCE/$ONESHOT
-      verify "$oneshot_zip" "$SOURCE/SHA256SUMS"
+      oneshot_zip=$SOURCE/$ONESHOT  # verified and checked above, with the alphabets
     else
       oneshot_note "there is no $ONESHOT in $SOURCE"
     fi
@@ -181,6 +226,7 @@ or set OMNIGLOT_SOURCE=../shared/data/omniglot (any folder of Omniglot .zip arch
     if [[ -f $dest ]]; then
       oneshot_zip=$dest
       verify "$oneshot_zip" "$ONESHOT_DIR/SHA256SUMS"
+      check_archive "$oneshot_zip"
     fi
   fi
   if [[ -n $oneshot_zip ]]; then

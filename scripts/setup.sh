@@ -5,9 +5,12 @@ cd "$(dirname "$0")/.."
 requirements=requirements.txt
 [[ "${1:-}" == "--dev" ]] && requirements=requirements-dev.txt
 python -m pip install --quiet -r "$requirements"
-# One pip call: the algorithm packages depend on the core "metazoo", which is on no registry,
-# so pip must see the local core in the same resolution.
-python -m pip install --quiet -e src/metazoo -e src/maml -e src/leap -e src/warpgrad
+# The algorithm packages name the core by its path ("metazoo @ file:///.../src/metazoo"), so the
+# first call installs it, with every dependency, as a regular package. pip refuses that core and
+# an editable one in the same call (ResolutionImpossible), so the editable core replaces it in a
+# second call; its dependencies are installed by then.
+python -m pip install --quiet -e src/maml -e src/leap -e src/warpgrad
+python -m pip install --quiet --no-deps -e src/metazoo
 for experiment in src/omniglot src/maze_navigation; do
   [[ -f "$experiment/requirements.txt" ]] && python -m pip install --quiet -r "$experiment/requirements.txt"
 done

@@ -28,8 +28,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from env import NUM_ACTIONS, OBS_SIZE
 from torch import Tensor, nn
+
+from env import NUM_ACTIONS, OBS_SIZE
 
 __all__ = [
     "AGENTS",

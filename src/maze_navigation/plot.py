@@ -21,6 +21,8 @@ matplotlib.use("Agg")  # files only; no display on servers
 import matplotlib.pyplot as plt
 import numpy as np
 
+from metazoo.cli import UsageError, run_command, user_input
+
 __all__ = ["RunCurve", "load_run", "main", "moving_average", "plot_runs"]
 
 _COLOURS = {"warp": "tab:blue", "lstm": "tab:orange"}
@@ -39,27 +41,42 @@ class RunCurve:
 def load_run(folder: str | Path) -> RunCurve:
     """Read ``rewards.csv`` and the config from ``summary.json`` or ``checkpoint.pt``.
 
+    Only complete lines are read: a run still writing may have a torn last line.
+
     Raises:
-        ValueError: if the folder holds no ``rewards.csv``.
+        ValueError: if the folder is not a run folder written by ``run.py`` (no or an
+            unreadable ``rewards.csv``, neither ``summary.json`` nor ``checkpoint.pt``).
     """
     folder = Path(folder)
     csv_path = folder / "rewards.csv"
-    if not csv_path.exists():
+    if not csv_path.is_file():
         raise ValueError(f"run folder {folder} has no rewards.csv; pass folders written by run.py")
-    with csv_path.open(newline="") as f:
-        rewards = np.array([float(r["mean_reward"]) for r in csv.DictReader(f)])
-    summary_path = folder / "summary.json"
-    if summary_path.exists():
-        summary = json.loads(summary_path.read_text())
-        config, random_reward = summary["config"], summary["random_policy_reward"]
-    else:  # a run still in progress: read what its checkpoint knows
-        import torch
+    lines = [line for line in csv_path.read_text().splitlines(keepends=True)
+             if line.endswith("\n")]
+    try:
+        rewards = np.array([float(r["mean_reward"]) for r in csv.DictReader(lines)])
+    except (KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"{csv_path} is not a rewards log written by run.py ({err!r}); pass "
+                         "folders written by run.py") from None
+    summary_path, ckpt_path = folder / "summary.json", folder / "checkpoint.pt"
+    try:
+        if summary_path.exists():
+            summary = json.loads(summary_path.read_text())
+            config, random_reward = summary["config"], summary["random_policy_reward"]
+        elif ckpt_path.exists():  # a run still in progress: read what its checkpoint knows
+            from train import load_checkpoint
 
-        state = torch.load(folder / "checkpoint.pt", map_location="cpu", weights_only=True)
-        config, random_reward = state["config"], state["random_reward"]
+            state = load_checkpoint(ckpt_path)
+            config, random_reward = state["config"], state["random_reward"]
+        else:
+            raise ValueError("neither summary.json nor checkpoint.pt is there")
+        agent, seed = config["agent"], int(config["seed"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"run folder {folder}: cannot read its agent and seed ({err}); pass "
+                         "folders written by run.py") from None
     return RunCurve(
-        agent=config["agent"],
-        seed=int(config["seed"]),
+        agent=agent,
+        seed=seed,
         rewards=rewards,
         random_reward=random_reward,
     )
@@ -106,14 +123,31 @@ def plot_runs(runs: list[RunCurve], out: str | Path, *, window: int = 50) -> Pat
 
 
 def main(argv: list[str] | None = None) -> Path:
-    """Command line: run folders, ``--out`` PNG path, ``--window``."""
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    """Command line: run folders, ``--out`` PNG path, ``--window``.
+
+    Bad input (a folder that is not a run, a window < 1, an ``--out`` that cannot be written)
+    raises ``UsageError`` before the figure is written.
+    """
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("runs", nargs="+", type=Path, help="run folders written by run.py")
-    p.add_argument("--out", type=Path, default=Path("maze_rewards.png"))
+    p.add_argument("--out", type=Path, default=Path("maze_rewards.png"),
+                   help="PNG file to write")
     p.add_argument("--window", type=int, default=50, help="moving-average window (episodes)")
     args = p.parse_args(argv)
-    return plot_runs([load_run(r) for r in args.runs], args.out, window=args.window)
+    if args.window < 1:
+        raise UsageError(f"--window {args.window}: must be >= 1 (episodes)")
+    if args.out.is_dir():
+        raise UsageError(f"--out {args.out} is a folder; pass a file name, e.g. --out "
+                         f"{args.out / 'maze_rewards.png'}")
+    with user_input():
+        runs = [load_run(r) for r in args.runs]
+    try:
+        return plot_runs(runs, args.out, window=args.window)
+    except OSError as err:
+        raise UsageError(f"--out {args.out}: cannot write it ({err.strerror or err}); pass "
+                         "a writable path") from None
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

@@ -27,11 +27,13 @@ from pathlib import Path
 
 import torch
 
-from metazoo import atomic_write_text
+from metazoo import PRECISIONS, atomic_write_text, set_fp32_precision
+from metazoo.cli import UsageError, run_command, user_input
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from train import (
+    ConfigError,
     TrainConfig,
     Trainer,
     last_fraction_mean,
@@ -44,6 +46,9 @@ logger = logging.getLogger("maze_navigation")
 CSV_FIELDS = ("episode", "mean_reward", "loss", "meta_update")
 
 
+DEFAULT_OUT = Path("logs/maze_navigation/<agent>_seed<seed>")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Command-line options; defaults are those of ``TrainConfig``."""
     d = TrainConfig()
@@ -51,57 +56,80 @@ def build_parser() -> argparse.ArgumentParser:
         description="A2C on the Miconi grid maze with a warped recurrent or a plain LSTM agent.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--agent", choices=("warp", "lstm"), default=d.agent)
-    p.add_argument("--seed", "--rngseed", type=int, default=d.seed, dest="seed")
-    p.add_argument("--reward", "--rew", type=float, default=d.reward, dest="reward")
-    p.add_argument(
-        "--wall_penalty", "--wp", type=float, default=d.wall_penalty, dest="wall_penalty"
-    )
-    p.add_argument(
-        "--concentration",
-        "--bent",
-        type=float,
-        default=d.concentration,
-        dest="concentration",
-        help="policy concentration penalty (coefficient of sum pi^2)",
-    )
-    p.add_argument("--value_coef", "--blossv", type=float, default=d.value_coef, dest="value_coef")
-    p.add_argument("--maze_size", "--msize", type=int, default=d.maze_size, dest="maze_size")
-    p.add_argument("--discount", "--gr", type=float, default=d.discount, dest="discount")
-    p.add_argument("--grad_clip", "--gc", type=float, default=d.grad_clip, dest="grad_clip")
-    p.add_argument(
-        "--episode_length", "--eplen", type=int, default=d.episode_length, dest="episode_length"
-    )
-    p.add_argument("--hidden_size", "--hs", type=int, default=d.hidden_size, dest="hidden_size")
-    p.add_argument("--batch_size", "--bs", type=int, default=d.batch_size, dest="batch_size")
-    p.add_argument(
-        "--num_episodes", "--nbiter", type=int, default=d.num_episodes, dest="num_episodes"
-    )
-    p.add_argument("--save_every", type=int, default=100, help="episodes between checkpoints")
-    p.add_argument(
-        "--print_every",
-        "--pe",
-        type=int,
-        default=50,
-        dest="print_every",
-        help="episodes between progress lines",
-    )
-    p.add_argument("--learning_rate", type=float, default=d.learning_rate)
-    p.add_argument("--meta_learning_rate", type=float, default=d.meta_learning_rate)
-    p.add_argument("--meta_update_ival", type=int, default=d.meta_update_ival)
-    p.add_argument("--burn_in", type=int, default=d.burn_in)
-    p.add_argument("--random_episodes", type=int, default=d.random_episodes)
-    p.add_argument("--dtype", choices=("float32", "float64"), default=d.dtype)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
-    p.add_argument("--out", type=Path, default=None, help="run folder")
-    p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
+    a = p.add_argument
+    a("--agent", choices=("warp", "lstm"), default=d.agent,
+      help="warp: warped recurrent network (WarpGrad); lstm: plain LSTM baseline")
+    a("--seed", "--rngseed", type=int, default=d.seed, dest="seed",
+      help="seed of the initialisation, the mazes and the sampled actions")
+    a("--reward", "--rew", type=float, default=d.reward, dest="reward",
+      help="reward for reaching the reward cell")
+    a("--wall_penalty", "--wp", type=float, default=d.wall_penalty, dest="wall_penalty",
+      help="cost of bumping into a wall (>= 0)")
+    a("--concentration", "--bent", type=float, default=d.concentration, dest="concentration",
+      help="policy concentration penalty (coefficient of sum pi^2)")
+    a("--value_coef", "--blossv", type=float, default=d.value_coef, dest="value_coef",
+      help="coefficient of the value loss")
+    a("--maze_size", "--msize", type=int, default=d.maze_size, dest="maze_size",
+      help="side of the maze (odd, >= 5)")
+    a("--discount", "--gr", type=float, default=d.discount, dest="discount",
+      help="discount factor gamma, in [0, 1]")
+    a("--grad_clip", "--gc", type=float, default=d.grad_clip, dest="grad_clip",
+      help="maximum gradient norm of each optimizer's parameters")
+    a("--episode_length", "--eplen", type=int, default=d.episode_length, dest="episode_length",
+      help="steps per episode")
+    a("--hidden_size", "--hs", type=int, default=d.hidden_size, dest="hidden_size",
+      help="size of the recurrent cell")
+    a("--batch_size", "--bs", type=int, default=d.batch_size, dest="batch_size",
+      help="mazes per episode, stepped together")
+    a("--num_episodes", "--nbiter", type=int, default=d.num_episodes, dest="num_episodes",
+      help="training episodes (a --resume may raise it to extend a run)")
+    a("--save_every", type=int, default=100, help="episodes between checkpoints")
+    a("--print_every", "--pe", type=int, default=50, dest="print_every",
+      help="episodes between progress lines")
+    a("--learning_rate", type=float, default=d.learning_rate,
+      help="Adam step size of the adaptable parameters (every episode)")
+    a("--meta_learning_rate", type=float, default=d.meta_learning_rate,
+      help="Adam step size of the warp parameters")
+    a("--meta_update_ival", type=int, default=d.meta_update_ival,
+      help="episodes between warp updates")
+    a("--burn_in", type=int, default=d.burn_in,
+      help="initial episodes during which the warp parameters do not learn")
+    a("--random_episodes", type=int, default=d.random_episodes,
+      help="episodes of a uniformly random policy measured as the baseline")
+    a("--dtype", choices=("float32", "float64"), default=d.dtype, help="floating-point type")
+    a("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
+    a("--precision", choices=PRECISIONS, default="exact",
+      help="float32 on a GPU: exact (TF32 off) or tf32 (TF32 matmuls and RNNs: faster, less "
+           "exact); no effect on CPUs")
+    a("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
+    a("--out", type=Path, default=DEFAULT_OUT, help="run folder")
+    a("--resume", action="store_true",
+      help="continue from <out>/checkpoint.pt (the same options; --num_episodes, "
+           "--save_every, --print_every, --threads and --device may change)")
     return p
 
 
 def _config(args: argparse.Namespace) -> TrainConfig:
     keys = TrainConfig.__dataclass_fields__
     return TrainConfig(**{k: v for k, v in vars(args).items() if k in keys})
+
+
+def _flag(parser: argparse.ArgumentParser, dest: str) -> str:
+    """``--hidden_size (--hs)``: the option strings of ``dest``."""
+    for action in parser._actions:
+        if action.dest == dest and action.option_strings:
+            first, *aliases = action.option_strings
+            return f"{first} ({', '.join(aliases)})" if aliases else first
+    return dest
+
+
+def _usage_config(parser: argparse.ArgumentParser, args: argparse.Namespace) -> TrainConfig:
+    """The ``TrainConfig`` of the flags; a bad value is a ``UsageError`` naming its flag."""
+    try:
+        return _config(args)
+    except ConfigError as err:
+        raise UsageError(f"{_flag(parser, err.field)} {err.value!r}: {err.requirement}"
+                         ) from None
 
 
 def _read_rewards(path: Path, upto: int) -> list[dict[str, str]]:
@@ -117,27 +145,62 @@ def _read_rewards(path: Path, upto: int) -> list[dict[str, str]]:
     return [row for row in csv.DictReader(complete) if int(row["episode"]) < upto]
 
 
+RUN_FILES = ("checkpoint.pt", "rewards.csv", "summary.json")
+
+
 def main(argv: list[str] | None = None) -> dict:
-    """Run training; returns the summary written to ``summary.json``."""
-    args = build_parser().parse_args(argv)
+    """Run training; returns the summary written to ``summary.json``.
+
+    Bad input (a value, a run folder that does not fit the flags) raises ``UsageError`` before
+    anything is written; ``run_command`` turns it into one ``error:`` line and exit code 2.
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
     for name in ("save_every", "print_every"):
         if getattr(args, name) < 1:
-            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
+            raise UsageError(f"{_flag(parser, name)} {getattr(args, name)}: must be >= 1")
+    if args.threads < 0:
+        raise UsageError(f"--threads {args.threads}: must be >= 0 (0: torch's default)")
+    config = _usage_config(parser, args)
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as err:
+        raise UsageError(f"--device {args.device!r}: {err}; e.g. --device cpu") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {args.device}: CUDA is not available here; use --device cpu")
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    config = _config(args)
-    out = args.out or Path("logs/maze_navigation") / f"{config.agent}_seed{config.seed}"
-    out.mkdir(parents=True, exist_ok=True)
+    set_fp32_precision(args.precision)  # for the process: main() is the command
+    out = args.out
+    if out == DEFAULT_OUT:
+        out = Path("logs/maze_navigation") / f"{config.agent}_seed{config.seed}"
     ckpt_path, csv_path = out / "checkpoint.pt", out / "rewards.csv"
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file; pass a folder for the run")
+    own = [name for name in RUN_FILES if (out / name).exists()]
+    if args.resume and not ckpt_path.exists() and own:
+        raise UsageError(f"--resume: {out} has no checkpoint.pt to continue from (it holds "
+                         f"{', '.join(own)}); nothing was changed. Choose another --out to "
+                         "start a new run")
+    if not args.resume and own:
+        raise UsageError(f"--out {out} already holds a run ({', '.join(own)}); pass --resume to "
+                         "continue it or choose another --out")
 
-    trainer = Trainer(config=config, device=args.device)
-    if ckpt_path.exists() and not args.resume:
-        raise RuntimeError(
-            f"{ckpt_path} exists; pass --resume to continue that run or choose another --out"
-        )
+    with user_input():
+        trainer = Trainer(config=config, device=device)
     if args.resume and ckpt_path.exists():
-        trainer.load_state_dict(load_checkpoint(ckpt_path))
+        # Checked (checksum, the same options) before anything is rewritten.
+        with user_input():
+            try:
+                trainer.load_state_dict(load_checkpoint(ckpt_path))
+            except ValueError as err:
+                raise ValueError(f"--resume {ckpt_path}: {err}") from None
         logger.info("resumed %s at episode %d", ckpt_path, trainer.episode)
+        for path in out.iterdir():  # what a killed run left of its atomic writes, and only that
+            if any(path.name.startswith(f".{name}.") for name in RUN_FILES) and \
+                    path.name.endswith(".tmp") and path.is_file():
+                path.unlink()
+    out.mkdir(parents=True, exist_ok=True)
     # Episodes logged after the checkpoint are replayed identically, so drop them.
     # The rewrite is atomic: a kill during it must not lose the rows before the checkpoint.
     rows = _read_rewards(csv_path, trainer.episode)
@@ -210,4 +273,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
-    main()
+    run_command(main)

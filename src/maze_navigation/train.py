@@ -30,14 +30,15 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import torch
-from agents import make_agent
-from env import NUM_ACTIONS, Maze
 from torch import Tensor, nn
 
-from metazoo import atomic_save
+from agents import make_agent
+from env import NUM_ACTIONS, Maze
+from metazoo.serialization import load_checked, save_checked
 
 __all__ = [
     "A2CLoss",
+    "ConfigError",
     "EpisodeResult",
     "Rollout",
     "TrainConfig",
@@ -109,24 +110,43 @@ class TrainConfig:
         )
         for name in positive:
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            if not _is_int(value) or value < 1:
+                raise ConfigError(name, value, "a positive integer")
         for name in ("num_episodes", "burn_in"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 0:
-                raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+            if not _is_int(value) or value < 0:
+                raise ConfigError(name, value, "a non-negative integer")
+        if not _is_int(self.seed) or not 0 <= self.seed < 2**63 - 2:
+            raise ConfigError("seed", self.seed, f"an integer from 0 to {2**63 - 3}")
+        if not _is_int(self.maze_size) or self.maze_size < 5 or self.maze_size % 2 == 0:
+            raise ConfigError("maze_size", self.maze_size, "an odd integer >= 5, e.g. 13")
         if not 0.0 <= self.discount <= 1.0:
-            raise ValueError(f"discount must lie in [0, 1], got {self.discount!r}")
+            raise ConfigError("discount", self.discount, "[0, 1]", verb="lie in")
         for name in ("grad_clip", "learning_rate", "meta_learning_rate"):
             value = getattr(self, name)
-            if not value > 0:
-                raise ValueError(f"{name} must be > 0, got {value!r}")
+            if not (value > 0 and math.isfinite(value)):
+                raise ConfigError(name, value, "> 0 (and finite)")
         for name in ("concentration", "value_coef", "wall_penalty"):
             value = getattr(self, name)
-            if value < 0:
-                raise ValueError(f"{name} must be >= 0, got {value!r}")
+            if not (value >= 0 and math.isfinite(value)):
+                raise ConfigError(name, value, ">= 0 (and finite)")
+        if not math.isfinite(self.reward):
+            raise ConfigError("reward", self.reward, "a finite number")
         if self.dtype not in _DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
+            raise ConfigError("dtype", self.dtype, f"one of {sorted(_DTYPES)}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+class ConfigError(ValueError):
+    """An invalid ``TrainConfig`` value; ``field`` names it (the command line maps it to its
+    flag)."""
+
+    def __init__(self, field: str, value: Any, rule: str, *, verb: str = "be") -> None:
+        self.field, self.value, self.requirement = field, value, f"must {verb} {rule}"
+        super().__init__(f"{field} {self.requirement}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -378,6 +398,8 @@ class Trainer:
             "warp_count": self.warp_count,
             "episode": self.episode,
             "meta_updates": self.meta_updates,
+            # Generator states are device-specific (the generators live on ``self.device``).
+            "rng_device": self.device.type,
             "env_rng": self.env_generator.get_state(),
             "action_rng": self.action_generator.get_state(),
             "random_reward": self.random_reward,
@@ -399,6 +421,13 @@ class Trainer:
             raise ValueError(
                 f"checkpoint was written with a different config {diff} (stored, requested); "
                 "resume with the same options or start a fresh run folder"
+            )
+        stored_device = state.get("rng_device", self.device.type)
+        if stored_device != self.device.type:
+            raise ValueError(
+                f"checkpoint was written on {stored_device} and its random streams are "
+                f"{stored_device} generator states, which cannot continue on "
+                f"{self.device.type}; resume with --device {stored_device}"
             )
         self.agent.load_state_dict(state["agent"])
         self.adapt_optimizer.load_state_dict(state["adapt_optimizer"])
@@ -422,16 +451,21 @@ def config_from_dict(values: dict[str, Any]) -> TrainConfig:
 
 
 def save_checkpoint(state: dict[str, Any], path: str | os.PathLike[str]) -> None:
-    """Write a state dict atomically: a temporary file in the same folder, then ``os.replace``.
+    """Write a state dict atomically (a temporary file in the same folder, then
+    ``os.replace``) with a checksum of its content (``metazoo.serialization.save_checked``).
 
     A crash mid-write leaves the previous checkpoint intact.
     """
-    atomic_save(state, path)
+    save_checked(state, path)
 
 
 def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Load a checkpoint with ``torch.load(weights_only=True)`` onto the CPU."""
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """Load a checkpoint with ``torch.load(weights_only=True)`` onto the CPU.
+
+    Raises:
+        ValueError: if the file is damaged (it does not match its checksum, or cannot be read).
+    """
+    return load_checked(path)
 
 
 def last_fraction_mean(values: list[float], fraction: float = 0.1) -> float:

@@ -7,7 +7,10 @@ in the split (which alphabets go where, which characters, which drawings are hel
 from ``random.Random(seed)`` over sorted listings, so the seed alone fixes it.
 
 Images are decoded once with PIL into a ``uint8`` cache (``<root>/omniglot_cache_<key>.pt``,
-written atomically, loaded with ``weights_only=True``). Strokes are 1 and background 0 (the PNGs
+written atomically, loaded with ``weights_only=True``; the key covers every file's name, size
+and modification time, so an edited drawing is decoded again). A read-only ``root`` caches in
+the user's cache folder (``$XDG_CACHE_HOME`` or ``~/.cache``, ``metazoo/omniglot``), else the
+temporary folder, else in memory, and says so once. Strokes are 1 and background 0 (the PNGs
 are black on white), so the zero padding of the affine augmentation is background.
 
 Two resize modes:
@@ -31,6 +34,8 @@ import json
 import math
 import os
 import random
+import sys
+import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -110,42 +115,89 @@ def decode_drawing(path: str, resize: str) -> np.ndarray:
     """One Omniglot PNG as a (28, 28) uint8 ink image (255 = ink), resized like the cache.
 
     The one-shot benchmark decodes its runs with this too, so both match exactly.
+
+    Raises:
+        ValueError: naming the file, if it is not a readable image (truncated, not a PNG, a
+            link to nothing or to a folder).
     """
-    with Image.open(path) as img:
-        if resize == "nearest":
-            small = img.convert("1").resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.NEAREST)
-            ink = 1.0 - np.asarray(small.convert("L"), dtype=np.float32) / 255.0
-        else:
-            ink = 1.0 - np.asarray(img.convert("L"), dtype=np.float32) / 255.0
-            ink = F.adaptive_avg_pool2d(torch.from_numpy(ink)[None, None],
-                                        IMAGE_SIZE)[0, 0].numpy()
+    try:
+        with Image.open(path) as img:
+            if resize == "nearest":
+                small = img.convert("1").resize((IMAGE_SIZE, IMAGE_SIZE),
+                                                Image.Resampling.NEAREST)
+                ink = 1.0 - np.asarray(small.convert("L"), dtype=np.float32) / 255.0
+            else:
+                ink = 1.0 - np.asarray(img.convert("L"), dtype=np.float32) / 255.0
+                ink = F.adaptive_avg_pool2d(torch.from_numpy(ink)[None, None],
+                                            IMAGE_SIZE)[0, 0].numpy()
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        kind = "a link to a missing file or a folder" if os.path.islink(path) and \
+            not os.path.isfile(path) else "not a readable image"
+        raise ValueError(f"{path} is {kind} ({type(err).__name__}: {err}); replace it with "
+                         "the drawing from the official archive") from None
     return np.round(ink * 255.0).astype(np.uint8)
+
+
+def fallback_cache_dirs() -> list[Path]:
+    """Where the decoded images are cached when ``root`` is read-only: the user's cache folder,
+    then the temporary folder."""
+    user = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return [user / "metazoo" / "omniglot",
+            Path(tempfile.gettempdir()) / f"metazoo-omniglot-{os.getuid()}"]
+
+
+_NOTED: set[str] = set()
+
+
+def _note_once(message: str) -> None:
+    if message not in _NOTED:
+        _NOTED.add(message)
+        print(f"note: {message}", file=sys.stderr, flush=True)
 
 
 def load_alphabets(root: str | os.PathLike, *, resize: str = "area",
                    cache_dir: str | os.PathLike | None = None) -> dict[str, list[Tensor]]:
     """All alphabets as ``{name: [uint8 tensor (drawings, 28, 28) per character]}``.
 
-    Decoded once; later calls read the cache (keyed by the listing and the resize mode).
+    Decoded once; later calls read the cache, keyed by the resize mode and every file's name,
+    size and modification time (an edited drawing is decoded again).
 
     Args:
         root: folder holding extracted archives.
         resize: ``"area"`` or ``"nearest"`` (see the module docstring).
-        cache_dir: where the cache lives (default ``root``).
+        cache_dir: where the cache lives (default ``root``, or when that cannot be written
+            ``fallback_cache_dirs()``, or memory only; a note says which).
     """
     if resize not in RESIZE_MODES:
         raise ValueError(f"resize={resize!r} must be one of {RESIZE_MODES}")
     alphabets = find_alphabets(root)
-    listing = json.dumps([[a.name, [[c, [Path(p).name for p in ps]] for c, ps in a.characters]]
-                          for a in alphabets])
-    key = hashlib.sha256(f"{resize}\n{listing}".encode()).hexdigest()[:16]
-    cache = Path(cache_dir if cache_dir is not None else root) / f"omniglot_cache_{key}.pt"
-    if cache.exists():
-        return torch.load(cache, weights_only=True)
+    listing = []
+    for a in alphabets:
+        chars = []
+        for c, paths in a.characters:
+            stats = [os.stat(p) for p in paths]
+            chars.append([c, [[Path(p).name, st.st_size, st.st_mtime_ns]
+                              for p, st in zip(paths, stats)]])
+        listing.append([a.name, chars])
+    key = hashlib.sha256(f"{resize}\n{json.dumps(listing)}".encode()).hexdigest()[:16]
+    name = f"omniglot_cache_{key}.pt"
+    folders = [Path(cache_dir)] if cache_dir is not None else [Path(root),
+                                                               *fallback_cache_dirs()]
+    for folder in folders:
+        if (folder / name).is_file():
+            return torch.load(folder / name, weights_only=True)
     data = {a.name: [torch.from_numpy(np.stack([decode_drawing(p, resize) for p in paths]))
                      for _, paths in a.characters] for a in alphabets}
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    atomic_save(data, cache)
+    for folder in folders:
+        try:
+            atomic_save(data, folder / name)
+        except OSError:  # read-only, full or missing: try the next place
+            continue
+        if folder != folders[0]:
+            _note_once(f"{folders[0]} is not writable: decoded images cached in {folder}")
+        return data
+    _note_once(f"no writable cache folder ({', '.join(map(str, folders))}): decoded images "
+               "kept in memory only, decoded again next run")
     return data
 
 

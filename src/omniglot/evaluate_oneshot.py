@@ -34,28 +34,31 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import main
 import numpy as np
 import torch
-from oneshot import OneShotResult, evaluate_oneshot, load_runs
 from torch import nn
-from wrapper import RandomHead, build_learner, scoring_model
 
-from metazoo import MetaLearner, atomic_write_text
+import main
+from metazoo import MetaLearner, atomic_write_text, fp32_precision
+from metazoo.cli import UsageError, run_command, user_input
+from metazoo.serialization import load_checked
+from oneshot import OneShotResult, evaluate_oneshot, load_runs
+from wrapper import RandomHead, build_learner, scoring_model
 
 __all__ = ["HEAD_MODES", "ZERO_HEAD_METHODS", "LoadedModel", "default_runs_folder",
            "load_model", "main_oneshot", "make_parser", "parse_args"]
 
 HEAD_MODES = ("checkpoint", "zero")
+RUNS_DEFAULT = "<--root>_oneshot"
 # Learners whose state dict is {"model": OmniConv state, "meta_optimizer", ["inner_lr"]} and
 # whose adaptation starts from the model's own parameters: their head can be replaced.
 ZERO_HEAD_METHODS = ("maml", "fomaml", "reptile", "leap", "anil", "imaml")
 
 
 def _add_own(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    p.add_argument("--runs", default=None,
-                   help="folder holding run01 ... run20 (or all_runs/); default "
-                        "<--root>_oneshot (make_omniglot.sh -d)")
+    p.add_argument("--runs", default=RUNS_DEFAULT,
+                   help="folder holding run01 ... run20 (or all_runs/); the default is where "
+                        "make_omniglot.sh -d puts them, beside --root")
     p.add_argument("--oneshot_head", choices=HEAD_MODES, default="checkpoint",
                    help="checkpoint: the meta-trained head (must be 20-way); zero: a 20-way head "
                         "started at zero, every other parameter from the checkpoint")
@@ -65,6 +68,7 @@ def _add_own(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 def make_parser() -> argparse.ArgumentParser:
     """``main.py``'s flags plus ``--runs`` and ``--oneshot_head`` (for ``--help``)."""
     p = _add_own(main.make_parser())
+    p.formatter_class = argparse.ArgumentDefaultsHelpFormatter
     p.prog = "evaluate_oneshot.py"
     p.description = "Lake et al. (2015) one-shot benchmark of a trained model"
     return p
@@ -162,16 +166,17 @@ def load_model(args: argparse.Namespace, *, head: str = "checkpoint", ways: int 
         device: where the learner lives.
 
     Raises:
-        RuntimeError: if there is no checkpoint.
-        ValueError: for a head of the wrong width without ``head="zero"``, or ``"zero"`` with
-            a method whose head cannot be replaced.
+        UsageError: if there is no checkpoint.
+        ValueError: for a head of the wrong width without ``head="zero"``, ``"zero"`` with
+            a method whose head cannot be replaced, a damaged or non-finite checkpoint, or one
+            of another ``--meta_model``.
     """
     if head not in HEAD_MODES:
         raise ValueError(f"head={head!r} must be one of {HEAD_MODES}")
     log_dir = Path(args.log_dir) / args.meta_model / args.suffix
     source = log_dir / ("best.pt" if args.select == "best" else "checkpoint.pt")
     if not source.exists():
-        raise RuntimeError(f"no trained model at {source}; train it with main.py and the same "
+        raise UsageError(f"no trained model at {source}; train it with main.py and the same "
                            f"--meta_model/--log_dir/--suffix (and --save_ival >= 1), or pick "
                            f"another with --select")
     cfg = main.learner_config(args)
@@ -187,8 +192,13 @@ def load_model(args: argparse.Namespace, *, head: str = "checkpoint", ways: int 
                 f"--oneshot_head zero to evaluate it with a {ways}-way head started at zero "
                 f"(every other parameter from {source}), or meta-train with "
                 f"{_ways_flag(args)} {ways}")
-        step = main.load_checkpoint(source, learner)
-        return LoadedModel(learner, source, step, trained, head)
+        saved = _checked_state(source, args)
+        try:
+            learner.load_state_dict(saved["learner"])
+        except RuntimeError as err:  # torch's size mismatch: other network flags than in training
+            raise ValueError(f"{source} does not fit the network built from these flags; pass "
+                             f"the flags it was trained with ({err})") from None
+        return LoadedModel(learner, source, int(saved["step"]), trained, head)
     if args.meta_model not in ZERO_HEAD_METHODS or isinstance(learner, RandomHead):
         raise ValueError(f"--oneshot_head zero supports --meta_model "
                          f"{', '.join(ZERO_HEAD_METHODS)} with --head_policy meta (the reference "
@@ -201,13 +211,28 @@ def load_model(args: argparse.Namespace, *, head: str = "checkpoint", ways: int 
         raise RuntimeError(f"rebuilding --meta_model {args.meta_model} with classes={ways} gave "
                            f"a {_head(learner).out_features}-way head; main.learner_config no "
                            f"longer maps the width to LearnerConfig.classes")
-    saved = torch.load(source, weights_only=True, map_location="cpu")
+    saved = _checked_state(source, args)
     try:
         learner.load_state_dict(_body_state(learner, saved["learner"], source))
     except RuntimeError as err:  # torch's size mismatch: other network flags than in training
         raise ValueError(f"{source} does not fit the network built from these flags; pass the "
                          f"flags it was trained with ({err})") from None
     return LoadedModel(learner, source, int(saved["step"]), trained, head)
+
+
+def _checked_state(source: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """The checkpoint, checked: its checksum, finite weights and the ``--meta_model`` that
+    wrote it (checkpoints record their flags)."""
+    saved = load_checked(source)
+    bad = main.nonfinite_entries(saved.get("learner"))
+    if bad:
+        raise ValueError(f"{source} holds non-finite weights ({', '.join(bad[:5])}); it cannot "
+                         "be evaluated")
+    trained_with = saved.get("flags", {}).get("meta_model", args.meta_model)
+    if trained_with != args.meta_model:
+        raise ValueError(f"{source} was written by --meta_model {trained_with}, not "
+                         f"--meta_model {args.meta_model}; pass the flags it was trained with")
+    return saved
 
 
 def _table(result: OneShotResult) -> str:
@@ -220,8 +245,11 @@ def _table(result: OneShotResult) -> str:
 
 
 def main_oneshot(argv: Sequence[str] | None = None) -> OneShotResult:
-    """Runs the command; returns the result (also printed and written to ``oneshot.json``)."""
-    args, own = parse_args(argv)
+    """Runs the command; returns the result (also printed and written to ``oneshot.json``).
+
+    Bad input (flags, a missing or damaged model, unreadable runs) raises ``UsageError``."""
+    with user_input():
+        args, own = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     use_cuda = torch.cuda.is_available() and not args.no_cuda
@@ -231,22 +259,24 @@ def main_oneshot(argv: Sequence[str] | None = None) -> OneShotResult:
     torch.manual_seed(args.seed)
     np.random.seed(args.seed % 2**32)
     random.seed(args.seed)
-    folder = Path(own.runs) if own.runs is not None else default_runs_folder(args.root)
-    runs = load_runs(folder, resize=args.resize)
-    ways = {r.ways for r in runs}
-    if len(ways) != 1:
-        raise ValueError(f"the runs in {folder} mix {sorted(ways)}-way tasks; the benchmark's "
-                         f"runs are all 20-way")
-    if main.in_channels(args) != 1:
-        raise ValueError("the one-shot benchmark's drawings have one channel; this model takes "
-                         "RGB images (--dataset folder --channels rgb)")
-    loaded = load_model(args, head=own.oneshot_head, ways=ways.pop(), device=device)
+    folder = Path(own.runs) if own.runs != RUNS_DEFAULT else default_runs_folder(args.root)
+    with user_input():  # the runs and the model are the user's files and flags
+        runs = load_runs(folder, resize=args.resize)
+        ways = {r.ways for r in runs}
+        if len(ways) != 1:
+            raise ValueError(f"the runs in {folder} mix {sorted(ways)}-way tasks; the "
+                             f"benchmark's runs are all 20-way")
+        if main.in_channels(args) != 1:
+            raise ValueError("the one-shot benchmark's drawings have one channel; this model "
+                             "takes RGB images (--dataset folder --channels rgb)")
+        loaded = load_model(args, head=own.oneshot_head, ways=ways.pop(), device=device)
     # Pixels as the model saw them in training: the few-shot protocol's size and normalisation.
     fewshot = args.protocol == "fewshot"
-    result = evaluate_oneshot(loaded.learner, runs, steps=args.task_val_steps,
-                              image_size=args.image_size,
-                              mean=args.norm_mean if fewshot else None,
-                              std=args.norm_std if fewshot else None)
+    with fp32_precision(args.precision):
+        result = evaluate_oneshot(loaded.learner, runs, steps=args.task_val_steps,
+                                  image_size=args.image_size,
+                                  mean=args.norm_mean if fewshot else None,
+                                  std=args.norm_std if fewshot else None)
     bn = "transductive" if result.transductive else "inductive"
     print(f"one-shot benchmark: {len(runs)} runs from {folder}, {runs[0].ways}-way, "
           f"{args.meta_model} step {loaded.step} ({loaded.checkpoint}), head {loaded.head} "
@@ -267,8 +297,4 @@ def main_oneshot(argv: Sequence[str] | None = None) -> OneShotResult:
 
 
 if __name__ == "__main__":
-    try:
-        main_oneshot()
-    except (ValueError, RuntimeError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    run_command(main_oneshot)

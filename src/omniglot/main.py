@@ -27,6 +27,7 @@ episodes reported as mean accuracy +- 95% CI (``results_fewshot_<case>_ci.log``,
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import math
 import os
@@ -41,6 +42,7 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
+
 from data import RESIZE_MODES, TaskSampler, load_alphabets, make_split
 from episodes import (
     CHANNELS,
@@ -53,24 +55,55 @@ from episodes import (
     mean_ci,
     split_alphabets,
 )
-from metazoo.cli import UsageError, run_command, user_input
-from model import DOWNSAMPLE
-from wrapper import HEAD_POLICIES, METHODS, LearnerConfig, build_learner, score
-
+from helptext import HelpFormatter
 from metazoo import (
+    PRECISIONS,
     MetaLearner,
     MetaStepResult,
     NonFiniteError,
     Task,
-    atomic_save,
     atomic_write_text,
     distributed,
+    fp32_precision,
 )
+from metazoo.cli import UsageError, run_command, user_input
+from metazoo.serialization import load_checked, save_checked
+from model import DOWNSAMPLE
+from progress import estimate_lines, format_duration
+from warpgrad.layers import ABLATIONS
+from wrapper import HEAD_POLICIES, METHODS, LearnerConfig, build_learner, score
 
 PROTOCOLS = ("alphabet", "fewshot")
 # --bn_eval in few-shot terms -> the learners' bn_mode
 BN_EVAL = {"transductive": "batch", "inductive": "running"}
 LOG_LINE = re.compile(r"^(results_.*|nonfinite)\.log$")
+# Every file main.py (and evaluate_oneshot.py) writes into a run folder, and the temporaries
+# of their atomic writes (".<name>.<random>.tmp"): --overwrite removes these and nothing else.
+RUN_FILE = re.compile(r"^(args\.log|split\.json|checkpoint\.pt|best\.pt|done\.json|"
+                      r"fewshot_test\.json|oneshot\.json|nonfinite\.log|results_[^/]*\.log)$")
+RUN_TEMPORARY = re.compile(r"^\.(?P<name>[^/]+)\.[A-Za-z0-9_]+\.tmp$")
+# Flags that may differ between a run and its --resume (or --evaluate): how long it runs, how
+# often it logs and saves, where and at which float32 precision it runs (a checkpoint moves
+# between devices), where its files are, and --preset (its values are compared as the flags it
+# set). Every other flag must equal
+# the one in the run's args.log and checkpoint, or the resumed run would be another experiment.
+RESUME_MAY_CHANGE = frozenset({
+    "meta_train_steps", "log_ival", "write_ival", "save_ival", "threads", "workers", "device",
+    "no_cuda", "precision", "preset", "resume", "overwrite", "evaluate", "root", "log_dir",
+    "suffix"})
+# Meta-optimizer and inner-optimizer hyperparameters that must be non-negative numbers.
+NUMERIC_KWARGS = frozenset({"lr", "momentum", "dampening", "weight_decay", "eps", "alpha",
+                            "betas", "meta_lr"})
+SEED_MAX = 2**32 - 1
+# --preset NAME sets these flags' defaults; flags given explicitly win. "paper": the WarpGrad
+# paper's Omniglot configuration (also this command's defaults); "gpu_short": the COMP6248
+# replication's budget (250 meta-steps of 5 tasks), the paper's inner loop otherwise.
+PRESETS: dict[str, dict[str, int]] = {
+    "paper": {"meta_batch_size": 20, "task_batch_size": 128, "task_train_steps": 100,
+              "task_val_steps": 100, "meta_train_steps": 1000},
+    "gpu_short": {"meta_batch_size": 5, "task_batch_size": 128, "task_train_steps": 100,
+                  "task_val_steps": 100, "meta_train_steps": 250},
+}
 
 
 # -- flags ------------------------------------------------------------------------------------
@@ -112,6 +145,37 @@ def _nonneg_int(text: str) -> int:
     return int(number)
 
 
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if not 0 <= value <= SEED_MAX:
+        raise argparse.ArgumentTypeError(f"{text!r} must be an integer from 0 to {SEED_MAX}")
+    return value
+
+
+def check_kwargs(kwargs: dict[str, Any], flag: str) -> None:
+    """Rejects non-finite numbers anywhere, and non-numbers or negative numbers for the
+    optimizers' numeric hyperparameters (``NUMERIC_KWARGS``), naming the flag and the fix."""
+    for key, value in kwargs.items():
+        values = value if isinstance(value, tuple) else (value,)
+        text = ":".join(str(v) for v in values)
+        for v in values:
+            number = isinstance(v, (int, float)) and not isinstance(v, bool)
+            if number and not math.isfinite(v):
+                raise ValueError(f"{flag} {key} {text}: must be a finite number; a NaN or "
+                                 f"infinite value makes the parameters NaN (e.g. {flag} "
+                                 f"{key} 0.1)")
+            if key in NUMERIC_KWARGS and not number:
+                raise ValueError(f"{flag} {key} {text!r}: must be a number, e.g. {flag} "
+                                 f"{key} {'0.9:0.999' if key == 'betas' else '0.1'}")
+            if key in NUMERIC_KWARGS and v < 0:
+                raise ValueError(f"{flag} {key} {text}: must be >= 0")
+            if key == "eps" and v <= 0:  # Adam/RMSprop: a zero gradient would give 0/0 = NaN
+                raise ValueError(f"{flag} eps {text}: must be > 0, e.g. {flag} eps 1e-8")
+
+
 def _pos_int(text: str) -> int:
     value = _nonneg_int(text)
     if value < 1:
@@ -133,10 +197,11 @@ def _vectorize(text: str) -> bool | int | str:
 
 def make_parser() -> argparse.ArgumentParser:
     """The command line (the reference's flags keep their names and meaning)."""
-    p = argparse.ArgumentParser("Omniglot meta-learning experiment")
+    p = argparse.ArgumentParser("main.py", description="Omniglot meta-learning experiment",
+                                formatter_class=HelpFormatter)
     a = p.add_argument
     a("--root", default="data", help="folder holding the extracted Omniglot archives")
-    a("--seed", type=int, default=8879, help="the seed: fixes the split, batches and init")
+    a("--seed", type=_seed, default=8879, help="the seed: fixes the split, batches and init")
     a("--workers", type=_nonneg_int, default=0,
       help="data-loading parallelism of the reference; accepted and unused (tensors in memory)")
     a("--threads", type=_nonneg_int, default=0, help="torch CPU threads (0: torch default)")
@@ -161,10 +226,21 @@ def make_parser() -> argparse.ArgumentParser:
     a("--save_ival", type=_nonneg_int, default=1, help="meta-steps between checkpoints (0: never)")
     a("--no_cuda", action="store_true", help="run on the CPU even if CUDA is available")
     a("--device", type=int, default=0, help="CUDA device index")
+    a("--precision", choices=PRECISIONS, default="exact",
+      help="float32 on the GPU: exact (TF32 off; MAML meta-gradients of four implementations "
+           "agreed to 3e-6) or tf32 (TF32 convolutions and matmuls: faster; they disagreed by "
+           "1-80%%). No effect on CPUs")
+    a("--preset", choices=tuple(PRESETS), default=None,
+      help="paper: --meta_batch_size 20 --task_batch_size 128 --task_train_steps 100 "
+           "--task_val_steps 100 --meta_train_steps 1000; gpu_short: the same with "
+           "--meta_batch_size 5 --meta_train_steps 250 (flags given explicitly win)")
     a("--log_dir", default="logs", help="logs go to <log_dir>/<meta_model>/<suffix>/")
     a("--suffix", default="tmp", help="run name")
     a("--overwrite", action="store_true", help="replace an existing run of the same name")
-    a("--resume", action="store_true", help="continue a stopped run from its checkpoint")
+    a("--resume", action="store_true",
+      help="continue a stopped run from its checkpoint, with the run's flags (only "
+           "--meta_train_steps, --log_ival, --write_ival, --save_ival, --threads, --workers, "
+           "--device, --no_cuda, --root, --log_dir and --suffix may differ)")
     a("--evaluate", action="store_true", help="only evaluate the saved model on the test tasks")
     a("--select", choices=("last", "best"), default="last",
       help="model for the final test: last, or best on validation (needs --num_val, --test_ival)")
@@ -196,7 +272,7 @@ def make_parser() -> argparse.ArgumentParser:
     a("--inner_kwargs", nargs="+", default=["lr", "0.1"], help="e.g. lr 0.1 momentum 0.9")
     a("--outer_kwargs", nargs="+", default=["lr", "0.1"], help="e.g. lr 1e-3")
     a("--meta_kwargs", nargs="+", default=[], help="method options, e.g. norm false")
-    a("--warp_layer", default="3x3",
+    a("--warp_layer", default="3x3", choices=tuple(ABLATIONS),
       help="warp block variant: none, scaling, 1x1, 3x3, 3x3+relu, 3x3+relu+bn, residual, 2-layer")
     a("--warp_num_layers", type=_pos_int, default=None, help="layers per warp block")
     a("--warp_num_filters", type=_pos_int, default=None, help="hidden width of warp blocks")
@@ -241,10 +317,16 @@ def make_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parses and validates the flags."""
-    args = make_parser().parse_args(argv)
+    parser = make_parser()
+    preset = parser.parse_known_args(argv)[0].preset
+    if preset is not None:
+        parser.set_defaults(**PRESETS[preset])
+    args = parser.parse_args(argv)
     args.inner_kwargs = build_kwargs(args.inner_kwargs, "--inner_kwargs")
     args.outer_kwargs = build_kwargs(args.outer_kwargs, "--outer_kwargs")
     args.meta_kwargs = build_kwargs(args.meta_kwargs, "--meta_kwargs")
+    for flag in ("--inner_kwargs", "--outer_kwargs", "--meta_kwargs"):
+        check_kwargs(getattr(args, flag[2:]), flag)
     if args.select == "best" and not (args.num_val and args.test_ival):
         raise ValueError("--select best needs validation tasks: set --num_val >= 1 and "
                          "--test_ival >= 1")
@@ -378,21 +460,158 @@ class RunState:
         self.task_rng.setstate((3, tuple(state["tasks"]), None))
 
 
-def save_checkpoint(path: Path, learner: MetaLearner, run: RunState) -> None:
-    """Learner (model, meta-optimizer and any extra state), RNG states and step."""
-    atomic_save({"learner": learner.state_dict(), "step": run.step, "rng": run.rng_state(),
-                 "best_acc": run.best_acc, "best_step": run.best_step}, path)
+def nonfinite_entries(state: Any, prefix: str = "") -> list[str]:
+    """Names (``a.b.0``) of the floating tensors in a nested state dict that hold NaN/inf."""
+    if isinstance(state, torch.Tensor):
+        finite = not state.is_floating_point() or bool(torch.isfinite(state).all())
+        return [] if finite else [prefix or "tensor"]
+    if isinstance(state, dict):
+        items: Any = state.items()
+    elif isinstance(state, (list, tuple)):
+        items = enumerate(state)
+    else:
+        return []
+    return [name for key, value in items
+            for name in nonfinite_entries(value, f"{prefix}.{key}" if prefix else str(key))]
 
 
-def load_checkpoint(path: Path, learner: MetaLearner, run: RunState | None = None) -> int:
-    """Restores a checkpoint (``weights_only=True``); returns its step."""
-    state = torch.load(path, weights_only=True, map_location="cpu")
-    learner.load_state_dict(state["learner"])
+def _plain(value: Any) -> Any:
+    """``value`` as numbers, strings and containers of them (anything else as its ``repr``)."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return type(value)(_plain(v) for v in value)
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    return repr(value)
+
+
+def run_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """The parsed flags as the checkpoint records them (what produced it)."""
+    return {key: _plain(value) for key, value in vars(args).items()}
+
+
+def flag_differences(stored: dict[str, Any], args: argparse.Namespace) -> list[str]:
+    """``--flag stored -> now`` for every flag outside ``RESUME_MAY_CHANGE`` that differs
+    (flags the stored record does not know, from an older version, are not compared)."""
+    now = run_flags(args)
+    return [f"--{key} {stored[key]!r} -> {now[key]!r}" for key in sorted(stored)
+            if key in now and key not in RESUME_MAY_CHANGE and stored[key] != now[key]]
+
+
+def read_args_log(path: Path) -> dict[str, Any]:
+    """The flags in a run's ``args.log`` (``repr`` of the parsed ``argparse.Namespace``);
+    values that are not Python literals (``inf``, objects) are left out.
+
+    Raises:
+        UsageError: if the file is not such a record.
+    """
+    try:
+        node = ast.parse(path.read_text().strip(), mode="eval").body
+        if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+                and node.func.id == "Namespace" and not node.args):
+            raise ValueError("not a Namespace(...) record")
+        flags = {}
+        for keyword in node.keywords:
+            try:
+                if keyword.arg:
+                    flags[keyword.arg] = ast.literal_eval(keyword.value)
+            except ValueError:
+                continue
+        return flags
+    except (OSError, SyntaxError, ValueError) as err:
+        raise UsageError(f"{path} cannot be read ({err}), so the flags of that run are not "
+                         "known; nothing was changed. Restore the file, or start again with "
+                         "--overwrite or another --suffix") from None
+
+
+def save_checkpoint(path: Path, learner: MetaLearner, run: RunState,
+                    flags: dict[str, Any] | None = None) -> None:
+    """Learner (model, meta-optimizer and any extra state), RNG states, step, the flags that
+    produced it and a checksum (``metazoo.serialization.save_checked``).
+
+    Raises:
+        RuntimeError: if the learner's state is not finite (nothing is written: a checkpoint
+            is only ever a state that can be resumed).
+    """
+    state = {"learner": learner.state_dict(), "step": run.step, "rng": run.rng_state(),
+             "best_acc": run.best_acc, "best_step": run.best_step}
+    if flags is not None:
+        state["flags"] = flags
+    bad = nonfinite_entries(state["learner"])
+    if bad:
+        raise RuntimeError(f"the learner's state at meta-step {run.step} is not finite in "
+                           f"{bad[:5]}{' ...' if len(bad) > 5 else ''}; {path.name} was not "
+                           "written. Lower --outer_kwargs lr / --inner_kwargs lr")
+    save_checked(state, path)
+
+
+def load_checkpoint(path: Path, learner: MetaLearner, run: RunState | None = None,
+                    args: argparse.Namespace | None = None) -> int:
+    """Restores a checkpoint (``weights_only=True``); returns its step.
+
+    Everything is checked before anything changes: the checksum, finite weights and, with
+    ``args``, that the flags which produced it match (``flag_differences``); then the learner
+    (and ``run``) are restored. No file is touched.
+
+    Raises:
+        UsageError: a damaged or non-finite checkpoint, one written under other flags, or one
+            that does not fit the learner built from these flags.
+    """
+    fix = ("nothing was changed. Resume with the run's flags, or start again with --overwrite "
+           "or another --suffix")
+    try:
+        state = load_checked(path)
+    except ValueError as err:
+        raise UsageError(f"{err}; {fix}") from None
+    bad = nonfinite_entries(state.get("learner"))
+    if bad:
+        raise UsageError(f"{path} holds non-finite weights ({', '.join(bad[:5])}"
+                         f"{' ...' if len(bad) > 5 else ''}) and cannot be used; {fix}")
+    if args is not None and "flags" in state:
+        differences = flag_differences(state["flags"], args)
+        if differences:
+            raise UsageError(f"{path} was written by a run with other flags "
+                             f"({'; '.join(differences)}); {fix}")
+    try:
+        learner.load_state_dict(state["learner"])
+    except (KeyError, RuntimeError) as err:  # torch's missing keys / size mismatch
+        raise UsageError(f"{path} does not fit the learner built from these flags "
+                         f"(--meta_model {getattr(args, 'meta_model', '?')}; "
+                         f"{str(err).splitlines()[0]}); {fix}") from None
     if run is not None:
         run.set_rng_state(state["rng"])
         run.step = state["step"]
         run.best_acc, run.best_step = state["best_acc"], state["best_step"]
     return int(state["step"])
+
+
+def check_run_folder(log_dir: Path, args: argparse.Namespace, split_json: str | None) -> None:
+    """Refuses to continue a run folder whose ``args.log`` (or ``split.json``) says it was
+    another experiment than these flags give, naming the differences. Touches nothing."""
+    args_log = log_dir / "args.log"
+    if args_log.exists():
+        differences = flag_differences(read_args_log(args_log), args)
+        if differences:
+            raise UsageError(f"{log_dir} is a run with other flags than these "
+                             f"({'; '.join(differences)}; see its args.log); nothing was "
+                             "changed. Pass the run's flags (only "
+                             f"{', '.join('--' + f for f in sorted(RESUME_MAY_CHANGE))} may "
+                             "change), or start a new run with another --suffix")
+    split_path = log_dir / "split.json"
+    if split_json is not None and split_path.exists() and \
+            split_path.read_text().strip() != split_json.strip():
+        raise UsageError(f"the alphabets under --root {args.root} give another split than "
+                         f"{split_path} records; nothing was changed. Point --root at the "
+                         "run's data")
+
+
+def remove_own_temporaries(log_dir: Path) -> None:
+    """Deletes what a killed run left of its atomic writes (``.<run file>.<random>.tmp``)."""
+    for path in log_dir.iterdir():
+        match = RUN_TEMPORARY.match(path.name)
+        if match and RUN_FILE.match(match["name"]) and path.is_file():
+            path.unlink()
 
 
 # -- tasks and evaluation ---------------------------------------------------------------------
@@ -684,17 +903,24 @@ def meta_train(learner: MetaLearner, exp: ExperimentLike, run: RunState, log_dir
             if acc > run.best_acc:
                 run.best_acc, run.best_step = acc, run.step
                 if args.select == "best":
-                    save_checkpoint(log_dir / "best.pt", learner, run)
+                    save_checkpoint(log_dir / "best.pt", learner, run, run_flags(args))
         if args.save_ival and (run.step % args.save_ival == 0
                                or run.step == args.meta_train_steps):
-            save_checkpoint(log_dir / "checkpoint.pt", learner, run)
+            save_checkpoint(log_dir / "checkpoint.pt", learner, run, run_flags(args))
+        rate = (time.perf_counter() - start) / (run.step - first)
+        if run.step == first + 1 < args.meta_train_steps:  # warn before hours are spent
+            param = next(learner.meta_parameters(), None)
+            estimate, *warning = estimate_lines(rate, args.meta_train_steps - first,
+                                                param is None or param.device.type == "cpu")
+            printer(estimate)
+            for line in warning:  # shown even with --log_ival 0
+                print(line, file=sys.stderr, flush=True)
         if args.log_ival and run.step % args.log_ival == 0:
-            rate = (time.perf_counter() - start) / (run.step - first)
             eta = rate * (args.meta_train_steps - run.step)
             acc_text = "nan" if result.accuracy is None else f"{result.accuracy:.3f}"
             printer(f"[step {run.step}/{args.meta_train_steps}] meta_loss "
                     f"{result.meta_loss:.4f} inner {result.inner_loss:.4f} acc {acc_text} | "
-                    f"{rate:.2f} s/step, eta {time.strftime('%H:%M:%S', time.gmtime(eta))}")
+                    f"{rate:.2f} s/step, eta {format_duration(eta)}")
 
 
 # -- entry point ------------------------------------------------------------------------------
@@ -716,7 +942,8 @@ def main(argv: Sequence[str] | None = None) -> float | FewShotResult:
     if context.world_size > 1:
         device = context.device
     try:
-        result = _run(args, device, distributed.is_main_process())
+        with fp32_precision(args.precision):
+            result = _run(args, device, distributed.is_main_process())
         # The other ranks wait for rank 0's final evaluation: a rank that tears its process
         # group down while a peer still holds connections aborts in gloo.
         distributed.barrier()
@@ -754,38 +981,53 @@ def _run(args: argparse.Namespace, device: torch.device, main_process: bool
     np.random.seed(args.seed % 2**32)
     random.seed(args.seed)
     # Set-up depends on the flags alone: a ValueError here is bad input, later it is a bug.
-    with user_input(), device:  # every parameter (warp copies included) is made on the device
+    with user_input():
+        # The data stays out of the default-device block: its index bookkeeping (episode
+        # offsets and counts) lives on the CPU, where the sampling generators draw.
         exp = make_experiment(args, device)
-        learner = build_learner(learner_config(args))
+        with device:  # every parameter (warp copies included) is made on the device
+            learner = build_learner(learner_config(args))
     ckpt = log_dir / "checkpoint.pt"
 
     if args.evaluate:
         source = log_dir / ("best.pt" if args.select == "best" else "checkpoint.pt")
         if not source.exists():
             raise UsageError(f"--evaluate needs a saved model at {source}; train first")
-        step = load_checkpoint(source, learner)
+        check_run_folder(log_dir, args, None)
+        step = load_checkpoint(source, learner, args=args)
         for path in log_dir.glob("results_*_test_*.log"):  # replaced; training logs are kept
             path.unlink()
         return _test(exp, learner, step, log_dir, printer)
 
     run = RunState(0, torch.Generator().manual_seed(args.seed), random.Random(args.seed))
     if args.resume and ckpt.exists():
-        load_checkpoint(ckpt, learner, run)
+        # Validated (flags, split, checksum, finite weights) and loaded before any file is
+        # touched: a refused resume leaves a finished run's results as they were.
+        check_run_folder(log_dir, args, exp.split.to_json())
+        load_checkpoint(ckpt, learner, run, args)
         if main_process:
+            remove_own_temporaries(log_dir)
             truncate_logs(log_dir, run.step, drop_test=True)
             (log_dir / "done.json").unlink(missing_ok=True)
         printer(f"resumed {log_dir} at step {run.step}")
     elif main_process:
         if log_dir.exists() and any(log_dir.iterdir()):
-            if not (args.overwrite or args.resume):
+            if args.resume and not args.overwrite:
+                raise UsageError(f"--resume: {log_dir} has no checkpoint.pt to continue from "
+                                 "(a run with --save_ival 0, or not a run folder); nothing was "
+                                 "changed. Pass --overwrite to start that run again (it "
+                                 "replaces the run's files), or another --suffix")
+            if not args.overwrite:
                 raise UsageError(f"{log_dir} exists; pass --overwrite to replace it, "
                                    "--resume to continue it, or another --suffix")
-            for path in log_dir.iterdir():
-                if path.is_file():
+            for path in log_dir.iterdir():  # the run's own files; anything else stays
+                match = RUN_TEMPORARY.match(path.name)
+                if path.is_file() and (RUN_FILE.match(path.name)
+                                       or (match and RUN_FILE.match(match["name"]))):
                     path.unlink()
         log_dir.mkdir(parents=True, exist_ok=True)
-        (log_dir / "args.log").write_text(repr(args) + "\n")
-        (log_dir / "split.json").write_text(exp.split.to_json() + "\n")
+        atomic_write_text(repr(args) + "\n", log_dir / "args.log")
+        atomic_write_text(exp.split.to_json() + "\n", log_dir / "split.json")
         printer(f"split: train {list(exp.split.train)} val {list(exp.split.val)} test "
                 f"{list(exp.split.test)}")
         for note in getattr(exp, "notes", ()):
@@ -794,9 +1036,9 @@ def _run(args: argparse.Namespace, device: torch.device, main_process: bool
             acc = exp.evaluate(learner, "val", 0, log_dir, printer)
             run.best_acc, run.best_step = acc, 0
             if args.select == "best":
-                save_checkpoint(log_dir / "best.pt", learner, run)
+                save_checkpoint(log_dir / "best.pt", learner, run, run_flags(args))
         if args.save_ival:
-            save_checkpoint(ckpt, learner, run)
+            save_checkpoint(ckpt, learner, run, run_flags(args))
 
     if getattr(learner, "meta_learns", True):
         distributed.broadcast_learner(learner)
@@ -806,8 +1048,12 @@ def _run(args: argparse.Namespace, device: torch.device, main_process: bool
     else:
         printer(f"{args.meta_model}: no meta-training")
     if args.select == "best" and (log_dir / "best.pt").exists():
-        load_checkpoint(log_dir / "best.pt", learner)
+        load_checkpoint(log_dir / "best.pt", learner, args=args)
         printer(f"testing the best model on validation (step {run.best_step})")
+    bad = nonfinite_entries(learner.state_dict())
+    if bad:  # never a test accuracy of NaN weights in done.json
+        raise RuntimeError(f"the learner's state after meta-step {run.step} is not finite in "
+                           f"{bad[:5]}; not tested. Lower --outer_kwargs lr / --inner_kwargs lr")
     result = _test(exp, learner, run.step, log_dir, printer)
     acc = result.accuracy.mean if isinstance(result, FewShotResult) else result
     summary = {"meta_model": args.meta_model, "seed": args.seed, "step": run.step,

@@ -25,6 +25,7 @@ depend on the other test drawings).
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import random
@@ -36,13 +37,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from data import IMAGE_SIZE, RESIZE_MODES, decode_drawing
-from episodes import LabelledImages
 from torch import Tensor
-from wrapper import scoring_model
 
 import metazoo
+from data import IMAGE_SIZE, RESIZE_MODES, decode_drawing
+from episodes import LabelledImages
 from metazoo import MetaLearner, Task
+from metazoo.cli import UsageError, run_command, user_input
+from wrapper import scoring_model
 
 __all__ = ["LABELS_FILE", "OneShotResult", "OneShotRun", "RunResult", "evaluate_oneshot",
            "find_runs_folder", "load_runs", "write_runs"]
@@ -363,14 +365,27 @@ def write_runs(alphabets: Sequence[str | os.PathLike], folder: str | os.PathLike
     return out
 
 
-if __name__ == "__main__":
-    import argparse
-
+def main(argv: Sequence[str] | None = None) -> Path:
+    """Command line of ``write_runs``; bad input is a ``UsageError``."""
     parser = argparse.ArgumentParser(description="Write one-shot runs in the official layout "
-                                     "from held-out alphabet folders (write_runs)")
+                                     "from held-out alphabet folders (write_runs)",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("out", help="new folder for run01 ... runNN")
     parser.add_argument("alphabets", nargs="+", help="<Alphabet> folders of held-out alphabets")
-    parser.add_argument("--runs", type=int, default=20)
-    parser.add_argument("--seed", type=int, default=0)
-    cli = parser.parse_args()
-    print(write_runs(cli.alphabets, cli.out, runs=cli.runs, seed=cli.seed))
+    parser.add_argument("--runs", type=int, default=20, help="runs to write")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the choices")
+    cli = parser.parse_args(argv)
+    if cli.runs < 1:
+        raise UsageError(f"--runs {cli.runs}: must be >= 1")
+    for alphabet in cli.alphabets:
+        if not Path(alphabet).is_dir():
+            raise UsageError(f"alphabet folder {alphabet!r} does not exist; pass <Alphabet> "
+                             "folders of held-out alphabets")
+    with user_input():
+        out = write_runs(cli.alphabets, cli.out, runs=cli.runs, seed=cli.seed)
+    print(out)
+    return out
+
+
+if __name__ == "__main__":
+    run_command(main)

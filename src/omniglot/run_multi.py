@@ -2,8 +2,10 @@
 
 Each run is ``main.py --meta_model M --num_pretrain N --seed S --suffix n<N>_s<S>`` plus the
 shared flags given after ``--``; its stdout/stderr go to ``<log_dir>/<M>/<suffix>.out``. Runs
-whose ``done.json`` exists are skipped; unfinished ones are resumed (``--resume``). The sweep
-ends with a table of mean held-out test accuracy per method and number of alphabets.
+whose ``done.json`` exists are skipped; unfinished ones are resumed (``--resume``). While runs
+go, the console shows each run's progress and ETA (read from its ``.out`` file) and each result
+as soon as its run ends; the sweep ends with a table of mean held-out test accuracy per method
+and number of alphabets.
 
 Example::
 
@@ -18,14 +20,22 @@ import json
 import subprocess
 import sys
 import time
+from collections import deque
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 
+from helptext import HelpFormatter
+from progress import StepProgress, format_duration, parse_step_line
+
 MAIN = Path(__file__).resolve().with_name("main.py")
+# main.py's flags that the sweep sets for each run
+SWEEP_FLAGS = {"meta_model": "--meta_model", "num_pretrain": "--num_pretrain", "seed": "--seed",
+               "suffix": "--suffix", "log_dir": "--log_dir"}
+_UNSET = object()
 
 
 @dataclass(frozen=True)
@@ -40,9 +50,38 @@ class Run:
     def suffix(self) -> str:
         return f"n{self.num_pretrain}_s{self.seed}"
 
+    @property
+    def name(self) -> str:
+        return f"{self.method}/{self.suffix}"
+
 
 def _ints(text: str) -> list[int]:
-    return [int(v) for v in text.split(",") if v]
+    try:
+        return [int(v) for v in text.split(",") if v]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers"
+                                         ) from None
+
+
+def make_parser() -> argparse.ArgumentParser:
+    """The sweep's own flags (``main.py``'s flags go after ``--``)."""
+    p = argparse.ArgumentParser(
+        "run_multi.py", description="Omniglot sweep: methods x alphabets x seeds, in parallel "
+        "processes; main.py flags shared by every run go after --.",
+        formatter_class=HelpFormatter)
+    p.add_argument("--methods", default="warp_leap,leap,reptile,fomaml,maml,ft,no",
+                   help="comma-separated --meta_model values")
+    p.add_argument("--num_pretrain", type=_ints, default=[25],
+                   help="comma-separated numbers of meta-training alphabets")
+    p.add_argument("--seeds", type=_ints, default=[1], help="comma-separated seeds")
+    p.add_argument("--parallel", type=int, default=1, help="runs at the same time")
+    p.add_argument("--log_dir", default="logs",
+                   help="runs go to <log_dir>/<method>/n<N>_s<seed>/, their output to "
+                        "<log_dir>/<method>/n<N>_s<seed>.out")
+    p.add_argument("--progress_every", type=float, default=30.0,
+                   help="seconds between a run's progress lines on the console (0: its newest "
+                        "progress line every half second)")
+    return p
 
 
 def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str]]:
@@ -52,58 +91,154 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str
     if "--" in argv:
         i = argv.index("--")
         argv, extra = argv[:i], argv[i + 1:]
-    p = argparse.ArgumentParser("Omniglot sweep")
-    p.add_argument("--methods", default="warp_leap,leap,reptile,fomaml,maml,ft,no")
-    p.add_argument("--num_pretrain", type=_ints, default=[25])
-    p.add_argument("--seeds", type=_ints, default=[1])
-    p.add_argument("--parallel", type=int, default=1, help="runs at the same time")
-    p.add_argument("--log_dir", default="logs")
+    p = make_parser()
     args = p.parse_args(argv)
     if args.parallel < 1:
         p.error(f"--parallel {args.parallel} must be >= 1")
-    for flag in ("--meta_model", "--num_pretrain", "--seed", "--suffix", "--log_dir"):
-        if flag in extra:
-            p.error(f"{flag} is set by the sweep; remove it after --")
+    if args.progress_every < 0:
+        p.error(f"--progress_every {args.progress_every} must be >= 0")
+    args.methods = [m for m in args.methods.split(",") if m]
+    for flag, values in (("--methods", args.methods), ("--num_pretrain", args.num_pretrain),
+                         ("--seeds", args.seeds)):
+        if not values:
+            p.error(f"{flag} is empty; give at least one value")
+        repeated = sorted({str(v) for v in values if values.count(v) > 1})
+        if repeated:  # two runs of one configuration would share (and break) one folder
+            p.error(f"{flag} lists {', '.join(repeated)} more than once; give each value once")
+    _check_main_flags(p, args.methods, extra)
     return args, extra
 
 
-def run_one(run: Run, log_dir: Path, extra: Sequence[str]) -> tuple[Run, float, str]:
-    """Runs (or resumes) one configuration; returns its test accuracy (nan on failure)."""
-    folder = log_dir / run.method / run.suffix
-    done = folder / "done.json"
-    if done.exists():
-        return run, json.loads(done.read_text())["test_acc"], "skipped (done)"
+def _check_main_flags(p: argparse.ArgumentParser, methods: list[str], extra: list[str]) -> None:
+    """Parses the flags after ``--`` with ``main.py``'s own parser, so a flag the sweep sets is
+    caught in every spelling argparse accepts (``--log_dir X``, ``--log_dir=X``, ``--log_d X``),
+    and a typo stops the sweep before any run starts."""
+    from main import METHODS, make_parser  # torch and the experiment: only when parsing
+
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        p.error(f"--methods {','.join(unknown)}: not a --meta_model of main.py; choose among "
+                f"{', '.join(METHODS)}")
+    parser = make_parser()
+    parser.set_defaults(**dict.fromkeys(SWEEP_FLAGS, _UNSET))
+
+    def fail(message: str) -> NoReturn:  # the sweep's usage line, not main.py's
+        p.error(f"after --: {message}")
+
+    parser.error = fail  # type: ignore[method-assign]
+    parsed = parser.parse_args(extra)
+    for dest, flag in SWEEP_FLAGS.items():
+        if getattr(parsed, dest) is not _UNSET:
+            p.error(f"{flag} is set by the sweep for each run; remove it after --")
+
+
+@dataclass
+class _Running:
+    """A started run: its process, output file and what the console has shown of it."""
+
+    run: Run
+    process: subprocess.Popen
+    out_path: Path
+    start: float
+    read_to: int = 0
+    last_shown: float = field(default=float("-inf"))
+    partial: str = ""
+    latest: StepProgress | None = None  # its newest progress line
+    shown: StepProgress | None = None  # the one the console shows
+
+
+def _start(run: Run, log_dir: Path, extra: Sequence[str]) -> _Running:
     cmd = [sys.executable, str(MAIN), "--meta_model", run.method, "--num_pretrain",
            str(run.num_pretrain), "--seed", str(run.seed), "--suffix", run.suffix,
            "--log_dir", str(log_dir), "--resume", *extra]
     (log_dir / run.method).mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
-    with open(log_dir / run.method / f"{run.suffix}.out", "a") as out:
-        code = subprocess.call(cmd, stdout=out, stderr=subprocess.STDOUT)
-    seconds = time.perf_counter() - start
+    out_path = log_dir / run.method / f"{run.suffix}.out"
+    with open(out_path, "a") as out:  # appended: a resumed run keeps its earlier output
+        read_to = out.tell()
+        process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+    return _Running(run, process, out_path, time.perf_counter(), read_to)
+
+
+def _show_output(running: _Running, every: float, final: bool = False) -> None:
+    """Prints the run's newest progress line (at most one per ``every`` seconds, and the last
+    one when the run ends) and every estimate, warning or error line it wrote since the last
+    call."""
+    with open(running.out_path) as f:
+        f.seek(running.read_to)
+        text = running.partial + f.read()
+        running.read_to = f.tell()
+    lines = text.split("\n")
+    running.partial = "" if final else lines.pop()  # a line still being written
+    for line in lines:
+        progress = parse_step_line(line)
+        if progress is not None:
+            running.latest = progress
+        elif line.startswith(("estimated ", "warning:", "error:", "resumed ")):
+            print(f"{running.run.name:>16}: {line}", flush=True)
+    now = time.perf_counter()
+    latest = running.latest
+    if latest is not None and latest != running.shown and (
+            final or now - running.last_shown >= every):
+        running.last_shown, running.shown = now, latest
+        print(f"{running.run.name:>16}: step {latest.step}/{latest.steps}, "
+              f"{latest.seconds_per_step:.2f} s/step, eta {latest.eta}", flush=True)
+
+
+def _result(run: Run, log_dir: Path, code: int, seconds: float) -> tuple[float, str]:
+    done = log_dir / run.method / run.suffix / "done.json"
     if code != 0 or not done.exists():
-        return run, float("nan"), f"failed (exit {code}, see {run.suffix}.out)"
-    return run, json.loads(done.read_text())["test_acc"], f"{seconds:.0f} s"
+        return float("nan"), f"failed (exit {code}, see {log_dir / run.method}/{run.suffix}.out)"
+    return json.loads(done.read_text())["test_acc"], f"{format_duration(seconds)}"
+
+
+def sweep(runs: Sequence[Run], log_dir: Path, extra: Sequence[str], parallel: int,
+          progress_every: float, poll: float = 0.5) -> dict[Run, float]:
+    """Runs (or resumes) every configuration, ``parallel`` at a time; prints progress and each
+    result as its run ends. Returns each run's test accuracy (nan on failure)."""
+    results: dict[Run, float] = {}
+
+    def report(run: Run, acc: float, status: str) -> None:
+        results[run] = acc
+        print(f"{run.name:>16}: test acc {acc:.4f} [{status}] ({len(results)}/{len(runs)} "
+              "runs)", flush=True)
+
+    pending, active = deque(runs), []
+    while pending or active:
+        while pending and len(active) < parallel:
+            run = pending.popleft()
+            done = log_dir / run.method / run.suffix / "done.json"
+            if done.exists():
+                report(run, json.loads(done.read_text())["test_acc"], "skipped (done)")
+                continue
+            running = _start(run, log_dir, extra)
+            active.append(running)
+            print(f"{run.name:>16}: started, output in {running.out_path}", flush=True)
+        time.sleep(poll)
+        for running in list(active):
+            code = running.process.poll()
+            _show_output(running, progress_every, final=code is not None)
+            if code is not None:
+                active.remove(running)
+                report(running.run, *_result(running.run, log_dir, code,
+                                             time.perf_counter() - running.start))
+    return results
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the sweep and prints the summary table; returns 1 if a run failed."""
     args, extra = parse_args(argv)
     log_dir = Path(args.log_dir)
-    runs = [Run(m, n, s) for m in args.methods.split(",") if m for n in args.num_pretrain
-            for s in args.seeds]
-    results = []
-    with ThreadPoolExecutor(args.parallel) as pool:
-        for run, acc, status in pool.map(lambda r: run_one(r, log_dir, extra), runs):
-            print(f"{run.method:>10} n={run.num_pretrain} seed={run.seed}: test acc {acc:.4f} "
-                  f"[{status}]", flush=True)
-            results.append((run, acc))
+    runs = [Run(m, n, s) for m in args.methods for n in args.num_pretrain for s in args.seeds]
+    print(f"{len(runs)} runs, {args.parallel} at a time; each run's output in "
+          f"{log_dir}/<method>/n<N>_s<seed>.out", flush=True)
+    results = sweep(runs, log_dir, extra, args.parallel, args.progress_every)
     print(f"\n{'method':>10} {'alphabets':>9} {'test acc':>9} {'std':>7} {'seeds':>5}")
-    for method in dict.fromkeys(r.method for r, _ in results):
+    for method in args.methods:
         for n in args.num_pretrain:
-            accs = [a for r, a in results if r.method == method and r.num_pretrain == n]
-            print(f"{method:>10} {n:9d} {np.mean(accs):9.4f} {np.std(accs):7.4f} {len(accs):5d}")
-    return int(any(np.isnan(a) for _, a in results))
+            accs = [a for r, a in results.items() if r.method == method and r.num_pretrain == n]
+            std = f"{np.std(accs):7.4f}" if len(accs) > 1 else f"{'-':>7}"
+            print(f"{method:>10} {n:9d} {np.mean(accs):9.4f} {std} {len(accs):5d}")
+    return int(any(np.isnan(a) for a in results.values()))
 
 
 if __name__ == "__main__":

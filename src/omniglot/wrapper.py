@@ -51,7 +51,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from model import MultiHeadOmniConv, OmniConv, WarpedOmniConv, multi_head_accuracy, multi_head_loss
 from torch import Tensor, nn
 
 import leap
@@ -59,6 +58,7 @@ import maml
 import metazoo
 import warpgrad
 from metazoo import Adapted, EvalResult, MetaLearner, MetaStepResult, Task
+from model import MultiHeadOmniConv, OmniConv, WarpedOmniConv, multi_head_accuracy, multi_head_loss
 
 __all__ = ["HEAD_POLICIES", "METHODS", "FineTune", "LearnerConfig", "NoMeta", "RandomHead",
            "WarpMAML", "build_learner", "score"]
@@ -534,7 +534,8 @@ class FineTune(MetaLearner):
             loss.backward()
             if grad_hook is not None:
                 grad_hook(self)
-            self.meta_optimizer.step()
+            # Undone and reported if the gradient or the step is non-finite (as in meta_step).
+            metazoo.checked_step(self.meta_optimizer, self.model.named_parameters())
             losses.append(loss.detach())
         with torch.no_grad():
             x = torch.cat([t.query[0] for t in tasks])

@@ -38,6 +38,15 @@ The update rule is in ``leap.trajectory``. Differences from the reference:
     with ``loss=False`` the lazy segment is exact. Do not modify the model between its last
     inner step and that call.
 
+- A task whose trajectory is not finite (a NaN batch, an inf learning rate) never reaches the
+  meta-gradient: each task's increments are summed apart and added to ``.grad`` when its
+  trajectory closes, after one finiteness check (one host transfer per task). With
+  ``on_nonfinite="raise"`` (default) that raises ``metazoo.NonFiniteError`` (``where=
+  "trajectory"``, the task's index since the last ``normalize``); with ``"skip"`` the task is
+  left out of the meta-gradient and of ``normalize``'s count, which returns how many were
+  skipped. (The reference averaged NaN into the initialisation.) In ``meta_step_fn``, step the
+  meta-optimizer with ``metazoo.checked_step(meta_optimizer, leap.named_parameters())`` to have
+  a non-finite meta-update (an lr of nan or inf) undone and reported too.
 - Points are stored as detached flat vectors (one parameter copy, and with ``loss=True`` one
   gradient copy, for the previous point only); the loss is kept as a detached tensor, so
   ``update`` never synchronises with the device and never keeps a graph alive.
@@ -52,6 +61,7 @@ from typing import Any, final
 import torch
 from torch import Tensor, nn
 
+import metazoo
 from leap.trajectory import Point, add_to_grad, flatten, segment_increment
 
 __all__ = ["Leap"]
@@ -75,6 +85,8 @@ class Leap:
             the energy metric d2.
         loss: include the loss in the task manifold; ``False`` uses parameter distances only.
         stabilizer: use ``-|L_{i+1} - L_i|`` as the loss difference (only with ``loss=True``).
+        on_nonfinite: ``"raise"`` (default) or ``"skip"`` a task whose trajectory holds NaN or
+            inf values (see the module docstring).
 
     Attributes:
         state: the initialisation, an ``OrderedDict`` like ``model.state_dict()``; entries that
@@ -83,7 +95,7 @@ class Leap:
     """
 
     def __init__(self, model: nn.Module, *, norm: bool = True, loss: bool = True,
-                 stabilizer: bool = True) -> None:
+                 stabilizer: bool = True, on_nonfinite: str = "raise") -> None:
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         for name, value in (("norm", norm), ("loss", loss), ("stabilizer", stabilizer)):
@@ -91,6 +103,7 @@ class Leap:
         self.norm = norm
         self.loss = loss
         self.stabilizer = stabilizer
+        self.on_nonfinite = metazoo.check_on_nonfinite(on_nonfinite)
         # Tied weights appear in the state dict once per name but are one tensor: copy each
         # tensor once, so the copy stays tied and its first name is its parameter name (as in
         # model.named_parameters()).
@@ -113,6 +126,11 @@ class Leap:
                              f"dtype and device, got {sorted(map(str, kinds))}; convert the "
                              f"model with model.to(dtype, device) before Leap(model)")
         self._task_counter = 0
+        self._tasks_started = 0  # since the last normalize: names a task in errors
+        self._task_counted = False  # whether the current task was counted by init_task
+        self._skipped = 0
+        self._pending: Tensor | None = None  # the current task's summed increments
+        self._finite_flags: list[Tensor] = []  # per segment, on the device
         self._previous: Point | None = None
         self._live: list[Tensor] | None = None  # the model's own parameters, for a lazy close
         self._hook: Hook | None = None
@@ -158,6 +176,8 @@ class Leap:
         self._close()
         if increment:
             self._task_counter += 1
+        self._task_counted = increment
+        self._tasks_started += 1
 
     def update(self, loss: Tensor | float, model: nn.Module, hook: Hook | None = None) -> None:
         """Adds the segment ending at ``model``'s current parameters to the meta-gradient.
@@ -206,17 +226,27 @@ class Leap:
         end = Point(flatten(params), self._loss_value(loss, params[0]))
         self._add(segment_increment(self._previous, end, norm=self.norm, loss=self.loss,
                                     stabilizer=self.stabilizer), hook)
-        self._reset_trajectory()
+        self._commit()
 
-    def normalize(self, reset_count: bool = True) -> None:
+    def normalize(self, reset_count: bool = True) -> int:
         """Divides the meta-gradient by the number of tasks since the last ``normalize``.
 
-        Closes the current task's trajectory first.
+        Closes the current task's trajectory first. Tasks skipped for non-finite values
+        (``on_nonfinite="skip"``) are not counted; when every task was skipped the
+        meta-gradient is left as it is (nothing was added).
 
         Args:
             reset_count: reset the task counter (default True).
+
+        Returns:
+            The number of tasks skipped since the last ``normalize``.
         """
         self._close()
+        skipped = self._skipped
+        if reset_count:
+            self._skipped = self._tasks_started = 0
+        if self._task_counter == 0 and skipped:
+            return skipped
         if self._task_counter == 0:
             raise RuntimeError("leap.normalize: the task counter is 0; call leap.init_task() "
                                "at the start of every task")
@@ -225,6 +255,7 @@ class Leap:
             torch._foreach_div_(grads, float(self._task_counter))
         if reset_count:
             self._task_counter = 0
+        return skipped
 
     def state_dict(self) -> dict[str, Any]:
         """The initialisation and the task counter (tensors and plain values only)."""
@@ -268,7 +299,33 @@ class Leap:
         raise ValueError(f"loss must be a tensor or a float, got {type(loss).__name__}")
 
     def _add(self, increment: Tensor, hook: Hook | None) -> None:
-        add_to_grad(list(self.parameters()), increment, hook)
+        """Adds one segment's increment (after ``hook``) to the current task's sum."""
+        if hook is not None:
+            params = list(self.parameters())
+            for piece, p in zip(increment.split([p.numel() for p in params]), params,
+                                strict=True):
+                hook(piece.view_as(p))  # a view: the hook edits ``increment`` in place
+        self._finite_flags.append(torch.isfinite(increment).all())
+        self._pending = increment if self._pending is None else self._pending.add_(increment)
+
+    def _commit(self) -> None:
+        """Ends the trajectory: adds the task's sum to ``.grad`` if it is finite."""
+        pending, flags = self._pending, self._finite_flags
+        self._reset_trajectory()
+        if pending is None:
+            return
+        finite = torch.stack(flags)
+        if bool(finite.all()):  # the one host transfer of the task
+            add_to_grad(list(self.parameters()), pending)
+            return
+        if self._task_counted:
+            self._task_counter -= 1
+            self._task_counted = False
+        if self.on_nonfinite == "raise":
+            first = int((~finite).nonzero()[0, 0])
+            raise metazoo.NonFiniteError(task=self._tasks_started - 1, inner_step=first,
+                                         where="trajectory")
+        self._skipped += 1
 
     def _close(self) -> None:
         """Adds the pending last segment, ending at the live parameters (lazy close)."""
@@ -282,7 +339,8 @@ class Leap:
                     start.loss.dtype)
             self._add(segment_increment(start, Point(end_params, end_loss), norm=self.norm,
                                         loss=self.loss, stabilizer=self.stabilizer), self._hook)
-        self._reset_trajectory()
+        self._commit()
 
     def _reset_trajectory(self) -> None:
         self._previous, self._live, self._hook = None, None, None
+        self._pending, self._finite_flags = None, []

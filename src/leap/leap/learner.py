@@ -144,10 +144,9 @@ class LeapLearner(MetaLearner):
                              f"{inner_grad_clip!r}")
         # Tied weights are one tensor under their first name (named_parameters); the core's
         # forward fills every slot that holds it, so they stay tied while adapting.
-        trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
-        if not trainable:
-            raise ValueError(f"model {type(model).__name__} has no parameters that require "
-                             f"grad; Leap has nothing to meta-learn")
+        # requires_grad=False: neither adapted nor meta-learned, the rule of every metazoo
+        # learner (read once, here).
+        trainable = metazoo.trainable_parameters(model)
         kinds = {(p.dtype, p.device) for p in trainable.values()}
         if len(kinds) > 1:
             raise ValueError(f"LeapLearner needs every trainable parameter to share one dtype "
@@ -192,9 +191,9 @@ class LeapLearner(MetaLearner):
         return meta_optimizer
 
     def named_meta_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
-        """The model's trainable parameters: the initialisation."""
+        """The model's trainable parameters (when the learner was built): the initialisation."""
         for name, p in self.model.named_parameters():
-            if p.requires_grad:
+            if name in self._adapted_names:
                 yield name, p
 
     def adapt(self, task: Task, *, steps: int | None = None) -> Adapted:
@@ -268,7 +267,7 @@ class LeapLearner(MetaLearner):
 
     def _static(self) -> Params:
         return self._in_layout({name: p.detach() for name, p in self.model.named_parameters()
-                                if not p.requires_grad})
+                                if name not in self._adapted_names})
 
     def _loss_and_grads(self, params: Params, static: Params, buffers: Buffers,
                         batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Params, Buffers]:

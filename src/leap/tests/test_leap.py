@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+import metazoo
 from leap import Leap
 
 FLAGS = list(itertools.product([True, False], repeat=3))  # (norm, loss, stabilizer)
@@ -260,3 +261,45 @@ def test_errors_name_the_problem_and_the_fix(helpers):
     out.sum().backward()
     with pytest.raises(ValueError, match="one value"):
         leap.update(out, model)
+
+
+def _poisoned(task: metazoo.Task, batch: int) -> metazoo.Task:
+    support = [(x.clone(), y) for x, y in task.support]
+    support[batch][0][1, 2] = float("nan")
+    return metazoo.Task(support, task.query)
+
+
+@pytest.mark.parametrize("finish", [True, False])
+@pytest.mark.parametrize("batch", [0, 1])
+def test_a_nonfinite_task_never_reaches_the_meta_gradient(helpers, batch, finish):
+    """Issue 18 bug 3: one NaN batch in one task made every meta-parameter NaN through
+    update/normalize. Raise mode names the task; skip mode averages the other tasks only."""
+    model = helpers.mlp()
+    tasks = helpers.regression_tasks(3)
+    bad = [tasks[0], _poisoned(tasks[1], batch), tasks[2]]
+    leap = Leap(copy.deepcopy(model))
+    with pytest.raises(metazoo.NonFiniteError, match=r"task 1 of the meta-batch") as info:
+        helpers.reference_loop(leap, copy.deepcopy(model), bad, steps=2, lr=0.1, finish=finish)
+    assert info.value.where == "trajectory"
+    assert all(p.grad is None or torch.isfinite(p.grad).all() for p in leap.parameters())
+
+    skipping = Leap(copy.deepcopy(model), on_nonfinite="skip")
+    helpers.reference_loop(skipping, copy.deepcopy(model), bad, steps=2, lr=0.1, finish=finish)
+    reference = Leap(copy.deepcopy(model))
+    helpers.reference_loop(reference, copy.deepcopy(model), [tasks[0], tasks[2]], steps=2,
+                           lr=0.1, finish=finish)
+    for p, q in zip(skipping.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-12, atol=1e-15)
+    # Every task skipped: nothing is added and normalize says so instead of failing.
+    only_bad = Leap(copy.deepcopy(model), on_nonfinite="skip")
+    meta_optimizer = torch.optim.SGD(only_bad.parameters(), lr=0.1)
+    meta_optimizer.zero_grad()
+    net = copy.deepcopy(model)
+    only_bad.init_task()
+    only_bad.to(net)
+    x, y = _poisoned(tasks[1], 0).support[0]
+    loss = nn.functional.mse_loss(net(x), y)
+    loss.backward()
+    only_bad.update(loss, net)
+    assert only_bad.normalize() == 1
+    assert all(p.grad is None for p in only_bad.parameters())

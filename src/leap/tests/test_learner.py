@@ -345,3 +345,34 @@ def test_checkpoint_of_another_model_names_the_keys():
                                   ).double())
     with pytest.raises(ValueError, match=r"missing \['3.weight', '3.bias'\]"):
         other.load_state_dict(state)
+
+
+class _WithUnusedScale(nn.Module):
+    """A classifier plus a parameter multiplied by zero: its Leap meta-gradient is exactly 0."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = _classifier()
+        self.scale = nn.Parameter(torch.ones((), dtype=torch.float64))
+
+    def forward(self, x):
+        return self.net(x) + 0.0 * self.scale
+
+
+@pytest.mark.parametrize("on_nonfinite", ["raise", "skip"])
+@pytest.mark.parametrize("factory", [
+    lambda ps: torch.optim.SGD(ps, lr=float("nan")),
+    lambda ps: torch.optim.SGD(ps, lr=float("inf")),
+    lambda ps: torch.optim.Adam(ps, lr=0.1, eps=0.0),
+])
+def test_a_nonfinite_meta_update_is_undone_and_named(factory, on_nonfinite):
+    """Issue 18 bug 1: a NaN/inf meta lr or Adam(eps=0) made the initialisation NaN silently."""
+    ours = LeapLearner(model=_WithUnusedScale(), criterion=nn.functional.cross_entropy,
+                       inner_optimizer=metazoo.SGD(0.1), inner_steps=3, meta_optimizer=factory,
+                       on_nonfinite=on_nonfinite)
+    before = [p.detach().clone() for p in ours.meta_parameters()]
+    with pytest.raises(metazoo.NonFiniteError, match="meta-optimizer step made") as info:
+        ours.meta_step(_class_tasks())
+    assert info.value.where == "meta_update" and "scale" in info.value.names
+    assert all(torch.equal(p, b) for p, b in zip(ours.meta_parameters(), before, strict=True))
+    assert not ours.meta_optimizer.state

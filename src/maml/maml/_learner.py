@@ -21,6 +21,7 @@ def check_module(model: Any) -> nn.Module:
         raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not any(True for _ in model.parameters()):
         raise ValueError(f"model {type(model).__name__} has no parameters to meta-learn")
+    metazoo.trainable_parameters(model)  # raises when every parameter is frozen
     return model
 
 
@@ -93,6 +94,9 @@ def build_meta_optimizer(factory: MetaOptimizerFactory | None,
                          parameters: list[nn.Parameter],
                          default: MetaOptimizerFactory) -> torch.optim.Optimizer:
     factory = default if factory is None else factory
+    if not parameters:
+        raise ValueError("there are no meta-parameters: every parameter is frozen "
+                         "(requires_grad=False) or zero_head; leave at least one trainable")
     if not callable(factory):
         raise ValueError(f"meta_optimizer must be a callable taking the meta-parameters, e.g. "
                          f"lambda params: torch.optim.Adam(params, lr=1e-3); got {factory!r}")

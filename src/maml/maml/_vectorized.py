@@ -106,14 +106,15 @@ def reptile_meta_backward(learner: Reptile, tasks: Sequence[Task], chunk: int
     finite tasks of ``theta - phi_T`` into ``.grad`` (one host transfer for the fault check)."""
     start = time.perf_counter()
     support, query = metazoo.vectorize.stack_tasks(tasks)
-    named = list(learner.model.named_parameters())
+    named = list(learner.named_meta_parameters())
     has_accuracy: list[bool] = []
 
     def task_step(support: list[metazoo.Batch], query: metazoo.Batch
                   ) -> tuple[list[Tensor], tuple[Tensor, tuple[Tensor, tuple[Tensor, Tensor]]]]:
-        result = learner._unroll(Task(support, query), learner.inner_steps, vectorized=True)
-        loss, acc = score_query(learner.model, learner.criterion, result.params, result.buffers,
-                                query, learner.bn_mode)
+        result, params = learner._unroll(Task(support, query), learner.inner_steps,
+                                         vectorized=True)
+        loss, acc = score_query(learner.model, learner.criterion, params, result.buffers, query,
+                                learner.bn_mode)
         has_accuracy.append(acc is not None)
         differences = [p.detach() - result.params[name] for name, p in named]
         return differences, (loss, (result.losses, (loss, loss.new_zeros(()) if acc is None

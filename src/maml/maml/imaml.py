@@ -21,8 +21,9 @@ Reference:
 
 from __future__ import annotations
 
+import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -149,13 +150,16 @@ class iMAML(MetaLearner):
         """
         self.model = check_module(model)
         self.criterion = check_criterion(criterion)
-        if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not lam > 0:
+        if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not (
+                0 < lam < math.inf):
             raise ValueError(f"lam must be a positive number (the proximal strength), got "
-                             f"{lam!r}")
+                             f"{lam!r}; use a finite value > 0")
         self.lam = float(lam)
         self.cg_steps = check_steps("cg_steps", cg_steps)
-        if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not damping >= 0:
-            raise ValueError(f"damping must be a number >= 0, got {damping!r}")
+        if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not (
+                0 <= damping < math.inf):
+            raise ValueError(f"damping must be a number >= 0, got {damping!r}; use a finite "
+                             f"value")
         self.damping = float(damping)
         self.inner_optimizer = check_inner_optimizer(
             metazoo.SGD(0.01) if inner_optimizer is None else inner_optimizer)
@@ -166,18 +170,37 @@ class iMAML(MetaLearner):
         self.inner_grad_clip = check_optional_positive("inner_grad_clip", inner_grad_clip)
         self.on_nonfinite = metazoo.check_on_nonfinite(on_nonfinite)
         self.channels_last = metazoo.check_channels_last(channels_last)
+        # requires_grad=False: neither adapted nor meta-learned (metazoo.trainable_parameters).
+        self._trainable = set(metazoo.trainable_parameters(self.model))
         self.meta_optimizer = build_meta_optimizer(meta_optimizer, list(self.meta_parameters()),
                                                    _default_meta_optimizer)
+
+    def named_meta_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """The model's parameters that required grad when the learner was built."""
+        for name, p in self.model.named_parameters():
+            if name in self._trainable:
+                yield name, p
 
     def _layout(self, task: Task) -> Task:
         """``task`` with its 4-D inputs in channels-last format when ``channels_last`` is set."""
         return metazoo.task_to_channels_last(task) if self.channels_last else task
 
-    def _unroll(self, task: Task, steps: int) -> metazoo.UnrollResult:
-        """Solves the proximal problem of ``task`` (already in the learner's layout)."""
-        theta = metazoo.params_of(self.model, detach=True)
+    def _split(self) -> tuple[metazoo.Params, metazoo.Params]:
+        """Detached ``(trainable, frozen)`` parameters in the learner's layout."""
+        theta, static = metazoo.split_params(metazoo.params_of(self.model, detach=True),
+                                             self._trainable.__contains__)
         if self.channels_last:
             theta = metazoo.params_to_channels_last(theta)
+            static = metazoo.params_to_channels_last(static)
+        return theta, static
+
+    def _unroll(self, task: Task, steps: int) -> tuple[metazoo.UnrollResult, metazoo.Params]:
+        """Solves the proximal problem of ``task`` (already in the learner's layout).
+
+        Returns the unroll (its ``params`` are the adapted, trainable ones) and the frozen
+        parameters it used.
+        """
+        theta, static = self._split()
         support_loss = metazoo.make_loss_fn(self.model, self.criterion, bn_mode=self.bn_mode)
         lam = self.lam
 
@@ -188,16 +211,18 @@ class iMAML(MetaLearner):
             return loss + 0.5 * lam * distance, buffers
 
         with torch.no_grad():
-            return metazoo.unroll(proximal_loss, dict(theta), self.inner_optimizer,
-                                  list(task.support), steps=steps,
-                                  buffers=metazoo.initial_buffers(self.model, self.bn_mode),
-                                  inner_grad_clip=self.inner_grad_clip)
+            result = metazoo.unroll(proximal_loss, dict(theta), self.inner_optimizer,
+                                    list(task.support), steps=steps, static=static,
+                                    buffers=metazoo.initial_buffers(self.model, self.bn_mode),
+                                    inner_grad_clip=self.inner_grad_clip)
+        return result, static
 
     def adapt(self, task: Task, *, steps: int | None = None) -> Adapted:
         """Approximately solves the proximal inner problem of ``task`` (no meta-gradient)."""
         steps = self.eval_inner_steps if steps is None else check_steps("steps", steps)
-        result = self._unroll(self._layout(task), steps)
-        return Adapted(result.params, result.buffers, tuple(result.losses.tolist()))
+        result, static = self._unroll(self._layout(task), steps)
+        return Adapted({**static, **result.params}, result.buffers,
+                       tuple(result.losses.tolist()))
 
     def implicit_gradient(self, task: Task, phi: metazoo.Params, buffers: metazoo.Buffers
                           ) -> tuple[list[Tensor], Tensor, Tensor | None]:
@@ -206,26 +231,29 @@ class iMAML(MetaLearner):
         Args:
             task: the task; its support batches define the Hessian (mean loss over them), its
                 query batch the outer loss.
-            phi: adapted parameters (the inner solution).
+            phi: adapted parameters (the inner solution); frozen parameters
+                (``requires_grad=False``), if given, are ignored.
             buffers: the task's buffers after adaptation, used by the query pass.
 
         Returns:
             ``(meta_gradient, query_loss, query_accuracy)``, the gradient as one tensor per
-            model parameter, in ``model.named_parameters()`` order.
+            meta-parameter, in ``named_meta_parameters()`` order.
         """
-        names = [n for n, _ in self.model.named_parameters()]
+        names = [n for n, _ in self.named_meta_parameters()]
+        _, static = self._split()
         start_buffers = metazoo.initial_buffers(self.model, self.bn_mode)
         support_loss = metazoo.make_loss_fn(self.model, self.criterion, bn_mode=self.bn_mode)
         with torch.enable_grad():
             leaves = {n: phi[n].detach().requires_grad_() for n in names}
             inputs = list(leaves.values())
-            query_loss, acc = score_query(self.model, self.criterion, leaves, buffers,
+            full = {**static, **leaves}
+            query_loss, acc = score_query(self.model, self.criterion, full, buffers,
                                           task.query, self.bn_mode)
             query_grad = torch.autograd.grad(query_loss, inputs, allow_unused=True,
                                              materialize_grads=True)
             # Only the support loss's Hessian enters CG: the proximal term's Hessian lam * I is
             # the identity part of the system.
-            inner = torch.stack([support_loss(leaves, start_buffers, b)[0]
+            inner = torch.stack([support_loss(full, start_buffers, b)[0]
                                  for b in task.support]).sum()
             inner_grad = torch.autograd.grad(inner / len(task.support), inputs,
                                              create_graph=True, allow_unused=True,
@@ -251,17 +279,17 @@ class iMAML(MetaLearner):
         """Accumulates the mean implicit meta-gradient over ``tasks`` into ``.grad``."""
         check_tasks(tasks)
         start = time.perf_counter()
-        collected = TaskGradients(self.model.parameters(), len(tasks), self.on_nonfinite)
+        collected = TaskGradients(self.meta_parameters(), len(tasks), self.on_nonfinite)
         per_task = []
         for index, task in enumerate(tasks):
             task = self._layout(task)
-            result = self._unroll(task, self.inner_steps)
+            result, _ = self._unroll(task, self.inner_steps)
             if not collected.keep(index, result.losses, None):
                 continue
             grads, loss, acc = self.implicit_gradient(task, result.params, result.buffers)
             if not collected.keep(index, result.losses, loss):
                 continue
-            for p, g in zip(self.model.parameters(), grads, strict=True):
+            for p, g in zip(self.meta_parameters(), grads, strict=True):
                 metazoo.accumulate_grad(p, g / len(tasks))
             per_task.append((loss, acc, result.losses))
         collected.finish()
@@ -273,8 +301,8 @@ class iMAML(MetaLearner):
         steps = self.eval_inner_steps if steps is None else check_steps("steps", steps)
 
         def adapt(task: Task) -> tuple[metazoo.Params, metazoo.UnrollResult]:
-            result = self._unroll(task, steps)
-            return result.params, result
+            result, static = self._unroll(task, steps)
+            return {**static, **result.params}, result
 
         return evaluate_tasks(tasks, adapt, self.model, self.criterion, self.bn_mode,
                               self._layout)

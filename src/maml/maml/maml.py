@@ -14,7 +14,8 @@ Variants, all flags of ``MAML`` rather than subclasses:
   (``learn_inner_lr="per_tensor", per_step_inner_lr=True``).
 - MAML++ MSL: ``multi_step_weights`` (see ``multi_step_loss_weights`` for the annealing).
 - ANIL: ``frozen`` parameters are not adapted in the inner loop (only the head is); they still
-  receive meta-gradients.
+  receive meta-gradients. A parameter with ``requires_grad=False`` is frozen for good: neither
+  adapted nor meta-learned (the rule of every metazoo learner, ``metazoo.trainable_parameters``).
 - Zero-initialised head: ``zero_head`` parameters start every task at zero and are not
   meta-learned, so a head of another width (another number of classes) can be swapped in.
 
@@ -211,18 +212,29 @@ class MAML(MetaLearner):
                                      f"per-task loop")
 
         names = [n for n, _ in model.named_parameters()]
+        # requires_grad=False: neither adapted nor meta-learned (metazoo.trainable_parameters).
+        self._trainable = set(metazoo.trainable_parameters(model))
         self._frozen = name_predicate("frozen", frozen, names)
         self._zero_head = name_predicate("zero_head", zero_head, names)
-        if self._frozen is not None:
-            if all(self._frozen(n) for n in names):
-                raise ValueError("frozen matches every parameter, so nothing would adapt; leave "
-                                 "at least the head out of frozen")
-            if self._zero_head is not None:
-                both = [n for n in names if self._frozen(n) and self._zero_head(n)]
-                if both:
-                    raise ValueError(f"parameters {both} are both frozen and zero_head, so "
-                                     f"they would stay zero; remove them from frozen")
-        self._adapted_names = [n for n in names if self._frozen is None or not self._frozen(n)]
+        if self._zero_head is not None:
+            fixed = [n for n in names if self._zero_head(n) and n not in self._trainable]
+            if fixed:
+                raise ValueError(f"parameters {fixed} are zero_head but have "
+                                 f"requires_grad=False, so they would stay zero; set "
+                                 f"requires_grad=True on them or remove them from zero_head")
+        if self._frozen is not None and all(self._frozen(n) for n in names):
+            raise ValueError("frozen matches every parameter, so nothing would adapt; leave "
+                             "at least the head out of frozen")
+        if self._frozen is not None and self._zero_head is not None:
+            both = [n for n in names if self._frozen(n) and self._zero_head(n)]
+            if both:
+                raise ValueError(f"parameters {both} are both frozen and zero_head, so "
+                                 f"they would stay zero; remove them from frozen")
+        self._adapted_names = [n for n in names if n in self._trainable
+                               and (self._frozen is None or not self._frozen(n))]
+        if not self._adapted_names:
+            raise ValueError("frozen and requires_grad=False leave no parameter to adapt; leave "
+                             "at least the head out of frozen, with requires_grad=True")
 
         optimizer = check_inner_optimizer(
             metazoo.SGD(0.01) if inner_optimizer is None else inner_optimizer)
@@ -291,7 +303,7 @@ class MAML(MetaLearner):
     def named_meta_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         """The model's parameters (less the zero-initialised head), then the learned rates."""
         for name, p in self.model.named_parameters():
-            if self._zero_head is None or not self._zero_head(name):
+            if name in self._trainable and (self._zero_head is None or not self._zero_head(name)):
                 yield name, p
         for step, rates in enumerate(self._inner_lrs):
             prefix = f"inner_lr.{step}." if self.per_step_inner_lr else "inner_lr."

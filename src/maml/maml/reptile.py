@@ -14,7 +14,7 @@ Reference:
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -114,8 +114,16 @@ class Reptile(MetaLearner):
             raise ValueError(f"vectorize={vectorize!r} does not support channels_last; pass "
                              f"channels_last=False, or vectorize=False to keep channels_last in "
                              f"the per-task loop")
+        # requires_grad=False: neither adapted nor meta-learned (metazoo.trainable_parameters).
+        self._trainable = set(metazoo.trainable_parameters(self.model))
         self.meta_optimizer = build_meta_optimizer(meta_optimizer, list(self.meta_parameters()),
                                                    _default_meta_optimizer)
+
+    def named_meta_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """The model's parameters that required grad when the learner was built."""
+        for name, p in self.model.named_parameters():
+            if name in self._trainable:
+                yield name, p
 
     def _device(self) -> torch.device:
         return next(self.model.parameters()).device
@@ -124,25 +132,32 @@ class Reptile(MetaLearner):
         return metazoo.task_to_channels_last(task) if self.channels_last else task
 
     def _unroll(self, task: Task, steps: int, *, vectorized: bool = False
-                ) -> metazoo.UnrollResult:
+                ) -> tuple[metazoo.UnrollResult, metazoo.Params]:
         """Adapts to ``task`` (already in the learner's layout, see ``_layout``); with
-        ``vectorized`` by the ``torch.func`` unroll, to run inside ``vmap``."""
-        params = metazoo.params_of(self.model, detach=True)
+        ``vectorized`` by the ``torch.func`` unroll, to run inside ``vmap``.
+
+        Returns the unroll (its ``params`` are the adapted, trainable ones) and every
+        parameter of the adapted model (frozen ones merged in).
+        """
+        params, static = metazoo.split_params(metazoo.params_of(self.model, detach=True),
+                                              self._trainable.__contains__)
         if self.channels_last:
             params = metazoo.params_to_channels_last(params)
+            static = metazoo.params_to_channels_last(static)
         unroll = metazoo.vectorize.functional_unroll if vectorized else metazoo.unroll
         with torch.no_grad():
-            return unroll(
+            result = unroll(
                 metazoo.make_loss_fn(self.model, self.criterion, bn_mode=self.bn_mode),
-                params, self.inner_optimizer, list(task.support), steps=steps,
+                params, self.inner_optimizer, list(task.support), steps=steps, static=static,
                 buffers=metazoo.initial_buffers(self.model, self.bn_mode),
                 inner_grad_clip=self.inner_grad_clip)
+        return result, {**static, **result.params}
 
     def adapt(self, task: Task, *, steps: int | None = None) -> Adapted:
         """Adapts a copy of the model to ``task`` with ``steps`` (default eval) inner steps."""
         steps = self.eval_inner_steps if steps is None else check_steps("steps", steps)
-        result = self._unroll(self._layout(task), steps)
-        return Adapted(result.params, result.buffers, tuple(result.losses.tolist()))
+        result, params = self._unroll(self._layout(task), steps)
+        return Adapted(params, result.buffers, tuple(result.losses.tolist()))
 
     def meta_backward(self, tasks: Sequence[Task]) -> MetaStepResult:
         """Accumulates ``mean_T (theta - phi_T)`` into ``.grad``; reports the query loss."""
@@ -151,18 +166,18 @@ class Reptile(MetaLearner):
         if chunk is not None:
             return _vectorized.reptile_meta_backward(self, tasks, chunk)
         start = time.perf_counter()
-        collected = TaskGradients(self.model.parameters(), len(tasks), self.on_nonfinite)
+        collected = TaskGradients(self.meta_parameters(), len(tasks), self.on_nonfinite)
         per_task = []
         for index, task in enumerate(tasks):
             task = self._layout(task)
-            result = self._unroll(task, self.inner_steps)
+            result, params = self._unroll(task, self.inner_steps)
             with torch.no_grad():
-                loss, acc = score_query(self.model, self.criterion, result.params,
+                loss, acc = score_query(self.model, self.criterion, params,
                                         result.buffers, task.query, self.bn_mode)
                 # Reptile's step does not use the query loss, but a NaN there is still a fault.
                 if not collected.keep(index, result.losses, loss):
                     continue
-                for name, p in self.model.named_parameters():
+                for name, p in self.named_meta_parameters():
                     metazoo.accumulate_grad(p, (p - result.params[name]) / len(tasks))
             per_task.append((loss, acc, result.losses))
         collected.finish()
@@ -175,8 +190,8 @@ class Reptile(MetaLearner):
         chunk = metazoo.vectorize.resolve_chunk(self.vectorize, len(tasks), self._device())
 
         def adapt(task: Task) -> tuple[metazoo.Params, metazoo.UnrollResult]:
-            result = self._unroll(task, steps, vectorized=chunk is not None)
-            return result.params, result
+            result, params = self._unroll(task, steps, vectorized=chunk is not None)
+            return params, result
 
         if chunk is not None:
             return _vectorized.evaluate(self, tasks, chunk, adapt)

@@ -216,3 +216,90 @@ def test_same_seed_twice_is_bitwise_identical(name):
     for a, b in zip(first[1], second[1], strict=True):
         assert torch.equal(a, b)
     assert copy.deepcopy(first[0]) == second[0]
+
+
+class _WithUnusedScale(nn.Module):
+    """``model`` plus a parameter multiplied by zero: its meta-gradient is exactly zero, so
+    Adam(eps=0) divides 0 by 0 there."""
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        self.net = model(seed)
+        self.scale = nn.Parameter(torch.ones((), dtype=DTYPE))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x) + 0.0 * self.scale
+
+
+META_OPTIMIZERS = {
+    "sgd_lr_nan": lambda ps: torch.optim.SGD(ps, lr=float("nan")),
+    "sgd_lr_inf": lambda ps: torch.optim.SGD(ps, lr=float("inf")),
+    "adam_eps_0": lambda ps: torch.optim.Adam(ps, lr=0.1, eps=0.0),
+}
+
+
+@pytest.mark.parametrize("on_nonfinite", ["raise", "skip"])
+@pytest.mark.parametrize("optimizer", list(META_OPTIMIZERS))
+@pytest.mark.parametrize("name", list(LEARNERS))
+def test_a_nonfinite_meta_update_is_undone_and_named(name, optimizer, on_nonfinite):
+    """Issue 18 bug 1: SGD(lr=nan/inf) or Adam(eps=0) on a zero gradient made the meta-parameters
+    NaN silently; now the step is undone (parameters and optimizer state) and the error names
+    the parameters and the fix, whatever on_nonfinite says (skipping tasks cannot avoid it)."""
+    learner = LEARNERS[name](_WithUnusedScale(), meta_optimizer=META_OPTIMIZERS[optimizer],
+                             on_nonfinite=on_nonfinite)
+    before = snapshot(learner)
+    with pytest.raises(metazoo.NonFiniteError, match=r"meta-optimizer step made \[.*\] \(or "
+                       r"their optimizer state\) non-finite.*restored.*learning rate must be "
+                       r"finite and positive.*eps must be > 0") as info:
+        learner.meta_step(tasks(2))
+    assert info.value.where == "meta_update" and info.value.names
+    if optimizer == "adam_eps_0":
+        assert info.value.names == ("scale",)  # the only parameter with a zero gradient
+    after = snapshot(learner)
+    assert all(torch.equal(before[n], after[n]) for n in before)
+    assert not learner.meta_optimizer.state  # the first step's state was removed again
+    assert all(p.grad is None for p in learner.meta_parameters())
+
+
+def test_a_nonfinite_meta_update_restores_the_previous_optimizer_state():
+    learner = LEARNERS["maml"](_WithUnusedScale(),
+                               meta_optimizer=lambda ps: torch.optim.Adam(ps, lr=0.01))
+    learner.meta_step(tasks(2))
+    state = copy.deepcopy(learner.meta_optimizer.state_dict())
+    before = snapshot(learner)
+    learner.meta_optimizer.param_groups[0]["lr"] = float("inf")
+    with pytest.raises(metazoo.NonFiniteError, match="meta-optimizer step made"):
+        learner.meta_step(tasks(2, seed=4))
+    after = snapshot(learner)
+    assert all(torch.equal(before[n], after[n]) for n in before)
+    restored = learner.meta_optimizer.state_dict()["state"]
+    for key, entry in state["state"].items():
+        assert all(torch.equal(entry[k], restored[key][k]) for k in entry)
+    learner.meta_optimizer.param_groups[0]["lr"] = 0.01  # fixed: training continues
+    learner.meta_step(tasks(2, seed=4))
+    assert all(torch.isfinite(p).all() for p in learner.meta_parameters())
+
+
+@pytest.mark.parametrize("name", list(LEARNERS))
+def test_requires_grad_false_is_neither_adapted_nor_meta_learned(name):
+    """Issue 18 bug 6: one rule for every learner. Before, Reptile and iMAML adapted and
+    meta-updated a parameter with requires_grad=False, and MAML adapted it."""
+    net = model()
+    net[0].weight.requires_grad_(False)
+    frozen = net[0].weight.detach().clone()
+    learner = LEARNERS[name](net)
+    assert "0.weight" not in dict(learner.named_meta_parameters())
+    task = tasks(1)[0]
+    adapted = learner.adapt(task)
+    assert torch.equal(adapted.params["0.weight"], frozen)  # not adapted
+    assert not torch.equal(adapted.params["0.bias"], net[0].bias)  # the others are
+    learner.meta_step(tasks(2))
+    assert torch.equal(net[0].weight, frozen) and net[0].weight.grad is None
+
+
+@pytest.mark.parametrize("name", list(LEARNERS))
+def test_every_parameter_frozen_is_a_clear_error(name):
+    net = model().requires_grad_(False)
+    with pytest.raises(ValueError, match=r"no parameters with requires_grad=True, so there is "
+                                         r"nothing to adapt or meta-learn"):
+        LEARNERS[name](net)

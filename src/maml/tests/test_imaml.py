@@ -186,6 +186,9 @@ def test_batchnorm_network_with_an_unused_layer(bn_mode):
     ({"lam": -1.0}, r"lam must be a positive number \(the proximal strength\), got -1.0"),
     ({"cg_steps": 0}, "cg_steps must be an int >= 1, got 0"),
     ({"damping": -0.1}, "damping must be a number >= 0, got -0.1"),
+    ({"lam": float("inf")}, "lam must be a positive number .*got inf; use a finite value"),
+    ({"lam": float("nan")}, "lam must be a positive number .*got nan"),
+    ({"damping": float("inf")}, "damping must be a number >= 0, got inf; use a finite"),
     ({"inner_steps": 0}, "inner_steps must be an int >= 1, got 0"),
 ])
 def test_validation(kwargs, message):

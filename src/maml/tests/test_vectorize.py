@@ -286,3 +286,21 @@ def test_reptile_vectorized_runs_batched_skips_and_raises_like_the_loop():
         reptile("batch_sgd", True).meta_backward(bad)
     with pytest.raises(ValueError, match="vectorize=True does not support channels_last"):
         reptile("batch_sgd", True, channels_last=True)
+
+
+@pytest.mark.parametrize("kind", ["maml", "reptile"])
+def test_requires_grad_false_parameters_stay_fixed_when_vectorized(kind):
+    """The rule of every learner (metazoo.trainable_parameters): a parameter with
+    requires_grad=False is neither adapted nor meta-learned, in the vectorized path too."""
+    grads = []
+    for vectorize in (False, True):
+        net = bn_net()
+        net[1].weight.requires_grad_(False)
+        build = MAML if kind == "maml" else Reptile
+        learner_ = build(model=net, criterion=F.cross_entropy, inner_optimizer=metazoo.SGD(0.4),
+                         inner_steps=2, vectorize=vectorize)
+        learner_.meta_backward(tasks())
+        assert net[1].weight.grad is None
+        grads.append({n: p.grad for n, p in learner_.named_meta_parameters()})
+    assert "1.weight" not in grads[0]
+    assert_same(grads[1], grads[0])

@@ -2,9 +2,10 @@
 
 import pytest
 import torch
+from torch.func import functional_call
+
 from agents import MODULATIONS, LSTMAgent, WarpedRecurrentAgent, make_agent
 from env import NUM_ACTIONS, OBS_SIZE
-from torch.func import functional_call
 
 HS = 5
 

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+
 from env import NUM_ACTIONS, OBS_SIZE, Maze, maze_layout
 
 UP, DOWN, LEFT, RIGHT = range(4)

@@ -3,8 +3,9 @@
 import shlex
 
 import numpy as np
-import plot
 import pytest
+
+import plot
 import run
 
 TINY = shlex.split("--hs 4 --bs 2 --eplen 8 --msize 5 --random_episodes 1 --nbiter 3")
@@ -40,3 +41,61 @@ def test_plot_compares_agents_and_seeds(tmp_path):
 def test_load_run_rejects_folder_without_log(tmp_path):
     with pytest.raises(ValueError, match=r"rewards\.csv"):
         plot.load_run(tmp_path)
+
+
+@pytest.fixture
+def one_run(tmp_path):
+    folder = tmp_path / "lstm0"
+    run.main([*TINY, "--agent", "lstm", "--out", str(folder)])
+    return folder
+
+
+def _one_line_exit_2(argv, capsys) -> str:
+    from metazoo.cli import run_command
+
+    with pytest.raises(SystemExit) as exit_info:
+        run_command(plot.main, argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    return err
+
+
+def test_bad_input_is_one_line_and_writes_nothing(one_run, tmp_path, capsys):
+    png = tmp_path / "p.png"
+    err = _one_line_exit_2([str(tmp_path / "nope"), "--out", str(png)], capsys)
+    assert "has no rewards.csv" in err
+    err = _one_line_exit_2([str(one_run), "--out", str(png), "--window", "0"], capsys)
+    assert "--window 0: must be >= 1" in err
+    err = _one_line_exit_2([str(one_run), "--out", str(tmp_path)], capsys)
+    assert "is a folder" in err
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    err = _one_line_exit_2([str(one_run), "--out", str(blocker / "p.png")], capsys)
+    assert f"--out {blocker / 'p.png'}: cannot write it" in err
+    garbage = tmp_path / "garbage"
+    garbage.mkdir()
+    (garbage / "rewards.csv").write_text("a,b\n1,2\n")
+    err = _one_line_exit_2([str(garbage), "--out", str(png)], capsys)
+    assert "is not a rewards log written by run.py" in err
+    no_config = tmp_path / "no_config"
+    no_config.mkdir()
+    (no_config / "rewards.csv").write_bytes((one_run / "rewards.csv").read_bytes())
+    err = _one_line_exit_2([str(no_config), "--out", str(png)], capsys)
+    assert "cannot read its agent and seed" in err
+    assert not png.exists()
+
+
+def test_a_torn_last_line_of_a_running_run_is_left_out(one_run):
+    (one_run / "summary.json").unlink()  # still running: the checkpoint says agent and seed
+    with open(one_run / "rewards.csv", "a") as f:
+        f.write("3,0.")
+    curve = plot.load_run(one_run)
+    assert (curve.agent, curve.seed, len(curve.rewards)) == ("lstm", 0, 3)
+
+
+def test_help_shows_every_default(capsys):
+    with pytest.raises(SystemExit):
+        plot.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: maze_rewards.png)" in text and "(default: 50)" in text

@@ -5,8 +5,10 @@ import json
 import shlex
 
 import pytest
-import run
 import torch
+
+import run
+from metazoo.cli import UsageError
 from train import TrainConfig
 
 TINY = shlex.split(
@@ -78,7 +80,7 @@ def test_run_logs_checkpoints_and_resumes_exactly(tmp_path, agent):
     assert (part / "checkpoint.pt").exists()
     state = torch.load(part / "checkpoint.pt", weights_only=True)
     assert state["episode"] == 3 and state["config"]["agent"] == agent
-    with pytest.raises(RuntimeError, match="--resume"):
+    with pytest.raises(UsageError, match=r"already holds a run .*--resume"):
         run.main([*TINY, "--agent", agent, "--nbiter", "5", "--out", str(part)])
     resumed = run.main([*TINY, "--agent", agent, "--nbiter", "5", "--out", str(part), "--resume"])
     rows_a, rows_b = read_csv(tmp_path / "a" / "rewards.csv"), read_csv(part / "rewards.csv")
@@ -146,7 +148,11 @@ def test_a_run_killed_with_sigkill_resumes_to_the_same_log(tmp_path):
     checkpoint = torch.load(killed / "checkpoint.pt", weights_only=True)
     assert 12 <= len(logged) < 30 and checkpoint["episode"] % 5 == 0
     assert checkpoint["episode"] <= len(logged)
+    (killed / ".rewards.csv.abc_1234.tmp").write_text("a kill mid-rewrite leaves this")
+    (killed / ".my_notes.tmp").write_text("not the run's")
     run.main([*args, "--out", str(killed), "--resume"])  # the same argument list
+    assert not (killed / ".rewards.csv.abc_1234.tmp").exists()
+    assert (killed / ".my_notes.tmp").exists()
     straight = tmp_path / "straight"
     run.main([*args, "--out", str(straight)])
     rows = read_csv(killed / "rewards.csv")
@@ -214,3 +220,102 @@ def test_a_torn_last_log_line_is_dropped_on_resume(tmp_path):
     assert [r["episode"] for r in run._read_rewards(path, upto=30)] == ["0", "1"]
     path.write_text("")  # created, header not yet written
     assert run._read_rewards(path, upto=30) == []
+
+
+def _one_line_exit_2(argv, capsys) -> str:
+    from metazoo.cli import run_command
+
+    with pytest.raises(SystemExit) as exit_info:
+        run_command(run.main, argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    return err
+
+
+def test_resume_without_a_checkpoint_refuses_and_keeps_the_log(tmp_path, capsys):
+    """Bug 2 (maze): --resume with the checkpoint removed cut rewards.csv to its header."""
+    out = tmp_path / "r"
+    run.main([*TINY, "--agent", "lstm", "--nbiter", "3", "--out", str(out)])
+    (out / "checkpoint.pt").unlink()
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert len(read_csv(out / "rewards.csv")) == 3
+    err = _one_line_exit_2([*TINY, "--agent", "lstm", "--nbiter", "5", "--out", str(out),
+                            "--resume"], capsys)
+    assert "has no checkpoint.pt" in err and "nothing was changed" in err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    # a folder that holds no run yet is started by --resume (what a sweep passes every run)
+    fresh = run.main([*TINY, "--agent", "lstm", "--nbiter", "2", "--out", str(tmp_path / "n"),
+                      "--resume"])
+    assert fresh["episodes"] == 2
+
+
+@pytest.mark.parametrize("flags,named", [
+    (["--hs", "0"], "--hidden_size (--hs) 0: must be a positive integer"),
+    (["--msize", "6"], "--maze_size (--msize) 6: must be an odd integer >= 5"),
+    (["--gr", "1.5"], "--discount (--gr) 1.5: must lie in [0, 1]"),
+    (["--learning_rate", "nan"], "--learning_rate nan: must be > 0"),
+    (["--meta_learning_rate", "inf"], "--meta_learning_rate inf: must be > 0"),
+    (["--bent", "nan"], "--concentration (--bent) nan: must be >= 0"),
+    (["--rew", "inf"], "--reward (--rew) inf: must be a finite number"),
+    (["--nbiter", "-1"], "--num_episodes (--nbiter) -1: must be a non-negative integer"),
+    (["--rngseed", "-1"], "--seed (--rngseed) -1: must be an integer from 0"),
+    (["--save_every", "0"], "--save_every 0: must be >= 1"),
+    (["--pe", "0"], "--print_every (--pe) 0: must be >= 1"),
+    (["--threads", "-1"], "--threads -1: must be >= 0"),
+    (["--device", "foo"], "--device 'foo'"),
+])
+def test_every_invalid_value_is_one_line_naming_the_flag(tmp_path, capsys, flags, named):
+    err = _one_line_exit_2([*TINY, *flags, "--out", str(tmp_path / "r")], capsys)
+    assert named in err
+    assert not (tmp_path / "r").exists()  # nothing written
+
+
+def test_an_existing_run_folder_is_one_line(tmp_path, capsys):
+    out = tmp_path / "r"
+    run.main([*TINY, "--agent", "lstm", "--nbiter", "1", "--out", str(out)])
+    err = _one_line_exit_2([*TINY, "--agent", "lstm", "--nbiter", "1", "--out", str(out)],
+                           capsys)
+    assert "already holds a run" in err and "--resume" in err
+    err = _one_line_exit_2([*TINY, "--agent", "warp", "--nbiter", "2", "--out", str(out),
+                            "--resume"], capsys)
+    assert "different config" in err and "'agent': ('lstm', 'warp')" in err
+
+
+def test_a_bit_flipped_checkpoint_is_refused(tmp_path, capsys):
+    out = tmp_path / "r"
+    run.main([*TINY, "--agent", "lstm", "--nbiter", "2", "--out", str(out)])
+    path = out / "checkpoint.pt"
+    state = torch.load(path, weights_only=True)
+    weight = max(state["agent"].values(), key=torch.Tensor.numel)
+    data = bytearray(path.read_bytes())
+    at = data.find(weight.numpy().tobytes())
+    assert at > 0
+    data[at + 3] ^= 0x10
+    path.write_bytes(bytes(data))
+    before = (out / "rewards.csv").read_bytes()
+    err = _one_line_exit_2([*TINY, "--agent", "lstm", "--nbiter", "3", "--out", str(out),
+                            "--resume"], capsys)
+    assert "does not match its checksum" in err
+    assert (out / "rewards.csv").read_bytes() == before
+
+
+def test_help_describes_every_flag_with_its_default():
+    parser = run.build_parser()
+    for action in parser._actions:
+        assert action.help, action.option_strings
+    text = " ".join(parser.format_help().split())
+    assert "run folder (default: logs/maze_navigation/<agent>_seed<seed>)" in text
+    assert "(default: None)" not in text
+
+
+def test_the_command_exits_2_with_one_line(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(run.__file__).resolve()
+    done = subprocess.run([sys.executable, str(script), "--hs", "0", "--out",
+                           str(tmp_path / "r")], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr == "error: --hidden_size (--hs) 0: must be a positive integer\n"

@@ -6,11 +6,13 @@ Pure functional models (``forward``, ``params_of``), differentiable inner optimi
 """
 
 from metazoo import cli, distributed, vectorize
+from metazoo.devices import DeviceMixError, strict_devices
 from metazoo.faults import (
     CheckedCriterion,
     NonFiniteError,
     all_finite,
     check_on_nonfinite,
+    checked_step,
     task_fault,
 )
 from metazoo.functional import (
@@ -40,8 +42,15 @@ from metazoo.learner import (
     Task,
     accuracy,
     mean_results,
+    trainable_parameters,
 )
 from metazoo.optim import SGD, Adam, InnerOptimizer, OptState, RMSprop, safe_sqrt
+from metazoo.precision import (
+    PRECISIONS,
+    fp32_precision,
+    fp32_precision_flags,
+    set_fp32_precision,
+)
 from metazoo.serialization import atomic_save, atomic_write_text
 from metazoo.unroll import DEFAULT_SEGMENT, LossFn, UnrollResult, clip_grad_norm, unroll
 
@@ -49,6 +58,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DEFAULT_SEGMENT",
+    "PRECISIONS",
     "SGD",
     "Adam",
     "Adapted",
@@ -56,6 +66,7 @@ __all__ = [
     "BatchNormMode",
     "Buffers",
     "CheckedCriterion",
+    "DeviceMixError",
     "EvalResult",
     "InnerOptimizer",
     "LossFn",
@@ -75,20 +86,26 @@ __all__ = [
     "check_channels_last",
     "check_on_nonfinite",
     "check_params",
+    "checked_step",
     "cli",
     "clip_grad_norm",
     "distributed",
     "forward",
+    "fp32_precision",
+    "fp32_precision_flags",
     "initial_buffers",
     "make_loss_fn",
     "mean_results",
     "params_of",
     "params_to_channels_last",
     "safe_sqrt",
+    "set_fp32_precision",
     "split_params",
+    "strict_devices",
     "task_fault",
     "task_to_channels_last",
     "to_channels_last",
+    "trainable_parameters",
     "unroll",
     "vectorize",
 ]

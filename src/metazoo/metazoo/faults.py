@@ -5,19 +5,24 @@ be silently averaged away. Learners check each task's inner losses and query los
 host transfer per task (``task_fault``) and either raise ``NonFiniteError`` naming the task
 and the inner step where the fault first appeared, or (``on_nonfinite="skip"``) leave the task
 out of the mean and count it in ``MetaStepResult.skipped_tasks``. ``MetaLearner.meta_step``
-checks every meta-gradient with one fused reduction (``all_finite``) before the optimizer step.
+steps the meta-optimizer through ``checked_step``: one fused reduction (``all_finite``, one host
+transfer) over the meta-gradients, the stepped meta-parameters and the optimizer state; if any
+is non-finite the step is undone (parameters and state restored) and ``NonFiniteError`` names
+them. A non-finite meta-update (an lr of NaN or inf, Adam's ``eps=0`` on a zero gradient) is
+not a task fault: ``on_nonfinite="skip"`` cannot drop a task to avoid it, so it always raises.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import copy
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
 __all__ = ["NONFINITE_MODES", "CheckedCriterion", "NonFiniteError", "all_finite",
-           "check_on_nonfinite", "task_fault"]
+           "check_on_nonfinite", "checked_step", "task_fault"]
 
 NONFINITE_MODES = ("raise", "skip")
 
@@ -29,12 +34,17 @@ class NonFiniteError(RuntimeError):
         task: index of the task within the meta-batch, ``None`` when not attributable to one.
         inner_step: inner step whose support loss was first non-finite (``where="inner"``);
             ``None`` otherwise.
-        where: ``"inner"`` (support loss), ``"query"`` (query loss / meta-objective) or
-            ``"meta_gradient"`` (the accumulated meta-gradient, after any gradient hook) or
-            ``"other_rank"`` (distributed: another process stopped on a non-finite loss; its
-            own error names the task).
+        where: ``"inner"`` (support loss), ``"query"`` (query loss / meta-objective),
+            ``"meta_gradient"`` (the accumulated meta-gradient, after any gradient hook),
+            ``"meta_update"`` (the meta-optimizer's step made meta-parameters or its own state
+            non-finite from finite gradients: its lr or eps), ``"meta_parameters"`` (they were
+            already non-finite before the step, e.g. loaded so), ``"trajectory"`` (a task's
+            recorded path, in the reference-style APIs that see no losses; ``inner_step`` is
+            the first non-finite point or segment) or ``"other_rank"`` (distributed: another process
+            stopped on a non-finite loss; its own error names the task).
         meta_step: the meta-step number, filled in by the experiment loop (``None`` until then).
-        names: for ``where="meta_gradient"``, the meta-parameters with non-finite gradients.
+        names: for ``where="meta_gradient"``, the meta-parameters with non-finite gradients; for
+            ``"meta_update"``, those the step made non-finite (value or optimizer state).
     """
 
     def __init__(self, *, task: int | None, inner_step: int | None, where: str,
@@ -54,8 +64,26 @@ class NonFiniteError(RuntimeError):
         elif self.where == "other_rank":
             what = ("another process of the distributed run stopped on a non-finite loss (its "
                     "error names the task)")
+        elif self.where == "trajectory":
+            what = (f"non-finite values in the task's adaptation trajectory, first at its "
+                    f"point or segment {self.inner_step} (a NaN/inf batch, loss or learning rate "
+                    f"in that task's inner loop)")
+        elif self.where == "meta_parameters":
+            return (f"the meta-parameters {_shown(self.names)} (or their optimizer state) were "
+                    f"already non-finite before the meta-optimizer step"
+                    f"{' (' + ', '.join(at) + ')' if at else ''}; they were left as they were. "
+                    f"Load a checkpoint with finite weights or initialise the model again")
+        elif self.where == "meta_update":
+            # Not a task fault: skipping tasks cannot help, so the advice differs.
+            return (f"the meta-optimizer step made {_shown(self.names)} (or their optimizer state) "
+                    f"non-finite from finite meta-gradients"
+                    f"{' (' + ', '.join(at) + ')' if at else ''}; the meta-parameters and the "
+                    f"optimizer state were restored to their values before the step. Check the "
+                    f"meta-optimizer's hyperparameters: the learning rate must be finite and "
+                    f"positive (nan or inf does this), and Adam's eps must be > 0 (eps=0 "
+                    f"divides 0 by 0 where a gradient is zero)")
         else:
-            what = f"non-finite meta-gradient of {list(self.names)}"
+            what = f"non-finite meta-gradient of {_shown(self.names)}"
         return (f"{what}{' (' + ', '.join(at) + ')' if at else ''}; the meta-parameters were "
                 f"not updated. Check that task's data and lower the learning rates, or pass "
                 f"on_nonfinite='skip' to leave such tasks out of the meta-step")
@@ -68,6 +96,13 @@ class NonFiniteError(RuntimeError):
     def __reduce__(self) -> tuple[Any, ...]:
         # Keyword-only constructor: pickle through a helper so errors cross process borders.
         return (_rebuild, (self.task, self.inner_step, self.where, self.meta_step, self.names))
+
+
+def _shown(names: Sequence[str], limit: int = 6) -> str:
+    """``names`` as a list, the first ``limit`` of a long one (every name stays in ``.names``)."""
+    if len(names) <= limit:
+        return str(list(names))
+    return f"{str(list(names[:limit]))[:-1]}, ... {len(names) - limit} more]"
 
 
 def _rebuild(task: int | None, inner_step: int | None, where: str, meta_step: int | None,
@@ -91,7 +126,8 @@ def task_fault(task: int, inner_losses: Tensor, query_loss: Tensor | None) -> No
         task: index of the task in the meta-batch.
         inner_losses: support loss before each inner step, shape ``[K]``.
         query_loss: the task's query loss or meta-objective (``None`` to check only the inner
-            losses).
+            losses); it may live on another device than ``inner_losses`` (a learner that keeps
+            its inner losses on the host and its query loss on the GPU).
 
     Returns:
         ``None`` when every loss is finite, else the error to raise (``where="inner"`` with the
@@ -99,7 +135,8 @@ def task_fault(task: int, inner_losses: Tensor, query_loss: Tensor | None) -> No
     """
     losses = inner_losses.detach().reshape(-1)
     if query_loss is not None:
-        losses = torch.cat([losses, query_loss.detach().reshape(1).to(losses.dtype)])
+        query = query_loss.detach().reshape(1)
+        losses = torch.cat([losses.to(device=query.device, dtype=query.dtype), query])
     bad = ~torch.isfinite(losses)
     if not bool(bad.any()):
         return None
@@ -110,12 +147,89 @@ def task_fault(task: int, inner_losses: Tensor, query_loss: Tensor | None) -> No
 
 
 def all_finite(tensors: Sequence[Tensor]) -> bool:
-    """Whether every entry of every tensor is finite: one fused reduction, one host transfer."""
-    if not tensors:
-        return True
-    # isfinite().all() per tensor stays on the device; only the stacked flags are transferred.
-    # (A norm-based check would report overflow of large finite gradients as non-finite.)
-    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
+    """Whether every entry of every floating-point tensor is finite: fused reductions, one host
+    transfer per device (tensors on the CPU, such as Adam's step counts, cost none)."""
+    by_device: dict[torch.device, list[Tensor]] = {}
+    for t in tensors:
+        by_device.setdefault(t.device, []).append(t.detach())
+    flags = []
+    for group in by_device.values():
+        # 0 * x is 0 for finite x and NaN for NaN or inf, and cannot overflow, so each L1 norm
+        # of the products is finite exactly when its tensor is (a norm of x itself would report
+        # large finite gradients as inf). Two multi-tensor kernels instead of two per tensor.
+        norms = torch._foreach_norm(torch._foreach_mul(group, 0.0), 1)
+        flags.append(torch.stack([n.to(norms[0].dtype) for n in norms]).isfinite().all())
+    return all(bool(flag) for flag in flags)
+
+
+def _state_tensors(state: dict[str, Any]) -> list[Tensor]:
+    return [v for v in state.values() if isinstance(v, Tensor) and v.is_floating_point()]
+
+
+def _copy_state(state: dict[str, Any]) -> dict[str, Any]:
+    # Tensors are cloned (deepcopy costs 5x more); anything else is copied deeply.
+    return {k: v.clone() if isinstance(v, Tensor) else copy.deepcopy(v) for k, v in state.items()}
+
+
+def _finite(tensors: Iterable[Tensor]) -> bool:
+    """Per-tensor check for the error path only (one transfer per tensor)."""
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
+def checked_step(optimizer: torch.optim.Optimizer,
+                 named_parameters: Iterable[tuple[str, Tensor]] = ()) -> None:
+    """``optimizer.step()``, undone and reported if anything it touches is not finite.
+
+    The one place every meta-update goes through (``MetaLearner.meta_step``; with the
+    reference-style APIs call it in ``meta_step_fn`` instead of ``meta_optimizer.step()``).
+    The parameters that have a gradient (the only ones ``torch.optim`` optimizers step) and
+    their optimizer state are copied first; after the step their gradients, values and
+    floating-point state are checked with one fused reduction (one host transfer). If any entry
+    is NaN or infinite, values and state are restored to their copies, the gradients are set to
+    ``None`` and ``NonFiniteError`` is raised: ``where="meta_gradient"`` when a gradient was
+    non-finite, else ``where="meta_update"`` (the optimizer's own fault: its lr or eps).
+
+    Args:
+        optimizer: a ``torch.optim`` optimizer whose gradients are in ``.grad``.
+        named_parameters: ``(name, tensor)`` pairs naming the parameters in the error (e.g.
+            ``learner.named_meta_parameters()``); others are named ``param_groups[i][j]``.
+
+    Raises:
+        NonFiniteError: as above; the parameters and the optimizer state are unchanged.
+    """
+    names = {id(p): n for n, p in named_parameters}
+    stepped = [(names.get(id(p), f"param_groups[{i}][{j}]"), p)
+               for i, group in enumerate(optimizer.param_groups)
+               for j, p in enumerate(group["params"]) if p.grad is not None]
+    saved_values = [p.detach().clone() for _, p in stepped]
+    saved_states = [_copy_state(optimizer.state[p]) if p in optimizer.state else None
+                    for _, p in stepped]
+    optimizer.step()
+    checked = [t for _, p in stepped
+               for t in (p.grad, p, *_state_tensors(optimizer.state.get(p, {})))
+               if t is not None]
+    if all_finite(checked):
+        return
+    # The error path: find the culprits, then put everything back.
+    bad_grads = [n for n, p in stepped if p.grad is not None and not _finite([p.grad])]
+    bad_values = [n for n, p in stepped
+                  if not _finite([p, *_state_tensors(optimizer.state.get(p, {}))])]
+    already = [n for (n, _), before, state in zip(stepped, saved_values, saved_states,
+                                                  strict=True)
+               if not _finite([before, *_state_tensors(state or {})])]
+    with torch.no_grad():
+        for (_, p), before, state in zip(stepped, saved_values, saved_states, strict=True):
+            p.copy_(before)
+            if state is None:
+                optimizer.state.pop(p, None)
+            else:
+                optimizer.state[p] = state
+            p.grad = None
+    if bad_grads:
+        raise NonFiniteError(task=None, inner_step=None, where="meta_gradient", names=bad_grads)
+    if already:
+        raise NonFiniteError(task=None, inner_step=None, where="meta_parameters", names=already)
+    raise NonFiniteError(task=None, inner_step=None, where="meta_update", names=bad_values)
 
 
 Criterion = Callable[[Tensor, Tensor], Tensor]

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from metazoo.faults import NonFiniteError, all_finite
+from metazoo.faults import checked_step
 from metazoo.functional import Buffers, Params
 
 Batch = tuple[Tensor, Tensor]
@@ -30,6 +30,7 @@ __all__ = [
     "Task",
     "accuracy",
     "mean_results",
+    "trainable_parameters",
 ]
 
 
@@ -138,15 +139,39 @@ def accuracy(output: Tensor, target: Tensor) -> Tensor | None:
 def mean_results(per_task: Sequence[tuple[Tensor, Tensor | None, Tensor]]
                  ) -> tuple[float, float | None, tuple[float, ...]]:
     """Reduces per-task ``(query_loss, query_accuracy, inner_losses)`` with one host transfer."""
-    losses = torch.stack([r[0].detach() for r in per_task])
-    curves = torch.stack([r[2].detach() for r in per_task])
+    # Everything is gathered on the first query loss's device: a learner may keep its inner
+    # losses on the host (CPU) while the query losses live on the GPU.
+    device = per_task[0][0].device
+    losses = torch.stack([r[0].detach().to(device) for r in per_task])
+    curves = torch.stack([r[2].detach().to(device) for r in per_task])
     accs = [r[1] for r in per_task]
     has_acc = all(a is not None for a in accs)
     summary = torch.cat([losses.mean().reshape(1),
-                         torch.stack([a.detach() for a in accs]).mean().reshape(1)  # type: ignore[union-attr]
+                         torch.stack([a.detach().to(device) for a in accs]).mean().reshape(1)  # type: ignore[union-attr]
                          if has_acc else losses.new_zeros(1),
-                         curves.mean(0)]).tolist()
+                         curves.mean(0).to(losses.dtype)]).tolist()
     return summary[0], (summary[1] if has_acc else None), tuple(summary[2:])
+
+
+def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The parameters a learner adapts and meta-learns: those with ``requires_grad=True``.
+
+    The rule every metazoo learner follows: a parameter with ``requires_grad=False`` is frozen.
+    It is used in every forward pass but neither adapted in the inner loop nor meta-updated
+    (its ``.grad`` stays ``None``). Learners read the flags once, when they are built (the
+    meta-optimizer is built over the trainable parameters then); build a new learner after
+    changing them. Tied weights appear once, under their first name.
+
+    Raises:
+        ValueError: no parameter requires grad, so there is nothing to learn.
+    """
+    trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    if not trainable:
+        raise ValueError(f"model {type(model).__name__} has no parameters with "
+                         f"requires_grad=True, so there is nothing to adapt or meta-learn; "
+                         f"parameters with requires_grad=False are frozen (set it back to True "
+                         f"on the ones to learn)")
+    return trainable
 
 
 class MetaLearner(ABC):
@@ -179,8 +204,11 @@ class MetaLearner(ABC):
             yield p
 
     def named_meta_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
-        """``(name, tensor)`` of every meta-learned tensor (default: the model's parameters)."""
-        yield from self.model.named_parameters()
+        """``(name, tensor)`` of every meta-learned tensor (default: the model's parameters
+        that require grad; see ``trainable_parameters``)."""
+        for name, p in self.model.named_parameters():
+            if p.requires_grad:
+                yield name, p
 
     def meta_step(self, tasks: Sequence[Task], *, grad_hook: Any = None) -> MetaStepResult:
         """One meta-update over ``tasks``.
@@ -195,8 +223,12 @@ class MetaLearner(ABC):
                 skipped_tasks`` tasks contributed to ``.grad``).
 
         Raises:
-            NonFiniteError: a meta-gradient holds NaN or inf (checked after ``grad_hook`` with
-                one fused reduction); the meta-parameters and optimizer state are unchanged.
+            NonFiniteError: a meta-gradient holds NaN or inf (checked after ``grad_hook``), or
+                the meta-optimizer's step made a meta-parameter or its state non-finite (its
+                lr or eps; ``where="meta_update"``, raised whatever ``on_nonfinite`` says, since
+                skipping tasks cannot avoid it). One fused reduction, one host transfer, checks
+                all of them (``metazoo.checked_step``); on failure the meta-parameters and the
+                optimizer state are restored to their values before the step.
         """
         if not tasks and grad_hook is None:
             raise ValueError("meta_step needs at least one task")
@@ -207,12 +239,7 @@ class MetaLearner(ABC):
                   else MetaStepResult(nan, nan, None, (), 0, 0.0))
         if grad_hook is not None:
             grad_hook(self, result)
-        grads = [(n, p.grad) for n, p in self.named_meta_parameters() if p.grad is not None]
-        if not all_finite([g for _, g in grads]):
-            bad = [n for n, g in grads if not bool(torch.isfinite(g).all())]
-            self.meta_optimizer.zero_grad(set_to_none=True)
-            raise NonFiniteError(task=None, inner_step=None, where="meta_gradient", names=bad)
-        self.meta_optimizer.step()
+        checked_step(self.meta_optimizer, self.named_meta_parameters())
         return MetaStepResult(result.meta_loss, result.inner_loss, result.accuracy,
                               result.inner_losses, result.num_tasks,
                               time.perf_counter() - start, result.skipped_tasks)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from collections.abc import Callable
@@ -10,7 +11,10 @@ from typing import IO, Any
 
 import torch
 
-__all__ = ["atomic_save", "atomic_write_text"]
+__all__ = ["CHECKSUM_KEY", "atomic_save", "atomic_write_text", "load_checked", "save_checked",
+           "state_digest"]
+
+CHECKSUM_KEY = "sha256"
 
 
 def _atomic_write(write: Callable[[IO[bytes]], object], path: str | os.PathLike[str],
@@ -55,3 +59,78 @@ def atomic_write_text(text: str, path: str | os.PathLike[str], *, durable: bool 
     files: a kill mid-write must not lose the lines already there.
     """
     _atomic_write(lambda file: file.write(text.encode("utf-8")), path, durable)
+
+
+def state_digest(obj: Any) -> str:
+    """SHA-256 of a state dict's content: keys, scalars, and every tensor's dtype, shape and
+    bytes, in a fixed order (the same for the object before saving and after loading)."""
+    digest = hashlib.sha256()
+    _feed(digest, obj)
+    return digest.hexdigest()
+
+
+def _feed(digest: Any, obj: Any) -> None:
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous()
+        digest.update(f"T{t.dtype}{tuple(t.shape)}|".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    elif isinstance(obj, dict):
+        digest.update(f"D{len(obj)}|".encode())
+        for key in sorted(obj, key=repr):
+            _feed(digest, key)
+            _feed(digest, obj[key])
+    elif isinstance(obj, (list, tuple)):
+        digest.update(f"{type(obj).__name__}{len(obj)}|".encode())
+        for item in obj:
+            _feed(digest, item)
+    elif obj is None or isinstance(obj, (bool, int, float, str)):
+        digest.update(f"{type(obj).__name__}:{obj!r}|".encode())
+    else:
+        raise TypeError(f"cannot checksum a {type(obj).__name__}; state dicts hold tensors, "
+                        "numbers, strings and containers of them")
+
+
+def save_checked(state: dict[str, Any], path: str | os.PathLike[str], *,
+                 durable: bool = True) -> None:
+    """:func:`atomic_save` of ``state`` plus a ``"sha256"`` entry over its content, which
+    :func:`load_checked` verifies: a bit flipped on disk is refused instead of resumed.
+
+    The file stays a plain state dict (``torch.load(path, weights_only=True)`` reads it).
+    """
+    if CHECKSUM_KEY in state:
+        raise ValueError(f"state already has a {CHECKSUM_KEY!r} entry; that key is reserved")
+    atomic_save({**state, CHECKSUM_KEY: state_digest(state)}, path, durable=durable)
+
+
+def load_checked(path: str | os.PathLike[str], *, require: bool = False) -> dict[str, Any]:
+    """``torch.load(path, weights_only=True)`` onto the CPU, verifying the checksum that
+    :func:`save_checked` stored (and removing it from the returned dict).
+
+    Args:
+        path: the file.
+        require: refuse a file without a checksum (files written before checksums were
+            stored are accepted by default).
+
+    Raises:
+        ValueError: if the file cannot be read as a state dict, or its content does not match
+            its checksum (a damaged file), or ``require`` and it has none.
+    """
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # zip and pickle errors of every kind mean a damaged file
+        if "Weights only load failed" in str(err):
+            raise  # an unsafe pickle: keep torch's own explanation
+        raise ValueError(f"{os.fspath(path)} cannot be read as a checkpoint ({type(err).__name__}: "
+                         f"{str(err).splitlines()[0] if str(err) else ''}); it is damaged or "
+                         "not a checkpoint") from err
+    if not isinstance(state, dict):
+        raise ValueError(f"{os.fspath(path)} holds a {type(state).__name__}, not a state dict")
+    stored = state.pop(CHECKSUM_KEY, None)
+    if stored is None:
+        if require:
+            raise ValueError(f"{os.fspath(path)} has no checksum")
+        return state
+    if stored != state_digest(state):
+        raise ValueError(f"{os.fspath(path)} does not match its checksum: the file was damaged "
+                         "or edited after it was written")
+    return state

@@ -16,7 +16,8 @@ checkpointing at all; see ARCHITECTURE.md.)
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -149,9 +150,36 @@ def _replace_tensor_leaves(tree: Any, tensors: Sequence[Tensor]) -> Any:
         [next(replacements) if isinstance(leaf, Tensor) else leaf for leaf in leaves], spec)
 
 
-def _rng_state(device: torch.device) -> tuple[Tensor, Tensor | None]:
-    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-    return torch.get_rng_state(), cuda
+@dataclass(frozen=True)
+class _RngState:
+    """The CPU generator's state and, for parameters on an accelerator, that device's."""
+
+    cpu: Tensor
+    device: torch.device | None = None
+    device_state: Tensor | None = None
+
+    @staticmethod
+    def capture(device: torch.device) -> _RngState:
+        if device.type in ("cpu", "meta"):
+            return _RngState(torch.get_rng_state())
+        # The state of the parameters' own device, named explicitly: the current device of
+        # the process may be another one (several GPUs in one process).
+        module = torch.get_device_module(device.type)
+        return _RngState(torch.get_rng_state(), device, module.get_rng_state(device))
+
+    @contextmanager
+    def restored(self) -> Iterator[None]:
+        """Runs the block from this state; the generators are put back afterwards."""
+        if self.device is None:
+            with torch.random.fork_rng(devices=[]):
+                torch.set_rng_state(self.cpu)
+                yield
+            return
+        with torch.random.fork_rng(devices=[self.device], device_type=self.device.type):
+            torch.set_rng_state(self.cpu)
+            torch.get_device_module(self.device.type).set_rng_state(self.device_state,
+                                                                    self.device)
+            yield
 
 
 @dataclass
@@ -159,7 +187,7 @@ class _Boundary:
     params: Params
     state: OptState
     buffers: Buffers
-    rng: tuple[Tensor, Tensor | None]
+    rng: _RngState
 
 
 @dataclass(frozen=True)
@@ -217,7 +245,7 @@ class _CheckpointedUnroll(torch.autograd.Function):
                   if keep_trajectory else [])
         for k in range(run.steps):
             if k % segment == 0:
-                boundaries.append(_Boundary(params, state, buffers, _rng_state(device)))
+                boundaries.append(_Boundary(params, state, buffers, _RngState.capture(device)))
             params, state, buffers, loss = run.step(k, params, static, buffers, state, optimizer,
                                                     create_graph=False)
             losses.append(loss)
@@ -258,11 +286,7 @@ class _CheckpointedUnroll(torch.autograd.Function):
         for index in reversed(range(len(ctx.boundaries))):
             boundary: _Boundary = ctx.boundaries[index]
             start, end = index * ctx.segment, min((index + 1) * ctx.segment, run.steps)
-            devices = [boundary.rng[1].device] if boundary.rng[1] is not None else []
-            with torch.enable_grad(), torch.random.fork_rng(devices=devices):
-                torch.set_rng_state(boundary.rng[0])
-                if boundary.rng[1] is not None:
-                    torch.cuda.set_rng_state(boundary.rng[1])
+            with torch.enable_grad(), boundary.rng.restored():
                 leaves = [t.detach().requires_grad_(t.is_floating_point())
                           for t in _carried(boundary.params, boundary.state, boundary.buffers)]
                 params = dict(zip(layout.names, leaves[:n]))

@@ -1,9 +1,9 @@
 """The command-line error convention: bad input is one line and exit 2, bugs keep tracebacks."""
 
 import pytest
-from metazoo.cli import UsageError, run_command, user_input
 
 from metazoo import NonFiniteError
+from metazoo.cli import UsageError, run_command, user_input
 
 
 def test_user_input_turns_value_errors_into_usage_errors():

@@ -99,3 +99,58 @@ def test_checked_criterion_explains_targets_that_do_not_fit():
 
     with pytest.raises(RuntimeError, match="boom"):
         metazoo.CheckedCriterion(broken)(logits, torch.tensor([0, 1, 2, 0]))
+
+
+def _stepped(optimizer_factory, grads: dict[str, torch.Tensor]):
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2).double()
+    optimizer = optimizer_factory(model.parameters())
+    for name, p in model.named_parameters():
+        p.grad = grads[name].clone()
+    return model, optimizer
+
+
+@pytest.mark.parametrize("factory", [
+    lambda ps: torch.optim.SGD(ps, lr=float("nan")),
+    lambda ps: torch.optim.SGD(ps, lr=float("inf"), momentum=0.9),
+    lambda ps: torch.optim.Adam(ps, lr=0.1, eps=0.0),
+])
+def test_checked_step_undoes_a_nonfinite_update_and_names_it(factory):
+    """Issue 18 bug 1, the core: checked_step undoes a step that made a parameter or the
+    optimizer state non-finite (finite gradients, bad lr or eps) and names the parameters."""
+    grads = {"weight": torch.ones(2, 3, dtype=torch.float64),
+             "bias": torch.zeros(2, dtype=torch.float64)}  # zero: Adam(eps=0) gives 0/0
+    model, optimizer = _stepped(factory, grads)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(metazoo.NonFiniteError, match="meta-optimizer step made") as info:
+        metazoo.checked_step(optimizer, [("layer.bias", model.bias)])
+    assert info.value.where == "meta_update"
+    # Names come from named_parameters; a parameter left out is named by its position.
+    assert "layer.bias" in info.value.names
+    assert set(info.value.names) <= {"layer.bias", "param_groups[0][0]"}
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    assert not optimizer.state and all(p.grad is None for p in model.parameters())
+
+
+def test_checked_step_steps_like_step_and_reports_already_nonfinite_parameters():
+    grads = {"weight": torch.ones(2, 3, dtype=torch.float64),
+             "bias": torch.ones(2, dtype=torch.float64)}
+    model, optimizer = _stepped(lambda ps: torch.optim.Adam(ps, lr=0.1), grads)
+    reference, ref_optimizer = _stepped(lambda ps: torch.optim.Adam(ps, lr=0.1), grads)
+    metazoo.checked_step(optimizer, model.named_parameters())
+    ref_optimizer.step()
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), reference.parameters()))
+    with torch.no_grad():
+        model.bias[0] = float("nan")  # e.g. loaded from a broken checkpoint
+    model.bias.grad = torch.ones(2, dtype=torch.float64)
+    model.weight.grad = torch.ones(2, 3, dtype=torch.float64)
+    with pytest.raises(metazoo.NonFiniteError, match=r"\['bias'\] .*were already non-finite "
+                                                     r"before the meta-optimizer step"):
+        metazoo.checked_step(optimizer, model.named_parameters())
+
+
+def test_a_long_list_of_parameters_is_shortened_in_the_message_only():
+    names = [f"layer{i}.weight" for i in range(20)]
+    error = metazoo.NonFiniteError(task=None, inner_step=None, where="meta_update", names=names)
+    assert "'layer5.weight', ... 14 more]" in str(error) and "layer6" not in str(error)
+    assert error.names == tuple(names)

@@ -4,10 +4,10 @@ import itertools
 
 import pytest
 import torch
-from metazoo.optim import safe_sqrt
 from torch import nn
 
 import metazoo
+from metazoo.optim import safe_sqrt
 
 STEPS = 4  # covers SGD's first-step momentum buffer and Adam's bias correction
 

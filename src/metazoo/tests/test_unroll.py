@@ -358,3 +358,33 @@ def test_overlapping_static_and_adapted_names_are_a_clear_error():
     params = dict(model.named_parameters())
     with pytest.raises(ValueError, match="both adapted and static"):
         metazoo.unroll(loss_fn, params, metazoo.SGD(0.1), support, static=params)
+
+
+class _FakeAccelerator:
+    """Stands in for ``torch.cuda``: one generator state per device index."""
+
+    def __init__(self) -> None:
+        self.states = {0: torch.tensor([0], dtype=torch.uint8),
+                       1: torch.tensor([1], dtype=torch.uint8)}
+
+    def get_rng_state(self, device="cuda"):
+        return self.states[torch.device(device).index or 0].clone()
+
+    def set_rng_state(self, state, device="cuda"):
+        self.states[torch.device(device).index or 0] = state.clone()
+
+
+def test_checkpoint_rng_state_is_that_of_the_parameters_device(monkeypatch):
+    # Parameters on cuda:1 while the process's current device is cuda:0 (index None -> 0 above):
+    # recomputation must replay cuda:1's generator, and put every generator back afterwards.
+    from metazoo.unroll import _RngState
+
+    fake = _FakeAccelerator()
+    monkeypatch.setattr(torch, "get_device_module", lambda device_type=None: fake)
+    saved = _RngState.capture(torch.device("cuda", 1))
+    assert saved.device == torch.device("cuda", 1) and saved.device_state.item() == 1
+    fake.states[1] = torch.tensor([7], dtype=torch.uint8)  # the forward pass drew from cuda:1
+    with saved.restored():
+        assert fake.states[1].item() == 1 and fake.states[0].item() == 0
+        fake.states[1] = torch.tensor([9], dtype=torch.uint8)  # the recomputation draws
+    assert fake.states[1].item() == 7 and fake.states[0].item() == 0

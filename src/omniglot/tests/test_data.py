@@ -4,9 +4,10 @@ augmentation."""
 import math
 from pathlib import Path
 
-import data
 import pytest
 import torch
+
+import data
 
 
 def test_find_alphabets_dedupes_and_sorts(omniglot_root):
@@ -164,3 +165,63 @@ def test_task_sampler_batches_and_held_out(omniglot_root):
     import random
     assert sampler.meta_batch(split.train, 5, random.Random(0))[:3] != [] and sorted(
         sampler.meta_batch(split.train, 3, random.Random(0))) == sorted(split.train)
+
+
+def test_a_read_only_root_caches_elsewhere_and_says_so_once(omniglot_root, tmp_path,
+                                                            monkeypatch, capsys):
+    """Bug 10: the cache used to be written into --root only, so a read-only data folder was
+    fatal. (Simulated: the tests may run as root, whom chmod does not stop.)"""
+    import errno
+    import shutil
+
+    root = tmp_path / "data"
+    shutil.copytree(omniglot_root, root, ignore=shutil.ignore_patterns("omniglot_cache_*"))
+    real_save = data.atomic_save
+
+    def save(obj, path, **kwargs):
+        if Path(path).parent == root:
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        real_save(obj, path, **kwargs)
+
+    monkeypatch.setattr(data, "atomic_save", save)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    first = data.load_alphabets(root)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{root} is not writable" in err and "cache" in err
+    cached = list((tmp_path / "cache" / "metazoo" / "omniglot").glob("omniglot_cache_*.pt"))
+    assert len(cached) == 1 and not list(root.glob("omniglot_cache_*"))
+    again = data.load_alphabets(root)  # read from the fallback, nothing to say
+    assert capsys.readouterr().err == ""
+    assert all(torch.equal(a, b) for name in first for a, b in zip(first[name], again[name]))
+    # nowhere writable: kept in memory
+    monkeypatch.setattr(data, "fallback_cache_dirs", lambda: [])
+    (tmp_path / "cache").rename(tmp_path / "elsewhere")
+    data.load_alphabets(root)
+    assert "kept in memory only" in capsys.readouterr().err
+
+
+def test_an_edited_drawing_is_decoded_again(omniglot_root, tmp_path):
+    import shutil
+
+    from PIL import Image
+
+    root = tmp_path / "data"
+    shutil.copytree(omniglot_root, root, ignore=shutil.ignore_patterns("omniglot_cache_*"))
+    before = data.load_alphabets(root)
+    drawing = sorted((root / "images_background_small1" / "Alpha" / "character01").iterdir())[0]
+    Image.new("1", (105, 105), 0).save(drawing)  # all ink, same name
+    after = data.load_alphabets(root)
+    assert int(after["Alpha"][0][0].min()) == 255 and int(before["Alpha"][0][0].min()) == 0
+    assert torch.equal(after["Alpha"][0][1:], before["Alpha"][0][1:])
+    assert len(list(root.glob("omniglot_cache_*.pt"))) == 2
+
+
+def test_a_truncated_drawing_is_named(omniglot_root, tmp_path):
+    import shutil
+
+    root = tmp_path / "data"
+    shutil.copytree(omniglot_root, root, ignore=shutil.ignore_patterns("omniglot_cache_*"))
+    drawing = sorted((root / "images_background_small2" / "Gamma" / "character02").iterdir())[1]
+    drawing.write_bytes(drawing.read_bytes()[:70])
+    with pytest.raises(ValueError, match=rf"{drawing} is not a readable image .*official archive"):
+        data.load_alphabets(root)

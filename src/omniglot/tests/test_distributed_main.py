@@ -7,8 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import main
 import pytest
+
+import main
 from monitor import FileHandler
 
 MAIN = Path(main.__file__)

@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
+
 from data import load_alphabets, make_split
 from episodes import (
     EpisodeSampler,
@@ -16,7 +18,6 @@ from episodes import (
     mean_ci,
     split_alphabets,
 )
-from PIL import Image
 
 
 def tagged(counts, size=6):

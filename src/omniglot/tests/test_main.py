@@ -7,9 +7,10 @@ import sys
 import time
 from pathlib import Path
 
-import main
 import pytest
 import torch
+
+import main
 import wrapper
 from metazoo.cli import UsageError
 from monitor import FileHandler

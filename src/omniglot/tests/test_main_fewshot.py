@@ -7,12 +7,13 @@ import random
 from dataclasses import asdict
 from pathlib import Path
 
-import main
 import numpy as np
 import pytest
 import torch
-from monitor import FileHandler
 from PIL import Image
+
+import main
+from monitor import FileHandler
 
 
 def fewshot(root: Path, log_dir: Path, method: str, *extra: str) -> list[str]:

@@ -12,9 +12,10 @@ import zipfile
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import pytest
+
 import data
 import oneshot
-import pytest
 
 SCRIPT = Path(__file__).resolve().parents[3] / "make_omniglot.sh"
 
@@ -33,7 +34,8 @@ def archives(omniglot_root, tmp_path):
     folder.mkdir()
     lines = []
     for top in ("images_background_small1", "images_background_small2"):
-        path = folder / f"{top}.zip"
+        # not the pinned names: these are synthetic stand-ins, verified by SHA256SUMS
+        path = folder / f"synthetic_{top[-6:]}.zip"
         with zipfile.ZipFile(path, "w") as z:
             for f in sorted((omniglot_root / top).rglob("*.png")):
                 z.write(f, f.relative_to(omniglot_root).as_posix())
@@ -185,8 +187,8 @@ class QuietHandler(SimpleHTTPRequestHandler):
 def test_download_fetches_the_oneshot_runs_and_survives_their_absence(archives, omniglot_root,
                                                                        server, tmp_path):
     folder, url = server
-    shutil.copy(archives / "images_background_small1.zip", folder / "images_background.zip")
-    shutil.copy(archives / "images_background_small2.zip", folder / "images_evaluation.zip")
+    shutil.copy(archives / "synthetic_small1.zip", folder / "images_background.zip")
+    shutil.copy(archives / "synthetic_small2.zip", folder / "images_evaluation.zip")
     # Without all_runs.zip on the server: alphabets installed, a note, success.
     root = tmp_path / "data"
     result = run("-d", "--root", str(root), env={"OMNIGLOT_URL": url})
@@ -202,3 +204,67 @@ def test_download_fetches_the_oneshot_runs_and_survives_their_absence(archives, 
     assert result.returncode == 0, result.stderr
     assert "verified all_runs.zip" in result.stdout
     assert len(oneshot.load_runs(tmp_path / "data_oneshot")) == 2
+
+
+def test_a_sha256sums_file_does_not_override_a_pinned_checksum(archives, tmp_path):
+    """Bug 4: a fake archive under a pinned name, with a SHA256SUMS entry that matches it, was
+    reported verified and extracted."""
+    fake = archives / "images_background_small1.zip"
+    with zipfile.ZipFile(fake, "w") as z:
+        z.writestr("images_background_small1/Fake/character01/0001_01.png", b"not a png")
+    add_sum(archives, fake)
+    root = tmp_path / "data"
+    result = run("-d", "--source", str(archives), "--root", str(root))
+    assert result.returncode == 2
+    assert f"checksum mismatch for {fake}" in result.stderr and "pinned" in result.stderr
+    assert result.stderr.count("\n") == 1
+    assert not list(root.rglob("*.png"))  # nothing extracted, not even the good archives
+
+
+def _bad_zip(path: Path, kind: str) -> None:
+    import stat
+
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("ok/Alpha/character01/a.png", b"png")
+        if kind == "link":
+            info = zipfile.ZipInfo("ok/link")
+            info.external_attr = (stat.S_IFLNK | 0o777) << 16
+            z.writestr(info, "/etc")
+            z.writestr("ok/link/passwd", b"x")
+        elif kind == "under_file":
+            z.writestr("ok/file", b"x")
+            z.writestr("ok/file/b.png", b"x")
+        elif kind == "big":
+            z.writestr("ok/big.bin", b"\0" * (3 * 2**20))
+    if kind == "corrupt":  # flip bytes in the stored data: a CRC error
+        data = bytearray(path.read_bytes())
+        data[40:43] = b"XYZ"
+        path.write_bytes(bytes(data))
+    if kind == "truncated":
+        path.write_bytes(path.read_bytes()[:50])
+
+
+@pytest.mark.parametrize("kind,message", [
+    ("corrupt", "is corrupt"), ("truncated", "is not a readable zip archive"),
+    ("link", "refusing link entry 'ok/link'"), ("under_file", "lies under a file entry"),
+    ("big", "more than the limit of 2 MB"),
+])
+def test_a_bad_archive_is_one_line_and_nothing_is_extracted(archives, tmp_path, kind, message):
+    """Every archive is checked before any is extracted: the bad one sorts last ("zz"), after
+    two good ones."""
+    _bad_zip(archives / "zz_bad.zip", kind)
+    add_sum(archives, archives / "zz_bad.zip")
+    root = tmp_path / "data"
+    result = run("-d", "--source", str(archives), "--root", str(root),
+                 env={"OMNIGLOT_MAX_EXTRACT_MB": "2"})
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr and result.stderr.count("\n") == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    assert not list(root.rglob("*.png")) and not (tmp_path / "etc").exists()
+
+
+def test_the_missing_benchmark_note_is_one_line(archives, tmp_path):
+    result = run("-d", "--source", str(archives), "--root", str(tmp_path / "data"))
+    assert result.returncode == 0
+    notes = [line for line in result.stderr.splitlines() if "NOT installed" in line]
+    assert len(notes) == 1 and result.stderr.count("\n") == 1

@@ -1,10 +1,10 @@
 """model.py: shapes, every warp-layer variant, and the multi-head loss (float64)."""
 
-import model
 import pytest
 import torch
 import torch.nn.functional as F
 
+import model
 import warpgrad
 
 

@@ -1,11 +1,17 @@
 """monitor.py: FileHandler reads runs back with the reference's attributes; plots with their
 defaults; the compare command writes a PNG."""
 
-import main
+import shutil
+import subprocess
+import sys
+
 import matplotlib
-import monitor
 import numpy as np
 import pytest
+
+import main
+import monitor
+from metazoo.cli import run_command
 
 matplotlib.use("Agg")
 
@@ -70,3 +76,84 @@ def test_compare_writes_a_png_with_spread_over_seeds(runs, tmp_path, capsys):
     assert "reptile" in printed and "no" in printed
     with pytest.raises(ValueError, match="no results_"):
         monitor.FileHandler(tmp_path)
+
+
+def test_every_plot_has_labelled_axes(runs):
+    h = monitor.FileHandler(runs[0])
+    for ax in (h.plot_train(), h.plot_val(), h.plot_test("loss", "train")):
+        assert ax.get_xlabel() == "meta-step" and ax.get_ylabel()
+        matplotlib.pyplot.close(ax.figure)
+    assert "1 validation task" in h.plot_val().get_ylabel()
+    ax = matplotlib.pyplot.subplots()[1]
+    ax.set_ylabel("mine")
+    assert h.plot_val(ax=ax).get_ylabel() == "mine"  # the caller's labels stay
+    matplotlib.pyplot.close("all")
+
+
+def test_compare_says_seeds_scale_and_chance(runs, tmp_path, monkeypatch):
+    figures = []
+    monkeypatch.setattr(monitor, "_save_figure", lambda fig, out: figures.append(fig))
+    one_seed = [r for r in runs if r.name == "s1"]
+    monitor.compare(one_seed, tmp_path / "one.png")
+    monitor.compare(runs, tmp_path / "two.png")
+    for fig, seeds in zip(figures, ("1 seed", "2 seeds")):
+        left, right = fig.axes
+        assert [t.get_text() for t in right.get_xticklabels()] == [
+            f"no\n{seeds}", f"reptile\n{seeds}"]
+        bars = [c for c in right.containers if hasattr(c, "errorbar")]
+        assert all((c.errorbar is None) == (seeds == "1 seed") for c in bars)  # no 0-height bars
+        assert any(line.get_label() == "chance (1/3)" and line.get_ydata()[0] == 1 / 3
+                   for line in right.lines)  # the tiny runs are 3-way
+        assert f"reptile ({seeds})" in [t.get_text() for t in left.get_legend().get_texts()]
+        assert "3-way alphabet tasks, 3 meta-training alphabets, 2 meta-steps x 2 tasks" in (
+            fig._suptitle.get_text())
+        matplotlib.pyplot.close(fig)
+
+
+def _cli(argv, capsys):
+    """``python monitor.py ARGV`` in-process: exit code and stderr lines."""
+    with pytest.raises(SystemExit) as exit_info:
+        run_command(monitor.main, argv)
+    return exit_info.value.code, capsys.readouterr().err.splitlines()
+
+
+def test_bad_input_is_one_error_line(runs, tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    png = str(tmp_path / "cmp.png")
+    cases = {
+        "no results_*.log files": ["compare", str(empty), "--out", png],  # not a run folder
+        "run folder ": ["compare", str(runs[0]), str(runs[0]).replace("reptile", "reptle"),
+                        "--out", png],  # a mistyped path was silently dropped
+        "does not exist; create it first": ["compare", str(runs[0]), "--out",
+                                            str(tmp_path / "nowhere" / "cmp.png")],
+        "is a folder": ["compare", str(runs[0]), "--out", str(tmp_path)],
+        "unknown image format '.txt'": ["compare", str(runs[0]), "--out", png[:-3] + "txt"],
+        "no run folders given": ["summary", str(tmp_path / "x.out")],
+    }
+    (tmp_path / "x.out").write_text("")
+    for message, argv in cases.items():
+        code, err = _cli(argv, capsys)
+        assert code == 2 and len(err) == 1 and err[0].startswith("error: ") and message in err[0]
+    assert not list(tmp_path.glob("*.png")) and not list(tmp_path.glob(".cmp*"))
+
+
+def test_torn_log_lines(runs, tmp_path, capsys):
+    run = tmp_path / "reptile" / "s1"
+    shutil.copytree(runs[0], run)
+    train = run / "results_train_train.log"
+    lines = train.read_text().splitlines(keepends=True)
+    with open(train, "a") as f:
+        f.write(lines[-1][:10])  # a line a running main.py is still writing: left out
+    assert monitor.FileHandler(run).train_train_data["step"] == [1, 2]
+    train.write_text(lines[0][:10] + "\n" + lines[1])  # torn in the middle: bad input
+    code, err = _cli(["summary", str(run)], capsys)
+    assert code == 2 and len(err) == 1
+    assert err[0].startswith(f"error: {train}:1 is not a log line")
+
+
+def test_command_line_reports_bad_input_without_a_traceback(tmp_path):
+    result = subprocess.run([sys.executable, monitor.__file__, "compare", str(tmp_path),
+                             "--out", str(tmp_path / "cmp.png")], capture_output=True, text=True)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.startswith("error: no results_*.log files")

@@ -9,20 +9,22 @@ import subprocess
 import sys
 from pathlib import Path
 
-import evaluate_oneshot
-import main
 import numpy as np
 import pytest
 import torch
-from episodes import LabelledImages
-from oneshot import OneShotRun, load_runs
-from oneshot import evaluate_oneshot as score_runs
 from PIL import Image
 from torch import nn
-from wrapper import LearnerConfig, build_learner
 
+import evaluate_oneshot
+import main
 import metazoo
+from data import decode_drawing
+from episodes import LabelledImages
 from metazoo import Adapted, EvalResult, MetaLearner, MetaStepResult
+from metazoo.cli import UsageError, run_command
+from oneshot import OneShotRun, load_runs
+from oneshot import evaluate_oneshot as score_runs
+from wrapper import LearnerConfig, build_learner
 
 RUNS, WAYS = 3, 20
 
@@ -346,7 +348,7 @@ def test_a_20_way_checkpoint_uses_its_own_head_and_inductive_bn(tiny, omniglot_r
 
 def test_command_errors(tiny, omniglot_root, official, tmp_path):
     base = [*tiny(omniglot_root, tmp_path, "ft"), "--runs", str(official[0])]
-    with pytest.raises(RuntimeError, match=r"no trained model at .*checkpoint\.pt"):
+    with pytest.raises(UsageError, match=r"no trained model at .*checkpoint\.pt"):
         evaluate_oneshot.main_oneshot(base)
     (tmp_path / "ft" / "tmp").mkdir(parents=True)
     (tmp_path / "ft" / "tmp" / "checkpoint.pt").write_bytes(b"")
@@ -389,3 +391,78 @@ def test_write_runs_from_alphabets_reads_back_with_each_test_item_of_its_class(o
         write_runs(alphabets, out)
     with pytest.raises(ValueError, match="has 4 characters; a 5-way run needs 5"):
         write_runs(alphabets, tmp_path / "other", ways=5)
+
+
+@pytest.mark.parametrize("case", ["truncated", "not_png", "link_to_folder", "dangling_link",
+                                  "link_loop"])
+def test_unreadable_drawings_are_one_line_naming_the_file(tiny, omniglot_root, runs_copy,
+                                                          tmp_path, capsys, case):
+    drawing = runs_copy / "run02" / "test" / "item05.png"
+    if case == "truncated":
+        drawing.write_bytes(drawing.read_bytes()[:60])
+    elif case == "not_png":
+        drawing.write_text("hello")
+    else:
+        drawing.unlink()
+        target = {"link_to_folder": runs_copy / "run01", "dangling_link": tmp_path / "gone.png",
+                  "link_loop": drawing}[case]
+        drawing.symlink_to(target)
+    with pytest.raises(ValueError, match=r"run02/test/item05\.png is "):
+        load_runs(runs_copy)
+    with pytest.raises(SystemExit) as exit_info:
+        run_command(evaluate_oneshot.main_oneshot,
+                    [*tiny(omniglot_root, tmp_path, "maml"), "--runs", str(runs_copy)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1 and "Traceback" not in err
+    assert f"error: {drawing} is " in err and "official archive" in err
+
+
+def test_a_link_to_a_readable_drawing_is_read(runs_copy):
+    drawing = runs_copy / "run02" / "test" / "item05.png"
+    elsewhere = runs_copy.parent / "kept.png"
+    drawing.rename(elsewhere)
+    drawing.symlink_to(elsewhere)
+    assert torch.equal(load_runs(runs_copy)[1].test_images[4],
+                       torch.from_numpy(decode_drawing(str(elsewhere), "area")))
+
+
+def test_a_checkpoint_of_another_method_or_damaged_is_refused(tiny, omniglot_root, official,
+                                                              tmp_path, capsys):
+    main.main(tiny(omniglot_root, tmp_path, "leap", "--meta_train_steps", "1"))
+    maml_dir = tmp_path / "maml" / "tmp"
+    maml_dir.mkdir(parents=True)
+    shutil.copyfile(tmp_path / "leap" / "tmp" / "checkpoint.pt", maml_dir / "checkpoint.pt")
+    argv = [*tiny(omniglot_root, tmp_path, "maml"), "--runs", str(official[0]),
+            "--oneshot_head", "zero"]
+    with pytest.raises(SystemExit):
+        run_command(evaluate_oneshot.main_oneshot, argv)
+    assert "was written by --meta_model leap, not --meta_model maml" in capsys.readouterr().err
+    data = bytearray((maml_dir / "checkpoint.pt").read_bytes())
+    data[len(data) // 2] ^= 0x01
+    (maml_dir / "checkpoint.pt").write_bytes(bytes(data))
+    with pytest.raises(SystemExit):
+        run_command(evaluate_oneshot.main_oneshot, argv)
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1
+    assert not (maml_dir / "oneshot.json").exists()
+
+
+def test_help_shows_every_own_default(capsys):
+    with pytest.raises(SystemExit):
+        evaluate_oneshot.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: checkpoint)" in text and "(default: <--root>_oneshot)" in text
+
+
+def test_write_runs_command_bad_input_is_one_line(omniglot_root, tmp_path, capsys):
+    import oneshot
+
+    alphabet = str(omniglot_root / "images_background_small1" / "Alpha")
+    for argv, message in (([str(tmp_path / "r"), alphabet], "has 4 characters; a 20-way run"),
+                          ([str(tmp_path / "r"), str(tmp_path / "nope")], "does not exist"),
+                          ([str(tmp_path / "r"), alphabet, "--runs", "0"], "--runs 0")):
+        with pytest.raises(SystemExit) as exit_info:
+            run_command(oneshot.main, argv)
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and err.count("\n") == 1 and message in err, err
+        assert not (tmp_path / "r").exists()

@@ -6,13 +6,13 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-import wrapper
-from model import multi_head_loss
 
 import leap
 import maml
 import metazoo
 import warpgrad
+import wrapper
+from model import multi_head_loss
 
 EXPECTED = {"warp_leap": wrapper._WarpGrad, "warp_maml": wrapper.WarpMAML,
             "leap": leap.LeapLearner, "reptile": maml.Reptile,

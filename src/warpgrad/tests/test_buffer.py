@@ -193,3 +193,43 @@ def test_discard_forgets_one_slot_and_its_files(inmem):
         buffer.discard("task0")
     buffer.init("task0", [1])  # the name is free again
     buffer.close()
+
+
+@pytest.mark.parametrize("slot", ["../../outside", "absolute", "a/b", "..", 7])
+def test_slot_names_never_become_paths(tmp_path, slot):
+    """Issue 18 bug 9: ``init("../../outside")`` wrote the state files outside the folder."""
+    if slot == "absolute":
+        slot = str(tmp_path / "absolute")  # an absolute path that stays inside tmp_path
+    (tmp_path / "inner").mkdir()
+    buffer = ReplayBuffer(inmem=False, tmpdir=tmp_path / "inner")
+    buffer.init(slot, [])
+    buffer.update(slot, _params(1.0))
+    buffer.finalize(slot, _params(2.0))
+    written = [os.path.join(root, f) for root, _, files in os.walk(tmp_path) for f in files]
+    assert len(written) == 2
+    assert all(os.path.dirname(f) == buffer.tmpdir for f in written), written
+    assert torch.equal(buffer.states(slot)[0].params["w"], _params(1.0)["w"])
+    assert torch.equal(buffer.terminal(slot).params["b"], _params(2.0)["b"])
+    buffer.close()
+
+
+def test_orphan_directories_of_killed_processes_are_removed_and_nothing_else(tmp_path):
+    from warpgrad.buffer import _host
+
+    dead = 2**31 - 2  # no such process
+    orphan = tmp_path / f"warpgrad_replay_{_host()}_{dead}_abc"
+    shared = tmp_path / f"warpgrad_replay_{_host()}_{dead}_def"
+    live = tmp_path / f"warpgrad_replay_{_host()}_{os.getpid()}_ghi"
+    other_host = tmp_path / f"warpgrad_replay_00000000_{dead}_jkl"
+    for folder in (orphan, shared, live, other_host):
+        folder.mkdir()
+        (folder / "task0_3_12.pt").write_bytes(b"state")
+    (orphan / ".task0_terminal_13.pt.abc_12.tmp").write_bytes(b"half")
+    (shared / "notes.txt").write_text("the user's")
+    buffer = ReplayBuffer(inmem=False, tmpdir=tmp_path)
+    assert buffer.removed_orphans == [str(orphan)]
+    assert not orphan.exists()
+    assert sorted(os.listdir(shared)) == ["notes.txt"]  # only what a buffer writes went
+    assert os.listdir(live) == ["task0_3_12.pt"] and os.listdir(other_host) == ["task0_3_12.pt"]
+    assert os.path.basename(buffer.tmpdir).startswith(f"warpgrad_replay_{_host()}_{os.getpid()}_")
+    buffer.close()

@@ -184,8 +184,10 @@ def test_same_seed_twice_is_bitwise_identical(make_model, make_tasks):
 
 def test_bad_hyperparameters_and_labels_fail_clearly(make_model, make_tasks):
     learner = _with_steps(make_model())
-    with pytest.raises(ValueError, match=r"meta_lr=-0.1 must be a positive number, e\.g\. 1e-3"):
-        WarpGrad(learner.warp, inner_steps=1, meta_lr=-0.1)
+    for bad_lr in (-0.1, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match=rf"meta_lr={bad_lr} must be a finite positive "
+                                             rf"number, e\.g\. 1e-3"):
+            WarpGrad(learner.warp, inner_steps=1, meta_lr=bad_lr)
     with pytest.raises(ValueError, match="inner_steps=True must be a positive integer"):
         WarpGrad(learner.warp, inner_steps=True)
     task = _tasks(make_tasks, num_tasks=1)[0]
@@ -202,3 +204,41 @@ def test_checkpoint_of_another_configuration_names_the_keys(make_model):
     other = _learner(make_model(batch_norm=False))
     with pytest.raises(RuntimeError, match=r"bn\.running_mean"):
         other.load_state_dict(state)
+
+
+@pytest.mark.parametrize("lr", [float("nan"), float("inf")])
+def test_a_nonfinite_meta_update_is_undone_and_named(make_model, make_tasks, lr):
+    """Issue 18 bug 1: WarpGrad's meta-step goes through metazoo.checked_step too."""
+    model = make_model()
+    warp = Warp(model, model.adapt_modules(), model.warp_modules(),
+                DualUpdater(F.cross_entropy))
+    learner = WarpGrad(warp, inner_steps=2, on_nonfinite="skip",
+                       meta_optimizer=lambda p: torch.optim.SGD(p, lr=lr))
+    before = {n: p.detach().clone() for n, p in learner.named_meta_parameters()}
+    with pytest.raises(NonFiniteError, match="meta-optimizer step made") as info:
+        learner.meta_step(_tasks(make_tasks))
+    assert info.value.where == "meta_update"
+    assert all(torch.equal(p, before[n]) for n, p in learner.named_meta_parameters())
+    assert not learner.warp.buffer.slots()
+
+
+def test_requires_grad_false_is_neither_adapted_nor_meta_learned(make_model, make_tasks):
+    """Issue 18 bug 6: a frozen parameter in adapt_modules or warp_modules is held fixed."""
+    model = make_model()
+    model.fc1.weight.requires_grad_(False)
+    model.warp2.bias.requires_grad_(False)
+    fixed = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    learner = _learner(model)
+    names = dict(learner.named_meta_parameters())
+    assert not {"init.fc1.weight", "warp.warp2.bias"} & set(names)
+    assert {"init.fc1.bias", "warp.warp2.weight"} <= set(names)
+    adapted = learner.adapt(_tasks(make_tasks, num_tasks=1)[0])
+    assert torch.equal(adapted.params["fc1.weight"], fixed["fc1.weight"])
+    assert not torch.equal(adapted.params["fc1.bias"], model.fc1.bias)
+    learner.meta_step(_tasks(make_tasks))
+    for n, p in model.named_parameters():
+        if n in fixed:
+            assert torch.equal(p, fixed[n]) and p.grad is None
+    frozen = make_model().requires_grad_(False)
+    with pytest.raises(ValueError, match="adapt_modules hold no parameters with requires_grad"):
+        Warp(frozen, frozen.adapt_modules(), frozen.warp_modules(), DualUpdater(F.cross_entropy))

@@ -99,6 +99,8 @@ def test_state_dict_round_trip_and_validation():
         assert torch.equal(a, b)
     with pytest.raises(ValueError, match="default_lr=0"):
         OptimizerParameters(default_lr=0)
+    with pytest.raises(ValueError, match="default_lr=inf must be a finite positive"):
+        OptimizerParameters(default_lr=float("inf"))
     with pytest.raises(ValueError, match="default_momentum=1"):
         OptimizerParameters(default_momentum=1)
     with pytest.raises(ValueError, match="no learning rate"):

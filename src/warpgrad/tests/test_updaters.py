@@ -206,6 +206,9 @@ def test_updater_validation_and_criterion_forms():
         DualUpdater(F.cross_entropy, epochs=0)
     with pytest.raises(ValueError, match="init_lr=-1"):
         DualUpdater(F.cross_entropy, init_lr=-1)
+    for bad in (float("inf"), float("nan")):  # both passed `init_lr <= 0` before
+        with pytest.raises(ValueError, match=f"init_lr={bad} must be a finite positive"):
+            OnlineUpdater(F.cross_entropy, init_lr=bad)
     with pytest.raises(ValueError, match="not callable"):
         DualUpdater(criterion=3)
     with pytest.raises(ValueError, match=r"not an nn\.Module loss"):

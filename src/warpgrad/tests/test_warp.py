@@ -14,6 +14,7 @@ from torch.nn import CrossEntropyLoss, Linear, Sequential, Tanh
 from torch.optim import SGD
 
 import warpgrad
+from metazoo import NonFiniteError
 from warpgrad import DualUpdater, OptimizerParameters, ReplayBuffer, Warp
 
 
@@ -317,3 +318,82 @@ def test_a_failing_meta_step_keeps_the_trajectories(make_model, make_tasks):
     assert len(warp.buffer) == 2
     warp.backward(lambda: None)
     assert len(warp.buffer) == 0
+
+
+def _readme_meta_step(make_model, tasks, *, on_nonfinite="raise", inmem=True, tmpdir=None):
+    """One meta-step of the README flow; returns (warp, meta-parameters before, result)."""
+    model = make_model()
+    buffer = ReplayBuffer(inmem=inmem, tmpdir=None if inmem else tmpdir)
+    warp = Warp(model, model.adapt_modules(), model.warp_modules(),
+                DualUpdater(F.cross_entropy, seed=0), buffer, on_nonfinite=on_nonfinite)
+    meta_opt = SGD(warp.warp_parameters(), lr=0.1)
+    before = {n: p.detach().clone() for n, p in warp.named_meta_parameters(include_init=True)}
+
+    def meta_step_fn():
+        meta_opt.step()
+        meta_opt.zero_grad()
+
+    for task in tasks:
+        warp.init_adaptation()
+        warp.register_task(task)
+        warp.collect()
+        opt = SGD(warp.adapt_parameters(), lr=0.1)
+        for x, y in task:
+            loss = F.cross_entropy(warp(x), y)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+        warp.no_collect()
+    return warp, before, lambda: warp.backward(meta_step_fn)
+
+
+def _poison(tasks, task, batch):
+    bad = [list(t) for t in tasks]
+    x, y = bad[task][batch]
+    x = x.clone()
+    x[1, 2] = float("nan")
+    bad[task][batch] = (x, y)
+    return bad
+
+
+@pytest.mark.parametrize("inmem", [True, False])
+@pytest.mark.parametrize("batch", [0, 3])
+def test_a_nonfinite_task_never_reaches_the_meta_parameters(make_model, make_tasks, tmp_path,
+                                                            inmem, batch):
+    """Issue 18 bug 3: in the README flow (memory or disk buffer) one NaN batch in one task
+    made every warp layer and the initialisation NaN. Raise mode names the task before any
+    change; skip mode equals the meta-step without that task."""
+    tasks = make_tasks(num_tasks=3)
+    bad = _poison(tasks, 1, batch)
+    warp, before, backward = _readme_meta_step(make_model, bad, inmem=inmem, tmpdir=tmp_path)
+    with pytest.raises(NonFiniteError, match="task 1 of the meta-batch") as info:
+        backward()
+    assert info.value.where == "trajectory"
+    for n, p in warp.named_meta_parameters(include_init=True):
+        assert torch.equal(p, before[n])
+    warp.clear()
+
+    skipping, _, backward = _readme_meta_step(make_model, bad, on_nonfinite="skip",
+                                              inmem=inmem, tmpdir=tmp_path)
+    assert backward().skipped_tasks == 1
+    reference, _, backward = _readme_meta_step(make_model, [tasks[0], tasks[2]])
+    assert backward().skipped_tasks == 0
+    for (n, p), (_, q) in zip(skipping.named_meta_parameters(include_init=True),
+                              reference.named_meta_parameters(include_init=True), strict=True):
+        assert torch.isfinite(p).all()
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14, msg=n)
+
+
+def test_a_nonfinite_replayed_gradient_is_never_written(make_model, make_tasks):
+    """A NaN batch the task learner never trained on can still be drawn by the replay."""
+    tasks = make_tasks(num_tasks=2)
+    bad = _poison(tasks, 1, 3)
+    warp, before, backward = _readme_meta_step(make_model, [t[:3] for t in bad])
+    for slot, task in zip(warp.buffer.slots(), bad, strict=True):
+        warp.buffer._data[slot] = task  # the replay draws batch 3 (NaN) of task 1
+    with pytest.raises(NonFiniteError, match="non-finite meta-gradient") as info:
+        backward()
+    assert info.value.where == "meta_gradient"
+    # Mini-batches replayed before the NaN one were applied (bsz=1); nothing is NaN.
+    for n, p in warp.named_meta_parameters(include_init=True):
+        assert torch.isfinite(p).all() and p.shape == before[n].shape

@@ -12,8 +12,11 @@ temporary directory when it is garbage-collected (or on ``close()``).
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 import shutil
+import socket
 import tempfile
 import weakref
 from collections.abc import Iterable
@@ -50,6 +53,68 @@ def _copy(tensors: Params | None, device: torch.device | str | None) -> Params |
             else t.detach().clone() for name, t in tensors.items()}
 
 
+_SAFE_LABEL = re.compile(r"[^A-Za-z0-9_-]")
+_PREFIX = "warpgrad_replay_"
+_OWNER = re.compile(_PREFIX + r"([0-9a-f]{8})_(\d+)_")
+# The files a disk buffer writes: states, and atomic_save's temporary files next to them.
+_OWN_FILE = re.compile(r"\.?[A-Za-z0-9_-]+_(\d+|terminal)_\d+\.pt(\.[A-Za-z0-9_]+\.tmp)?")
+
+
+def _host() -> str:
+    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. another user's process: it exists
+        return True
+    return True
+
+
+def _remove_orphans(parent: str) -> list[str]:
+    """Removes disk-buffer directories under ``parent`` whose process was killed.
+
+    A directory is an orphan when its name names this host and a process that no longer runs
+    (SIGKILL skips the clean-up at exit). Only the files a buffer writes are deleted, and
+    the directory only if nothing else is left in it; anything unreadable is left alone.
+
+    Returns:
+        The directories removed.
+    """
+    removed: list[str] = []
+    host = _host()
+    try:
+        entries = [e for e in os.scandir(parent)
+                   if e.name.startswith(_PREFIX) and e.is_dir(follow_symlinks=False)]
+    except OSError:
+        return removed
+    for entry in entries:
+        owner = _OWNER.match(entry.name)
+        if owner is None or owner[1] != host or _alive(int(owner[2])):
+            continue
+        try:
+            for item in os.scandir(entry.path):
+                if _OWN_FILE.fullmatch(item.name) and item.is_file(follow_symlinks=False):
+                    os.unlink(item.path)
+            os.rmdir(entry.path)  # fails, leaving it, if it holds files a buffer did not write
+        except OSError:
+            continue
+        removed.append(entry.path)
+    return removed
+
+
+def _all_finite(params: Params, momentum: Params | None) -> torch.Tensor:
+    """Whether every stored value is finite, as a 0-dim tensor (no host transfer)."""
+    tensors = [*params.values(), *(momentum or {}).values()]
+    if not tensors:
+        return torch.tensor(True)
+    return torch.stack([torch.isfinite(t.detach()).all().to(tensors[0].device)
+                        for t in tensors]).all()
+
+
 def _atomic_save(obj: Any, path: str) -> None:
     # A crash mid-write must never leave a truncated file that a later replay would load; the
     # files die with the buffer, so no fsync.
@@ -62,7 +127,9 @@ class ReplayBuffer:
     Args:
         inmem: keep states in memory (default) or write them to disk.
         tmpdir: with ``inmem=False``, the directory under which a private temporary directory is
-            created (default: the system's temporary directory).
+            created (default: the system's temporary directory). Directories left there by
+            buffers of killed processes (same host, process gone) are removed first, only the
+            files a buffer writes; ``removed_orphans`` lists them.
         device: where in-memory states live (default ``"cpu"``, as in the reference, so long
             trajectories do not use accelerator memory); ``None`` keeps each tensor's device.
         every: keep only states whose step index is a multiple of ``every`` (1 keeps all).
@@ -98,16 +165,29 @@ class ReplayBuffer:
         # In memory: ReplayState objects; on disk: (step, path) pairs.
         self._states: dict[str, list[Any]] = {}
         self._terminal: dict[str, Any] = {}
+        # Whether each stored state is finite, computed on the device when it is stored (no
+        # host transfer) and read for the whole buffer at once by ``nonfinite_slots``.
+        self._finite: dict[str, list[tuple[int, torch.Tensor]]] = {}
+        self._terminal_finite: dict[str, tuple[int, torch.Tensor]] = {}
         self._counter = 0
         self.tmpdir: str | None = None
+        self.removed_orphans: list[str] = []
         if not inmem:
-            self.tmpdir = tempfile.mkdtemp(prefix="warpgrad_replay_", dir=tmpdir)
+            parent = tempfile.gettempdir() if tmpdir is None else os.fspath(tmpdir)
+            self.removed_orphans = _remove_orphans(parent)
+            # The owner (host and process) is in the name, so a later buffer can tell an
+            # orphan left by a killed process from a live buffer.
+            self.tmpdir = tempfile.mkdtemp(prefix=f"{_PREFIX}{_host()}_{os.getpid()}_",
+                                           dir=parent)
             self._finalizer = weakref.finalize(self, shutil.rmtree, self.tmpdir, True)
 
     # -- writing ---------------------------------------------------------------------------
 
     def init(self, slot: str, data: Iterable[Any]) -> None:
         """Opens a slot for a new task and attaches its data (a re-iterable of batches).
+
+        Any name is accepted: on disk, files are named by the slot reduced to letters, digits,
+        ``_`` and ``-`` plus a counter, so a slot name never becomes a path.
 
         Raises:
             ValueError: if ``slot`` is already in the buffer.
@@ -119,6 +199,7 @@ class ReplayBuffer:
         self._seen[slot] = 0
         self._candidates[slot] = 0
         self._states[slot] = []
+        self._finite[slot] = []
 
     def _check_slot(self, slot: str) -> None:
         if slot not in self._data:
@@ -148,10 +229,13 @@ class ReplayBuffer:
             if not self.inmem:
                 os.unlink(states[j][1])
         entry = self._store(slot, step, params, momentum)
+        flag = (step, _all_finite(params, momentum))
         if position == len(states):
             states.append(entry)
+            self._finite[slot].append(flag)
         else:
             states[position] = entry
+            self._finite[slot][position] = flag
 
     def finalize(self, slot: str, params: Params) -> None:
         """Stores the task's final (adapted) parameters, which close its last segment.
@@ -164,6 +248,7 @@ class ReplayBuffer:
         if previous is not None and not self.inmem:
             os.unlink(previous[1])
         self._terminal[slot] = self._store(slot, self._seen[slot], params, None, terminal=True)
+        self._terminal_finite[slot] = (self._seen[slot], _all_finite(params, None))
 
     def _store(self, slot: str, step: int, params: Params, momentum: Params | None,
                terminal: bool = False) -> Any:
@@ -172,7 +257,10 @@ class ReplayBuffer:
                                                                               self.device))
         assert self.tmpdir is not None
         self._counter += 1
-        name = f"{slot}_{'terminal' if terminal else step}_{self._counter}.pt"
+        # The counter makes every name unique; the slot only labels the file, reduced to safe
+        # characters so that no slot name (``"../x"``, ``"/abs"``) can leave the directory.
+        label = _SAFE_LABEL.sub("_", str(slot))[:64]
+        name = f"{label}_{'terminal' if terminal else step}_{self._counter}.pt"
         path = os.path.join(self.tmpdir, name)
         _atomic_save({"step": step, "params": _copy(params, "cpu"),
                       "momentum": _copy(momentum, "cpu")}, path)
@@ -239,6 +327,25 @@ class ReplayBuffer:
             points.append(final.params)
         return points
 
+    def nonfinite_slots(self) -> dict[str, int]:
+        """Slots holding a NaN or infinite stored value, each with the step of its first one.
+
+        The flags were computed when the states were stored; reading them all costs one host
+        transfer. The terminal state (``finalize``) counts as the step after the last update.
+        """
+        entries = [(slot, step, flag) for slot, flags in self._finite.items()
+                   for step, flag in flags]
+        entries += [(slot, step, flag) for slot, (step, flag) in self._terminal_finite.items()]
+        if not entries:
+            return {}
+        device = entries[0][2].device
+        finite = torch.stack([flag.to(device) for _, _, flag in entries]).tolist()
+        first: dict[str, int] = {}
+        for (slot, step, _), ok in zip(entries, finite, strict=True):
+            if not ok and (slot not in first or step < first[slot]):
+                first[slot] = step
+        return first
+
     def __len__(self) -> int:
         return sum(len(s) for s in self._states.values())
 
@@ -259,6 +366,8 @@ class ReplayBuffer:
         self._candidates.clear()
         self._states.clear()
         self._terminal.clear()
+        self._finite.clear()
+        self._terminal_finite.clear()
 
     def discard(self, slot: str) -> None:
         """Forgets one slot (its data, states and files), e.g. a task whose loss was not finite.
@@ -273,7 +382,8 @@ class ReplayBuffer:
             for _, path in entries + ([terminal] if terminal is not None else []):
                 if os.path.exists(path):
                     os.unlink(path)
-        del self._data[slot], self._seen[slot], self._candidates[slot]
+        del self._data[slot], self._seen[slot], self._candidates[slot], self._finite[slot]
+        self._terminal_finite.pop(slot, None)
 
     def close(self) -> None:
         """Clears the buffer and removes its temporary directory (disk mode)."""

@@ -12,6 +12,7 @@ every group; the update rules are documented in ``warpgrad.objectives``.
 
 from __future__ import annotations
 
+import math
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -80,8 +81,9 @@ class WarpGrad(MetaLearner):
         if isinstance(inner_steps, bool) or not isinstance(inner_steps, int) or inner_steps < 1:
             raise ValueError(f"inner_steps={inner_steps!r} must be a positive integer; use at "
                              "least one adaptation step")
-        if isinstance(meta_lr, bool) or not isinstance(meta_lr, (int, float)) or not meta_lr > 0:
-            raise ValueError(f"meta_lr={meta_lr!r} must be a positive number, e.g. 1e-3")
+        if isinstance(meta_lr, bool) or not isinstance(meta_lr, (int, float)) or not (
+                0 < meta_lr < math.inf):
+            raise ValueError(f"meta_lr={meta_lr!r} must be a finite positive number, e.g. 1e-3")
         self.on_nonfinite = check_on_nonfinite(on_nonfinite)
         self.channels_last = check_channels_last(channels_last)
         self.warp = warp
@@ -162,7 +164,7 @@ class WarpGrad(MetaLearner):
                 buffer.init(slot, task.support)
                 adapted, _ = self._adapt(task, self.inner_steps, slot)
                 loss, acc = self._score(adapted, task)
-                inner = torch.tensor(adapted.inner_losses, dtype=loss.dtype)
+                inner = torch.tensor(adapted.inner_losses, dtype=loss.dtype, device=loss.device)
                 fault = task_fault(index, inner, loss)
                 if fault is not None:
                     if self.on_nonfinite == "raise":
@@ -191,7 +193,8 @@ class WarpGrad(MetaLearner):
             task = self._layout(task)
             adapted = self._adapt(task, self.inner_steps if steps is None else steps, None)[0]
             loss, acc = self._score(adapted, task)
-            per_task.append((loss, acc, torch.tensor(adapted.inner_losses, dtype=loss.dtype)))
+            per_task.append((loss, acc, torch.tensor(adapted.inner_losses, dtype=loss.dtype,
+                                                     device=loss.device)))
         mean_loss, mean_acc, curve = mean_results(per_task)
         return EvalResult(mean_loss, mean_acc, curve, len(tasks), tuple(
             (float(r[0]), None if r[1] is None else float(r[1])) for r in per_task))

@@ -37,8 +37,9 @@ class OptimizerParameters:
 
     def __init__(self, *, trainable: bool = False, default_lr: float = 0.1,
                  default_momentum: float = 0.0) -> None:
-        if not isinstance(default_lr, (int, float)) or not default_lr > 0:
-            raise ValueError(f"default_lr={default_lr!r} must be a positive number")
+        if (isinstance(default_lr, bool) or not isinstance(default_lr, (int, float))
+                or not 0 < default_lr < math.inf):
+            raise ValueError(f"default_lr={default_lr!r} must be a finite positive number")
         if not isinstance(default_momentum, (int, float)) or not 0 <= default_momentum < 1:
             raise ValueError(f"default_momentum={default_momentum!r} must be in [0, 1); "
                              "use 0 for plain SGD")

@@ -13,6 +13,7 @@ The objectives themselves (and which derivatives each mode keeps) are documented
 from __future__ import annotations
 
 import copy
+import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from metazoo import BatchNormMode, Params, accumulate_grad
+from metazoo import BatchNormMode, NonFiniteError, Params, accumulate_grad, all_finite
 from warpgrad.buffer import ReplayState
 from warpgrad.objectives import (
     InitObjective,
@@ -50,6 +51,8 @@ class UpdateResult:
         num_meta_steps: calls of ``meta_step_fn``.
         warp_seconds: time spent on the warp objective (replay and meta-steps).
         init_seconds: time spent on the init objective and its update.
+        skipped_tasks: tasks dropped because their recorded trajectory was not finite
+            (``Warp(on_nonfinite="skip")``).
     """
 
     warp_loss: float | None
@@ -57,6 +60,7 @@ class UpdateResult:
     num_meta_steps: int
     warp_seconds: float
     init_seconds: float
+    skipped_tasks: int = 0
 
 
 def make_criterion(criterion: Criterion) -> Callable[[Tensor, Tensor], Tensor]:
@@ -94,9 +98,10 @@ class BatchStream:
 
 
 def _validate_common(init_lr: float | None, bn_mode: str) -> None:
-    if init_lr is not None and (not isinstance(init_lr, (int, float)) or init_lr <= 0):
-        raise ValueError(f"init_lr={init_lr!r} must be a positive number, or None to leave the "
-                         "initialisation's step to meta_step_fn")
+    if init_lr is not None and (isinstance(init_lr, bool) or not isinstance(init_lr, (int, float))
+                                or not 0 < init_lr < math.inf):
+        raise ValueError(f"init_lr={init_lr!r} must be a finite positive number, or None to "
+                         "leave the initialisation's step to meta_step_fn")
     BatchNormMode(bn_mode)
 
 
@@ -104,6 +109,21 @@ def _accumulate(target: list[Tensor | None], grads: Sequence[Tensor | None]) -> 
     for i, g in enumerate(grads):
         if g is not None:
             target[i] = g if target[i] is None else target[i] + g  # type: ignore[operator]
+
+
+def _check_finite(warp: Warp, params: Sequence[Tensor], grads: Sequence[Tensor | None]) -> None:
+    """Raises before a non-finite meta-gradient is written (one host transfer)."""
+    if all_finite([g for g in grads if g is not None]):
+        return
+    names = {id(p): n for n, p in warp.named_meta_parameters(include_init=True)}
+    bad = [names.get(id(p), "?") for p, g in zip(params, grads, strict=True)
+           if g is not None and not bool(torch.isfinite(g).all())]
+    raise NonFiniteError(task=None, inner_step=None, where="meta_gradient", names=bad)
+
+
+def _check_finite_init(warp: Warp, grads: Params) -> None:
+    init = dict(warp.named_init_parameters())
+    _check_finite(warp, [init[n] for n in grads], list(grads.values()))
 
 
 def _write_grads(params: Sequence[Tensor], grads: Sequence[Tensor | None]) -> None:
@@ -307,6 +327,8 @@ class DualUpdater:
                     targets, sums, loss = self._replay_chunk(
                         warp, [points[j] for j in chunk], streams, vmap_model)
                     losses.append(loss * len(chunk))
+                    # A NaN replay batch can give a NaN gradient at a finite state.
+                    _check_finite(warp, targets, sums)
                     _write_grads(targets, sums)
                     step_fn()
                     steps += 1
@@ -314,6 +336,7 @@ class DualUpdater:
         start = time.perf_counter()
         if self.init_objective is not None and slots:
             grads = self._init_gradient(warp, streams)
+            _check_finite_init(warp, grads)
             if grads and _apply_init(warp, grads, self.init_lr):
                 step_fn()
                 steps += 1
@@ -452,8 +475,13 @@ class OnlineUpdater:
         start = time.perf_counter()
         mean = None
         if self._count and self._targets:
-            _write_grads(self._targets, [None if g is None else g / self._count
-                                         for g in self._warp_sums])
+            means = [None if g is None else g / self._count for g in self._warp_sums]
+            try:
+                _check_finite(warp, self._targets, means)
+            except NonFiniteError:
+                self._reset()  # the sums are spent either way
+                raise
+            _write_grads(self._targets, means)
             assert self._loss_sum is not None
             mean = self._loss_sum.item() / self._count
         init_grads: Params = {}
@@ -462,6 +490,11 @@ class OnlineUpdater:
             for n, g in sums.items():
                 init_grads[n] = init_grads[n] + g if n in init_grads else g
         init_grads = {n: g / len(tasks) for n, g in init_grads.items()}
+        try:
+            _check_finite_init(warp, init_grads)
+        except NonFiniteError:
+            self._reset()
+            raise
         call = bool(self._targets) and self._count > 0
         if init_grads and _apply_init(warp, init_grads, self.init_lr):
             call = True

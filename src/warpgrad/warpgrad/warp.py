@@ -14,6 +14,7 @@ the adaptable parameters first, so the buffer holds the state before every step.
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
@@ -22,7 +23,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from metazoo import Params
+from metazoo import NonFiniteError, Params, check_on_nonfinite
 from warpgrad.buffer import ReplayBuffer, ReplayState
 from warpgrad.objectives import ReplayContext
 from warpgrad.optimizer_parameters import OptimizerParameters
@@ -66,8 +67,17 @@ class Warp:
             (not meta-learned) lr 0.1 and no momentum; the replay's inner step uses these, so
             pass one matching the task optimizer (``optimizer_parameter_groups()`` builds
             ``torch.optim`` groups from it).
+        on_nonfinite: what ``backward`` does with a task whose recorded trajectory holds NaN
+            or inf values (a NaN batch or an inf learning rate in its inner loop): ``"raise"``
+            (default) ``metazoo.NonFiniteError`` naming the task (``where="trajectory"``)
+            before any meta-parameter changes, or ``"skip"`` the task (its trajectory is
+            discarded; ``UpdateResult.skipped_tasks`` counts it). A non-finite replayed
+            gradient (e.g. a NaN batch drawn again from the task's data) always raises
+            (``where="meta_gradient"``) before it is written, since it cannot be traced to one
+            task; ``OnlineUpdater`` records no trajectory and raises that way too.
 
-    Parameters in neither group are held fixed: neither adapted by the replay nor
+    Parameters in neither group, and parameters with ``requires_grad=False`` when the ``Warp``
+    is built (in either group), are held fixed: neither adapted by the replay nor
     meta-learned. ``init_adaptation`` resets per-task state itself (BatchNorm statistics, then
     the model's own ``init_adaptation()`` if it defines one); the model needs no hook.
     """
@@ -75,7 +85,8 @@ class Warp:
     def __init__(self, model: nn.Module, adapt_modules: nn.Module | Iterable[nn.Module],
                  warp_modules: nn.Module | Iterable[nn.Module], updater: Updater,
                  buffer: ReplayBuffer | None = None,
-                 optimizer_parameters: OptimizerParameters | None = None) -> None:
+                 optimizer_parameters: OptimizerParameters | None = None, *,
+                 on_nonfinite: str = "raise") -> None:
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be an nn.Module, got {type(model).__name__}")
         if not isinstance(updater, (DualUpdater, OnlineUpdater)):
@@ -86,16 +97,16 @@ class Warp:
         self.model = model
         self.adapt_modules = _as_modules("adapt_modules", adapt_modules)
         self.warp_modules = _as_modules("warp_modules", warp_modules)
-        self._adapt_names = _names_of(model, self.adapt_modules, "adapt_modules")
-        self._warp_names = _names_of(model, self.warp_modules, "warp_modules")
-        if not self._adapt_names:
+        adapt_names = _names_of(model, self.adapt_modules, "adapt_modules")
+        warp_names = _names_of(model, self.warp_modules, "warp_modules")
+        if not adapt_names:
             raise ValueError("adapt_modules hold no parameters; give the layers the task "
                              "learner trains")
-        overlap = sorted(set(self._adapt_names) & set(self._warp_names))
+        overlap = sorted(set(adapt_names) & set(warp_names))
         if overlap:
             raise ValueError(f"parameters {overlap} are in both adapt_modules and warp_modules; "
                              "each layer is either adapted or a warp layer")
-        covered = set(self._adapt_names) | set(self._warp_names)
+        covered = set(adapt_names) | set(warp_names)
         orphans = [n for n, p in model.named_parameters() if p.requires_grad and n not in covered]
         if orphans:
             # Such a parameter would be used but neither adapted nor meta-learned: almost always
@@ -103,7 +114,18 @@ class Warp:
             raise ValueError(f"parameters {orphans} are in neither adapt_modules nor "
                              "warp_modules; add their layers to one of them, or set "
                              "requires_grad=False on them to keep them fixed")
+        # The rule of every metazoo learner: requires_grad=False (read here, once: Warp itself
+        # toggles the flag of warp layers while a task adapts) means frozen, neither adapted
+        # nor meta-learned.
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        self._adapt_names = [n for n in adapt_names if n in trainable]
+        self._warp_names = [n for n in warp_names if n in trainable]
+        if not self._adapt_names:
+            raise ValueError("adapt_modules hold no parameters with requires_grad=True; give "
+                             "the layers the task learner trains (requires_grad=False freezes "
+                             "a parameter)")
         self.updater = updater
+        self.on_nonfinite = check_on_nonfinite(on_nonfinite)
         self.buffer = buffer if buffer is not None else ReplayBuffer()
         self._optimizer_parameters = optimizer_parameters or OptimizerParameters()
         self._optimizer_parameters.init(self.named_adapt_parameters())
@@ -371,7 +393,10 @@ class Warp:
         collecting = self._collect
         self.no_collect()
         try:
+            skipped = self._drop_nonfinite_tasks()
             result = self.updater.backward(self, meta_step_fn)
+            if skipped:
+                result = dataclasses.replace(result, skipped_tasks=skipped)
         except BaseException:
             # Keep the trajectories for inspection or a retry; only the flag is restored.
             self._collect = collecting and self._task is not None
@@ -383,6 +408,22 @@ class Warp:
         if collecting and self._task is not None:
             self._collect = True
         return result
+
+    def _drop_nonfinite_tasks(self) -> int:
+        """Raises on, or discards, tasks whose recorded trajectory is not finite."""
+        if not self.updater.uses_buffer:
+            return 0
+        bad = self.buffer.nonfinite_slots()  # one host transfer for the whole buffer
+        if not bad:
+            return 0
+        slots = self.buffer.slots()
+        if self.on_nonfinite == "raise":
+            first = min(bad, key=slots.index)
+            raise NonFiniteError(task=slots.index(first), inner_step=bad[first],
+                                 where="trajectory")
+        for slot in bad:
+            self.buffer.discard(slot)
+        return len(bad)
 
     def clear(self) -> None:
         """Clears the replay buffer (the current task is forgotten too)."""
