@@ -183,6 +183,18 @@ def _pos_int(text: str) -> int:
     return value
 
 
+def _vectorize(text: str) -> bool | int | str:
+    """``--vectorize``: off, on, auto or a chunk size (tasks per batched computation)."""
+    named: dict[str, bool | str] = {"off": False, "on": True, "auto": "auto"}
+    if text in named:
+        return named[text]
+    try:
+        return _pos_int(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} must be off, on, auto or a positive number of tasks per chunk") from None
+
+
 def make_parser() -> argparse.ArgumentParser:
     """The command line (the reference's flags keep their names and meaning)."""
     p = argparse.ArgumentParser("main.py", description="Omniglot meta-learning experiment",
@@ -248,6 +260,10 @@ def make_parser() -> argparse.ArgumentParser:
     a("--channels_last", action="store_true",
       help="run warp_leap, warp_maml, maml, fomaml, anil, reptile and leap in channels-last "
            "memory format (faster on a CPU; results equal up to rounding)")
+    a("--vectorize", type=_vectorize, default=False,
+      help="maml, fomaml, anil, reptile: run the tasks of a meta-batch as one batched "
+           "computation (on), N tasks at a time (a number), or on CUDA only (auto); the same "
+           "results as the per-task loop (off, default), faster on a GPU, slower on a CPU")
     a("--on_nonfinite", choices=("raise", "skip"), default="raise",
       help="a NaN/inf loss: raise (stop, naming the meta-step, task and inner step) or skip "
            "the task (counted in nonfinite.log and the progress line)")
@@ -375,7 +391,8 @@ def learner_config(args: argparse.Namespace) -> LearnerConfig:
         warp_layer=args.warp_layer, warp_kwargs=warp, warp_final_head=args.warp_final_head,
         bn_mode=args.bn_mode, efficient=args.efficient, head_policy=args.head_policy,
         in_channels=in_channels(args), image_size=args.image_size, downsample=args.downsample,
-        on_nonfinite=args.on_nonfinite, channels_last=args.channels_last)
+        on_nonfinite=args.on_nonfinite, channels_last=args.channels_last,
+        vectorize=args.vectorize)
 
 
 # -- logs -------------------------------------------------------------------------------------

@@ -102,8 +102,10 @@ class LearnerConfig:
     downsample: str = "pool"
     on_nonfinite: str = "raise"
     channels_last: bool = False
+    vectorize: bool | int | str = False
 
 
+VECTORIZE_METHODS = ("maml", "fomaml", "anil", "reptile")
 CHANNELS_LAST_METHODS = ("warp_leap", "warp_maml", "maml", "fomaml", "anil", "reptile", "leap",
                          "imaml")
 
@@ -157,6 +159,10 @@ def build_learner(cfg: LearnerConfig) -> MetaLearner:
         raise ValueError(f"--channels_last is supported by --meta_model "
                          f"{', '.join(CHANNELS_LAST_METHODS)}, not {name}; drop the flag")
     layout = {"channels_last": cfg.channels_last}
+    if cfg.vectorize is not False and name not in VECTORIZE_METHODS:
+        raise ValueError(f"--vectorize is supported by --meta_model "
+                         f"{', '.join(VECTORIZE_METHODS)}, not {name}; drop the flag")
+    vectorize = {} if name not in VECTORIZE_METHODS else {"vectorize": cfg.vectorize}
     common = {"criterion": F.cross_entropy, "inner_optimizer": _inner_optimizer(cfg),
               "inner_steps": cfg.task_train_steps, "eval_inner_steps": cfg.task_val_steps,
               "meta_optimizer": _meta_optimizer(cfg), "bn_mode": cfg.bn_mode}
@@ -196,7 +202,7 @@ def build_learner(cfg: LearnerConfig) -> MetaLearner:
     if name == "reptile":
         _unused(cfg, ())
         learner = maml.Reptile(model=OmniConv(**_net_kwargs(cfg)), **common, **nonfinite,
-                               **layout)
+                               **layout, **vectorize)
         return RandomHead(learner) if reference else learner
     if name in ("maml", "fomaml", "anil"):
         _unused(cfg, ("learn_inner_lr", "per_step_inner_lr", "inner_grad_clip",
@@ -205,7 +211,7 @@ def build_learner(cfg: LearnerConfig) -> MetaLearner:
         learner = maml.MAML(model=OmniConv(**_net_kwargs(cfg)), **common,
                             first_order=name == "fomaml", frozen=frozen,
                             checkpoint=True if cfg.efficient else None, **cfg.meta_kwargs,
-                            **nonfinite, **layout)
+                            **nonfinite, **layout, **vectorize)
         return RandomHead(learner) if reference and name == "fomaml" else learner
     if name == "imaml":
         _unused(cfg, ("lam", "cg_steps", "damping", "inner_grad_clip"))

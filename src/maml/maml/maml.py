@@ -36,6 +36,7 @@ import torch
 from torch import Tensor, nn
 
 import metazoo
+from maml import _vectorized
 from maml._learner import (
     Criterion,
     MetaOptimizerFactory,
@@ -54,6 +55,7 @@ from maml._learner import (
     score_query,
     summarize,
 )
+from maml._vectorized import MetaInputs as _MetaInputs
 from metazoo import Adapted, EvalResult, MetaLearner, MetaStepResult, Task
 
 __all__ = ["MAML", "multi_step_loss_weights"]
@@ -121,6 +123,7 @@ class MAML(MetaLearner):
         backward_grad_clip: float | None = None,
         on_nonfinite: str = "raise",
         channels_last: bool = False,
+        vectorize: bool | int | str = False,
     ) -> None:
         """Builds the learner.
 
@@ -166,6 +169,16 @@ class MAML(MetaLearner):
                 results equal the default's up to rounding.
                 On CPUs the PyTorch max-pooling kernel is about 10x faster on channels-last
                 tensors; ``benchmarks/meta_step.py`` measures the effect.
+            vectorize: run the inner loops of all tasks of a meta-batch as one batched
+                computation (``metazoo.vectorize``: ``vmap`` of the task's gradient; exact, the
+                same meta-gradient as the loop) in ``meta_backward`` and ``evaluate``:
+                ``False`` (default) the per-task loop, ``True`` all tasks at once, an int N
+                that many tasks at a time (memory bounded in the number of tasks), ``"auto"``
+                vectorized on CUDA and the loop elsewhere (on CPUs the loop was measured
+                faster; ``benchmarks/gpu_meta_step.py``). Needs tasks of one shape, and raises
+                ``ValueError`` with ``checkpoint``, ``backward_grad_clip`` or
+                ``channels_last``, which only the loop supports. Models must not draw random
+                numbers (dropout) in the vectorized path.
         """
         self.model = check_module(model)
         self.criterion = check_criterion(criterion)
@@ -186,6 +199,17 @@ class MAML(MetaLearner):
                                                           backward_grad_clip)
         self.on_nonfinite = metazoo.check_on_nonfinite(on_nonfinite)
         self.channels_last = metazoo.check_channels_last(channels_last)
+        self.vectorize = metazoo.vectorize.check_vectorize(vectorize)
+        if self.vectorize is not False:
+            for option, value, alternative in (
+                    ("checkpoint", checkpoint not in (None, False), "checkpoint=None"),
+                    ("backward_grad_clip", backward_grad_clip is not None,
+                     "backward_grad_clip=None"),
+                    ("channels_last", channels_last, "channels_last=False")):
+                if value:
+                    raise ValueError(f"vectorize={vectorize!r} does not support {option}; pass "
+                                     f"{alternative}, or vectorize=False to keep {option} in the "
+                                     f"per-task loop")
 
         names = [n for n, _ in model.named_parameters()]
         # requires_grad=False: neither adapted nor meta-learned (metazoo.trainable_parameters).
@@ -309,6 +333,9 @@ class MAML(MetaLearner):
 
     # -- adaptation -------------------------------------------------------------------------
 
+    def _device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
     def _steps(self, steps: int | None) -> int:
         steps = self.eval_inner_steps if steps is None else check_steps("steps", steps)
         if self.per_step_inner_lr and steps > self.inner_steps:
@@ -316,10 +343,13 @@ class MAML(MetaLearner):
                              f"learning rates; use steps <= {self.inner_steps}")
         return steps
 
-    def _initial_params(self) -> tuple[metazoo.Params, metazoo.Params]:
+    def _initial_params(self, meta: metazoo.Params | None = None
+                        ) -> tuple[metazoo.Params, metazoo.Params]:
+        """Adapted and static parameters; ``meta`` replaces the model's (vectorized path)."""
         adapted: metazoo.Params = {}
         static: metazoo.Params = {}
-        for name, p in self.model.named_parameters():
+        for name, own in self.model.named_parameters():
+            p = meta[name] if meta is not None and name in meta else own
             if self._zero_head is not None and self._zero_head(name):
                 # A fresh zero tensor per task: the head starts from zero and gets no
                 # meta-gradient, so its width may change between meta-training and testing.
@@ -337,13 +367,16 @@ class MAML(MetaLearner):
         """``task`` with its 4-D inputs in channels-last format when ``channels_last`` is set."""
         return metazoo.task_to_channels_last(task) if self.channels_last else task
 
-    def _unroll(self, task: Task, steps: int, *, keep_trajectory: bool
-                ) -> tuple[metazoo.UnrollResult, metazoo.Params]:
-        adapted, static = self._initial_params()
+    def _unroll(self, task: Task, steps: int, *, keep_trajectory: bool,
+                meta: _MetaInputs | None = None) -> tuple[metazoo.UnrollResult, metazoo.Params]:
+        """The loop's unroll, or with ``meta`` the ``torch.func`` one of the vectorized path."""
+        adapted, static = self._initial_params(None if meta is None else meta.params)
         buffers = metazoo.initial_buffers(self.model, self.bn_mode)
         loss_fn = metazoo.make_loss_fn(self.model, self.criterion, bn_mode=self.bn_mode)
-        result = metazoo.unroll(
-            loss_fn, adapted, self.inner_optimizer, list(task.support), steps=steps,
+        unroll = metazoo.unroll if meta is None else metazoo.vectorize.functional_unroll
+        optimizer = self.inner_optimizer if meta is None else meta.optimizer
+        result = unroll(
+            loss_fn, adapted, optimizer, list(task.support), steps=steps,
             static=static, buffers=buffers, first_order=self.first_order,
             checkpoint=self.checkpoint, inner_grad_clip=self.inner_grad_clip,
             backward_grad_clip=self.backward_grad_clip, keep_trajectory=keep_trajectory)
@@ -363,12 +396,13 @@ class MAML(MetaLearner):
         params = {name: params[name].detach() for name, _ in self.model.named_parameters()}
         return Adapted(params, result.buffers, tuple(result.losses.tolist()))
 
-    def _task_objective(self, task: Task) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
+    def _task_objective(self, task: Task, meta: _MetaInputs | None = None
+                        ) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
         """Meta-objective of one task, its final query loss and accuracy, and inner losses."""
         msl = self.multi_step_weights
         task = self._layout(task)
         result, static = self._unroll(task, self.inner_steps,
-                                               keep_trajectory=msl is not None)
+                                               keep_trajectory=msl is not None, meta=meta)
         loss, acc = score_query(self.model, self.criterion, {**static, **result.params},
                                 result.buffers, task.query, self.bn_mode)
         if msl is None:
@@ -389,6 +423,9 @@ class MAML(MetaLearner):
         Each task's graph is freed by its own backward pass, so memory holds one task at a time.
         """
         check_tasks(tasks)
+        chunk = metazoo.vectorize.resolve_chunk(self.vectorize, len(tasks), self._device())
+        if chunk is not None:
+            return _vectorized.meta_backward(self, tasks, chunk)
         start = time.perf_counter()
         grads = TaskGradients(self.meta_parameters(), len(tasks), self.on_nonfinite)
         per_task = []
@@ -410,6 +447,9 @@ class MAML(MetaLearner):
         """
         check_tasks(tasks)
         steps = self._steps(steps)
+        chunk = metazoo.vectorize.resolve_chunk(self.vectorize, len(tasks), self._device())
+        if chunk is not None:
+            return _vectorized.evaluate(self, tasks, chunk, _vectorized.maml_adapt(self, steps))
 
         def adapt(task: Task) -> tuple[metazoo.Params, metazoo.UnrollResult]:
             with torch.no_grad():

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 import metazoo
+from maml import _vectorized
 from maml._learner import (
     Criterion,
     MetaOptimizerFactory,
@@ -68,6 +69,7 @@ class Reptile(MetaLearner):
         inner_grad_clip: float | None = None,
         on_nonfinite: str = "raise",
         channels_last: bool = False,
+        vectorize: bool | int | str = False,
     ) -> None:
         """Builds the learner.
 
@@ -90,6 +92,11 @@ class Reptile(MetaLearner):
                 inner update stays channels-last. On a CPU, image models run much faster
                 (max-pooling over NCHW tensors is ~10x slower); the results equal the default
                 layout's up to floating-point rounding.
+            vectorize: adapt to all tasks of a meta-batch as one batched computation
+                (``metazoo.vectorize``, ``vmap`` over tasks; the same results as the loop) in
+                ``meta_backward`` and ``evaluate``: ``False`` (default) the per-task loop,
+                ``True`` all tasks at once, an int N that many at a time, ``"auto"`` vectorized
+                on CUDA only. Needs tasks of one shape; not with ``channels_last``.
         """
         self.model = check_module(model)
         self.criterion = check_criterion(criterion)
@@ -102,6 +109,11 @@ class Reptile(MetaLearner):
         self.inner_grad_clip = check_optional_positive("inner_grad_clip", inner_grad_clip)
         self.on_nonfinite = metazoo.check_on_nonfinite(on_nonfinite)
         self.channels_last = metazoo.check_channels_last(channels_last)
+        self.vectorize = metazoo.vectorize.check_vectorize(vectorize)
+        if self.vectorize is not False and channels_last:
+            raise ValueError(f"vectorize={vectorize!r} does not support channels_last; pass "
+                             f"channels_last=False, or vectorize=False to keep channels_last in "
+                             f"the per-task loop")
         # requires_grad=False: neither adapted nor meta-learned (metazoo.trainable_parameters).
         self._trainable = set(metazoo.trainable_parameters(self.model))
         self.meta_optimizer = build_meta_optimizer(meta_optimizer, list(self.meta_parameters()),
@@ -113,11 +125,16 @@ class Reptile(MetaLearner):
             if name in self._trainable:
                 yield name, p
 
+    def _device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
     def _layout(self, task: Task) -> Task:
         return metazoo.task_to_channels_last(task) if self.channels_last else task
 
-    def _unroll(self, task: Task, steps: int) -> tuple[metazoo.UnrollResult, metazoo.Params]:
-        """Adapts to ``task`` (already in the learner's layout, see ``_layout``).
+    def _unroll(self, task: Task, steps: int, *, vectorized: bool = False
+                ) -> tuple[metazoo.UnrollResult, metazoo.Params]:
+        """Adapts to ``task`` (already in the learner's layout, see ``_layout``); with
+        ``vectorized`` by the ``torch.func`` unroll, to run inside ``vmap``.
 
         Returns the unroll (its ``params`` are the adapted, trainable ones) and every
         parameter of the adapted model (frozen ones merged in).
@@ -127,8 +144,9 @@ class Reptile(MetaLearner):
         if self.channels_last:
             params = metazoo.params_to_channels_last(params)
             static = metazoo.params_to_channels_last(static)
+        unroll = metazoo.vectorize.functional_unroll if vectorized else metazoo.unroll
         with torch.no_grad():
-            result = metazoo.unroll(
+            result = unroll(
                 metazoo.make_loss_fn(self.model, self.criterion, bn_mode=self.bn_mode),
                 params, self.inner_optimizer, list(task.support), steps=steps, static=static,
                 buffers=metazoo.initial_buffers(self.model, self.bn_mode),
@@ -144,6 +162,9 @@ class Reptile(MetaLearner):
     def meta_backward(self, tasks: Sequence[Task]) -> MetaStepResult:
         """Accumulates ``mean_T (theta - phi_T)`` into ``.grad``; reports the query loss."""
         check_tasks(tasks)
+        chunk = metazoo.vectorize.resolve_chunk(self.vectorize, len(tasks), self._device())
+        if chunk is not None:
+            return _vectorized.reptile_meta_backward(self, tasks, chunk)
         start = time.perf_counter()
         collected = TaskGradients(self.meta_parameters(), len(tasks), self.on_nonfinite)
         per_task = []
@@ -166,10 +187,14 @@ class Reptile(MetaLearner):
         """Adapts to each task and scores its query set; the model is left unchanged."""
         check_tasks(tasks)
         steps = self.eval_inner_steps if steps is None else check_steps("steps", steps)
+        chunk = metazoo.vectorize.resolve_chunk(self.vectorize, len(tasks), self._device())
 
         def adapt(task: Task) -> tuple[metazoo.Params, metazoo.UnrollResult]:
-            result, params = self._unroll(task, steps)
+            result, params = self._unroll(task, steps, vectorized=chunk is not None)
             return params, result
+
+        if chunk is not None:
+            return _vectorized.evaluate(self, tasks, chunk, adapt)
 
         return evaluate_tasks(tasks, adapt, self.model, self.criterion, self.bn_mode,
                               self._layout)

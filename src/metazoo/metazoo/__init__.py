@@ -5,7 +5,7 @@ Pure functional models (``forward``, ``params_of``), differentiable inner optimi
 ``MetaLearner`` interface every algorithm implements.
 """
 
-from metazoo import cli, distributed
+from metazoo import cli, distributed, vectorize
 from metazoo.devices import DeviceMixError, strict_devices
 from metazoo.faults import (
     CheckedCriterion,
@@ -107,4 +107,5 @@ __all__ = [
     "to_channels_last",
     "trainable_parameters",
     "unroll",
+    "vectorize",
 ]

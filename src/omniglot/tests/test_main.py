@@ -291,6 +291,35 @@ def test_channels_last_runs_give_the_default_layouts_logs(tiny, omniglot_root, t
         assert len(a) > 5 and b == pytest.approx(a, rel=5e-3, abs=1e-5, nan_ok=True), data
 
 
+@pytest.mark.parametrize("method", ["maml", "reptile"])
+def test_vectorized_runs_give_the_loops_logs(tiny, omniglot_root, tmp_path, method):
+    """--vectorize on and in chunks of 1: the logged curves agree with the loop's up to float32
+    rounding (amplified by the tiny BatchNorm net as in the channels-last test above; the exact
+    float64 comparisons are in src/maml/tests/test_vectorize.py)."""
+    argv = tiny(omniglot_root, tmp_path, method)
+    accs = [main.main([*argv, "--suffix", suffix, *flags])
+            for suffix, flags in (("loop", []), ("on", ["--vectorize", "on"]),
+                                  ("chunks", ["--vectorize", "1"]))]
+    assert accs[1] == pytest.approx(accs[0], abs=1e-6) and accs[2] == pytest.approx(accs[0],
+                                                                                    abs=1e-6)
+    runs = [FileHandler(tmp_path / method / suffix) for suffix in ("loop", "on", "chunks")]
+    for data in ("train_train_data", "val_eval_data", "test_eval_data"):
+        a, b, c = (_numbers(getattr(r, data)) for r in runs)
+        assert len(a) > 5 and b == pytest.approx(a, rel=5e-3, abs=1e-5, nan_ok=True), data
+        assert c == pytest.approx(a, rel=5e-3, abs=1e-5, nan_ok=True), data
+
+
+def test_vectorize_flag_is_checked(tiny, omniglot_root, tmp_path, capsys):
+    with pytest.raises(ValueError, match="--vectorize is supported by --meta_model maml, "
+                                         "fomaml, anil, reptile, not leap; drop the flag"):
+        main.main([*tiny(omniglot_root, tmp_path, "leap"), "--vectorize", "on"])
+    with pytest.raises(SystemExit):
+        main.make_parser().parse_args(["--vectorize", "sometimes"])
+    assert "must be off, on, auto or a positive number" in capsys.readouterr().err
+    assert main.make_parser().parse_args(["--vectorize", "auto"]).vectorize == "auto"
+    assert main.make_parser().parse_args(["--vectorize", "8"]).vectorize == 8
+
+
 def _numbers(data):
     """Every number in a FileHandler record (lists and dicts of lists), in order."""
     if isinstance(data, dict):

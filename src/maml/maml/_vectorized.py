@@ -1,0 +1,159 @@
+"""Vectorized meta-batches of this package's learners (``metazoo.vectorize``).
+
+MAML's objective is ``MAML._task_objective`` itself, called with the meta-parameters as explicit
+inputs (``MetaInputs``) and the ``torch.func`` unroll; ``vmap(grad_and_value(...))`` of it gives
+each task's meta-gradient inside the map, exactly the loop's. Reptile maps its adaptation
+(``Reptile._unroll`` with the ``torch.func`` unroll) and sums ``theta - phi_T``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+from torch.func import vmap
+
+import metazoo
+from maml._learner import score_query, summarize
+from metazoo import EvalResult, MetaStepResult, Task
+
+if TYPE_CHECKING:
+    from maml.maml import MAML
+    from maml.reptile import Reptile
+
+Adapt = Callable[[Task], tuple[metazoo.Params, metazoo.UnrollResult]]
+
+
+@dataclass(frozen=True)
+class MetaInputs:
+    """The meta-parameters as explicit (possibly ``torch.func``-wrapped) tensors.
+
+    Attributes:
+        params: the model's parameters by name, less the zero-initialised head.
+        optimizer: the inner optimizer with its tensor hyperparameters (learned rates) replaced.
+    """
+
+    params: metazoo.Params
+    optimizer: metazoo.InnerOptimizer
+
+
+def _model_params(learner: MAML) -> metazoo.Params:
+    zero_head = learner._zero_head
+    return {name: p for name, p in learner.model.named_parameters()
+            if zero_head is None or not zero_head(name)}
+
+
+def _per_task(losses: Tensor, accuracies: Tensor | None, inner_losses: Tensor,
+              indices: Sequence[int]) -> list[tuple[Tensor, Tensor | None, Tensor]]:
+    return [(losses[i], None if accuracies is None else accuracies[i], inner_losses[i])
+            for i in indices]
+
+
+def meta_backward(learner: MAML, tasks: Sequence[Task], chunk: int) -> MetaStepResult:
+    """``MAML.meta_backward`` with the tasks mapped ``chunk`` at a time (one host transfer for
+    the fault check of the whole meta-batch)."""
+    start = time.perf_counter()
+    support, query = metazoo.vectorize.stack_tasks(tasks)
+    params = _model_params(learner)
+    candidates = [*params.values(), *learner.inner_optimizer.hyperparameter_tensors()]
+    differentiable = [i for i, t in enumerate(candidates) if t.requires_grad]
+    has_accuracy: list[bool] = []
+
+    def objective(inputs: list[Tensor], support: list[metazoo.Batch], query: metazoo.Batch
+                  ) -> tuple[Tensor, tuple[Tensor, tuple[Tensor, Tensor]]]:
+        tensors = list(candidates)
+        for index, tensor in zip(differentiable, inputs, strict=True):
+            tensors[index] = tensor
+        meta = MetaInputs(dict(zip(params, tensors)),
+                          learner.inner_optimizer.with_hyperparameter_tensors(
+                              tensors[len(params):]))
+        value, loss, acc, inner_losses = learner._task_objective(Task(support, query), meta)
+        has_accuracy.append(acc is not None)
+        # vmap returns tensors only: a placeholder where the criterion has no accuracy.
+        return value, (inner_losses, (loss, loss.new_zeros(()) if acc is None else acc))
+
+    inputs = [candidates[i] for i in differentiable]
+    result = metazoo.vectorize.vectorized_meta_gradients(objective, inputs, [support, query],
+                                                         len(tasks), chunk)
+    kept = metazoo.vectorize.raise_or_count_faults(result, learner.on_nonfinite)
+    if kept and inputs:
+        # The mean over the kept tasks, accumulated into .grad like the loop's backward passes.
+        torch.autograd.backward(inputs, [g / len(kept) for g in result.grads])
+    losses, accuracies = result.aux
+    per_task = _per_task(losses, accuracies if all(has_accuracy) else None,
+                         result.inner_losses, kept)
+    return summarize(per_task, len(tasks), len(tasks) - len(kept), start)
+
+
+def maml_adapt(learner: MAML, steps: int) -> Adapt:
+    """MAML's adaptation for ``evaluate``: the ``torch.func`` unroll from the meta-parameters."""
+    meta = MetaInputs(_model_params(learner), learner.inner_optimizer)
+
+    def adapt(task: Task) -> tuple[metazoo.Params, metazoo.UnrollResult]:
+        result, static = learner._unroll(task, steps, keep_trajectory=False, meta=meta)
+        return {**static, **result.params}, result
+
+    return adapt
+
+
+def reptile_meta_backward(learner: Reptile, tasks: Sequence[Task], chunk: int
+                          ) -> MetaStepResult:
+    """``Reptile.meta_backward`` with the tasks mapped ``chunk`` at a time: the mean over the
+    finite tasks of ``theta - phi_T`` into ``.grad`` (one host transfer for the fault check)."""
+    start = time.perf_counter()
+    support, query = metazoo.vectorize.stack_tasks(tasks)
+    named = list(learner.named_meta_parameters())
+    has_accuracy: list[bool] = []
+
+    def task_step(support: list[metazoo.Batch], query: metazoo.Batch
+                  ) -> tuple[list[Tensor], tuple[Tensor, tuple[Tensor, tuple[Tensor, Tensor]]]]:
+        result, params = learner._unroll(Task(support, query), learner.inner_steps,
+                                         vectorized=True)
+        loss, acc = score_query(learner.model, learner.criterion, params, result.buffers, query,
+                                learner.bn_mode)
+        has_accuracy.append(acc is not None)
+        differences = [p.detach() - result.params[name] for name, p in named]
+        return differences, (loss, (result.losses, (loss, loss.new_zeros(()) if acc is None
+                                                    else acc)))
+
+    with torch.no_grad():
+        result = metazoo.vectorize.map_and_sum(vmap(task_step), [], [support, query], len(tasks),
+                                               chunk)
+    kept = metazoo.vectorize.raise_or_count_faults(result, learner.on_nonfinite)
+    if kept:
+        for (_, p), difference in zip(named, result.grads, strict=True):
+            metazoo.accumulate_grad(p, difference / len(kept))
+    losses, accuracies = result.aux
+    per_task = _per_task(losses, accuracies if all(has_accuracy) else None,
+                         result.inner_losses, kept)
+    return summarize(per_task, len(tasks), len(tasks) - len(kept), start)
+
+
+def evaluate(learner: MAML | Reptile, tasks: Sequence[Task], chunk: int, adapt: Adapt
+             ) -> EvalResult:
+    """``evaluate`` with the tasks mapped ``chunk`` at a time; ``adapt(task)`` returns the
+    adapted parameters (all of the model's) and the unroll's result, inside ``vmap``."""
+    support, query = metazoo.vectorize.stack_tasks(tasks)
+    has_accuracy: list[bool] = []
+
+    def score(support: list[metazoo.Batch], query: metazoo.Batch) -> tuple[Tensor, ...]:
+        params, result = adapt(Task(support, query))
+        loss, acc = score_query(learner.model, learner.criterion, params, result.buffers, query,
+                                learner.bn_mode)
+        has_accuracy.append(acc is not None)
+        return loss, loss.new_zeros(()) if acc is None else acc, result.losses
+
+    with torch.no_grad():
+        losses, accuracies, inner_losses = metazoo.vectorize.map_tasks(
+            score, [support, query], len(tasks), chunk)
+    per_task = _per_task(losses, accuracies if all(has_accuracy) else None, inner_losses,
+                         range(len(tasks)))
+    loss_mean, acc_mean, curve = metazoo.mean_results(per_task)
+    rows: list[Any] = torch.stack([losses, accuracies]).tolist()
+    return EvalResult(loss_mean, acc_mean, curve, len(tasks),
+                      tuple((loss, acc if all(has_accuracy) else None)
+                            for loss, acc in zip(*rows, strict=True)))

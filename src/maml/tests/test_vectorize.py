@@ -1,0 +1,306 @@
+"""MAML(vectorize=...): the vectorized meta-batch against the per-task loop, float64 to 1e-10."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import metazoo
+from maml import MAML, Reptile
+
+DTYPE = torch.float64
+TASKS = 4
+
+
+def bn_net() -> nn.Module:
+    torch.manual_seed(0)
+    # No bias before BatchNorm: its support gradient is pure rounding noise, which Adam's
+    # normalised step would amplify into differences between any two evaluation orders.
+    net = nn.Sequential(nn.Conv2d(1, 3, 3, bias=False), nn.BatchNorm2d(3), nn.ReLU(),
+                        nn.MaxPool2d(2), nn.Flatten(), nn.Linear(3 * 2 * 2, 3)).to(DTYPE)
+    with torch.no_grad():
+        net[1].weight.uniform_(0.5, 1.5)
+        net[1].bias.uniform_(-0.5, 0.5)
+    return net
+
+
+def tasks(count: int = TASKS, seed: int = 1, support_batches: int = 1) -> list[metazoo.Task]:
+    g = torch.Generator().manual_seed(seed)
+
+    def batch(per_class: int) -> metazoo.Batch:
+        y = torch.arange(3).repeat(per_class)
+        return torch.randn(len(y), 1, 6, 6, generator=g, dtype=DTYPE), y
+
+    return [metazoo.Task([batch(2) for _ in range(support_batches)], batch(3))
+            for _ in range(count)]
+
+
+HEAD = ["5.weight", "5.bias"]
+CONFIGS = {
+    "batch_sgd": dict(inner_optimizer=metazoo.SGD(0.4)),
+    "running_sgd": dict(inner_optimizer=metazoo.SGD(0.4), bn_mode="running"),
+    "momentum_tensor_hyper": dict(
+        inner_optimizer=metazoo.SGD(0.1, momentum=torch.tensor(0.9, dtype=DTYPE),
+                                    weight_decay=0.01), bn_mode="running"),
+    "adam": dict(inner_optimizer=metazoo.Adam(0.05, betas=(0.8, 0.99)), bn_mode="running"),
+    "meta_sgd": dict(inner_optimizer=metazoo.SGD(0.3), learn_inner_lr="per_element"),
+    "lslr_msl": dict(inner_optimizer=metazoo.SGD(0.3, momentum=0.5),
+                     learn_inner_lr="per_tensor", per_step_inner_lr=True,
+                     multi_step_weights=[0.2, 0.3, 0.5]),
+    "anil_zero_head": dict(inner_optimizer=metazoo.SGD(0.4),
+                           frozen=lambda name: not name.startswith("5."), zero_head=HEAD),
+    "zero_head_running": dict(inner_optimizer=metazoo.SGD(0.4), zero_head=HEAD,
+                              bn_mode="running"),
+    "inner_clip": dict(inner_optimizer=metazoo.SGD(0.4), inner_grad_clip=0.05),
+    "first_order": dict(inner_optimizer=metazoo.SGD(0.4), first_order=True),
+    "first_order_meta_sgd_adam": dict(inner_optimizer=metazoo.Adam(0.05), first_order=True,
+                                      learn_inner_lr="per_element", bn_mode="running"),
+    "several_support_batches": dict(inner_optimizer=metazoo.SGD(0.4), bn_mode="running"),
+    "rmsprop_centered": dict(inner_optimizer=metazoo.RMSprop(0.01, momentum=0.5, centered=True),
+                             bn_mode="running"),
+}
+
+
+def learner(config: str, vectorize=False, **overrides) -> MAML:
+    kwargs = {"inner_steps": 3, **CONFIGS[config], **overrides}
+    return MAML(model=bn_net(), criterion=F.cross_entropy, vectorize=vectorize, **kwargs)
+
+
+def meta_grads(maml: MAML, batch: list[metazoo.Task]):
+    maml.meta_optimizer.zero_grad(set_to_none=True)
+    result = maml.meta_backward(batch)
+    grads = {n: p.grad.clone() for n, p in maml.named_meta_parameters() if p.grad is not None}
+    return grads, result
+
+
+def assert_same(a: dict, b: dict, tol: float = 1e-10) -> None:
+    assert a.keys() == b.keys() and a
+    scale = max(1.0, max(t.abs().max().item() for t in b.values()))
+    for name in a:
+        assert (a[name] - b[name]).abs().max().item() <= tol * scale, name
+
+
+def assert_results_match(got, expected, tol: float = 1e-10) -> None:
+    assert got.num_tasks == expected.num_tasks
+    assert got.skipped_tasks == expected.skipped_tasks
+    assert got.meta_loss == pytest.approx(expected.meta_loss, abs=tol, rel=tol)
+    assert got.accuracy == pytest.approx(expected.accuracy, abs=tol)
+    assert got.inner_losses == pytest.approx(expected.inner_losses, abs=tol, rel=tol)
+
+
+@pytest.mark.parametrize("config", sorted(CONFIGS))
+def test_vectorized_meta_gradient_and_results_equal_the_loop(config):
+    batch = tasks(support_batches=2 if config == "several_support_batches" else 1)
+    expected, expected_result = meta_grads(learner(config), batch)
+    for vectorize in (True, 3):  # one vmap, and chunks of 3 + 1 tasks
+        got, result = meta_grads(learner(config, vectorize), batch)
+        assert_same(got, expected)
+        assert_results_match(result, expected_result)
+    if "zero_head" in config:
+        assert not any(name in expected for name in HEAD)
+    if "lr" in str(CONFIGS[config].get("learn_inner_lr", "")) or "meta_sgd" in config:
+        assert any(name.startswith("inner_lr.") for name in expected)
+
+
+@pytest.mark.parametrize("config", ["running_sgd", "anil_zero_head", "adam"])
+def test_vectorized_evaluate_equals_the_loop(config):
+    batch = tasks(seed=5)
+    expected = learner(config).evaluate(batch, steps=2)
+    got = learner(config, 2).evaluate(batch, steps=2)
+    assert got.loss == pytest.approx(expected.loss, rel=1e-10)
+    assert got.accuracy == pytest.approx(expected.accuracy, abs=1e-12)
+    assert got.inner_losses == pytest.approx(expected.inner_losses, rel=1e-10)
+    for (loss, acc), (loss_loop, acc_loop) in zip(got.per_task, expected.per_task, strict=True):
+        assert loss == pytest.approx(loss_loop, rel=1e-10) and acc == acc_loop
+
+
+def test_meta_steps_follow_the_same_trajectory():
+    loop, vectorized = learner("lslr_msl"), learner("lslr_msl", True)
+    for step in range(3):
+        batch = tasks(seed=10 + step)
+        loop.meta_step(batch)
+        vectorized.meta_step(batch)
+    assert_same(dict(vectorized.named_meta_parameters()), dict(loop.named_meta_parameters()))
+
+
+class CountingCriterion:
+    """Cross-entropy that counts its calls and those that saw torch.func-transformed targets."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.batched = 0
+
+    def __call__(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        self.batched += torch._C._functorch.is_functorch_wrapped_tensor(target)
+        return F.cross_entropy(output, target)
+
+
+@pytest.mark.parametrize("vectorize,calls", [(False, TASKS * 4), (True, 4), (2, 8),
+                                              ("auto", TASKS * 4)])
+def test_the_vectorized_path_runs_once_per_chunk_and_never_falls_back(vectorize, calls):
+    """3 inner steps + 1 query pass = 4 criterion calls per task in the loop, per chunk when
+    vectorized; a silent fallback to the loop would make 16. ``"auto"`` runs the loop on CPU."""
+    criterion = CountingCriterion()
+    maml = MAML(model=bn_net(), criterion=criterion, inner_optimizer=metazoo.SGD(0.4),
+                inner_steps=3, vectorize=vectorize)
+    maml.meta_backward(tasks())
+    assert criterion.calls == calls
+    assert criterion.batched == (0 if calls == TASKS * 4 else calls)
+
+
+def test_vectorized_fault_check_is_one_transfer_and_names_the_task_and_step(monkeypatch):
+    """The loop checks each task with its own host transfer (task_fault per task); the
+    vectorized path checks the whole meta-batch at once and raises the loop's error."""
+    batch = tasks()
+    checks = []
+    original = metazoo.task_fault
+    monkeypatch.setattr(metazoo, "task_fault",
+                        lambda *args: checks.append(args[0]) or original(*args))
+    learner("batch_sgd").meta_backward(batch)
+    assert checks == list(range(TASKS))
+    checks.clear()
+    learner("batch_sgd", True).meta_backward(batch)
+    assert checks == []
+
+    bad = list(batch)
+    bad[2] = metazoo.Task([(bad[2].support[0][0] * float("nan"), bad[2].support[0][1])],
+                          bad[2].query)
+    with pytest.raises(metazoo.NonFiniteError) as loop_error:
+        learner("batch_sgd").meta_backward(bad)
+    maml = learner("batch_sgd", True)
+    with pytest.raises(metazoo.NonFiniteError) as error:
+        maml.meta_backward(bad)
+    assert (error.value.task, error.value.inner_step, error.value.where) == (2, 0, "inner")
+    assert str(error.value) == str(loop_error.value)
+    assert all(p.grad is None for p in maml.meta_parameters())
+
+
+def test_vectorized_skip_leaves_non_finite_tasks_out_exactly():
+    batch = tasks()
+    bad = list(batch)
+    bad[1] = metazoo.Task(bad[1].support, (bad[1].query[0] * float("inf"), bad[1].query[1]))
+    expected, expected_result = meta_grads(learner("running_sgd", on_nonfinite="skip"), bad)
+    got, result = meta_grads(learner("running_sgd", True, on_nonfinite="skip"), bad)
+    assert result.skipped_tasks == 1
+    assert_same(got, expected)
+    assert_results_match(result, expected_result)
+    assert all(torch.isfinite(g).all() for g in got.values())
+
+
+def test_a_users_tensor_hyperparameter_gets_the_loops_gradient():
+    """Tensors of the inner optimizer that require grad but are not MAML's meta-parameters
+    receive .grad as the loop's backward gives them."""
+    grads = []
+    for vectorize in (False, True):
+        lr = torch.tensor(0.3, dtype=DTYPE, requires_grad=True)
+        momentum = torch.tensor(0.6, dtype=DTYPE, requires_grad=True)
+        maml = learner("running_sgd", vectorize,
+                       inner_optimizer=metazoo.SGD(lr, momentum=momentum))
+        maml.meta_backward(tasks())
+        grads.append({"lr": lr.grad, "momentum": momentum.grad})
+    assert_same(grads[1], grads[0])
+    assert grads[0]["lr"].abs() > 0 and grads[0]["momentum"].abs() > 0
+
+
+def test_vectorized_gradient_accumulates_like_the_loop():
+    batch = tasks()
+    loop, vectorized = learner("meta_sgd"), learner("meta_sgd", True)
+    for maml in (loop, vectorized):
+        maml.meta_optimizer.zero_grad(set_to_none=True)
+        maml.meta_backward(batch[:2])
+        maml.meta_backward(batch[2:])
+    assert_same({n: p.grad for n, p in vectorized.named_meta_parameters()},
+                {n: p.grad for n, p in loop.named_meta_parameters()})
+
+
+@pytest.mark.parametrize("option,value", [("checkpoint", True), ("checkpoint", 2),
+                                          ("backward_grad_clip", 1.0),
+                                          ("channels_last", True)])
+@pytest.mark.parametrize("vectorize", [True, 4, "auto"])
+def test_options_only_the_loop_supports_raise(option, value, vectorize):
+    with pytest.raises(ValueError, match=rf"vectorize={vectorize!r} does not support {option}; "
+                                         rf".*vectorize=False"):
+        learner("batch_sgd", vectorize, **{option: value})
+
+
+def test_tasks_of_different_shapes_and_bad_values_raise():
+    batch = tasks()
+    odd = [*batch[:3], metazoo.Task(batch[3].support, (batch[3].query[0][:6],
+                                                       batch[3].query[1][:6]))]
+    with pytest.raises(ValueError, match=r"task 3 query\[0\] has shape.*vectorize=False"):
+        learner("batch_sgd", True).meta_backward(odd)
+    learner("batch_sgd", False).meta_backward(odd)  # the loop takes them
+    for bad in (0, "always", 2.0):
+        with pytest.raises(ValueError, match="vectorize must be False"):
+            learner("batch_sgd", bad)
+
+
+# -- Reptile ------------------------------------------------------------------------------------
+
+REPTILE_CONFIGS = {
+    "batch_sgd": dict(inner_optimizer=metazoo.SGD(0.4)),
+    "running_adam_clip": dict(inner_optimizer=metazoo.Adam(0.05), bn_mode="running",
+                              inner_grad_clip=0.5),
+    "momentum": dict(inner_optimizer=metazoo.SGD(0.1, momentum=0.9)),
+}
+
+
+def reptile(config: str, vectorize=False, **overrides) -> Reptile:
+    kwargs = {"inner_steps": 3, **REPTILE_CONFIGS[config], **overrides}
+    return Reptile(model=bn_net(), criterion=F.cross_entropy, vectorize=vectorize, **kwargs)
+
+
+@pytest.mark.parametrize("config", sorted(REPTILE_CONFIGS))
+def test_reptile_vectorized_equals_the_loop(config):
+    batch = tasks(support_batches=2)
+    expected, expected_result = meta_grads(reptile(config), batch)
+    for vectorize in (True, 3):
+        got, result = meta_grads(reptile(config, vectorize), batch)
+        assert_same(got, expected)
+        assert_results_match(result, expected_result)
+    loop_eval = reptile(config).evaluate(batch, steps=2)
+    vectorized_eval = reptile(config, 2).evaluate(batch, steps=2)
+    assert vectorized_eval.loss == pytest.approx(loop_eval.loss, rel=1e-10)
+    flat = [value for row in vectorized_eval.per_task for value in row]
+    assert flat == pytest.approx([value for row in loop_eval.per_task for value in row],
+                                 rel=1e-10)
+
+
+def test_reptile_vectorized_runs_batched_skips_and_raises_like_the_loop():
+    criterion = CountingCriterion()
+    Reptile(model=bn_net(), criterion=criterion, inner_optimizer=metazoo.SGD(0.4),
+            inner_steps=3, vectorize=True).meta_backward(tasks())
+    assert criterion.calls == criterion.batched == 4  # 3 inner steps + the query, one chunk
+    bad = tasks()
+    bad[3] = metazoo.Task([(bad[3].support[0][0], bad[3].support[0][1])],
+                          (bad[3].query[0] * float("nan"), bad[3].query[1]))
+    expected, expected_result = meta_grads(reptile("batch_sgd", on_nonfinite="skip"), bad)
+    got, result = meta_grads(reptile("batch_sgd", True, on_nonfinite="skip"), bad)
+    assert result.skipped_tasks == 1
+    assert_same(got, expected)
+    assert_results_match(result, expected_result)
+    with pytest.raises(metazoo.NonFiniteError, match="task 3 of the meta-batch"):
+        reptile("batch_sgd", True).meta_backward(bad)
+    with pytest.raises(ValueError, match="vectorize=True does not support channels_last"):
+        reptile("batch_sgd", True, channels_last=True)
+
+
+@pytest.mark.parametrize("kind", ["maml", "reptile"])
+def test_requires_grad_false_parameters_stay_fixed_when_vectorized(kind):
+    """The rule of every learner (metazoo.trainable_parameters): a parameter with
+    requires_grad=False is neither adapted nor meta-learned, in the vectorized path too."""
+    grads = []
+    for vectorize in (False, True):
+        net = bn_net()
+        net[1].weight.requires_grad_(False)
+        build = MAML if kind == "maml" else Reptile
+        learner_ = build(model=net, criterion=F.cross_entropy, inner_optimizer=metazoo.SGD(0.4),
+                         inner_steps=2, vectorize=vectorize)
+        learner_.meta_backward(tasks())
+        assert net[1].weight.grad is None
+        grads.append({n: p.grad for n, p in learner_.named_meta_parameters()})
+    assert "1.weight" not in grads[0]
+    assert_same(grads[1], grads[0])

@@ -1,0 +1,217 @@
+"""metazoo.vectorize: the torch.func unroll mapped over tasks against the loop's unroll."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import grad_and_value, vmap
+
+import metazoo
+from metazoo import vectorize
+
+check_vectorize, functional_unroll = vectorize.check_vectorize, vectorize.functional_unroll
+resolve_chunk, stack_tasks = vectorize.resolve_chunk, vectorize.stack_tasks
+vectorized_meta_gradients = vectorize.vectorized_meta_gradients
+
+DTYPE = torch.float64
+TASKS = 3
+
+
+def bn_net(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Conv2d(1, 3, 3, bias=False), nn.BatchNorm2d(3), nn.ReLU(),
+                        nn.MaxPool2d(2), nn.Flatten(), nn.Linear(3 * 2 * 2, 3)).to(DTYPE)
+    with torch.no_grad():
+        net[1].weight.uniform_(0.5, 1.5)
+        net[1].bias.uniform_(-0.5, 0.5)
+    return net
+
+
+def task_batches(seed: int = 1) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(TASKS, 6, 1, 6, 6, generator=g, dtype=DTYPE)
+    y = torch.arange(3).repeat(TASKS, 2)
+    qx = torch.randn(TASKS, 9, 1, 6, 6, generator=g, dtype=DTYPE)
+    qy = torch.arange(3).repeat(TASKS, 3)
+    return x, y, qx, qy
+
+
+OPTIMIZERS = {
+    "sgd": lambda: metazoo.SGD(0.4),
+    "momentum": lambda: metazoo.SGD(0.1, momentum=0.9, weight_decay=0.01),
+    "adam": lambda: metazoo.Adam(0.05),
+    "tensor_lr": lambda: metazoo.SGD(torch.tensor(0.3, dtype=DTYPE), momentum=0.5),
+}
+
+
+def query_objective(net: nn.Module, unroll, bn_mode: str, optimizer, first_order: bool,
+                    clip: float | None = None):
+    loss_fn = metazoo.make_loss_fn(net, F.cross_entropy, bn_mode=bn_mode)
+
+    def objective(params, x, y, qx, qy):
+        result = unroll(loss_fn, params, optimizer, [(x, y)], steps=3,
+                        buffers=metazoo.initial_buffers(net, bn_mode), first_order=first_order,
+                        inner_grad_clip=clip)
+        out, _ = metazoo.forward(net, result.params, result.buffers, qx, bn_mode=bn_mode,
+                                 training=False)
+        return F.cross_entropy(out, qy), result
+
+    return objective
+
+
+def loop_gradients(objective, params, batches):
+    """Per-task meta-gradients of the loop's unroll by ordinary autograd, stacked."""
+    per_task = []
+    for task in zip(*batches):
+        leaves = {n: p.detach().requires_grad_() for n, p in params.items()}
+        value, _ = objective(leaves, *task)
+        per_task.append(torch.autograd.grad(value, list(leaves.values())))
+    return [torch.stack(g) for g in zip(*per_task)]
+
+
+def assert_close(a, b, tol=1e-10):
+    scale = max(1.0, max(t.abs().max().item() for t in b))
+    for x, y in zip(a, b, strict=True):
+        assert (x - y).abs().max().item() <= tol * scale
+
+
+@pytest.mark.parametrize("bn_mode", ["batch", "running"])
+@pytest.mark.parametrize("optimizer", sorted(OPTIMIZERS))
+@pytest.mark.parametrize("first_order", [False, True])
+def test_vmapped_meta_gradient_equals_the_loop(bn_mode, optimizer, first_order):
+    net, batches = bn_net(), task_batches()
+    params = metazoo.params_of(net, detach=True)
+    loop = query_objective(net, metazoo.unroll, bn_mode, OPTIMIZERS[optimizer](), first_order)
+    mapped = query_objective(net, functional_unroll, bn_mode, OPTIMIZERS[optimizer](),
+                             first_order)
+    grads, _ = vmap(grad_and_value(lambda p, *b: mapped(p, *b)[0]),
+                    in_dims=(None, 0, 0, 0, 0))(params, *batches)
+    assert_close([grads[n] for n in params], loop_gradients(loop, params, batches))
+
+
+@pytest.mark.parametrize("optimizer", ["momentum", "adam"])
+def test_vmapped_unroll_gives_the_loops_adapted_params_statistics_losses_and_state(optimizer):
+    """Adapted parameters, BatchNorm running statistics (running mode), inner losses and the
+    optimizer state of each task equal the loop's; the clip is applied the same way."""
+    net, (x, y, _, _) = bn_net(), task_batches()
+    params = metazoo.params_of(net, detach=True)
+    loss_fn = metazoo.make_loss_fn(net, F.cross_entropy, bn_mode="running")
+    buffers = metazoo.initial_buffers(net, "running")
+
+    def run(unroll, x, y):
+        r = unroll(loss_fn, params, OPTIMIZERS[optimizer](), [(x, y)], steps=3, buffers=buffers,
+                   inner_grad_clip=0.5)
+        state = [t for t in torch.utils._pytree.tree_leaves(r.state)
+                 if isinstance(t, torch.Tensor)]
+        return r.params, r.buffers, r.losses, state
+
+    mapped = vmap(lambda x, y: run(functional_unroll, x, y))(x, y)
+    for task in range(TASKS):
+        expected = run(metazoo.unroll, x[task], y[task])
+        got = torch.utils._pytree.tree_map(lambda t, i=task: t[i], mapped)
+        leaves_expected = torch.utils._pytree.tree_leaves(expected)
+        leaves_got = torch.utils._pytree.tree_leaves(got)
+        assert len(leaves_got) == len(leaves_expected)
+        assert_close([t.to(DTYPE) for t in leaves_got if isinstance(t, torch.Tensor)],
+                     [t.to(DTYPE) for t in leaves_expected if isinstance(t, torch.Tensor)])
+    # The statistics moved away from their initial values (the comparison is not vacuous).
+    assert not torch.allclose(mapped[1]["1.running_mean"], torch.zeros(3, dtype=DTYPE))
+
+
+def test_taking_the_gradient_after_vmap_is_wrong_with_batch_statistics_and_ours_is_not():
+    """The route this module must not take: vmap of the objective, then an ordinary backward.
+    With BatchNorm batch statistics it differs from the loop by far more than rounding, so the
+    1e-10 comparisons above would catch it."""
+    net, batches = bn_net(), task_batches()
+    params = metazoo.params_of(net, detach=True)
+    objective = query_objective(net, functional_unroll, "batch", metazoo.SGD(0.4), False)
+    expected = loop_gradients(query_objective(net, metazoo.unroll, "batch", metazoo.SGD(0.4),
+                                              False), params, batches)
+    leaves = {n: p.detach().requires_grad_() for n, p in params.items()}
+    values = vmap(lambda p, *b: objective(p, *b)[0], in_dims=(None, 0, 0, 0, 0))(leaves,
+                                                                                  *batches)
+    wrong = torch.autograd.grad(values.sum(), list(leaves.values()))
+    expected_sum = [g.sum(0) for g in expected]
+    error = max(((w - e).abs().max() / e.abs().max()).item()
+                for w, e in zip(wrong, expected_sum))
+    assert error > 1e-3
+
+    result = vectorized_meta_gradients(
+        lambda inputs, *b: (lambda v, r: (v, (r.losses, ())))(*objective(
+            dict(zip(params, inputs)), *b)),
+        list(params.values()), list(batches), TASKS, TASKS)
+    assert_close(result.grads, expected_sum)
+
+
+def test_chunked_equals_unchunked_and_reports_each_task():
+    net, batches = bn_net(), task_batches()
+    params = metazoo.params_of(net, detach=True)
+    objective = query_objective(net, functional_unroll, "running", metazoo.SGD(0.4), False)
+
+    def task_objective(inputs, *b):
+        value, result = objective(dict(zip(params, inputs)), *b)
+        return value, (result.losses, (value * 2,))
+
+    whole = vectorized_meta_gradients(task_objective, list(params.values()), list(batches),
+                                      TASKS, TASKS)
+    for chunk in (1, 2):
+        part = vectorized_meta_gradients(task_objective, list(params.values()), list(batches),
+                                         TASKS, chunk)
+        assert_close(part.grads, whole.grads)
+        assert_close([part.objectives, part.inner_losses, part.aux[0]],
+                     [whole.objectives, whole.inner_losses, whole.aux[0]])
+    assert whole.objectives.shape == (TASKS,) and whole.inner_losses.shape == (TASKS, 3)
+    assert bool(whole.finite.all())
+
+
+def test_functional_unroll_is_differentiable_by_ordinary_autograd_too():
+    net, (x, y, qx, qy) = bn_net(), task_batches()
+    params = metazoo.params_of(net)
+    for unroll in (functional_unroll, metazoo.unroll):
+        net.zero_grad()
+        query_objective(net, unroll, "running", metazoo.Adam(0.05), False)(
+            params, x[0], y[0], qx[0], qy[0])[0].backward()
+        if unroll is functional_unroll:
+            expected = [p.grad.clone() for p in net.parameters()]
+    assert_close(expected, [p.grad for p in net.parameters()])
+
+
+def test_functional_unroll_rejects_what_it_cannot_do():
+    net, (x, y, _, _) = bn_net(), task_batches()
+    loss_fn = metazoo.make_loss_fn(net, F.cross_entropy)
+    params = metazoo.params_of(net)
+    with pytest.raises(ValueError, match="checkpoint=True is not supported"):
+        functional_unroll(loss_fn, params, metazoo.SGD(0.1), [(x[0], y[0])], checkpoint=True)
+    with pytest.raises(ValueError, match=r"backward_grad_clip=1\.0 is not supported"):
+        functional_unroll(loss_fn, params, metazoo.SGD(0.1), [(x[0], y[0])],
+                          backward_grad_clip=1.0)
+
+
+def test_stack_tasks_needs_tasks_of_one_shape():
+    x, y, qx, qy = task_batches()
+    tasks = [metazoo.Task([(x[i], y[i])], (qx[i], qy[i])) for i in range(TASKS)]
+    support, query = stack_tasks(tasks)
+    assert support[0][0].shape == (TASKS, 6, 1, 6, 6) and query[1].shape == (TASKS, 9)
+    odd = [*tasks[:2], metazoo.Task([(x[2], y[2])], (qx[2][:6], qy[2][:6]))]
+    with pytest.raises(ValueError, match=r"task 2 query\[0\] has shape \(6, 1, 6, 6\).*"
+                                         r"vectorize=False"):
+        stack_tasks(odd)
+    more = [*tasks[:2], metazoo.Task([(x[2], y[2])] * 2, (qx[2], qy[2]))]
+    with pytest.raises(ValueError, match="task 2 has 2 support batches"):
+        stack_tasks(more)
+
+
+def test_vectorize_option_and_auto_choice():
+    for value in (False, True, 1, 8, "auto"):
+        assert check_vectorize(value) == value
+    for bad in (0, -2, "yes", 1.5, None):
+        with pytest.raises(ValueError, match="vectorize must be False"):
+            check_vectorize(bad)
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert resolve_chunk("auto", 16, cpu) is None  # the loop: measured faster on CPUs
+    assert resolve_chunk("auto", 16, cuda) == 16
+    assert resolve_chunk(False, 16, cuda) is None
+    assert resolve_chunk(True, 16, cpu) == 16
+    assert resolve_chunk(4, 16, cpu) == 4 and resolve_chunk(40, 16, cpu) == 16
