@@ -9,7 +9,6 @@ episodes); the dashed line is the random policy's mean episode reward measured i
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ matplotlib.use("Agg")  # files only; no display on servers
 import matplotlib.pyplot as plt
 import numpy as np
 
-from metazoo.cli import UsageError, run_command, user_input
+from metazoo.cli import ArgumentParser, UsageError, run_command, user_input
 
 __all__ = ["RunCurve", "load_run", "main", "moving_average", "plot_runs"]
 
@@ -128,8 +127,7 @@ def main(argv: list[str] | None = None) -> Path:
     Bad input (a folder that is not a run, a window < 1, an ``--out`` that cannot be written)
     raises ``UsageError`` before the figure is written.
     """
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("runs", nargs="+", type=Path, help="run folders written by run.py")
     p.add_argument("--out", type=Path, default=Path("maze_rewards.png"),
                    help="PNG file to write")

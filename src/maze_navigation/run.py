@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from metazoo import PRECISIONS, atomic_write_text, set_fp32_precision
-from metazoo.cli import UsageError, run_command, user_input
+from metazoo.cli import ArgumentParser, UsageError, run_command, user_input
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -52,10 +52,8 @@ DEFAULT_OUT = Path("logs/maze_navigation/<agent>_seed<seed>")
 def build_parser() -> argparse.ArgumentParser:
     """Command-line options; defaults are those of ``TrainConfig``."""
     d = TrainConfig()
-    p = argparse.ArgumentParser(
-        description="A2C on the Miconi grid maze with a warped recurrent or a plain LSTM agent.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    p = ArgumentParser(
+        description="A2C on the Miconi grid maze with a warped recurrent or a plain LSTM agent.")
     a = p.add_argument
     a("--agent", choices=("warp", "lstm"), default=d.agent,
       help="warp: warped recurrent network (WarpGrad); lstm: plain LSTM baseline")

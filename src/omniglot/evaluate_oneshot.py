@@ -40,7 +40,7 @@ from torch import nn
 
 import main
 from metazoo import MetaLearner, atomic_write_text, fp32_precision
-from metazoo.cli import UsageError, run_command, user_input
+from metazoo.cli import ArgumentParser, UsageError, run_command, user_input
 from metazoo.serialization import load_checked
 from oneshot import OneShotResult, evaluate_oneshot, load_runs
 from wrapper import RandomHead, build_learner, scoring_model
@@ -68,7 +68,6 @@ def _add_own(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 def make_parser() -> argparse.ArgumentParser:
     """``main.py``'s flags plus ``--runs`` and ``--oneshot_head`` (for ``--help``)."""
     p = _add_own(main.make_parser())
-    p.formatter_class = argparse.ArgumentDefaultsHelpFormatter
     p.prog = "evaluate_oneshot.py"
     p.description = "Lake et al. (2015) one-shot benchmark of a trained model"
     return p
@@ -79,7 +78,7 @@ def parse_args(argv: Sequence[str] | None = None
     """``(main.py's parsed flags, this command's flags)``."""
     argv = list(sys.argv[1:] if argv is None else argv)
     make_parser().parse_args(argv)  # validates every flag together (and handles --help)
-    own, rest = _add_own(argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    own, rest = _add_own(ArgumentParser(add_help=False, allow_abbrev=False)
                          ).parse_known_args(argv)
     return main.parse_args(rest), own
 

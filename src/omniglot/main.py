@@ -55,7 +55,6 @@ from episodes import (
     mean_ci,
     split_alphabets,
 )
-from helptext import HelpFormatter
 from metazoo import (
     PRECISIONS,
     MetaLearner,
@@ -66,7 +65,7 @@ from metazoo import (
     distributed,
     fp32_precision,
 )
-from metazoo.cli import UsageError, run_command, user_input
+from metazoo.cli import ArgumentParser, UsageError, run_command, user_input
 from metazoo.serialization import load_checked, save_checked
 from model import DOWNSAMPLE
 from progress import estimate_lines, format_duration
@@ -197,8 +196,7 @@ def _vectorize(text: str) -> bool | int | str:
 
 def make_parser() -> argparse.ArgumentParser:
     """The command line (the reference's flags keep their names and meaning)."""
-    p = argparse.ArgumentParser("main.py", description="Omniglot meta-learning experiment",
-                                formatter_class=HelpFormatter)
+    p = ArgumentParser("main.py", description="Omniglot meta-learning experiment")
     a = p.add_argument
     a("--root", default="data", help="folder holding the extracted Omniglot archives")
     a("--seed", type=_seed, default=8879, help="the seed: fixes the split, batches and init")

@@ -29,8 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from helptext import HelpFormatter
-from metazoo.cli import UsageError, run_command, user_input
+from metazoo.cli import ArgumentParser, UsageError, run_command, user_input
 
 __all__ = ["FileHandler", "compare", "load_args", "load_results", "summarize"]
 
@@ -368,17 +367,14 @@ def _run_folders(paths: Sequence[str]) -> list[str]:
 
 def make_parser() -> argparse.ArgumentParser:
     """``monitor.py compare RUN... --out PNG`` and ``monitor.py summary RUN...``."""
-    parser = argparse.ArgumentParser("monitor.py", description="Omniglot log tools",
-                                     formatter_class=HelpFormatter)
+    parser = ArgumentParser("monitor.py", description="Omniglot log tools")
     sub = parser.add_subparsers(dest="command", required=True)
-    cmp = sub.add_parser("compare", help="plot runs side by side into an image",
-                         formatter_class=HelpFormatter)
+    cmp = sub.add_parser("compare", help="plot runs side by side into an image")
     cmp.add_argument("runs", nargs="+", help="run folders <log_dir>/<meta_model>/<suffix>")
     cmp.add_argument("--out", required=True,
                      help="image file (.png, .pdf, .svg, ...) in an existing folder")
     cmp.add_argument("--title", default="Omniglot", help="figure title")
-    summ = sub.add_parser("summary", help="print final test accuracy per method",
-                          formatter_class=HelpFormatter)
+    summ = sub.add_parser("summary", help="print final test accuracy per method")
     summ.add_argument("runs", nargs="+", help="run folders <log_dir>/<meta_model>/<suffix>")
     return parser
 

@@ -25,7 +25,6 @@ depend on the other test drawings).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import random
@@ -43,7 +42,7 @@ import metazoo
 from data import IMAGE_SIZE, RESIZE_MODES, decode_drawing
 from episodes import LabelledImages
 from metazoo import MetaLearner, Task
-from metazoo.cli import UsageError, run_command, user_input
+from metazoo.cli import ArgumentParser, UsageError, run_command, user_input
 from wrapper import scoring_model
 
 __all__ = ["LABELS_FILE", "OneShotResult", "OneShotRun", "RunResult", "evaluate_oneshot",
@@ -367,9 +366,8 @@ def write_runs(alphabets: Sequence[str | os.PathLike], folder: str | os.PathLike
 
 def main(argv: Sequence[str] | None = None) -> Path:
     """Command line of ``write_runs``; bad input is a ``UsageError``."""
-    parser = argparse.ArgumentParser(description="Write one-shot runs in the official layout "
-                                     "from held-out alphabet folders (write_runs)",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = ArgumentParser(description="Write one-shot runs in the official layout "
+                                     "from held-out alphabet folders (write_runs)")
     parser.add_argument("out", help="new folder for run01 ... runNN")
     parser.add_argument("alphabets", nargs="+", help="<Alphabet> folders of held-out alphabets")
     parser.add_argument("--runs", type=int, default=20, help="runs to write")

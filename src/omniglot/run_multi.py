@@ -28,7 +28,7 @@ from typing import NoReturn
 
 import numpy as np
 
-from helptext import HelpFormatter
+from metazoo.cli import ArgumentParser
 from progress import StepProgress, format_duration, parse_step_line
 
 MAIN = Path(__file__).resolve().with_name("main.py")
@@ -65,10 +65,9 @@ def _ints(text: str) -> list[int]:
 
 def make_parser() -> argparse.ArgumentParser:
     """The sweep's own flags (``main.py``'s flags go after ``--``)."""
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         "run_multi.py", description="Omniglot sweep: methods x alphabets x seeds, in parallel "
-        "processes; main.py flags shared by every run go after --.",
-        formatter_class=HelpFormatter)
+        "processes; main.py flags shared by every run go after --.")
     p.add_argument("--methods", default="warp_leap,leap,reptile,fomaml,maml,ft,no",
                    help="comma-separated --meta_model values")
     p.add_argument("--num_pretrain", type=_ints, default=[25],

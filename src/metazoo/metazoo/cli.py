@@ -11,6 +11,8 @@ is being set up. This module is the one place in the core that prints.
 
 from __future__ import annotations
 
+import argparse
+import copy
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -18,7 +20,8 @@ from typing import Any, NoReturn
 
 from metazoo.faults import NonFiniteError
 
-__all__ = ["UsageError", "fail_usage", "run_command", "user_input"]
+__all__ = ["ArgumentParser", "HelpFormatter", "UsageError", "fail_usage", "run_command",
+           "user_input"]
 
 
 class UsageError(ValueError):
@@ -60,3 +63,37 @@ def run_command(main: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         return main(*args, **kwargs)
     except (UsageError, NonFiniteError) as err:
         fail_usage(str(err))
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``-h`` with every flag's default: argparse's defaults formatter skips flags without help
+    text; this one shows their default too (``--num_filters NUM_FILTERS  (default: 64)``). A
+    ``None`` default (the help says what applies) and the ``False`` of an on/off switch are not
+    shown."""
+
+    def _format_action(self, action: argparse.Action) -> str:
+        if not action.help and action.option_strings:
+            action = copy.copy(action)
+            action.help = "(default: %(default)s)"
+        return super()._format_action(action)
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or (action.default is False and action.nargs == 0):
+            return action.help
+        return super()._get_help_string(action)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser with one-line errors and every default in ``-h``.
+
+    argparse prints the whole usage (dozens of lines for an experiment's flags) before its error;
+    here a bad flag or value is the ``error:`` line alone, naming the flag and value, and points
+    to ``-h``. Sub-commands (``add_subparsers``) get the same parser class.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        fail_usage(f"{message} ({self.prog} -h lists every flag)")

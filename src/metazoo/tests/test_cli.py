@@ -39,3 +39,21 @@ def test_run_command_keeps_internal_errors_and_returns_results():
     with pytest.raises(RuntimeError, match="same device"):
         run_command(broken)
     assert run_command(lambda x, *, y: x + y, 1, y=2) == 3
+
+
+def test_argument_parser_errors_are_one_line_naming_flag_and_value(capsys):
+    from metazoo.cli import ArgumentParser
+
+    parser = ArgumentParser("tool.py")
+    parser.add_argument("--seed", type=int, default=1)
+    sub = parser.add_subparsers(dest="command")
+    sub.add_parser("plot").add_argument("--window", type=int, default=3)
+    for argv, named in ((["--seed", "x"], "--seed: invalid int value: 'x'"),
+                        (["plot", "--window", "y"], "--window: invalid int value: 'y'")):
+        with pytest.raises(SystemExit) as info:
+            parser.parse_args(argv)
+        assert info.value.code == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("error: argument ") and named in err
+        assert "usage:" not in err and "-h lists every flag" in err
+    assert "(default: 1)" in parser.format_help()
