@@ -36,7 +36,10 @@ def _commands(readme: Path) -> list[tuple[Path, list[str]]]:
     """``(folder, argv)`` of every recorded command of the README's bash blocks, in order, run
     from the repository root (variables carry over from block to block, the folder does not).
     Placeholders such as ``<other training flags>`` become one ``PLACEHOLDER`` word."""
-    script = ['rec() { printf "%s\\x1f" "$PWD" "$@" >> "$REC"; printf "\\x1e" >> "$REC"; }']
+    # set -f: globs reach the recorder as written (the test matches them itself); expanded here
+    # they would depend on which logs a run of the README's main job left in the checkout.
+    script = ['set -f']
+    script += ['rec() { printf "%s\\x1f" "$PWD" "$@" >> "$REC"; printf "\\x1e" >> "$REC"; }']
     script += [f'{name}() {{ rec {name} "$@"; }}' for name in RECORDED]
     # PATH is an empty folder: any other program is recorded as unknown, never run
     script += ['command_not_found_handle() { rec UNKNOWN "$@"; return 127; }']
