@@ -14,7 +14,10 @@ round) after one warm-up meta-step each:
 - ``maml_auto``: ``maml.MAML(vectorize="auto")``: the loop on a CPU, vectorized on CUDA.
 - on request (``--impls``): ``fomaml`` / ``fomaml_vectorized`` (``MAML(first_order=True)``) and
   ``reptile`` / ``reptile_vectorized`` (``maml.Reptile``, meta-SGD step 0.1); their ratio and
-  agreement columns compare with their own loop (``fomaml``, ``reptile``).
+  agreement columns compare with their own loop (``fomaml``, ``reptile``); ``leap`` /
+  ``leap_vectorized`` (``leap.LeapLearner``, path length with the loss term, meta-SGD step 0.1)
+  and ``imaml`` / ``imaml_vectorized`` (``maml.iMAML``, lam 1, 5 CG steps, Adam), against
+  ``leap`` and ``imaml``.
 
 Workloads (the issue's): the MAML Omniglot net (4 x [conv3x3 ``--filters``, BatchNorm with batch
 statistics, ReLU, max-pool 2], linear head), 28x28 synthetic inputs, 5 inner SGD steps at lr 0.4,
@@ -34,6 +37,8 @@ Usage::
     python benchmarks/gpu_meta_step.py --device cpu --tasks 4 --repeats 3
     python benchmarks/gpu_meta_step.py --device cuda \
         --impls fomaml,fomaml_vectorized,reptile,reptile_vectorized
+    python benchmarks/gpu_meta_step.py --device cuda \
+        --impls leap,leap_vectorized,imaml,imaml_vectorized
 """
 
 from __future__ import annotations
@@ -52,13 +57,16 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, grad_and_value, vmap
 
 import metazoo
-from maml import MAML, Reptile
+from leap import LeapLearner
+from maml import MAML, Reptile, iMAML
 
 IMPLS = ("loop", "vmap", "maml", "maml_vectorized", "maml_auto")
-EXTRA = ("fomaml", "fomaml_vectorized", "reptile", "reptile_vectorized")
+EXTRA = ("fomaml", "fomaml_vectorized", "reptile", "reptile_vectorized", "leap",
+         "leap_vectorized", "imaml", "imaml_vectorized")
 # What each implementation's ratio and agreement are against (default: the plain loop).
 REFERENCE = {"fomaml": "fomaml", "fomaml_vectorized": "fomaml", "reptile": "reptile",
-             "reptile_vectorized": "reptile"}
+             "reptile_vectorized": "reptile", "leap": "leap", "leap_vectorized": "leap",
+             "imaml": "imaml", "imaml_vectorized": "imaml"}
 WORKLOADS = {"5way": (5, 32), "20way": (20, 16)}  # ways, tasks
 INNER_STEPS, INNER_LR = 5, 0.4
 
@@ -98,7 +106,7 @@ class Impl:
     def __init__(self, name: str, net: nn.Module, chunk: int | None) -> None:
         self.name, self.net = name, net
         self.params = dict(net.named_parameters())
-        self.learner: MAML | Reptile | None = None
+        self.learner: MAML | Reptile | LeapLearner | iMAML | None = None
         vectorize = (chunk or True) if name.endswith("_vectorized") else (
             "auto" if name.endswith("_auto") else False)
         if name.startswith(("maml", "fomaml")):
@@ -112,6 +120,16 @@ class Impl:
             self.learner = Reptile(model=net, criterion=F.cross_entropy,
                                    inner_optimizer=metazoo.SGD(INNER_LR), inner_steps=INNER_STEPS,
                                    vectorize=vectorize)
+            self.optimizer = self.learner.meta_optimizer
+        elif name.startswith("leap"):
+            self.learner = LeapLearner(model=net, criterion=F.cross_entropy,
+                                       inner_optimizer=metazoo.SGD(INNER_LR),
+                                       inner_steps=INNER_STEPS, vectorize=vectorize)
+            self.optimizer = self.learner.meta_optimizer
+        elif name.startswith("imaml"):
+            self.learner = iMAML(model=net, criterion=F.cross_entropy,
+                                 inner_optimizer=metazoo.SGD(INNER_LR), inner_steps=INNER_STEPS,
+                                 lam=1.0, cg_steps=5, vectorize=vectorize)
             self.optimizer = self.learner.meta_optimizer
         else:
             self.optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
@@ -168,7 +186,8 @@ def sync(device: torch.device) -> None:
 def agreement(impls: list[str], ways: int, args: argparse.Namespace,
               device: torch.device) -> dict[str, float]:
     """float64 meta-gradient of each implementation against its reference (``loop``, or its own
-    loop for ``*_vectorized`` of FOMAML and Reptile): max |diff| / max |reference|."""
+    loop for ``*_vectorized`` of FOMAML, Reptile, Leap and iMAML): max |diff| / max
+    |reference|."""
     base = omniglot_net(ways, args.filters).to(device, torch.float64)
     data = make_tasks(ways, args.check_tasks, args.queries, device, torch.float64, seed=1)
     grads = {}

@@ -18,6 +18,7 @@ from typing import final
 
 import torch
 from torch import Tensor, nn
+from torch.func import grad, vmap
 
 import metazoo
 from leap.trajectory import Point, add_to_grad, flatten, segment_increment
@@ -88,6 +89,7 @@ class LeapLearner(MetaLearner):
         inner_grad_clip: float | None = None,
         on_nonfinite: str = "raise",
         channels_last: bool = False,
+        vectorize: bool | int | str = False,
     ) -> None:
         """Builds the learner.
 
@@ -118,6 +120,16 @@ class LeapLearner(MetaLearner):
                 ``torch.channels_last`` (the model is not modified). On a CPU, image models run
                 much faster (max-pooling over NCHW tensors is ~10x slower); the results equal
                 the default layout's up to floating-point rounding.
+            vectorize: adapt to all tasks of a meta-batch as one batched computation
+                (``metazoo.vectorize``: ``vmap`` over tasks of the inner loop, with the inner
+                gradients by ``torch.func.grad`` and each task's Leap meta-gradient summed over
+                its segments inside the map; the same results as the loop) in
+                ``meta_backward`` and ``evaluate``: ``False`` (default) the per-task loop,
+                ``True`` all tasks at once, an int N that many tasks at a time (memory bounded
+                in the number of tasks), ``"auto"`` vectorized on CUDA and the loop elsewhere
+                (on CPUs the loop was measured faster; ``benchmarks/gpu_meta_step.py``). Needs
+                tasks of one shape; raises ``ValueError`` with ``channels_last``. Models must
+                not draw random numbers (dropout) in the vectorized path.
         """
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -154,6 +166,11 @@ class LeapLearner(MetaLearner):
                              f"with model.to(dtype, device)")
         self.on_nonfinite = metazoo.check_on_nonfinite(on_nonfinite)
         self.channels_last = metazoo.check_channels_last(channels_last)
+        self.vectorize = metazoo.vectorize.check_vectorize(vectorize)
+        if self.vectorize is not False and channels_last:
+            raise ValueError(f"vectorize={vectorize!r} does not support channels_last; pass "
+                             f"channels_last=False, or vectorize=False to keep channels_last in "
+                             f"the per-task loop")
         self.model = model
         # Labels outside the model's classes fail with a message instead of torch's IndexError.
         self.criterion = metazoo.CheckedCriterion(criterion)
@@ -214,6 +231,9 @@ class LeapLearner(MetaLearner):
         (Leap's meta-objective is the path length, which does not use them).
         """
         _check_tasks(tasks)
+        chunk = metazoo.vectorize.resolve_chunk(self.vectorize, len(tasks), self._device())
+        if chunk is not None:
+            return self._vectorized_meta_backward(tasks, chunk)
         start = time.perf_counter()
         total: Tensor | None = None
         per_task = []
@@ -229,20 +249,59 @@ class LeapLearner(MetaLearner):
                 continue
             total = run.meta_grad if total is None else total.add_(run.meta_grad)
             per_task.append((loss, acc, run.losses))
-        skipped = len(tasks) - len(per_task)
-        if total is None:
+        if total is not None:
+            add_to_grad(list(self.meta_parameters()), total.div_(len(per_task)))
+        return self._summary(per_task, len(tasks), start)
+
+    def _vectorized_meta_backward(self, tasks: Sequence[Task], chunk: int) -> MetaStepResult:
+        """``meta_backward`` with the tasks mapped ``chunk`` at a time: each task's Leap
+        meta-gradient is summed over its segments inside the map, exactly as ``_run`` does in
+        the loop; one host transfer checks the whole meta-batch for faults."""
+        start = time.perf_counter()
+        support, query = metazoo.vectorize.stack_tasks(tasks)
+        has_accuracy: list[bool] = []
+
+        def task_step(support: list[metazoo.Batch], query: metazoo.Batch
+                      ) -> tuple[list[Tensor], tuple[Tensor, tuple[Tensor, tuple[Tensor, Tensor]]]]:
+            task = Task(support, query)
+            run = self._run(task, self.inner_steps, meta=True, vectorized=True)
+            assert run.meta_grad is not None
+            loss, acc = self._score(run, task)
+            has_accuracy.append(acc is not None)
+            # vmap returns tensors only: a placeholder where the criterion has no accuracy.
+            return [run.meta_grad], (loss, (run.losses, (loss, loss.new_zeros(()) if acc is None
+                                                         else acc)))
+
+        with torch.no_grad():
+            result = metazoo.vectorize.map_and_sum(vmap(task_step), [], [support, query],
+                                                   len(tasks), chunk)
+        kept = metazoo.vectorize.raise_or_count_faults(result, self.on_nonfinite)
+        if kept:
+            add_to_grad(list(self.meta_parameters()), result.grads[0] / len(kept))
+        losses, accuracies = result.aux
+        per_task = [(losses[i], accuracies[i] if all(has_accuracy) else None,
+                     result.inner_losses[i]) for i in kept]
+        return self._summary(per_task, len(tasks), start)
+
+    @staticmethod
+    def _summary(per_task: Sequence[tuple[Tensor, Tensor | None, Tensor]], num_tasks: int,
+                 start: float) -> MetaStepResult:
+        skipped = num_tasks - len(per_task)
+        if not per_task:
             nan = float("nan")
-            return MetaStepResult(nan, nan, None, (), len(tasks), time.perf_counter() - start,
+            return MetaStepResult(nan, nan, None, (), num_tasks, time.perf_counter() - start,
                                   skipped)
-        add_to_grad(list(self.meta_parameters()), total.div_(len(per_task)))
         meta_loss, acc_mean, curve = metazoo.mean_results(per_task)
-        return MetaStepResult(meta_loss, curve[-1], acc_mean, curve, len(tasks),
+        return MetaStepResult(meta_loss, curve[-1], acc_mean, curve, num_tasks,
                               time.perf_counter() - start, skipped)
 
     def evaluate(self, tasks: Sequence[Task], *, steps: int | None = None) -> EvalResult:
         """Adapts to each task and scores its query set; the initialisation is unchanged."""
         _check_tasks(tasks)
         k = self._eval_steps(steps)
+        chunk = metazoo.vectorize.resolve_chunk(self.vectorize, len(tasks), self._device())
+        if chunk is not None:
+            return self._vectorized_evaluate(tasks, k, chunk)
         per_task = []
         for task in tasks:
             task = self._layout(task)
@@ -254,7 +313,34 @@ class LeapLearner(MetaLearner):
                                     if acc is not None else [None] * len(per_task))
         return EvalResult(loss, acc, curve, len(tasks), tuple(zip(losses, accs, strict=True)))
 
+    def _vectorized_evaluate(self, tasks: Sequence[Task], steps: int, chunk: int
+                             ) -> EvalResult:
+        support, query = metazoo.vectorize.stack_tasks(tasks)
+        has_accuracy: list[bool] = []
+
+        def score(support: list[metazoo.Batch], query: metazoo.Batch) -> tuple[Tensor, ...]:
+            task = Task(support, query)
+            run = self._run(task, steps, meta=False, vectorized=True)
+            loss, acc = self._score(run, task)
+            has_accuracy.append(acc is not None)
+            return loss, loss.new_zeros(()) if acc is None else acc, run.losses
+
+        with torch.no_grad():
+            losses, accuracies, inner_losses = metazoo.vectorize.map_tasks(
+                score, [support, query], len(tasks), chunk)
+        with_accuracy = all(has_accuracy)
+        per_task = [(losses[i], accuracies[i] if with_accuracy else None, inner_losses[i])
+                    for i in range(len(tasks))]
+        loss, acc, curve = metazoo.mean_results(per_task)
+        rows = torch.stack([losses, accuracies]).tolist()
+        return EvalResult(loss, acc, curve, len(tasks),
+                          tuple((row_loss, row_acc if with_accuracy else None)
+                                for row_loss, row_acc in zip(*rows, strict=True)))
+
     # -- internals -----------------------------------------------------------------------------
+
+    def _device(self) -> torch.device:
+        return next(self.model.parameters()).device
 
     def _eval_steps(self, steps: int | None) -> int:
         return self.eval_inner_steps if steps is None else _check_steps("steps", steps)
@@ -270,7 +356,10 @@ class LeapLearner(MetaLearner):
                                 if name not in self._adapted_names})
 
     def _loss_and_grads(self, params: Params, static: Params, buffers: Buffers,
-                        batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Params, Buffers]:
+                        batch: tuple[Tensor, Tensor], *, vectorized: bool = False
+                        ) -> tuple[Tensor, Params, Buffers]:
+        if vectorized:
+            return self._functional_loss_and_grads(params, static, buffers, batch)
         leaves = {name: p.detach().requires_grad_() for name, p in params.items()}
         with torch.enable_grad():
             loss, new_buffers = self._loss_fn({**static, **leaves}, buffers, batch)
@@ -282,7 +371,27 @@ class LeapLearner(MetaLearner):
             name: torch.zeros_like(p) if g is None else g
             for (name, p), g in zip(leaves.items(), grads, strict=True)}, new_buffers
 
-    def _run(self, task: Task, steps: int, *, meta: bool) -> _TaskRun:
+    def _functional_loss_and_grads(self, params: Params, static: Params, buffers: Buffers,
+                                   batch: tuple[Tensor, Tensor]
+                                   ) -> tuple[Tensor, Params, Buffers]:
+        """``_loss_and_grads`` by ``torch.func.grad``, to run inside ``vmap``."""
+
+        def support_loss(adapted: Params) -> tuple[Tensor, tuple[Tensor, Buffers]]:
+            loss, new_buffers = self._loss_fn({**static, **adapted}, buffers, batch)
+            if not isinstance(loss, Tensor) or loss.numel() != 1:
+                raise ValueError("criterion must return a scalar loss tensor; reduce it with "
+                                 "reduction='mean'")
+            return loss.reshape(()), (loss, new_buffers)
+
+        # Leap needs first-order quantities only: the gradient at detached parameters.
+        grads, (loss, new_buffers) = grad(support_loss, has_aux=True)(
+            {name: p.detach() for name, p in params.items()})
+        return loss.detach().reshape(()), grads, new_buffers
+
+    def _run(self, task: Task, steps: int, *, meta: bool, vectorized: bool = False
+             ) -> _TaskRun:
+        """One task's inner loop (and Leap meta-gradient if ``meta``); with ``vectorized`` the
+        gradients are taken by ``torch.func.grad``, so that it runs inside ``vmap``."""
         static = self._static()
         named = dict(self.model.named_parameters())
         params = self._in_layout({name: named[name].detach() for name in self._adapted_names})
@@ -293,7 +402,8 @@ class LeapLearner(MetaLearner):
         losses = []
         for k in range(steps):
             loss, grads, new_buffers = self._loss_and_grads(
-                params, static, buffers, task.support[k % len(task.support)])
+                params, static, buffers, task.support[k % len(task.support)],
+                vectorized=vectorized)
             losses.append(loss)
             if meta:
                 point = Point(flatten(list(params.values())), loss if self.loss else None,

@@ -3,7 +3,9 @@
 MAML's objective is ``MAML._task_objective`` itself, called with the meta-parameters as explicit
 inputs (``MetaInputs``) and the ``torch.func`` unroll; ``vmap(grad_and_value(...))`` of it gives
 each task's meta-gradient inside the map, exactly the loop's. Reptile maps its adaptation
-(``Reptile._unroll`` with the ``torch.func`` unroll) and sums ``theta - phi_T``.
+(``Reptile._unroll`` with the ``torch.func`` unroll) and sums ``theta - phi_T``. iMAML maps its
+proximal adaptation and its implicit gradient (``iMAML._functional_implicit_gradient``: the
+loop's ``conjugate_gradient`` on Hessian-vector products by ``torch.func.vjp``).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from maml._learner import score_query, summarize
 from metazoo import EvalResult, MetaStepResult, Task
 
 if TYPE_CHECKING:
+    from maml.imaml import iMAML
     from maml.maml import MAML
     from maml.reptile import Reptile
 
@@ -133,7 +136,7 @@ def reptile_meta_backward(learner: Reptile, tasks: Sequence[Task], chunk: int
     return summarize(per_task, len(tasks), len(tasks) - len(kept), start)
 
 
-def evaluate(learner: MAML | Reptile, tasks: Sequence[Task], chunk: int, adapt: Adapt
+def evaluate(learner: MAML | Reptile | iMAML, tasks: Sequence[Task], chunk: int, adapt: Adapt
              ) -> EvalResult:
     """``evaluate`` with the tasks mapped ``chunk`` at a time; ``adapt(task)`` returns the
     adapted parameters (all of the model's) and the unroll's result, inside ``vmap``."""
@@ -157,3 +160,34 @@ def evaluate(learner: MAML | Reptile, tasks: Sequence[Task], chunk: int, adapt: 
     return EvalResult(loss_mean, acc_mean, curve, len(tasks),
                       tuple((loss, acc if all(has_accuracy) else None)
                             for loss, acc in zip(*rows, strict=True)))
+
+
+def imaml_meta_backward(learner: iMAML, tasks: Sequence[Task], chunk: int) -> MetaStepResult:
+    """``iMAML.meta_backward`` with the tasks mapped ``chunk`` at a time: adaptation and the
+    implicit gradient of each task inside the map, the mean over the finite tasks into ``.grad``
+    (one host transfer for the fault check)."""
+    start = time.perf_counter()
+    support, query = metazoo.vectorize.stack_tasks(tasks)
+    has_accuracy: list[bool] = []
+
+    def task_step(support: list[metazoo.Batch], query: metazoo.Batch
+                  ) -> tuple[list[Tensor], tuple[Tensor, tuple[Tensor, tuple[Tensor, Tensor]]]]:
+        task = Task(support, query)
+        result, _ = learner._unroll(task, learner.inner_steps, vectorized=True)
+        grads, loss, acc = learner._functional_implicit_gradient(task, result.params,
+                                                                    result.buffers)
+        has_accuracy.append(acc is not None)
+        return grads, (loss, (result.losses, (loss, loss.new_zeros(()) if acc is None
+                                              else acc)))
+
+    with torch.no_grad():
+        result = metazoo.vectorize.map_and_sum(vmap(task_step), [], [support, query], len(tasks),
+                                               chunk)
+    kept = metazoo.vectorize.raise_or_count_faults(result, learner.on_nonfinite)
+    if kept:
+        for p, g in zip(learner.meta_parameters(), result.grads, strict=True):
+            metazoo.accumulate_grad(p, g / len(kept))
+    losses, accuracies = result.aux
+    per_task = _per_task(losses, accuracies if all(has_accuracy) else None,
+                         result.inner_losses, kept)
+    return summarize(per_task, len(tasks), len(tasks) - len(kept), start)

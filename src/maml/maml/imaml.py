@@ -28,8 +28,10 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.func import grad, vjp
 
 import metazoo
+from maml import _vectorized
 from maml._learner import (
     Criterion,
     MetaOptimizerFactory,
@@ -119,6 +121,7 @@ class iMAML(MetaLearner):
         inner_grad_clip: float | None = None,
         on_nonfinite: str = "raise",
         channels_last: bool = False,
+        vectorize: bool | int | str = False,
     ) -> None:
         """Builds the learner.
 
@@ -147,6 +150,17 @@ class iMAML(MetaLearner):
                 computation in another layout: results equal the default's up to rounding.
                 On a CPU, 0.79x the default layout's time on 5-way 1-shot Omniglot tasks but
                 1.06x with 20-image support batches (``benchmarks/README.md``).
+            vectorize: run all tasks of a meta-batch as one batched computation
+                (``metazoo.vectorize``: ``vmap`` over tasks of the proximal inner loop, with the
+                inner gradients by ``torch.func.grad``, and of each task's implicit gradient,
+                the same ``cg_steps`` conjugate-gradient iterations on Hessian-vector products by
+                ``torch.func.vjp``, inside the map; the same results as the loop) in
+                ``meta_backward`` and ``evaluate``: ``False`` (default) the per-task loop,
+                ``True`` all tasks at once, an int N that many tasks at a time (memory bounded
+                in the number of tasks), ``"auto"`` vectorized on CUDA and the loop elsewhere
+                (on CPUs the loop was measured faster; ``benchmarks/gpu_meta_step.py``). Needs
+                tasks of one shape; raises ``ValueError`` with ``channels_last``. Models must
+                not draw random numbers (dropout) in the vectorized path.
         """
         self.model = check_module(model)
         self.criterion = check_criterion(criterion)
@@ -170,6 +184,11 @@ class iMAML(MetaLearner):
         self.inner_grad_clip = check_optional_positive("inner_grad_clip", inner_grad_clip)
         self.on_nonfinite = metazoo.check_on_nonfinite(on_nonfinite)
         self.channels_last = metazoo.check_channels_last(channels_last)
+        self.vectorize = metazoo.vectorize.check_vectorize(vectorize)
+        if self.vectorize is not False and channels_last:
+            raise ValueError(f"vectorize={vectorize!r} does not support channels_last; pass "
+                             f"channels_last=False, or vectorize=False to keep channels_last in "
+                             f"the per-task loop")
         # requires_grad=False: neither adapted nor meta-learned (metazoo.trainable_parameters).
         self._trainable = set(metazoo.trainable_parameters(self.model))
         self.meta_optimizer = build_meta_optimizer(meta_optimizer, list(self.meta_parameters()),
@@ -180,6 +199,9 @@ class iMAML(MetaLearner):
         for name, p in self.model.named_parameters():
             if name in self._trainable:
                 yield name, p
+
+    def _device(self) -> torch.device:
+        return next(self.model.parameters()).device
 
     def _layout(self, task: Task) -> Task:
         """``task`` with its 4-D inputs in channels-last format when ``channels_last`` is set."""
@@ -194,8 +216,10 @@ class iMAML(MetaLearner):
             static = metazoo.params_to_channels_last(static)
         return theta, static
 
-    def _unroll(self, task: Task, steps: int) -> tuple[metazoo.UnrollResult, metazoo.Params]:
-        """Solves the proximal problem of ``task`` (already in the learner's layout).
+    def _unroll(self, task: Task, steps: int, *, vectorized: bool = False
+                ) -> tuple[metazoo.UnrollResult, metazoo.Params]:
+        """Solves the proximal problem of ``task`` (already in the learner's layout); with
+        ``vectorized`` by the ``torch.func`` unroll, to run inside ``vmap``.
 
         Returns the unroll (its ``params`` are the adapted, trainable ones) and the frozen
         parameters it used.
@@ -210,8 +234,9 @@ class iMAML(MetaLearner):
             distance = sum(((params[n] - theta[n]) ** 2).sum() for n in theta)
             return loss + 0.5 * lam * distance, buffers
 
+        unroll = metazoo.vectorize.functional_unroll if vectorized else metazoo.unroll
         with torch.no_grad():
-            result = metazoo.unroll(proximal_loss, dict(theta), self.inner_optimizer,
+            result = unroll(proximal_loss, dict(theta), self.inner_optimizer,
                                     list(task.support), steps=steps, static=static,
                                     buffers=metazoo.initial_buffers(self.model, self.bn_mode),
                                     inner_grad_clip=self.inner_grad_clip)
@@ -275,9 +300,48 @@ class iMAML(MetaLearner):
                                            self.cg_steps)
         return [g.detach() for g in meta_grad], query_loss.detach(), acc
 
+    def _functional_implicit_gradient(self, task: Task, phi: metazoo.Params,
+                                      buffers: metazoo.Buffers
+                                      ) -> tuple[list[Tensor], Tensor, Tensor | None]:
+        """``implicit_gradient`` by ``torch.func`` transforms, to run inside ``vmap``: the same
+        query gradient, support-loss Hessian (mean over the support batches, from the initial
+        buffers) and ``cg_steps`` iterations of ``conjugate_gradient``."""
+        names = [n for n, _ in self.named_meta_parameters()]
+        _, static = self._split()
+        start_buffers = metazoo.initial_buffers(self.model, self.bn_mode)
+        support_loss = metazoo.make_loss_fn(self.model, self.criterion, bn_mode=self.bn_mode)
+        point = {n: phi[n].detach() for n in names}
+
+        def query_loss(adapted: metazoo.Params) -> tuple[Tensor, tuple[Tensor, Tensor | None]]:
+            loss, acc = score_query(self.model, self.criterion, {**static, **adapted}, buffers,
+                                    task.query, self.bn_mode)
+            return loss, (loss, acc)
+
+        def mean_support_loss(adapted: metazoo.Params) -> Tensor:
+            full = {**static, **adapted}
+            inner = torch.stack([support_loss(full, start_buffers, b)[0]
+                                 for b in task.support]).sum()
+            return inner / len(task.support)
+
+        query_grad, (loss, acc) = grad(query_loss, has_aux=True)(point)
+        # The Hessian is symmetric: the vector-Jacobian product of the support gradient is H v,
+        # as the loop's autograd.grad of the support gradient with grad_outputs v.
+        _, hessian_vector = vjp(grad(mean_support_loss), point)  # type: ignore[misc]
+
+        def matvec(v: list[Tensor]) -> list[Tensor]:
+            (hv,) = hessian_vector(dict(zip(names, v, strict=True)))
+            return [(1.0 + self.damping) * vi + hv[n] / self.lam
+                    for n, vi in zip(names, v, strict=True)]
+
+        meta_grad = conjugate_gradient(matvec, [query_grad[n] for n in names], self.cg_steps)
+        return [g.detach() for g in meta_grad], loss.detach(), acc
+
     def meta_backward(self, tasks: Sequence[Task]) -> MetaStepResult:
         """Accumulates the mean implicit meta-gradient over ``tasks`` into ``.grad``."""
         check_tasks(tasks)
+        chunk = metazoo.vectorize.resolve_chunk(self.vectorize, len(tasks), self._device())
+        if chunk is not None:
+            return _vectorized.imaml_meta_backward(self, tasks, chunk)
         start = time.perf_counter()
         collected = TaskGradients(self.meta_parameters(), len(tasks), self.on_nonfinite)
         per_task = []
@@ -299,10 +363,13 @@ class iMAML(MetaLearner):
         """Adapts to each task (proximal inner problem) and scores its query set."""
         check_tasks(tasks)
         steps = self.eval_inner_steps if steps is None else check_steps("steps", steps)
+        chunk = metazoo.vectorize.resolve_chunk(self.vectorize, len(tasks), self._device())
 
         def adapt(task: Task) -> tuple[metazoo.Params, metazoo.UnrollResult]:
-            result, static = self._unroll(task, steps)
+            result, static = self._unroll(task, steps, vectorized=chunk is not None)
             return {**static, **result.params}, result
 
+        if chunk is not None:
+            return _vectorized.evaluate(self, tasks, chunk, adapt)
         return evaluate_tasks(tasks, adapt, self.model, self.criterion, self.bn_mode,
                               self._layout)

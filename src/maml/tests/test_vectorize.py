@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import metazoo
-from maml import MAML, Reptile
+from maml import MAML, Reptile, iMAML
 
 DTYPE = torch.float64
 TASKS = 4
@@ -304,3 +304,123 @@ def test_requires_grad_false_parameters_stay_fixed_when_vectorized(kind):
         grads.append({n: p.grad for n, p in learner_.named_meta_parameters()})
     assert "1.weight" not in grads[0]
     assert_same(grads[1], grads[0])
+
+
+# -- iMAML --------------------------------------------------------------------------------------
+
+IMAML_CONFIGS = {
+    "batch_sgd": dict(inner_optimizer=metazoo.SGD(0.1)),
+    "running_sgd": dict(inner_optimizer=metazoo.SGD(0.1), bn_mode="running"),
+    "adam_damping": dict(inner_optimizer=metazoo.Adam(0.05), damping=0.1, bn_mode="running"),
+    "momentum_tensor_hyper_clip": dict(
+        inner_optimizer=metazoo.SGD(0.1, momentum=torch.tensor(0.5, dtype=DTYPE)),
+        inner_grad_clip=0.05),
+}
+
+
+def imaml(config: str, vectorize=False, **overrides) -> iMAML:
+    kwargs = {"inner_steps": 3, "lam": 2.0, "cg_steps": 3, **IMAML_CONFIGS[config], **overrides}
+    return iMAML(model=bn_net(), criterion=F.cross_entropy, vectorize=vectorize, **kwargs)
+
+
+@pytest.mark.parametrize("config", sorted(IMAML_CONFIGS))
+def test_imaml_vectorized_equals_the_loop(config):
+    """Two support batches: the Hessian is that of their mean loss, as in the loop."""
+    batch = tasks(support_batches=2)
+    expected, expected_result = meta_grads(imaml(config), batch)
+    assert all(g.abs().max() > 0 for g in expected.values())
+    for vectorize in (True, 3):
+        got, result = meta_grads(imaml(config, vectorize), batch)
+        assert_same(got, expected)
+        assert_results_match(result, expected_result)
+    loop_eval = imaml(config).evaluate(batch, steps=2)
+    vectorized_eval = imaml(config, 2).evaluate(batch, steps=2)
+    assert vectorized_eval.loss == pytest.approx(loop_eval.loss, rel=1e-10)
+    assert vectorized_eval.inner_losses == pytest.approx(loop_eval.inner_losses, rel=1e-10)
+    flat = [value for row in vectorized_eval.per_task for value in row]
+    assert flat == pytest.approx([value for row in loop_eval.per_task for value in row],
+                                 rel=1e-10)
+
+
+@pytest.mark.parametrize("config", ["running_sgd", "adam_damping"])
+def test_imaml_mapped_adaptation_and_implicit_gradient_equal_the_loops(config):
+    """Inside the map, each task's adapted parameters, BatchNorm running statistics and implicit
+    gradient (CG on torch.func Hessian-vector products) equal the loop's for that task."""
+    learner_ = imaml(config)
+    batch = tasks(support_batches=2)
+    support, query = metazoo.vectorize.stack_tasks(batch)
+
+    def run(support, query):
+        task = metazoo.Task(support, query)
+        result, _ = learner_._unroll(task, 3, vectorized=True)
+        grads, loss, _ = learner_._functional_implicit_gradient(task, result.params,
+                                                                result.buffers)
+        return result.params, result.buffers, grads, loss
+
+    with torch.no_grad():
+        params, buffers, grads, losses = metazoo.vectorize.map_tasks(
+            run, [support, query], TASKS, 3)
+    assert buffers
+    names = [n for n, _ in learner_.named_meta_parameters()]
+    for index, task in enumerate(batch):
+        result, _ = learner_._unroll(task, 3)
+        loop_grads, loop_loss, _ = learner_.implicit_gradient(task, result.params,
+                                                              result.buffers)
+        assert_same({n: params[n][index] for n in params}, result.params)
+        assert_same({n: buffers[n][index].to(DTYPE) for n in buffers},
+                    {n: b.to(DTYPE) for n, b in result.buffers.items()})
+        assert_same({n: g[index] for n, g in zip(names, grads, strict=True)},
+                    dict(zip(names, loop_grads, strict=True)))
+        assert losses[index].item() == pytest.approx(loop_loss.item(), rel=1e-10)
+
+
+@pytest.mark.parametrize("vectorize,calls", [(False, TASKS * 5), (True, 5), (2, 10),
+                                              ("auto", TASKS * 5)])
+def test_imaml_vectorized_runs_once_per_chunk_and_never_falls_back(vectorize, calls):
+    """3 inner steps + the query gradient + the support loss of the Hessian = 5 criterion calls
+    per task in the loop, per chunk when vectorized; a silent fallback would make 20."""
+    criterion = CountingCriterion()
+    iMAML(model=bn_net(), criterion=criterion, inner_optimizer=metazoo.SGD(0.1), inner_steps=3,
+          vectorize=vectorize).meta_backward(tasks())
+    assert criterion.calls == calls
+    assert criterion.batched == (0 if calls == TASKS * 5 else calls)
+
+
+def test_imaml_vectorized_skips_and_raises_like_the_loop(monkeypatch):
+    checks = []
+    original = metazoo.task_fault
+    monkeypatch.setattr(metazoo, "task_fault",
+                        lambda *args: checks.append(args[0]) or original(*args))
+    imaml("batch_sgd", True).meta_backward(tasks())
+    assert checks == []  # one transfer for the meta-batch, no per-task check
+    monkeypatch.undo()
+
+    bad = tasks()
+    bad[3] = metazoo.Task(bad[3].support, (bad[3].query[0] * float("nan"), bad[3].query[1]))
+    expected, expected_result = meta_grads(imaml("running_sgd", on_nonfinite="skip"), bad)
+    got, result = meta_grads(imaml("running_sgd", 3, on_nonfinite="skip"), bad)
+    assert result.skipped_tasks == 1
+    assert_same(got, expected)
+    assert_results_match(result, expected_result)
+    assert all(torch.isfinite(g).all() for g in got.values())
+
+    bad[1] = metazoo.Task([(bad[1].support[0][0] * float("inf"), bad[1].support[0][1])],
+                          bad[1].query)
+    with pytest.raises(metazoo.NonFiniteError) as loop_error:
+        imaml("batch_sgd").meta_backward(bad)
+    learner_ = imaml("batch_sgd", True)
+    with pytest.raises(metazoo.NonFiniteError) as error:
+        learner_.meta_backward(bad)
+    assert (error.value.task, error.value.inner_step, error.value.where) == (1, 0, "inner")
+    assert str(error.value) == str(loop_error.value)
+    assert all(p.grad is None for p in learner_.meta_parameters())
+
+
+@pytest.mark.parametrize("vectorize", [True, 4, "auto"])
+def test_imaml_channels_last_and_bad_values_raise(vectorize):
+    with pytest.raises(ValueError, match=rf"vectorize={vectorize!r} does not support "
+                                         rf"channels_last; .*vectorize=False"):
+        imaml("batch_sgd", vectorize, channels_last=True)
+    for bad in (0, "always", 2.0):
+        with pytest.raises(ValueError, match="vectorize must be False"):
+            imaml("batch_sgd", bad)

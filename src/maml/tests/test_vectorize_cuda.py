@@ -4,6 +4,8 @@
   batch and running statistics, Meta-SGD rates), and ``Reptile(vectorize=True)`` too.
 - ``vectorize="auto"`` vectorizes on CUDA: the criterion runs once per meta-batch, on
   ``torch.func``-wrapped tensors.
+- ``iMAML(vectorize=True)`` and chunks equal the loop on the GPU in float64 (BatchNorm batch and
+  running statistics), and ``"auto"`` vectorizes it.
 """
 
 import pytest
@@ -12,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import metazoo
-from maml import MAML, Reptile
+from maml import MAML, Reptile, iMAML
 
 pytestmark = pytest.mark.cuda
 
@@ -87,3 +89,24 @@ def test_auto_vectorizes_on_cuda():
                    inner_steps=3, vectorize="auto")
     learner.meta_backward(_tasks())
     assert calls == [True] * 4  # 3 inner steps + the query pass, all tasks at once
+
+
+@pytest.mark.parametrize("bn_mode", ["batch", "running"])
+def test_vectorized_imaml_equals_the_loop_on_the_gpu(bn_mode):
+    tasks = _tasks()
+
+    def build(vectorize, criterion=F.cross_entropy):
+        return iMAML(model=_net(), criterion=criterion, inner_optimizer=metazoo.SGD(0.1),
+                     inner_steps=3, lam=2.0, cg_steps=3, bn_mode=bn_mode, vectorize=vectorize)
+
+    expected = _grads(build(False), tasks)
+    for vectorize in (True, 3):
+        _assert_same(_grads(build(vectorize), tasks), expected)
+    calls = []
+
+    def criterion(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        calls.append(torch._C._functorch.is_functorch_wrapped_tensor(target))
+        return F.cross_entropy(output, target)
+
+    _assert_same(_grads(build("auto", criterion), tasks), expected)
+    assert calls == [True] * 5  # 3 inner steps, the query and the Hessian's support loss
