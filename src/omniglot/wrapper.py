@@ -105,7 +105,7 @@ class LearnerConfig:
     vectorize: bool | int | str = False
 
 
-VECTORIZE_METHODS = ("maml", "fomaml", "anil", "reptile")
+VECTORIZE_METHODS = ("maml", "fomaml", "anil", "reptile", "leap", "imaml")
 CHANNELS_LAST_METHODS = ("warp_leap", "warp_maml", "maml", "fomaml", "anil", "reptile", "leap",
                          "imaml")
 
@@ -197,7 +197,8 @@ def build_learner(cfg: LearnerConfig) -> MetaLearner:
     if name == "leap":
         _unused(cfg, ("norm", "loss", "stabilizer"))
         learner: MetaLearner = leap.LeapLearner(model=OmniConv(**_net_kwargs(cfg)), **common,
-                                                **cfg.meta_kwargs, **nonfinite, **layout)
+                                                **cfg.meta_kwargs, **nonfinite, **layout,
+                                                **vectorize)
         return RandomHead(learner) if reference else learner
     if name == "reptile":
         _unused(cfg, ())
@@ -216,7 +217,7 @@ def build_learner(cfg: LearnerConfig) -> MetaLearner:
     if name == "imaml":
         _unused(cfg, ("lam", "cg_steps", "damping", "inner_grad_clip"))
         return maml.iMAML(model=OmniConv(**_net_kwargs(cfg)), **common, **cfg.meta_kwargs,
-                          **nonfinite, **layout)
+                          **nonfinite, **layout, **vectorize)
     if name == "ft":
         _unused(cfg, ())
         return FineTune(model=MultiHeadOmniConv(**_net_kwargs(cfg),
