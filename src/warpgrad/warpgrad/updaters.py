@@ -17,7 +17,7 @@ import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -32,9 +32,7 @@ from warpgrad.objectives import (
     resolve_init_objective,
     resolve_warp_objective,
 )
-
-if TYPE_CHECKING:
-    from warpgrad.warp import Warp
+from warpgrad.warped import WarpedModel
 
 __all__ = ["DualUpdater", "OnlineUpdater", "UpdateResult"]
 
@@ -111,7 +109,8 @@ def _accumulate(target: list[Tensor | None], grads: Sequence[Tensor | None]) -> 
             target[i] = g if target[i] is None else target[i] + g  # type: ignore[operator]
 
 
-def _check_finite(warp: Warp, params: Sequence[Tensor], grads: Sequence[Tensor | None]) -> None:
+def _check_finite(warp: WarpedModel, params: Sequence[Tensor],
+                  grads: Sequence[Tensor | None]) -> None:
     """Raises before a non-finite meta-gradient is written (one host transfer)."""
     if all_finite([g for g in grads if g is not None]):
         return
@@ -121,7 +120,7 @@ def _check_finite(warp: Warp, params: Sequence[Tensor], grads: Sequence[Tensor |
     raise NonFiniteError(task=None, inner_step=None, where="meta_gradient", names=bad)
 
 
-def _check_finite_init(warp: Warp, grads: Params) -> None:
+def _check_finite_init(warp: WarpedModel, grads: Params) -> None:
     init = dict(warp.named_init_parameters())
     _check_finite(warp, [init[n] for n in grads], list(grads.values()))
 
@@ -132,7 +131,7 @@ def _write_grads(params: Sequence[Tensor], grads: Sequence[Tensor | None]) -> No
             accumulate_grad(p, g)
 
 
-def _meta_targets(warp: Warp, ctx: ReplayContext) -> tuple[list[Tensor], list[Tensor]]:
+def _meta_targets(warp: WarpedModel, ctx: ReplayContext) -> tuple[list[Tensor], list[Tensor]]:
     """(leaves to differentiate, tensors whose ``.grad`` receives the result)."""
     names = list(ctx.warp)
     warp_params = dict(warp.named_warp_parameters())
@@ -145,7 +144,7 @@ def _meta_targets(warp: Warp, ctx: ReplayContext) -> tuple[list[Tensor], list[Te
     return leaves, targets
 
 
-def _apply_init(warp: Warp, grads: Params, init_lr: float | None) -> bool:
+def _apply_init(warp: WarpedModel, grads: Params, init_lr: float | None) -> bool:
     """Writes or applies the init gradient; True when ``meta_step_fn`` must be called."""
     init = dict(warp.named_init_parameters())
     if init_lr is None:
@@ -257,7 +256,7 @@ class DualUpdater:
         size = n if self.bsz <= 0 else self.bsz
         return [order[i:i + size] for i in range(0, n, size)]
 
-    def _vmap_model(self, warp: Warp) -> nn.Module | None:
+    def _vmap_model(self, warp: WarpedModel) -> nn.Module | None:
         if self.vectorize <= 1:
             return None
         # A structural copy whose BatchNorm layers normalise with batch statistics and keep no
@@ -266,7 +265,7 @@ class DualUpdater:
         _replace_batch_norm(model)
         return model
 
-    def _replay_chunk(self, warp: Warp, chunk: Sequence[tuple[str, int]],
+    def _replay_chunk(self, warp: WarpedModel, chunk: Sequence[tuple[str, int]],
                       streams: dict[str, BatchStream], vmap_model: nn.Module | None = None
                       ) -> tuple[list[Tensor], list[Tensor | None], Tensor]:
         """Mean warp loss over ``chunk``; returns (targets, summed grads, detached loss)."""
@@ -296,7 +295,7 @@ class DualUpdater:
                 total = total + loss.detach()
         return targets, sums, total
 
-    def _init_gradient(self, warp: Warp, streams: dict[str, BatchStream]) -> Params:
+    def _init_gradient(self, warp: WarpedModel, streams: dict[str, BatchStream]) -> Params:
         assert self.init_objective is not None
         ctx = warp.replay_context(self.criterion, bn_mode=self.bn_mode)
         slots = warp.buffer.slots()
@@ -305,7 +304,7 @@ class DualUpdater:
                    for s in slots]
         return self.init_objective.gradient(ctx, trajectories, batches)
 
-    def backward(self, warp: Warp, step_fn: Callable[[], Any]) -> UpdateResult:
+    def backward(self, warp: WarpedModel, step_fn: Callable[[], Any]) -> UpdateResult:
         """Runs the warp objective over the buffer and then the init objective.
 
         Args:
@@ -345,7 +344,7 @@ class DualUpdater:
                 if losses else None)
         return UpdateResult(mean, len(points), steps, warp_seconds, init_seconds)
 
-    def accumulate(self, warp: Warp) -> UpdateResult:
+    def accumulate(self, warp: WarpedModel) -> UpdateResult:
         """Adds the meta-gradients of every group to ``.grad`` without stepping.
 
         The warp (and optimizer-parameter) gradient is that of the mean objective over all
@@ -371,10 +370,10 @@ class DualUpdater:
             _apply_init(warp, self._init_gradient(warp, streams), None)
         return UpdateResult(mean, len(points), 0, warp_seconds, time.perf_counter() - start)
 
-    def on_record(self, warp: Warp, slot: str, state: ReplayState) -> None:
+    def on_record(self, warp: WarpedModel, slot: str, state: ReplayState) -> None:
         """Called by ``Warp`` for every recorded state; nothing to do before the replay."""
 
-    def on_finalize(self, warp: Warp, slot: str, params: Params) -> None:
+    def on_finalize(self, warp: WarpedModel, slot: str, params: Params) -> None:
         """Called by ``Warp`` with a task's final parameters; stored by the buffer."""
 
     def __repr__(self) -> str:
@@ -430,7 +429,7 @@ class OnlineUpdater:
         self._init_sums: dict[str, Params] = {}
         self._seconds = 0.0
 
-    def on_record(self, warp: Warp, slot: str, state: ReplayState) -> None:
+    def on_record(self, warp: WarpedModel, slot: str, state: ReplayState) -> None:
         """Adds the warp gradient at ``state`` and the init segment ending at it."""
         start = time.perf_counter()
         ctx = warp.replay_context(self.criterion, bn_mode=self.bn_mode)
@@ -449,7 +448,7 @@ class OnlineUpdater:
         self._add_segment(ctx, slot, state.params)
         self._seconds += time.perf_counter() - start
 
-    def on_finalize(self, warp: Warp, slot: str, params: Params) -> None:
+    def on_finalize(self, warp: WarpedModel, slot: str, params: Params) -> None:
         """Adds the task's last segment to the init gradient."""
         ctx = warp.replay_context(self.criterion, bn_mode=self.bn_mode)
         self._add_segment(ctx, slot, params)
@@ -469,7 +468,7 @@ class OnlineUpdater:
         for n, g in segment.items():
             sums[n] = sums[n] + g if n in sums else g
 
-    def backward(self, warp: Warp, step_fn: Callable[[], Any]) -> UpdateResult:
+    def backward(self, warp: WarpedModel, step_fn: Callable[[], Any]) -> UpdateResult:
         """Writes the mean warp gradient (and the init gradient) and steps once."""
         steps = 0
         start = time.perf_counter()
