@@ -156,6 +156,15 @@ def _apply_init(warp: WarpedModel, grads: Params, init_lr: float | None) -> bool
     return False
 
 
+def _check_replay_vectorize(vectorize: int, bn_mode: str) -> int:
+    if isinstance(vectorize, bool) or not isinstance(vectorize, int) or vectorize < 0:
+        raise ValueError(f"vectorize={vectorize!r} must be an integer >= 0 (0 or 1: one "
+                         "state at a time)")
+    if vectorize > 1 and BatchNormMode(bn_mode) is not BatchNormMode.BATCH:
+        raise ValueError(f"vectorize={vectorize} needs bn_mode='batch' (got {bn_mode!r})")
+    return vectorize
+
+
 class BatchStatNorm(nn.Module):
     """BatchNorm with batch statistics written out in tensor operations.
 
@@ -232,11 +241,7 @@ class DualUpdater:
         if not isinstance(bsz, int) or isinstance(bsz, bool):
             raise ValueError(f"bsz={bsz!r} must be an integer (<= 0: all states in one step)")
         _validate_common(init_lr, bn_mode)
-        if not isinstance(vectorize, int) or vectorize < 0:
-            raise ValueError(f"vectorize={vectorize!r} must be an integer >= 0 (0 or 1: one "
-                             "state at a time)")
-        if vectorize > 1 and BatchNormMode(bn_mode) is not BatchNormMode.BATCH:
-            raise ValueError(f"vectorize={vectorize} needs bn_mode='batch' (got {bn_mode!r})")
+        _check_replay_vectorize(vectorize, bn_mode)
         self.criterion = make_criterion(criterion)
         self.warp_objective = resolve_warp_objective(warp_objective, approx=approx)
         self.init_objective = resolve_init_objective(init_objective, norm=norm)
@@ -256,8 +261,8 @@ class DualUpdater:
         size = n if self.bsz <= 0 else self.bsz
         return [order[i:i + size] for i in range(0, n, size)]
 
-    def _vmap_model(self, warp: WarpedModel) -> nn.Module | None:
-        if self.vectorize <= 1:
+    def _vmap_model(self, warp: WarpedModel, size: int) -> nn.Module | None:
+        if size <= 1:
             return None
         # A structural copy whose BatchNorm layers normalise with batch statistics and keep no
         # running statistics (vmap cannot update them in place); the user's model is untouched.
@@ -266,8 +271,8 @@ class DualUpdater:
         return model
 
     def _replay_chunk(self, warp: WarpedModel, chunk: Sequence[tuple[str, int]],
-                      streams: dict[str, BatchStream], vmap_model: nn.Module | None = None
-                      ) -> tuple[list[Tensor], list[Tensor | None], Tensor]:
+                      streams: dict[str, BatchStream], vmap_model: nn.Module | None = None,
+                      size: int = 1) -> tuple[list[Tensor], list[Tensor | None], Tensor]:
         """Mean warp loss over ``chunk``; returns (targets, summed grads, detached loss)."""
         objective = self.warp_objective
         assert objective is not None
@@ -275,7 +280,7 @@ class DualUpdater:
         leaves, targets = _meta_targets(warp, ctx)
         sums: list[Tensor | None] = [None] * len(leaves)
         total = torch.zeros((), device=ctx.device)
-        size = self.vectorize if vmap_model is not None else 1
+        size = size if vmap_model is not None else 1
         for start in range(0, len(chunk), size):
             group = chunk[start:start + size]
             states = [warp.buffer.state(slot, index, device=ctx.device) for slot, index in group]
@@ -320,11 +325,11 @@ class DualUpdater:
         losses: list[Tensor] = []
         start = time.perf_counter()
         if self.warp_objective is not None and points:
-            vmap_model = self._vmap_model(warp)
+            vmap_model = self._vmap_model(warp, self.vectorize)
             for _ in range(self.epochs):
                 for chunk in self._chunks(len(points)):
                     targets, sums, loss = self._replay_chunk(
-                        warp, [points[j] for j in chunk], streams, vmap_model)
+                        warp, [points[j] for j in chunk], streams, vmap_model, self.vectorize)
                     losses.append(loss * len(chunk))
                     # A NaN replay batch can give a NaN gradient at a finite state.
                     _check_finite(warp, targets, sums)
@@ -344,14 +349,21 @@ class DualUpdater:
                 if losses else None)
         return UpdateResult(mean, len(points), steps, warp_seconds, init_seconds)
 
-    def accumulate(self, warp: WarpedModel) -> UpdateResult:
+    def accumulate(self, warp: WarpedModel, *, vectorize: int | None = None) -> UpdateResult:
         """Adds the meta-gradients of every group to ``.grad`` without stepping.
 
         The warp (and optimizer-parameter) gradient is that of the mean objective over all
         stored states (one epoch, ``bsz`` ignored); the init gradient is written to the init
         parameters' ``.grad`` whatever ``init_lr`` is. This is what ``MetaLearner.meta_step``
         needs: one meta-optimizer step over every meta-parameter.
+
+        Args:
+            warp: the wrapped model whose buffer holds the trajectories.
+            vectorize: states per ``vmap`` call for this call (default: the updater's own
+                ``vectorize``); needs ``bn_mode="batch"`` when > 1.
         """
+        size = self.vectorize if vectorize is None else _check_replay_vectorize(
+            vectorize, self.bn_mode)
         buffer = warp.buffer
         slots = buffer.slots()
         streams = {s: BatchStream(buffer.data(s)) for s in slots}
@@ -361,7 +373,7 @@ class DualUpdater:
         if self.warp_objective is not None and points:
             order = torch.randperm(len(points), generator=self._generator).tolist()
             targets, sums, loss = self._replay_chunk(warp, [points[j] for j in order], streams,
-                                                     self._vmap_model(warp))
+                                                     self._vmap_model(warp, size), size)
             _write_grads(targets, sums)
             mean = loss.item()
         warp_seconds = time.perf_counter() - start
