@@ -248,3 +248,16 @@ def test_unsupported_options_raise(make_model, make_tasks):
     with pytest.raises(ValueError, match="support batches of one shape"):
         learner.meta_step([uneven, uneven])
     assert not learner.warp.buffer.slots()
+
+
+def test_bad_labels_are_named_as_in_the_loop(make_model, make_tasks):
+    """Under vmap the criterion cannot inspect the labels; the error is diagnosed outside."""
+    learner = _learner(make_model(), vectorize=True)
+    tasks = _tasks(make_tasks, num_tasks=2)
+    bad = Task([(x, y + 1) for x, y in tasks[1].support], tasks[1].query)
+    with pytest.raises(ValueError, match=r"label 3 but the model outputs 3 classes"):
+        learner.meta_step([tasks[0], bad])
+    assert not learner.warp.buffer.slots()
+    with pytest.raises(ValueError, match=r"label -1 but the model outputs 3 classes"):
+        learner.evaluate([tasks[0], Task(tasks[1].support,
+                                         (tasks[1].query[0], tasks[1].query[1] - 1))])

@@ -66,6 +66,18 @@ def _check_one_shape(tasks: Sequence[Task]) -> None:
                         f"such tasks one by one")
 
 
+def _diagnose(model: nn.Module, criterion: Callable[[Tensor, Tensor], Tensor], params: Params,
+              buffers: Buffers, tasks: Sequence[Task], *, bn_mode: str, device: torch.device
+              ) -> None:
+    """Evaluates every batch outside ``vmap`` so the criterion can name a bad one (error path
+    only: its ``ValueError`` replaces the batching rule's error)."""
+    for task in tasks:
+        for x, y in [*task.support, task.query]:
+            output, _ = forward(model, params, buffers, x.to(device), bn_mode=bn_mode,
+                                training=True)
+            criterion(output, y.to(device))
+
+
 def adapt_tasks(model: nn.Module, criterion: Callable[[Tensor, Tensor], Tensor],
                 fixed: Params, init: Params, optimizer: metazoo.InnerOptimizer,
                 tasks: Sequence[Task], steps: int, *, bn_mode: str, device: torch.device,
@@ -127,7 +139,14 @@ def adapt_tasks(model: nn.Module, criterion: Callable[[Tensor, Tensor], Tensor],
                 query_loss.new_zeros(()) if acc is None else acc)
 
     with torch.no_grad():  # torch.func.grad inside still differentiates; nothing else does
-        trajectory, momentum, buffers, inner, loss, acc = metazoo.vectorize.map_tasks(
-            one_task, [support, query], len(tasks), chunk)
+        try:
+            trajectory, momentum, buffers, inner, loss, acc = metazoo.vectorize.map_tasks(
+                one_task, [support, query], len(tasks), chunk)
+        except (IndexError, RuntimeError, ValueError):
+            # Under vmap a bad batch (labels outside the model's classes) fails inside the
+            # batching rules; the criterion's diagnosis needs plain tensors.
+            _diagnose(model, criterion, {**fixed, **init}, start_buffers, tasks,
+                      bn_mode=bn_mode, device=device)
+            raise
     return StackedAdaptation(trajectory, momentum, buffers, inner, loss,
                              acc if all(has_accuracy) else None)
