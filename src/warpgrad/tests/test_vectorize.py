@@ -201,11 +201,14 @@ def test_nonfinite_raises_like_the_loop(make_model, make_tasks, batch, where, fi
     query = (tasks[1].query[0].clone(), tasks[1].query[1])
     (query[0] if batch is None else support[batch][0])[2, 1] = float("nan")
     poisoned = [tasks[0], Task(support, query), tasks[2]]
+    with pytest.raises(NonFiniteError) as loop_info:
+        _learner(make_model()).meta_step(poisoned)
     learner = _learner(make_model(), vectorize=True)
     before = [p.detach().clone() for p in learner.meta_parameters()]
     with pytest.raises(NonFiniteError, match="task 1 of the meta-batch") as info:
         learner.meta_step(poisoned)
     assert (info.value.task, info.value.where, info.value.inner_step) == (1, where, first)
+    assert str(info.value) == str(loop_info.value)
     assert all(torch.equal(p, q) for p, q in zip(learner.meta_parameters(), before,
                                                  strict=True))
     assert not learner.warp.buffer.slots()
@@ -261,3 +264,22 @@ def test_bad_labels_are_named_as_in_the_loop(make_model, make_tasks):
     with pytest.raises(ValueError, match=r"label -1 but the model outputs 3 classes"):
         learner.evaluate([tasks[0], Task(tasks[1].support,
                                          (tasks[1].query[0], tasks[1].query[1] - 1))])
+
+
+def test_fault_check_is_one_transfer_for_the_meta_batch(make_model, make_tasks, monkeypatch):
+    """The loop checks each task with its own host transfer (``task_fault`` per task); the
+    vectorized path reads every task's finiteness at once (``raise_or_count_faults``)."""
+    import warpgrad.learner
+
+    checks, transfers = [], []
+    original = warpgrad.learner.task_fault
+    monkeypatch.setattr(warpgrad.learner, "task_fault",
+                        lambda *args: checks.append(args[0]) or original(*args))
+    count = metazoo.vectorize.raise_or_count_faults
+    monkeypatch.setattr(metazoo.vectorize, "raise_or_count_faults",
+                        lambda *args: transfers.append(1) or count(*args))
+    _learner(make_model()).meta_backward(_tasks(make_tasks))
+    assert (checks, transfers) == ([0, 1, 2], [])
+    checks.clear()
+    _learner(make_model(), vectorize=2).meta_backward(_tasks(make_tasks))
+    assert (checks, transfers) == ([], [1])
