@@ -201,8 +201,35 @@ class WarpGrad(MetaLearner):
                               if k > 0 and momentum else None)
             buffer.finalize(slot, {n: t[index, -1] for n, t in trajectory.items()})
 
+    def _meta_backward_loop(self, tasks: Sequence[Task]
+                            ) -> list[tuple[Tensor, Tensor | None, Tensor]]:
+        """Adapts to the tasks one by one while recording, then accumulates the meta-gradients;
+        returns the kept tasks' (query loss, accuracy, inner losses)."""
+        buffer = self.warp.buffer
+        per_task = []
+        for index, task in enumerate(tasks):
+            task = self._layout(task)  # the buffer then replays channels-last batches
+            slot = uuid.uuid4().hex
+            buffer.init(slot, task.support)
+            adapted, _ = self._adapt(task, self.inner_steps, slot)
+            loss, acc = self._score(adapted, task)
+            inner = torch.tensor(adapted.inner_losses, dtype=loss.dtype, device=loss.device)
+            fault = task_fault(index, inner, loss)
+            if fault is not None:
+                if self.on_nonfinite == "raise":
+                    raise fault
+                # A non-finite trajectory must not be replayed by the warp objective.
+                buffer.discard(slot)
+                continue
+            per_task.append((loss, acc, inner))
+        if per_task:
+            self.updater.accumulate(self.warp)
+        return per_task
+
     def _meta_backward_vectorized(self, tasks: Sequence[Task], chunk: int
                                   ) -> list[tuple[Tensor, Tensor | None, Tensor]]:
+        """``_meta_backward_loop`` with the adaptation mapped ``chunk`` tasks at a time and the
+        replay over the states of ``chunk`` tasks per ``vmap`` call."""
         adaptation, _ = self._adapt_vectorized(tasks, self.inner_steps, chunk)
         self._record(adaptation, tasks)
         faults = metazoo.vectorize.VectorizedGradients(
@@ -238,28 +265,10 @@ class WarpGrad(MetaLearner):
         if len(buffer) or buffer.slots():
             raise RuntimeError("the Warp's replay buffer is not empty; call warp.clear() "
                                "before driving it through the MetaLearner interface")
-        per_task = []
         chunk = self._chunk(len(tasks))
         try:
-            for index, task in enumerate(tasks if chunk is None else ()):
-                task = self._layout(task)  # the buffer then replays channels-last batches
-                slot = uuid.uuid4().hex
-                buffer.init(slot, task.support)
-                adapted, _ = self._adapt(task, self.inner_steps, slot)
-                loss, acc = self._score(adapted, task)
-                inner = torch.tensor(adapted.inner_losses, dtype=loss.dtype, device=loss.device)
-                fault = task_fault(index, inner, loss)
-                if fault is not None:
-                    if self.on_nonfinite == "raise":
-                        raise fault
-                    # A non-finite trajectory must not be replayed by the warp objective.
-                    buffer.discard(slot)
-                    continue
-                per_task.append((loss, acc, inner))
-            if chunk is not None:
-                per_task = self._meta_backward_vectorized(tasks, chunk)
-            elif per_task:
-                self.updater.accumulate(self.warp)
+            per_task = (self._meta_backward_loop(tasks) if chunk is None
+                        else self._meta_backward_vectorized(tasks, chunk))
         finally:
             buffer.clear()
         skipped = len(tasks) - len(per_task)
