@@ -49,13 +49,14 @@ def warped_net(seed: int = 0) -> WarpedConvNet:
 
 
 def _learner(model: WarpedConvNet, *, buffer: ReplayBuffer | None = None,
-             channels_last: bool = False, **updater: object) -> WarpGrad:
+             channels_last: bool = False, vectorize: bool | int | str = False,
+             **updater: object) -> WarpGrad:
     updater = {"seed": 3, **updater}
     warp = Warp(model, [model.conv, model.bn, model.head], [model.warp],
                 DualUpdater(F.cross_entropy, **updater), buffer=buffer,  # type: ignore[arg-type]
                 optimizer_parameters=OptimizerParameters(trainable=True, default_lr=0.2,
                                                          default_momentum=0.5))
-    return WarpGrad(warp, inner_steps=3, channels_last=channels_last,
+    return WarpGrad(warp, inner_steps=3, channels_last=channels_last, vectorize=vectorize,
                     meta_optimizer=lambda p: torch.optim.SGD(p, lr=0.1))
 
 
@@ -71,6 +72,14 @@ LEARNERS: dict[str, Callable[[WarpedConvNet, Path], WarpGrad]] = {
     "leap_init_objective": lambda m, _: _learner(m, init_objective="leap"),
     "vectorized_replay": lambda m, _: _learner(m, vectorize=2),
     "channels_last": lambda m, _: _learner(m, channels_last=True),
+    # WarpGrad(vectorize=...): on a GPU, "auto" vectorizes, so the test compares the CUDA
+    # vectorized meta-step with the CPU loop.
+    "vectorized_learner_auto": lambda m, _: _learner(m, vectorize="auto"),
+    "vectorized_learner": lambda m, _: _learner(m, vectorize=True, warp_objective="exact"),
+    "vectorized_learner_disk_chunks": lambda m, d: _learner(
+        m, vectorize=1, buffer=ReplayBuffer(inmem=False, tmpdir=d, max_states=2, seed=0)),
+    "vectorized_learner_buffer_on_device": lambda m, _: _learner(
+        m, vectorize=True, buffer=ReplayBuffer(device=None), init_objective="leap"),
 }
 
 

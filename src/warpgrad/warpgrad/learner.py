@@ -8,6 +8,11 @@ buffer and accumulates the meta-gradients of all groups (warp layers: mean warp 
 every replayed state; initialisation: the init objective averaged over tasks; learning rates
 and momenta when learned) with ``DualUpdater.accumulate``. One meta-optimizer step then updates
 every group; the update rules are documented in ``warpgrad.objectives``.
+
+With ``vectorize``, the adaptation of the tasks is mapped over tasks (``warpgrad.vectorized``)
+and recorded into the buffer exactly as the loop records it (same states, same order), and the
+replay evaluates the states of several tasks in one ``torch.func.vmap``
+(``DualUpdater.accumulate(vectorize=...)``); the meta-gradients equal the loop's.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+import metazoo
 from metazoo import (
     Adapted,
     BatchNormMode,
@@ -41,6 +47,7 @@ from metazoo import (
     task_to_channels_last,
 )
 from warpgrad.updaters import DualUpdater
+from warpgrad.vectorized import StackedAdaptation, adapt_tasks
 from warpgrad.warp import Warp
 
 __all__ = ["WarpGrad"]
@@ -67,12 +74,23 @@ class WarpGrad(MetaLearner):
             used for adaptation are copied to ``torch.channels_last`` (the model is not
             modified; the replay then runs channels-last too). On a CPU the Omniglot warp net's
             meta-step is ~0.65x the time of the default layout; results equal up to rounding.
+        vectorize: ``False`` (default) adapts the tasks one by one; ``True`` adapts all tasks of
+            a meta-batch (``meta_backward``, ``evaluate``) in one ``torch.func.vmap`` and
+            replays the states of all of them in one ``vmap``; an int N maps N tasks at a time
+            and replays the states of N tasks at a time (memory bounded in the number of
+            tasks); ``"auto"`` vectorizes on CUDA and loops elsewhere (on CPUs the loop was
+            measured faster, ``benchmarks/gpu_warp_meta_step.py``). The same results as the
+            loop (same recorded states, replay and meta-gradients). Needs tasks whose batches
+            share shapes, ``channels_last=False`` and a ``DualUpdater`` with ``bn_mode="batch"``
+            (the vectorized replay normalises with batch statistics); otherwise ``ValueError``.
+            ``adapt(task)`` (one task) always runs the loop.
     """
 
     def __init__(self, warp: Warp, *, inner_steps: int,
                  meta_optimizer: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
                  | None = None, meta_lr: float = 1e-3, bn_mode: str = "batch",
-                 on_nonfinite: str = "raise", channels_last: bool = False) -> None:
+                 on_nonfinite: str = "raise", channels_last: bool = False,
+                 vectorize: bool | int | str = False) -> None:
         if not isinstance(warp, Warp):
             raise ValueError(f"warp must be a warpgrad.Warp, got {type(warp).__name__}")
         if not isinstance(warp.updater, DualUpdater):
@@ -86,6 +104,17 @@ class WarpGrad(MetaLearner):
             raise ValueError(f"meta_lr={meta_lr!r} must be a finite positive number, e.g. 1e-3")
         self.on_nonfinite = check_on_nonfinite(on_nonfinite)
         self.channels_last = check_channels_last(channels_last)
+        self.vectorize = metazoo.vectorize.check_vectorize(vectorize)
+        if self.vectorize is not False:
+            for option, value, alternative in (
+                    ("channels_last", channels_last, "channels_last=False"),
+                    (f"the updater's bn_mode={warp.updater.bn_mode!r}",
+                     BatchNormMode(warp.updater.bn_mode) is not BatchNormMode.BATCH,
+                     "DualUpdater(bn_mode='batch')")):
+                if value:
+                    raise ValueError(f"vectorize={vectorize!r} does not support {option}; pass "
+                                     f"{alternative}, or vectorize=False to keep {option} in the "
+                                     f"per-task loop")
         self.warp = warp
         self.updater: DualUpdater = warp.updater
         self.model = warp.model
@@ -137,6 +166,86 @@ class WarpGrad(MetaLearner):
                           tuple(torch.stack(losses).tolist()) if losses else ())
         return adapted, theta
 
+    def _chunk(self, num_tasks: int) -> int | None:
+        device = next(iter(self.warp.init_parameters())).device
+        return metazoo.vectorize.resolve_chunk(self.vectorize, num_tasks, device)
+
+    def _adapt_vectorized(self, tasks: Sequence[Task], steps: int, chunk: int
+                          ) -> tuple[StackedAdaptation, Params]:
+        """Every task's adaptation in ``vmap`` (``warpgrad.vectorized``); also returns the fixed
+        parameters (warp layers and frozen ones)."""
+        criterion = CheckedCriterion(self.updater.criterion)
+        ctx = self.warp.replay_context(criterion, bn_mode=self.bn_mode)
+        fixed = {**ctx.static, **{n: w.detach() for n, w in ctx.warp.items()}}
+        init = {n: p.detach() for n, p in self.warp.named_init_parameters()}
+        optimizer = self.warp.optimizer_parameter_container.inner_optimizer(detach=True)
+        return adapt_tasks(self.model, criterion, fixed, init, optimizer, tasks, steps,
+                           bn_mode=self.bn_mode, device=ctx.device, chunk=chunk), fixed
+
+    def _record(self, adaptation: StackedAdaptation, tasks: Sequence[Task]) -> None:
+        """Records every task's trajectory into the buffer as the loop does: task by task,
+        ``init``, one ``update`` per step (momentum from the second step on), ``finalize``."""
+        buffer = self.warp.buffer
+        # One transfer per tensor to where the buffer keeps states, not one per state.
+        where = buffer.device if buffer.inmem and buffer.device is not None else None
+        trajectory = {n: t.to(where) if where is not None else t
+                      for n, t in adaptation.trajectory.items()}
+        momentum = {n: t.to(where) if where is not None else t
+                    for n, t in adaptation.momentum.items()}
+        for index, task in enumerate(tasks):
+            slot = uuid.uuid4().hex
+            buffer.init(slot, task.support)
+            for k in range(self.inner_steps):
+                buffer.update(slot, {n: t[index, k] for n, t in trajectory.items()},
+                              {n: t[index, k - 1] for n, t in momentum.items()}
+                              if k > 0 and momentum else None)
+            buffer.finalize(slot, {n: t[index, -1] for n, t in trajectory.items()})
+
+    def _meta_backward_loop(self, tasks: Sequence[Task]
+                            ) -> list[tuple[Tensor, Tensor | None, Tensor]]:
+        """Adapts to the tasks one by one while recording, then accumulates the meta-gradients;
+        returns the kept tasks' (query loss, accuracy, inner losses)."""
+        buffer = self.warp.buffer
+        per_task = []
+        for index, task in enumerate(tasks):
+            task = self._layout(task)  # the buffer then replays channels-last batches
+            slot = uuid.uuid4().hex
+            buffer.init(slot, task.support)
+            adapted, _ = self._adapt(task, self.inner_steps, slot)
+            loss, acc = self._score(adapted, task)
+            inner = torch.tensor(adapted.inner_losses, dtype=loss.dtype, device=loss.device)
+            fault = task_fault(index, inner, loss)
+            if fault is not None:
+                if self.on_nonfinite == "raise":
+                    raise fault
+                # A non-finite trajectory must not be replayed by the warp objective.
+                buffer.discard(slot)
+                continue
+            per_task.append((loss, acc, inner))
+        if per_task:
+            self.updater.accumulate(self.warp)
+        return per_task
+
+    def _meta_backward_vectorized(self, tasks: Sequence[Task], chunk: int
+                                  ) -> list[tuple[Tensor, Tensor | None, Tensor]]:
+        """``_meta_backward_loop`` with the adaptation mapped ``chunk`` tasks at a time and the
+        replay over the states of ``chunk`` tasks per ``vmap`` call."""
+        adaptation, _ = self._adapt_vectorized(tasks, self.inner_steps, chunk)
+        self._record(adaptation, tasks)
+        faults = metazoo.vectorize.VectorizedGradients(
+            [], adaptation.query_loss, adaptation.inner_losses, None, adaptation.finite)
+        kept = metazoo.vectorize.raise_or_count_faults(faults, self.on_nonfinite)
+        slots = self.warp.buffer.slots()
+        for index in sorted(set(range(len(tasks))) - set(kept)):
+            # A non-finite trajectory must not be replayed by the warp objective.
+            self.warp.buffer.discard(slots[index])
+        if kept:
+            # The states of ``chunk`` tasks per vmap call of the replay.
+            self.updater.accumulate(self.warp, vectorize=chunk * self.inner_steps)
+        acc = adaptation.query_accuracy
+        return [(adaptation.query_loss[i], None if acc is None else acc[i],
+                 adaptation.inner_losses[i]) for i in kept]
+
     def adapt(self, task: Task, *, steps: int | None = None) -> Adapted:
         """Adapts the initialisation to ``task`` with the warp layers fixed."""
         return self._adapt(self._layout(task), self.inner_steps if steps is None else steps,
@@ -156,25 +265,10 @@ class WarpGrad(MetaLearner):
         if len(buffer) or buffer.slots():
             raise RuntimeError("the Warp's replay buffer is not empty; call warp.clear() "
                                "before driving it through the MetaLearner interface")
-        per_task = []
+        chunk = self._chunk(len(tasks))
         try:
-            for index, task in enumerate(tasks):
-                task = self._layout(task)  # the buffer then replays channels-last batches
-                slot = uuid.uuid4().hex
-                buffer.init(slot, task.support)
-                adapted, _ = self._adapt(task, self.inner_steps, slot)
-                loss, acc = self._score(adapted, task)
-                inner = torch.tensor(adapted.inner_losses, dtype=loss.dtype, device=loss.device)
-                fault = task_fault(index, inner, loss)
-                if fault is not None:
-                    if self.on_nonfinite == "raise":
-                        raise fault
-                    # A non-finite trajectory must not be replayed by the warp objective.
-                    buffer.discard(slot)
-                    continue
-                per_task.append((loss, acc, inner))
-            if per_task:
-                self.updater.accumulate(self.warp)
+            per_task = (self._meta_backward_loop(tasks) if chunk is None
+                        else self._meta_backward_vectorized(tasks, chunk))
         finally:
             buffer.clear()
         skipped = len(tasks) - len(per_task)
@@ -188,10 +282,21 @@ class WarpGrad(MetaLearner):
 
     def evaluate(self, tasks: Sequence[Task], *, steps: int | None = None) -> EvalResult:
         """Adapts to each task and scores its query batch; meta-parameters are unchanged."""
+        steps = self.inner_steps if steps is None else steps
+        chunk = self._chunk(len(tasks))
+        if chunk is not None:
+            adaptation, _ = self._adapt_vectorized(tasks, steps, chunk)
+            acc = adaptation.query_accuracy
+            mean_loss, mean_acc, curve = mean_results(
+                [(adaptation.query_loss[i], None if acc is None else acc[i],
+                  adaptation.inner_losses[i]) for i in range(len(tasks))])
+            rows = (adaptation.query_loss.tolist(),
+                    [None] * len(tasks) if acc is None else acc.tolist())
+            return EvalResult(mean_loss, mean_acc, curve, len(tasks), tuple(zip(*rows)))
         per_task = []
         for task in tasks:
             task = self._layout(task)
-            adapted = self._adapt(task, self.inner_steps if steps is None else steps, None)[0]
+            adapted = self._adapt(task, steps, None)[0]
             loss, acc = self._score(adapted, task)
             per_task.append((loss, acc, torch.tensor(adapted.inner_losses, dtype=loss.dtype,
                                                      device=loss.device)))

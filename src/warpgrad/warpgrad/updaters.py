@@ -17,7 +17,7 @@ import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -32,9 +32,7 @@ from warpgrad.objectives import (
     resolve_init_objective,
     resolve_warp_objective,
 )
-
-if TYPE_CHECKING:
-    from warpgrad.warp import Warp
+from warpgrad.warped import WarpedModel
 
 __all__ = ["DualUpdater", "OnlineUpdater", "UpdateResult"]
 
@@ -111,7 +109,8 @@ def _accumulate(target: list[Tensor | None], grads: Sequence[Tensor | None]) -> 
             target[i] = g if target[i] is None else target[i] + g  # type: ignore[operator]
 
 
-def _check_finite(warp: Warp, params: Sequence[Tensor], grads: Sequence[Tensor | None]) -> None:
+def _check_finite(warp: WarpedModel, params: Sequence[Tensor],
+                  grads: Sequence[Tensor | None]) -> None:
     """Raises before a non-finite meta-gradient is written (one host transfer)."""
     if all_finite([g for g in grads if g is not None]):
         return
@@ -121,7 +120,7 @@ def _check_finite(warp: Warp, params: Sequence[Tensor], grads: Sequence[Tensor |
     raise NonFiniteError(task=None, inner_step=None, where="meta_gradient", names=bad)
 
 
-def _check_finite_init(warp: Warp, grads: Params) -> None:
+def _check_finite_init(warp: WarpedModel, grads: Params) -> None:
     init = dict(warp.named_init_parameters())
     _check_finite(warp, [init[n] for n in grads], list(grads.values()))
 
@@ -132,7 +131,7 @@ def _write_grads(params: Sequence[Tensor], grads: Sequence[Tensor | None]) -> No
             accumulate_grad(p, g)
 
 
-def _meta_targets(warp: Warp, ctx: ReplayContext) -> tuple[list[Tensor], list[Tensor]]:
+def _meta_targets(warp: WarpedModel, ctx: ReplayContext) -> tuple[list[Tensor], list[Tensor]]:
     """(leaves to differentiate, tensors whose ``.grad`` receives the result)."""
     names = list(ctx.warp)
     warp_params = dict(warp.named_warp_parameters())
@@ -145,7 +144,7 @@ def _meta_targets(warp: Warp, ctx: ReplayContext) -> tuple[list[Tensor], list[Te
     return leaves, targets
 
 
-def _apply_init(warp: Warp, grads: Params, init_lr: float | None) -> bool:
+def _apply_init(warp: WarpedModel, grads: Params, init_lr: float | None) -> bool:
     """Writes or applies the init gradient; True when ``meta_step_fn`` must be called."""
     init = dict(warp.named_init_parameters())
     if init_lr is None:
@@ -155,6 +154,15 @@ def _apply_init(warp: Warp, grads: Params, init_lr: float | None) -> bool:
         for n, g in grads.items():
             init[n].sub_(init_lr * g)
     return False
+
+
+def _check_replay_vectorize(vectorize: int, bn_mode: str) -> int:
+    if isinstance(vectorize, bool) or not isinstance(vectorize, int) or vectorize < 0:
+        raise ValueError(f"vectorize={vectorize!r} must be an integer >= 0 (0 or 1: one "
+                         "state at a time)")
+    if vectorize > 1 and BatchNormMode(bn_mode) is not BatchNormMode.BATCH:
+        raise ValueError(f"vectorize={vectorize} needs bn_mode='batch' (got {bn_mode!r})")
+    return vectorize
 
 
 class BatchStatNorm(nn.Module):
@@ -233,11 +241,7 @@ class DualUpdater:
         if not isinstance(bsz, int) or isinstance(bsz, bool):
             raise ValueError(f"bsz={bsz!r} must be an integer (<= 0: all states in one step)")
         _validate_common(init_lr, bn_mode)
-        if not isinstance(vectorize, int) or vectorize < 0:
-            raise ValueError(f"vectorize={vectorize!r} must be an integer >= 0 (0 or 1: one "
-                             "state at a time)")
-        if vectorize > 1 and BatchNormMode(bn_mode) is not BatchNormMode.BATCH:
-            raise ValueError(f"vectorize={vectorize} needs bn_mode='batch' (got {bn_mode!r})")
+        _check_replay_vectorize(vectorize, bn_mode)
         self.criterion = make_criterion(criterion)
         self.warp_objective = resolve_warp_objective(warp_objective, approx=approx)
         self.init_objective = resolve_init_objective(init_objective, norm=norm)
@@ -257,8 +261,8 @@ class DualUpdater:
         size = n if self.bsz <= 0 else self.bsz
         return [order[i:i + size] for i in range(0, n, size)]
 
-    def _vmap_model(self, warp: Warp) -> nn.Module | None:
-        if self.vectorize <= 1:
+    def _vmap_model(self, warp: WarpedModel, size: int) -> nn.Module | None:
+        if size <= 1:
             return None
         # A structural copy whose BatchNorm layers normalise with batch statistics and keep no
         # running statistics (vmap cannot update them in place); the user's model is untouched.
@@ -266,9 +270,9 @@ class DualUpdater:
         _replace_batch_norm(model)
         return model
 
-    def _replay_chunk(self, warp: Warp, chunk: Sequence[tuple[str, int]],
-                      streams: dict[str, BatchStream], vmap_model: nn.Module | None = None
-                      ) -> tuple[list[Tensor], list[Tensor | None], Tensor]:
+    def _replay_chunk(self, warp: WarpedModel, chunk: Sequence[tuple[str, int]],
+                      streams: dict[str, BatchStream], vmap_model: nn.Module | None = None,
+                      size: int = 1) -> tuple[list[Tensor], list[Tensor | None], Tensor]:
         """Mean warp loss over ``chunk``; returns (targets, summed grads, detached loss)."""
         objective = self.warp_objective
         assert objective is not None
@@ -276,7 +280,7 @@ class DualUpdater:
         leaves, targets = _meta_targets(warp, ctx)
         sums: list[Tensor | None] = [None] * len(leaves)
         total = torch.zeros((), device=ctx.device)
-        size = self.vectorize if vmap_model is not None else 1
+        size = size if vmap_model is not None else 1
         for start in range(0, len(chunk), size):
             group = chunk[start:start + size]
             states = [warp.buffer.state(slot, index, device=ctx.device) for slot, index in group]
@@ -296,7 +300,7 @@ class DualUpdater:
                 total = total + loss.detach()
         return targets, sums, total
 
-    def _init_gradient(self, warp: Warp, streams: dict[str, BatchStream]) -> Params:
+    def _init_gradient(self, warp: WarpedModel, streams: dict[str, BatchStream]) -> Params:
         assert self.init_objective is not None
         ctx = warp.replay_context(self.criterion, bn_mode=self.bn_mode)
         slots = warp.buffer.slots()
@@ -305,7 +309,7 @@ class DualUpdater:
                    for s in slots]
         return self.init_objective.gradient(ctx, trajectories, batches)
 
-    def backward(self, warp: Warp, step_fn: Callable[[], Any]) -> UpdateResult:
+    def backward(self, warp: WarpedModel, step_fn: Callable[[], Any]) -> UpdateResult:
         """Runs the warp objective over the buffer and then the init objective.
 
         Args:
@@ -321,11 +325,11 @@ class DualUpdater:
         losses: list[Tensor] = []
         start = time.perf_counter()
         if self.warp_objective is not None and points:
-            vmap_model = self._vmap_model(warp)
+            vmap_model = self._vmap_model(warp, self.vectorize)
             for _ in range(self.epochs):
                 for chunk in self._chunks(len(points)):
                     targets, sums, loss = self._replay_chunk(
-                        warp, [points[j] for j in chunk], streams, vmap_model)
+                        warp, [points[j] for j in chunk], streams, vmap_model, self.vectorize)
                     losses.append(loss * len(chunk))
                     # A NaN replay batch can give a NaN gradient at a finite state.
                     _check_finite(warp, targets, sums)
@@ -345,14 +349,21 @@ class DualUpdater:
                 if losses else None)
         return UpdateResult(mean, len(points), steps, warp_seconds, init_seconds)
 
-    def accumulate(self, warp: Warp) -> UpdateResult:
+    def accumulate(self, warp: WarpedModel, *, vectorize: int | None = None) -> UpdateResult:
         """Adds the meta-gradients of every group to ``.grad`` without stepping.
 
         The warp (and optimizer-parameter) gradient is that of the mean objective over all
         stored states (one epoch, ``bsz`` ignored); the init gradient is written to the init
         parameters' ``.grad`` whatever ``init_lr`` is. This is what ``MetaLearner.meta_step``
         needs: one meta-optimizer step over every meta-parameter.
+
+        Args:
+            warp: the wrapped model whose buffer holds the trajectories.
+            vectorize: states per ``vmap`` call for this call (default: the updater's own
+                ``vectorize``); needs ``bn_mode="batch"`` when > 1.
         """
+        size = self.vectorize if vectorize is None else _check_replay_vectorize(
+            vectorize, self.bn_mode)
         buffer = warp.buffer
         slots = buffer.slots()
         streams = {s: BatchStream(buffer.data(s)) for s in slots}
@@ -362,7 +373,7 @@ class DualUpdater:
         if self.warp_objective is not None and points:
             order = torch.randperm(len(points), generator=self._generator).tolist()
             targets, sums, loss = self._replay_chunk(warp, [points[j] for j in order], streams,
-                                                     self._vmap_model(warp))
+                                                     self._vmap_model(warp, size), size)
             _write_grads(targets, sums)
             mean = loss.item()
         warp_seconds = time.perf_counter() - start
@@ -371,10 +382,10 @@ class DualUpdater:
             _apply_init(warp, self._init_gradient(warp, streams), None)
         return UpdateResult(mean, len(points), 0, warp_seconds, time.perf_counter() - start)
 
-    def on_record(self, warp: Warp, slot: str, state: ReplayState) -> None:
+    def on_record(self, warp: WarpedModel, slot: str, state: ReplayState) -> None:
         """Called by ``Warp`` for every recorded state; nothing to do before the replay."""
 
-    def on_finalize(self, warp: Warp, slot: str, params: Params) -> None:
+    def on_finalize(self, warp: WarpedModel, slot: str, params: Params) -> None:
         """Called by ``Warp`` with a task's final parameters; stored by the buffer."""
 
     def __repr__(self) -> str:
@@ -430,7 +441,7 @@ class OnlineUpdater:
         self._init_sums: dict[str, Params] = {}
         self._seconds = 0.0
 
-    def on_record(self, warp: Warp, slot: str, state: ReplayState) -> None:
+    def on_record(self, warp: WarpedModel, slot: str, state: ReplayState) -> None:
         """Adds the warp gradient at ``state`` and the init segment ending at it."""
         start = time.perf_counter()
         ctx = warp.replay_context(self.criterion, bn_mode=self.bn_mode)
@@ -449,7 +460,7 @@ class OnlineUpdater:
         self._add_segment(ctx, slot, state.params)
         self._seconds += time.perf_counter() - start
 
-    def on_finalize(self, warp: Warp, slot: str, params: Params) -> None:
+    def on_finalize(self, warp: WarpedModel, slot: str, params: Params) -> None:
         """Adds the task's last segment to the init gradient."""
         ctx = warp.replay_context(self.criterion, bn_mode=self.bn_mode)
         self._add_segment(ctx, slot, params)
@@ -469,7 +480,7 @@ class OnlineUpdater:
         for n, g in segment.items():
             sums[n] = sums[n] + g if n in sums else g
 
-    def backward(self, warp: Warp, step_fn: Callable[[], Any]) -> UpdateResult:
+    def backward(self, warp: WarpedModel, step_fn: Callable[[], Any]) -> UpdateResult:
         """Writes the mean warp gradient (and the init gradient) and steps once."""
         steps = 0
         start = time.perf_counter()

@@ -1,0 +1,152 @@
+"""WarpGrad's adaptation mapped over the tasks of a meta-batch (``metazoo.vectorize``).
+
+Adaptation in WarpGrad is first order: the warp layers are fixed and nothing is differentiated
+through the inner loop, so the adaptation of a task is a pure function of its batches. Here it
+is ``torch.func.vmap``-ed over tasks (``chunk`` tasks per call): the inner step is the loop's
+(``metazoo.forward`` with the warp layers fixed, the gradient with respect to the adaptable
+parameters by ``torch.func.grad``, the same ``OptimizerParameters.inner_optimizer`` step), and
+the whole trajectory of every task is returned stacked, so ``WarpGrad`` can record it into the
+replay buffer task by task, state by state, exactly as the loop records it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+import metazoo
+from metazoo import Buffers, Params, Task, accuracy, forward
+
+__all__ = ["StackedAdaptation", "adapt_tasks"]
+
+
+@dataclass(frozen=True)
+class StackedAdaptation:
+    """Every task's adaptation, each tensor with a leading task dimension ``[T]``.
+
+    Attributes:
+        trajectory: per adaptable parameter, ``[T, K + 1, ...]``: the state before each of the K
+            steps, then the adapted parameters.
+        momentum: per adaptable parameter, ``[T, K - 1, ...]``: the momentum buffer before steps
+            1..K-1 (the loop records none before step 0); empty without momentum.
+        buffers: the BatchNorm buffers after adaptation (empty in ``batch`` mode).
+        inner_losses: ``[T, K]``, the support loss of each step.
+        query_loss: ``[T]``, the loss on the query batch at the adapted parameters.
+        query_accuracy: ``[T]``, or ``None`` when the criterion's targets are not class labels.
+    """
+
+    trajectory: Params
+    momentum: Params
+    buffers: Buffers
+    inner_losses: Tensor
+    query_loss: Tensor
+    query_accuracy: Tensor | None
+
+    @property
+    def finite(self) -> Tensor:
+        """Whether each task's inner losses and query loss are finite, ``[T]`` (on device)."""
+        return torch.isfinite(self.query_loss) & torch.isfinite(self.inner_losses).all(dim=1)
+
+
+def _check_one_shape(tasks: Sequence[Task]) -> None:
+    """The replay draws a task's support batches in turn and maps states of several tasks in
+    one ``vmap``: every support batch must have the shape of the first."""
+    reference = tasks[0].support[0]
+    for index, task in enumerate(tasks):
+        for k, batch in enumerate(task.support):
+            for j, (tensor, first) in enumerate(zip(batch, reference)):
+                if tensor.shape != first.shape:
+                    raise ValueError(
+                        f"vectorize needs support batches of one shape, but task {index} "
+                        f"support[{k}][{j}] has shape {tuple(tensor.shape)} and task 0 "
+                        f"support[0][{j}] has {tuple(first.shape)}; pass vectorize=False to run "
+                        f"such tasks one by one")
+
+
+def _diagnose(model: nn.Module, criterion: Callable[[Tensor, Tensor], Tensor], params: Params,
+              buffers: Buffers, tasks: Sequence[Task], *, bn_mode: str, device: torch.device
+              ) -> None:
+    """Evaluates every batch outside ``vmap`` so the criterion can name a bad one (error path
+    only: its ``ValueError`` replaces the batching rule's error)."""
+    for task in tasks:
+        for x, y in [*task.support, task.query]:
+            output, _ = forward(model, params, buffers, x.to(device), bn_mode=bn_mode,
+                                training=True)
+            criterion(output, y.to(device))
+
+
+def adapt_tasks(model: nn.Module, criterion: Callable[[Tensor, Tensor], Tensor],
+                fixed: Params, init: Params, optimizer: metazoo.InnerOptimizer,
+                tasks: Sequence[Task], steps: int, *, bn_mode: str, device: torch.device,
+                chunk: int) -> StackedAdaptation:
+    """Adapts ``init`` to every task with ``fixed`` (warp layers, frozen parameters) constant.
+
+    Args:
+        model: the network, called through ``metazoo.forward``.
+        criterion: ``criterion(output, target) -> scalar loss``.
+        fixed: every parameter that is not adapted (detached).
+        init: the initialisation of the adaptable parameters (detached).
+        optimizer: the inner optimizer (detached hyperparameters).
+        tasks: tasks of one shape (``metazoo.vectorize.stack_tasks``).
+        steps: inner steps; step k trains on ``support[k % len(support)]``.
+        bn_mode: ``metazoo.BatchNormMode`` of adaptation and scoring.
+        device: where the batches are moved.
+        chunk: tasks per ``vmap`` call.
+    """
+    _check_one_shape(tasks)
+    support, query = metazoo.vectorize.stack_tasks(tasks)
+    support = [(x.to(device), y.to(device)) for x, y in support]
+    query = (query[0].to(device), query[1].to(device))
+    start_buffers = metazoo.initial_buffers(model, bn_mode)
+    has_accuracy: list[bool] = []
+
+    def one_task(support: list[tuple[Tensor, Tensor]], query: tuple[Tensor, Tensor]
+                 ) -> tuple[Params, Params, Buffers, Tensor, Tensor, Tensor]:
+        theta = dict(init)
+        state = optimizer.init(theta)
+        buffers = dict(start_buffers)
+        trajectory, momenta, losses = [], [], []
+        for k in range(steps):
+            x, y = support[k % len(support)]
+            trajectory.append(theta)
+            if k > 0 and "momentum_buffer" in state:
+                momenta.append(state["momentum_buffer"])
+
+            def inner_loss(adapted: Params, buffers: Buffers = buffers, x: Tensor = x,
+                           y: Tensor = y) -> tuple[Tensor, tuple[Tensor, Buffers]]:
+                output, new_buffers = forward(model, {**fixed, **adapted}, buffers, x,
+                                              bn_mode=bn_mode, training=True)
+                loss = criterion(output, y)
+                return loss, (loss, new_buffers)
+
+            grads, (loss, buffers) = torch.func.grad(inner_loss, has_aux=True)(theta)
+            losses.append(loss)
+            theta, state = optimizer.step(theta, grads, state)
+        trajectory.append(theta)
+        output, _ = forward(model, {**fixed, **theta}, buffers, query[0], bn_mode=bn_mode,
+                            training=False)
+        query_loss = criterion(output, query[1])
+        acc = accuracy(output, query[1])
+        has_accuracy.append(acc is not None)
+        stacked = {n: torch.stack([t[n] for t in trajectory]) for n in init}
+        momentum = ({n: torch.stack([m[n] for m in momenta]) for n in init} if momenta
+                    else {})
+        # vmap returns tensors only: a placeholder where the criterion has no accuracy.
+        return (stacked, momentum, buffers, torch.stack(losses), query_loss,
+                query_loss.new_zeros(()) if acc is None else acc)
+
+    with torch.no_grad():  # torch.func.grad inside still differentiates; nothing else does
+        try:
+            trajectory, momentum, buffers, inner, loss, acc = metazoo.vectorize.map_tasks(
+                one_task, [support, query], len(tasks), chunk)
+        except (IndexError, RuntimeError, ValueError):
+            # Under vmap a bad batch (labels outside the model's classes) fails inside the
+            # batching rules; the criterion's diagnosis needs plain tensors.
+            _diagnose(model, criterion, {**fixed, **init}, start_buffers, tasks,
+                      bn_mode=bn_mode, device=device)
+            raise
+    return StackedAdaptation(trajectory, momentum, buffers, inner, loss,
+                             acc if all(has_accuracy) else None)
