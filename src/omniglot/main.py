@@ -259,8 +259,9 @@ def make_parser() -> argparse.ArgumentParser:
       help="run warp_leap, warp_maml, maml, fomaml, anil, reptile and leap in channels-last "
            "memory format (faster on a CPU; results equal up to rounding)")
     a("--vectorize", type=_vectorize, default=False,
-      help="maml, fomaml, anil, reptile, leap, imaml: run the tasks of a meta-batch as one batched "
-           "computation (on), N tasks at a time (a number), or on CUDA only (auto); the same "
+      help="maml, fomaml, anil, reptile, leap, imaml, warp_leap, warp_maml: run the tasks of a "
+           "meta-batch as one batched computation (on), N tasks at a time (a number), or on "
+           "CUDA only (auto); the same "
            "results as the per-task loop (off, default), faster on a GPU, slower on a CPU")
     a("--on_nonfinite", choices=("raise", "skip"), default="raise",
       help="a NaN/inf loss: raise (stop, naming the meta-step, task and inner step) or skip "

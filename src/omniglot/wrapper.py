@@ -105,7 +105,8 @@ class LearnerConfig:
     vectorize: bool | int | str = False
 
 
-VECTORIZE_METHODS = ("maml", "fomaml", "anil", "reptile", "leap", "imaml")
+VECTORIZE_METHODS = ("maml", "fomaml", "anil", "reptile", "leap", "imaml", "warp_leap",
+                     "warp_maml")
 CHANNELS_LAST_METHODS = ("warp_leap", "warp_maml", "maml", "fomaml", "anil", "reptile", "leap",
                          "imaml")
 
@@ -174,6 +175,10 @@ def build_learner(cfg: LearnerConfig) -> MetaLearner:
             raise ValueError(f"{name} adapts with SGD (lr, momentum) from "
                              f"warpgrad.OptimizerParameters; got --inner_opt {cfg.inner_opt} "
                              f"--inner_kwargs {cfg.inner_kwargs}")
+        if cfg.vectorize is not False and cfg.bn_mode != "batch":
+            raise ValueError(f"--vectorize with --meta_model {name} needs --bn_mode batch (the "
+                             f"replay maps states with batch statistics); drop --vectorize or "
+                             f"--bn_mode {cfg.bn_mode}")
         net = WarpedOmniConv(**_net_kwargs(cfg), warp_layer=cfg.warp_layer,
                              warp_final_head=cfg.warp_final_head, warp_kwargs=cfg.warp_kwargs)
         updater = warpgrad.DualUpdater(
@@ -188,7 +193,7 @@ def build_learner(cfg: LearnerConfig) -> MetaLearner:
                              warpgrad.ReplayBuffer(), optimizer_parameters=params)
         learner = warpgrad.WarpGrad(warp, inner_steps=cfg.task_train_steps,
                                     meta_optimizer=common["meta_optimizer"], bn_mode=cfg.bn_mode,
-                                    **nonfinite, **layout)
+                                    **nonfinite, **layout, **vectorize)
         if name == "warp_leap":
             return _WarpGrad(learner, cfg.task_val_steps)
         return WarpMAML(learner, eval_inner_steps=cfg.task_val_steps,
@@ -305,7 +310,8 @@ class WarpMAML(MetaLearner):
                               eval_inner_steps=eval_inner_steps, bn_mode=warp.bn_mode,
                               frozen=sorted(warp_names), checkpoint=checkpoint,
                               meta_optimizer=lambda ps: torch.optim.SGD(ps, lr=0.0),
-                              on_nonfinite=on_nonfinite, channels_last=warp.channels_last)
+                              on_nonfinite=on_nonfinite, channels_last=warp.channels_last,
+                              vectorize=warp.vectorize)
 
     def named_meta_parameters(self):  # type: ignore[no-untyped-def]
         return self.warp.named_meta_parameters()

@@ -291,7 +291,7 @@ def test_channels_last_runs_give_the_default_layouts_logs(tiny, omniglot_root, t
         assert len(a) > 5 and b == pytest.approx(a, rel=5e-3, abs=1e-5, nan_ok=True), data
 
 
-@pytest.mark.parametrize("method", ["maml", "reptile", "leap", "imaml"])
+@pytest.mark.parametrize("method", ["maml", "reptile", "leap", "imaml", "warp_leap", "warp_maml"])
 def test_vectorized_runs_give_the_loops_logs(tiny, omniglot_root, tmp_path, method):
     """--vectorize on and in chunks of 1: the logged curves agree with the loop's up to float32
     rounding (amplified by the tiny BatchNorm net as in the channels-last test above; the exact
@@ -311,9 +311,15 @@ def test_vectorized_runs_give_the_loops_logs(tiny, omniglot_root, tmp_path, meth
 
 def test_vectorize_flag_is_checked(tiny, omniglot_root, tmp_path, capsys):
     with pytest.raises(ValueError, match="--vectorize is supported by --meta_model maml, "
-                                         "fomaml, anil, reptile, leap, imaml, not ft; drop "
+                                         "fomaml, anil, reptile, leap, imaml, warp_leap, "
+                                         "warp_maml, not ft; drop "
                                          "the flag"):
         main.main([*tiny(omniglot_root, tmp_path, "ft"), "--vectorize", "on"])
+    for method in ("warp_leap", "warp_maml"):
+        with pytest.raises(ValueError, match=f"--vectorize with --meta_model {method} needs "
+                                             "--bn_mode batch"):
+            main.main([*tiny(omniglot_root, tmp_path, method), "--vectorize", "on",
+                       "--bn_mode", "running", "--suffix", "bn"])
     with pytest.raises(SystemExit):
         main.make_parser().parse_args(["--vectorize", "sometimes"])
     assert "must be off, on, auto or a positive number" in capsys.readouterr().err
