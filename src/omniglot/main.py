@@ -264,6 +264,11 @@ def make_parser() -> argparse.ArgumentParser:
       help="maml, fomaml, anil, reptile: run the tasks of a meta-batch as one batched "
            "computation (on), N tasks at a time (a number), or on CUDA only (auto); the same "
            "results as the per-task loop (off, default), faster on a GPU, slower on a CPU")
+    a("--reptile_inner_state", choices=("reset", "carry"), default="reset",
+      help="reptile: a fresh inner optimizer state per task (reset, default), or one state "
+           "(Adam's moments and step count) carried across tasks and meta-steps and used, "
+           "unchanged, by every evaluation task, as the Reptile authors' code does (carry; "
+           "not with --vectorize)")
     a("--on_nonfinite", choices=("raise", "skip"), default="raise",
       help="a NaN/inf loss: raise (stop, naming the meta-step, task and inner step) or skip "
            "the task (counted in nonfinite.log and the progress line)")
@@ -392,7 +397,7 @@ def learner_config(args: argparse.Namespace) -> LearnerConfig:
         bn_mode=args.bn_mode, efficient=args.efficient, head_policy=args.head_policy,
         in_channels=in_channels(args), image_size=args.image_size, downsample=args.downsample,
         on_nonfinite=args.on_nonfinite, channels_last=args.channels_last,
-        vectorize=args.vectorize)
+        vectorize=args.vectorize, reptile_inner_state=args.reptile_inner_state)
 
 
 # -- logs -------------------------------------------------------------------------------------
