@@ -226,6 +226,9 @@ def test_carry_state_dict_mismatch_and_default_unchanged():
     reset, carry = carry_learner(copy.deepcopy(model), "reset"), carry_learner(model)
     carry.meta_step(tasks)
     assert "inner_optimizer_state" not in reset.state_dict()
+    fresh = carry_learner(model_and_tasks()[0])  # before the first task: nothing carried yet
+    fresh.load_state_dict(carry_learner(model_and_tasks()[0]).state_dict())
+    assert fresh.state_dict()["inner_optimizer_state"] is None
     with pytest.raises(ValueError, match="inner_state='carry', this one has inner_state='reset'"):
         reset.load_state_dict(carry.state_dict())
     with pytest.raises(ValueError, match="inner_state='reset', this one has inner_state='carry'"):
