@@ -947,6 +947,11 @@ def main(argv: Sequence[str] | None = None) -> float | FewShotResult:
     if context.world_size > 1:
         device = context.device
     try:
+        if context.world_size > 1 and args.reptile_inner_state == "carry":
+            # Each process would carry its own state on its own tasks; rank 0 saves only its own.
+            raise UsageError(f"--reptile_inner_state carry runs a meta-batch's tasks one after "
+                             f"another in one process, not across {context.world_size} "
+                             f"processes; run it without torchrun, or use reset")
         with fp32_precision(args.precision):
             result = _run(args, device, distributed.is_main_process())
         # The other ranks wait for rank 0's final evaluation: a rank that tears its process

@@ -233,3 +233,13 @@ def test_reptile_inner_state_reaches_the_learner_and_is_checked(omniglot_root, t
     with pytest.raises(ValueError, match=r"inner_state='carry'.*pass vectorize=False"):
         main.build_learner(main.learner_config(main.parse_args(
             [*reset, *CARRY[:2], "--vectorize", "on"])))
+
+
+def test_reptile_inner_state_carry_is_refused_across_processes(omniglot_root, tmp_path,
+                                                               monkeypatch):
+    two = main.distributed.DistributedContext(0, 2, 0, torch.device("cpu"), None)
+    monkeypatch.setattr(main.distributed, "setup", lambda **kwargs: two)
+    monkeypatch.setattr(main.distributed, "teardown", lambda: None)
+    with pytest.raises(main.UsageError, match=r"--reptile_inner_state carry .* not across 2 "
+                                              "processes"):
+        main.main([*fewshot(omniglot_root, tmp_path, "reptile"), *CARRY])
