@@ -189,15 +189,14 @@ class Reptile(MetaLearner):
             params = metazoo.params_to_channels_last(params)
             static = metazoo.params_to_channels_last(static)
         unroll = metazoo.vectorize.functional_unroll if vectorized else metazoo.unroll
-        # Only the loop runs under "carry" (checked in __init__), so the state is a keyword of
-        # metazoo.unroll alone.
-        state = {} if self.inner_state == "reset" else {"state": self._carried_state}
+        # None: a fresh state (optimizer.init), always under "reset" and before the first task.
+        state = self._carried_state if self.inner_state == "carry" else None
         with torch.no_grad():
             result = unroll(
                 metazoo.make_loss_fn(self.model, self.criterion, bn_mode=self.bn_mode),
                 params, self.inner_optimizer, list(task.support), steps=steps, static=static,
                 buffers=metazoo.initial_buffers(self.model, self.bn_mode),
-                inner_grad_clip=self.inner_grad_clip, **state)
+                inner_grad_clip=self.inner_grad_clip, state=state)
         return result, {**static, **result.params}
 
     def adapt(self, task: Task, *, steps: int | None = None) -> Adapted:
