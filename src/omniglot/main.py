@@ -263,6 +263,11 @@ def make_parser() -> argparse.ArgumentParser:
            "meta-batch as one batched computation (on), N tasks at a time (a number), or on "
            "CUDA only (auto); the same "
            "results as the per-task loop (off, default), faster on a GPU, slower on a CPU")
+    a("--reptile_inner_state", choices=("reset", "carry"), default="reset",
+      help="reptile: a fresh inner optimizer state per task (reset, default), or one state "
+           "(Adam's moments and step count) carried across tasks and meta-steps and used, "
+           "unchanged, by every evaluation task, as the Reptile authors' code does (carry; "
+           "not with --vectorize)")
     a("--on_nonfinite", choices=("raise", "skip"), default="raise",
       help="a NaN/inf loss: raise (stop, naming the meta-step, task and inner step) or skip "
            "the task (counted in nonfinite.log and the progress line)")
@@ -391,7 +396,7 @@ def learner_config(args: argparse.Namespace) -> LearnerConfig:
         bn_mode=args.bn_mode, efficient=args.efficient, head_policy=args.head_policy,
         in_channels=in_channels(args), image_size=args.image_size, downsample=args.downsample,
         on_nonfinite=args.on_nonfinite, channels_last=args.channels_last,
-        vectorize=args.vectorize)
+        vectorize=args.vectorize, reptile_inner_state=args.reptile_inner_state)
 
 
 # -- logs -------------------------------------------------------------------------------------
@@ -941,6 +946,11 @@ def main(argv: Sequence[str] | None = None) -> float | FewShotResult:
     if context.world_size > 1:
         device = context.device
     try:
+        if context.world_size > 1 and args.reptile_inner_state == "carry":
+            # Each process would carry its own state on its own tasks; rank 0 saves only its own.
+            raise UsageError(f"--reptile_inner_state carry runs a meta-batch's tasks one after "
+                             f"another in one process, not across {context.world_size} "
+                             f"processes; run it without torchrun, or use reset")
         with fp32_precision(args.precision):
             result = _run(args, device, distributed.is_main_process())
         # The other ranks wait for rank 0's final evaluation: a rank that tears its process

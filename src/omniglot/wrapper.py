@@ -103,6 +103,7 @@ class LearnerConfig:
     on_nonfinite: str = "raise"
     channels_last: bool = False
     vectorize: bool | int | str = False
+    reptile_inner_state: str = "reset"
 
 
 VECTORIZE_METHODS = ("maml", "fomaml", "anil", "reptile", "leap", "imaml", "warp_leap",
@@ -164,6 +165,9 @@ def build_learner(cfg: LearnerConfig) -> MetaLearner:
         raise ValueError(f"--vectorize is supported by --meta_model "
                          f"{', '.join(VECTORIZE_METHODS)}, not {name}; drop the flag")
     vectorize = {} if name not in VECTORIZE_METHODS else {"vectorize": cfg.vectorize}
+    if cfg.reptile_inner_state != "reset" and name != "reptile":
+        raise ValueError(f"--reptile_inner_state {cfg.reptile_inner_state} is an option of "
+                         f"--meta_model reptile, not {name}; drop the flag")
     common = {"criterion": F.cross_entropy, "inner_optimizer": _inner_optimizer(cfg),
               "inner_steps": cfg.task_train_steps, "eval_inner_steps": cfg.task_val_steps,
               "meta_optimizer": _meta_optimizer(cfg), "bn_mode": cfg.bn_mode}
@@ -208,7 +212,7 @@ def build_learner(cfg: LearnerConfig) -> MetaLearner:
     if name == "reptile":
         _unused(cfg, ())
         learner = maml.Reptile(model=OmniConv(**_net_kwargs(cfg)), **common, **nonfinite,
-                               **layout, **vectorize)
+                               **layout, **vectorize, inner_state=cfg.reptile_inner_state)
         return RandomHead(learner) if reference else learner
     if name in ("maml", "fomaml", "anil"):
         _unused(cfg, ("learn_inner_lr", "per_step_inner_lr", "inner_grad_clip",

@@ -7,17 +7,30 @@ theta along it. With ``torch.optim.SGD(lr=epsilon)`` this is classic (batched) R
 theta <- theta + epsilon * mean_T (phi_T - theta); any other torch optimizer (e.g. Adam) uses g as
 a pseudo-gradient.
 
+Inner optimizer state. By default (``inner_state="reset"``) every task starts the inner
+optimizer afresh (``optimizer.init``). The authors' code (openai/supervised-reptile,
+``supervised_reptile/reptile.py``) instead restores only the model's trainable variables between
+tasks (``Reptile.train_step``: ``self._model_state``, built from ``tf.trainable_variables()``), so
+the TensorFlow Adam slots (moments) and its beta powers (the step count), which are global but
+not trainable variables, run on from task to task and from meta-step to meta-step.
+Its ``Reptile.evaluate`` snapshots *all* global variables (``self._full_state``) before adapting
+and restores them afterwards: each evaluation task starts from the training-carried Adam state
+and leaves it unchanged; ``eval.py`` does this after restoring a checkpoint, which holds the Adam
+slots. ``inner_state="carry"`` reproduces these semantics.
+
 Reference:
     Nichol, Achiam, Schulman. On First-Order Meta-Learning Algorithms. arXiv:1803.02999, 2018.
+    Code: https://github.com/openai/supervised-reptile
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
+import torch.utils._pytree as pytree
 from torch import nn
 
 import metazoo
@@ -40,7 +53,10 @@ from maml._learner import (
 )
 from metazoo import Adapted, EvalResult, MetaLearner, MetaStepResult, Task
 
-__all__ = ["Reptile"]
+__all__ = ["INNER_STATES", "Reptile"]
+
+#: ``inner_state`` values: a fresh inner optimizer per task, or one state carried on.
+INNER_STATES = ("reset", "carry")
 
 
 def _default_meta_optimizer(params: Any) -> torch.optim.Optimizer:
@@ -70,6 +86,7 @@ class Reptile(MetaLearner):
         on_nonfinite: str = "raise",
         channels_last: bool = False,
         vectorize: bool | int | str = False,
+        inner_state: str = "reset",
     ) -> None:
         """Builds the learner.
 
@@ -97,6 +114,13 @@ class Reptile(MetaLearner):
                 ``meta_backward`` and ``evaluate``: ``False`` (default) the per-task loop,
                 ``True`` all tasks at once, an int N that many at a time, ``"auto"`` vectorized
                 on CUDA only. Needs tasks of one shape; not with ``channels_last``.
+            inner_state: ``"reset"`` (default) starts the inner optimizer's state afresh for
+                every task. ``"carry"`` is the authors' code (see the module docstring): one
+                inner optimizer state (e.g. Adam's moments and step count) runs on from task to
+                task in the order of the meta-batch and across meta-steps; ``adapt`` and
+                ``evaluate`` start every task from it and leave it unchanged. It is part of
+                ``state_dict``. Sequential by nature: not with ``vectorize``; per-step
+                (list) hyperparameters are rejected, since the step count runs on.
         """
         self.model = check_module(model)
         self.criterion = check_criterion(criterion)
@@ -114,6 +138,24 @@ class Reptile(MetaLearner):
             raise ValueError(f"vectorize={vectorize!r} does not support channels_last; pass "
                              f"channels_last=False, or vectorize=False to keep channels_last in "
                              f"the per-task loop")
+        if inner_state not in INNER_STATES:
+            raise ValueError(f"inner_state must be one of {list(INNER_STATES)}, got "
+                             f"{inner_state!r}")
+        self.inner_state = inner_state
+        if inner_state == "carry":
+            if self.vectorize is not False:
+                raise ValueError(f"inner_state='carry' runs the tasks one after another (each "
+                                 f"starts from the state the previous one left), which "
+                                 f"vectorize={vectorize!r} cannot do; pass vectorize=False, or "
+                                 f"inner_state='reset' to vectorize")
+            per_step = sorted(k for k, v in self.inner_optimizer.hyperparameters.items()
+                              if isinstance(v, (list, tuple)))
+            if per_step:
+                raise ValueError(f"inner_state='carry' continues the inner step count across "
+                                 f"tasks, so per-step hyperparameters {per_step} would run out; "
+                                 f"give one value each, or use inner_state='reset'")
+        # The state carried under inner_state="carry"; None until the first task (or load).
+        self._carried_state: metazoo.OptState | None = None
         # requires_grad=False: neither adapted nor meta-learned (metazoo.trainable_parameters).
         self._trainable = set(metazoo.trainable_parameters(self.model))
         self.meta_optimizer = build_meta_optimizer(meta_optimizer, list(self.meta_parameters()),
@@ -134,7 +176,9 @@ class Reptile(MetaLearner):
     def _unroll(self, task: Task, steps: int, *, vectorized: bool = False
                 ) -> tuple[metazoo.UnrollResult, metazoo.Params]:
         """Adapts to ``task`` (already in the learner's layout, see ``_layout``); with
-        ``vectorized`` by the ``torch.func`` unroll, to run inside ``vmap``.
+        ``vectorized`` by the ``torch.func`` unroll, to run inside ``vmap``. Under
+        ``inner_state="carry"`` the inner optimizer starts from the carried state (the caller
+        decides whether the result's state is carried on).
 
         Returns the unroll (its ``params`` are the adapted, trainable ones) and every
         parameter of the adapted model (frozen ones merged in).
@@ -145,12 +189,14 @@ class Reptile(MetaLearner):
             params = metazoo.params_to_channels_last(params)
             static = metazoo.params_to_channels_last(static)
         unroll = metazoo.vectorize.functional_unroll if vectorized else metazoo.unroll
+        # None: a fresh state (optimizer.init), always under "reset" and before the first task.
+        state = self._carried_state if self.inner_state == "carry" else None
         with torch.no_grad():
             result = unroll(
                 metazoo.make_loss_fn(self.model, self.criterion, bn_mode=self.bn_mode),
                 params, self.inner_optimizer, list(task.support), steps=steps, static=static,
                 buffers=metazoo.initial_buffers(self.model, self.bn_mode),
-                inner_grad_clip=self.inner_grad_clip)
+                inner_grad_clip=self.inner_grad_clip, state=state)
         return result, {**static, **result.params}
 
     def adapt(self, task: Task, *, steps: int | None = None) -> Adapted:
@@ -179,6 +225,9 @@ class Reptile(MetaLearner):
                     continue
                 for name, p in self.named_meta_parameters():
                     metazoo.accumulate_grad(p, (p - result.params[name]) / len(tasks))
+            if self.inner_state == "carry":
+                # A skipped task returned above: its (non-finite) state is not carried on.
+                self._carried_state = _detached(result.state)
             per_task.append((loss, acc, result.losses))
         collected.finish()
         return summarize(per_task, len(tasks), collected.skipped, start)
@@ -198,3 +247,41 @@ class Reptile(MetaLearner):
 
         return evaluate_tasks(tasks, adapt, self.model, self.criterion, self.bn_mode,
                               self._layout)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Model and meta-optimizer state; under ``inner_state="carry"`` also the carried inner
+        optimizer state (``"inner_optimizer_state"``, ``None`` before the first task)."""
+        state = super().state_dict()
+        if self.inner_state == "carry":
+            state["inner_optimizer_state"] = pytree.tree_map(
+                lambda v: v.detach().clone() if isinstance(v, torch.Tensor) else v,
+                self._carried_state)
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restores ``state_dict()``; the carried inner state must match ``inner_state``."""
+        carried = "inner_optimizer_state" in state
+        if carried != (self.inner_state == "carry"):
+            written = "carry" if carried else "reset"
+            raise ValueError(f"the state dict was written by a Reptile with "
+                             f"inner_state={written!r}, this one has "
+                             f"inner_state={self.inner_state!r}; build it with "
+                             f"inner_state={written!r}")
+        loaded = state.get("inner_optimizer_state")
+        if loaded is not None:
+            expected = set(self._trainable)
+            for key, value in loaded.items():
+                if isinstance(value, Mapping) and set(value) != expected:
+                    raise ValueError(f"inner_optimizer_state[{key!r}] holds "
+                                     f"{sorted(value)}, not this model's trainable parameters "
+                                     f"{sorted(expected)}")
+        super().load_state_dict(state)
+        if self.inner_state == "carry":
+            device = self._device()
+            self._carried_state = None if loaded is None else pytree.tree_map(
+                lambda v: v.detach().clone().to(device) if isinstance(v, torch.Tensor) else v,
+                dict(loaded))
+
+
+def _detached(state: metazoo.OptState) -> metazoo.OptState:
+    return pytree.tree_map(lambda v: v.detach() if isinstance(v, torch.Tensor) else v, state)

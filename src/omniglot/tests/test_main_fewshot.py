@@ -79,9 +79,16 @@ def test_same_seed_twice_gives_identical_logs(omniglot_root, tmp_path, same_log_
         (tmp_path / "maml/c/results_train_val.log").read_text()
 
 
-@pytest.mark.parametrize("method", ["maml", "reptile"])
-def test_stop_and_resume_gives_identical_logs(omniglot_root, tmp_path, same_log_files, method):
-    full = fewshot(omniglot_root, tmp_path, method, "--meta_train_steps", "3")
+CARRY = ("--reptile_inner_state", "carry", "--inner_opt", "adam", "--inner_kwargs", "lr",
+         "0.01", "betas", "0:0.999")
+
+
+@pytest.mark.parametrize(("method", "extra"), [("maml", ()), ("reptile", ()),
+                                               ("reptile", CARRY)])
+def test_stop_and_resume_gives_identical_logs(omniglot_root, tmp_path, same_log_files, method,
+                                              extra):
+    # with CARRY the checkpoint must hold the carried Adam state for the logs to match
+    full = fewshot(omniglot_root, tmp_path, method, "--meta_train_steps", "3", *extra)
     main.main([*full, "--suffix", "straight"])
     main.main([*full, "--suffix", "resumed", "--meta_train_steps", "1"])  # with its own test
     main.main([*full, "--suffix", "resumed", "--resume"])
@@ -211,3 +218,28 @@ def test_train_shots_and_queries_change_only_meta_training_episodes(omniglot_roo
     assert torch.equal(plain.indices["test"].support, exp.indices["test"].support)
     result = main.main(argv)
     assert (result.shots, result.queries, result.episodes) == (1, 2, 12)
+
+
+def test_reptile_inner_state_reaches_the_learner_and_is_checked(omniglot_root, tmp_path):
+    reset = [*fewshot(omniglot_root, tmp_path, "reptile"), *CARRY[2:]]
+    learner = main.build_learner(main.learner_config(main.parse_args(reset)))
+    assert learner.inner_state == "reset"
+    carry = main.build_learner(main.learner_config(main.parse_args([*reset, *CARRY[:2]])))
+    assert carry.inner_state == "carry"
+    with pytest.raises(ValueError, match="--reptile_inner_state carry is an option of "
+                                         "--meta_model reptile, not maml"):
+        main.build_learner(main.learner_config(main.parse_args(
+            [*fewshot(omniglot_root, tmp_path, "maml"), *CARRY[:2]])))
+    with pytest.raises(ValueError, match=r"inner_state='carry'.*pass vectorize=False"):
+        main.build_learner(main.learner_config(main.parse_args(
+            [*reset, *CARRY[:2], "--vectorize", "on"])))
+
+
+def test_reptile_inner_state_carry_is_refused_across_processes(omniglot_root, tmp_path,
+                                                               monkeypatch):
+    two = main.distributed.DistributedContext(0, 2, 0, torch.device("cpu"), None)
+    monkeypatch.setattr(main.distributed, "setup", lambda **kwargs: two)
+    monkeypatch.setattr(main.distributed, "teardown", lambda: None)
+    with pytest.raises(main.UsageError, match=r"--reptile_inner_state carry .* not across 2 "
+                                              "processes"):
+        main.main([*fewshot(omniglot_root, tmp_path, "reptile"), *CARRY])
