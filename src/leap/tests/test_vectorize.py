@@ -9,30 +9,20 @@ from torch import nn
 
 import metazoo
 from leap import LeapLearner
+from metazoo.testing import (
+    assert_same_gradients,
+    assert_same_results,
+    bn_net,
+    meta_gradients,
+    small_tasks,
+)
 
 DTYPE = torch.float64
 TASKS = 4
 
 
-def bn_net() -> nn.Module:
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(1, 3, 3, bias=False), nn.BatchNorm2d(3), nn.ReLU(),
-                        nn.MaxPool2d(2), nn.Flatten(), nn.Linear(3 * 2 * 2, 3)).to(DTYPE)
-    with torch.no_grad():
-        net[1].weight.uniform_(0.5, 1.5)
-        net[1].bias.uniform_(-0.5, 0.5)
-    return net
-
-
 def tasks(count: int = TASKS, seed: int = 1, support_batches: int = 2) -> list[metazoo.Task]:
-    g = torch.Generator().manual_seed(seed)
-
-    def batch(per_class: int) -> metazoo.Batch:
-        y = torch.arange(3).repeat(per_class)
-        return torch.randn(len(y), 1, 6, 6, generator=g, dtype=DTYPE), y
-
-    return [metazoo.Task([batch(2) for _ in range(support_batches)], batch(3))
-            for _ in range(count)]
+    return small_tasks(count, seed, support_batches)
 
 
 # inner_steps=3 over 2 support batches: the steps wrap around the batches and the last
@@ -58,37 +48,15 @@ def learner(config: str, vectorize=False, **overrides) -> LeapLearner:
     return LeapLearner(model=bn_net(), criterion=F.cross_entropy, vectorize=vectorize, **kwargs)
 
 
-def meta_grads(leap: LeapLearner, batch: list[metazoo.Task]):
-    leap.meta_optimizer.zero_grad(set_to_none=True)
-    result = leap.meta_backward(batch)
-    grads = {n: p.grad.clone() for n, p in leap.named_meta_parameters() if p.grad is not None}
-    return grads, result
-
-
-def assert_same(a: dict, b: dict, tol: float = 1e-10) -> None:
-    assert a.keys() == b.keys() and a
-    scale = max(1.0, max(t.abs().max().item() for t in b.values()))
-    for name in a:
-        assert (a[name] - b[name]).abs().max().item() <= tol * scale, name
-
-
-def assert_results_match(got, expected, tol: float = 1e-10) -> None:
-    assert got.num_tasks == expected.num_tasks
-    assert got.skipped_tasks == expected.skipped_tasks
-    assert got.meta_loss == pytest.approx(expected.meta_loss, abs=tol, rel=tol)
-    assert got.accuracy == pytest.approx(expected.accuracy, abs=tol)
-    assert got.inner_losses == pytest.approx(expected.inner_losses, abs=tol, rel=tol)
-
-
 @pytest.mark.parametrize("config", sorted(CONFIGS))
 def test_vectorized_meta_gradient_and_results_equal_the_loop(config):
     batch = tasks()
-    expected, expected_result = meta_grads(learner(config), batch)
+    expected, expected_result = meta_gradients(learner(config), batch)
     assert all(g.abs().max() > 0 for g in expected.values())
     for vectorize in (True, 3):  # one vmap, and chunks of 3 + 1 tasks
-        got, result = meta_grads(learner(config, vectorize), batch)
-        assert_same(got, expected)
-        assert_results_match(result, expected_result)
+        got, result = meta_gradients(learner(config, vectorize), batch)
+        assert_same_gradients(got, expected)
+        assert_same_results(result, expected_result)
 
 
 @pytest.mark.parametrize("config", ["running_sgd", "adam", "inner_clip"])
@@ -109,8 +77,8 @@ def test_mapped_runs_give_the_loops_adapted_parameters_statistics_and_meta_gradi
     assert buffers  # running statistics and the batch count travel per task
     for index, task in enumerate(batch):
         loop = leap._run(task, 3, meta=True)
-        assert_same({n: params[n][index] for n in params}, loop.params)
-        assert_same({n: buffers[n][index].to(DTYPE) for n in buffers},
+        assert_same_gradients({n: params[n][index] for n in params}, loop.params)
+        assert_same_gradients({n: buffers[n][index].to(DTYPE) for n in buffers},
                     {n: b.to(DTYPE) for n, b in loop.buffers.items()})
         torch.testing.assert_close(losses[index], loop.losses, rtol=1e-10, atol=1e-12)
         assert loop.meta_grad is not None
@@ -151,8 +119,9 @@ def test_regression_without_accuracy_and_meta_steps_follow_the_loop():
         batch = regression_tasks()
         expected, got = loop.meta_step(batch), vectorized.meta_step(batch)
         assert got.accuracy is None and expected.accuracy is None
-        assert_results_match(got, expected)
-    assert_same(dict(vectorized.named_meta_parameters()), dict(loop.named_meta_parameters()))
+        assert_same_results(got, expected)
+    assert_same_gradients(dict(vectorized.named_meta_parameters()),
+                          dict(loop.named_meta_parameters()))
 
 
 class CountingCriterion:
@@ -213,11 +182,11 @@ def test_vectorized_fault_check_is_one_transfer_and_names_the_task_and_step(monk
 def test_vectorized_skip_leaves_non_finite_tasks_out_exactly():
     bad = tasks()
     bad[1] = metazoo.Task(bad[1].support, (bad[1].query[0] * float("inf"), bad[1].query[1]))
-    expected, expected_result = meta_grads(learner("running_sgd", on_nonfinite="skip"), bad)
-    got, result = meta_grads(learner("running_sgd", 3, on_nonfinite="skip"), bad)
+    expected, expected_result = meta_gradients(learner("running_sgd", on_nonfinite="skip"), bad)
+    got, result = meta_gradients(learner("running_sgd", 3, on_nonfinite="skip"), bad)
     assert result.skipped_tasks == 1
-    assert_same(got, expected)
-    assert_results_match(result, expected_result)
+    assert_same_gradients(got, expected)
+    assert_same_results(result, expected_result)
     assert all(torch.isfinite(g).all() for g in got.values())
 
     all_bad = [metazoo.Task(t.support, (t.query[0] * float("nan"), t.query[1])) for t in bad]
@@ -238,7 +207,7 @@ def test_requires_grad_false_parameters_stay_fixed_when_vectorized():
         assert net[1].weight.grad is None
         grads.append({n: p.grad for n, p in leap.named_meta_parameters()})
     assert "1.weight" not in grads[0]
-    assert_same(grads[1], grads[0])
+    assert_same_gradients(grads[1], grads[0])
 
 
 @pytest.mark.parametrize("vectorize", [True, 4, "auto"])

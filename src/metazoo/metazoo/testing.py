@@ -1,12 +1,14 @@
-"""Helpers for testing a learner on two devices: the same small tasks, the same meta-step.
+"""Helpers for testing a learner against itself: on two devices, or vectorized against the loop.
 
 The algorithm packages' ``tests/test_cuda.py`` use them to check that a float64 meta-step on
 CUDA equals the CPU one (``pytest -m cuda``) and that no step mixes host and device tensors
-(``strict_devices``, on a CPU). A learner of another package can be checked the same way.
+(``strict_devices``, on a CPU); their ``tests/test_vectorize.py`` compare ``vectorize=True``
+with the per-task loop in float64. A learner of another package can be checked the same way.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -16,8 +18,9 @@ from torch import Tensor, nn
 from metazoo.devices import strict_devices
 from metazoo.learner import EvalResult, MetaLearner, MetaStepResult, Task
 
-__all__ = ["MetaStepSnapshot", "assert_same_meta_step", "image_tasks", "meta_step_snapshot",
-           "small_conv_net", "strict_meta_step", "tasks_to"]
+__all__ = ["MetaStepSnapshot", "assert_same_gradients", "assert_same_meta_step",
+           "assert_same_results", "bn_net", "image_tasks", "meta_gradients", "meta_step_snapshot",
+           "small_conv_net", "small_tasks", "strict_meta_step", "tasks_to"]
 
 
 def small_conv_net(seed: int = 0, dtype: torch.dtype = torch.float64) -> nn.Module:
@@ -97,3 +100,70 @@ def strict_meta_step(build: Callable[[], MetaLearner], tasks: list[Task]
         learner.adapt(tasks[0])
         evaluation = learner.evaluate(tasks)
     return result, evaluation
+
+
+# -- vectorized against the loop (float64) -------------------------------------------------------
+
+def bn_net(seed: int = 0, dtype: torch.dtype = torch.float64) -> nn.Module:
+    """conv 3x3 (3 channels, no bias) -> BatchNorm (random affine) -> ReLU -> max-pool 2 ->
+    linear head (3 classes), for 6x6 one-channel images (``small_tasks``).
+
+    No bias before BatchNorm: its support gradient is pure rounding noise, which Adam's
+    normalised step would amplify into differences between any two evaluation orders.
+    """
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Conv2d(1, 3, 3, bias=False), nn.BatchNorm2d(3), nn.ReLU(),
+                        nn.MaxPool2d(2), nn.Flatten(), nn.Linear(3 * 2 * 2, 3)).to(dtype)
+    bn = net[1]
+    assert isinstance(bn, nn.BatchNorm2d)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-0.5, 0.5)
+    return net
+
+
+def small_tasks(count: int = 4, seed: int = 1, support_batches: int = 1,
+                dtype: torch.dtype = torch.float64) -> list[Task]:
+    """``count`` tasks of 3 classes on 6x6 images: ``support_batches`` batches of 2 images per
+    class, a query batch of 3 per class; every task has the same shapes (vectorizable)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def batch(per_class: int) -> tuple[Tensor, Tensor]:
+        y = torch.arange(3).repeat(per_class)
+        return torch.randn(len(y), 1, 6, 6, generator=g, dtype=dtype), y
+
+    return [Task([batch(2) for _ in range(support_batches)], batch(3)) for _ in range(count)]
+
+
+def meta_gradients(learner: MetaLearner, tasks: list[Task]
+                   ) -> tuple[dict[str, Tensor], MetaStepResult]:
+    """``(meta-gradient by name, result)`` of one ``meta_backward`` from zeroed gradients."""
+    learner.meta_optimizer.zero_grad(set_to_none=True)
+    result = learner.meta_backward(tasks)
+    grads = {n: p.grad.clone() for n, p in learner.named_meta_parameters() if p.grad is not None}
+    return grads, result
+
+
+def assert_same_gradients(actual: dict[str, Tensor], expected: dict[str, Tensor],
+                          tol: float = 1e-10) -> None:
+    """Same non-empty names; every entry within ``tol`` of ``expected``, relative to its largest
+    magnitude (at least 1)."""
+    assert actual.keys() == expected.keys() and expected, (sorted(actual), sorted(expected))
+    scale = max(1.0, max(t.abs().max().item() for t in expected.values()))
+    for name in expected:
+        assert (actual[name] - expected[name]).abs().max().item() <= tol * scale, name
+
+
+def assert_same_results(actual: MetaStepResult, expected: MetaStepResult,
+                        tol: float = 1e-10) -> None:
+    """Task counts equal; meta-loss, accuracy and inner-loss curve within ``tol``."""
+    assert actual.num_tasks == expected.num_tasks
+    assert actual.skipped_tasks == expected.skipped_tasks
+    assert math.isclose(actual.meta_loss, expected.meta_loss, rel_tol=tol, abs_tol=tol)
+    assert (actual.accuracy is None) == (expected.accuracy is None)
+    if expected.accuracy is not None:
+        assert math.isclose(actual.accuracy, expected.accuracy,  # type: ignore[arg-type]
+                            abs_tol=tol)
+    assert len(actual.inner_losses) == len(expected.inner_losses)
+    for got, want in zip(actual.inner_losses, expected.inner_losses, strict=True):
+        assert math.isclose(got, want, rel_tol=tol, abs_tol=tol)
