@@ -176,8 +176,8 @@ class MAML(MetaLearner):
                 that many tasks at a time (memory bounded in the number of tasks), ``"auto"``
                 vectorized on CUDA and the loop elsewhere (on CPUs the loop was measured
                 faster; ``benchmarks/gpu_meta_step.py``). Needs tasks of one shape, and raises
-                ``ValueError`` with ``checkpoint``, ``backward_grad_clip`` or
-                ``channels_last``, which only the loop supports. Models must not draw random
+                ``ValueError`` with ``checkpoint`` or ``channels_last``, which only the
+                loop supports. Models must not draw random
                 numbers (dropout) in the vectorized path.
         """
         self.model = check_module(model)
@@ -203,8 +203,6 @@ class MAML(MetaLearner):
         if self.vectorize is not False:
             for option, value, alternative in (
                     ("checkpoint", checkpoint not in (None, False), "checkpoint=None"),
-                    ("backward_grad_clip", backward_grad_clip is not None,
-                     "backward_grad_clip=None"),
                     ("channels_last", channels_last, "channels_last=False")):
                 if value:
                     raise ValueError(f"vectorize={vectorize!r} does not support {option}; pass "

@@ -37,7 +37,7 @@ from metazoo.faults import task_fault
 from metazoo.functional import Buffers, Params
 from metazoo.learner import Batch, Task
 from metazoo.optim import InnerOptimizer, OptState
-from metazoo.unroll import LossFn, UnrollResult, clip_grad_norm
+from metazoo.unroll import LossFn, UnrollResult, _ClipBackward, clip_grad_norm
 
 __all__ = ["VectorizedGradients", "check_vectorize", "functional_unroll", "map_and_sum",
            "map_tasks", "raise_or_count_faults", "resolve_chunk", "stack_tasks",
@@ -107,9 +107,13 @@ def stack_tasks(tasks: Sequence[Task]) -> tuple[list[Batch], Batch]:
 
 def _functional_step(loss_fn: LossFn, optimizer: InnerOptimizer, batch: Batch, params: Params,
                      static: Params, buffers: Buffers, state: OptState, *, first_order: bool,
-                     inner_grad_clip: float | None
+                     inner_grad_clip: float | None, backward_grad_clip: float | None
                      ) -> tuple[Params, OptState, Buffers, Tensor]:
     """One inner step of ``metazoo.unroll`` (``_Run.step``) with the gradient by ``torch.func``."""
+    if backward_grad_clip is not None and torch.is_grad_enabled():
+        # The loop's identity whose backward clips the gradient reaching this step's
+        # parameters; under vmap it runs per task, so each task is clipped by its own norm.
+        params = dict(zip(params, _ClipBackward.apply(backward_grad_clip, *params.values())))
 
     def inner_loss(adapted: Params, static: Params) -> tuple[Tensor, tuple[Tensor, Buffers]]:
         loss, new_buffers = loss_fn({**static, **adapted}, buffers, batch)
@@ -160,14 +164,11 @@ def functional_unroll(
     ``torch.func.grad``, so the unroll can be mapped over tasks and differentiated by an outer
     ``torch.func.grad`` (or by ordinary autograd). The update rule is the optimizer's own
     ``step``. Not supported here (``ValueError``): ``checkpoint`` (its autograd.Function does not
-    run under transforms) and ``backward_grad_clip``; use ``metazoo.unroll`` for those.
+    run under transforms); use ``metazoo.unroll`` for it.
     """
     if checkpoint not in (None, False):
         raise ValueError(f"checkpoint={checkpoint!r} is not supported by the vectorized "
                          f"(torch.func) unroll; use checkpoint=None, or metazoo.unroll (the loop)")
-    if backward_grad_clip is not None:
-        raise ValueError(f"backward_grad_clip={backward_grad_clip!r} is not supported by the "
-                         f"vectorized (torch.func) unroll; use metazoo.unroll (the loop)")
     static = dict(static or {})
     buffers = dict(buffers or {})
     steps = len(batches) if steps is None else steps
@@ -180,7 +181,8 @@ def functional_unroll(
     for k in range(steps):
         params, state, buffers, loss = _functional_step(
             loss_fn, optimizer, batches[k % len(batches)], params, static, buffers, state,
-            first_order=first_order, inner_grad_clip=inner_grad_clip)
+            first_order=first_order, inner_grad_clip=inner_grad_clip,
+            backward_grad_clip=backward_grad_clip)
         losses.append(loss)
         trajectory.append(params)
         buffer_trajectory.append(buffers)
