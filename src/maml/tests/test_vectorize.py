@@ -56,6 +56,17 @@ CONFIGS = {
     "inner_clip": dict(inner_optimizer=metazoo.SGD(0.4), inner_grad_clip=0.05),
     # 0.02 clips (test_backward_clip_configs_clip); per-task norms: a joint clip would differ.
     "backward_clip": dict(inner_optimizer=metazoo.SGD(0.4), backward_grad_clip=0.02),
+    # Segments of 2 of 3 steps (one full, one partial), with everything they carry: momentum
+    # state, running statistics, learned per-step rates, the multi-step loss' points, the clip.
+    "checkpoint_msl_lslr_running": dict(inner_optimizer=metazoo.SGD(0.3, momentum=0.5),
+                                        checkpoint=2, bn_mode="running",
+                                        learn_inner_lr="per_tensor", per_step_inner_lr=True,
+                                        multi_step_weights=[0.2, 0.3, 0.5]),
+    "checkpoint_adam_backward_clip": dict(inner_optimizer=metazoo.Adam(0.05), checkpoint=1,
+                                          backward_grad_clip=0.02),
+    "checkpoint_anil_zero_head": dict(inner_optimizer=metazoo.SGD(0.4), checkpoint=2,
+                                      frozen=lambda name: not name.startswith("5."),
+                                      zero_head=HEAD),
     "backward_clip_first_order_running": dict(inner_optimizer=metazoo.SGD(0.4),
                                               backward_grad_clip=0.02, first_order=True,
                                               bn_mode="running"),
@@ -230,8 +241,7 @@ def test_vectorized_gradient_accumulates_like_the_loop():
                 {n: p.grad for n, p in loop.named_meta_parameters()})
 
 
-@pytest.mark.parametrize("option,value", [("checkpoint", True), ("checkpoint", 2),
-                                          ("channels_last", True)])
+@pytest.mark.parametrize("option,value", [("channels_last", True)])
 @pytest.mark.parametrize("vectorize", [True, 4, "auto"])
 def test_options_only_the_loop_supports_raise(option, value, vectorize):
     with pytest.raises(ValueError, match=rf"vectorize={vectorize!r} does not support {option}; "
