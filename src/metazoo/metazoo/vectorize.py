@@ -230,7 +230,7 @@ class _CheckpointedSegment(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, *grads: Tensor) -> tuple[Tensor | None, ...]:
         segment: _Segment = ctx.segment
-        tensors = list(ctx.saved_tensors)
+        tensors = [t.detach() for t in ctx.saved_tensors]
         num_differentiable = sum(segment.sizes[:-1])
         differentiable = [i for i in range(num_differentiable) if tensors[i].is_floating_point()]
 
@@ -245,9 +245,14 @@ class _CheckpointedSegment(torch.autograd.Function):
             # Integer outputs (BatchNorm's num_batches_tracked) carry no gradient either.
             return tuple(t for t in outputs if t.is_floating_point())
 
-        with torch.enable_grad():
+        # No grad outside the vjp (which enables it for itself): the backward of a
+        # torch.func.grad runs with create_graph, and a recomputed segment recorded there would
+        # ride on the gradients into the next segment's backward, keeping every segment's
+        # graph alive (memory growing with K again).
+        with torch.no_grad():
             vjp_fn = torch.func.vjp(recompute, *[tensors[i] for i in differentiable])[1]
-            input_grads = iter(vjp_fn(tuple(g for g, f in zip(grads[:-1], floating) if f)))
+            input_grads = iter(vjp_fn(tuple(g.detach() for g, f in zip(grads[:-1], floating)
+                                            if f)))
         result: list[Tensor | None] = [None] * len(tensors)
         for index in differentiable:
             result[index] = next(input_grads)

@@ -199,6 +199,13 @@ def test_vmapped_checkpointing_recomputes_segments_and_holds_only_their_inputs()
                 frontier += [next_node for next_node, _ in node.next_functions]
         return len(seen)
 
+    # The recomputation leaves no graph on the gradients: one recorded on them would carry every
+    # segment's recomputed graph into the next segment's backward (memory growing with K).
+    leaves = {n: p.detach().requires_grad_() for n, p in params.items()}
+    value, _ = trajectory_objective(net, functional_unroll, metazoo.SGD(0.4), 2, steps=6)(
+        leaves, *(b[0] for b in batches))
+    assert not any(g.requires_grad for g in torch.autograd.grad(value, list(leaves.values())))
+
     plain, checkpointed = graph_nodes(12, None), graph_nodes(12, 3)
     assert checkpointed * 5 < plain
     assert graph_nodes(24, 3) - checkpointed < (graph_nodes(24, None) - plain) / 5
