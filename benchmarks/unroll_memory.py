@@ -13,8 +13,13 @@ RSS follows live tensors rather than the heap glibc retains after large frees (w
 identical runs differ by 10%), at the cost of speed; the time process uses the default
 allocator. A plain run predicted not to fit in available memory is reported, not run.
 
+With ``--tasks T`` the unroll is the vectorized one (``metazoo.vectorize.functional_unroll``
+under ``vmap(grad_and_value(...))`` over T copies of the task with different inputs), plain
+against checkpointed segments (``_CheckpointedSegment``, recomputed with ``torch.func.vjp``).
+
     python benchmarks/unroll_memory.py                       # CPU, K in 1 10 25 50 100
     python benchmarks/unroll_memory.py --device cuda --steps 1 10 100 1000
+    python benchmarks/unroll_memory.py --tasks 2 --steps 2 10 20   # the vectorized unroll
 """
 
 from __future__ import annotations
@@ -46,7 +51,8 @@ def _rss_mib() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def child(steps: int, mode: str, device_name: str, segment: int, threads: int) -> dict:
+def child(steps: int, mode: str, device_name: str, segment: int, threads: int,
+          tasks: int = 0) -> dict:
     import torch
     from torch.nn import functional as F
 
@@ -65,7 +71,25 @@ def child(steps: int, mode: str, device_name: str, segment: int, threads: int) -
     buffers = metazoo.initial_buffers(model, "batch")
     checkpoint = segment if mode == "checkpointed" else None
 
+    def vectorized_meta_step(k: int) -> float:
+        from torch.func import grad_and_value, vmap
+
+        def objective(params, support_x, query_x):
+            result = metazoo.vectorize.functional_unroll(
+                loss_fn, params, metazoo.SGD(0.1), [(support_x, support_y)], steps=k,
+                buffers=buffers, checkpoint=checkpoint)
+            output, _ = metazoo.forward(model, result.params, result.buffers, query_x)
+            return F.cross_entropy(output, query_y)
+
+        params = {n: p.detach() for n, p in model.named_parameters()}
+        noise = torch.linspace(0, 1, tasks, device=device).view(-1, 1, 1, 1, 1)
+        _, losses = vmap(grad_and_value(objective), in_dims=(None, 0, 0))(
+            params, support_x + noise, query_x + noise)
+        return losses.mean().item()
+
     def meta_step(k: int) -> float:
+        if tasks:
+            return vectorized_meta_step(k)
         params = dict(model.named_parameters())
         result = metazoo.unroll(loss_fn, params, metazoo.SGD(0.1), [(support_x, support_y)],
                                 steps=k, buffers=buffers, checkpoint=checkpoint)
@@ -107,7 +131,7 @@ def available_mib(device: str) -> float:
 def _run_process(args: argparse.Namespace, steps: int, mode: str, env: dict) -> dict:
     command = [sys.executable, __file__, "--child", "--steps", str(steps), "--mode", mode,
                "--device", args.device, "--segment", str(args.segment),
-               "--threads", str(args.threads)]
+               "--threads", str(args.threads), "--tasks", str(args.tasks)]
     completed = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
     if completed.returncode != 0:
         reason = "killed (out of memory?)" if completed.returncode < 0 else "failed"
@@ -145,6 +169,8 @@ def main() -> None:
     parser.add_argument("--segment", type=int, default=SEGMENT_DEFAULT,
                         help="checkpoint segment length (inner steps per recomputed segment)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--tasks", type=int, default=0,
+                        help="T > 0: the vectorized unroll, vmap over T tasks")
     parser.add_argument("--memory-fraction", type=float, default=0.75,
                         help="skip a run predicted to need more than this share of free memory")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -152,7 +178,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:
         print(json.dumps(child(args.steps[0], args.mode, args.device, args.segment,
-                               args.threads)))
+                               args.threads, args.tasks)))
         return
 
     rows: dict[int, dict[str, dict]] = {}
@@ -176,7 +202,8 @@ def main() -> None:
                 if "memory_mib" in result else result["error"]), file=sys.stderr, flush=True)
 
     print(f"\nunroll_memory: device={args.device} threads={args.threads} segment={args.segment} "
-          "(20-way, 100 support / 300 query images, second order)\n")
+          f"tasks={args.tasks or 'one, the loop'} (20-way, 100 support / 300 query images, "
+          "second order)\n")
     print("|    K | plain MiB | ckpt MiB | mem ratio | plain s | ckpt s | time ratio |")
     print("|-----:|----------:|---------:|----------:|--------:|-------:|-----------:|")
     for steps, row in rows.items():

@@ -77,15 +77,20 @@ def meta_backward(learner: MAML, tasks: Sequence[Task], chunk: int) -> MetaStepR
         value, loss, acc, inner_losses = learner._task_objective(Task(support, query), meta)
         has_accuracy.append(acc is not None)
         # vmap returns tensors only: a placeholder where the criterion has no accuracy.
-        return value, (inner_losses, (loss, loss.new_zeros(()) if acc is None else acc))
+        # The gradient of objective / T, as the loop's backward pass: backward_grad_clip clips
+        # the gradient reaching each step, so the scale must be applied before it, not after.
+        return value / len(tasks), (inner_losses, (loss, loss.new_zeros(()) if acc is None
+                                                   else acc))
 
     inputs = [candidates[i] for i in differentiable]
     result = metazoo.vectorize.vectorized_meta_gradients(objective, inputs, [support, query],
                                                          len(tasks), chunk)
     kept = metazoo.vectorize.raise_or_count_faults(result, learner.on_nonfinite)
     if kept and inputs:
-        # The mean over the kept tasks, accumulated into .grad like the loop's backward passes.
-        torch.autograd.backward(inputs, [g / len(kept) for g in result.grads])
+        # The mean over the kept tasks, accumulated into .grad like the loop's backward passes
+        # (TaskGradients.finish: the sum of the gradients of objective / T, times T / kept).
+        scale = len(tasks) / len(kept)
+        torch.autograd.backward(inputs, [g * scale if scale != 1 else g for g in result.grads])
     losses, accuracies = result.aux
     per_task = _per_task(losses, accuracies if all(has_accuracy) else None,
                          result.inner_losses, kept)

@@ -176,9 +176,8 @@ class MAML(MetaLearner):
                 that many tasks at a time (memory bounded in the number of tasks), ``"auto"``
                 vectorized on CUDA and the loop elsewhere (on CPUs the loop was measured
                 faster; ``benchmarks/gpu_meta_step.py``). Needs tasks of one shape, and raises
-                ``ValueError`` with ``checkpoint``, ``backward_grad_clip`` or
-                ``channels_last``, which only the loop supports. Models must not draw random
-                numbers (dropout) in the vectorized path.
+                ``ValueError`` with ``channels_last``, which only the loop supports. Models
+                must not draw random numbers (dropout) in the vectorized path.
         """
         self.model = check_module(model)
         self.criterion = check_criterion(criterion)
@@ -200,16 +199,10 @@ class MAML(MetaLearner):
         self.on_nonfinite = metazoo.check_on_nonfinite(on_nonfinite)
         self.channels_last = metazoo.check_channels_last(channels_last)
         self.vectorize = metazoo.vectorize.check_vectorize(vectorize)
-        if self.vectorize is not False:
-            for option, value, alternative in (
-                    ("checkpoint", checkpoint not in (None, False), "checkpoint=None"),
-                    ("backward_grad_clip", backward_grad_clip is not None,
-                     "backward_grad_clip=None"),
-                    ("channels_last", channels_last, "channels_last=False")):
-                if value:
-                    raise ValueError(f"vectorize={vectorize!r} does not support {option}; pass "
-                                     f"{alternative}, or vectorize=False to keep {option} in the "
-                                     f"per-task loop")
+        if self.vectorize is not False and channels_last:
+            raise ValueError(f"vectorize={vectorize!r} does not support channels_last; pass "
+                             f"channels_last=False, or vectorize=False to keep channels_last in "
+                             f"the per-task loop")
 
         names = [n for n, _ in model.named_parameters()]
         # requires_grad=False: neither adapted nor meta-learned (metazoo.trainable_parameters).

@@ -54,6 +54,22 @@ CONFIGS = {
     "zero_head_running": dict(inner_optimizer=metazoo.SGD(0.4), zero_head=HEAD,
                               bn_mode="running"),
     "inner_clip": dict(inner_optimizer=metazoo.SGD(0.4), inner_grad_clip=0.05),
+    # 0.02 clips (test_backward_clip_configs_clip); per-task norms: a joint clip would differ.
+    "backward_clip": dict(inner_optimizer=metazoo.SGD(0.4), backward_grad_clip=0.02),
+    # Segments of 2 of 3 steps (one full, one partial), with everything they carry: momentum
+    # state, running statistics, learned per-step rates, the multi-step loss' points, the clip.
+    "checkpoint_msl_lslr_running": dict(inner_optimizer=metazoo.SGD(0.3, momentum=0.5),
+                                        checkpoint=2, bn_mode="running",
+                                        learn_inner_lr="per_tensor", per_step_inner_lr=True,
+                                        multi_step_weights=[0.2, 0.3, 0.5]),
+    "checkpoint_adam_backward_clip": dict(inner_optimizer=metazoo.Adam(0.05), checkpoint=1,
+                                          backward_grad_clip=0.02),
+    "checkpoint_anil_zero_head": dict(inner_optimizer=metazoo.SGD(0.4), checkpoint=2,
+                                      frozen=lambda name: not name.startswith("5."),
+                                      zero_head=HEAD),
+    "backward_clip_first_order_running": dict(inner_optimizer=metazoo.SGD(0.4),
+                                              backward_grad_clip=0.02, first_order=True,
+                                              bn_mode="running"),
     "first_order": dict(inner_optimizer=metazoo.SGD(0.4), first_order=True),
     "first_order_meta_sgd_adam": dict(inner_optimizer=metazoo.Adam(0.05), first_order=True,
                                       learn_inner_lr="per_element", bn_mode="running"),
@@ -102,6 +118,15 @@ def test_vectorized_meta_gradient_and_results_equal_the_loop(config):
         assert not any(name in expected for name in HEAD)
     if "lr" in str(CONFIGS[config].get("learn_inner_lr", "")) or "meta_sgd" in config:
         assert any(name.startswith("inner_lr.") for name in expected)
+
+
+@pytest.mark.parametrize("config", ["backward_clip", "backward_clip_first_order_running"])
+def test_backward_clip_configs_clip(config):
+    # Otherwise the exactness above would not test the vectorized clip.
+    batch = tasks()
+    clipped, _ = meta_grads(learner(config), batch)
+    unclipped, _ = meta_grads(learner(config, backward_grad_clip=None), batch)
+    assert max((clipped[n] - unclipped[n]).abs().max().item() for n in clipped) > 1e-3
 
 
 @pytest.mark.parametrize("config", ["running_sgd", "anil_zero_head", "adam"])
@@ -216,9 +241,7 @@ def test_vectorized_gradient_accumulates_like_the_loop():
                 {n: p.grad for n, p in loop.named_meta_parameters()})
 
 
-@pytest.mark.parametrize("option,value", [("checkpoint", True), ("checkpoint", 2),
-                                          ("backward_grad_clip", 1.0),
-                                          ("channels_last", True)])
+@pytest.mark.parametrize("option,value", [("channels_last", True)])
 @pytest.mark.parametrize("vectorize", [True, 4, "auto"])
 def test_options_only_the_loop_supports_raise(option, value, vectorize):
     with pytest.raises(ValueError, match=rf"vectorize={vectorize!r} does not support {option}; "

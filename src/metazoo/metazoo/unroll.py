@@ -74,13 +74,24 @@ def clip_grad_norm(grads: Sequence[Tensor], max_norm: float) -> list[Tensor]:
 
 
 class _ClipBackward(torch.autograd.Function):
-    """Identity forward; the backward clips the global norm of the incoming gradients."""
+    """Identity forward; the backward clips the global norm of the incoming gradients.
+
+    In the ``setup_context`` form with ``generate_vmap_rule`` so that it also runs under
+    ``torch.func`` transforms (``metazoo.vectorize.functional_unroll``): under ``vmap`` forward
+    and backward run per task, so each task's gradients are clipped by their own norm, as in
+    the per-task loop.
+    """
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx: Any, max_norm: float, *tensors: Tensor) -> tuple[Tensor, ...]:
-        ctx.max_norm = max_norm
-        ctx.set_materialize_grads(False)
+    def forward(max_norm: float, *tensors: Tensor) -> tuple[Tensor, ...]:
         return tuple(t.view_as(t) for t in tensors)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+        ctx.max_norm = inputs[0]
+        ctx.set_materialize_grads(False)
 
     @staticmethod
     def backward(ctx: Any, *grads: Tensor | None) -> tuple[Tensor | None, ...]:

@@ -37,7 +37,7 @@ from metazoo.faults import task_fault
 from metazoo.functional import Buffers, Params
 from metazoo.learner import Batch, Task
 from metazoo.optim import InnerOptimizer, OptState
-from metazoo.unroll import LossFn, UnrollResult, clip_grad_norm
+from metazoo.unroll import DEFAULT_SEGMENT, LossFn, UnrollResult, _ClipBackward, clip_grad_norm
 
 __all__ = ["VectorizedGradients", "check_vectorize", "functional_unroll", "map_and_sum",
            "map_tasks", "raise_or_count_faults", "resolve_chunk", "stack_tasks",
@@ -107,9 +107,13 @@ def stack_tasks(tasks: Sequence[Task]) -> tuple[list[Batch], Batch]:
 
 def _functional_step(loss_fn: LossFn, optimizer: InnerOptimizer, batch: Batch, params: Params,
                      static: Params, buffers: Buffers, state: OptState, *, first_order: bool,
-                     inner_grad_clip: float | None
+                     inner_grad_clip: float | None, backward_grad_clip: float | None
                      ) -> tuple[Params, OptState, Buffers, Tensor]:
     """One inner step of ``metazoo.unroll`` (``_Run.step``) with the gradient by ``torch.func``."""
+    if backward_grad_clip is not None and torch.is_grad_enabled():
+        # The loop's identity whose backward clips the gradient reaching this step's
+        # parameters; under vmap it runs per task, so each task is clipped by its own norm.
+        params = dict(zip(params, _ClipBackward.apply(backward_grad_clip, *params.values())))
 
     def inner_loss(adapted: Params, static: Params) -> tuple[Tensor, tuple[Tensor, Buffers]]:
         loss, new_buffers = loss_fn({**static, **adapted}, buffers, batch)
@@ -138,6 +142,163 @@ def _functional_step(loss_fn: LossFn, optimizer: InnerOptimizer, batch: Batch, p
     return new_params, new_state, new_buffers, loss.detach()
 
 
+@dataclass
+class _Segment:
+    """Everything about steps ``start..end`` of a checkpointed ``functional_unroll`` that is not
+    a tensor. ``state_template``: the optimizer state at ``start`` with its tensors ``None``
+    (non-tensor leaves such as the step count kept); ``final_template``: the same at ``end``,
+    set by ``run``."""
+
+    loss_fn: LossFn
+    optimizer: InnerOptimizer
+    start: int
+    end: int
+    sizes: tuple[int, ...]  # params, state, buffers, static, hyper, batch tensors
+    names: tuple[list[str], list[str], list[str]]  # params, buffers, static
+    state_template: Any
+    batch_spec: Any
+    num_batches: int
+    inner_grad_clip: float | None
+    backward_grad_clip: float | None
+    final_template: Any = None
+
+    def run(self, tensors: Sequence[Tensor]) -> tuple[Tensor, ...]:
+        """The segment's steps: each point (parameters, buffers), final state tensors, losses."""
+        parts, offset = [], 0
+        for size in self.sizes:
+            parts.append(list(tensors[offset:offset + size]))
+            offset += size
+        params_t, state_t, buffers_t, static_t, hyper, batch_t = parts
+        names, buffer_names, static_names = self.names
+        params, buffers = dict(zip(names, params_t)), dict(zip(buffer_names, buffers_t))
+        static = dict(zip(static_names, static_t))
+        state = _replace_leaves(self.state_template, state_t)
+        batches = pytree.tree_unflatten(batch_t, self.batch_spec)
+        optimizer = self.optimizer.with_hyperparameter_tensors(hyper)
+        points, losses = [], []
+        for k in range(self.start, self.end):
+            params, state, buffers, loss = _functional_step(
+                self.loss_fn, optimizer, batches[k % self.num_batches], params, static, buffers,
+                state, first_order=False, inner_grad_clip=self.inner_grad_clip,
+                backward_grad_clip=self.backward_grad_clip)
+            points += [*params.values(), *buffers.values()]
+            losses.append(loss)
+        self.final_template = pytree.tree_map(
+            lambda leaf: None if isinstance(leaf, Tensor) else leaf, state)
+        return (*points, *_tensors_of(state), torch.stack(losses))
+
+
+def _tensors_of(tree: Any) -> list[Tensor]:
+    return [leaf for leaf in pytree.tree_leaves(tree) if isinstance(leaf, Tensor)]
+
+
+def _replace_leaves(template: Any, tensors: Sequence[Tensor]) -> Any:
+    """``template`` with its tensor (or ``None``) leaves replaced by ``tensors`` in order."""
+    leaves, spec = pytree.tree_flatten(template)
+    replacements = iter(tensors)
+    return pytree.tree_unflatten([next(replacements) if leaf is None or isinstance(leaf, Tensor)
+                                  else leaf for leaf in leaves], spec)
+
+
+class _CheckpointedSegment(torch.autograd.Function):
+    """One segment of a checkpointed ``functional_unroll`` as one node: the forward keeps only
+    the segment's inputs, the backward recomputes the segment under ``torch.func.vjp``.
+
+    ``setup_context`` form with a generated vmap rule, so it runs under ``vmap``/``grad`` (each
+    task recomputes its own segment). Batches are inputs (tensors a Function closes over would
+    escape the transforms), constants for the gradient.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(segment: _Segment, *tensors: Tensor) -> tuple[Tensor, ...]:
+        outputs, seen = [], {id(t) for t in tensors}
+        for tensor in segment.run(tensors):
+            # An input (buffers a step leaves unchanged) or a repeated output is returned as a
+            # view: a Function in the setup_context form may not return its inputs as-is.
+            outputs.append(tensor.view_as(tensor) if id(tensor) in seen else tensor)
+            seen.add(id(tensor))
+        return tuple(outputs)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+        ctx.segment = inputs[0]
+        ctx.save_for_backward(*inputs[1:])
+        ctx.mark_non_differentiable(output[-1])
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Tensor) -> tuple[Tensor | None, ...]:
+        segment: _Segment = ctx.segment
+        tensors = [t.detach() for t in ctx.saved_tensors]
+        num_differentiable = sum(segment.sizes[:-1])
+        differentiable = [i for i in range(num_differentiable) if tensors[i].is_floating_point()]
+
+        floating: list[bool] = []
+
+        def recompute(*inputs: Tensor) -> tuple[Tensor, ...]:
+            full = list(tensors)
+            for index, tensor in zip(differentiable, inputs, strict=True):
+                full[index] = tensor
+            outputs = segment.run(full)[:-1]  # the losses carry no gradient
+            floating[:] = [t.is_floating_point() for t in outputs]
+            # Integer outputs (BatchNorm's num_batches_tracked) carry no gradient either.
+            return tuple(t for t in outputs if t.is_floating_point())
+
+        # No grad outside the vjp (which enables it for itself): the backward of a
+        # torch.func.grad runs with create_graph, and a recomputed segment recorded there would
+        # ride on the gradients into the next segment's backward, keeping every segment's
+        # graph alive (memory growing with K again).
+        with torch.no_grad():
+            vjp_fn = torch.func.vjp(recompute, *[tensors[i] for i in differentiable])[1]
+            input_grads = iter(vjp_fn(tuple(g.detach() for g, f in zip(grads[:-1], floating)
+                                            if f)))
+        result: list[Tensor | None] = [None] * len(tensors)
+        for index in differentiable:
+            result[index] = next(input_grads)
+        return (None, *result)
+
+
+def _checkpointed_unroll(loss_fn: LossFn, params: Params, optimizer: InnerOptimizer,
+                         batches: Sequence[Batch], steps: int, static: Params, buffers: Buffers,
+                         state: OptState, segment: int, inner_grad_clip: float | None,
+                         backward_grad_clip: float | None, keep_trajectory: bool
+                         ) -> UnrollResult:
+    """``functional_unroll`` through ``_CheckpointedSegment`` nodes of ``segment`` steps: the
+    graph holds each segment's inputs, not its steps (memory bounded in K for a fixed S)."""
+    batch_tensors, batch_spec = pytree.tree_flatten(list(batches))
+    hyper = optimizer.hyperparameter_tensors()
+    names, buffer_names = list(params), list(buffers)
+    trajectory, buffer_trajectory = [params], [buffers]
+    losses = []
+    for start in range(0, steps, segment):
+        end = min(start + segment, steps)
+        state_tensors = _tensors_of(state)
+        spec = _Segment(loss_fn, optimizer, start, end,
+                        (len(params), len(state_tensors), len(buffers), len(static), len(hyper),
+                         len(batch_tensors)),
+                        (names, buffer_names, list(static)),
+                        pytree.tree_map(lambda leaf: None if isinstance(leaf, Tensor) else leaf,
+                                        state),
+                        batch_spec, len(batches), inner_grad_clip, backward_grad_clip)
+        outputs = _CheckpointedSegment.apply(spec, *params.values(), *state_tensors,
+                                             *buffers.values(), *static.values(), *hyper,
+                                             *batch_tensors)
+        width = len(names) + len(buffer_names)
+        for i in range(end - start):
+            point = outputs[i * width:(i + 1) * width]
+            params = dict(zip(names, point[:len(names)]))
+            buffers = dict(zip(buffer_names, point[len(names):]))
+            trajectory.append(params)
+            buffer_trajectory.append(buffers)
+        state = _replace_leaves(spec.final_template, outputs[(end - start) * width:-1])
+        losses.append(outputs[-1])
+    if not keep_trajectory:
+        return UnrollResult(params, state, buffers, torch.cat(losses))
+    return UnrollResult(params, state, buffers, torch.cat(losses), trajectory,
+                        buffer_trajectory)
+
+
 def functional_unroll(
     loss_fn: LossFn,
     params: Params,
@@ -159,15 +320,11 @@ def functional_unroll(
     Same arguments, steps and result as ``metazoo.unroll``; the inner gradient is taken with
     ``torch.func.grad``, so the unroll can be mapped over tasks and differentiated by an outer
     ``torch.func.grad`` (or by ordinary autograd). The update rule is the optimizer's own
-    ``step``. Not supported here (``ValueError``): ``checkpoint`` (its autograd.Function does not
-    run under transforms) and ``backward_grad_clip``; use ``metazoo.unroll`` for those.
+    ``step``. ``checkpoint`` (an int S, or ``True`` for ``DEFAULT_SEGMENT``; as in the loop, not
+    in first-order mode) runs each segment of S steps as one ``_CheckpointedSegment`` node whose
+    backward recomputes it with ``torch.func.vjp``: the graph holds the segments' inputs, not
+    their steps.
     """
-    if checkpoint not in (None, False):
-        raise ValueError(f"checkpoint={checkpoint!r} is not supported by the vectorized "
-                         f"(torch.func) unroll; use checkpoint=None, or metazoo.unroll (the loop)")
-    if backward_grad_clip is not None:
-        raise ValueError(f"backward_grad_clip={backward_grad_clip!r} is not supported by the "
-                         f"vectorized (torch.func) unroll; use metazoo.unroll (the loop)")
     static = dict(static or {})
     buffers = dict(buffers or {})
     steps = len(batches) if steps is None else steps
@@ -175,12 +332,18 @@ def functional_unroll(
         raise ValueError(f"steps must be an int >= 1, got {steps!r}")
     if state is None:
         state = optimizer.init(params)
+    segment = DEFAULT_SEGMENT if checkpoint is True else int(checkpoint or 0)
+    if not first_order and 0 < segment < steps:  # first order keeps no second-order graph
+        return _checkpointed_unroll(loss_fn, params, optimizer, batches, steps, static, buffers,
+                                    state, segment, inner_grad_clip, backward_grad_clip,
+                                    keep_trajectory)
     trajectory, buffer_trajectory = [params], [buffers]
     losses = []
     for k in range(steps):
         params, state, buffers, loss = _functional_step(
             loss_fn, optimizer, batches[k % len(batches)], params, static, buffers, state,
-            first_order=first_order, inner_grad_clip=inner_grad_clip)
+            first_order=first_order, inner_grad_clip=inner_grad_clip,
+            backward_grad_clip=backward_grad_clip)
         losses.append(loss)
         trajectory.append(params)
         buffer_trajectory.append(buffers)
