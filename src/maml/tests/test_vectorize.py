@@ -5,36 +5,23 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 import metazoo
 from maml import MAML, Reptile, iMAML
+from metazoo.testing import (
+    assert_same_gradients,
+    assert_same_results,
+    bn_net,
+    meta_gradients,
+    small_tasks,
+)
 
 DTYPE = torch.float64
 TASKS = 4
 
 
-def bn_net() -> nn.Module:
-    torch.manual_seed(0)
-    # No bias before BatchNorm: its support gradient is pure rounding noise, which Adam's
-    # normalised step would amplify into differences between any two evaluation orders.
-    net = nn.Sequential(nn.Conv2d(1, 3, 3, bias=False), nn.BatchNorm2d(3), nn.ReLU(),
-                        nn.MaxPool2d(2), nn.Flatten(), nn.Linear(3 * 2 * 2, 3)).to(DTYPE)
-    with torch.no_grad():
-        net[1].weight.uniform_(0.5, 1.5)
-        net[1].bias.uniform_(-0.5, 0.5)
-    return net
-
-
 def tasks(count: int = TASKS, seed: int = 1, support_batches: int = 1) -> list[metazoo.Task]:
-    g = torch.Generator().manual_seed(seed)
-
-    def batch(per_class: int) -> metazoo.Batch:
-        y = torch.arange(3).repeat(per_class)
-        return torch.randn(len(y), 1, 6, 6, generator=g, dtype=DTYPE), y
-
-    return [metazoo.Task([batch(2) for _ in range(support_batches)], batch(3))
-            for _ in range(count)]
+    return small_tasks(count, seed, support_batches)
 
 
 HEAD = ["5.weight", "5.bias"]
@@ -84,36 +71,14 @@ def learner(config: str, vectorize=False, **overrides) -> MAML:
     return MAML(model=bn_net(), criterion=F.cross_entropy, vectorize=vectorize, **kwargs)
 
 
-def meta_grads(maml: MAML, batch: list[metazoo.Task]):
-    maml.meta_optimizer.zero_grad(set_to_none=True)
-    result = maml.meta_backward(batch)
-    grads = {n: p.grad.clone() for n, p in maml.named_meta_parameters() if p.grad is not None}
-    return grads, result
-
-
-def assert_same(a: dict, b: dict, tol: float = 1e-10) -> None:
-    assert a.keys() == b.keys() and a
-    scale = max(1.0, max(t.abs().max().item() for t in b.values()))
-    for name in a:
-        assert (a[name] - b[name]).abs().max().item() <= tol * scale, name
-
-
-def assert_results_match(got, expected, tol: float = 1e-10) -> None:
-    assert got.num_tasks == expected.num_tasks
-    assert got.skipped_tasks == expected.skipped_tasks
-    assert got.meta_loss == pytest.approx(expected.meta_loss, abs=tol, rel=tol)
-    assert got.accuracy == pytest.approx(expected.accuracy, abs=tol)
-    assert got.inner_losses == pytest.approx(expected.inner_losses, abs=tol, rel=tol)
-
-
 @pytest.mark.parametrize("config", sorted(CONFIGS))
 def test_vectorized_meta_gradient_and_results_equal_the_loop(config):
     batch = tasks(support_batches=2 if config == "several_support_batches" else 1)
-    expected, expected_result = meta_grads(learner(config), batch)
+    expected, expected_result = meta_gradients(learner(config), batch)
     for vectorize in (True, 3):  # one vmap, and chunks of 3 + 1 tasks
-        got, result = meta_grads(learner(config, vectorize), batch)
-        assert_same(got, expected)
-        assert_results_match(result, expected_result)
+        got, result = meta_gradients(learner(config, vectorize), batch)
+        assert_same_gradients(got, expected)
+        assert_same_results(result, expected_result)
     if "zero_head" in config:
         assert not any(name in expected for name in HEAD)
     if "lr" in str(CONFIGS[config].get("learn_inner_lr", "")) or "meta_sgd" in config:
@@ -124,8 +89,8 @@ def test_vectorized_meta_gradient_and_results_equal_the_loop(config):
 def test_backward_clip_configs_clip(config):
     # Otherwise the exactness above would not test the vectorized clip.
     batch = tasks()
-    clipped, _ = meta_grads(learner(config), batch)
-    unclipped, _ = meta_grads(learner(config, backward_grad_clip=None), batch)
+    clipped, _ = meta_gradients(learner(config), batch)
+    unclipped, _ = meta_gradients(learner(config, backward_grad_clip=None), batch)
     assert max((clipped[n] - unclipped[n]).abs().max().item() for n in clipped) > 1e-3
 
 
@@ -147,7 +112,8 @@ def test_meta_steps_follow_the_same_trajectory():
         batch = tasks(seed=10 + step)
         loop.meta_step(batch)
         vectorized.meta_step(batch)
-    assert_same(dict(vectorized.named_meta_parameters()), dict(loop.named_meta_parameters()))
+    assert_same_gradients(dict(vectorized.named_meta_parameters()),
+                          dict(loop.named_meta_parameters()))
 
 
 class CountingCriterion:
@@ -207,11 +173,11 @@ def test_vectorized_skip_leaves_non_finite_tasks_out_exactly():
     batch = tasks()
     bad = list(batch)
     bad[1] = metazoo.Task(bad[1].support, (bad[1].query[0] * float("inf"), bad[1].query[1]))
-    expected, expected_result = meta_grads(learner("running_sgd", on_nonfinite="skip"), bad)
-    got, result = meta_grads(learner("running_sgd", True, on_nonfinite="skip"), bad)
+    expected, expected_result = meta_gradients(learner("running_sgd", on_nonfinite="skip"), bad)
+    got, result = meta_gradients(learner("running_sgd", True, on_nonfinite="skip"), bad)
     assert result.skipped_tasks == 1
-    assert_same(got, expected)
-    assert_results_match(result, expected_result)
+    assert_same_gradients(got, expected)
+    assert_same_results(result, expected_result)
     assert all(torch.isfinite(g).all() for g in got.values())
 
 
@@ -226,7 +192,7 @@ def test_a_users_tensor_hyperparameter_gets_the_loops_gradient():
                        inner_optimizer=metazoo.SGD(lr, momentum=momentum))
         maml.meta_backward(tasks())
         grads.append({"lr": lr.grad, "momentum": momentum.grad})
-    assert_same(grads[1], grads[0])
+    assert_same_gradients(grads[1], grads[0])
     assert grads[0]["lr"].abs() > 0 and grads[0]["momentum"].abs() > 0
 
 
@@ -237,7 +203,7 @@ def test_vectorized_gradient_accumulates_like_the_loop():
         maml.meta_optimizer.zero_grad(set_to_none=True)
         maml.meta_backward(batch[:2])
         maml.meta_backward(batch[2:])
-    assert_same({n: p.grad for n, p in vectorized.named_meta_parameters()},
+    assert_same_gradients({n: p.grad for n, p in vectorized.named_meta_parameters()},
                 {n: p.grad for n, p in loop.named_meta_parameters()})
 
 
@@ -279,11 +245,11 @@ def reptile(config: str, vectorize=False, **overrides) -> Reptile:
 @pytest.mark.parametrize("config", sorted(REPTILE_CONFIGS))
 def test_reptile_vectorized_equals_the_loop(config):
     batch = tasks(support_batches=2)
-    expected, expected_result = meta_grads(reptile(config), batch)
+    expected, expected_result = meta_gradients(reptile(config), batch)
     for vectorize in (True, 3):
-        got, result = meta_grads(reptile(config, vectorize), batch)
-        assert_same(got, expected)
-        assert_results_match(result, expected_result)
+        got, result = meta_gradients(reptile(config, vectorize), batch)
+        assert_same_gradients(got, expected)
+        assert_same_results(result, expected_result)
     loop_eval = reptile(config).evaluate(batch, steps=2)
     vectorized_eval = reptile(config, 2).evaluate(batch, steps=2)
     assert vectorized_eval.loss == pytest.approx(loop_eval.loss, rel=1e-10)
@@ -300,11 +266,11 @@ def test_reptile_vectorized_runs_batched_skips_and_raises_like_the_loop():
     bad = tasks()
     bad[3] = metazoo.Task([(bad[3].support[0][0], bad[3].support[0][1])],
                           (bad[3].query[0] * float("nan"), bad[3].query[1]))
-    expected, expected_result = meta_grads(reptile("batch_sgd", on_nonfinite="skip"), bad)
-    got, result = meta_grads(reptile("batch_sgd", True, on_nonfinite="skip"), bad)
+    expected, expected_result = meta_gradients(reptile("batch_sgd", on_nonfinite="skip"), bad)
+    got, result = meta_gradients(reptile("batch_sgd", True, on_nonfinite="skip"), bad)
     assert result.skipped_tasks == 1
-    assert_same(got, expected)
-    assert_results_match(result, expected_result)
+    assert_same_gradients(got, expected)
+    assert_same_results(result, expected_result)
     with pytest.raises(metazoo.NonFiniteError, match="task 3 of the meta-batch"):
         reptile("batch_sgd", True).meta_backward(bad)
     with pytest.raises(ValueError, match="vectorize=True does not support channels_last"):
@@ -326,7 +292,7 @@ def test_requires_grad_false_parameters_stay_fixed_when_vectorized(kind):
         assert net[1].weight.grad is None
         grads.append({n: p.grad for n, p in learner_.named_meta_parameters()})
     assert "1.weight" not in grads[0]
-    assert_same(grads[1], grads[0])
+    assert_same_gradients(grads[1], grads[0])
 
 
 # -- iMAML --------------------------------------------------------------------------------------
@@ -350,12 +316,12 @@ def imaml(config: str, vectorize=False, **overrides) -> iMAML:
 def test_imaml_vectorized_equals_the_loop(config):
     """Two support batches: the Hessian is that of their mean loss, as in the loop."""
     batch = tasks(support_batches=2)
-    expected, expected_result = meta_grads(imaml(config), batch)
+    expected, expected_result = meta_gradients(imaml(config), batch)
     assert all(g.abs().max() > 0 for g in expected.values())
     for vectorize in (True, 3):
-        got, result = meta_grads(imaml(config, vectorize), batch)
-        assert_same(got, expected)
-        assert_results_match(result, expected_result)
+        got, result = meta_gradients(imaml(config, vectorize), batch)
+        assert_same_gradients(got, expected)
+        assert_same_results(result, expected_result)
     loop_eval = imaml(config).evaluate(batch, steps=2)
     vectorized_eval = imaml(config, 2).evaluate(batch, steps=2)
     assert vectorized_eval.loss == pytest.approx(loop_eval.loss, rel=1e-10)
@@ -389,10 +355,10 @@ def test_imaml_mapped_adaptation_and_implicit_gradient_equal_the_loops(config):
         result, _ = learner_._unroll(task, 3)
         loop_grads, loop_loss, _ = learner_.implicit_gradient(task, result.params,
                                                               result.buffers)
-        assert_same({n: params[n][index] for n in params}, result.params)
-        assert_same({n: buffers[n][index].to(DTYPE) for n in buffers},
+        assert_same_gradients({n: params[n][index] for n in params}, result.params)
+        assert_same_gradients({n: buffers[n][index].to(DTYPE) for n in buffers},
                     {n: b.to(DTYPE) for n, b in result.buffers.items()})
-        assert_same({n: g[index] for n, g in zip(names, grads, strict=True)},
+        assert_same_gradients({n: g[index] for n, g in zip(names, grads, strict=True)},
                     dict(zip(names, loop_grads, strict=True)))
         assert losses[index].item() == pytest.approx(loop_loss.item(), rel=1e-10)
 
@@ -420,11 +386,11 @@ def test_imaml_vectorized_skips_and_raises_like_the_loop(monkeypatch):
 
     bad = tasks()
     bad[3] = metazoo.Task(bad[3].support, (bad[3].query[0] * float("nan"), bad[3].query[1]))
-    expected, expected_result = meta_grads(imaml("running_sgd", on_nonfinite="skip"), bad)
-    got, result = meta_grads(imaml("running_sgd", 3, on_nonfinite="skip"), bad)
+    expected, expected_result = meta_gradients(imaml("running_sgd", on_nonfinite="skip"), bad)
+    got, result = meta_gradients(imaml("running_sgd", 3, on_nonfinite="skip"), bad)
     assert result.skipped_tasks == 1
-    assert_same(got, expected)
-    assert_results_match(result, expected_result)
+    assert_same_gradients(got, expected)
+    assert_same_results(result, expected_result)
     assert all(torch.isfinite(g).all() for g in got.values())
 
     bad[1] = metazoo.Task([(bad[1].support[0][0] * float("inf"), bad[1].support[0][1])],

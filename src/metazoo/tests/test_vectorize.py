@@ -10,6 +10,7 @@ from torch.func import grad_and_value, vmap
 
 import metazoo
 from metazoo import vectorize
+from metazoo.testing import bn_net
 
 check_vectorize, functional_unroll = vectorize.check_vectorize, vectorize.functional_unroll
 resolve_chunk, stack_tasks = vectorize.resolve_chunk, vectorize.stack_tasks
@@ -17,16 +18,6 @@ vectorized_meta_gradients = vectorize.vectorized_meta_gradients
 
 DTYPE = torch.float64
 TASKS = 3
-
-
-def bn_net(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    net = nn.Sequential(nn.Conv2d(1, 3, 3, bias=False), nn.BatchNorm2d(3), nn.ReLU(),
-                        nn.MaxPool2d(2), nn.Flatten(), nn.Linear(3 * 2 * 2, 3)).to(DTYPE)
-    with torch.no_grad():
-        net[1].weight.uniform_(0.5, 1.5)
-        net[1].bias.uniform_(-0.5, 0.5)
-    return net
 
 
 def task_batches(seed: int = 1) -> tuple[torch.Tensor, ...]:
