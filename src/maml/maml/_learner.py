@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -153,6 +153,29 @@ def evaluate_tasks(tasks: Sequence[metazoo.Task],
     return metazoo.EvalResult(loss_mean, acc_mean, curve, len(tasks),
                               tuple((float(r[0]), None if r[1] is None else float(r[1]))
                                     for r in per_task))
+
+
+class ModelLearner(metazoo.MetaLearner):
+    """What MAML, Reptile and iMAML share about their model: the parameters that required grad
+    when the learner was built are the ones adapted and meta-learned (``_trainable``,
+    ``metazoo.trainable_parameters``), the device is the model's, and ``channels_last`` puts
+    each task's 4-D inputs in that format (``_layout``)."""
+
+    channels_last: bool
+    _trainable: set[str]
+
+    def named_meta_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """The model's parameters that required grad when the learner was built."""
+        for name, p in self.model.named_parameters():
+            if name in self._trainable:
+                yield name, p
+
+    def _device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def _layout(self, task: metazoo.Task) -> metazoo.Task:
+        """``task`` with its 4-D inputs in channels-last format when ``channels_last`` is set."""
+        return metazoo.task_to_channels_last(task) if self.channels_last else task
 
 
 class TaskGradients:

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -35,6 +35,7 @@ from maml import _vectorized
 from maml._learner import (
     Criterion,
     MetaOptimizerFactory,
+    ModelLearner,
     TaskGradients,
     build_meta_optimizer,
     check_bn_mode,
@@ -48,7 +49,7 @@ from maml._learner import (
     score_query,
     summarize,
 )
-from metazoo import Adapted, EvalResult, MetaLearner, MetaStepResult, Task
+from metazoo import Adapted, EvalResult, MetaStepResult, Task
 
 __all__ = ["conjugate_gradient", "iMAML"]
 
@@ -96,7 +97,7 @@ def conjugate_gradient(matvec: Callable[[list[Tensor]], list[Tensor]], b: Sequen
     return x
 
 
-class iMAML(MetaLearner):
+class iMAML(ModelLearner):
     """Implicit MAML: conjugate-gradient meta-gradients of a proximal inner problem.
 
     Example:
@@ -193,19 +194,6 @@ class iMAML(MetaLearner):
         self._trainable = set(metazoo.trainable_parameters(self.model))
         self.meta_optimizer = build_meta_optimizer(meta_optimizer, list(self.meta_parameters()),
                                                    _default_meta_optimizer)
-
-    def named_meta_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
-        """The model's parameters that required grad when the learner was built."""
-        for name, p in self.model.named_parameters():
-            if name in self._trainable:
-                yield name, p
-
-    def _device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
-    def _layout(self, task: Task) -> Task:
-        """``task`` with its 4-D inputs in channels-last format when ``channels_last`` is set."""
-        return metazoo.task_to_channels_last(task) if self.channels_last else task
 
     def _split(self) -> tuple[metazoo.Params, metazoo.Params]:
         """Detached ``(trainable, frozen)`` parameters in the learner's layout."""

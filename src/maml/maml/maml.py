@@ -40,6 +40,7 @@ from maml import _vectorized
 from maml._learner import (
     Criterion,
     MetaOptimizerFactory,
+    ModelLearner,
     NamePredicate,
     TaskGradients,
     build_meta_optimizer,
@@ -56,7 +57,7 @@ from maml._learner import (
     summarize,
 )
 from maml._vectorized import MetaInputs as _MetaInputs
-from metazoo import Adapted, EvalResult, MetaLearner, MetaStepResult, Task
+from metazoo import Adapted, EvalResult, MetaStepResult, Task
 
 __all__ = ["MAML", "multi_step_loss_weights"]
 
@@ -94,7 +95,7 @@ def multi_step_loss_weights(inner_steps: int, *, epoch: int, anneal_epochs: int)
     return [*weights, final]
 
 
-class MAML(MetaLearner):
+class MAML(ModelLearner):
     """Model-agnostic meta-learning (second or first order) with its common variants.
 
     Example:
@@ -326,9 +327,6 @@ class MAML(MetaLearner):
 
     # -- adaptation -------------------------------------------------------------------------
 
-    def _device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
     def _steps(self, steps: int | None) -> int:
         steps = self.eval_inner_steps if steps is None else check_steps("steps", steps)
         if self.per_step_inner_lr and steps > self.inner_steps:
@@ -355,10 +353,6 @@ class MAML(MetaLearner):
             adapted = metazoo.params_to_channels_last(adapted)
             static = metazoo.params_to_channels_last(static)
         return adapted, static
-
-    def _layout(self, task: Task) -> Task:
-        """``task`` with its 4-D inputs in channels-last format when ``channels_last`` is set."""
-        return metazoo.task_to_channels_last(task) if self.channels_last else task
 
     def _unroll(self, task: Task, steps: int, *, keep_trajectory: bool,
                 meta: _MetaInputs | None = None) -> tuple[metazoo.UnrollResult, metazoo.Params]:

@@ -26,7 +26,7 @@ Reference:
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -38,6 +38,7 @@ from maml import _vectorized
 from maml._learner import (
     Criterion,
     MetaOptimizerFactory,
+    ModelLearner,
     TaskGradients,
     build_meta_optimizer,
     check_bn_mode,
@@ -51,7 +52,7 @@ from maml._learner import (
     score_query,
     summarize,
 )
-from metazoo import Adapted, EvalResult, MetaLearner, MetaStepResult, Task
+from metazoo import Adapted, EvalResult, MetaStepResult, Task
 
 __all__ = ["INNER_STATES", "Reptile"]
 
@@ -63,7 +64,7 @@ def _default_meta_optimizer(params: Any) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=0.1)
 
 
-class Reptile(MetaLearner):
+class Reptile(ModelLearner):
     """First-order meta-learning by moving towards adapted parameters.
 
     Example:
@@ -160,18 +161,6 @@ class Reptile(MetaLearner):
         self._trainable = set(metazoo.trainable_parameters(self.model))
         self.meta_optimizer = build_meta_optimizer(meta_optimizer, list(self.meta_parameters()),
                                                    _default_meta_optimizer)
-
-    def named_meta_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
-        """The model's parameters that required grad when the learner was built."""
-        for name, p in self.model.named_parameters():
-            if name in self._trainable:
-                yield name, p
-
-    def _device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
-    def _layout(self, task: Task) -> Task:
-        return metazoo.task_to_channels_last(task) if self.channels_last else task
 
     def _unroll(self, task: Task, steps: int, *, vectorized: bool = False
                 ) -> tuple[metazoo.UnrollResult, metazoo.Params]:
