@@ -15,11 +15,18 @@ parameters, updated every episode; the adaptation LSTM and ``P`` are the warp pa
 updated every ``meta_update_ival`` episodes. ``P`` starts small so that every modulation starts
 close to 1 (the warp starts near the identity).
 
+``ReferenceARNNAgent`` (``"arnn"``) is the reference code's warped agent (the aRNN of the
+``alstm`` package): the same split, with ``tanh`` sub-policies that also scale the cell's inputs,
+see its docstring.
+
+Each agent names its parameter split as modules (``adapt_modules()``, ``warp_modules()``), which
+the trainer hands to ``warpgrad.Warp``.
+
 Plain LSTM agent (learning to reinforcement learn, Wang et al. 2016; Duan et al. 2016): an
 ``LSTMCell`` with the same heads; all of its parameters are adaptable and it has no warp
 parameters.
 
-Both agents take the observation ``x_t`` (17 numbers, see ``env``) and a recurrent state, and
+All agents take the observation ``x_t`` (17 numbers, see ``env``) and a recurrent state, and
 return an ``AgentOutput`` with action logits, the value estimate and the next state.
 """
 
@@ -28,6 +35,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from env import NUM_ACTIONS, OBS_SIZE
@@ -35,8 +43,11 @@ from env import NUM_ACTIONS, OBS_SIZE
 __all__ = [
     "AGENTS",
     "MODULATIONS",
+    "ARNNCell",
     "AgentOutput",
     "LSTMAgent",
+    "ModulatedCell",
+    "ReferenceARNNAgent",
     "WarpedRecurrentAgent",
     "make_agent",
 ]
@@ -63,6 +74,21 @@ def _check_sizes(input_size: int, hidden_size: int) -> None:
     for name, value in (("input_size", input_size), ("hidden_size", hidden_size)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+class ModulatedCell(nn.Module):
+    """The adaptable recurrent cell of ``WarpedRecurrentAgent``: ``W_x``, ``W_h`` and ``b``."""
+
+    def __init__(self, input_size: int, hidden_size: int) -> None:
+        super().__init__()
+        self.input_weight = nn.Linear(input_size, hidden_size, bias=False)
+        self.recurrent_weight = nn.Linear(hidden_size, hidden_size, bias=False)
+        self.bias = nn.Parameter(torch.zeros(hidden_size))
+
+    def forward(self, x: Tensor, h: Tensor, m_input: Tensor, m_rec: Tensor, m_pre: Tensor,
+                m_bias: Tensor) -> Tensor:
+        pre = m_input * self.input_weight(x) + m_rec * self.recurrent_weight(h) + m_bias * self.bias
+        return torch.tanh(m_pre * pre)
 
 
 class WarpedRecurrentAgent(nn.Module):
@@ -95,9 +121,7 @@ class WarpedRecurrentAgent(nn.Module):
         self.hidden_size = hidden_size
         self.warp_hidden_size = warp_hidden_size
         # Adaptable: the recurrent cell and the heads.
-        self.input_weight = nn.Linear(input_size, hidden_size, bias=False)
-        self.recurrent_weight = nn.Linear(hidden_size, hidden_size, bias=False)
-        self.bias = nn.Parameter(torch.zeros(hidden_size))
+        self.cell = ModulatedCell(input_size, hidden_size)
         self.policy = nn.Linear(hidden_size, num_actions)
         self.value = nn.Linear(hidden_size, 1)
         # Warp: the adaptation LSTM and its projection onto the four modulations.
@@ -107,17 +131,17 @@ class WarpedRecurrentAgent(nn.Module):
             self.warp_projection.weight.mul_(warp_init_scale)
             self.warp_projection.bias.mul_(warp_init_scale)
 
-    def adapt_parameters(self) -> list[nn.Parameter]:
-        """Parameters adapted every episode: the recurrent cell and the policy/value heads."""
-        return [p for name, p in self.named_parameters() if not name.startswith("warp_")]
+    def adapt_modules(self) -> list[nn.Module]:
+        """Adapted every episode: the recurrent cell and the policy/value heads."""
+        return [self.cell, self.policy, self.value]
 
-    def warp_parameters(self) -> list[nn.Parameter]:
-        """Warp (meta) parameters: the adaptation LSTM and its projection."""
-        return [p for name, p in self.named_parameters() if name.startswith("warp_")]
+    def warp_modules(self) -> list[nn.Module]:
+        """Warp (meta) layers: the adaptation LSTM and its projection."""
+        return [self.warp_lstm, self.warp_projection]
 
     def initial_state(self, batch_size: int) -> tuple[Tensor, ...]:
         """Zero state ``(h, a, c)``: cell hidden, adaptation LSTM hidden and memory."""
-        ref = self.bias
+        ref = self.cell.bias
         return (
             ref.new_zeros(batch_size, self.hidden_size),
             ref.new_zeros(batch_size, self.warp_hidden_size),
@@ -138,8 +162,87 @@ class WarpedRecurrentAgent(nn.Module):
         """One step from observation ``x`` ``(batch, input_size)`` and state ``(h, a, c)``."""
         h, a, c = state
         m_input, m_rec, m_pre, m_bias, a, c = self.modulations(x, h, a, c)
-        pre = m_input * self.input_weight(x) + m_rec * self.recurrent_weight(h) + m_bias * self.bias
-        h = torch.tanh(m_pre * pre)
+        h = self.cell(x, h, m_input, m_rec, m_pre, m_bias)
+        return AgentOutput(logits=self.policy(h), value=self.value(h).squeeze(1), state=(h, a, c))
+
+
+class ARNNCell(nn.Module):
+    """The adaptable cell of the reference's aRNN (``alstm.arnn.aRNNCell``): ``W_ih``, ``W_hh``
+    (orthogonal initialisation) and ``b`` (zeros)."""
+
+    def __init__(self, input_size: int, hidden_size: int) -> None:
+        super().__init__()
+        self.weight_ih = nn.Parameter(torch.empty(hidden_size, input_size))
+        self.weight_hh = nn.Parameter(torch.empty(hidden_size, hidden_size))
+        self.bias = nn.Parameter(torch.zeros(hidden_size))
+        nn.init.orthogonal_(self.weight_ih)
+        nn.init.orthogonal_(self.weight_hh)
+
+    def forward(self, x: Tensor, h: Tensor, policy: tuple[Tensor, ...]) -> Tensor:
+        p_x, p_h, p_ih, p_hh, p_b = policy
+        gates = (
+            F.linear(x * p_x, self.weight_ih) * p_ih
+            + F.linear(h * p_h, self.weight_hh) * p_hh
+            + self.bias * p_b
+        )
+        return torch.tanh(gates)
+
+
+class ReferenceARNNAgent(nn.Module):
+    """The reference's warped agent (flennerhag/warpgrad ``maze_navigation/run.py`` ``WNet``,
+    one-layer ``alstm.aRNN``), written out here because its ``alstm`` package does not run on
+    current PyTorch.
+
+    ::
+
+        (a_t, c_t) = LSTM([x_t, h_{t-1}], (a_{t-1}, c_{t-1}))                  warp
+        [p_x, p_h, p_ih, p_hh, p_b] = tanh(P a_t)          (P: no bias)         warp
+        h_t = tanh((W_ih (p_x * x_t)) * p_ih + (W_hh (p_h * h_{t-1})) * p_hh + b * p_b)  adapted
+
+    Unlike ``WarpedRecurrentAgent``: the sub-policies are ``tanh(P a)`` (in (-1, 1), near 0 at
+    initialisation, not near 1), they also scale the cell's inputs ``x`` and ``h`` before the
+    weights, there is no pre-activation modulation and ``W_ih``, ``W_hh`` start orthogonal. (The
+    reference's projection also outputs one more ``hidden_size`` slice that its cell never
+    reads; it is left out, which changes no computation.)
+
+    Args:
+        input_size: observation size.
+        hidden_size: size of the adaptable cell and of the adaptation LSTM.
+        num_actions: number of actions.
+    """
+
+    def __init__(
+        self, *, input_size: int = OBS_SIZE, hidden_size: int = 100, num_actions: int = NUM_ACTIONS
+    ) -> None:
+        super().__init__()
+        _check_sizes(input_size, hidden_size)
+        self.hidden_size = hidden_size
+        self.policy_sizes = (input_size, hidden_size, hidden_size, hidden_size, hidden_size)
+        self.warp_lstm = nn.LSTMCell(input_size + hidden_size, hidden_size)
+        self.warp_projection = nn.Linear(hidden_size, sum(self.policy_sizes), bias=False)
+        self.cell = ARNNCell(input_size, hidden_size)
+        self.policy = nn.Linear(hidden_size, num_actions)
+        self.value = nn.Linear(hidden_size, 1)
+
+    def adapt_modules(self) -> list[nn.Module]:
+        """Adapted every episode: the aRNN cell and the policy/value heads."""
+        return [self.cell, self.policy, self.value]
+
+    def warp_modules(self) -> list[nn.Module]:
+        """Warp (meta) layers: the adaptation LSTM and its projection."""
+        return [self.warp_lstm, self.warp_projection]
+
+    def initial_state(self, batch_size: int) -> tuple[Tensor, ...]:
+        """Zero state ``(h, a, c)``: cell hidden, adaptation LSTM hidden and memory."""
+        ref = self.cell.bias
+        return tuple(ref.new_zeros(batch_size, self.hidden_size) for _ in range(3))
+
+    def forward(self, x: Tensor, state: tuple[Tensor, ...]) -> AgentOutput:
+        """One step from observation ``x`` ``(batch, input_size)`` and state ``(h, a, c)``."""
+        h, a, c = state
+        a, c = self.warp_lstm(torch.cat([x, h], dim=1), (a, c))
+        policy = torch.tanh(self.warp_projection(a)).split(self.policy_sizes, dim=1)
+        h = self.cell(x, h, policy)
         return AgentOutput(logits=self.policy(h), value=self.value(h).squeeze(1), state=(h, a, c))
 
 
@@ -162,12 +265,12 @@ class LSTMAgent(nn.Module):
         self.policy = nn.Linear(hidden_size, num_actions)
         self.value = nn.Linear(hidden_size, 1)
 
-    def adapt_parameters(self) -> list[nn.Parameter]:
-        """Every parameter: the LSTM and the heads are all trained every episode."""
-        return list(self.parameters())
+    def adapt_modules(self) -> list[nn.Module]:
+        """Every layer: the LSTM and the heads are all trained every episode."""
+        return [self.lstm, self.policy, self.value]
 
-    def warp_parameters(self) -> list[nn.Parameter]:
-        """No warp parameters: the baseline has nothing meta-learned at a slower rate."""
+    def warp_modules(self) -> list[nn.Module]:
+        """No warp layers: the baseline has nothing meta-learned at a slower rate."""
         return []
 
     def initial_state(self, batch_size: int) -> tuple[Tensor, ...]:
@@ -184,11 +287,11 @@ class LSTMAgent(nn.Module):
         return AgentOutput(logits=self.policy(h), value=self.value(h).squeeze(1), state=(h, c))
 
 
-AGENTS = {"warp": WarpedRecurrentAgent, "lstm": LSTMAgent}
+AGENTS = {"warp": WarpedRecurrentAgent, "arnn": ReferenceARNNAgent, "lstm": LSTMAgent}
 
 
 def make_agent(name: str, *, hidden_size: int) -> nn.Module:
-    """Build an agent by name (``"warp"`` or ``"lstm"``).
+    """Build an agent by name (``"warp"``, ``"arnn"`` or ``"lstm"``).
 
     Raises:
         ValueError: for an unknown name.

@@ -1,4 +1,4 @@
-"""Train a maze agent with A2C: ``python src/maze_navigation/run.py --agent warp|lstm [options]``.
+"""Train a maze agent with A2C: ``python src/maze_navigation/run.py --agent warp|arnn|lstm``.
 
 Writes into ``--out`` (default ``logs/maze_navigation/<agent>_seed<seed>``):
 
@@ -53,10 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
     """Command-line options; defaults are those of ``TrainConfig``."""
     d = TrainConfig()
     p = ArgumentParser(
-        description="A2C on the Miconi grid maze with a warped recurrent or a plain LSTM agent.")
+        description="A2C on the Miconi grid maze with a warped recurrent or a plain LSTM agent "
+                    "(the warp split and update from the warpgrad package).")
     a = p.add_argument
-    a("--agent", choices=("warp", "lstm"), default=d.agent,
-      help="warp: warped recurrent network (WarpGrad); lstm: plain LSTM baseline")
+    a("--agent", choices=("warp", "arnn", "lstm"), default=d.agent,
+      help="warp: warped recurrent network (WarpGrad); arnn: the reference code's warped aRNN "
+           "agent; lstm: plain LSTM baseline")
     a("--seed", "--rngseed", type=int, default=d.seed, dest="seed",
       help="seed of the initialisation, the mazes and the sampled actions")
     a("--reward", "--rew", type=float, default=d.reward, dest="reward",
@@ -72,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--discount", "--gr", type=float, default=d.discount, dest="discount",
       help="discount factor gamma, in [0, 1]")
     a("--grad_clip", "--gc", type=float, default=d.grad_clip, dest="grad_clip",
-      help="maximum gradient norm of each optimizer's parameters")
+      help="maximum gradient norm of each optimizer's parameters (0: no clipping)")
     a("--episode_length", "--eplen", type=int, default=d.episode_length, dest="episode_length",
       help="steps per episode")
     a("--hidden_size", "--hs", type=int, default=d.hidden_size, dest="hidden_size",

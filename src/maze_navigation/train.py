@@ -10,16 +10,20 @@ A2C loss (Mnih et al., 2016), summed over the steps and averaged over the mazes,
           + value_coef * sum_t (v_t - R_t)^2            (value regression)
           + concentration * sum_t sum_a pi(a|s_t)^2     (penalises concentrated policies)
 
-Two Adam optimizers (the WarpGrad split, Flennerhag et al., ICLR 2020):
+The WarpGrad split (Flennerhag et al., ICLR 2020) comes from the ``warpgrad`` package: the agent
+is wrapped in ``warpgrad.Warp(agent, agent.adapt_modules(), agent.warp_modules(),
+warpgrad.ContinualUpdater(clip_norm=grad_clip))``, and two Adam optimizers run on two clocks:
 
-* adaptable parameters (``agent.adapt_parameters()``): clipped (``grad_clip``) gradient step
-  every episode;
-* warp parameters (``agent.warp_parameters()``): their per-episode gradients are accumulated
-  over ``meta_update_ival`` episodes, averaged, clipped and applied in one step.
+* adaptable parameters (``warp.adapt_parameters()``): clipped (``grad_clip``) gradient step
+  every episode (the task learner, plain ``torch.optim``);
+* warp parameters (``warp.warp_parameters()``): ``warp.accumulate_warp_gradients()`` moves each
+  episode's warp gradient into the updater's sum; every ``meta_update_ival`` episodes
+  ``warp.backward(meta_step)`` writes the mean, clipped, and the meta-optimizer steps once.
 
-During the first ``burn_in`` episodes only the adaptable parameters learn: the warp gradients of
-those episodes are discarded (set to ``None``, never accumulated), so the first warp update uses
-only post-burn-in episodes.
+During the first ``burn_in`` episodes only the adaptable parameters learn: ``warp.no_collect()``
+makes the updater discard the warp gradients of those episodes, so the first warp update uses
+only post-burn-in episodes. ``grad_clip=0`` turns clipping off for both groups (the reference
+code parsed ``--gc`` but never clipped).
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+import warpgrad
 from agents import make_agent
 from env import NUM_ACTIONS, Maze
 from metazoo.serialization import load_checked, save_checked
@@ -59,7 +64,8 @@ class TrainConfig:
     """Hyperparameters of one run (defaults follow the reference maze experiment).
 
     Attributes:
-        agent: ``"warp"`` (warped recurrent network) or ``"lstm"`` (plain LSTM baseline).
+        agent: ``"warp"`` (warped recurrent network), ``"arnn"`` (the reference code's warped
+            aRNN agent) or ``"lstm"`` (plain LSTM baseline).
         seed: seed of parameter initialisation, mazes and action sampling.
         reward: reward for reaching the reward cell.
         wall_penalty: cost of bumping into a wall.
@@ -67,7 +73,8 @@ class TrainConfig:
         value_coef: coefficient of the value loss.
         maze_size: side of the maze (odd).
         discount: discount factor gamma.
-        grad_clip: maximum gradient norm, applied to each optimizer's parameter group.
+        grad_clip: maximum gradient norm, applied to each optimizer's parameter group
+            (0: no clipping).
         episode_length: steps per episode.
         hidden_size: size of the recurrent cell (and of the adaptation LSTM).
         batch_size: mazes per episode.
@@ -122,10 +129,12 @@ class TrainConfig:
             raise ConfigError("maze_size", self.maze_size, "an odd integer >= 5, e.g. 13")
         if not 0.0 <= self.discount <= 1.0:
             raise ConfigError("discount", self.discount, "[0, 1]", verb="lie in")
-        for name in ("grad_clip", "learning_rate", "meta_learning_rate"):
+        for name in ("learning_rate", "meta_learning_rate"):
             value = getattr(self, name)
             if not (value > 0 and math.isfinite(value)):
                 raise ConfigError(name, value, "> 0 (and finite)")
+        if not (self.grad_clip >= 0 and math.isfinite(self.grad_clip)):
+            raise ConfigError("grad_clip", self.grad_clip, ">= 0 (and finite; 0: no clipping)")
         for name in ("concentration", "value_coef", "wall_penalty"):
             value = getattr(self, name)
             if not (value >= 0 and math.isfinite(value)):
@@ -250,16 +259,22 @@ class Trainer:
         self.env_generator = torch.Generator(self.device).manual_seed(config.seed + 1)
         self.action_generator = torch.Generator(self.device).manual_seed(config.seed + 2)
         self.env = self._make_env(self.env_generator)
-        self.adapt_params = list(self.agent.adapt_parameters())
-        self.warp_params = list(self.agent.warp_parameters())
+        clip = config.grad_clip if config.grad_clip > 0 else None
+        self.warp = warpgrad.Warp(
+            self.agent,
+            self.agent.adapt_modules(),
+            self.agent.warp_modules(),
+            warpgrad.ContinualUpdater(clip_norm=clip),
+        )
+        self.updater: warpgrad.ContinualUpdater = self.warp.updater
+        self.adapt_params = list(self.warp.adapt_parameters())
+        self.warp_params = list(self.warp.warp_parameters())
         self.adapt_optimizer = torch.optim.Adam(self.adapt_params, lr=config.learning_rate)
         self.warp_optimizer = (
             torch.optim.Adam(self.warp_params, lr=config.meta_learning_rate)
             if self.warp_params
             else None
         )
-        self.warp_accum = [torch.zeros_like(p) for p in self.warp_params]
-        self.warp_count = 0
         self.episode = 0
         self.meta_updates = 0
         self.random_reward: float | None = None
@@ -340,21 +355,24 @@ class Trainer:
             p.grad = None
         loss.total.backward()
 
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.adapt_params, c.grad_clip)
+        # max_norm=inf measures the norm and leaves the gradients as they are.
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.adapt_params, c.grad_clip or math.inf)
         self.adapt_optimizer.step()
         self.adapt_optimizer.zero_grad(set_to_none=True)
 
         meta_updated = False
         if self.warp_params:
+            # Burn-in: the updater discards the warp gradients. Either way .grad is left None,
+            # so nothing but the updater's sum carries them from one episode to the next.
             if self.episode >= c.burn_in:
-                self._accumulate_warp_grads()
-                if self.warp_count == c.meta_update_ival:
-                    self._warp_step()
-                    meta_updated = True
-            # Burn-in (and every episode): never leave warp gradients lying in .grad, so that
-            # nothing but the accumulator carries them from one episode to the next.
-            for p in self.warp_params:
-                p.grad = None
+                self.warp.collect()
+            else:
+                self.warp.no_collect()
+            self.warp.accumulate_warp_gradients()
+            if self.updater.count == c.meta_update_ival:
+                self.warp.backward(self._warp_step)
+                self.meta_updates += 1
+                meta_updated = True
 
         result = EpisodeResult(
             episode=self.episode,
@@ -366,24 +384,11 @@ class Trainer:
         self.episode += 1
         return result
 
-    def _accumulate_warp_grads(self) -> None:
-        with torch.no_grad():
-            for acc, p in zip(self.warp_accum, self.warp_params, strict=True):
-                if p.grad is not None:
-                    acc.add_(p.grad)
-        self.warp_count += 1
-
     def _warp_step(self) -> None:
+        """The meta-step ``warp.backward`` calls with the mean (clipped) warp gradient."""
         assert self.warp_optimizer is not None
-        for acc, p in zip(self.warp_accum, self.warp_params, strict=True):
-            p.grad = acc / self.warp_count
-        torch.nn.utils.clip_grad_norm_(self.warp_params, self.config.grad_clip)
         self.warp_optimizer.step()
         self.warp_optimizer.zero_grad(set_to_none=True)
-        for acc in self.warp_accum:
-            acc.zero_()
-        self.warp_count = 0
-        self.meta_updates += 1
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume bit-for-bit: parameters, optimizers, accumulators, RNGs."""
@@ -394,8 +399,7 @@ class Trainer:
             "warp_optimizer": (
                 self.warp_optimizer.state_dict() if self.warp_optimizer is not None else {}
             ),
-            "warp_accum": [acc.clone() for acc in self.warp_accum],
-            "warp_count": self.warp_count,
+            "warp_updater": self.updater.state_dict(),
             "episode": self.episode,
             "meta_updates": self.meta_updates,
             # Generator states are device-specific (the generators live on ``self.device``).
@@ -433,10 +437,7 @@ class Trainer:
         self.adapt_optimizer.load_state_dict(state["adapt_optimizer"])
         if self.warp_optimizer is not None:
             self.warp_optimizer.load_state_dict(state["warp_optimizer"])
-        with torch.no_grad():
-            for acc, stored_acc in zip(self.warp_accum, state["warp_accum"], strict=True):
-                acc.copy_(stored_acc)
-        self.warp_count = int(state["warp_count"])
+        self.updater.load_state_dict(state["warp_updater"])
         self.episode = int(state["episode"])
         self.meta_updates = int(state["meta_updates"])
         self.env_generator.set_state(state["env_rng"])

@@ -1,10 +1,18 @@
-"""Tests of the warped recurrent agent and the LSTM baseline."""
+"""Tests of the warped recurrent agents and the LSTM baseline."""
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.func import functional_call
 
-from agents import MODULATIONS, LSTMAgent, WarpedRecurrentAgent, make_agent
+import warpgrad
+from agents import (
+    MODULATIONS,
+    LSTMAgent,
+    ReferenceARNNAgent,
+    WarpedRecurrentAgent,
+    make_agent,
+)
 from env import NUM_ACTIONS, OBS_SIZE
 
 HS = 5
@@ -15,6 +23,19 @@ def warped(seed=0, **kw):
     return WarpedRecurrentAgent(hidden_size=HS, warp_hidden_size=4, **kw).double()
 
 
+def reference(seed=0):
+    torch.manual_seed(seed)
+    return ReferenceARNNAgent(hidden_size=HS).double()
+
+
+def split(agent):
+    """The agent's parameter groups as ``warpgrad.Warp`` (the trainer's wrapper) sees them."""
+    warp = warpgrad.Warp(
+        agent, agent.adapt_modules(), agent.warp_modules(), warpgrad.ContinualUpdater()
+    )
+    return {"adapt": list(warp.adapt_parameters()), "warp": list(warp.warp_parameters())}
+
+
 def names_of(agent, params):
     ids = {id(p) for p in params}
     return {n for n, p in agent.named_parameters() if id(p) in ids}
@@ -22,12 +43,12 @@ def names_of(agent, params):
 
 def test_parameter_partition_warped():
     agent = warped()
-    adapt = names_of(agent, agent.adapt_parameters())
-    warp = names_of(agent, agent.warp_parameters())
+    adapt = names_of(agent, split(agent)["adapt"])
+    warp = names_of(agent, split(agent)["warp"])
     assert adapt == {
-        "input_weight.weight",
-        "recurrent_weight.weight",
-        "bias",
+        "cell.input_weight.weight",
+        "cell.recurrent_weight.weight",
+        "cell.bias",
         "policy.weight",
         "policy.bias",
         "value.weight",
@@ -44,10 +65,61 @@ def test_parameter_partition_warped():
     assert agent.warp_projection.out_features == len(MODULATIONS) * HS
 
 
+def test_parameter_partition_reference_arnn():
+    """As the reference's WNet: adapt = aRNN cell + heads, meta = adaptation LSTM + projection."""
+    agent = reference()
+    assert names_of(agent, split(agent)["adapt"]) == {
+        "cell.weight_ih", "cell.weight_hh", "cell.bias",
+        "policy.weight", "policy.bias", "value.weight", "value.bias",
+    }
+    assert names_of(agent, split(agent)["warp"]) == {
+        "warp_lstm.weight_ih", "warp_lstm.weight_hh", "warp_lstm.bias_ih", "warp_lstm.bias_hh",
+        "warp_projection.weight",
+    }
+    # x and h scalings, then the W_ih, W_hh and bias scalings (the reference's chunk order)
+    assert agent.warp_projection.out_features == OBS_SIZE + 4 * HS
+
+
 def test_parameter_partition_lstm():
     agent = LSTMAgent(hidden_size=HS)
-    assert agent.warp_parameters() == []
-    assert names_of(agent, agent.adapt_parameters()) == {n for n, _ in agent.named_parameters()}
+    assert split(agent)["warp"] == []
+    assert names_of(agent, split(agent)["adapt"]) == {n for n, _ in agent.named_parameters()}
+
+
+def test_reference_arnn_step_is_the_reference_formula():
+    """One step equals the reference's ``arnn_cell`` written out by hand (alstm.arnn), with the
+    policy ``tanh(P a)`` chunked as [x, h, W_ih x, W_hh h, b] and the adaptation LSTM reading
+    ``[x, h]``."""
+    agent = reference()
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(3, OBS_SIZE, dtype=torch.float64, generator=gen)
+    h, a, c = (torch.randn(3, HS, dtype=torch.float64, generator=gen) for _ in range(3))
+    out = agent(x, (h, a, c))
+    a1, c1 = torch.lstm_cell(
+        torch.cat([x, h], 1), (a, c), agent.warp_lstm.weight_ih, agent.warp_lstm.weight_hh,
+        agent.warp_lstm.bias_ih, agent.warp_lstm.bias_hh,
+    )
+    policy = torch.tanh(a1 @ agent.warp_projection.weight.T)
+    p_x, p_h = policy[:, :OBS_SIZE], policy[:, OBS_SIZE:OBS_SIZE + HS]
+    p_ih, p_hh, p_b = policy[:, OBS_SIZE + HS:].split(HS, dim=1)
+    cell = agent.cell
+    expected_h = torch.tanh(
+        F.linear(x * p_x, cell.weight_ih) * p_ih + F.linear(h * p_h, cell.weight_hh) * p_hh
+        + cell.bias * p_b
+    )
+    torch.testing.assert_close(out.state[0], expected_h, rtol=0, atol=1e-12)
+    torch.testing.assert_close(out.state[1], a1, rtol=0, atol=1e-12)
+    torch.testing.assert_close(out.state[2], c1, rtol=0, atol=1e-12)
+    torch.testing.assert_close(out.logits, agent.policy(expected_h), rtol=0, atol=1e-12)
+
+
+def test_reference_arnn_initialisation():
+    """Orthogonal W_ih, W_hh and a zero bias, as ``aRNNCell.reset_parameters``."""
+    agent = ReferenceARNNAgent(hidden_size=32)
+    w_ih, w_hh = agent.cell.weight_ih, agent.cell.weight_hh  # (32, 17): orthonormal columns
+    torch.testing.assert_close(w_ih.T @ w_ih, torch.eye(OBS_SIZE), rtol=0, atol=1e-5)
+    torch.testing.assert_close(w_hh.T @ w_hh, torch.eye(32), rtol=0, atol=1e-5)
+    assert agent.cell.bias.abs().sum() == 0
 
 
 def test_each_modulation_reads_its_own_slice():
@@ -67,9 +139,9 @@ def test_each_modulation_reads_its_own_slice():
     expected = torch.tanh(
         scales["preactivation"]
         * (
-            scales["input"] * x @ agent.input_weight.weight.T
-            + scales["recurrent"] * h0 @ agent.recurrent_weight.weight.T
-            + scales["bias"] * agent.bias
+            scales["input"] * x @ agent.cell.input_weight.weight.T
+            + scales["recurrent"] * h0 @ agent.cell.recurrent_weight.weight.T
+            + scales["bias"] * agent.cell.bias
         )
     )
     torch.testing.assert_close(out.state[0], expected, rtol=0, atol=1e-12)
@@ -112,15 +184,17 @@ def unroll_output(agent, params, steps=4):
 
 
 @pytest.mark.parametrize(
-    ("kind", "group"), [("warp", "adapt"), ("warp", "warp"), ("warp", "all"), ("lstm", "all")]
+    ("kind", "group"),
+    [("warp", "adapt"), ("warp", "warp"), ("warp", "all"), ("arnn", "adapt"), ("arnn", "warp"),
+     ("lstm", "all")],
 )
 def test_gradients_through_time_match_finite_differences(kind, group):
     """Directional derivatives of a random readout of a 4-step unroll, float64 autograd
     against central differences, for the adaptable group, the warp group and everything."""
-    agent = warped() if kind == "warp" else LSTMAgent(hidden_size=HS).double()
-    chosen = {"adapt": agent.adapt_parameters, "warp": agent.warp_parameters}.get(
-        group, agent.parameters
+    agent = {"warp": warped, "arnn": reference}.get(
+        kind, lambda: LSTMAgent(hidden_size=HS).double()
     )()
+    chosen = split(agent).get(group, list(agent.parameters()))
     names = names_of(agent, chosen)
     base = {n: p.detach().clone() for n, p in agent.named_parameters()}
     gen = torch.Generator().manual_seed(3)
@@ -145,18 +219,19 @@ def test_gradients_through_time_match_finite_differences(kind, group):
         assert abs(float(analytic)) > 1e-6
 
 
-def test_warp_parameters_receive_gradient_through_recurrence():
+@pytest.mark.parametrize("make", [warped, reference])
+def test_warp_parameters_receive_gradient_through_recurrence(make):
     """The adaptation LSTM affects later steps: its gradient is non-zero at step 2's logits."""
-    agent = warped()
+    agent = make()
     x = torch.randn(2, OBS_SIZE, dtype=torch.float64)
     out = agent(x, agent.initial_state(2))
     out = agent(x, out.state)
     out.logits.sum().backward()
-    for p in agent.warp_parameters():
+    for p in split(agent)["warp"]:
         assert p.grad is not None and p.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("name", ["warp", "lstm"])
+@pytest.mark.parametrize("name", ["warp", "arnn", "lstm"])
 def test_output_shapes(name):
     agent = make_agent(name, hidden_size=HS)
     out = agent(torch.zeros(3, OBS_SIZE), agent.initial_state(3))

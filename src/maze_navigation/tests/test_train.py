@@ -5,6 +5,7 @@ import os
 import pytest
 import torch
 
+import warpgrad
 from train import (
     Rollout,
     TrainConfig,
@@ -104,12 +105,14 @@ def test_gradient_clipping_applies_to_the_adaptable_step(monkeypatch):
 
 
 def capture_warp(tr, monkeypatch):
-    """Record per-episode warp gradients and the gradient the warp optimizer steps with."""
+    """Record per-episode warp gradients (those the updater collects) and the gradient the
+    warp optimizer steps with."""
     episodes, steps = [], []
-    accumulate = tr._accumulate_warp_grads
+    accumulate = tr.warp.accumulate_warp_gradients
 
     def spy_accumulate():
-        episodes.append([p.grad.clone() for p in tr.warp_params])
+        if tr.warp.collecting:
+            episodes.append([p.grad.clone() for p in tr.warp_params])
         accumulate()
 
     step = tr.warp_optimizer.step
@@ -118,9 +121,59 @@ def capture_warp(tr, monkeypatch):
         steps.append([p.grad.clone() for p in tr.warp_params])
         return step(*args, **kwargs)
 
-    monkeypatch.setattr(tr, "_accumulate_warp_grads", spy_accumulate)
+    monkeypatch.setattr(tr.warp, "accumulate_warp_gradients", spy_accumulate)
     monkeypatch.setattr(tr.warp_optimizer, "step", spy_step)
     return episodes, steps
+
+
+def warp_sums(tr):
+    return tr.updater.state_dict()["sums"]
+
+
+def test_the_split_and_the_warp_update_come_from_warpgrad():
+    """The trainer wraps the agent in warpgrad.Warp with a ContinualUpdater: its groups are
+    the agent's adapt/warp modules, and the warp gradient reaches the meta-optimizer only
+    through Warp.backward."""
+    tr = trainer(agent="warp", meta_update_ival=1)
+    assert isinstance(tr.warp, warpgrad.Warp)
+    assert isinstance(tr.warp.updater, warpgrad.ContinualUpdater)
+    module_params = lambda mods: [p for m in mods for p in m.parameters()]  # noqa: E731
+    assert {id(p) for p in tr.adapt_params} == {
+        id(p) for p in module_params(tr.agent.adapt_modules())}
+    assert {id(p) for p in tr.warp_params} == {
+        id(p) for p in module_params(tr.agent.warp_modules())}
+    calls = []
+    original = tr.warp.backward
+    tr.warp.backward = lambda step: calls.append(original(step))
+    assert tr.train_episode().meta_updated
+    assert len(calls) == 1 and calls[0].num_points == 1 and calls[0].num_meta_steps == 1
+
+
+@pytest.mark.parametrize("agent", ["warp", "lstm"])
+def test_grad_clip_zero_turns_clipping_off(monkeypatch, agent):
+    """--gc 0: both optimizers step with the raw (mean) gradients, as the reference (it parsed
+    --gc and never clipped); the same run with a tiny clip steps with other gradients."""
+    tr = trainer(agent=agent, grad_clip=0.0, meta_update_ival=1)
+    seen = []
+    original = tr.adapt_optimizer.step
+
+    def spy(*args, **kwargs):
+        seen.append(float(torch.cat([p.grad.reshape(-1) for p in tr.adapt_params]).norm()))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(tr.adapt_optimizer, "step", spy)
+    if agent == "warp":
+        episodes, steps = capture_warp(tr, monkeypatch)
+    result = tr.train_episode()
+    assert seen == [pytest.approx(result.adapt_grad_norm, rel=1e-12)]
+    assert result.adapt_grad_norm > 0.1  # a clip at 0 would have zeroed it
+    if agent == "warp":
+        for g, e in zip(steps[0], episodes[0], strict=True):
+            torch.testing.assert_close(g, e, rtol=0, atol=0)
+        norm = float(torch.cat([g.reshape(-1) for g in steps[0]]).norm())
+        assert norm > 1e-3
+    with pytest.raises(ValueError, match="grad_clip must be >= 0"):
+        TrainConfig(grad_clip=-1.0)
 
 
 def test_warp_gradients_are_averaged_over_the_meta_update_interval(monkeypatch):
@@ -133,14 +186,14 @@ def test_warp_gradients_are_averaged_over_the_meta_update_interval(monkeypatch):
         assert not same(adapt_before, tr.adapt_params)  # adaptable step every episode
         assert same(warp0, tr.warp_params)  # no warp step yet
         assert all(p.grad is None for p in tr.warp_params)
-        assert tr.warp_count == i + 1
+        assert tr.updater.count == i + 1
     assert tr.train_episode().meta_updated
     assert not same(warp0, tr.warp_params)
     assert len(episodes) == 3 and len(steps) == 1
     for k, g in enumerate(steps[0]):
         expected = sum(e[k] for e in episodes) / 3
         torch.testing.assert_close(g, expected, rtol=1e-12, atol=0)
-    assert tr.warp_count == 0 and all(a.abs().sum() == 0 for a in tr.warp_accum)
+    assert tr.updater.count == 0 and all(a.abs().sum() == 0 for a in warp_sums(tr))
     assert tr.meta_updates == 1
 
 
@@ -159,7 +212,7 @@ def test_burn_in_discards_warp_gradients(monkeypatch):
     for _ in range(2):
         assert not tr.train_episode().meta_updated
         assert all(p.grad is None for p in tr.warp_params)
-        assert tr.warp_count == 0 and all(a.abs().sum() == 0 for a in tr.warp_accum)
+        assert tr.updater.count == 0 and all(a.abs().sum() == 0 for a in warp_sums(tr))
     assert same(warp0, tr.warp_params) and episodes == []
     assert not tr.train_episode().meta_updated
     assert tr.train_episode().meta_updated
@@ -177,7 +230,7 @@ def test_lstm_agent_has_a_single_optimizer():
     assert not result.meta_updated and tr.meta_updates == 0
 
 
-@pytest.mark.parametrize("agent", ["warp", "lstm"])
+@pytest.mark.parametrize("agent", ["warp", "arnn", "lstm"])
 def test_smoke_training_few_episodes(agent):
     tr = trainer(agent=agent, meta_update_ival=2)
     before = snapshot(tr.agent.parameters())
@@ -186,7 +239,7 @@ def test_smoke_training_few_episodes(agent):
     assert all(torch.isfinite(torch.tensor(r.loss)) for r in results)
     assert all(r.mean_reward >= 0 for r in results)
     assert all(not torch.equal(a, b) for a, b in zip(before, tr.agent.parameters(), strict=True))
-    assert tr.meta_updates == (2 if agent == "warp" else 0)
+    assert tr.meta_updates == (0 if agent == "lstm" else 2)
 
 
 def test_random_policy_measurement_leaves_training_unchanged():
@@ -202,7 +255,7 @@ def test_random_policy_reward_is_an_episode_total():
     assert tr.measure_random_policy() > 10.0
 
 
-@pytest.mark.parametrize("agent", ["warp", "lstm"])
+@pytest.mark.parametrize("agent", ["warp", "arnn", "lstm"])
 def test_resume_from_checkpoint_is_exact(tmp_path, agent):
     """2 episodes, save, load into a fresh trainer, 3 more == 5 straight (mid-interval)."""
     straight = trainer(agent=agent, meta_update_ival=3)
@@ -252,7 +305,7 @@ def test_config_validation_and_roundtrip():
     with pytest.raises(ValueError, match="dtype"):
         TrainConfig(dtype="float16")
     with pytest.raises(ValueError, match="grad_clip"):
-        TrainConfig(grad_clip=0.0)
+        TrainConfig(grad_clip=float("inf"))
     config = TrainConfig(agent="lstm", seed=3)
     assert config_from_dict({**vars(config), "unknown": 1}) == config
 

@@ -4,9 +4,10 @@ WarpGrad (Flennerhag et al., "Meta-Learning with Warped Gradient Descent", ICLR 
 warp layers interleaved with a task learner's adaptable layers, from states replayed out of the
 task learners' trajectories. ``Warp`` wraps the model, ``ReplayBuffer`` stores trajectories,
 ``DualUpdater`` (Algorithm 2) and ``OnlineUpdater`` (Algorithm 1) compute and apply the
-meta-gradients, ``OptimizerParameters`` holds the (optionally meta-learned) inner learning rates
-and momenta, ``warpgrad.layers`` has warp-layer building blocks and ``WarpGrad`` exposes it all
-through the core ``MetaLearner`` interface.
+meta-gradients (``ContinualUpdater``: Algorithm 1 for a learner that is never reset, as in the
+maze experiment), ``OptimizerParameters`` holds the (optionally meta-learned) inner learning
+rates and momenta, ``warpgrad.layers`` has warp-layer building blocks and ``WarpGrad`` exposes it
+all through the core ``MetaLearner`` interface.
 """
 
 from warpgrad.buffer import ReplayBuffer, ReplayState
@@ -22,7 +23,7 @@ from warpgrad.objectives import (
     resolve_warp_objective,
 )
 from warpgrad.optimizer_parameters import OptimizerParameters
-from warpgrad.updaters import DualUpdater, OnlineUpdater, UpdateResult
+from warpgrad.updaters import ContinualUpdater, DualUpdater, OnlineUpdater, UpdateResult
 from warpgrad.warp import Warp
 
 __version__ = "0.1.0"
@@ -30,6 +31,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ABLATIONS",
     "ChannelScale",
+    "ContinualUpdater",
     "DualUpdater",
     "InitObjective",
     "Leap",

@@ -5,6 +5,10 @@ states (``ReplayBuffer``) through the warp objective, one meta-optimizer step pe
 ``bsz`` states, then update the initialisation with the init objective.
 ``OnlineUpdater`` is Algorithm 1: the warp objective's gradient is taken at every step while the
 task learner adapts (nothing is replayed) and applied once per meta-batch.
+``ContinualUpdater`` is the continual form of Algorithm 1 that the paper's maze-navigation
+experiment uses: the task learner is never reset, and the warp gradient of each task is the
+gradient of the learner's own loss (any loss, e.g. a reinforcement-learning objective) with
+respect to the warp parameters, averaged over the tasks between two meta-steps.
 
 The objectives themselves (and which derivatives each mode keeps) are documented in
 ``warpgrad.objectives``.
@@ -34,7 +38,7 @@ from warpgrad.objectives import (
 )
 from warpgrad.warped import WarpedModel
 
-__all__ = ["DualUpdater", "OnlineUpdater", "UpdateResult"]
+__all__ = ["ContinualUpdater", "DualUpdater", "OnlineUpdater", "UpdateResult"]
 
 Criterion = Callable[[Tensor, Tensor], Tensor] | type
 
@@ -229,6 +233,8 @@ class DualUpdater:
     """
 
     uses_buffer = True
+    records_states = True
+    learns_init = True
 
     def __init__(self, criterion: Criterion, *,
                  warp_objective: str | int | WarpObjective | None = "stop_gradient",
@@ -414,6 +420,8 @@ class OnlineUpdater:
     """
 
     uses_buffer = False
+    records_states = True
+    learns_init = True
 
     def __init__(self, criterion: Criterion, *,
                  warp_objective: str | int | WarpObjective | None = "stop_gradient",
@@ -520,3 +528,122 @@ class OnlineUpdater:
     def __repr__(self) -> str:
         return (f"OnlineUpdater(warp_objective={self.warp_objective}, init_objective="
                 f"{self.init_objective}, init_lr={self.init_lr})")
+
+
+class ContinualUpdater:
+    """Online WarpGrad for a task learner that is never reset (continual learning).
+
+    The setting of the paper's maze-navigation experiment (Flennerhag et al., ICLR 2020,
+    Section 4.3): every episode is a new task, the adaptable parameters keep training from task
+    to task (no initialisation is meta-learned) and the warp parameters are meta-learned on a
+    slower clock from the same objective the learner minimises. Per task, after the learner's
+    ``loss.backward()``, ``Warp.accumulate_warp_gradients()`` moves the warp parameters'
+    gradients into a running sum (when collecting; otherwise they are discarded, e.g. during a
+    burn-in). ``Warp.backward(meta_step_fn)`` then writes the mean over the accumulated tasks,
+    clipped to ``clip_norm``, checks it is finite (one host transfer) and calls
+    ``meta_step_fn`` once::
+
+        warp_grad = clip(1/N sum_{tasks i} d loss_i / d warp | the learner's parameters at task i)
+
+    The loss is the learner's own: no data is registered, nothing is recorded or replayed.
+
+    Args:
+        clip_norm: maximum total norm of the mean warp gradient (``None``: no clipping).
+    """
+
+    uses_buffer = False
+    records_states = False
+    learns_init = False
+    init_lr = None
+
+    def __init__(self, *, clip_norm: float | None = None) -> None:
+        if clip_norm is not None and (isinstance(clip_norm, bool)
+                                      or not isinstance(clip_norm, (int, float))
+                                      or not 0 < clip_norm < math.inf):
+            raise ValueError(f"clip_norm={clip_norm!r} must be a finite positive number, or "
+                             "None for no clipping")
+        self.clip_norm = clip_norm
+        self._sums: list[Tensor] = []
+        self.count = 0
+
+    def accumulate(self, warp: WarpedModel, *, collect: bool) -> None:
+        """Moves the warp parameters' ``.grad`` into the running sum (``collect``) or drops it.
+
+        Either way ``.grad`` is left ``None``, so no task's warp gradient leaks into another's
+        (or into the meta-optimizer) except through the sum. A parameter without a gradient
+        (unused by this task's loss) adds zero.
+        """
+        params = [p for _, p in warp.named_warp_parameters()]
+        if collect:
+            with torch.no_grad():
+                for total, p in zip(self._sums_like(params), params, strict=True):
+                    if p.grad is not None:
+                        total.add_(p.grad)
+            self.count += 1
+        for p in params:
+            p.grad = None
+
+    def backward(self, warp: WarpedModel, step_fn: Callable[[], Any]) -> UpdateResult:
+        """Writes the (clipped) mean warp gradient and calls ``step_fn`` once; resets the sum.
+
+        Without accumulated tasks (or warp parameters) nothing is written or stepped.
+
+        Raises:
+            NonFiniteError: the mean gradient holds NaN or inf (``where="meta_gradient"``); the
+                sum is kept, nothing is written.
+        """
+        start = time.perf_counter()
+        params = [p for _, p in warp.named_warp_parameters()]
+        if not self.count or not params:
+            self._reset()
+            return UpdateResult(None, 0, 0, time.perf_counter() - start, 0.0)
+        means = [total / self.count for total in self._sums_like(params)]
+        _check_finite(warp, params, means)
+        count = self.count
+        for p, g in zip(params, means, strict=True):
+            p.grad = g
+        if self.clip_norm is not None:
+            torch.nn.utils.clip_grad_norm_(params, self.clip_norm)
+        step_fn()
+        self._reset()
+        return UpdateResult(None, count, 1, time.perf_counter() - start, 0.0)
+
+    def _sums_like(self, params: Sequence[Tensor]) -> list[Tensor]:
+        """The sums, made (zeros) on the first task, moved next to the parameters after a
+        ``load_state_dict`` (checkpoints load onto the CPU)."""
+        if not self._sums:
+            self._sums = [torch.zeros_like(p) for p in params]
+        elif len(self._sums) != len(params):
+            raise ValueError(f"this updater sums {len(self._sums)} warp gradients but the Warp "
+                             f"has {len(params)} warp parameters; use one ContinualUpdater per "
+                             "Warp")
+        elif self._sums[0].device != params[0].device:
+            self._sums = [total.to(p.device) for total, p in zip(self._sums, params, strict=True)]
+        return self._sums
+
+    def _reset(self) -> None:
+        for total in self._sums:
+            total.zero_()
+        self.count = 0
+
+    def on_record(self, warp: WarpedModel, slot: str, state: ReplayState) -> None:
+        """Never called: ``records_states`` is False."""
+
+    def on_finalize(self, warp: WarpedModel, slot: str, params: Params) -> None:
+        """Nothing to do at the end of a task."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """The running sum and its count (a resumed run continues the interval exactly)."""
+        return {"sums": [total.clone() for total in self._sums], "count": self.count}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restores ``state_dict()`` (the sums are copied onto this updater's device)."""
+        sums = list(state["sums"])
+        if self._sums and len(sums) != len(self._sums):
+            raise ValueError(f"the state holds {len(sums)} warp gradient sums, this updater "
+                             f"{len(self._sums)}; load a state written for the same model")
+        self._sums = [total.clone() for total in sums]
+        self.count = int(state["count"])
+
+    def __repr__(self) -> str:
+        return f"ContinualUpdater(clip_norm={self.clip_norm})"

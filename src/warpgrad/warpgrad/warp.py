@@ -27,11 +27,11 @@ from metazoo import NonFiniteError, Params, check_on_nonfinite
 from warpgrad.buffer import ReplayBuffer, ReplayState
 from warpgrad.objectives import ReplayContext
 from warpgrad.optimizer_parameters import OptimizerParameters
-from warpgrad.updaters import DualUpdater, OnlineUpdater, UpdateResult
+from warpgrad.updaters import ContinualUpdater, DualUpdater, OnlineUpdater, UpdateResult
 
 __all__ = ["Warp"]
 
-Updater = DualUpdater | OnlineUpdater
+Updater = DualUpdater | OnlineUpdater | ContinualUpdater
 
 
 def _as_modules(name: str, modules: nn.Module | Iterable[nn.Module]) -> list[nn.Module]:
@@ -61,7 +61,9 @@ class Warp:
         adapt_modules: sub-modules trained by the task learner (and whose initialisation is
             meta-learned).
         warp_modules: sub-modules meta-learned as warp layers (may be empty: no warping).
-        updater: ``DualUpdater`` or ``OnlineUpdater``.
+        updater: ``DualUpdater``, ``OnlineUpdater`` or ``ContinualUpdater`` (a learner that is
+            never reset: the warp gradient is its own loss's, see
+            ``accumulate_warp_gradients``).
         buffer: where trajectories are recorded (default: a fresh in-memory ``ReplayBuffer``).
         optimizer_parameters: the inner learning rates and momenta. Default: fixed
             (not meta-learned) lr 0.1 and no momentum; the replay's inner step uses these, so
@@ -89,9 +91,9 @@ class Warp:
                  on_nonfinite: str = "raise") -> None:
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be an nn.Module, got {type(model).__name__}")
-        if not isinstance(updater, (DualUpdater, OnlineUpdater)):
-            raise ValueError(f"updater={updater!r} must be a warpgrad.DualUpdater or "
-                             "OnlineUpdater")
+        if not isinstance(updater, (DualUpdater, OnlineUpdater, ContinualUpdater)):
+            raise ValueError(f"updater={updater!r} must be a warpgrad.DualUpdater, "
+                             "OnlineUpdater or ContinualUpdater")
         if buffer is not None and not isinstance(buffer, ReplayBuffer):
             raise ValueError(f"buffer={buffer!r} must be a warpgrad.ReplayBuffer or None")
         self.model = model
@@ -199,11 +201,12 @@ class Warp:
         Args:
             include_warp: the warp parameters.
             include_init: the initialisation; by default only when the updater leaves its step
-                to the meta-optimizer (``init_lr=None``), so it is never updated twice.
+                to the meta-optimizer (``init_lr=None``), so it is never updated twice, and
+                never for a ``ContinualUpdater`` (it learns no initialisation).
             include_optimizer: learning rates and momenta, when ``learn_optimizer``.
         """
         if include_init is None:
-            include_init = self.updater.init_lr is None
+            include_init = self.updater.learns_init and self.updater.init_lr is None
         if include_warp:
             for n, p in self.named_warp_parameters():
                 yield f"warp.{n}", p
@@ -291,8 +294,9 @@ class Warp:
         self._optimizer = None
 
     def collect(self) -> None:
-        """Switches recording of states on (needs a registered task)."""
-        if self._task is None:
+        """Switches recording of states on (needs a registered task, except with a
+        ``ContinualUpdater``, for which it switches the accumulation of warp gradients on)."""
+        if self._task is None and self.updater.records_states:
             raise RuntimeError("collect() needs a task; call register_task(data) first")
         self._collect = True
 
@@ -339,7 +343,7 @@ class Warp:
             **kwargs: keyword inputs of the model.
         """
         record = self._collect if cache_parameters is None else cache_parameters
-        if record:
+        if record and self.updater.records_states:
             if self._task is None:
                 raise RuntimeError("no task to record into; call register_task(data) first")
             params, momentum = self._adapt_state(), self._momentum()
@@ -399,15 +403,36 @@ class Warp:
                 result = dataclasses.replace(result, skipped_tasks=skipped)
         except BaseException:
             # Keep the trajectories for inspection or a retry; only the flag is restored.
-            self._collect = collecting and self._task is not None
+            self._collect = collecting and self._can_collect()
             raise
         if not retain_trajectories:
             self.clear()
         if not retain_optimizer:
             self._optimizer = None
-        if collecting and self._task is not None:
+        if collecting and self._can_collect():
             self._collect = True
         return result
+
+    def _can_collect(self) -> bool:
+        return self._task is not None or not self.updater.records_states
+
+    def accumulate_warp_gradients(self) -> None:
+        """After the task learner's ``loss.backward()`` (``ContinualUpdater`` only): moves the
+        warp parameters' gradients into the updater's running sum when collecting, or discards
+        them when not (``no_collect()``, e.g. a burn-in), leaving their ``.grad`` ``None``.
+
+        The warp parameters must keep ``requires_grad=True`` for the learner's backward to
+        reach them, so a continual learner does not call ``init_adaptation`` (which freezes
+        them and resets the adaptable parameters).
+
+        Raises:
+            ValueError: with another updater (they compute warp gradients themselves).
+        """
+        if not isinstance(self.updater, ContinualUpdater):
+            raise ValueError(f"accumulate_warp_gradients() needs a warpgrad.ContinualUpdater; "
+                             f"this Warp has {type(self.updater).__name__}, which computes "
+                             "the warp gradients itself in backward()")
+        self.updater.accumulate(self, collect=self._collect)
 
     def _drop_nonfinite_tasks(self) -> int:
         """Raises on, or discards, tasks whose recorded trajectory is not finite."""
@@ -435,10 +460,14 @@ class Warp:
     # -- checkpoints -----------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """Model, initialisation and optimizer parameters."""
-        return {"model": self.model.state_dict(),
-                "init": {n: p.detach().clone() for n, p in self._init.items()},
-                "optimizer_parameters": self._optimizer_parameters.state_dict()}
+        """Model, initialisation and optimizer parameters (and a ``ContinualUpdater``'s
+        running sum, under ``"updater"``)."""
+        state = {"model": self.model.state_dict(),
+                 "init": {n: p.detach().clone() for n, p in self._init.items()},
+                 "optimizer_parameters": self._optimizer_parameters.state_dict()}
+        if isinstance(self.updater, ContinualUpdater):
+            state["updater"] = self.updater.state_dict()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restores ``state_dict()``."""
@@ -453,6 +482,12 @@ class Warp:
             for n, p in self._init.items():
                 p.copy_(state["init"][n])
         self._optimizer_parameters.load_state_dict(state["optimizer_parameters"])
+        if isinstance(self.updater, ContinualUpdater):
+            if "updater" not in state:
+                raise ValueError("state dict lacks the ContinualUpdater's running sum "
+                                 "('updater'); load a state written by a Warp with a "
+                                 "ContinualUpdater")
+            self.updater.load_state_dict(state["updater"])
 
     def __repr__(self) -> str:
         return (f"Warp(adapt={len(self._adapt_names)} tensors, warp={len(self._warp_names)} "
