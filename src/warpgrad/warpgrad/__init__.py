@@ -10,7 +10,15 @@ through the core ``MetaLearner`` interface.
 """
 
 from warpgrad.buffer import ReplayBuffer, ReplayState
-from warpgrad.layers import ABLATIONS, ChannelScale, WarpBlock, WarpHead, WarpLayer, warp_block
+from warpgrad.layers import (
+    ABLATIONS,
+    WARP_INITS,
+    ChannelScale,
+    WarpBlock,
+    WarpHead,
+    WarpLayer,
+    warp_block,
+)
 from warpgrad.learner import WarpGrad
 from warpgrad.objectives import (
     InitObjective,
@@ -29,6 +37,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ABLATIONS",
+    "WARP_INITS",
     "ChannelScale",
     "DualUpdater",
     "InitObjective",
