@@ -69,7 +69,7 @@ from metazoo.cli import ArgumentParser, UsageError, run_command, user_input
 from metazoo.serialization import load_checked, save_checked
 from model import DOWNSAMPLE
 from progress import estimate_lines, format_duration
-from warpgrad.layers import ABLATIONS
+from warpgrad.layers import ABLATIONS, WARP_INITS
 from wrapper import HEAD_POLICIES, METHODS, LearnerConfig, build_learner, score
 
 PROTOCOLS = ("alphabet", "fewshot")
@@ -284,6 +284,9 @@ def make_parser() -> argparse.ArgumentParser:
     a("--warp_residual", action="store_true", help="residual warp layers")
     a("--warp_batch_norm", action="store_true", help="BatchNorm in warp layers")
     a("--warp_final_head", action="store_true", help="linear warp layer after the head")
+    a("--warp_init", choices=WARP_INITS, default="random",
+      help="warp-layer initialisation: random (PyTorch's default conv init, the reference's) "
+           "or identity (each linear warp layer the identity map at initialisation)")
     # few-shot protocol (episodes.py; README "Few-shot protocol")
     a("--protocol", choices=PROTOCOLS, default="alphabet",
       help="alphabet: each alphabet a task (default); fewshot: N-way K-shot episodes")
@@ -383,6 +386,7 @@ def learner_config(args: argparse.Namespace) -> LearnerConfig:
         warp["residual"] = True
     if args.warp_batch_norm:
         warp["batch_norm"] = True
+    warp["init"] = args.warp_init
     return LearnerConfig(
         meta_model=args.meta_model,
         classes=args.ways if args.protocol == "fewshot" else args.classes,

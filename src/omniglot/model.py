@@ -101,7 +101,7 @@ class WarpedOmniConv(nn.Module):
             ``3x3+relu``, ... as listed there).
         warp_final_head: add a linear warp layer after the adaptable head.
         warp_kwargs: ``warpgrad.warp_block`` overrides (``num_layers``, ``activation``,
-            ``batch_norm``, ``residual``, ``hidden_channels``).
+            ``batch_norm``, ``residual``, ``hidden_channels``, ``init``).
     """
 
     def __init__(self, *, classes: int, num_layers: int = 4, num_filters: int = 64,
@@ -123,7 +123,8 @@ class WarpedOmniConv(nn.Module):
                                            image_size=image_size, downsample=downsample), classes)
         self.warp_head = warpgrad.WarpHead(classes, classes) if warp_final_head else None
         if warp_final_head:
-            # identity at initialisation, like the warp blocks
+            # identity at initialisation (the warp blocks are random unless
+            # warp_kwargs={"init": "identity"})
             with torch.no_grad():
                 self.warp_head.linear.weight.copy_(torch.eye(classes))
                 self.warp_head.linear.bias.zero_()

@@ -6,11 +6,11 @@ Methods (all through the core interface: ``adapt``, ``meta_step``, ``evaluate``,
 =============  ===============================================================================
 ``warp_leap``  ``warpgrad.WarpGrad``: warp blocks after every conv block, initialisation learned
                with the simplified-Leap objective (``meta_kwargs``: ``warp_objective``,
-               ``init_objective``)
+               ``init_objective``, ``warp_lr``: the warp layers' meta-learning rate)
 ``warp_maml``  ``WarpMAML`` (below): the same warped net; warp layers learned with the warp
                (replay) objective of ``warpgrad.WarpGrad``, the initialisation with MAML's
                objective (``maml.MAML`` with the warp layers frozen); Flennerhag et al. 2020,
-               "Warp-MAML" (``meta_kwargs``: ``warp_objective``)
+               "Warp-MAML" (``meta_kwargs``: ``warp_objective``, ``warp_lr``)
 ``leap``       ``leap.LeapLearner`` (``meta_kwargs``: ``norm``, ``loss``, ``stabilizer``)
 ``reptile``    ``maml.Reptile``
 ``fomaml``     ``maml.MAML(first_order=True)``
@@ -44,6 +44,7 @@ Head policy (``LearnerConfig.head_policy``, ``--head_policy``):
 from __future__ import annotations
 
 import copy
+import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -126,6 +127,33 @@ def _meta_optimizer(cfg: LearnerConfig) -> Callable[[Iterable[nn.Parameter]],
     return lambda params: cls(list(params), **kwargs)
 
 
+def _warp_meta_optimizer(cfg: LearnerConfig, warp_params: Sequence[nn.Parameter]
+                         ) -> Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]:
+    """``--outer_opt`` for a warped learner: with ``--meta_kwargs warp_lr X`` two parameter
+    groups, the warp parameters at lr X and every other meta-parameter at ``--outer_kwargs``'s
+    (other hyperparameters shared); without it one group, as for every other method."""
+    if "warp_lr" not in cfg.meta_kwargs:
+        return _meta_optimizer(cfg)
+    warp_lr = cfg.meta_kwargs["warp_lr"]
+    if isinstance(warp_lr, bool) or not isinstance(warp_lr, (int, float)) or not (
+            0 < warp_lr < math.inf):
+        raise ValueError(f"--meta_kwargs warp_lr {warp_lr!r}: must be a finite number > 0, "
+                         f"e.g. --meta_kwargs warp_lr 0.01")
+    if not warp_params:
+        raise ValueError(f"--meta_kwargs warp_lr {warp_lr}: --warp_layer {cfg.warp_layer} has no "
+                         f"warp parameters to give it; drop warp_lr or use another --warp_layer")
+    if cfg.outer_opt not in _OUTER:
+        raise ValueError(f"--outer_opt {cfg.outer_opt!r} is not one of {sorted(_OUTER)}")
+    cls, kwargs = _OUTER[cfg.outer_opt], dict(cfg.outer_kwargs)
+    warp_ids = {id(p) for p in warp_params}
+
+    def build(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
+        params = list(params)
+        return cls([{"params": [p for p in params if id(p) in warp_ids], "lr": float(warp_lr)},
+                    {"params": [p for p in params if id(p) not in warp_ids]}], **kwargs)
+    return build
+
+
 def _net_kwargs(cfg: LearnerConfig) -> dict[str, Any]:
     return {"classes": cfg.classes, "num_layers": cfg.num_layers,
             "num_filters": cfg.num_filters, "kernel_size": cfg.kernel_size,
@@ -173,8 +201,8 @@ def build_learner(cfg: LearnerConfig) -> MetaLearner:
               "meta_optimizer": _meta_optimizer(cfg), "bn_mode": cfg.bn_mode}
     if name in ("warp_leap", "warp_maml"):
         init_default = "simplified_leap" if name == "warp_leap" else "none"
-        _unused(cfg, ("warp_objective", "init_objective") if name == "warp_leap"
-                else ("warp_objective",))
+        _unused(cfg, ("warp_objective", "init_objective", "warp_lr") if name == "warp_leap"
+                else ("warp_objective", "warp_lr"))
         if cfg.inner_opt != "sgd" or set(cfg.inner_kwargs) - {"lr", "momentum"}:
             raise ValueError(f"{name} adapts with SGD (lr, momentum) from "
                              f"warpgrad.OptimizerParameters; got --inner_opt {cfg.inner_opt} "
@@ -196,7 +224,9 @@ def build_learner(cfg: LearnerConfig) -> MetaLearner:
         warp = warpgrad.Warp(net, net.adapt_modules(), net.warp_modules(), updater,
                              warpgrad.ReplayBuffer(), optimizer_parameters=params)
         learner = warpgrad.WarpGrad(warp, inner_steps=cfg.task_train_steps,
-                                    meta_optimizer=common["meta_optimizer"], bn_mode=cfg.bn_mode,
+                                    meta_optimizer=_warp_meta_optimizer(
+                                        cfg, list(warp.warp_parameters())),
+                                    bn_mode=cfg.bn_mode,
                                     **nonfinite, **layout, **vectorize)
         if name == "warp_leap":
             return _WarpGrad(learner, cfg.task_val_steps)

@@ -48,6 +48,35 @@ def test_nonfinite_hyperparameters_are_refused_before_the_run(tiny, omniglot_roo
 
 
 @pytest.mark.parametrize("flags,message", [
+    (["--meta_kwargs", "warp_lr", "0"], "--meta_kwargs warp_lr 0: must be a finite number > 0"),
+    (["--meta_kwargs", "warp_lr", "nan"], "--meta_kwargs warp_lr nan: must be a finite number"),
+    (["--warp_init", "identity", "--warp_act_fun", "relu"],
+     "init='identity' needs a linear warp layer that keeps its width and size, but "
+     "activation='relu'"),
+])
+def test_bad_warp_options_are_one_line_before_the_run(tiny, omniglot_root, tmp_path, capsys,
+                                                      flags, message):
+    argv = [*tiny(omniglot_root, tmp_path, "warp_leap"), *flags]
+    assert message in _one_line_exit_2(argv, capsys)
+    assert not (tmp_path / "warp_leap").exists()  # nothing written
+
+
+def test_warp_options_reach_the_learner_and_the_record(tiny, omniglot_root, tmp_path):
+    argv = tiny(omniglot_root, tmp_path, "warp_leap", "--warp_init", "identity",
+                "--meta_kwargs", "warp_lr", "0.01", "--meta_train_steps", "1")
+    args = main.parse_args(argv)
+    assert main.learner_config(args).warp_kwargs == {"init": "identity"}
+    main.main(argv)
+    state = load_checked(tmp_path / "warp_leap" / "tmp" / "checkpoint.pt", require=True)
+    assert state["flags"]["warp_init"] == "identity"
+    assert state["flags"]["meta_kwargs"] == {"warp_lr": 0.01}
+    groups = state["learner"]["meta_optimizer"]["param_groups"]
+    assert [g["lr"] for g in groups] == [0.01, 0.1]
+    assert main.learner_config(main.parse_args(tiny(omniglot_root, tmp_path, "warp_leap"))
+                               ).warp_kwargs == {"init": "random"}  # default: the reference's
+
+
+@pytest.mark.parametrize("flags,message", [
     (["--outer_kwargs", "lr", "abc"], "--outer_kwargs lr 'abc': must be a number"),
     (["--inner_kwargs", "lr", "0.1", "momentum", "fast"], "--inner_kwargs momentum 'fast'"),
     (["--outer_kwargs", "lr", "-1"], "--outer_kwargs lr -1: must be >= 0"),
@@ -65,6 +94,7 @@ def test_non_numeric_hyperparameters_are_named(tiny, omniglot_root, tmp_path, ca
                                          "integer from 0 to 4294967295"),
     (["--seed", "-1"], "argument --seed"),
     (["--warp_layer", "foo"], "argument --warp_layer: invalid choice: 'foo'"),
+    (["--warp_init", "zeros"], "argument --warp_init: invalid choice: 'zeros'"),
 ])
 def test_out_of_range_flags_name_the_flag(tiny, omniglot_root, tmp_path, capsys, flags, message):
     with pytest.raises(SystemExit) as exit_info:
@@ -170,6 +200,7 @@ def test_overwrite_replaces_the_runs_files_only(tiny, omniglot_root, tmp_path):
     (["--seed", "99"], "--seed 8879 -> 99"),
     (["--outer_kwargs", "lr", "5"], "--outer_kwargs {'lr': 0.1} -> {'lr': 5}"),
     (["--task_train_steps", "3"], "--task_train_steps 2 -> 3"),
+    (["--warp_init", "identity"], "--warp_init 'random' -> 'identity'"),
 ])
 def test_resume_under_other_flags_is_refused_naming_them(tiny, omniglot_root, tmp_path, capsys,
                                                          flags, named):

@@ -123,3 +123,22 @@ def test_stride_block_is_conv_bn_relu_of_the_maml_net():
     assert model.OmniConv(classes=5, image_size=9, downsample="stride").head.in_features == 64
     with pytest.raises(ValueError, match="image_size=0"):
         model.feature_size(num_layers=4, num_filters=4, kernel_size=3, padding=1, image_size=0)
+
+
+def test_identity_warp_init_gives_the_plain_net_with_the_same_adaptable_parameters():
+    # --warp_init identity: the same adaptable parameters as the random init of the same seed,
+    # and at initialisation the warped net computes what the unwarped OmniConv computes with them
+    torch.manual_seed(4)
+    warped = model.WarpedOmniConv(classes=3, num_filters=4, warp_kwargs={"init": "identity"})
+    torch.manual_seed(4)
+    random = model.WarpedOmniConv(classes=3, num_filters=4)
+    adapt = [p for m in warped.adapt_modules() for p in m.parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(
+        adapt, [p for m in random.adapt_modules() for p in m.parameters()], strict=True))
+    plain = model.OmniConv(classes=3, num_filters=4)
+    with torch.no_grad():
+        for p, a in zip(plain.parameters(), adapt, strict=True):
+            p.copy_(a)
+    x = torch.randn(5, 1, 28, 28)
+    assert torch.equal(warped(x), plain(x))
+    assert not torch.allclose(random(x), plain(x), atol=1e-3)

@@ -335,3 +335,42 @@ def test_reference_ft_pretrains_one_shared_head_and_fine_tunes_from_it():
     _sgd_from(net, task, 2)
     for n, p in net.named_parameters():
         assert torch.allclose(adapted.params[n], p, atol=1e-12), n
+
+
+@pytest.mark.parametrize("method", ["warp_leap", "warp_maml"])
+@pytest.mark.parametrize("outer_opt", ["sgd", "adam"])
+def test_warp_lr_gives_the_warp_parameters_their_own_meta_learning_rate(method, outer_opt):
+    default = wrapper.build_learner(cfg(method, outer_opt=outer_opt))
+    assert [g["lr"] for g in default.meta_optimizer.param_groups] == [0.1]  # unchanged
+    learner = wrapper.build_learner(cfg(method, outer_opt=outer_opt,
+                                        meta_kwargs={"warp_lr": 0.01}))
+    groups = learner.meta_optimizer.param_groups
+    assert [g["lr"] for g in groups] == [0.01, 0.1]
+    inner = learner.inner if method == "warp_leap" else learner.warp
+    warp = {id(p) for p in inner.warp.warp_parameters()}
+    meta = {id(p) for _, p in learner.named_meta_parameters()}
+    assert {id(p) for p in groups[0]["params"]} == warp and warp
+    assert {id(p) for p in groups[1]["params"]} == meta - warp
+    if outer_opt == "sgd":  # one meta-step moves each group by its lr times its gradient
+        task = tasks(1)[0]
+        task = metazoo.Task([(x.float(), y) for x, y in task.support],
+                            (task.query[0].float(), task.query[1]))
+        before = [[p.detach().clone() for p in g["params"]] for g in groups]
+        learner.meta_optimizer.zero_grad()
+        learner.meta_backward([task])
+        grads = [[p.grad.clone() for p in g["params"]] for g in groups]
+        learner.meta_optimizer.step()
+        for g, b, gr, lr in zip(groups, before, grads, (0.01, 0.1), strict=True):
+            for p, p0, dp in zip(g["params"], b, gr, strict=True):
+                torch.testing.assert_close(p.detach(), p0 - lr * dp)
+
+
+@pytest.mark.parametrize("value", [0, -1.0, float("nan"), float("inf"), True, "fast"])
+def test_warp_lr_must_be_a_finite_positive_number(value):
+    with pytest.raises(ValueError, match=f"--meta_kwargs warp_lr {value!r}: must be a finite "
+                                         "number > 0, e.g. --meta_kwargs warp_lr 0.01"):
+        wrapper.build_learner(cfg("warp_leap", meta_kwargs={"warp_lr": value}))
+    with pytest.raises(ValueError, match="--warp_layer none has no warp parameters"):
+        wrapper.build_learner(cfg("warp_leap", warp_layer="none", meta_kwargs={"warp_lr": 0.1}))
+    with pytest.raises(ValueError, match="--meta_kwargs \\['warp_lr'\\]"):
+        wrapper.build_learner(cfg("leap", meta_kwargs={"warp_lr": 0.1}))

@@ -74,3 +74,56 @@ def test_warp_head_and_validation():
         warp_block("5x5", 3)
     with pytest.raises(ValueError, match="in_channels=0"):
         WarpLayer(0)
+
+
+@pytest.mark.parametrize("row", ["1x1", "3x3", "scaling"])
+def test_identity_init_makes_the_linear_rows_the_identity_map(row):
+    block = warp_block(row, 4, init="identity", num_layers=2).double()
+    x = torch.randn(2, 4, 7, 5, dtype=torch.float64)
+    assert torch.equal(block(x), x)  # exactly: one 1.0 tap and zero biases
+    layer = WarpLayer(3, kernel_size=5, init="identity")
+    x32 = torch.randn(1, 3, 6, 6)
+    assert torch.equal(layer(x32), x32)
+
+
+def test_random_init_is_the_default_and_unchanged():
+    # "random" (the default) is PyTorch's conv initialisation from the same random stream
+    torch.manual_seed(3)
+    expected = nn.Conv2d(4, 4, 3, padding=1)
+    for build in (lambda: WarpLayer(4), lambda: WarpLayer(4, init="random"),
+                  lambda: warp_block("3x3", 4)[0]):
+        torch.manual_seed(3)
+        layer = build()
+        assert torch.equal(layer.op.weight, expected.weight)
+        assert torch.equal(layer.op.bias, expected.bias)
+    x = torch.randn(1, 4, 3, 3)
+    assert not torch.equal(expected(x), x)
+
+
+def test_identity_init_draws_the_same_random_numbers_as_random():
+    # so a net built from one seed differs only in its warp layers between the two inits
+    after = []
+    for init in ("random", "identity"):
+        torch.manual_seed(5)
+        warp_block("3x3", 4, init=init, num_layers=2)
+        after.append(torch.rand(3))
+    assert torch.equal(after[0], after[1])
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"activation": "relu"}, "activation='relu'"),
+    ({"batch_norm": True}, "batch_norm=True"),
+    ({"residual": True}, "residual=True"),
+    ({"out_channels": 5}, "in_channels=4 != out_channels=5"),
+    ({"kernel_size": 4}, "kernel_size=4 with padding=2"),
+    ({"padding": 0}, "kernel_size=3 with padding=0"),
+])
+def test_identity_init_is_refused_where_it_is_not_the_identity(kwargs, message):
+    with pytest.raises(ValueError, match=f"init='identity' needs a linear.*{message}"):
+        WarpLayer(4, init="identity", **kwargs)
+    WarpLayer(4, **kwargs)  # the same layer with the random init builds
+    for row in ("3x3+relu", "3x3+relu+bn", "residual", "2-layer"):
+        with pytest.raises(ValueError, match="init='identity'"):
+            warp_block(row, 4, init="identity")
+    with pytest.raises(ValueError, match="init='zeros' is not one of"):
+        WarpLayer(4, init="zeros")

@@ -11,7 +11,15 @@ all through the core ``MetaLearner`` interface.
 """
 
 from warpgrad.buffer import ReplayBuffer, ReplayState
-from warpgrad.layers import ABLATIONS, ChannelScale, WarpBlock, WarpHead, WarpLayer, warp_block
+from warpgrad.layers import (
+    ABLATIONS,
+    WARP_INITS,
+    ChannelScale,
+    WarpBlock,
+    WarpHead,
+    WarpLayer,
+    warp_block,
+)
 from warpgrad.learner import WarpGrad
 from warpgrad.objectives import (
     InitObjective,
@@ -30,6 +38,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ABLATIONS",
+    "WARP_INITS",
     "ChannelScale",
     "ContinualUpdater",
     "DualUpdater",

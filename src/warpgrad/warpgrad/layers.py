@@ -18,6 +18,17 @@ row                 configuration (``ABLATIONS[row]``, cumulative from ``3x3`` o
 ==================  =========================================================================
 
 ``WarpHead`` is a linear warp layer after the task learner's (adaptable) output layer.
+
+Initialisation (``init``, any ``WarpLayer``/``WarpBlock``/``warp_block`` option): ``"random"``
+(default) keeps PyTorch's default convolution initialisation, as the reference code did;
+``"identity"`` makes the layer the identity map at initialisation (the convolution's weight
+``torch.nn.init.dirac_``, its bias zero). The identity is defined only where the layer is linear
+and keeps its width and size: ``kind="conv"`` with an odd kernel and size-preserving padding, or
+``"conv1x1"``, with ``in_channels == out_channels`` and no ``activation``, ``batch_norm`` or
+``residual``; anything else is refused (``ValueError``). ``"scaling"`` rows (``ChannelScale``)
+are the identity under both values. The identity init draws the same random numbers as the
+random one (the convolution is built, then overwritten), so a network built under either value
+from the same seed has the same parameters outside its warp layers.
 """
 
 from __future__ import annotations
@@ -27,12 +38,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["ABLATIONS", "ChannelScale", "WarpBlock", "WarpHead", "WarpLayer", "warp_block"]
+__all__ = ["ABLATIONS", "WARP_INITS", "ChannelScale", "WarpBlock", "WarpHead", "WarpLayer",
+           "warp_block"]
 
 _ACTIVATIONS: dict[str, type[nn.Module]] = {
     "relu": nn.ReLU, "leakyrelu": nn.LeakyReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid,
 }
 _KINDS = ("conv", "conv1x1", "scale")
+WARP_INITS = ("random", "identity")
 
 
 class ChannelScale(nn.Module):
@@ -71,11 +84,14 @@ class WarpLayer(nn.Module):
         activation: ``None`` (linear), ``"relu"``, ``"leakyrelu"``, ``"tanh"``, ``"sigmoid"``.
         batch_norm: BatchNorm before the operation (and after the sum when residual).
         residual: add the (projected) input.
+        init: ``"random"`` (PyTorch's default, the reference's) or ``"identity"`` (the identity
+            map at initialisation; linear, width- and size-preserving layers only, see the
+            module docstring).
     """
 
     def __init__(self, in_channels: int, out_channels: int | None = None, *, kind: str = "conv",
                  kernel_size: int = 3, padding: int | None = None, activation: str | None = None,
-                 batch_norm: bool = False, residual: bool = False) -> None:
+                 batch_norm: bool = False, residual: bool = False, init: str = "random") -> None:
         super().__init__()
         out_channels = in_channels if out_channels is None else out_channels
         for name, value in (("in_channels", in_channels), ("out_channels", out_channels),
@@ -90,14 +106,25 @@ class WarpLayer(nn.Module):
         if activation is not None and activation not in _ACTIVATIONS:
             raise ValueError(f"activation={activation!r} is not one of "
                              f"{[None, *_ACTIVATIONS]}")
+        if init not in WARP_INITS:
+            raise ValueError(f"init={init!r} is not one of {WARP_INITS}")
+        k = 1 if kind == "conv1x1" else kernel_size
+        pad = k // 2 if padding is None or kind == "conv1x1" else padding
+        if init == "identity":  # a ChannelScale has no kernel: check it as a 1x1 convolution
+            _check_identity(in_channels, out_channels, 1 if kind == "scale" else k,
+                            0 if kind == "scale" else pad, activation, batch_norm, residual)
         self.residual = residual
         self.bn_in = nn.BatchNorm2d(in_channels) if batch_norm else None
         if kind == "scale":
             self.op: nn.Module = ChannelScale(in_channels)
         else:
-            k = 1 if kind == "conv1x1" else kernel_size
-            pad = k // 2 if padding is None or kind == "conv1x1" else padding
-            self.op = nn.Conv2d(in_channels, out_channels, k, padding=pad)
+            conv = nn.Conv2d(in_channels, out_channels, k, padding=pad)
+            if init == "identity":
+                with torch.no_grad():
+                    nn.init.dirac_(conv.weight)
+                    if conv.bias is not None:  # always set (bias=True); for the type checker
+                        conv.bias.zero_()
+            self.op = conv
         self.act = _ACTIVATIONS[activation]() if activation is not None else None
         self.proj = (nn.Conv2d(in_channels, out_channels, 1)
                      if residual and in_channels != out_channels else None)
@@ -113,6 +140,22 @@ class WarpLayer(nn.Module):
             if self.bn_out is not None:
                 h = self.bn_out(h)
         return h
+
+
+def _check_identity(in_channels: int, out_channels: int, kernel_size: int, padding: int,
+                    activation: str | None, batch_norm: bool, residual: bool) -> None:
+    """Refuses ``init="identity"`` where the layer cannot be the identity map."""
+    problems = [f"{name}={value!r}" for name, value, bad in (
+        ("activation", activation, activation is not None), ("batch_norm", batch_norm, batch_norm),
+        ("residual", residual, residual)) if bad]
+    if in_channels != out_channels:
+        problems.append(f"in_channels={in_channels} != out_channels={out_channels}")
+    if kernel_size % 2 == 0 or padding != kernel_size // 2:
+        problems.append(f"kernel_size={kernel_size} with padding={padding} (needs an odd kernel "
+                        f"and padding kernel_size // 2)")
+    if problems:
+        raise ValueError(f"init='identity' needs a linear warp layer that keeps its width and "
+                         f"size, but {', '.join(problems)}; use init='random'")
 
 
 class WarpBlock(nn.Sequential):
