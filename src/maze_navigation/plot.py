@@ -5,6 +5,9 @@
 Each run folder is one written by ``run.py`` (``rewards.csv`` and ``summary.json``). Per agent,
 every seed is drawn thin and the mean over seeds bold (moving average over ``--window``
 episodes); the dashed line is the random policy's mean episode reward measured in the runs.
+The tables of the README are printed to standard output (``summary_tables``): per agent and
+seed, the mean reward over the last 10% of episodes, and the mean over seeds in ``--bins``
+equal windows of episodes.
 """
 
 from __future__ import annotations
@@ -22,9 +25,9 @@ import numpy as np
 
 from metazoo.cli import ArgumentParser, UsageError, run_command, user_input
 
-__all__ = ["RunCurve", "load_run", "main", "moving_average", "plot_runs"]
+__all__ = ["RunCurve", "load_run", "main", "moving_average", "plot_runs", "summary_tables"]
 
-_COLOURS = {"warp": "tab:blue", "lstm": "tab:orange"}
+_COLOURS = {"warp": "tab:blue", "lstm": "tab:orange", "arnn": "tab:green"}
 
 
 @dataclass(frozen=True)
@@ -121,8 +124,43 @@ def plot_runs(runs: list[RunCurve], out: str | Path, *, window: int = 50) -> Pat
     return out
 
 
+def summary_tables(runs: list[RunCurve], *, bins: int = 6) -> str:
+    """Markdown tables of ``runs``: the last 10% per seed, and the mean over seeds in windows.
+
+    The last 10% of a run is its last ``max(1, n // 10)`` episodes. The windows split the
+    episodes every run has (the shortest run's count ``n``) into ``bins`` equal parts; the
+    remainder of ``n / bins`` is left out at the end.
+    """
+    if not runs:
+        raise ValueError("runs is empty; pass at least one run folder")
+    if bins < 1:
+        raise ValueError(f"bins must be >= 1, got {bins}")
+    agents = sorted({r.agent for r in runs})
+    lines = ["| agent | seeds | last 10% per seed | mean | std over seeds |",
+             "|---|---|---|---|---|"]
+    for agent in agents:
+        group = sorted((r for r in runs if r.agent == agent), key=lambda r: r.seed)
+        tails = [float(r.rewards[-max(1, len(r.rewards) // 10):].mean()) for r in group]
+        std = float(np.std(tails, ddof=1)) if len(tails) > 1 else float("nan")
+        seeds = ", ".join(str(r.seed) for r in group)
+        per_seed = " / ".join(f"{t:.2f}" for t in tails)
+        lines.append(f"| {agent} | {seeds} | {per_seed} | {np.mean(tails):.2f} | {std:.2f} |")
+    n = min(len(r.rewards) for r in runs)
+    width = n // bins
+    if width == 0:
+        return "\n".join(lines)
+    edges = [(b * width, (b + 1) * width) for b in range(bins)]
+    lines += ["", "| episodes | " + " | ".join(f"{a}-{b}" for a, b in edges) + " |",
+              "|---" * (bins + 1) + "|"]
+    for agent in agents:
+        group = [r for r in runs if r.agent == agent]
+        means = [np.mean([r.rewards[a:b].mean() for r in group]) for a, b in edges]
+        lines.append(f"| {agent} | " + " | ".join(f"{m:.1f}" for m in means) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> Path:
-    """Command line: run folders, ``--out`` PNG path, ``--window``.
+    """Command line: run folders, ``--out`` PNG path, ``--window``, ``--bins``.
 
     Bad input (a folder that is not a run, a window < 1, an ``--out`` that cannot be written)
     raises ``UsageError`` before the figure is written.
@@ -132,19 +170,25 @@ def main(argv: list[str] | None = None) -> Path:
     p.add_argument("--out", type=Path, default=Path("maze_rewards.png"),
                    help="PNG file to write")
     p.add_argument("--window", type=int, default=50, help="moving-average window (episodes)")
+    p.add_argument("--bins", type=int, default=6,
+                   help="equal windows of episodes in the printed table")
     args = p.parse_args(argv)
     if args.window < 1:
         raise UsageError(f"--window {args.window}: must be >= 1 (episodes)")
+    if args.bins < 1:
+        raise UsageError(f"--bins {args.bins}: must be >= 1 (windows)")
     if args.out.is_dir():
         raise UsageError(f"--out {args.out} is a folder; pass a file name, e.g. --out "
                          f"{args.out / 'maze_rewards.png'}")
     with user_input():
         runs = [load_run(r) for r in args.runs]
     try:
-        return plot_runs(runs, args.out, window=args.window)
+        out = plot_runs(runs, args.out, window=args.window)
     except OSError as err:
         raise UsageError(f"--out {args.out}: cannot write it ({err.strerror or err}); pass "
                          "a writable path") from None
+    print(summary_tables(runs, bins=args.bins))
+    return out
 
 
 if __name__ == "__main__":

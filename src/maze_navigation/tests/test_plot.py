@@ -19,7 +19,7 @@ def test_moving_average():
         plot.moving_average(values, 0)
 
 
-def test_plot_compares_agents_and_seeds(tmp_path):
+def test_plot_compares_agents_and_seeds(tmp_path, capsys):
     folders = []
     for agent in ("warp", "lstm"):
         for seed in ("0", "1"):
@@ -33,9 +33,27 @@ def test_plot_compares_agents_and_seeds(tmp_path):
         ("lstm", 0, 3),
         ("lstm", 1, 3),
     ]
-    out = plot.main([*folders, "--out", str(tmp_path / "p.png"), "--window", "2"])
+    out = plot.main([*folders, "--out", str(tmp_path / "p.png"), "--window", "2", "--bins", "3"])
+    assert capsys.readouterr().out.strip() == plot.summary_tables(runs, bins=3)
     data = out.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) < 200_000
+
+
+def test_summary_tables_average_the_last_tenth_and_the_windows():
+    # 20 episodes: the last 10% is the last 2; 4 bins of 5 episodes
+    warp = [plot.RunCurve("warp", s, np.arange(20.0) + s, None) for s in (1, 0)]
+    lstm = [plot.RunCurve("lstm", 0, np.full(20, 3.0), None)]
+    text = plot.summary_tables([*warp, *lstm], bins=4)
+    lines = text.splitlines()
+    # seeds in order; seed 0's tail is (18 + 19) / 2, seed 1's one more; std of 18.5 and 19.5
+    assert "| warp | 0, 1 | 18.50 / 19.50 | 19.00 | 0.71 |" in lines
+    assert "| lstm | 0 | 3.00 | 3.00 | nan |" in lines
+    assert "| episodes | 0-5 | 5-10 | 10-15 | 15-20 |" in lines
+    # window 0-5 of seed 0 averages 0..4 = 2, of seed 1 3: mean 2.5; each later window +5
+    assert "| warp | 2.5 | 7.5 | 12.5 | 17.5 |" in lines
+    assert "| lstm | 3.0 | 3.0 | 3.0 | 3.0 |" in lines
+    with pytest.raises(ValueError, match="bins"):
+        plot.summary_tables(warp, bins=0)
 
 
 def test_load_run_rejects_folder_without_log(tmp_path):
@@ -67,6 +85,8 @@ def test_bad_input_is_one_line_and_writes_nothing(one_run, tmp_path, capsys):
     assert "has no rewards.csv" in err
     err = _one_line_exit_2([str(one_run), "--out", str(png), "--window", "0"], capsys)
     assert "--window 0: must be >= 1" in err
+    err = _one_line_exit_2([str(one_run), "--out", str(png), "--bins", "0"], capsys)
+    assert "--bins 0: must be >= 1" in err
     err = _one_line_exit_2([str(one_run), "--out", str(tmp_path)], capsys)
     assert "is a folder" in err
     blocker = tmp_path / "file"
