@@ -110,6 +110,24 @@ def test_the_mean_gradient_is_written_clipped_and_stepped_once(make_model, make_
     assert warp.backward(lambda: seen.append(None)).num_meta_steps == 0 and len(seen) == 1
 
 
+def test_a_step_that_does_not_zero_leaks_nothing_into_the_next_sum(make_model, make_tasks):
+    model = make_model(batch_norm=False)
+    warp = _warp(model)
+    warp.collect()
+    (x1, y1), (x2, y2) = (task[0] for task in make_tasks(num_tasks=2, batches=1))
+    F.cross_entropy(warp(x1), y1).backward()
+    warp.accumulate_warp_gradients()
+    warp.backward(lambda: None)  # steps nothing and zeroes nothing
+    assert all(p.grad is None for p in warp.warp_parameters())
+    for p in model.parameters():
+        p.grad = None
+    F.cross_entropy(warp(x2), y2).backward()
+    second = [p.grad.clone() for p in warp.warp_parameters()]
+    warp.accumulate_warp_gradients()
+    for total, g in zip(warp.updater._sums, second, strict=True):
+        assert torch.equal(total, g)
+
+
 def test_no_collect_discards_and_leaves_no_gradient(make_model, make_tasks):
     model = make_model(batch_norm=False)
     warp = _warp(model)

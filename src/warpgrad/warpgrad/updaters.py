@@ -586,6 +586,7 @@ class ContinualUpdater:
     def backward(self, warp: WarpedModel, step_fn: Callable[[], Any]) -> UpdateResult:
         """Writes the (clipped) mean warp gradient and calls ``step_fn`` once; resets the sum.
 
+        The warp parameters' ``.grad`` is ``None`` afterwards, whatever ``step_fn`` did.
         Without accumulated tasks (or warp parameters) nothing is written or stepped.
 
         Raises:
@@ -605,6 +606,10 @@ class ContinualUpdater:
         if self.clip_norm is not None:
             torch.nn.utils.clip_grad_norm_(params, self.clip_norm)
         step_fn()
+        # The mean is spent: a step function that does not zero it must not leak it into the
+        # next task's sum (accumulate adds whatever .grad holds).
+        for p in params:
+            p.grad = None
         self._reset()
         return UpdateResult(None, count, 1, time.perf_counter() - start, 0.0)
 
