@@ -201,9 +201,14 @@ class ReferenceARNNAgent(nn.Module):
 
     Unlike ``WarpedRecurrentAgent``: the sub-policies are ``tanh(P a)`` (in (-1, 1), near 0 at
     initialisation, not near 1), they also scale the cell's inputs ``x`` and ``h`` before the
-    weights, there is no pre-activation modulation and ``W_ih``, ``W_hh`` start orthogonal. (The
-    reference's projection also outputs one more ``hidden_size`` slice that its cell never
-    reads; it is left out, which changes no computation.)
+    weights, there is no pre-activation modulation and ``W_ih``, ``W_hh`` start orthogonal.
+
+    This is the cell as the reference's code writes it, with five independent sub-policies. As
+    the reference *runs* it they are not independent: its ``alstm.utils.chunk`` passes the
+    previous chunk's size as the next chunk's start to ``narrow``, so ``p_ih``, ``p_hh`` and
+    ``p_b`` are one and the same slice and ``p_h`` overlaps it (the maze README's "What differs
+    from the reference"). The reference's projection also has one more ``hidden_size`` output
+    that its cell never reads; it is left out, which only shifts the random initialisation.
 
     Args:
         input_size: observation size.

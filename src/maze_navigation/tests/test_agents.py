@@ -87,9 +87,10 @@ def test_parameter_partition_lstm():
 
 
 def test_reference_arnn_step_is_the_reference_formula():
-    """One step equals the reference's ``arnn_cell`` written out by hand (alstm.arnn), with the
-    policy ``tanh(P a)`` chunked as [x, h, W_ih x, W_hh h, b] and the adaptation LSTM reading
-    ``[x, h]``."""
+    """One step equals the reference's ``arnn_cell`` formula written out by hand (alstm.arnn),
+    with the policy ``tanh(P a)`` split into five independent slices [x, h, W_ih x, W_hh h, b]
+    (as the reference's code intends; its ``chunk`` helper ties the last three, which this agent
+    does not reproduce) and the adaptation LSTM reading ``[x, h]``."""
     agent = reference()
     gen = torch.Generator().manual_seed(4)
     x = torch.randn(3, OBS_SIZE, dtype=torch.float64, generator=gen)
