@@ -91,7 +91,27 @@ class ModulatedCell(nn.Module):
         return torch.tanh(m_pre * pre)
 
 
-class WarpedRecurrentAgent(nn.Module):
+class _WarpedSplit(nn.Module):
+    """The WarpGrad split shared by the warped agents: their recurrent ``cell`` and the
+    ``policy``/``value`` heads are adapted every episode; the adaptation ``warp_lstm`` and its
+    ``warp_projection`` are the warp (meta) layers."""
+
+    cell: nn.Module
+    policy: nn.Module
+    value: nn.Module
+    warp_lstm: nn.Module
+    warp_projection: nn.Module
+
+    def adapt_modules(self) -> list[nn.Module]:
+        """Adapted every episode: the recurrent cell and the policy/value heads."""
+        return [self.cell, self.policy, self.value]
+
+    def warp_modules(self) -> list[nn.Module]:
+        """Warp (meta) layers: the adaptation LSTM and its projection."""
+        return [self.warp_lstm, self.warp_projection]
+
+
+class WarpedRecurrentAgent(_WarpedSplit):
     """Recurrent cell modulated by an adaptation LSTM, with policy and value heads.
 
     Args:
@@ -130,14 +150,6 @@ class WarpedRecurrentAgent(nn.Module):
         with torch.no_grad():
             self.warp_projection.weight.mul_(warp_init_scale)
             self.warp_projection.bias.mul_(warp_init_scale)
-
-    def adapt_modules(self) -> list[nn.Module]:
-        """Adapted every episode: the recurrent cell and the policy/value heads."""
-        return [self.cell, self.policy, self.value]
-
-    def warp_modules(self) -> list[nn.Module]:
-        """Warp (meta) layers: the adaptation LSTM and its projection."""
-        return [self.warp_lstm, self.warp_projection]
 
     def initial_state(self, batch_size: int) -> tuple[Tensor, ...]:
         """Zero state ``(h, a, c)``: cell hidden, adaptation LSTM hidden and memory."""
@@ -188,7 +200,7 @@ class ARNNCell(nn.Module):
         return torch.tanh(gates)
 
 
-class ReferenceARNNAgent(nn.Module):
+class ReferenceARNNAgent(_WarpedSplit):
     """The reference's warped agent (flennerhag/warpgrad ``maze_navigation/run.py`` ``WNet``,
     one-layer ``alstm.aRNN``), written out here because its ``alstm`` package does not run on
     current PyTorch.
@@ -228,14 +240,6 @@ class ReferenceARNNAgent(nn.Module):
         self.cell = ARNNCell(input_size, hidden_size)
         self.policy = nn.Linear(hidden_size, num_actions)
         self.value = nn.Linear(hidden_size, 1)
-
-    def adapt_modules(self) -> list[nn.Module]:
-        """Adapted every episode: the aRNN cell and the policy/value heads."""
-        return [self.cell, self.policy, self.value]
-
-    def warp_modules(self) -> list[nn.Module]:
-        """Warp (meta) layers: the adaptation LSTM and its projection."""
-        return [self.warp_lstm, self.warp_projection]
 
     def initial_state(self, batch_size: int) -> tuple[Tensor, ...]:
         """Zero state ``(h, a, c)``: cell hidden, adaptation LSTM hidden and memory."""

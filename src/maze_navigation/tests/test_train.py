@@ -88,8 +88,9 @@ def test_a2c_loss_gradients_match_the_analytic_formula():
     torch.testing.assert_close(g_logits, (g_policy + g_conc) / B)
 
 
-def test_gradient_clipping_applies_to_the_adaptable_step(monkeypatch):
-    tr = trainer(agent="lstm", grad_clip=1e-3)
+def adapt_step_grad_norms(tr, monkeypatch) -> list[float]:
+    """The norm of the adaptable gradients each time the adaptable optimizer steps (a list
+    that fills as the trainer runs)."""
     seen = []
     original = tr.adapt_optimizer.step
 
@@ -98,6 +99,12 @@ def test_gradient_clipping_applies_to_the_adaptable_step(monkeypatch):
         return original(*args, **kwargs)
 
     monkeypatch.setattr(tr.adapt_optimizer, "step", spy)
+    return seen
+
+
+def test_gradient_clipping_applies_to_the_adaptable_step(monkeypatch):
+    tr = trainer(agent="lstm", grad_clip=1e-3)
+    seen = adapt_step_grad_norms(tr, monkeypatch)
     result = tr.train_episode()
     assert result.adapt_grad_norm > 1e-3  # clipping was needed ...
     assert seen == [pytest.approx(1e-3, rel=1e-3)]  # ... and the optimizer saw clipped grads
@@ -154,14 +161,7 @@ def test_grad_clip_zero_turns_clipping_off(monkeypatch, agent):
     """--gc 0: both optimizers step with the raw (mean) gradients, as the reference (it parsed
     --gc and never clipped); the same run with a tiny clip steps with other gradients."""
     tr = trainer(agent=agent, grad_clip=0.0, meta_update_ival=1)
-    seen = []
-    original = tr.adapt_optimizer.step
-
-    def spy(*args, **kwargs):
-        seen.append(float(torch.cat([p.grad.reshape(-1) for p in tr.adapt_params]).norm()))
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(tr.adapt_optimizer, "step", spy)
+    seen = adapt_step_grad_norms(tr, monkeypatch)
     if agent == "warp":
         episodes, steps = capture_warp(tr, monkeypatch)
     result = tr.train_episode()
