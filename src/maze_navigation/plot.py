@@ -24,6 +24,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from metazoo.cli import ArgumentParser, UsageError, run_command, user_input
+from train import last_fraction_mean, load_checkpoint
 
 __all__ = ["RunCurve", "load_run", "main", "moving_average", "plot_runs", "summary_tables"]
 
@@ -66,8 +67,6 @@ def load_run(folder: str | Path) -> RunCurve:
             summary = json.loads(summary_path.read_text())
             config, random_reward = summary["config"], summary["random_policy_reward"]
         elif ckpt_path.exists():  # a run still in progress: read what its checkpoint knows
-            from train import load_checkpoint
-
             state = load_checkpoint(ckpt_path)
             config, random_reward = state["config"], state["random_reward"]
         else:
@@ -127,7 +126,7 @@ def plot_runs(runs: list[RunCurve], out: str | Path, *, window: int = 50) -> Pat
 def summary_tables(runs: list[RunCurve], *, bins: int = 6) -> str:
     """Markdown tables of ``runs``: the last 10% per seed, and the mean over seeds in windows.
 
-    The last 10% of a run is its last ``max(1, n // 10)`` episodes. The windows split the
+    The last 10% is ``train.last_fraction_mean``, as in ``summary.json``. The windows split the
     episodes every run has (the shortest run's count ``n``) into ``bins`` equal parts; the
     remainder of ``n / bins`` is left out at the end.
     """
@@ -140,7 +139,7 @@ def summary_tables(runs: list[RunCurve], *, bins: int = 6) -> str:
              "|---|---|---|---|---|"]
     for agent in agents:
         group = sorted((r for r in runs if r.agent == agent), key=lambda r: r.seed)
-        tails = [float(r.rewards[-max(1, len(r.rewards) // 10):].mean()) for r in group]
+        tails = [last_fraction_mean(r.rewards.tolist()) for r in group]
         std = float(np.std(tails, ddof=1)) if len(tails) > 1 else float("nan")
         seeds = ", ".join(str(r.seed) for r in group)
         per_seed = " / ".join(f"{t:.2f}" for t in tails)
