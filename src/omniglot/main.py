@@ -70,7 +70,8 @@ from metazoo.serialization import load_checked, save_checked
 from model import DOWNSAMPLE
 from progress import estimate_lines, format_duration
 from warpgrad.layers import ABLATIONS, WARP_INITS
-from wrapper import HEAD_POLICIES, METHODS, LearnerConfig, build_learner, score
+from wrapper import HEAD_POLICIES, LearnerConfig, build_learner, score
+from wrapper import METHODS as LEARNER_METHODS
 
 PROTOCOLS = ("alphabet", "fewshot")
 # --bn_eval in few-shot terms -> the learners' bn_mode
@@ -103,6 +104,22 @@ PRESETS: dict[str, dict[str, int]] = {
     "gpu_short": {"meta_batch_size": 5, "task_batch_size": 128, "task_train_steps": 100,
                   "task_val_steps": 100, "meta_train_steps": 250},
 }
+# --meta_model names that are a method of wrapper.py with its settings changed: NAME -> (the
+# method, the flags' defaults it sets; flags given explicitly win). The run folder, args.log and
+# the plots carry NAME, so the two settings of one method are told apart.
+# "warp_leap_tuned": the setting that puts warp_leap ahead of leap in the README's ordering
+# investigation (tables (d), (e)): identity warp layers, warp meta-learning rate 1.0.
+METHOD_PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
+    "warp_leap_tuned": ("warp_leap", {"warp_init": "identity",
+                                      "meta_kwargs": ["warp_lr", "1.0"]}),
+}
+METHODS = LEARNER_METHODS + tuple(METHOD_PRESETS)
+
+
+def learner_method(meta_model: str) -> str:
+    """The ``wrapper.py`` method a ``--meta_model`` builds (itself, or a ``METHOD_PRESETS``
+    name's method)."""
+    return METHOD_PRESETS[meta_model][0] if meta_model in METHOD_PRESETS else meta_model
 
 
 # -- flags ------------------------------------------------------------------------------------
@@ -250,7 +267,9 @@ def make_parser() -> argparse.ArgumentParser:
     a("--bn_mode", choices=("batch", "running"), default=None,
       help="BatchNorm statistics: batch (transductive, reference; default) or per-task running "
            "(--bn_eval says the same in few-shot terms)")
-    a("--meta_model", default="warp_leap", choices=METHODS)
+    a("--meta_model", default="warp_leap", choices=METHODS,
+      help="the method; warp_leap_tuned is warp_leap with --warp_init identity --meta_kwargs "
+           "warp_lr 1.0 (flags given explicitly win)")
     a("--head_policy", default="meta", choices=HEAD_POLICIES,
       help="meta: every method meta-learns its head (default); reference: the reference "
            "code's per-method heads (see wrapper.py)")
@@ -325,9 +344,11 @@ def make_parser() -> argparse.ArgumentParser:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parses and validates the flags."""
     parser = make_parser()
-    preset = parser.parse_known_args(argv)[0].preset
-    if preset is not None:
-        parser.set_defaults(**PRESETS[preset])
+    known = parser.parse_known_args(argv)[0]
+    if known.preset is not None:
+        parser.set_defaults(**PRESETS[known.preset])
+    if known.meta_model in METHOD_PRESETS:
+        parser.set_defaults(**METHOD_PRESETS[known.meta_model][1])
     args = parser.parse_args(argv)
     args.inner_kwargs = build_kwargs(args.inner_kwargs, "--inner_kwargs")
     args.outer_kwargs = build_kwargs(args.outer_kwargs, "--outer_kwargs")
@@ -388,7 +409,7 @@ def learner_config(args: argparse.Namespace) -> LearnerConfig:
         warp["batch_norm"] = True
     warp["init"] = args.warp_init
     return LearnerConfig(
-        meta_model=args.meta_model,
+        meta_model=learner_method(args.meta_model),
         classes=args.ways if args.protocol == "fewshot" else args.classes,
         num_train_tasks=max(args.num_pretrain, 1), task_train_steps=args.task_train_steps,
         task_val_steps=args.task_val_steps, num_layers=args.num_layers,
