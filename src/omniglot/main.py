@@ -51,6 +51,7 @@ from episodes import (
     FewShotSplit,
     LabelledImages,
     MeanCI,
+    inner_batches,
     load_image_folder,
     mean_ci,
     split_alphabets,
@@ -98,12 +99,28 @@ SEED_MAX = 2**32 - 1
 # --preset NAME sets these flags' defaults; flags given explicitly win. "paper": the WarpGrad
 # paper's Omniglot configuration (also this command's defaults); "gpu_short": the COMP6248
 # replication's budget (250 meta-steps of 5 tasks), the paper's inner loop otherwise.
-PRESETS: dict[str, dict[str, int]] = {
+# "reptile_authors": Reptile on 5-way 1-shot Omniglot as its authors' code and paper command
+# ran it (openai/supervised-reptile, README: run_omniglot.py --shots 1 --inner-batch 10
+# --inner-iters 5 --meta-step 1 --meta-batch 5 --meta-iters 100000 --eval-batch 5 --eval-iters
+# 50 --learning-rate 0.001 --meta-step-final 0 --train-shots 10 --transductive; Adam beta1 0,
+# its Adam state carried on, OmniglotModel: stride-2 convolutions, rotated classes).
+PRESETS: dict[str, dict[str, Any]] = {
     "paper": {"meta_batch_size": 20, "task_batch_size": 128, "task_train_steps": 100,
               "task_val_steps": 100, "meta_train_steps": 1000},
     "gpu_short": {"meta_batch_size": 5, "task_batch_size": 128, "task_train_steps": 100,
                   "task_val_steps": 100, "meta_train_steps": 250},
+    "reptile_authors": {
+        "meta_model": "reptile", "protocol": "fewshot", "ways": 5, "shots": 1, "queries": 1,
+        "train_shots": 10, "train_queries": 1, "rotations": True, "bn_eval": "transductive",
+        "downsample": "stride", "num_filters": 64, "meta_batch_size": 5,
+        "meta_train_steps": 100000, "task_train_steps": 5, "inner_batch": 10,
+        "task_val_steps": 50, "eval_inner_batch": 5, "inner_opt": "adam",
+        "inner_kwargs": ["lr", "1e-3", "betas", "0:0.999"], "reptile_inner_state": "carry",
+        "outer_opt": "sgd", "outer_kwargs": ["lr", "1.0"], "outer_lr_schedule": "linear"},
 }
+OUTER_LR_SCHEDULES = ("constant", "linear")
+
+
 # --meta_model names that are a method of wrapper.py with its settings changed: NAME -> (the
 # method, the flags' defaults it sets; flags given explicitly win). The run folder, args.log and
 # the plots carry NAME, so the two settings of one method are told apart.
@@ -248,7 +265,14 @@ def make_parser() -> argparse.ArgumentParser:
     a("--preset", choices=tuple(PRESETS), default=None,
       help="paper: --meta_batch_size 20 --task_batch_size 128 --task_train_steps 100 "
            "--task_val_steps 100 --meta_train_steps 1000; gpu_short: the same with "
-           "--meta_batch_size 5 --meta_train_steps 250 (flags given explicitly win)")
+           "--meta_batch_size 5 --meta_train_steps 250; reptile_authors: Reptile's 5-way "
+           "1-shot Omniglot protocol as its authors ran it (--meta_model reptile --protocol "
+           "fewshot --shots 1 --queries 1 --train_shots 10 --train_queries 1 --rotations "
+           "--downsample stride --meta_batch_size 5 --meta_train_steps 100000 "
+           "--task_train_steps 5 --inner_batch 10 --task_val_steps 50 --eval_inner_batch 5 "
+           "--inner_opt adam --inner_kwargs lr 1e-3 betas 0:0.999 --reptile_inner_state carry "
+           "--outer_opt sgd --outer_kwargs lr 1.0 --outer_lr_schedule linear). Flags given "
+           "explicitly win")
     a("--log_dir", default="logs", help="logs go to <log_dir>/<meta_model>/<suffix>/")
     a("--suffix", default="tmp", help="run name")
     a("--overwrite", action="store_true", help="replace an existing run of the same name")
@@ -287,6 +311,10 @@ def make_parser() -> argparse.ArgumentParser:
            "(Adam's moments and step count) carried across tasks and meta-steps and used, "
            "unchanged, by every evaluation task, as the Reptile authors' code does (carry; "
            "not with --vectorize)")
+    a("--outer_lr_schedule", choices=OUTER_LR_SCHEDULES, default="constant",
+      help="the meta-optimizer's learning rate: constant (--outer_kwargs lr, default) or "
+           "linear: annealed from it to 0, lr * (1 - i / --meta_train_steps) at meta-step "
+           "i = 0, 1, ... (the Reptile authors' --meta-step-final 0)")
     a("--on_nonfinite", choices=("raise", "skip"), default="raise",
       help="a NaN/inf loss: raise (stop, naming the meta-step, task and inner step) or skip "
            "the task (counted in nonfinite.log and the progress line)")
@@ -320,6 +348,13 @@ def make_parser() -> argparse.ArgumentParser:
            "the Reptile paper meta-trains 1-shot Omniglot with 10)")
     a("--train_queries", type=_pos_int, default=None,
       help="fewshot: query images per class in meta-training episodes (default --queries)")
+    a("--inner_batch", type=_pos_int, default=None,
+      help="fewshot: meta-training inner steps on mini-batches of this many support images, "
+           "drawn without replacement as the Reptile authors' code does (default: the whole "
+           "support every step)")
+    a("--eval_inner_batch", type=_pos_int, default=None,
+      help="fewshot: the same for the inner steps on evaluation episodes (default: the whole "
+           "support every step)")
     a("--test_episodes", type=_pos_int, default=600,
       help="fewshot: fixed, seeded test episodes (mean accuracy +- 95%% CI)")
     a("--val_episodes", type=_nonneg_int, default=100,
@@ -382,6 +417,11 @@ def check_protocol(args: argparse.Namespace) -> None:
         if args.image_size != 28:
             raise ValueError(f"--image_size {args.image_size}: the alphabet protocol uses the "
                              "28x28 images; drop the flag or use --protocol fewshot")
+        for flag in ("inner_batch", "eval_inner_batch"):
+            if getattr(args, flag) is not None:
+                raise ValueError(f"--{flag} {getattr(args, flag)}: the alphabet protocol's "
+                                 "inner batches are --task_batch_size; use --protocol fewshot "
+                                 "or drop the flag")
     elif args.meta_model == "ft":
         raise ValueError("--meta_model ft pretrains one head per alphabet task, which episodes "
                          "with shuffled labels do not have; use --protocol alphabet or "
@@ -796,7 +836,18 @@ class FewShotExperiment:
     def meta_batch(self, learner: MetaLearner, run: RunState) -> list[Task]:
         """``--meta_batch_size`` training episodes drawn from ``run.data_generator``."""
         del learner
-        return self.samplers["train"].sample(self.args.meta_batch_size, run.data_generator)
+        tasks = self.samplers["train"].sample(self.args.meta_batch_size, run.data_generator)
+        if self.args.inner_batch is None:
+            return tasks
+        # --inner_batch: the shuffles come after the episodes from the same saved generator
+        return [inner_batches(task, self.args.inner_batch, self.args.task_train_steps,
+                              run.data_generator) for task in tasks]
+
+    def eval_batch_generator(self, case: str) -> torch.Generator:
+        """The random numbers of ``--eval_inner_batch``'s shuffles: seeded by ``--seed`` and
+        the case alone, so every evaluation and every method adapts on the same batches."""
+        code = ("val", "test").index(case) + 1
+        return torch.Generator().manual_seed(self.args.seed * 1_000_003 + code * 10_007 + 5)
 
     def evaluate(self, learner: MetaLearner, case: str, step: int, log_dir: Path | None,
                  printer: Callable[[str], None]) -> float:
@@ -812,9 +863,11 @@ class FewShotExperiment:
         steps = args.task_val_steps
         start = time.perf_counter()
         losses, accs, support_accs, curves = [], [], [], []
+        batches = None if args.eval_inner_batch is None else self.eval_batch_generator(case)
         for i in range(len(indices)):
             task = sampler.task(indices, i)
-            adapted = learner.adapt(task, steps=steps)
+            adapted = learner.adapt(task if batches is None else inner_batches(
+                task, args.eval_inner_batch, steps, batches), steps=steps)
             support_accs.append(score(learner, adapted, task.support[0])[1])
             loss, acc = score(learner, adapted, task.query)
             losses.append(loss)
@@ -892,6 +945,21 @@ def evaluate(learner: MetaLearner, exp: Experiment, case: str, step: int, log_di
     return mean
 
 
+def anneal_meta_lr(learner: MetaLearner, step: int, total: int) -> None:
+    """``--outer_lr_schedule linear``: sets every meta-optimizer group's learning rate to
+    ``initial_lr * (1 - step / total)`` before meta-step ``step`` (0-based), as the Reptile
+    authors' ``train.py`` interpolates ``--meta-step`` to ``--meta-step-final 0``. The initial
+    rate is kept in the group (``"initial_lr"``, as torch's schedulers do), so it is in the
+    checkpoint and a resumed run continues the same schedule."""
+    optimizer = getattr(learner, "meta_optimizer", None)
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise ValueError(f"--outer_lr_schedule linear needs a learner with one meta-optimizer; "
+                         f"{type(learner).__name__} has none; drop the flag")
+    for group in optimizer.param_groups:
+        initial = group.setdefault("initial_lr", group["lr"])
+        group["lr"] = initial * (1 - step / total)
+
+
 def meta_train(learner: MetaLearner, exp: ExperimentLike, run: RunState, log_dir: Path,
                printer: Callable[[str], None]) -> None:
     """The meta-training loop: one meta-step per iteration, logs, validation, checkpoints.
@@ -904,6 +972,8 @@ def meta_train(learner: MetaLearner, exp: ExperimentLike, run: RunState, log_dir
     main_process = distributed.is_main_process()
     start, first = time.perf_counter(), run.step
     while run.step < args.meta_train_steps:
+        if args.outer_lr_schedule == "linear":
+            anneal_meta_lr(learner, run.step, args.meta_train_steps)
         tasks = exp.meta_batch(learner, run)  # the protocol's tasks (the same on every rank)
         try:
             result: MetaStepResult = distributed.meta_step(learner, distributed.shard(tasks))
