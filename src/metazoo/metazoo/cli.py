@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, NoReturn
 
+from metazoo.distributed import PeerLostError
 from metazoo.faults import NonFiniteError
 
 __all__ = ["ArgumentParser", "HelpFormatter", "UsageError", "fail_usage", "run_command",
@@ -57,12 +58,18 @@ def run_command(main: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
 
     ``NonFiniteError`` is reported the same way: it names the meta-step, the task and the fix
     (lower the learning rates, or skip such tasks), and a traceback would add nothing to that.
-    Every other exception propagates with its traceback.
+    ``distributed.PeerLostError`` (another process of a torchrun run died) is one line with exit
+    code 1: the cause and its traceback are in that other process's log. Every other exception
+    propagates with its traceback.
     """
     try:
         return main(*args, **kwargs)
     except (UsageError, NonFiniteError) as err:
         fail_usage(str(err))
+    except PeerLostError as err:
+        # Another rank's failure, not this process's: its log has the traceback that matters.
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        sys.exit(1)
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):

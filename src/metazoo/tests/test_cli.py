@@ -32,6 +32,23 @@ def test_run_command_prints_one_line_and_exits_2(error, capsys):
     assert "Traceback" not in err
 
 
+def test_run_command_reports_a_lost_peer_in_one_line_with_exit_1(capsys):
+    from metazoo.distributed import PeerLostError
+
+    def main():
+        try:
+            raise RuntimeError("[pair.cc:561] Connection closed by peer [127.0.0.1]:41152")
+        except RuntimeError as gloo:
+            raise PeerLostError("rank 0: another process of the distributed run exited") \
+                from gloo
+
+    with pytest.raises(SystemExit) as info:
+        run_command(main)
+    assert info.value.code == 1
+    assert capsys.readouterr().err == ("error: rank 0: another process of the distributed run "
+                                       "exited\n")
+
+
 def test_run_command_keeps_internal_errors_and_returns_results():
     def broken():
         raise RuntimeError("Expected all tensors to be on the same device")
