@@ -261,6 +261,7 @@ _OWNER = textwrap.dedent("""
     print(buffer.tmpdir, flush=True)
     sys.stdin.readline()  # stays alive until told to replay
     print(sum(float(s.params["w"].sum()) for s in buffer.states("task")), flush=True)
+    sys.stdin.readline()  # alive until killed
 """)
 
 
