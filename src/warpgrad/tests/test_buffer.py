@@ -231,8 +231,8 @@ def test_slot_names_never_become_paths(tmp_path, slot):
 def test_folders_named_like_a_dead_process_buffer_are_left_alone(tmp_path):
     """Issue 28 item 2: a folder named like a buffer of a dead pid lost its state-like files.
     Names and pids prove nothing: without a manifest under a free lock, nothing is deleted."""
-    import socket
     import hashlib
+    import socket
 
     host = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
     dead = 2**31 - 2  # no such process

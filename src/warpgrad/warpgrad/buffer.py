@@ -26,7 +26,6 @@ from typing import Any
 import torch
 
 from metazoo import Params
-
 from warpgrad.scratch import ScratchDirectory, remove_abandoned
 
 __all__ = ["ReplayBuffer", "ReplayState"]
