@@ -600,7 +600,7 @@ def meta_step(learner: MetaLearner, tasks: Sequence[Task], *,
                 raise
             raise NonFiniteError(task=sum(offsets) + error.task, inner_step=error.inner_step,
                                  where=error.where, meta_step=error.meta_step,
-                                 names=error.names) from None
+                                 names=error.names, then=error.then) from None
         parts = _gather((stepped.num_tasks, stepped.skipped_tasks, stepped.meta_loss,
                          stepped.inner_loss, stepped.accuracy, tuple(stepped.inner_losses)),
                         group)

@@ -45,13 +45,15 @@ class NonFiniteError(RuntimeError):
         meta_step: the meta-step number, filled in by the experiment loop (``None`` until then).
         names: for ``where="meta_gradient"``, the meta-parameters with non-finite gradients; for
             ``"meta_update"``, those the step made non-finite (value or optimizer state).
+        then: what the raising object did about the fault and how to continue (appended to the
+            message; empty when the general advice says it all).
     """
 
     def __init__(self, *, task: int | None, inner_step: int | None, where: str,
-                 meta_step: int | None = None, names: Sequence[str] = ()) -> None:
+                 meta_step: int | None = None, names: Sequence[str] = (), then: str = "") -> None:
         self.task, self.inner_step, self.where = task, inner_step, where
-        self.meta_step, self.names = meta_step, tuple(names)
-        super().__init__(self._message())
+        self.meta_step, self.names, self.then = meta_step, tuple(names), then
+        super().__init__(self._message() + (f". {then}" if then else ""))
 
     def _message(self) -> str:
         at = [] if self.meta_step is None else [f"meta-step {self.meta_step}"]
@@ -91,11 +93,12 @@ class NonFiniteError(RuntimeError):
     def with_meta_step(self, meta_step: int) -> NonFiniteError:
         """A copy that also names the meta-step (for experiment loops that re-raise)."""
         return NonFiniteError(task=self.task, inner_step=self.inner_step, where=self.where,
-                              meta_step=meta_step, names=self.names)
+                              meta_step=meta_step, names=self.names, then=self.then)
 
     def __reduce__(self) -> tuple[Any, ...]:
         # Keyword-only constructor: pickle through a helper so errors cross process borders.
-        return (_rebuild, (self.task, self.inner_step, self.where, self.meta_step, self.names))
+        return (_rebuild, (self.task, self.inner_step, self.where, self.meta_step, self.names,
+                           self.then))
 
 
 def _shown(names: Sequence[str], limit: int = 6) -> str:
@@ -106,9 +109,9 @@ def _shown(names: Sequence[str], limit: int = 6) -> str:
 
 
 def _rebuild(task: int | None, inner_step: int | None, where: str, meta_step: int | None,
-             names: Sequence[str]) -> NonFiniteError:
+             names: Sequence[str], then: str = "") -> NonFiniteError:
     return NonFiniteError(task=task, inner_step=inner_step, where=where, meta_step=meta_step,
-                          names=names)
+                          names=names, then=then)
 
 
 def check_on_nonfinite(value: Any) -> str:
