@@ -242,3 +242,16 @@ def test_requires_grad_false_is_neither_adapted_nor_meta_learned(make_model, mak
     frozen = make_model().requires_grad_(False)
     with pytest.raises(ValueError, match="adapt_modules hold no parameters with requires_grad"):
         Warp(frozen, frozen.adapt_modules(), frozen.warp_modules(), DualUpdater(F.cross_entropy))
+
+
+@pytest.mark.parametrize("steps", [0, -1, 1.5, True])
+def test_adapt_and_evaluate_refuse_a_bad_step_count_as_the_other_learners(make_model,
+                                                                          make_tasks, steps):
+    """Issue 28 item 8: adapt(task, steps=0) returned the initialisation without a word."""
+    learner = _learner(make_model())
+    task = _tasks(make_tasks, num_tasks=1)[0]
+    with pytest.raises(ValueError, match=rf"steps must be an int >= 1, got {steps!r}"):
+        learner.adapt(task, steps=steps)
+    with pytest.raises(ValueError, match=rf"steps must be an int >= 1, got {steps!r}"):
+        learner.evaluate([task], steps=steps)
+    assert len(learner.adapt(task, steps=2).inner_losses) == 2

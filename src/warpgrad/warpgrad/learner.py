@@ -248,8 +248,15 @@ class WarpGrad(MetaLearner):
 
     def adapt(self, task: Task, *, steps: int | None = None) -> Adapted:
         """Adapts the initialisation to ``task`` with the warp layers fixed."""
-        return self._adapt(self._layout(task), self.inner_steps if steps is None else steps,
-                           None)[0]
+        return self._adapt(self._layout(task), self._steps(steps), None)[0]
+
+    def _steps(self, steps: int | None) -> int:
+        """``steps`` checked as the other learners check it (``None``: the learner's)."""
+        if steps is None:
+            return self.inner_steps
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"steps must be an int >= 1, got {steps!r}; use at least one step")
+        return steps
 
     def _score(self, adapted: Adapted, task: Task) -> tuple[Tensor, Tensor | None]:
         x, y = (t.to(next(iter(adapted.params.values())).device) for t in task.query)
@@ -282,7 +289,7 @@ class WarpGrad(MetaLearner):
 
     def evaluate(self, tasks: Sequence[Task], *, steps: int | None = None) -> EvalResult:
         """Adapts to each task and scores its query batch; meta-parameters are unchanged."""
-        steps = self.inner_steps if steps is None else steps
+        steps = self._steps(steps)
         chunk = self._chunk(len(tasks))
         if chunk is not None:
             adaptation, _ = self._adapt_vectorized(tasks, steps, chunk)
