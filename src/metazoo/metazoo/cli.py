@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import re
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -90,6 +91,10 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+_NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-(inf|infinity|nan)$",
+                              re.IGNORECASE)
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse's parser with one-line errors and every default in ``-h``.
 
@@ -101,6 +106,10 @@ class ArgumentParser(argparse.ArgumentParser):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(*args, **kwargs)
+        # argparse takes "-inf", "-1e-3" and "-nan" for flag names (its pattern only knows
+        # "-1" and "-.5"), so "--lr -inf" failed with "expected one argument" instead of
+        # reaching the check that names the value and the fix.
+        self._negative_number_matcher = _NEGATIVE_NUMBER
 
     def error(self, message: str) -> NoReturn:
         fail_usage(f"{message} ({self.prog} -h lists every flag)")

@@ -207,7 +207,17 @@ def checked_step(optimizer: torch.optim.Optimizer,
     saved_values = [p.detach().clone() for _, p in stepped]
     saved_states = [_copy_state(optimizer.state[p]) if p in optimizer.state else None
                     for _, p in stepped]
-    optimizer.step()
+    try:
+        optimizer.step()
+    except RuntimeError as error:
+        # torch refuses a hyperparameter that does not fit the parameters' dtype (lr=1e300 on
+        # float32: "value cannot be converted to type float without overflow"): the same
+        # fault as an update that overflows to inf, so the same restore and the same error.
+        if "overflow" not in str(error):
+            raise
+        _restore(optimizer, stepped, saved_values, saved_states)
+        raise NonFiniteError(task=None, inner_step=None, where="meta_update",
+                             names=[n for n, _ in stepped]) from None
     checked = [t for _, p in stepped
                for t in (p.grad, p, *_state_tensors(optimizer.state.get(p, {})))
                if t is not None]
@@ -220,19 +230,25 @@ def checked_step(optimizer: torch.optim.Optimizer,
     already = [n for (n, _), before, state in zip(stepped, saved_values, saved_states,
                                                   strict=True)
                if not _finite([before, *_state_tensors(state or {})])]
+    _restore(optimizer, stepped, saved_values, saved_states)
+    if bad_grads:
+        raise NonFiniteError(task=None, inner_step=None, where="meta_gradient", names=bad_grads)
+    if already:
+        raise NonFiniteError(task=None, inner_step=None, where="meta_parameters", names=already)
+    raise NonFiniteError(task=None, inner_step=None, where="meta_update", names=bad_values)
+
+
+def _restore(optimizer: torch.optim.Optimizer, stepped: Sequence[tuple[str, Tensor]],
+             values: Sequence[Tensor], states: Sequence[dict[str, Any] | None]) -> None:
+    """Puts parameters and optimizer state back as they were before the step; no gradients."""
     with torch.no_grad():
-        for (_, p), before, state in zip(stepped, saved_values, saved_states, strict=True):
+        for (_, p), before, state in zip(stepped, values, states, strict=True):
             p.copy_(before)
             if state is None:
                 optimizer.state.pop(p, None)
             else:
                 optimizer.state[p] = state
             p.grad = None
-    if bad_grads:
-        raise NonFiniteError(task=None, inner_step=None, where="meta_gradient", names=bad_grads)
-    if already:
-        raise NonFiniteError(task=None, inner_step=None, where="meta_parameters", names=already)
-    raise NonFiniteError(task=None, inner_step=None, where="meta_update", names=bad_values)
 
 
 Criterion = Callable[[Tensor, Tensor], Tensor]
