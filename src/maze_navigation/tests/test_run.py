@@ -1,6 +1,7 @@
 """Tests of the command line: options, logging, checkpoints, resume."""
 
 import csv
+import errno
 import json
 import shlex
 
@@ -148,11 +149,13 @@ def test_a_run_killed_with_sigkill_resumes_to_the_same_log(tmp_path):
     checkpoint = torch.load(killed / "checkpoint.pt", weights_only=True)
     assert 12 <= len(logged) < 30 and checkpoint["episode"] % 5 == 0
     assert checkpoint["episode"] <= len(logged)
-    (killed / ".rewards.csv.abc_1234.tmp").write_text("a kill mid-rewrite leaves this")
+    recorded = json.loads((killed / "manifest.json").read_text())["files"]["rewards.csv"]
+    (killed / recorded).write_text("a kill mid-rewrite leaves this")
     (killed / ".my_notes.tmp").write_text("not the run's")
+    (killed / ".rewards.csv.abc_1234.tmp").write_text("named like the run's; the user's")
     run.main([*args, "--out", str(killed), "--resume"])  # the same argument list
-    assert not (killed / ".rewards.csv.abc_1234.tmp").exists()
-    assert (killed / ".my_notes.tmp").exists()
+    assert not (killed / recorded).exists()
+    assert (killed / ".my_notes.tmp").exists() and (killed / ".rewards.csv.abc_1234.tmp").exists()
     straight = tmp_path / "straight"
     run.main([*args, "--out", str(straight)])
     rows = read_csv(killed / "rewards.csv")
@@ -196,15 +199,17 @@ def test_a_failed_checkpoint_write_keeps_the_previous_checkpoint(tmp_path, monke
 
     def failing_save(obj, f, *args, **kwargs):
         real_save(obj, f, *args, **kwargs)  # the bytes are written, then the "disk" fails
-        raise OSError("No space left on device")
+        raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(torch, "save", failing_save)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(UsageError, match="the disk is full. Nothing that was written before is "
+                                         r"lost .* --resume"):  # one line from run_command
         run.main([*TINY, "--agent", "lstm", "--nbiter", "4", "--out", str(out), "--resume"])
     monkeypatch.undo()
     assert (out / "checkpoint.pt").read_bytes() == before
     # No temporary file is left behind.
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "rewards.csv",
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "flags.json",
+                                                     "manifest.json", "rewards.csv", "run.lock",
                                                      "summary.json"]
     resumed = run.main([*TINY, "--agent", "lstm", "--nbiter", "4", "--out", str(out),
                         "--resume"])
@@ -279,7 +284,7 @@ def test_an_existing_run_folder_is_one_line(tmp_path, capsys):
     assert "already holds a run" in err and "--resume" in err
     err = _one_line_exit_2([*TINY, "--agent", "warp", "--nbiter", "2", "--out", str(out),
                             "--resume"], capsys)
-    assert "different config" in err and "'agent': ('lstm', 'warp')" in err
+    assert "other flags" in err and "--agent 'lstm' -> 'warp'" in err
 
 
 def test_a_bit_flipped_checkpoint_is_refused(tmp_path, capsys):

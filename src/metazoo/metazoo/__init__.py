@@ -5,7 +5,7 @@ Pure functional models (``forward``, ``params_of``), differentiable inner optimi
 ``MetaLearner`` interface every algorithm implements.
 """
 
-from metazoo import cli, distributed, vectorize
+from metazoo import cli, distributed, runs, vectorize
 from metazoo.devices import DeviceMixError, strict_devices
 from metazoo.faults import (
     CheckedCriterion,
@@ -51,6 +51,7 @@ from metazoo.precision import (
     fp32_precision_flags,
     set_fp32_precision,
 )
+from metazoo.runs import RunFolder, RunFolderError, RunLockedError
 from metazoo.serialization import atomic_save, atomic_write_text
 from metazoo.unroll import DEFAULT_SEGMENT, LossFn, UnrollResult, clip_grad_norm, unroll
 
@@ -76,6 +77,9 @@ __all__ = [
     "OptState",
     "Params",
     "RMSprop",
+    "RunFolder",
+    "RunFolderError",
+    "RunLockedError",
     "Task",
     "UnrollResult",
     "accumulate_grad",
@@ -98,6 +102,7 @@ __all__ = [
     "mean_results",
     "params_of",
     "params_to_channels_last",
+    "runs",
     "safe_sqrt",
     "set_fp32_precision",
     "split_params",
