@@ -160,7 +160,7 @@ def test_a_file_in_the_way_or_an_unwritable_folder_is_one_line(tmp_path, monkeyp
         raise OSError(errno.EROFS, "Read-only file system")
 
     monkeypatch.setattr(Path, "mkdir", read_only)
-    with pytest.raises(RunFolderError, match="cannot create the run folder .*Read-only"):
+    with pytest.raises(RunFolderError, match=r"cannot create the run folder .*Read-only"):
         _folder(tmp_path / "other").open()
 
 
@@ -214,19 +214,19 @@ def test_a_checkpoint_carries_its_flags_and_producer(tmp_path):
         with pytest.raises(RunFolderError, match=r"other flags \(--lr 0.1 -> 0.2; --steps"):
             folder.load_checkpoint("checkpoint.pt", changed)
         assert folder.load_checkpoint("checkpoint.pt", changed, may_change=["lr", "steps"])
-    with pytest.raises(RunFolderError, match="written by 'test', not by 'maze'"):
-        with RunFolder(tmp_path / "other", program="maze") as other:
-            other.write_text("x", "")
-            (tmp_path / "other" / "checkpoint.pt").write_bytes(
-                (tmp_path / "checkpoint.pt").read_bytes())
+    with RunFolder(tmp_path / "other", program="maze") as other:
+        other.write_text("x", "")
+        (tmp_path / "other" / "checkpoint.pt").write_bytes(
+            (tmp_path / "checkpoint.pt").read_bytes())
+        with pytest.raises(RunFolderError, match="written by 'test', not by 'maze'"):
             other.load_checkpoint("checkpoint.pt", FLAGS)
 
 
 def test_a_checkpoint_without_flags_needs_the_trust_flag(tmp_path):
     with _folder(tmp_path) as folder:
         save_checked({"step": 3}, tmp_path / "checkpoint.pt")  # an older version's
-        with pytest.raises(RunFolderError, match="does not record the flags .* pass "
-                                                 "--trust_checkpoint"):
+        with pytest.raises(RunFolderError, match=r"does not record the flags .* pass "
+                                                 r"--trust_checkpoint"):
             folder.load_checkpoint("checkpoint.pt", FLAGS)
         assert folder.load_checkpoint("checkpoint.pt", FLAGS, trust_unrecorded=True) == {
             "step": 3}
@@ -235,7 +235,7 @@ def test_a_checkpoint_without_flags_needs_the_trust_flag(tmp_path):
 def test_a_dangling_checkpoint_link_is_named_as_one(tmp_path):
     with _folder(tmp_path) as folder:
         (tmp_path / "checkpoint.pt").symlink_to(tmp_path / "gone.pt")
-        with pytest.raises(RunFolderError, match="symbolic link to .*gone.pt, which does not"):
+        with pytest.raises(RunFolderError, match=r"symbolic link to .*gone\.pt, which does not"):
             folder.load_checkpoint("checkpoint.pt", FLAGS)
 
 
