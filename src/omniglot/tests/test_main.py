@@ -363,7 +363,8 @@ def test_channels_last_reaches_the_learner():
         if method in wrapper.CHANNELS_LAST_METHODS:
             learner = wrapper.build_learner(config)
             parts = [getattr(learner, name) for name in ("inner", "warp", "maml")
-                     if hasattr(learner, name)] or [learner]  # wrappers: what they compose
+                     if hasattr(getattr(learner, name, None), "channels_last")
+                     ] or [learner]  # wrappers: what they compose (WarpGrad.warp is a Warp)
             assert all(part.channels_last is True for part in parts), method
         else:
             with pytest.raises(ValueError, match=f"not {method}; drop the flag"):
