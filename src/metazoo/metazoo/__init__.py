@@ -5,7 +5,7 @@ Pure functional models (``forward``, ``params_of``), differentiable inner optimi
 ``MetaLearner`` interface every algorithm implements.
 """
 
-from metazoo import cli, distributed, registry, vectorize
+from metazoo import cli, distributed, registry, runs, vectorize
 from metazoo.devices import DeviceMixError, strict_devices
 from metazoo.faults import (
     CheckedCriterion,
@@ -58,6 +58,7 @@ from metazoo.precision import (
     set_fp32_precision,
 )
 from metazoo.registry import available_learners, build_learner
+from metazoo.runs import RunFolder, RunFolderError, RunLockedError
 from metazoo.serialization import atomic_save, atomic_write_text
 from metazoo.unroll import DEFAULT_SEGMENT, LossFn, UnrollResult, clip_grad_norm, unroll
 
@@ -85,6 +86,9 @@ __all__ = [
     "OptState",
     "Params",
     "RMSprop",
+    "RunFolder",
+    "RunFolderError",
+    "RunLockedError",
     "Task",
     "UnrollResult",
     "accumulate_grad",
@@ -114,6 +118,7 @@ __all__ = [
     "params_of",
     "params_to_channels_last",
     "registry",
+    "runs",
     "safe_sqrt",
     "set_fp32_precision",
     "split_params",

@@ -10,6 +10,8 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 import main
+import meta_training
+import protocols
 import run_multi
 from episodes import EpisodeSampler, inner_batches
 from metazoo import Task
@@ -193,7 +195,7 @@ def authors_loop(model, theta, buffers, sampler: EpisodeSampler, generator, args
     return theta, accs, losses
 
 
-def test_reptile_authors_protocol_equals_the_authors_loop(omniglot_root, tmp_path):
+def test_reptile_authors_protocol_equals_the_authors_loop(omniglot_root):
     """main.py's meta-training loop and few-shot evaluation under ``--preset reptile_authors``
     (mini-batches without replacement that cross passes, the carried Adam state, the annealed
     outer step, stride-2 net, one query per class, transductive BatchNorm), in float64, equal
@@ -205,7 +207,7 @@ def test_reptile_authors_protocol_equals_the_authors_loop(omniglot_root, tmp_pat
         "--task_val_steps", "4", "--meta_batch_size", "2", "--meta_train_steps", "4",
         "--num_filters", "4", "--test_episodes", "5", "--seed", "3", "--no_cuda",
         "--log_ival", "0", "--save_ival", "0", "--test_ival", "0"])
-    exp = main.FewShotExperiment(args, torch.device("cpu"))
+    exp = protocols.FewShotExperiment(args, torch.device("cpu"))
     for sampler in exp.samplers.values():
         sampler.dtype = torch.float64
     torch.manual_seed(0)
@@ -213,11 +215,11 @@ def test_reptile_authors_protocol_equals_the_authors_loop(omniglot_root, tmp_pat
     model = learner.model.double()  # in place: the meta-optimizer keeps the same parameters
     theta0 = {k: v.detach().clone() for k, v in model.named_parameters()}
     buffers = {k: v.detach().clone() for k, v in model.named_buffers()}
-    run = main.RunState(0, torch.Generator().manual_seed(11), random.Random(0))
+    run = meta_training.RunState(0, torch.Generator().manual_seed(11), random.Random(0))
     generator = torch.Generator()
     generator.set_state(run.data_generator.get_state())
 
-    main.meta_train(learner, exp, run, tmp_path, lambda line: None)
+    meta_training.meta_train(learner, exp, run, None, lambda line: None)
     exp.evaluate(learner, "test", run.step, None, lambda line: None)
     result = exp.results["test"]
 
@@ -246,7 +248,7 @@ def test_linear_outer_lr_schedule_needs_a_meta_optimizer():
         pass
 
     with pytest.raises(ValueError, match="--outer_lr_schedule linear needs a learner"):
-        main.anneal_meta_lr(NoOptimizer(), 0, 10)  # type: ignore[arg-type]
+        meta_training.anneal_meta_lr(NoOptimizer(), 0, 10)  # type: ignore[arg-type]
 
 
 def test_reptile_authors_run_resumes_exactly(omniglot_root, tmp_path, same_log_files):
