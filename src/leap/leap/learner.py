@@ -56,8 +56,8 @@ def _check_steps(name: str, value: object) -> int:
     return value
 
 
-def _check_tasks(tasks: Sequence[Task]) -> None:
-    metazoo.check_tasks(tasks)
+def _check_tasks(tasks: Iterable[Task]) -> Sequence[Task]:
+    return metazoo.check_tasks(tasks)
 
 
 @final
@@ -208,7 +208,7 @@ class LeapLearner(MetaLearner):
         The returned ``meta_loss`` and ``accuracy`` score the adapted models on the query sets
         (Leap's meta-objective is the path length, which does not use them).
         """
-        _check_tasks(tasks)
+        tasks = _check_tasks(tasks)
         chunk = metazoo.vectorize.resolve_chunk(self.vectorize, len(tasks), self._device())
         if chunk is not None:
             return self._vectorized_meta_backward(tasks, chunk)
@@ -275,7 +275,7 @@ class LeapLearner(MetaLearner):
 
     def evaluate(self, tasks: Sequence[Task], *, steps: int | None = None) -> EvalResult:
         """Adapts to each task and scores its query set; the initialisation is unchanged."""
-        _check_tasks(tasks)
+        tasks = _check_tasks(tasks)
         k = self._eval_steps(steps)
         chunk = metazoo.vectorize.resolve_chunk(self.vectorize, len(tasks), self._device())
         if chunk is not None:

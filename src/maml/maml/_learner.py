@@ -96,9 +96,9 @@ def build_meta_optimizer(meta_optimizer: MetaOptimizerFactory | torch.optim.Opti
     return metazoo.build_meta_optimizer(meta_optimizer, named_parameters, default)
 
 
-def check_tasks(tasks: Sequence[metazoo.Task]) -> None:
-    """``metazoo.check_tasks``: a non-empty list of ``metazoo.Task``."""
-    metazoo.check_tasks(tasks)
+def check_tasks(tasks: Iterable[metazoo.Task]) -> Sequence[metazoo.Task]:
+    """``metazoo.check_tasks``: a non-empty sequence (or iterable, read once) of tasks."""
+    return metazoo.check_tasks(tasks)
 
 
 def score_query(model: nn.Module, criterion: Criterion, params: metazoo.Params,

@@ -329,7 +329,7 @@ class iMAML(ModelLearner):
 
     def meta_backward(self, tasks: Sequence[Task]) -> MetaStepResult:
         """Accumulates the mean implicit meta-gradient over ``tasks`` into ``.grad``."""
-        check_tasks(tasks)
+        tasks = check_tasks(tasks)
         chunk = metazoo.vectorize.resolve_chunk(self.vectorize, len(tasks), self._device())
         if chunk is not None:
             return _vectorized.imaml_meta_backward(self, tasks, chunk)
@@ -352,7 +352,7 @@ class iMAML(ModelLearner):
 
     def evaluate(self, tasks: Sequence[Task], *, steps: int | None = None) -> EvalResult:
         """Adapts to each task (proximal inner problem) and scores its query set."""
-        check_tasks(tasks)
+        tasks = check_tasks(tasks)
         steps = self.eval_inner_steps if steps is None else check_steps("steps", steps)
         chunk = metazoo.vectorize.resolve_chunk(self.vectorize, len(tasks), self._device())
 

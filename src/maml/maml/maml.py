@@ -412,7 +412,7 @@ class MAML(ModelLearner):
 
         Each task's graph is freed by its own backward pass, so memory holds one task at a time.
         """
-        check_tasks(tasks)
+        tasks = check_tasks(tasks)
         chunk = metazoo.vectorize.resolve_chunk(self.vectorize, len(tasks), self._device())
         if chunk is not None:
             return _vectorized.meta_backward(self, tasks, chunk)
@@ -435,7 +435,7 @@ class MAML(ModelLearner):
             tasks: held-out tasks.
             steps: inner steps (default ``eval_inner_steps``).
         """
-        check_tasks(tasks)
+        tasks = check_tasks(tasks)
         steps = self._steps(steps)
         chunk = metazoo.vectorize.resolve_chunk(self.vectorize, len(tasks), self._device())
         if chunk is not None:
