@@ -28,7 +28,8 @@
 import torch
 from torch import nn
 
-import warpgrad
+import metazoo
+from warpgrad import WarpGrad
 
 torch.manual_seed(0)
 print(f"torch {torch.__version__}")
@@ -57,113 +58,79 @@ class WarpedNet(nn.Module):
 
 
 net = WarpedNet()
-adapt_layers = [net.inp, net.hidden, net.out]
-warp_layers = [net.warp1, net.warp2]
-print(f"adapted: {sum(p.numel() for m in adapt_layers for p in m.parameters())} parameters, "
-      f"warp: {sum(p.numel() for m in warp_layers for p in m.parameters())}")
+warp_count = sum(p.numel() for name, p in net.named_parameters() if name.startswith("warp"))
+print(f"{sum(p.numel() for p in net.parameters()) - warp_count} parameters adapt to each task, "
+      f"{warp_count} warp")
 
 # %% [markdown]
 # ## Your tasks
 #
-# Sine waves of random amplitude and phase. A task is any re-iterable of `(x, y)` batches: the
-# task learner takes one SGD step per batch. Held-out tasks get a separate query batch.
+# Sine waves of random amplitude and phase, as `metazoo.Task`s: the task learner takes one SGD
+# step per support batch, and the adapted model is scored on the query batch.
 
 # %%
-INNER_STEPS, INNER_LR = 5, 0.02
+INNER_STEPS = 5
 
 
-def sine_batches(count: int, size: int = 10):
+def sine_task(size: int = 10) -> metazoo.Task:
     amplitude, phase = 0.1 + 4.9 * torch.rand(1), 3.1416 * torch.rand(1)
     batches = []
-    for _ in range(count):
+    for _ in range(INNER_STEPS + 1):
         x = 10 * torch.rand(size, 1) - 5
         batches.append((x, amplitude * torch.sin(x + phase)))
-    return batches
+    return metazoo.Task(support=batches[:-1], query=batches[-1])
 
 
-held_out = [sine_batches(INNER_STEPS + 1) for _ in range(20)]  # the last batch is the query
+held_out = [sine_task() for _ in range(20)]
 print(f"{len(held_out)} held-out tasks of {INNER_STEPS} support batches and 1 query batch")
 
 # %% [markdown]
-# ## Wrap it
+# ## The learner
 #
-# `warpgrad.Warp` splits the parameters into the adapted ones (with a meta-learned
-# initialisation) and the warp parameters; the `DualUpdater` holds the meta-objectives (Algorithm
-# 2 of the paper: the warp objective replays stored states, the init objective shortens each
-# task's path) and the replay buffer stores the states. `OptimizerParameters` tells the replay
-# which inner step the task learner takes.
+# Built like every metazoo learner (the same keywords as `maml.MAML` or `maml.Reptile`, see
+# [the quickstart](../../quickstart/)), plus WarpGrad's own: which modules warp, here by a
+# predicate over the module names. The other layers adapt. WarpGrad's task learner is SGD, one
+# learning rate (and momentum) per tensor, which `learn_optimizer=True` would meta-learn too.
 
 # %%
-criterion = nn.MSELoss()
-model = warpgrad.Warp(net, adapt_layers, warp_layers,
-                      warpgrad.DualUpdater(criterion=criterion), warpgrad.ReplayBuffer(),
-                      warpgrad.OptimizerParameters(trainable=False, default_lr=INNER_LR,
-                                                   default_momentum=0.0))
-meta_optimizer = torch.optim.Adam(model.warp_parameters(), lr=1e-3)
-
-
-def adapt(task, collect: bool) -> None:
-    """The task learner: plain SGD on the adapted layers, from the meta-learned init."""
-    model.init_adaptation()
-    model.train()
-    if collect:
-        model.register_task(task)
-        model.collect()
-    optimizer = torch.optim.SGD(model.adapt_parameters(), lr=INNER_LR)
-    for x, y in task:
-        loss = criterion(model(x), y)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    model.eval()
-    if collect:
-        model.no_collect()
-
-
-def held_out_loss() -> float:
-    total = 0.0
-    for task in held_out:
-        adapt(task[:-1], collect=False)
-        with torch.no_grad():
-            x, y = task[-1]
-            total += criterion(model(x), y).item()
-    return total / len(held_out)
-
-
-before = held_out_loss()
+learner = WarpGrad(
+    model=net,
+    warp_modules=lambda name: name.startswith("warp"),
+    criterion=nn.MSELoss(),
+    inner_optimizer=metazoo.SGD(0.02),
+    inner_steps=INNER_STEPS,
+    meta_optimizer=lambda params: torch.optim.Adam(params, lr=3e-3),
+)
+before = learner.evaluate(held_out).loss
 print(f"before meta-training: held-out query MSE after {INNER_STEPS} steps {before:.3f}")
 
 # %% [markdown]
 # ## Meta-train the warp
 #
-# Each meta-step adapts a few tasks while the states are recorded, then `model.backward`
-# replays them, steps the warp parameters with `meta_optimizer` and the initialisation with
-# the init objective, and clears the buffer.
+# Each meta-step adapts a few tasks while their states are recorded into the replay buffer,
+# then replays them: the warp layers get the gradient of the warp objective (Algorithm 2 of
+# the paper: from each stored state, one differentiable step on one batch, the loss on
+# another), the initialisation the init objective's (it shortens each task's path), and the
+# meta-optimizer steps both.
 
 # %%
-def meta_step_fn():
-    meta_optimizer.step()
-    meta_optimizer.zero_grad()
-
-
 for meta_step in range(1, 101):
-    for task in [sine_batches(INNER_STEPS) for _ in range(4)]:
-        adapt(task, collect=True)
-    model.backward(meta_step_fn)
+    learner.meta_step([sine_task() for _ in range(4)])
     if meta_step % 25 == 0:
         print(f"meta-step {meta_step}: held-out query MSE after {INNER_STEPS} steps "
-              f"{held_out_loss():.3f}")
+              f"{learner.evaluate(held_out).loss:.3f}")
 
-after = held_out_loss()
+after = learner.evaluate(held_out).loss
 print(f"from {before:.3f} to {after:.3f} ({after / before:.2f}x) with the meta-trained warp "
       f"and initialisation")
 
 # %% [markdown]
 # ## What the warp learned
 #
-# The warp layers started as PyTorch's random linear layers; meta-training moved them. The
-# initialisation of the adapted layers is meta-learned too (`DualUpdater(init_lr=0.1)` by
-# default; `init_objective="none"` keeps it fixed, to see the warp's part alone).
+# The warp layers started as PyTorch's random linear layers; meta-training moved them.
+# `init_objective="none"` keeps the initialisation fixed, to see the warp's part alone, and
+# the reference-style API (`warpgrad.Warp`, `DualUpdater`, your own task loop) builds the same
+# learner piece by piece: see [WarpGrad](../../algorithms/warpgrad/).
 
 # %%
 torch.manual_seed(0)  # the seed `net` was built with: `fresh` is net's starting point
