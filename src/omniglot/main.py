@@ -154,6 +154,9 @@ def _seed(text: str) -> int:
     return value
 
 
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+
+
 def check_kwargs(kwargs: dict[str, Any], flag: str) -> None:
     """Rejects non-finite numbers anywhere, and non-numbers or negative numbers for the
     optimizers' numeric hyperparameters (``NUMERIC_KWARGS``), naming the flag and the fix."""
@@ -166,6 +169,10 @@ def check_kwargs(kwargs: dict[str, Any], flag: str) -> None:
                 raise ValueError(f"{flag} {key} {text}: must be a finite number; a NaN or "
                                  f"infinite value makes the parameters NaN (e.g. {flag} "
                                  f"{key} 0.1)")
+            if number and abs(v) > FLOAT32_MAX:  # torch cannot even apply it to float32
+                raise ValueError(f"{flag} {key} {text}: too large, beyond float32's largest "
+                                 f"number ({FLOAT32_MAX:.3g}) that the parameters hold (e.g. "
+                                 f"{flag} {key} 0.1)")
             if key in NUMERIC_KWARGS and not number:
                 raise ValueError(f"{flag} {key} {text!r}: must be a number, e.g. {flag} "
                                  f"{key} {'0.9:0.999' if key == 'betas' else '0.1'}")
@@ -628,7 +635,8 @@ class Experiment:
     """Data, split and task construction for one run."""
 
     def __init__(self, args: argparse.Namespace, device: torch.device) -> None:
-        images = load_alphabets(args.root, resize=args.resize)
+        self.notes: list[str] = []  # logged at the start of the run (which cache was used)
+        images = load_alphabets(args.root, resize=args.resize, notes=self.notes)
         self.split = make_split({a: len(c) for a, c in images.items()},
                                 {a: [t.shape[0] for t in c] for a, c in images.items()},
                                 seed=args.seed, num_train=args.num_pretrain,
@@ -721,7 +729,7 @@ class FewShotExperiment:
         self.notes: list[str] = []
         data: dict[str, LabelledImages] = {}
         if args.dataset == "omniglot":
-            images = load_alphabets(args.root, resize=args.resize)
+            images = load_alphabets(args.root, resize=args.resize, notes=self.notes)
             train, val, test = split_alphabets(list(images), seed=args.seed,
                                                num_train=args.num_pretrain,
                                                num_val=args.num_val, num_test=args.num_test)
@@ -735,7 +743,7 @@ class FewShotExperiment:
             train, val, test = ["train"], ["val"] if (root / "val").is_dir() else [], ["test"]
             for role in ("train", *val, "test"):
                 data[role] = load_image_folder(root, role, image_size=args.image_size,
-                                               channels=args.channels)
+                                               channels=args.channels, notes=self.notes)
             seed = None
         for role in ("train", "test"):
             if role not in data:
