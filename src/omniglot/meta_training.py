@@ -24,6 +24,7 @@ from metazoo import MetaLearner, MetaStepResult, NonFiniteError, Task, distribut
 from metazoo.runs import RunFolder
 from progress import estimate_lines, format_duration
 
+
 # -- logs -------------------------------------------------------------------------------------
 
 def auc(values: Sequence[float]) -> float:
@@ -38,7 +39,6 @@ def write_line(logs: RunFolder, name: str, step: int, meta_loss: float, loss: fl
     curve = "".join(f"{v:f};" for v in losses)
     acc_curve = "".join(f"{v:f};" for v in accs)
     logs.append_text(name, f"{step:d},{meta_loss:f},{loss:f},{acc:f},{curve},{acc_curve}\n")
-
 
 
 # -- state ------------------------------------------------------------------------------------
