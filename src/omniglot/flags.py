@@ -14,6 +14,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from data import RESIZE_MODES
 from episodes import CHANNELS
 from metazoo import PRECISIONS
@@ -99,6 +101,9 @@ def _seed(text: str) -> int:
     return value
 
 
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+
+
 def check_kwargs(kwargs: dict[str, Any], flag: str) -> None:
     """Rejects non-finite numbers anywhere, and non-numbers or negative numbers for the
     optimizers' numeric hyperparameters (``NUMERIC_KWARGS``), naming the flag and the fix."""
@@ -111,6 +116,10 @@ def check_kwargs(kwargs: dict[str, Any], flag: str) -> None:
                 raise ValueError(f"{flag} {key} {text}: must be a finite number; a NaN or "
                                  f"infinite value makes the parameters NaN (e.g. {flag} "
                                  f"{key} 0.1)")
+            if number and abs(v) > FLOAT32_MAX:  # torch cannot even apply it to float32
+                raise ValueError(f"{flag} {key} {text}: too large, beyond float32's largest "
+                                 f"number ({FLOAT32_MAX:.3g}) that the parameters hold (e.g. "
+                                 f"{flag} {key} 0.1)")
             if key in NUMERIC_KWARGS and not number:
                 raise ValueError(f"{flag} {key} {text!r}: must be a number, e.g. {flag} "
                                  f"{key} {'0.9:0.999' if key == 'betas' else '0.1'}")

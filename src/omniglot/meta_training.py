@@ -24,7 +24,6 @@ from metazoo import MetaLearner, MetaStepResult, NonFiniteError, Task, distribut
 from metazoo.runs import RunFolder
 from progress import estimate_lines, format_duration
 
-
 # -- logs -------------------------------------------------------------------------------------
 
 def auc(values: Sequence[float]) -> float:

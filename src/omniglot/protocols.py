@@ -41,7 +41,8 @@ class Experiment:
     """Data, split and task construction for one run."""
 
     def __init__(self, args: argparse.Namespace, device: torch.device) -> None:
-        images = load_alphabets(args.root, resize=args.resize)
+        self.notes: list[str] = []  # logged at the start of the run (which cache was used)
+        images = load_alphabets(args.root, resize=args.resize, notes=self.notes)
         self.split = make_split({a: len(c) for a, c in images.items()},
                                 {a: [t.shape[0] for t in c] for a, c in images.items()},
                                 seed=args.seed, num_train=args.num_pretrain,
@@ -134,7 +135,7 @@ class FewShotExperiment:
         self.notes: list[str] = []
         data: dict[str, LabelledImages] = {}
         if args.dataset == "omniglot":
-            images = load_alphabets(args.root, resize=args.resize)
+            images = load_alphabets(args.root, resize=args.resize, notes=self.notes)
             train, val, test = split_alphabets(list(images), seed=args.seed,
                                                num_train=args.num_pretrain,
                                                num_val=args.num_val, num_test=args.num_test)
@@ -148,7 +149,7 @@ class FewShotExperiment:
             train, val, test = ["train"], ["val"] if (root / "val").is_dir() else [], ["test"]
             for role in ("train", *val, "test"):
                 data[role] = load_image_folder(root, role, image_size=args.image_size,
-                                               channels=args.channels)
+                                               channels=args.channels, notes=self.notes)
             seed = None
         for role in ("train", "test"):
             if role not in data:

@@ -333,7 +333,8 @@ class MetaLearner(ABC):
         """One meta-update over ``tasks``.
 
         Args:
-            tasks: the meta-batch. It may be empty only with a ``grad_hook`` (a process whose
+            tasks: the meta-batch (a sequence, or any iterable such as a generator, which is
+                read once). It may be empty only with a ``grad_hook`` (a process whose
                 share of a distributed meta-batch is empty still joins the all-reduce); the
                 result then has ``num_tasks=0`` and NaN losses.
             grad_hook: optional ``grad_hook(learner, result)`` run after ``meta_backward`` and
@@ -349,6 +350,11 @@ class MetaLearner(ABC):
                 all of them (``metazoo.checked_step``); on failure the meta-parameters and the
                 optimizer state are restored to their values before the step.
         """
+        if isinstance(tasks, Task):
+            raise ValueError("meta_step expects a sequence of tasks, got a single Task; pass "
+                             "[task]")
+        if not isinstance(tasks, Sequence):
+            tasks = list(tasks)  # a generator or other iterable: read it once
         if not tasks and grad_hook is None:
             raise ValueError("meta_step needs at least one task")
         check_tasks(tasks, allow_empty=True)

@@ -43,13 +43,21 @@ def safe_sqrt(x: Tensor) -> Tensor:
     return torch.where(positive, torch.sqrt(torch.where(positive, x, torch.ones_like(x))), 0.0)
 
 
+# Adam and RMSprop divide by sqrt(second moment) + eps, and the second moment of a parameter
+# whose gradients were all exactly zero is zero: eps=0 makes its step 0/0 = NaN.
+_EPS_WHY = ("; eps must be > 0 because the step divides by sqrt(second moment) + eps, which "
+            "is 0 where every gradient so far was exactly zero (0/0 = NaN); the usual value is "
+            "1e-8")
+
+
 def _is_zero(value: Hyperparameter) -> bool:
     """True only for hyperparameters given as the plain number 0 (a tensor is never 'off')."""
     return isinstance(value, (int, float)) and value == 0
 
 
 def _validate_number(name: str, value: Hyperparameter, low: float, high: float = math.inf,
-                     *, high_inclusive: bool = True) -> None:
+                     *, high_inclusive: bool = True, low_inclusive: bool = True,
+                     why: str = "") -> None:
     """Checks every number inside a hyperparameter (tensors once, at construction)."""
     leaves = pytree.tree_leaves(value)
     if not leaves:
@@ -67,9 +75,10 @@ def _validate_number(name: str, value: Hyperparameter, low: float, high: float =
                 f"per-step list of those; got {type(leaf).__name__}"
             )
         too_high = hi > high if high_inclusive else hi >= high
-        if not lo >= low or too_high:
-            bound = "]" if high_inclusive else ")"
-            raise ValueError(f"{name}={leaf!r} is outside [{low}, {high}{bound}")
+        too_low = not lo >= low if low_inclusive else not lo > low
+        if too_low or too_high:
+            bounds = f"{'[' if low_inclusive else '('}{low}, {high}{']' if high_inclusive else ')'}"
+            raise ValueError(f"{name}={leaf!r} is outside {bounds}{why}")
 
 
 class InnerOptimizer(ABC):
@@ -219,7 +228,7 @@ class Adam(InnerOptimizer):
         _validate_number("lr", lr, 0.0)
         _validate_number("betas[0]", betas[0], 0.0, 1.0, high_inclusive=False)
         _validate_number("betas[1]", betas[1], 0.0, 1.0, high_inclusive=False)
-        _validate_number("eps", eps, 0.0)
+        _validate_number("eps", eps, 0.0, low_inclusive=False, why=_EPS_WHY)
         _validate_number("weight_decay", weight_decay, 0.0)
         super().__init__(lr=lr, beta1=betas[0], beta2=betas[1], eps=eps,
                          weight_decay=weight_decay)
@@ -267,7 +276,7 @@ class RMSprop(InnerOptimizer):
                  momentum: Hyperparameter = 0.0, centered: bool = False) -> None:
         _validate_number("lr", lr, 0.0)
         _validate_number("alpha", alpha, 0.0, 1.0)
-        _validate_number("eps", eps, 0.0)
+        _validate_number("eps", eps, 0.0, low_inclusive=False, why=_EPS_WHY)
         _validate_number("weight_decay", weight_decay, 0.0)
         _validate_number("momentum", momentum, 0.0)
         super().__init__(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay,

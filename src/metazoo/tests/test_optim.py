@@ -180,6 +180,10 @@ def test_adam_second_order_through_zero_gradient_is_finite():
         (lambda: metazoo.SGD(0.1, nesterov=True), "nesterov"),
         (lambda: metazoo.Adam(0.1, betas=(1.0, 0.9)), r"betas\[0\]"),
         (lambda: metazoo.Adam(0.1, eps=-1.0), "eps"),
+        # Issue 28 item 8: accepted, then 0/0 = NaN where a gradient was exactly zero.
+        (lambda: metazoo.Adam(0.1, eps=0), r"eps=0 is outside \(0.0, inf\]; eps must be > 0"),
+        (lambda: metazoo.Adam(0.1, eps=torch.tensor(0.0)), r"eps=.* is outside \(0.0"),
+        (lambda: metazoo.RMSprop(0.1, eps=0.0), r"eps=0.0 is outside \(0.0, inf\]"),
         (lambda: metazoo.RMSprop(0.1, alpha=2.0), "alpha"),
         (lambda: metazoo.SGD("fast"), "lr must be a float"),
         (lambda: metazoo.SGD(torch.tensor([0.1, -0.2])), "lr"),

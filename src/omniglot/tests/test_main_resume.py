@@ -48,6 +48,20 @@ def test_nonfinite_hyperparameters_are_refused_before_the_run(tiny, omniglot_roo
 
 
 @pytest.mark.parametrize("flags,message", [
+    # Issue 28 item 8: torch's raw "value cannot be converted to type float without overflow".
+    (["--outer_kwargs", "lr", "1e300"], "--outer_kwargs lr 1e+300: too large, beyond float32"),
+    # Issue 28 item 8: "-inf" was read as a flag name ("expected one argument").
+    (["--outer_kwargs", "lr", "-inf"], "--outer_kwargs lr -inf: must be a finite number"),
+    (["--inner_kwargs", "lr", "-1e-3"], "--inner_kwargs lr -0.001: must be >= 0"),
+])
+def test_huge_and_negative_hyperparameters_are_one_line(tiny, omniglot_root, tmp_path, capsys,
+                                                       flags, message):
+    argv = [*tiny(omniglot_root, tmp_path, "maml"), *flags]
+    assert message in _one_line_exit_2(argv, capsys)
+    assert not (tmp_path / "maml").exists()
+
+
+@pytest.mark.parametrize("flags,message", [
     (["--meta_kwargs", "warp_lr", "0"], "--meta_kwargs warp_lr 0: must be a finite number > 0"),
     (["--meta_kwargs", "warp_lr", "nan"], "--meta_kwargs warp_lr nan: must be a finite number"),
     (["--warp_init", "identity", "--warp_act_fun", "relu"],
