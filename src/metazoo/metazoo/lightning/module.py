@@ -200,10 +200,13 @@ class MetaLearnerModule(L.LightningModule):
     def _evaluate(self, tasks: list[Task]) -> EvalResult:
         # Lightning validates under torch.inference_mode; adaptation needs autograd, and
         # tensors moved to the device under inference mode cannot be saved for backward.
+        # Tasks drawn or moved during validation are inference tensors: cloned out of it.
+        def usable(t: Tensor) -> Tensor:
+            return t.clone() if t.is_inference() else t
+
         with torch.inference_mode(False), torch.enable_grad():
-            tasks = [Task([(x.clone(), y.clone()) for x, y in t.support],
-                          (t.query[0].clone(), t.query[1].clone()))
-                     if t.query[0].is_inference() else t for t in tasks]
+            tasks = [Task([(usable(x), usable(y)) for x, y in t.support],
+                          (usable(t.query[0]), usable(t.query[1]))) for t in tasks]
             return distributed.evaluate(self.learner, tasks, steps=self.eval_inner_steps)
 
     def _log_eval(self, split: str, batch: MetaBatch) -> EvalResult:
