@@ -282,8 +282,6 @@ def test_bad_input_is_one_line_naming_the_argument():
         MetaLearnerModule(build("fomaml")).training_step([], 0)  # type: ignore[arg-type]
 
 
-@pytest.mark.skipif(not hasattr(metazoo, "build_learner"),
-                    reason="the learner registry (metazoo.build_learner) is not on this branch")
 def test_from_name_builds_through_the_registry():
     torch.manual_seed(0)
     module = MetaLearnerModule.from_name(
@@ -291,6 +289,8 @@ def test_from_name_builds_through_the_registry():
         inner_steps=2, meta_optimizer=_sgd(0.5))
     trainer(STEPS, limit_val_batches=0).fit(module, datamodule=datamodule(val=0))
     assert_same_state(module.learner, direct("fomaml", STEPS))
+    with pytest.raises(ValueError, match="unknown learner 'mamll'"):
+        MetaLearnerModule.from_name("mamll", model=_mlp())
 
 
 def test_import_metazoo_does_not_import_lightning():

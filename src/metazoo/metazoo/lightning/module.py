@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from metazoo import distributed
 from metazoo.learner import EvalResult, MetaLearner, MetaStepResult, Task
 from metazoo.lightning.data import MetaBatch
+from metazoo.registry import build_learner
 
 __all__ = ["CHECKPOINT_KEY", "MetaLearnerModule"]
 
@@ -124,14 +125,7 @@ class MetaLearnerModule(L.LightningModule):
             ``MetaLearnerModule.from_name("maml", model=net, criterion=F.cross_entropy,
             inner_optimizer=metazoo.SGD(0.4), inner_steps=5, meta_optimizer=factory)``
         """
-        import metazoo
-
-        build = getattr(metazoo, "build_learner", None)
-        if build is None:
-            raise RuntimeError("this metazoo has no learner registry (metazoo.build_learner); "
-                               "build the learner from its class and pass it to "
-                               "MetaLearnerModule(learner)")
-        return cls(build(name, **keywords), eval_inner_steps=eval_inner_steps,
+        return cls(build_learner(name, **keywords), eval_inner_steps=eval_inner_steps,
                    meta_lr_scheduler=meta_lr_scheduler)
 
     # -- optimizers ---------------------------------------------------------------------------
