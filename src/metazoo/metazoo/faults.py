@@ -15,6 +15,7 @@ not a task fault: ``on_nonfinite="skip"`` cannot drop a task to avoid it, so it 
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -272,6 +273,7 @@ class CheckedCriterion:
                                      else criterion)
 
     def __call__(self, output: Tensor, target: Tensor) -> Tensor:
+        _check_broadcast(output, target)
         try:
             return self.criterion(output, target)
         except (IndexError, RuntimeError, ValueError) as error:
@@ -282,6 +284,29 @@ class CheckedCriterion:
 
     def __repr__(self) -> str:
         return f"CheckedCriterion({self.criterion!r})"
+
+
+def _check_broadcast(output: Tensor, target: Tensor) -> None:
+    """Refuses a target that broadcasts against the output to another shape (shapes only).
+
+    A regression target of shape ``(N,)`` against an output ``(N, 1)`` broadcasts to
+    ``(N, N)``: an element-wise loss then compares every output with every target and trains
+    on the wrong loss, with only a warning from PyTorch. Refused: broadcasting to more elements
+    than either holds. Class labels ``(N,)`` against logits ``(N, C)`` do not broadcast (or
+    broadcast to the logits' own shape), and ``()`` against ``(1,)`` keeps one element: both
+    pass.
+    """
+    if output.shape == target.shape:
+        return
+    try:
+        shape = torch.broadcast_shapes(output.shape, target.shape)
+    except RuntimeError:
+        return
+    if math.prod(shape) > max(output.numel(), target.numel()):
+        raise ValueError(f"the target's shape {tuple(target.shape)} broadcasts against the "
+                         f"output's shape {tuple(output.shape)} to {tuple(shape)}, so the loss "
+                         f"would compare every output with every target; reshape the targets "
+                         f"to {tuple(output.shape)} (e.g. y.view(-1, 1)) or the output")
 
 
 def _diagnose(output: Tensor, target: Tensor) -> str | None:
