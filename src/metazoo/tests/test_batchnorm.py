@@ -15,8 +15,8 @@ from torch import Tensor
 from torch.func import grad, vmap
 
 import metazoo
-from metazoo.testing import small_conv_net
 from metazoo.batchnorm import batch_norm
+from metazoo.testing import small_conv_net
 
 DTYPE = torch.float64
 
@@ -106,8 +106,8 @@ def test_under_vmap_and_nested_grad() -> None:
     # Second order under vmap(grad(...)) against PyTorch's batch_norm in a per-task loop.
     got = vmap(grad(lambda w, b, x: inner_step_loss(closed, w, b, x), argnums=(0, 1)),
                in_dims=(None, None, 0))(w, b, xs)
-    for i in range(len(xs)):
-        want = grad(lambda w, b: inner_step_loss(native, w, b, xs[i]), argnums=(0, 1))(w, b)
+    for i, x in enumerate(xs):
+        want = grad(lambda w, b, x=x: inner_step_loss(native, w, b, x), argnums=(0, 1))(w, b)
         for a, c in zip(want, (got[0][i], got[1][i]), strict=True):
             torch.testing.assert_close(c, a, rtol=1e-10, atol=1e-12)
 
