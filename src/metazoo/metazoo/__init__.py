@@ -10,6 +10,7 @@ from metazoo.devices import DeviceMixError, strict_devices
 from metazoo.faults import (
     CheckedCriterion,
     NonFiniteError,
+    TaskFaults,
     all_finite,
     check_on_nonfinite,
     checked_step,
@@ -78,6 +79,7 @@ __all__ = [
     "Params",
     "RMSprop",
     "Task",
+    "TaskFaults",
     "UnrollResult",
     "accumulate_grad",
     "accuracy",
