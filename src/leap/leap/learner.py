@@ -213,22 +213,22 @@ class LeapLearner(MetaLearner):
         if chunk is not None:
             return self._vectorized_meta_backward(tasks, chunk)
         start = time.perf_counter()
+        faults = metazoo.TaskFaults(self.on_nonfinite)
         total: Tensor | None = None
         per_task = []
-        for index, task in enumerate(tasks):
+        for task in tasks:
             task = self._layout(task)
             run = self._run(task, self.inner_steps, meta=True)
             assert run.meta_grad is not None
             loss, acc = self._score(run, task)
-            fault = metazoo.task_fault(index, run.losses, loss)
-            if fault is not None:
-                if self.on_nonfinite == "raise":
-                    raise fault
-                continue
-            total = run.meta_grad if total is None else total.add_(run.meta_grad)
+            # Masked by the task's finiteness on the device; one host transfer checks them all.
+            meta_grad = faults.masked(faults.check(run.losses, loss), run.meta_grad)
+            total = meta_grad if total is None else total.add_(meta_grad)
             per_task.append((loss, acc, run.losses))
-        if total is not None:
-            add_to_grad(list(self.meta_parameters()), total.div_(len(per_task)))
+        kept = faults.resolve()
+        per_task = [per_task[i] for i in kept]
+        if total is not None and kept:
+            add_to_grad(list(self.meta_parameters()), total.div_(len(kept)))
         return self._summary(per_task, len(tasks), start)
 
     def _vectorized_meta_backward(self, tasks: Sequence[Task], chunk: int) -> MetaStepResult:

@@ -336,18 +336,15 @@ class iMAML(ModelLearner):
         start = time.perf_counter()
         collected = TaskGradients(self.meta_parameters(), len(tasks), self.on_nonfinite)
         per_task = []
-        for index, task in enumerate(tasks):
+        for task in tasks:
             task = self._layout(task)
             result, _ = self._unroll(task, self.inner_steps)
-            if not collected.keep(index, result.losses, None):
-                continue
+            # Computed for every task (a non-finite one is masked out of .grad on the device):
+            # one host transfer checks the whole meta-batch.
             grads, loss, acc = self.implicit_gradient(task, result.params, result.buffers)
-            if not collected.keep(index, result.losses, loss):
-                continue
-            for p, g in zip(self.meta_parameters(), grads, strict=True):
-                metazoo.accumulate_grad(p, g / len(tasks))
+            collected.add(result.losses, loss, [g / len(tasks) for g in grads])
             per_task.append((loss, acc, result.losses))
-        collected.finish()
+        per_task = [per_task[i] for i in collected.finish()]
         return summarize(per_task, len(tasks), collected.skipped, start)
 
     def evaluate(self, tasks: Sequence[Task], *, steps: int | None = None) -> EvalResult:
