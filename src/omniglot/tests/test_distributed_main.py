@@ -107,7 +107,7 @@ def _rank_process(argv: list[str], rank: int, port: int, log: Path) -> None:
     code = 0
     try:
         main.main(argv)
-    except BaseException:  # noqa: BLE001 (reported through the log and the exit code)
+    except BaseException:
         import traceback
 
         traceback.print_exc()
