@@ -200,11 +200,16 @@ def test_overwrite_replaces_the_runs_files_only(tiny, omniglot_root, tmp_path):
     (run / "my_notes.txt").write_text("mine")
     (run / "plots").mkdir()
     (run / "plots" / "a.png").write_bytes(b"png")
-    (run / ".checkpoint.pt.abc123_x.tmp").write_bytes(b"half")  # a killed run's temporary
+    killed_write = _recorded_temporary(run, "done.json")  # what a killed write leaves
+    (run / killed_write).write_bytes(b"half")
+    (run / ".checkpoint.pt.abc123_x.tmp").write_bytes(b"mine")  # looks like one; the user's
+    (run / "results_my_summary.log").write_text("mine\n")  # matches the run's log names
     main.main([*argv, "--overwrite"])
     assert (run / "my_notes.txt").read_text() == "mine"
     assert (run / "plots" / "a.png").read_bytes() == b"png"
-    assert not (run / ".checkpoint.pt.abc123_x.tmp").exists()
+    assert not (run / killed_write).exists()
+    assert (run / ".checkpoint.pt.abc123_x.tmp").read_bytes() == b"mine"
+    assert (run / "results_my_summary.log").read_text() == "mine\n"
     assert (run / "done.json").exists()
 
 
@@ -288,13 +293,19 @@ def test_a_bit_flipped_checkpoint_is_refused(tiny, omniglot_root, tmp_path, caps
     assert _snapshot(run) == before
 
 
+def _recorded_temporary(run: Path, name: str) -> str:
+    """The temporary that the run's manifest records for ``name``'s atomic writes."""
+    return json.loads((run / "manifest.json").read_text())["files"][name]
+
+
 def test_resume_removes_only_its_own_temporaries(tiny, omniglot_root, tmp_path):
     argv = tiny(omniglot_root, tmp_path, "leap", "--meta_train_steps", "1")
     main.main(argv)
     run = tmp_path / "leap" / "tmp"
-    own = [".checkpoint.pt.k1l2m3n4.tmp", ".results_train_train.log.abcd_123.tmp",
-           ".done.json.zz99zz99.tmp"]
-    foreign = [".notes.txt.abc.tmp", "draft.tmp", ".checkpoint.pt.tmp"]
+    own = [_recorded_temporary(run, name) for name in ("checkpoint.pt", "args.log", "done.json")]
+    # the user's files, named like the run's temporaries (issue 27, case 7)
+    foreign = [".notes.txt.abc.tmp", "draft.tmp", ".checkpoint.pt.tmp", ".args.log.backup.tmp",
+               ".checkpoint.pt.k1l2m3n4.tmp"]
     for name in own + foreign:
         (run / name).write_bytes(b"x")
     main.main([*tiny(omniglot_root, tmp_path, "leap"), "--resume"])
