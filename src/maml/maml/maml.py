@@ -414,7 +414,7 @@ class MAML(ModelLearner):
         if chunk is not None:
             return _vectorized.meta_backward(self, tasks, chunk)
         start = time.perf_counter()
-        params = list(self.meta_parameters())
+        params: list[Tensor] = list(self.meta_parameters())
         # A user's tensor hyperparameters of the inner optimizer that require grad get .grad as
         # from a backward pass (and as in the vectorized path).
         known = {id(p) for p in params}
