@@ -219,8 +219,8 @@ def test_constructor_validates_every_argument(helpers):
              ("bn_mode", "global", "bn_mode"), ("inner_grad_clip", -1.0, "inner_grad_clip"),
              ("model", "net", "model"),
              ("meta_optimizer", torch.optim.SGD(nn.Linear(1, 1).parameters(), lr=0.1),
-              "trainable parameters"),
-             ("meta_optimizer", "adam", "callable"),
+              "leaves out the meta-parameters"),
+             ("meta_optimizer", "adam", "a factory taking"),
              ("meta_optimizer", lambda params: None, "torch.optim.Optimizer")]
     for key, value, message in cases:
         with pytest.raises(ValueError, match=message):

@@ -26,11 +26,9 @@ def check_module(model: Any) -> nn.Module:
 
 
 def check_criterion(criterion: Any) -> Criterion:
-    if not callable(criterion):
-        raise ValueError(f"criterion must be callable as criterion(output, target) -> scalar "
-                         f"loss (e.g. torch.nn.functional.mse_loss), got {criterion!r}")
-    # Labels outside the model's classes then fail with a message instead of torch's IndexError.
-    return metazoo.CheckedCriterion(criterion)
+    """``metazoo.check_criterion``: a function or an ``nn.Module`` instance, wrapped so that
+    targets that do not fit the output fail with a message."""
+    return metazoo.check_criterion(criterion)
 
 
 def check_steps(name: str, value: Any) -> int:
@@ -90,28 +88,17 @@ def name_predicate(argument: str, value: NamePredicate | Collection[str] | None,
     return predicate
 
 
-def build_meta_optimizer(factory: MetaOptimizerFactory | None,
-                         parameters: list[nn.Parameter],
+def build_meta_optimizer(meta_optimizer: MetaOptimizerFactory | torch.optim.Optimizer | None,
+                         named_parameters: Iterable[tuple[str, nn.Parameter]],
                          default: MetaOptimizerFactory) -> torch.optim.Optimizer:
-    factory = default if factory is None else factory
-    if not parameters:
-        raise ValueError("there are no meta-parameters: every parameter is frozen "
-                         "(requires_grad=False) or zero_head; leave at least one trainable")
-    if not callable(factory):
-        raise ValueError(f"meta_optimizer must be a callable taking the meta-parameters, e.g. "
-                         f"lambda params: torch.optim.Adam(params, lr=1e-3); got {factory!r}")
-    optimizer = factory(parameters)
-    if not isinstance(optimizer, torch.optim.Optimizer):
-        raise ValueError(f"meta_optimizer(parameters) must return a torch.optim.Optimizer, got "
-                         f"{type(optimizer).__name__}")
-    return optimizer
+    """``metazoo.build_meta_optimizer``: a factory or an optimizer, covering exactly the
+    meta-parameters."""
+    return metazoo.build_meta_optimizer(meta_optimizer, named_parameters, default)
 
 
-def check_tasks(tasks: Sequence[metazoo.Task]) -> None:
-    if isinstance(tasks, metazoo.Task):
-        raise ValueError("expected a sequence of tasks, got a single Task; pass [task]")
-    if not tasks:
-        raise ValueError("expected at least one task")
+def check_tasks(tasks: Iterable[metazoo.Task]) -> Sequence[metazoo.Task]:
+    """``metazoo.check_tasks``: a non-empty sequence (or iterable, read once) of tasks."""
+    return metazoo.check_tasks(tasks)
 
 
 def score_query(model: nn.Module, criterion: Criterion, params: metazoo.Params,

@@ -5,7 +5,7 @@ Pure functional models (``forward``, ``params_of``), differentiable inner optimi
 ``MetaLearner`` interface every algorithm implements.
 """
 
-from metazoo import batchnorm, cli, distributed, vectorize
+from metazoo import batchnorm, cli, distributed, registry, runs, vectorize
 from metazoo.devices import DeviceMixError, strict_devices
 from metazoo.faults import (
     CheckedCriterion,
@@ -38,11 +38,17 @@ from metazoo.layout import (
 from metazoo.learner import (
     Adapted,
     Batch,
+    Criterion,
     EvalResult,
     MetaLearner,
+    MetaOptimizerFactory,
     MetaStepResult,
     Task,
     accuracy,
+    build_meta_optimizer,
+    check_criterion,
+    check_task,
+    check_tasks,
     mean_results,
     trainable_parameters,
 )
@@ -53,6 +59,8 @@ from metazoo.precision import (
     fp32_precision_flags,
     set_fp32_precision,
 )
+from metazoo.registry import available_learners, build_learner
+from metazoo.runs import RunFolder, RunFolderError, RunLockedError
 from metazoo.serialization import atomic_save, atomic_write_text
 from metazoo.unroll import DEFAULT_SEGMENT, LossFn, UnrollResult, clip_grad_norm, unroll
 
@@ -68,16 +76,21 @@ __all__ = [
     "BatchNormMode",
     "Buffers",
     "CheckedCriterion",
+    "Criterion",
     "DeviceMixError",
     "EvalResult",
     "InnerOptimizer",
     "LossFn",
     "MetaLearner",
+    "MetaOptimizerFactory",
     "MetaStepResult",
     "NonFiniteError",
     "OptState",
     "Params",
     "RMSprop",
+    "RunFolder",
+    "RunFolderError",
+    "RunLockedError",
     "Task",
     "TaskFaults",
     "UnrollResult",
@@ -86,10 +99,16 @@ __all__ = [
     "all_finite",
     "atomic_save",
     "atomic_write_text",
+    "available_learners",
     "batchnorm",
+    "build_learner",
+    "build_meta_optimizer",
     "check_channels_last",
+    "check_criterion",
     "check_on_nonfinite",
     "check_params",
+    "check_task",
+    "check_tasks",
     "checked_step",
     "cli",
     "clip_grad_norm",
@@ -103,6 +122,8 @@ __all__ = [
     "mean_results",
     "params_of",
     "params_to_channels_last",
+    "registry",
+    "runs",
     "safe_sqrt",
     "set_fp32_precision",
     "split_params",

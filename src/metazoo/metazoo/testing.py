@@ -9,7 +9,9 @@ with the per-task loop in float64. A learner of another package can be checked t
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+import os
+import sys
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -20,9 +22,23 @@ from torch import Tensor, nn
 from metazoo.devices import strict_devices
 from metazoo.learner import EvalResult, MetaLearner, MetaStepResult, Task
 
-__all__ = ["HostSyncs", "MetaStepSnapshot", "assert_same_gradients", "assert_same_meta_step",
-           "assert_same_results", "bn_net", "count_host_syncs", "image_tasks", "meta_gradients",
-           "meta_step_snapshot", "small_conv_net", "small_tasks", "strict_meta_step", "tasks_to"]
+__all__ = [
+    "HostSyncs",
+    "MetaStepSnapshot",
+    "assert_same_gradients",
+    "assert_same_meta_step",
+    "assert_same_results",
+    "bn_net",
+    "count_host_syncs",
+    "image_tasks",
+    "kill_at_call_command",
+    "meta_gradients",
+    "meta_step_snapshot",
+    "small_conv_net",
+    "small_tasks",
+    "strict_meta_step",
+    "tasks_to",
+]
 
 
 def small_conv_net(seed: int = 0, dtype: torch.dtype = torch.float64) -> nn.Module:
@@ -169,6 +185,43 @@ def assert_same_results(actual: MetaStepResult, expected: MetaStepResult,
     assert len(actual.inner_losses) == len(expected.inner_losses)
     for got, want in zip(actual.inner_losses, expected.inner_losses, strict=True):
         assert math.isclose(got, want, rel_tol=tol, abs_tol=tol)
+
+
+# Runs a script in this interpreter and SIGKILLs its own process at the N-th call of an ``os``
+# function: a kill -9 at a chosen moment, reproducible, with no hook in the code under test.
+_KILL_AT_CALL = """
+import os, runpy, signal, sys
+name, call = sys.argv[1], int(sys.argv[2])
+real = getattr(os, name)
+count = 0
+def killing(*args, **kwargs):
+    global count
+    count += 1
+    if count == call:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(*args, **kwargs)
+setattr(os, name, killing)
+sys.argv = sys.argv[3:]
+sys.path.insert(0, os.path.dirname(os.path.abspath(sys.argv[0])))
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def kill_at_call_command(script: str | os.PathLike[str], argv: Sequence[str], *,
+                         function: str = "replace", call: int = 1) -> list[str]:
+    """A command (for ``subprocess``) that runs ``script argv...`` and kills its process with
+    SIGKILL at the ``call``-th call of ``os.<function>``.
+
+    ``"replace"`` kills an atomic write after its temporary file is complete and before the
+    rename; ``"fsync"`` before the temporary is flushed to disk. Either is where a kill -9
+    costs a run folder the most, so the experiments' resume tests kill there, at varying calls.
+    """
+    if not callable(getattr(os, function, None)):
+        raise ValueError(f"os.{function} is not a function")
+    if call < 1:
+        raise ValueError(f"call={call} must be >= 1")
+    return [sys.executable, "-c", _KILL_AT_CALL, function, str(call), os.fspath(script),
+            *argv]
 
 
 @dataclass
