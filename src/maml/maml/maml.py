@@ -119,7 +119,7 @@ class MAML(ModelLearner):
         learn_inner_lr: LearnedLR | None = None,
         per_step_inner_lr: bool = False,
         multi_step_weights: Sequence[float] | None = None,
-        checkpoint: int | bool | None = None,
+        checkpoint: metazoo.Checkpoint | int | bool | None = None,
         inner_grad_clip: float | None = None,
         backward_grad_clip: float | None = None,
         on_nonfinite: str = "raise",
@@ -153,8 +153,10 @@ class MAML(ModelLearner):
                 ``learn_inner_lr`` and ``eval_inner_steps <= inner_steps``.
             multi_step_weights: MAML++ multi-step loss: ``inner_steps`` non-negative weights of
                 the query losses after each inner step (see ``multi_step_loss_weights``).
-            checkpoint: the core's exact checkpointed unroll (``None``, ``True`` or a segment
-                length), memory flat in the number of inner steps.
+            checkpoint: the core's exact checkpointed unroll: ``None``, ``True`` (binomial
+                schedule with ``metazoo.DEFAULT_SNAPSHOTS`` stored states, memory flat in the
+                number of inner steps), ``metazoo.Checkpoint(snapshots=s)`` (a budget of s
+                stored states) or an int S (fixed segments of S steps).
             inner_grad_clip: clip the global norm of each inner gradient.
             backward_grad_clip: clip the global norm of the gradient flowing back through each
                 inner step during the meta-backward pass.
@@ -189,10 +191,7 @@ class MAML(ModelLearner):
             raise ValueError(f"first_order must be a bool, got {first_order!r}")
         self.first_order = first_order
         self.bn_mode = check_bn_mode(bn_mode)
-        if checkpoint is not None and not isinstance(checkpoint, bool) and (
-                not isinstance(checkpoint, int) or checkpoint < 1):
-            raise ValueError(f"checkpoint must be None, True or a segment length >= 1, got "
-                             f"{checkpoint!r}")
+        metazoo.check_checkpoint(checkpoint)
         self.checkpoint = checkpoint
         self.inner_grad_clip = check_optional_positive("inner_grad_clip", inner_grad_clip)
         self.backward_grad_clip = check_optional_positive("backward_grad_clip",

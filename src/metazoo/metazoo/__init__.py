@@ -52,12 +52,24 @@ from metazoo.precision import (
     set_fp32_precision,
 )
 from metazoo.serialization import atomic_save, atomic_write_text
-from metazoo.unroll import DEFAULT_SEGMENT, LossFn, UnrollResult, clip_grad_norm, unroll
+from metazoo.unroll import (
+    DEFAULT_SEGMENT,
+    DEFAULT_SNAPSHOTS,
+    Checkpoint,
+    CheckpointPlan,
+    LossFn,
+    UnrollResult,
+    binomial_recomputations,
+    check_checkpoint,
+    clip_grad_norm,
+    unroll,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "DEFAULT_SEGMENT",
+    "DEFAULT_SNAPSHOTS",
     "PRECISIONS",
     "SGD",
     "Adam",
@@ -66,6 +78,8 @@ __all__ = [
     "BatchNormMode",
     "Buffers",
     "CheckedCriterion",
+    "Checkpoint",
+    "CheckpointPlan",
     "DeviceMixError",
     "EvalResult",
     "InnerOptimizer",
@@ -83,7 +97,9 @@ __all__ = [
     "all_finite",
     "atomic_save",
     "atomic_write_text",
+    "binomial_recomputations",
     "check_channels_last",
+    "check_checkpoint",
     "check_on_nonfinite",
     "check_params",
     "checked_step",
