@@ -315,6 +315,26 @@ class _Binomial(_Schedule):
         return "store", top + _binomial_split(end - top, free)
 
 
+class _Losses:
+    """The detached inner losses of a long unroll, stacked every 256 steps as they come: ten
+    thousand 0-d tensors hold about 12 MiB of Python objects, more than the stored states of a
+    small model."""
+
+    def __init__(self) -> None:
+        self.chunks: list[Tensor] = []
+        self.pending: list[Tensor] = []
+
+    def append(self, loss: Tensor) -> None:
+        self.pending.append(loss)
+        if len(self.pending) == 256:
+            self.chunks.append(torch.stack(self.pending))
+            self.pending = []
+
+    def stacked(self) -> Tensor:
+        return torch.cat([*self.chunks, torch.stack(self.pending)] if self.pending
+                         else self.chunks)
+
+
 @dataclass
 class _Snapshot:
     """A stored state: the step it is the state before, and the path's own representation."""
@@ -528,7 +548,7 @@ class _CheckpointedUnroll(torch.autograd.Function):
 
         stores = set(schedule.forward_stores(run.steps))
         snapshots = [_Snapshot(0, _Boundary(params, state, buffers, _RngState.capture(device)))]
-        losses = []
+        losses = _Losses()
         # Point 0 is cloned: an input returned as an output would alias it.
         points = ([[t.clone() for t in (*params.values(), *buffers.values())]]
                   if keep_trajectory else [])
@@ -549,7 +569,7 @@ class _CheckpointedUnroll(torch.autograd.Function):
         ctx.snapshots = snapshots
         ctx.static_tensors, ctx.hyper_tensors = static_t, hyper
         run.final_state = state
-        losses_tensor = torch.stack(losses)
+        losses_tensor = losses.stacked()
         ctx.mark_non_differentiable(losses_tensor)
         ctx.set_materialize_grads(False)
         return (*(t for point in points for t in point), *_tensor_leaves(state), losses_tensor)
