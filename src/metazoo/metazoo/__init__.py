@@ -5,7 +5,7 @@ Pure functional models (``forward``, ``params_of``), differentiable inner optimi
 ``MetaLearner`` interface every algorithm implements.
 """
 
-from metazoo import cli, distributed, vectorize
+from metazoo import batchnorm, cli, distributed, vectorize
 from metazoo.devices import DeviceMixError, strict_devices
 from metazoo.faults import (
     CheckedCriterion,
@@ -20,6 +20,7 @@ from metazoo.functional import (
     Buffers,
     Params,
     check_params,
+    closed_form_batch_norm,
     forward,
     initial_buffers,
     make_loss_fn,
@@ -97,6 +98,7 @@ __all__ = [
     "all_finite",
     "atomic_save",
     "atomic_write_text",
+    "batchnorm",
     "binomial_recomputations",
     "check_channels_last",
     "check_checkpoint",
@@ -105,6 +107,7 @@ __all__ = [
     "checked_step",
     "cli",
     "clip_grad_norm",
+    "closed_form_batch_norm",
     "distributed",
     "forward",
     "fp32_precision",
