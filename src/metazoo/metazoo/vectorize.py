@@ -24,6 +24,8 @@ vmap over 16 tasks took 5.4-8.2 s against 4.5 s for the loop), on a GPU the vect
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -50,9 +52,9 @@ from metazoo.unroll import (
     clip_grad_norm,
 )
 
-__all__ = ["VectorizedGradients", "check_vectorize", "functional_unroll", "map_and_sum",
-           "map_tasks", "raise_or_count_faults", "resolve_chunk", "stack_tasks",
-           "vectorized_meta_gradients"]
+__all__ = ["CompileOptions", "VectorizedGradients", "check_compile", "check_vectorize",
+           "functional_unroll", "map_and_sum", "map_tasks", "raise_or_count_faults",
+           "resolve_chunk", "stack_tasks", "vectorized_meta_gradients"]
 
 Vectorize = bool | int | str
 
@@ -481,6 +483,87 @@ def functional_unroll(
                         buffer_trajectory)
 
 
+# -- torch.compile of the per-meta-batch function -------------------------------------------
+
+_log = logging.getLogger(__name__)
+
+#: The ``torch.compile`` keywords a learner's ``compile=`` may set (``fullgraph`` is always
+#: True: a graph break raises instead of running part of the step eagerly).
+_COMPILE_KEYWORDS = frozenset({"backend", "mode", "dynamic", "options"})
+
+
+@dataclass(frozen=True)
+class CompileOptions:
+    """A validated ``compile=`` option: the keywords passed to ``torch.compile``."""
+
+    keywords: tuple[tuple[str, Any], ...]
+
+    def __str__(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.keywords) or "torch.compile defaults"
+
+
+def check_compile(value: Any, vectorize: Vectorize = True) -> CompileOptions | None:
+    """Validates a learner's ``compile`` option.
+
+    ``False``/``None``: eager. ``True``: ``torch.compile`` with ``dynamic=False`` and the
+    default backend (inductor). A dict: ``torch.compile`` keywords among ``backend``, ``mode``,
+    ``dynamic`` (default False) and ``options``, e.g. ``{"backend": "aot_eager"}``. The
+    per-meta-batch function is always compiled with ``fullgraph=True``. ``vectorize``: the
+    learner's option; compiling needs the vectorized path (the loop is not compiled).
+    """
+    if value is None or value is False:
+        return None
+    if vectorize is False:
+        raise ValueError(f"compile={value!r} compiles the vectorized meta-batch; pass "
+                         f"vectorize=True (or a chunk size) with it, or compile=False")
+    if value is True:
+        value = {}
+    if not isinstance(value, dict) or not set(value) <= _COMPILE_KEYWORDS:
+        raise ValueError(f"compile must be False, True or a dict of torch.compile keywords "
+                         f"among {sorted(_COMPILE_KEYWORDS)} (e.g. {{'backend': 'aot_eager'}}); "
+                         f"got {value!r}")
+    return CompileOptions(tuple(sorted({"dynamic": False, **value}.items(),
+                                       key=lambda item: item[0])))
+
+
+def _call_mapped(mapped: Callable[..., Any], *args: Any) -> Any:
+    """The per-chunk call of a vmapped function, the unit that ``compile=`` compiles."""
+    with closed_form_batch_norm():
+        return mapped(*args)
+
+
+_compiled_calls: dict[str, Callable[..., Any]] = {}  # by repr of the options
+
+
+def _mapped_caller(compile: CompileOptions | None) -> Callable[..., Any]:
+    """``_call_mapped``, compiled once per set of options. Dynamo caches the compiled graph on
+    the code of the mapped function, so a learner's objective rebuilt every meta-step (a new
+    closure of the same code) reuses it; new shapes or constants compile again."""
+    if compile is None:
+        return _call_mapped
+    caller = _compiled_calls.get(repr(compile.keywords))
+    if caller is None:
+        compiled = torch.compile(_call_mapped, fullgraph=True, **dict(compile.keywords))
+        pending = [True]  # the first call compiles
+
+        def caller(*args: Any) -> Any:
+            if not pending:
+                return compiled(*args)
+            # Library code never prints: the first call (which compiles, possibly for minutes)
+            # is logged before and after; experiments and benchmarks show it.
+            _log.info("torch.compile of the vectorized meta-batch (%s): compiling; the first "
+                      "call can take minutes", compile)
+            start = time.perf_counter()
+            result = compiled(*args)
+            pending.clear()
+            _log.info("torch.compile of the vectorized meta-batch (%s): first call done in "
+                      "%.1f s", compile, time.perf_counter() - start)
+            return result
+
+        _compiled_calls[repr(compile.keywords)] = caller
+    return caller
+
+
 def _chunks(num_tasks: int, chunk: int) -> list[slice]:
     return [slice(start, min(start + chunk, num_tasks)) for start in range(0, num_tasks, chunk)]
 
@@ -489,14 +572,15 @@ def _take(tree: Any, rows: slice) -> Any:
     return pytree.tree_map(lambda t: t[rows], tree)
 
 
-def map_tasks(fn: Callable[..., Any], batched: Any, num_tasks: int, chunk: int) -> Any:
+def map_tasks(fn: Callable[..., Any], batched: Any, num_tasks: int, chunk: int, *,
+              compile: CompileOptions | None = None) -> Any:
     """``vmap(fn)`` over the leading task dimension of ``batched``, ``chunk`` tasks at a time.
 
-    Returns the outputs of all chunks concatenated along the task dimension.
+    Returns the outputs of all chunks concatenated along the task dimension. ``compile``
+    (``check_compile``) runs each chunk's call through ``torch.compile``.
     """
-    mapped = vmap(fn)
-    with closed_form_batch_norm():
-        outputs = [mapped(*_take(batched, rows)) for rows in _chunks(num_tasks, chunk)]
+    mapped, call = vmap(fn), _mapped_caller(compile)
+    outputs = [call(mapped, *_take(batched, rows)) for rows in _chunks(num_tasks, chunk)]
     if len(outputs) == 1:
         return outputs[0]
     leaves, spec = zip(*(pytree.tree_flatten(out) for out in outputs))
@@ -531,18 +615,21 @@ def map_and_sum(
     batched: Sequence[Any],
     num_tasks: int,
     chunk: int,
+    *,
+    compile: CompileOptions | None = None,
 ) -> VectorizedGradients:
     """Runs the vmapped ``mapped(*shared, *task_args)`` on ``chunk`` tasks at a time and sums
     its first output over the finite tasks of each chunk before the next chunk.
 
     ``mapped`` returns ``(tensors to sum [n, ...], (objectives [n], (inner_losses [n, K],
-    aux)))`` for a chunk of n tasks. No host synchronisation.
+    aux)))`` for a chunk of n tasks. No host synchronisation. ``compile`` (``check_compile``)
+    runs each chunk's call of ``mapped`` through ``torch.compile`` (``fullgraph=True``).
     """
     sums: list[Tensor] | None = None
     objectives, inner_losses, auxes, finites = [], [], [], []
+    call = _mapped_caller(compile)
     for rows in _chunks(num_tasks, chunk):
-        with closed_form_batch_norm():
-            grads, (values, (inner, aux)) = mapped(*shared, *_take(list(batched), rows))
+        grads, (values, (inner, aux)) = call(mapped, *shared, *_take(list(batched), rows))
         finite = torch.isfinite(values) & torch.isfinite(inner).all(dim=1)
         # where, not a product: a NaN gradient times 0 is still NaN.
         masked = [torch.where(finite.view(-1, *[1] * (g.dim() - 1)), g, 0.0).sum(0)
@@ -565,6 +652,8 @@ def vectorized_meta_gradients(
     batched: Sequence[Any],
     num_tasks: int,
     chunk: int,
+    *,
+    compile: CompileOptions | None = None,
 ) -> VectorizedGradients:
     """Per-task gradients of ``objective`` taken inside ``vmap``, summed over tasks.
 
@@ -580,10 +669,12 @@ def vectorized_meta_gradients(
             ``num_tasks``.
         num_tasks: T.
         chunk: tasks per ``vmap`` call (T for one call).
+        compile: ``check_compile``'s options: each chunk's call through ``torch.compile``.
     """
     mapped = vmap(grad_and_value(objective, has_aux=True),
                   in_dims=(None, *([0] * len(batched))))
-    return map_and_sum(mapped, [[t.detach() for t in inputs]], batched, num_tasks, chunk)
+    return map_and_sum(mapped, [[t.detach() for t in inputs]], batched, num_tasks, chunk,
+                       compile=compile)
 
 
 def raise_or_count_faults(result: VectorizedGradients, on_nonfinite: str) -> list[int]:
