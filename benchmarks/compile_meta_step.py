@@ -35,6 +35,7 @@ def child(args: argparse.Namespace) -> dict:
     import torch.nn.functional as F
 
     import metazoo
+    import metazoo.testing
     from maml import MAML
 
     torch.set_num_threads(args.threads)
