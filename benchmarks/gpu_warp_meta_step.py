@@ -68,7 +68,7 @@ def make_learner(args: argparse.Namespace, vectorize: bool | int | str, device: 
     torch.manual_seed(0)
     cfg = LearnerConfig(meta_model="warp_leap", classes=args.classes, task_train_steps=steps,
                         task_val_steps=steps, num_filters=args.filters)
-    base = build_learner(cfg).inner  # type: ignore[attr-defined]
+    base = build_learner(cfg)
     warp = base.warp
     warp.model.to(device=device, dtype=dtype)
     for p in warp.init_parameters():

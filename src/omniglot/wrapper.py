@@ -1,22 +1,23 @@
 """Builds a ``metazoo.MetaLearner`` for the Omniglot experiment from a ``--meta_model`` name.
 
 Methods (all through the core interface: ``adapt``, ``meta_step``, ``evaluate``,
-``state_dict``):
+``state_dict``); the meta-learners are built by name from the installed packages
+(``metazoo.build_learner``, the same names), the baselines ``ft`` and ``no`` here:
 
 =============  ===============================================================================
 ``warp_leap``  ``warpgrad.WarpGrad``: warp blocks after every conv block, initialisation learned
                with the simplified-Leap objective (``meta_kwargs``: ``warp_objective``,
                ``init_objective``, ``warp_lr``: the warp layers' meta-learning rate)
-``warp_maml``  ``WarpMAML`` (below): the same warped net; warp layers learned with the warp
+``warp_maml``  ``warpgrad.WarpMAML``: the same warped net; warp layers learned with the warp
                (replay) objective of ``warpgrad.WarpGrad``, the initialisation with MAML's
                objective (``maml.MAML`` with the warp layers frozen); Flennerhag et al. 2020,
                "Warp-MAML" (``meta_kwargs``: ``warp_objective``, ``warp_lr``)
 ``leap``       ``leap.LeapLearner`` (``meta_kwargs``: ``norm``, ``loss``, ``stabilizer``)
 ``reptile``    ``maml.Reptile``
-``fomaml``     ``maml.MAML(first_order=True)``
+``fomaml``     ``maml.MAML(first_order=True)`` (``maml.fomaml``)
 ``maml``       ``maml.MAML`` (second order; ``--efficient`` turns on the core's checkpointing)
 ``imaml``      ``maml.iMAML`` (``meta_kwargs``: ``lam``, ``cg_steps``, ``damping``)
-``anil``       ``maml.MAML(frozen=<all but the head>)``
+``anil``       ``maml.MAML(frozen=<all but the head>)`` (``maml.anil(head="head")``)
 ``ft``         ``FineTune`` (below): multi-head pretraining on the meta-training tasks, then a
                fresh head fine-tuned per task
 ``no``         ``NoMeta`` (below): a fresh random initialisation trained on each task
@@ -44,6 +45,7 @@ Head policy (``LearnerConfig.head_policy``, ``--head_policy``):
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -54,15 +56,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-import leap
-import maml
 import metazoo
-import warpgrad
 from metazoo import Adapted, EvalResult, MetaLearner, MetaStepResult, Task
 from model import MultiHeadOmniConv, OmniConv, WarpedOmniConv, multi_head_accuracy, multi_head_loss
 
 __all__ = ["HEAD_POLICIES", "METHODS", "FineTune", "LearnerConfig", "NoMeta", "RandomHead",
-           "WarpMAML", "build_learner", "score"]
+           "build_learner", "score"]
 
 METHODS = ("warp_leap", "warp_maml", "leap", "reptile", "fomaml", "maml", "imaml", "anil", "ft",
            "no")
@@ -113,17 +112,39 @@ CHANNELS_LAST_METHODS = ("warp_leap", "warp_maml", "maml", "fomaml", "anil", "re
                          "imaml")
 
 
+def _check_options(flag: str, choice_flag: str, choice: str, cls: type,
+                   kwargs: Mapping[str, Any]) -> None:
+    """An option that ``cls`` does not take is one line naming it and the accepted ones (the
+    constructor's own ``TypeError`` would end the run with a traceback)."""
+    accepted = [name for name, p in inspect.signature(cls.__init__).parameters.items()
+                if name not in ("self", "params")
+                and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    unknown = sorted(set(kwargs) - set(accepted))
+    if unknown:
+        raise ValueError(f"{flag} {', '.join(unknown)}: not an option of {choice_flag} {choice} "
+                         f"({cls.__module__}.{cls.__qualname__}); accepted: "
+                         f"{', '.join(accepted)}")
+
+
 def _inner_optimizer(cfg: LearnerConfig) -> metazoo.InnerOptimizer:
     if cfg.inner_opt not in _INNER:
         raise ValueError(f"--inner_opt {cfg.inner_opt!r} is not one of {sorted(_INNER)}")
+    _check_options("--inner_kwargs", "--inner_opt", cfg.inner_opt, _INNER[cfg.inner_opt],
+                   cfg.inner_kwargs)
     return _INNER[cfg.inner_opt](**cfg.inner_kwargs)
+
+
+def _outer_class(cfg: LearnerConfig) -> type[torch.optim.Optimizer]:
+    if cfg.outer_opt not in _OUTER:
+        raise ValueError(f"--outer_opt {cfg.outer_opt!r} is not one of {sorted(_OUTER)}")
+    cls = _OUTER[cfg.outer_opt]
+    _check_options("--outer_kwargs", "--outer_opt", cfg.outer_opt, cls, cfg.outer_kwargs)
+    return cls
 
 
 def _meta_optimizer(cfg: LearnerConfig) -> Callable[[Iterable[nn.Parameter]],
                                                      torch.optim.Optimizer]:
-    if cfg.outer_opt not in _OUTER:
-        raise ValueError(f"--outer_opt {cfg.outer_opt!r} is not one of {sorted(_OUTER)}")
-    cls, kwargs = _OUTER[cfg.outer_opt], dict(cfg.outer_kwargs)
+    cls, kwargs = _outer_class(cfg), dict(cfg.outer_kwargs)
     return lambda params: cls(list(params), **kwargs)
 
 
@@ -142,9 +163,7 @@ def _warp_meta_optimizer(cfg: LearnerConfig, warp_params: Sequence[nn.Parameter]
     if not warp_params:
         raise ValueError(f"--meta_kwargs warp_lr {warp_lr}: --warp_layer {cfg.warp_layer} has no "
                          f"warp parameters to give it; drop warp_lr or use another --warp_layer")
-    if cfg.outer_opt not in _OUTER:
-        raise ValueError(f"--outer_opt {cfg.outer_opt!r} is not one of {sorted(_OUTER)}")
-    cls, kwargs = _OUTER[cfg.outer_opt], dict(cfg.outer_kwargs)
+    cls, kwargs = _outer_class(cfg), dict(cfg.outer_kwargs)
     warp_ids = {id(p) for p in warp_params}
 
     def build(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
@@ -199,8 +218,9 @@ def build_learner(cfg: LearnerConfig) -> MetaLearner:
     common = {"criterion": F.cross_entropy, "inner_optimizer": _inner_optimizer(cfg),
               "inner_steps": cfg.task_train_steps, "eval_inner_steps": cfg.task_val_steps,
               "meta_optimizer": _meta_optimizer(cfg), "bn_mode": cfg.bn_mode}
+    # The meta-learners come from the installed packages by name (metazoo.build_learner); only
+    # the experiment's own baselines (ft, no) and head policy live here.
     if name in ("warp_leap", "warp_maml"):
-        init_default = "simplified_leap" if name == "warp_leap" else "none"
         _unused(cfg, ("warp_objective", "init_objective", "warp_lr") if name == "warp_leap"
                 else ("warp_objective", "warp_lr"))
         if cfg.inner_opt != "sgd" or set(cfg.inner_kwargs) - {"lr", "momentum"}:
@@ -213,50 +233,41 @@ def build_learner(cfg: LearnerConfig) -> MetaLearner:
                              f"--bn_mode {cfg.bn_mode}")
         net = WarpedOmniConv(**_net_kwargs(cfg), warp_layer=cfg.warp_layer,
                              warp_final_head=cfg.warp_final_head, warp_kwargs=cfg.warp_kwargs)
-        updater = warpgrad.DualUpdater(
-            F.cross_entropy, warp_objective=cfg.meta_kwargs.get("warp_objective",
-                                                                "stop_gradient"),
-            init_objective=cfg.meta_kwargs.get("init_objective", init_default),
-            bn_mode=cfg.bn_mode)
-        params = warpgrad.OptimizerParameters(
-            default_lr=float(cfg.inner_kwargs.get("lr", 0.1)),
-            default_momentum=float(cfg.inner_kwargs.get("momentum", 0.0)))
-        warp = warpgrad.Warp(net, net.adapt_modules(), net.warp_modules(), updater,
-                             warpgrad.ReplayBuffer(), optimizer_parameters=params)
-        learner = warpgrad.WarpGrad(warp, inner_steps=cfg.task_train_steps,
-                                    meta_optimizer=_warp_meta_optimizer(
-                                        cfg, list(warp.warp_parameters())),
-                                    bn_mode=cfg.bn_mode,
-                                    **nonfinite, **layout, **vectorize)
+        warp_modules = net.warp_modules()
+        objectives = {"warp_objective": cfg.meta_kwargs.get("warp_objective", "stop_gradient")}
         if name == "warp_leap":
-            return _WarpGrad(learner, cfg.task_val_steps)
-        return WarpMAML(learner, eval_inner_steps=cfg.task_val_steps,
-                        inner_optimizer=common["inner_optimizer"],
-                        checkpoint=True if cfg.efficient else None, **nonfinite)
+            objectives["init_objective"] = cfg.meta_kwargs.get("init_objective",
+                                                               "simplified_leap")
+        else:
+            objectives["checkpoint"] = True if cfg.efficient else None
+        return metazoo.build_learner(
+            name, model=net, warp_modules=warp_modules, adapt_modules=net.adapt_modules(),
+            **{**common, "meta_optimizer": _warp_meta_optimizer(
+                cfg, [p for m in warp_modules for p in m.parameters()])},
+            **objectives, **nonfinite, **layout, **vectorize)
     if name == "leap":
         _unused(cfg, ("norm", "loss", "stabilizer"))
-        learner: MetaLearner = leap.LeapLearner(model=OmniConv(**_net_kwargs(cfg)), **common,
-                                                **cfg.meta_kwargs, **nonfinite, **layout,
-                                                **vectorize)
+        learner = metazoo.build_learner("leap", model=OmniConv(**_net_kwargs(cfg)), **common,
+                                        **cfg.meta_kwargs, **nonfinite, **layout, **vectorize)
         return RandomHead(learner) if reference else learner
     if name == "reptile":
         _unused(cfg, ())
-        learner = maml.Reptile(model=OmniConv(**_net_kwargs(cfg)), **common, **nonfinite,
-                               **layout, **vectorize, inner_state=cfg.reptile_inner_state)
+        learner = metazoo.build_learner("reptile", model=OmniConv(**_net_kwargs(cfg)), **common,
+                                        **nonfinite, **layout, **vectorize,
+                                        inner_state=cfg.reptile_inner_state)
         return RandomHead(learner) if reference else learner
     if name in ("maml", "fomaml", "anil"):
         _unused(cfg, ("learn_inner_lr", "per_step_inner_lr", "inner_grad_clip",
                       "backward_grad_clip"))
-        frozen = (lambda n: not n.startswith("head.")) if name == "anil" else None
-        learner = maml.MAML(model=OmniConv(**_net_kwargs(cfg)), **common,
-                            first_order=name == "fomaml", frozen=frozen,
-                            checkpoint=True if cfg.efficient else None, **cfg.meta_kwargs,
-                            **nonfinite, **layout, **vectorize)
+        head = {"head": "head"} if name == "anil" else {}
+        learner = metazoo.build_learner(name, model=OmniConv(**_net_kwargs(cfg)), **common,
+                                        checkpoint=True if cfg.efficient else None, **head,
+                                        **cfg.meta_kwargs, **nonfinite, **layout, **vectorize)
         return RandomHead(learner) if reference and name == "fomaml" else learner
     if name == "imaml":
         _unused(cfg, ("lam", "cg_steps", "damping", "inner_grad_clip"))
-        return maml.iMAML(model=OmniConv(**_net_kwargs(cfg)), **common, **cfg.meta_kwargs,
-                          **nonfinite, **layout, **vectorize)
+        return metazoo.build_learner("imaml", model=OmniConv(**_net_kwargs(cfg)), **common,
+                                     **cfg.meta_kwargs, **nonfinite, **layout, **vectorize)
     if name == "ft":
         _unused(cfg, ())
         return FineTune(model=MultiHeadOmniConv(**_net_kwargs(cfg),
@@ -268,131 +279,6 @@ def build_learner(cfg: LearnerConfig) -> MetaLearner:
         common.pop("inner_steps")
         return NoMeta(model=OmniConv(**_net_kwargs(cfg)), fixed_body=reference, **common)
     raise ValueError(f"--meta_model {name!r} is not one of {list(METHODS)}")
-
-
-class _WarpGrad(MetaLearner):
-    """``warpgrad.WarpGrad`` with a default number of evaluation steps (it has none)."""
-
-    def __init__(self, inner: warpgrad.WarpGrad, eval_inner_steps: int) -> None:
-        self.inner = inner
-        self.model = inner.model
-        self.meta_optimizer = inner.meta_optimizer
-        self.bn_mode = inner.bn_mode
-        self.eval_inner_steps = eval_inner_steps
-
-    def named_meta_parameters(self):  # type: ignore[no-untyped-def]
-        return self.inner.named_meta_parameters()
-
-    def adapt(self, task: Task, *, steps: int | None = None) -> Adapted:
-        return self.inner.adapt(task, steps=self.eval_inner_steps if steps is None else steps)
-
-    def meta_backward(self, tasks: Sequence[Task]) -> MetaStepResult:
-        return self.inner.meta_backward(tasks)
-
-    def evaluate(self, tasks: Sequence[Task], *, steps: int | None = None) -> EvalResult:
-        return self.inner.evaluate(tasks,
-                                   steps=self.eval_inner_steps if steps is None else steps)
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.inner.state_dict()
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.inner.load_state_dict(state)
-
-
-class WarpMAML(MetaLearner):
-    """Warp-MAML: warp layers by the warp (replay) objective, initialisation by MAML's.
-
-    Update rule (Flennerhag et al., "Meta-Learning with Warped Gradient Descent", ICLR 2020,
-    Warp-MAML): with warp parameters phi fixed during adaptation, the initialisation theta0 gets
-    the MAML meta-gradient d/dtheta0 of the mean query loss after the K warped inner steps
-    (second order through the unroll, phi static), and phi gets WarpGrad's warp-objective
-    gradient over the replayed trajectories. It is composed from the packages, unchanged:
-
-    * ``warp``: a ``warpgrad.WarpGrad`` whose updater has ``init_objective="none"``; it adapts
-      (from ``Warp``'s initialisation tensors) and gives the warp parameters their gradient.
-    * ``maml``: a ``maml.MAML`` over the same network with the warp parameters ``frozen``
-      (static in the unroll). Before each use the network's adaptable parameters are set to
-      the initialisation; its meta-gradient on them is moved to the initialisation tensors, and
-      what it gives the warp parameters is dropped (they keep the warp objective only).
-
-    The meta-parameters and the one meta-optimizer are ``warp``'s (warp layers, initialisation,
-    learned inner rates), so each tensor is stepped exactly once; ``maml``'s own meta-optimizer
-    is never stepped. Both adapt identically (SGD from the initialisation with fixed warp
-    layers), so ``adapt``/``evaluate`` use ``warp``'s.
-    """
-
-    def __init__(self, warp: warpgrad.WarpGrad, *, eval_inner_steps: int,
-                 inner_optimizer: metazoo.InnerOptimizer,
-                 checkpoint: bool | int | None = None, on_nonfinite: str = "raise") -> None:
-        if warp.updater.init_objective is not None:
-            raise ValueError(f"WarpMAML learns the initialisation with MAML's objective; the "
-                             f"WarpGrad updater's init_objective must be 'none', got "
-                             f"{warp.updater.init_objective}")
-        if warp.warp.learn_optimizer:
-            raise ValueError("WarpMAML does not learn inner learning rates (maml.MAML would "
-                             "not see them); build OptimizerParameters(trainable=False)")
-        self.warp = warp
-        self.model = warp.model
-        self.meta_optimizer = warp.meta_optimizer
-        self.bn_mode = warp.bn_mode
-        self.eval_inner_steps = eval_inner_steps
-        warp_names = {n for n, _ in warp.warp.named_warp_parameters()}
-        # Never stepped: WarpGrad's meta-optimizer owns every tensor (SGD lr 0 has no state).
-        self.maml = maml.MAML(model=self.model, criterion=warp.updater.criterion,
-                              inner_optimizer=inner_optimizer, inner_steps=warp.inner_steps,
-                              eval_inner_steps=eval_inner_steps, bn_mode=warp.bn_mode,
-                              frozen=sorted(warp_names), checkpoint=checkpoint,
-                              meta_optimizer=lambda ps: torch.optim.SGD(ps, lr=0.0),
-                              on_nonfinite=on_nonfinite, channels_last=warp.channels_last,
-                              vectorize=warp.vectorize)
-
-    def named_meta_parameters(self):  # type: ignore[no-untyped-def]
-        return self.warp.named_meta_parameters()
-
-    def _sync(self) -> dict[str, nn.Parameter]:
-        """Copies the initialisation into the network's adaptable parameters."""
-        adapt = dict(self.warp.warp.named_adapt_parameters())
-        with torch.no_grad():
-            for n, p in self.warp.warp.named_init_parameters():
-                adapt[n].copy_(p)
-        return adapt
-
-    def adapt(self, task: Task, *, steps: int | None = None) -> Adapted:
-        return self.warp.adapt(task, steps=self.eval_inner_steps if steps is None else steps)
-
-    def meta_backward(self, tasks: Sequence[Task]) -> MetaStepResult:
-        """MAML meta-gradient into the initialisation, then WarpGrad's warp gradient."""
-        adapt = self._sync()
-        named = dict(self.model.named_parameters())
-        # Keep whatever .grad already holds (meta_backward accumulates); MAML's contribution to
-        # the network's own tensors is removed again below.
-        saved = {n: None if p.grad is None else p.grad.clone() for n, p in named.items()}
-        for p in named.values():
-            p.grad = None
-        result = self.maml.meta_backward(tasks)
-        init = dict(self.warp.warp.named_init_parameters())
-        for n, p in adapt.items():
-            if p.grad is not None:
-                target = init[n]
-                target.grad = p.grad.clone() if target.grad is None else target.grad + p.grad
-        for n, p in named.items():
-            p.grad = saved[n]
-        warp_result = self.warp.meta_backward(tasks)
-        return MetaStepResult(result.meta_loss, result.inner_loss, result.accuracy,
-                              result.inner_losses, result.num_tasks,
-                              result.seconds + warp_result.seconds, result.skipped_tasks)
-
-    def evaluate(self, tasks: Sequence[Task], *, steps: int | None = None) -> EvalResult:
-        return self.warp.evaluate(tasks,
-                                  steps=self.eval_inner_steps if steps is None else steps)
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.warp.state_dict()
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.warp.load_state_dict(state)
-        self._sync()
 
 
 class RandomHead(MetaLearner):

@@ -56,11 +56,8 @@ def _check_steps(name: str, value: object) -> int:
     return value
 
 
-def _check_tasks(tasks: Sequence[Task]) -> None:
-    if isinstance(tasks, Task):
-        raise ValueError("expected a sequence of tasks, got a single Task; pass [task]")
-    if not tasks:
-        raise ValueError("expected at least one task")
+def _check_tasks(tasks: Iterable[Task]) -> Sequence[Task]:
+    return metazoo.check_tasks(tasks)
 
 
 @final
@@ -77,7 +74,7 @@ class LeapLearner(MetaLearner):
         self,
         *,
         model: nn.Module,
-        criterion: Callable[[Tensor, Tensor], Tensor],
+        criterion: metazoo.Criterion,
         inner_optimizer: InnerOptimizer | None = None,
         inner_steps: int = 5,
         eval_inner_steps: int | None = None,
@@ -97,15 +94,17 @@ class LeapLearner(MetaLearner):
             model: the network; its trainable parameters are the meta-learned initialisation
                 (parameters with ``requires_grad=False`` are used but neither adapted nor
                 meta-learned).
-            criterion: ``criterion(output, target) -> scalar loss``, for support and query sets.
+            criterion: ``criterion(output, target) -> scalar loss``, a function or an
+                ``nn.Module`` instance (``nn.CrossEntropyLoss()``), for support and query sets.
             inner_optimizer: a pure ``metazoo`` optimizer (default ``metazoo.SGD(0.1)``, the
                 reference's Omniglot setting).
             inner_steps: inner steps K during meta-training (step k uses
                 ``support[k % len(support)]``; the paper's Omniglot runs used 100).
             eval_inner_steps: inner steps in ``adapt``/``evaluate`` (default ``inner_steps``).
             meta_optimizer: a factory called with the meta-parameters, or a ``torch.optim``
-                optimizer already built over them (default
-                ``torch.optim.SGD(params, lr=0.1)``, the reference's Omniglot setting).
+                optimizer already built over exactly them (default
+                ``torch.optim.SGD(params, lr=0.1)``, the reference's Omniglot setting); any
+                other set of tensors is refused (``metazoo.build_meta_optimizer``).
             norm: length metric d1; ``False`` gives the energy metric d2.
             loss: include the loss in the task manifold.
             stabilizer: use ``-|L_{i+1} - L_i|`` as the loss difference.
@@ -133,10 +132,9 @@ class LeapLearner(MetaLearner):
         """
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        if not callable(criterion):
-            raise ValueError(f"criterion must be callable as criterion(output, target) -> "
-                             f"scalar loss (e.g. torch.nn.functional.cross_entropy), got "
-                             f"{criterion!r}")
+        # Labels outside the model's classes and targets that broadcast to another shape
+        # fail with a message instead of torch's IndexError or a silently wrong loss.
+        checked_criterion = metazoo.check_criterion(criterion)
         inner_optimizer = metazoo.SGD(0.1) if inner_optimizer is None else inner_optimizer
         if not isinstance(inner_optimizer, InnerOptimizer):
             raise ValueError(f"inner_optimizer must be a metazoo optimizer (metazoo.SGD, "
@@ -172,8 +170,7 @@ class LeapLearner(MetaLearner):
                              f"channels_last=False, or vectorize=False to keep channels_last in "
                              f"the per-task loop")
         self.model = model
-        # Labels outside the model's classes fail with a message instead of torch's IndexError.
-        self.criterion = metazoo.CheckedCriterion(criterion)
+        self.criterion = checked_criterion
         self.inner_optimizer = inner_optimizer
         self.inner_steps = _check_steps("inner_steps", inner_steps)
         self.eval_inner_steps = _check_steps(
@@ -183,29 +180,9 @@ class LeapLearner(MetaLearner):
         self.inner_grad_clip = inner_grad_clip
         self._adapted_names = list(trainable)
         self._loss_fn = metazoo.make_loss_fn(model, self.criterion, bn_mode=bn_mode)
-        self.meta_optimizer = self._build_meta_optimizer(meta_optimizer,
-                                                         list(trainable.values()))
-
-    @staticmethod
-    def _build_meta_optimizer(meta_optimizer: MetaOptimizerFactory | torch.optim.Optimizer
-                              | None, params: list[nn.Parameter]) -> torch.optim.Optimizer:
-        if meta_optimizer is None:
-            return torch.optim.SGD(params, lr=0.1)
-        if not isinstance(meta_optimizer, torch.optim.Optimizer):
-            if not callable(meta_optimizer):
-                raise ValueError(f"meta_optimizer must be a callable taking the "
-                                 f"meta-parameters, e.g. lambda params: torch.optim.Adam(params, "
-                                 f"lr=1e-3), or a torch.optim optimizer; got {meta_optimizer!r}")
-            meta_optimizer = meta_optimizer(params)
-            if not isinstance(meta_optimizer, torch.optim.Optimizer):
-                raise ValueError(f"meta_optimizer(parameters) must return a "
-                                 f"torch.optim.Optimizer, got {type(meta_optimizer).__name__}")
-        optimized = {id(p) for group in meta_optimizer.param_groups for p in group["params"]}
-        if optimized != {id(p) for p in params}:
-            raise ValueError("meta_optimizer must optimize exactly the model's trainable "
-                             "parameters; pass a factory such as lambda params: "
-                             "torch.optim.Adam(params, lr=1e-3)")
-        return meta_optimizer
+        self.meta_optimizer = metazoo.build_meta_optimizer(
+            meta_optimizer, self.named_meta_parameters(),
+            lambda params: torch.optim.SGD(params, lr=0.1))
 
     def named_meta_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         """The model's trainable parameters (when the learner was built): the initialisation."""
@@ -220,6 +197,7 @@ class LeapLearner(MetaLearner):
             task: the task; only its support batches are used.
             steps: inner steps (default ``eval_inner_steps``).
         """
+        metazoo.check_task(task)
         run = self._run(self._layout(task), self._eval_steps(steps), meta=False)
         return Adapted({**self._static(), **run.params}, run.buffers,
                        tuple(run.losses.tolist()))
@@ -230,27 +208,27 @@ class LeapLearner(MetaLearner):
         The returned ``meta_loss`` and ``accuracy`` score the adapted models on the query sets
         (Leap's meta-objective is the path length, which does not use them).
         """
-        _check_tasks(tasks)
+        tasks = _check_tasks(tasks)
         chunk = metazoo.vectorize.resolve_chunk(self.vectorize, len(tasks), self._device())
         if chunk is not None:
             return self._vectorized_meta_backward(tasks, chunk)
         start = time.perf_counter()
+        faults = metazoo.TaskFaults(self.on_nonfinite)
         total: Tensor | None = None
         per_task = []
-        for index, task in enumerate(tasks):
+        for task in tasks:
             task = self._layout(task)
             run = self._run(task, self.inner_steps, meta=True)
             assert run.meta_grad is not None
             loss, acc = self._score(run, task)
-            fault = metazoo.task_fault(index, run.losses, loss)
-            if fault is not None:
-                if self.on_nonfinite == "raise":
-                    raise fault
-                continue
-            total = run.meta_grad if total is None else total.add_(run.meta_grad)
+            # Masked by the task's finiteness on the device; one host transfer checks them all.
+            meta_grad = faults.masked(faults.check(run.losses, loss), run.meta_grad)
+            total = meta_grad if total is None else total.add_(meta_grad)
             per_task.append((loss, acc, run.losses))
-        if total is not None:
-            add_to_grad(list(self.meta_parameters()), total.div_(len(per_task)))
+        kept = faults.resolve()
+        per_task = [per_task[i] for i in kept]
+        if total is not None and kept:
+            add_to_grad(list(self.meta_parameters()), total.div_(len(kept)))
         return self._summary(per_task, len(tasks), start)
 
     def _vectorized_meta_backward(self, tasks: Sequence[Task], chunk: int) -> MetaStepResult:
@@ -297,7 +275,7 @@ class LeapLearner(MetaLearner):
 
     def evaluate(self, tasks: Sequence[Task], *, steps: int | None = None) -> EvalResult:
         """Adapts to each task and scores its query set; the initialisation is unchanged."""
-        _check_tasks(tasks)
+        tasks = _check_tasks(tasks)
         k = self._eval_steps(steps)
         chunk = metazoo.vectorize.resolve_chunk(self.vectorize, len(tasks), self._device())
         if chunk is not None:

@@ -1,4 +1,4 @@
-"""The package README's code examples run as written."""
+"""The Leap page's code examples (docs/algorithms/leap.md) run as written."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = Path(__file__).resolve().parents[3] / "docs" / "algorithms" / "leap.md"
 BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
 
 

@@ -6,6 +6,7 @@ Every learner implements ``metazoo.MetaLearner`` (``adapt``, ``meta_step``, ``ev
 
 from maml.imaml import conjugate_gradient, iMAML
 from maml.maml import MAML, multi_step_loss_weights
+from maml.presets import anil, fomaml, metasgd
 from maml.reptile import Reptile
 from maml.train import Evaluation, TrainHistory, meta_train
 
@@ -16,8 +17,11 @@ __all__ = [
     "Evaluation",
     "Reptile",
     "TrainHistory",
+    "anil",
     "conjugate_gradient",
+    "fomaml",
     "iMAML",
     "meta_train",
+    "metasgd",
     "multi_step_loss_weights",
 ]

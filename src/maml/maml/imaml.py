@@ -117,7 +117,7 @@ class iMAML(ModelLearner):
         inner_optimizer: metazoo.InnerOptimizer | None = None,
         inner_steps: int = 10,
         eval_inner_steps: int | None = None,
-        meta_optimizer: MetaOptimizerFactory | None = None,
+        meta_optimizer: MetaOptimizerFactory | torch.optim.Optimizer | None = None,
         bn_mode: metazoo.BatchNormMode | str = metazoo.BatchNormMode.BATCH,
         inner_grad_clip: float | None = None,
         on_nonfinite: str = "raise",
@@ -129,7 +129,8 @@ class iMAML(ModelLearner):
 
         Args:
             model: the network; its parameters are the meta-learned initialisation theta.
-            criterion: ``criterion(output, target) -> scalar loss``.
+            criterion: ``criterion(output, target) -> scalar loss``, a function or an
+                ``nn.Module`` instance (``nn.MSELoss()``), for the support and query losses.
             lam: strength of the proximal term ``lam / 2 ||phi - theta||^2`` (> 0).
             cg_steps: conjugate-gradient iterations per task (>= 1).
             damping: added to the identity of the CG system (>= 0); 0 is the exact implicit
@@ -138,8 +139,9 @@ class iMAML(ModelLearner):
             inner_steps: inner steps during meta-training; the implicit gradient assumes they
                 reach the optimum of the proximal problem.
             eval_inner_steps: inner steps in ``adapt``/``evaluate`` (default ``inner_steps``).
-            meta_optimizer: factory called with the model's parameters (default
-                ``torch.optim.Adam(params, lr=1e-3)``).
+            meta_optimizer: a factory called with the meta-parameters, or a ``torch.optim``
+                optimizer built over exactly them (default ``torch.optim.Adam(params,
+                lr=1e-3)``); any other set of tensors is refused (``metazoo.build_meta_optimizer``).
             bn_mode: ``"batch"`` or ``"running"`` (see ``metazoo.BatchNormMode``).
             inner_grad_clip: clip the global norm of each inner gradient.
             on_nonfinite: ``"raise"`` (default) stops with ``metazoo.NonFiniteError`` naming the
@@ -200,7 +202,7 @@ class iMAML(ModelLearner):
                              f"the per-task loop")
         # requires_grad=False: neither adapted nor meta-learned (metazoo.trainable_parameters).
         self._trainable = set(metazoo.trainable_parameters(self.model))
-        self.meta_optimizer = build_meta_optimizer(meta_optimizer, list(self.meta_parameters()),
+        self.meta_optimizer = build_meta_optimizer(meta_optimizer, self.named_meta_parameters(),
                                                    _default_meta_optimizer)
 
     def _split(self) -> tuple[metazoo.Params, metazoo.Params]:
@@ -240,6 +242,7 @@ class iMAML(ModelLearner):
 
     def adapt(self, task: Task, *, steps: int | None = None) -> Adapted:
         """Approximately solves the proximal inner problem of ``task`` (no meta-gradient)."""
+        metazoo.check_task(task)
         steps = self.eval_inner_steps if steps is None else check_steps("steps", steps)
         result, static = self._unroll(self._layout(task), steps)
         return Adapted({**static, **result.params}, result.buffers,
@@ -334,30 +337,27 @@ class iMAML(ModelLearner):
 
     def meta_backward(self, tasks: Sequence[Task]) -> MetaStepResult:
         """Accumulates the mean implicit meta-gradient over ``tasks`` into ``.grad``."""
-        check_tasks(tasks)
+        tasks = check_tasks(tasks)
         chunk = metazoo.vectorize.resolve_chunk(self.vectorize, len(tasks), self._device())
         if chunk is not None:
             return _vectorized.imaml_meta_backward(self, tasks, chunk)
         start = time.perf_counter()
         collected = TaskGradients(self.meta_parameters(), len(tasks), self.on_nonfinite)
         per_task = []
-        for index, task in enumerate(tasks):
+        for task in tasks:
             task = self._layout(task)
             result, _ = self._unroll(task, self.inner_steps)
-            if not collected.keep(index, result.losses, None):
-                continue
+            # Computed for every task (a non-finite one is masked out of .grad on the device):
+            # one host transfer checks the whole meta-batch.
             grads, loss, acc = self.implicit_gradient(task, result.params, result.buffers)
-            if not collected.keep(index, result.losses, loss):
-                continue
-            for p, g in zip(self.meta_parameters(), grads, strict=True):
-                metazoo.accumulate_grad(p, g / len(tasks))
+            collected.add(result.losses, loss, [g / len(tasks) for g in grads])
             per_task.append((loss, acc, result.losses))
-        collected.finish()
+        per_task = [per_task[i] for i in collected.finish()]
         return summarize(per_task, len(tasks), collected.skipped, start)
 
     def evaluate(self, tasks: Sequence[Task], *, steps: int | None = None) -> EvalResult:
         """Adapts to each task (proximal inner problem) and scores its query set."""
-        check_tasks(tasks)
+        tasks = check_tasks(tasks)
         steps = self.eval_inner_steps if steps is None else check_steps("steps", steps)
         chunk = metazoo.vectorize.resolve_chunk(self.vectorize, len(tasks), self._device())
 

@@ -112,7 +112,7 @@ class MAML(ModelLearner):
         inner_steps: int = 1,
         eval_inner_steps: int | None = None,
         first_order: bool = False,
-        meta_optimizer: MetaOptimizerFactory | None = None,
+        meta_optimizer: MetaOptimizerFactory | torch.optim.Optimizer | None = None,
         bn_mode: metazoo.BatchNormMode | str = metazoo.BatchNormMode.BATCH,
         frozen: NamePredicate | Collection[str] | None = None,
         zero_head: NamePredicate | Collection[str] | None = None,
@@ -131,16 +131,18 @@ class MAML(ModelLearner):
 
         Args:
             model: the network; its parameters are the meta-learned initialisation.
-            criterion: ``criterion(output, target) -> scalar loss``, used for the support and
-                the query loss.
+            criterion: ``criterion(output, target) -> scalar loss``, a function or an
+                ``nn.Module`` instance (``nn.MSELoss()``), for the support and query losses.
             inner_optimizer: a ``metazoo`` optimizer (default ``metazoo.SGD(0.01)``); momentum,
                 Adam and tensor hyperparameters are differentiated through.
             inner_steps: inner steps during meta-training.
             eval_inner_steps: inner steps in ``adapt``/``evaluate`` (default ``inner_steps``).
             first_order: first-order MAML: the meta-gradient is the query-loss gradient at the
                 adapted parameters.
-            meta_optimizer: factory called with the meta-parameters (default
-                ``torch.optim.Adam(params, lr=1e-3)``).
+            meta_optimizer: a factory called with the meta-parameters, or a ``torch.optim``
+                optimizer built over exactly them (``meta_parameters()``; default
+                ``torch.optim.Adam(params, lr=1e-3)``); any other set of tensors is refused
+                (``metazoo.build_meta_optimizer``).
             bn_mode: ``"batch"`` (transductive, MAML paper) or ``"running"`` (per-task running
                 statistics, used by the query pass).
             frozen: parameters not adapted in the inner loop (ANIL freezes all but the head),
@@ -254,7 +256,7 @@ class MAML(ModelLearner):
         if multi_step_weights is not None:
             self.set_multi_step_weights(multi_step_weights)
 
-        self.meta_optimizer = build_meta_optimizer(meta_optimizer, list(self.meta_parameters()),
+        self.meta_optimizer = build_meta_optimizer(meta_optimizer, self.named_meta_parameters(),
                                                    _default_meta_optimizer)
 
     def _learned_lr_optimizer(self, optimizer: metazoo.InnerOptimizer, kind: str,
@@ -383,6 +385,7 @@ class MAML(ModelLearner):
             task: support batches to adapt on (the query is not used).
             steps: inner steps (default ``eval_inner_steps``).
         """
+        metazoo.check_task(task)
         steps = self._steps(steps)
         with torch.no_grad():
             result, static = self._unroll(self._layout(task), steps, keep_trajectory=False)
@@ -416,20 +419,23 @@ class MAML(ModelLearner):
 
         Each task's graph is freed by its own backward pass, so memory holds one task at a time.
         """
-        check_tasks(tasks)
+        tasks = check_tasks(tasks)
         chunk = metazoo.vectorize.resolve_chunk(self.vectorize, len(tasks), self._device())
         if chunk is not None:
             return _vectorized.meta_backward(self, tasks, chunk)
         start = time.perf_counter()
-        grads = TaskGradients(self.meta_parameters(), len(tasks), self.on_nonfinite)
+        params = list(self.meta_parameters())
+        grads = TaskGradients(params, len(tasks), self.on_nonfinite)
         per_task = []
-        for index, task in enumerate(tasks):
+        for task in tasks:
             objective, loss, acc, inner_losses = self._task_objective(task)
-            # Checked before backward: a non-finite task never reaches .grad.
-            if grads.keep(index, inner_losses, objective):
-                (objective / len(tasks)).backward()
-                per_task.append((loss.detach(), acc, inner_losses))
-        grads.finish()
+            # The gradient of every task is taken and masked by its finiteness on the device:
+            # a non-finite task never reaches .grad, and one host transfer checks them all.
+            grads.add(inner_losses, objective,
+                      torch.autograd.grad(objective / len(tasks), params, allow_unused=True))
+            per_task.append((loss.detach(), acc, inner_losses))
+        kept = grads.finish()
+        per_task = [per_task[i] for i in kept]
         return summarize(per_task, len(tasks), grads.skipped, start)
 
     def evaluate(self, tasks: Sequence[Task], *, steps: int | None = None) -> EvalResult:
@@ -439,7 +445,7 @@ class MAML(ModelLearner):
             tasks: held-out tasks.
             steps: inner steps (default ``eval_inner_steps``).
         """
-        check_tasks(tasks)
+        tasks = check_tasks(tasks)
         steps = self._steps(steps)
         chunk = metazoo.vectorize.resolve_chunk(self.vectorize, len(tasks), self._device())
         if chunk is not None:

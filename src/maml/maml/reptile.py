@@ -81,7 +81,7 @@ class Reptile(ModelLearner):
         inner_optimizer: metazoo.InnerOptimizer | None = None,
         inner_steps: int = 5,
         eval_inner_steps: int | None = None,
-        meta_optimizer: MetaOptimizerFactory | None = None,
+        meta_optimizer: MetaOptimizerFactory | torch.optim.Optimizer | None = None,
         bn_mode: metazoo.BatchNormMode | str = metazoo.BatchNormMode.BATCH,
         inner_grad_clip: float | None = None,
         on_nonfinite: str = "raise",
@@ -94,12 +94,15 @@ class Reptile(ModelLearner):
 
         Args:
             model: the network; its parameters are the meta-learned initialisation.
-            criterion: ``criterion(output, target) -> scalar loss``.
+            criterion: ``criterion(output, target) -> scalar loss``, a function or an
+                ``nn.Module`` instance (``nn.MSELoss()``), for the support and query losses.
             inner_optimizer: a ``metazoo`` optimizer (default ``metazoo.SGD(0.01)``).
             inner_steps: inner steps K during meta-training.
             eval_inner_steps: inner steps in ``adapt``/``evaluate`` (default ``inner_steps``).
-            meta_optimizer: factory called with the model's parameters (default
-                ``torch.optim.SGD(params, lr=0.1)``: classic Reptile with step size 0.1).
+            meta_optimizer: a factory called with the meta-parameters, or a ``torch.optim``
+                optimizer built over exactly them (default ``torch.optim.SGD(params, lr=0.1)``:
+                classic Reptile with step size 0.1); any other set of tensors is refused
+                (``metazoo.build_meta_optimizer``).
             bn_mode: ``"batch"`` or ``"running"`` (see ``metazoo.BatchNormMode``).
             inner_grad_clip: clip the global norm of each inner gradient.
             on_nonfinite: ``"raise"`` (default) stops with ``metazoo.NonFiniteError`` naming the
@@ -167,7 +170,7 @@ class Reptile(ModelLearner):
         self._carried_state: metazoo.OptState | None = None
         # requires_grad=False: neither adapted nor meta-learned (metazoo.trainable_parameters).
         self._trainable = set(metazoo.trainable_parameters(self.model))
-        self.meta_optimizer = build_meta_optimizer(meta_optimizer, list(self.meta_parameters()),
+        self.meta_optimizer = build_meta_optimizer(meta_optimizer, self.named_meta_parameters(),
                                                    _default_meta_optimizer)
 
     def _unroll(self, task: Task, steps: int, *, vectorized: bool = False
@@ -198,40 +201,44 @@ class Reptile(ModelLearner):
 
     def adapt(self, task: Task, *, steps: int | None = None) -> Adapted:
         """Adapts a copy of the model to ``task`` with ``steps`` (default eval) inner steps."""
+        metazoo.check_task(task)
         steps = self.eval_inner_steps if steps is None else check_steps("steps", steps)
         result, params = self._unroll(self._layout(task), steps)
         return Adapted(params, result.buffers, tuple(result.losses.tolist()))
 
     def meta_backward(self, tasks: Sequence[Task]) -> MetaStepResult:
         """Accumulates ``mean_T (theta - phi_T)`` into ``.grad``; reports the query loss."""
-        check_tasks(tasks)
+        tasks = check_tasks(tasks)
         chunk = metazoo.vectorize.resolve_chunk(self.vectorize, len(tasks), self._device())
         if chunk is not None:
             return _vectorized.reptile_meta_backward(self, tasks, chunk)
         start = time.perf_counter()
-        collected = TaskGradients(self.meta_parameters(), len(tasks), self.on_nonfinite)
+        named = list(self.named_meta_parameters())
+        collected = TaskGradients([p for _, p in named], len(tasks), self.on_nonfinite)
         per_task = []
-        for index, task in enumerate(tasks):
+        for task in tasks:
             task = self._layout(task)
             result, params = self._unroll(task, self.inner_steps)
             with torch.no_grad():
                 loss, acc = score_query(self.model, self.criterion, params,
                                         result.buffers, task.query, self.bn_mode)
                 # Reptile's step does not use the query loss, but a NaN there is still a fault.
-                if not collected.keep(index, result.losses, loss):
-                    continue
-                for name, p in self.named_meta_parameters():
-                    metazoo.accumulate_grad(p, (p - result.params[name]) / len(tasks))
+                collected.add(result.losses, loss,
+                              [(p - result.params[name]) / len(tasks) for name, p in named])
             if self.inner_state == "carry":
-                # A skipped task returned above: its (non-finite) state is not carried on.
-                self._carried_state = _detached(result.state)
+                # The next task starts from this state, so this task's flag is read now (one
+                # transfer per task in carry mode); a skipped task's state is not carried on.
+                if metazoo.task_fault(0, result.losses, loss) is None:
+                    self._carried_state = _detached(result.state)
+                elif self.on_nonfinite == "raise":
+                    collected.finish()  # raises this task's error before another task runs
             per_task.append((loss, acc, result.losses))
-        collected.finish()
+        per_task = [per_task[i] for i in collected.finish()]
         return summarize(per_task, len(tasks), collected.skipped, start)
 
     def evaluate(self, tasks: Sequence[Task], *, steps: int | None = None) -> EvalResult:
         """Adapts to each task and scores its query set; the model is left unchanged."""
-        check_tasks(tasks)
+        tasks = check_tasks(tasks)
         steps = self.eval_inner_steps if steps is None else check_steps("steps", steps)
         chunk = metazoo.vectorize.resolve_chunk(self.vectorize, len(tasks), self._device())
 

@@ -104,7 +104,7 @@ def test_running_batchnorm_and_evaluation():
     ({"inner_optimizer": torch.optim.SGD}, "inner_optimizer must be a metazoo optimizer"),
     ({"bn_mode": "stats"}, "bn_mode must be one of"),
     ({"inner_grad_clip": 0}, "inner_grad_clip must be None or a positive number, got 0"),
-    ({"meta_optimizer": 0.1}, "meta_optimizer must be a callable"),
+    ({"meta_optimizer": 0.1}, "meta_optimizer must be a torch.optim.Optimizer or a factory"),
 ])
 def test_validation(kwargs, message):
     model, _ = model_and_tasks()

@@ -5,11 +5,12 @@ Pure functional models (``forward``, ``params_of``), differentiable inner optimi
 ``MetaLearner`` interface every algorithm implements.
 """
 
-from metazoo import batchnorm, cli, distributed, vectorize
+from metazoo import batchnorm, cli, distributed, registry, runs, vectorize
 from metazoo.devices import DeviceMixError, strict_devices
 from metazoo.faults import (
     CheckedCriterion,
     NonFiniteError,
+    TaskFaults,
     all_finite,
     check_on_nonfinite,
     checked_step,
@@ -37,11 +38,17 @@ from metazoo.layout import (
 from metazoo.learner import (
     Adapted,
     Batch,
+    Criterion,
     EvalResult,
     MetaLearner,
+    MetaOptimizerFactory,
     MetaStepResult,
     Task,
     accuracy,
+    build_meta_optimizer,
+    check_criterion,
+    check_task,
+    check_tasks,
     mean_results,
     trainable_parameters,
 )
@@ -52,6 +59,8 @@ from metazoo.precision import (
     fp32_precision_flags,
     set_fp32_precision,
 )
+from metazoo.registry import available_learners, build_learner
+from metazoo.runs import RunFolder, RunFolderError, RunLockedError
 from metazoo.serialization import atomic_save, atomic_write_text
 from metazoo.unroll import (
     DEFAULT_SEGMENT,
@@ -81,29 +90,41 @@ __all__ = [
     "CheckedCriterion",
     "Checkpoint",
     "CheckpointPlan",
+    "Criterion",
     "DeviceMixError",
     "EvalResult",
     "InnerOptimizer",
     "LossFn",
     "MetaLearner",
+    "MetaOptimizerFactory",
     "MetaStepResult",
     "NonFiniteError",
     "OptState",
     "Params",
     "RMSprop",
+    "RunFolder",
+    "RunFolderError",
+    "RunLockedError",
     "Task",
+    "TaskFaults",
     "UnrollResult",
     "accumulate_grad",
     "accuracy",
     "all_finite",
     "atomic_save",
     "atomic_write_text",
+    "available_learners",
     "batchnorm",
     "binomial_recomputations",
+    "build_learner",
+    "build_meta_optimizer",
     "check_channels_last",
     "check_checkpoint",
+    "check_criterion",
     "check_on_nonfinite",
     "check_params",
+    "check_task",
+    "check_tasks",
     "checked_step",
     "cli",
     "clip_grad_norm",
@@ -117,6 +138,8 @@ __all__ = [
     "mean_results",
     "params_of",
     "params_to_channels_last",
+    "registry",
+    "runs",
     "safe_sqrt",
     "set_fp32_precision",
     "split_params",

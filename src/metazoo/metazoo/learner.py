@@ -9,26 +9,34 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from metazoo.faults import checked_step
+from metazoo.faults import CheckedCriterion, checked_step
 from metazoo.functional import Buffers, Params
 
 Batch = tuple[Tensor, Tensor]
+Criterion = Callable[[Tensor, Tensor], Tensor]
+MetaOptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 
 __all__ = [
     "Adapted",
     "Batch",
+    "Criterion",
     "EvalResult",
     "MetaLearner",
+    "MetaOptimizerFactory",
     "MetaStepResult",
     "Task",
     "accuracy",
+    "build_meta_optimizer",
+    "check_criterion",
+    "check_task",
+    "check_tasks",
     "mean_results",
     "trainable_parameters",
 ]
@@ -174,6 +182,122 @@ def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     return trainable
 
 
+def check_criterion(criterion: Any) -> CheckedCriterion:
+    """The ``criterion=`` keyword every learner takes, checked and wrapped.
+
+    Args:
+        criterion: a function ``(output, target) -> scalar loss`` (``F.cross_entropy``) or an
+            ``nn.Module`` instance (``nn.CrossEntropyLoss()``).
+
+    Returns:
+        ``CheckedCriterion(criterion)``: targets that do not fit the output (a label outside
+        the classes, a target that broadcasts against the output to another shape) fail with a
+        ``ValueError`` naming both shapes instead of a raw error or a silently wrong loss.
+
+    Raises:
+        ValueError: ``criterion`` is a class (``nn.MSELoss`` instead of ``nn.MSELoss()``) or is
+            not callable.
+    """
+    if isinstance(criterion, type):
+        raise ValueError(f"criterion={criterion.__name__} is a class; pass an instance "
+                         f"(criterion={criterion.__name__}()) or a function such as "
+                         f"torch.nn.functional.mse_loss")
+    if not callable(criterion):
+        raise ValueError(f"criterion must be callable as criterion(output, target) -> scalar "
+                         f"loss (e.g. torch.nn.functional.cross_entropy or "
+                         f"torch.nn.CrossEntropyLoss()), got {criterion!r}")
+    return CheckedCriterion(criterion)
+
+
+def build_meta_optimizer(meta_optimizer: MetaOptimizerFactory | torch.optim.Optimizer | None,
+                         named_parameters: Iterable[tuple[str, nn.Parameter]],
+                         default: MetaOptimizerFactory) -> torch.optim.Optimizer:
+    """The ``meta_optimizer=`` keyword every learner takes: built, then checked to cover exactly
+    the learner's meta-parameters.
+
+    An optimizer over other tensors (a copy of the model, a forgotten group) would step nothing
+    that the learner's meta-gradient reaches: training would silently not move.
+
+    Args:
+        meta_optimizer: a factory ``params -> torch.optim.Optimizer`` (called with the
+            meta-parameters, e.g. ``lambda params: torch.optim.Adam(params, lr=1e-3)``), a
+            ``torch.optim.Optimizer`` already built over them, or ``None`` for ``default``.
+        named_parameters: the learner's ``(name, tensor)`` meta-parameters, in order.
+        default: the factory used when ``meta_optimizer`` is ``None``.
+
+    Raises:
+        ValueError: (one line) nothing to meta-learn, a factory that does not return an
+            optimizer, or an optimizer whose tensors differ from the meta-parameters (naming the
+            missing meta-parameters and the number of extra tensors, and the fix).
+    """
+    named = list(named_parameters)
+    if not named:
+        raise ValueError("there are no meta-parameters: every parameter is frozen "
+                         "(requires_grad=False) or excluded; leave at least one trainable")
+    params = [p for _, p in named]
+    if meta_optimizer is None:
+        meta_optimizer = default
+    if isinstance(meta_optimizer, torch.optim.Optimizer):
+        optimizer = meta_optimizer
+    elif callable(meta_optimizer):
+        optimizer = meta_optimizer(params)
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise ValueError(f"meta_optimizer(params) must return a torch.optim.Optimizer, got "
+                             f"{type(optimizer).__name__}; e.g. meta_optimizer=lambda params: "
+                             f"torch.optim.Adam(params, lr=1e-3)")
+    else:
+        raise ValueError(f"meta_optimizer must be a torch.optim.Optimizer or a factory taking "
+                         f"the meta-parameters, e.g. lambda params: torch.optim.Adam(params, "
+                         f"lr=1e-3); got {meta_optimizer!r}")
+    covered = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    missing = [name for name, p in named if id(p) not in covered]
+    extra = len(covered - {id(p) for p in params})
+    if missing or extra:
+        problems = []
+        if missing:
+            shown = missing if len(missing) <= 6 else [*missing[:6], f"... {len(missing)} in all"]
+            problems.append(f"leaves out the meta-parameters {shown}")
+        if extra:
+            problems.append(f"holds {extra} tensor(s) that are not meta-parameters")
+        raise ValueError(f"meta_optimizer {' and '.join(problems)}; build it over the "
+                         f"learner's meta-parameters: pass a factory such as "
+                         f"meta_optimizer=lambda params: torch.optim.Adam(params, lr=1e-3)")
+    return optimizer
+
+
+def check_task(task: Any, argument: str = "task") -> Task:
+    """Raises ``TypeError`` naming ``metazoo.Task`` when ``task`` is something else (a tuple)."""
+    if not isinstance(task, Task):
+        raise TypeError(f"{argument} must be a metazoo.Task, got {type(task).__name__}; build "
+                        f"one as metazoo.Task(support=[(x, y)], query=(x_query, y_query))")
+    return task
+
+
+def check_tasks(tasks: Any, *, allow_empty: bool = False) -> Sequence[Task]:
+    """Checks a meta-batch: a non-empty sequence or iterable of ``metazoo.Task``.
+
+    Raises:
+        TypeError: an element is not a ``metazoo.Task`` (e.g. a ``(support, query)`` tuple), or
+            ``tasks`` is not iterable.
+
+    Returns:
+        The tasks as a sequence: a generator or other iterable is read once into a list.
+        ValueError: a single ``Task`` instead of a list, or no task at all.
+    """
+    if isinstance(tasks, Task):
+        raise ValueError("expected a sequence of tasks, got a single Task; pass [task]")
+    if not isinstance(tasks, Sequence):
+        if not isinstance(tasks, Iterable):
+            raise TypeError(f"tasks must be a list of metazoo.Task, got "
+                            f"{type(tasks).__name__}; pass [task, ...]")
+        tasks = list(tasks)  # a generator or other iterable: read it once
+    if not tasks and not allow_empty:
+        raise ValueError("expected at least one task")
+    for index, task in enumerate(tasks):
+        check_task(task, f"tasks[{index}]")
+    return tasks
+
+
 class MetaLearner(ABC):
     """One meta-learning algorithm wrapped around a model.
 
@@ -214,7 +338,8 @@ class MetaLearner(ABC):
         """One meta-update over ``tasks``.
 
         Args:
-            tasks: the meta-batch. It may be empty only with a ``grad_hook`` (a process whose
+            tasks: the meta-batch (a sequence, or any iterable such as a generator, which is
+                read once). It may be empty only with a ``grad_hook`` (a process whose
                 share of a distributed meta-batch is empty still joins the all-reduce); the
                 result then has ``num_tasks=0`` and NaN losses.
             grad_hook: optional ``grad_hook(learner, result)`` run after ``meta_backward`` and
@@ -230,6 +355,10 @@ class MetaLearner(ABC):
                 all of them (``metazoo.checked_step``); on failure the meta-parameters and the
                 optimizer state are restored to their values before the step.
         """
+        if isinstance(tasks, Task):
+            raise ValueError("meta_step expects a sequence of tasks, got a single Task; pass "
+                             "[task]")
+        tasks = check_tasks(tasks, allow_empty=True)  # a generator is read once
         if not tasks and grad_hook is None:
             raise ValueError("meta_step needs at least one task")
         start = time.perf_counter()

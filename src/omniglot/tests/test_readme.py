@@ -1,7 +1,8 @@
-"""The READMEs' commands work as written: this README's Python example runs on a run folder where
-its own commands put one; every shell command (run by bash with python, pip and the set-up
-scripts replaced by recorders) names scripts and folders that exist, passes flags its script
-accepts, and `monitor.py` reads the folders the README's runs write."""
+"""The READMEs' and the docs pages' commands work as written: the Omniglot page's Python example
+(docs/experiments/omniglot.md) runs on a run folder where its own commands put one; every shell
+command (run by bash with python, pip and the set-up scripts replaced by recorders) names scripts
+and folders that exist, passes flags its script accepts, and `monitor.py` reads the folders the
+README's runs write."""
 
 from __future__ import annotations
 
@@ -20,11 +21,15 @@ import run_multi
 
 ROOT = Path(__file__).resolve().parents[3]
 README = ROOT / "src" / "omniglot" / "README.md"
+# The Omniglot experiment's documentation: the long sections of the README moved there.
+PAGE = ROOT / "docs" / "experiments" / "omniglot.md"
 READMES = [ROOT / "README.md", README,
            *(ROOT / "src" / name / "README.md" for name in ("metazoo", "maml", "leap",
-                                                             "warpgrad"))]
+                                                             "warpgrad")),
+           *sorted((ROOT / "docs").rglob("*.md"))]
 # Commands a recorder stands in for: what they were called with is checked, nothing runs.
-RECORDED = ("python", "python3", "pip", "bash", "torchrun", ".", "source", "./scripts/setup.sh")
+RECORDED = ("python", "python3", "pip", "bash", "torchrun", ".", "source", "./scripts/setup.sh",
+            "mkdocs", "jupytext", "mkdir", "cp")
 _FIELD, _RECORD = "\x1f", "\x1e"
 
 
@@ -100,7 +105,7 @@ def _written_run_folders(commands) -> set[str]:
 @pytest.mark.parametrize("readme", READMES, ids=lambda p: str(p.relative_to(ROOT)))
 def test_shell_commands_name_what_exists_with_flags_their_scripts_accept(readme, capsys):
     commands = _commands(readme)
-    assert commands or readme.name == "README.md"
+    assert commands or readme.name == "README.md" or readme.is_relative_to(ROOT / "docs")
     for cwd, argv in commands:
         shown = " ".join(argv)
         assert argv[0] != "UNKNOWN", f"{readme}: {shown}: add a recorder for it to this test"
@@ -125,7 +130,8 @@ def test_shell_commands_name_what_exists_with_flags_their_scripts_accept(readme,
                     pytest.fail(f"{readme}: {shown}: {capsys.readouterr().err.strip()}")
 
 
-@pytest.mark.parametrize("readme", [ROOT / "README.md", README], ids=["top", "omniglot"])
+@pytest.mark.parametrize("readme", [ROOT / "README.md", README, PAGE],
+                         ids=["top", "omniglot", "omniglot-page"])
 def test_monitor_reads_the_folders_the_readmes_runs_write(readme):
     commands = _commands(readme)
     written = _written_run_folders(commands)
@@ -138,20 +144,20 @@ def test_monitor_reads_the_folders_the_readmes_runs_write(readme):
         for pattern in runs:
             assert any(_shell_match(folder, pattern) for folder in written), (
                 f"{readme}: {pattern} matches no run folder")
-    if readme == README:
-        (example,) = _blocks(README, "python")
+    if readme == PAGE:
+        (example,) = _blocks(PAGE, "python")
         paths = re.findall(r'FileHandler\("([^"]+)"\)', example)
         assert paths and set(paths) <= written, paths
 
 
 def test_python_example_runs_on_the_folder_the_commands_write(omniglot_root, tmp_path, tiny,
                                                              monkeypatch):
-    (example,) = _blocks(README, "python")
+    (example,) = _blocks(PAGE, "python")
     (path,) = re.findall(r'FileHandler\("([^"]+)"\)', example)
     log_dir, method, suffix = path.rsplit("/", 2)
     main.main(tiny(omniglot_root, tmp_path / log_dir, method, "--suffix", suffix))
     monkeypatch.chdir(tmp_path)
     namespace: dict = {}
-    exec(compile(example, str(README), "exec"), namespace)
+    exec(compile(example, str(PAGE), "exec"), namespace)
     assert namespace["h"].name == f"{method}/{suffix}" and namespace["h"].test_eval_data
     matplotlib.pyplot.close("all")

@@ -2,6 +2,9 @@
 baselines against plain autograd / torch.optim loops in float64."""
 
 import copy
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,7 +17,7 @@ import warpgrad
 import wrapper
 from model import multi_head_loss
 
-EXPECTED = {"warp_leap": wrapper._WarpGrad, "warp_maml": wrapper.WarpMAML,
+EXPECTED = {"warp_leap": warpgrad.WarpGrad, "warp_maml": warpgrad.WarpMAML,
             "leap": leap.LeapLearner, "reptile": maml.Reptile,
             "fomaml": maml.MAML, "maml": maml.MAML, "imaml": maml.iMAML, "anil": maml.MAML,
             "ft": wrapper.FineTune, "no": wrapper.NoMeta}
@@ -56,7 +59,7 @@ def test_method_options_reach_the_learner():
     assert not torch.equal(adapted.params["head.weight"], body["head.weight"])
     warp = wrapper.build_learner(cfg("warp_leap", warp_layer="scaling",
                                      meta_kwargs={"warp_objective": "approx"}))
-    assert isinstance(warp.inner.updater, warpgrad.DualUpdater)
+    assert isinstance(warp.updater, warpgrad.DualUpdater)
     assert any(isinstance(m, warpgrad.ChannelScale) for m in warp.model.modules())
     fomaml = wrapper.build_learner(cfg("fomaml", efficient=True, outer_opt="adam",
                                        outer_kwargs={"lr": 1e-3}))
@@ -154,7 +157,7 @@ def test_warp_maml_gradients_equal_maml_for_the_init_and_warpgrad_for_the_warp()
     c = cfg("warp_maml", num_layers=2, task_train_steps=2, warp_layer="3x3",
             inner_kwargs={"lr": 0.1})
     learner = wrapper.build_learner(c)
-    assert isinstance(learner, wrapper.WarpMAML)
+    assert isinstance(learner, warpgrad.WarpMAML)
     learner.model.double()
     for p in learner.warp.warp.init_parameters():
         p.data = p.data.double()
@@ -346,7 +349,7 @@ def test_warp_lr_gives_the_warp_parameters_their_own_meta_learning_rate(method, 
                                         meta_kwargs={"warp_lr": 0.01}))
     groups = learner.meta_optimizer.param_groups
     assert [g["lr"] for g in groups] == [0.01, 0.1]
-    inner = learner.inner if method == "warp_leap" else learner.warp
+    inner = learner if method == "warp_leap" else learner.warp
     warp = {id(p) for p in inner.warp.warp_parameters()}
     meta = {id(p) for _, p in learner.named_meta_parameters()}
     assert {id(p) for p in groups[0]["params"]} == warp and warp
@@ -374,3 +377,33 @@ def test_warp_lr_must_be_a_finite_positive_number(value):
         wrapper.build_learner(cfg("warp_leap", warp_layer="none", meta_kwargs={"warp_lr": 0.1}))
     with pytest.raises(ValueError, match="--meta_kwargs \\['warp_lr'\\]"):
         wrapper.build_learner(cfg("leap", meta_kwargs={"warp_lr": 0.1}))
+
+
+def test_an_unknown_optimizer_option_is_one_line_naming_it_and_the_accepted_ones():
+    with pytest.raises(ValueError, match=r"^--inner_kwargs momentun: not an option of --inner_opt "
+                                         r"sgd \(metazoo\.optim\.SGD\); accepted: lr, momentum, "
+                                         r"dampening, weight_decay, nesterov$"):
+        wrapper.build_learner(cfg("maml", inner_kwargs={"lr": 0.1, "momentun": 0.9}))
+    with pytest.raises(ValueError, match=r"^--outer_kwargs bettas: not an option of --outer_opt "
+                                         r"adam \(torch\.optim\.adam\.Adam\); accepted: lr, betas"):
+        wrapper.build_learner(cfg("warp_leap", outer_opt="adam", outer_kwargs={"bettas": 0.9}))
+    with pytest.raises(ValueError, match=r"^--meta_kwargs \['nrom'\] are not options of "
+                                         r"--meta_model leap \(allowed: \['loss', 'norm', "):
+        wrapper.build_learner(cfg("leap", meta_kwargs={"nrom": False}))
+
+
+@pytest.mark.parametrize("flag,key", [("--inner_kwargs", "momentun"), ("--outer_kwargs", "mom"),
+                                      ("--meta_kwargs", "nrom")])
+def test_an_unknown_kwargs_key_on_the_command_line_exits_2_with_one_line(
+        tiny, omniglot_root, tmp_path, flag, key):
+    """Issue 25: ``--inner_kwargs momentun 0.9`` ended in a 15-line TypeError, exit 1."""
+    main = Path(wrapper.__file__).with_name("main.py")
+    argv = [*tiny(omniglot_root, tmp_path, "leap"), flag, key, "0.9"]
+    if flag == "--inner_kwargs":  # the tiny flags already name --inner_kwargs lr 0.1
+        argv = [*argv[:-3], flag, "lr", "0.1", key, "0.9"]
+    done = subprocess.run([sys.executable, str(main), *argv], capture_output=True, text=True,
+                          timeout=120, check=False)
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {flag} ") and key in lines[0]
+    assert "accepted" in lines[0] or "allowed" in lines[0]

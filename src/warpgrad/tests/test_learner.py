@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import metazoo
 from metazoo import MetaLearner, NonFiniteError, Task
 from warpgrad import DualUpdater, OnlineUpdater, OptimizerParameters, Warp, WarpGrad
 
@@ -119,7 +120,7 @@ def test_state_dict_round_trip_and_validation(make_model, make_tasks):
                   OnlineUpdater(F.cross_entropy))
     with pytest.raises(ValueError, match="DualUpdater"):
         WarpGrad(online, inner_steps=1)
-    with pytest.raises(ValueError, match="inner_steps=0"):
+    with pytest.raises(ValueError, match="inner_steps must be an int >= 1, got 0"):
         WarpGrad(learner.warp, inner_steps=0)
 
 
@@ -188,7 +189,7 @@ def test_bad_hyperparameters_and_labels_fail_clearly(make_model, make_tasks):
         with pytest.raises(ValueError, match=rf"meta_lr={bad_lr} must be a finite positive "
                                              rf"number, e\.g\. 1e-3"):
             WarpGrad(learner.warp, inner_steps=1, meta_lr=bad_lr)
-    with pytest.raises(ValueError, match="inner_steps=True must be a positive integer"):
+    with pytest.raises(ValueError, match="inner_steps must be an int >= 1, got True"):
         WarpGrad(learner.warp, inner_steps=True)
     task = _tasks(make_tasks, num_tasks=1)[0]
     bad = Task([(x, y + 1) for x, y in task.support], task.query)
@@ -242,3 +243,105 @@ def test_requires_grad_false_is_neither_adapted_nor_meta_learned(make_model, mak
     frozen = make_model().requires_grad_(False)
     with pytest.raises(ValueError, match="adapt_modules hold no parameters with requires_grad"):
         Warp(frozen, frozen.adapt_modules(), frozen.warp_modules(), DualUpdater(F.cross_entropy))
+
+
+# -- the shared construction vocabulary ------------------------------------------------------
+
+def _reference_style(model, *, lr=0.3, momentum=0.0, trainable=False, **updater):
+    params = OptimizerParameters(trainable=trainable, default_lr=lr, default_momentum=momentum)
+    warp = Warp(model, model.adapt_modules(), model.warp_modules(),
+                DualUpdater(F.cross_entropy, **updater), optimizer_parameters=params)
+    # SGD, not Adam: fc2.bias feeds BatchNorm, so its meta-gradient is rounding noise (1e-17)
+    # that Adam's normalisation would blow up to a full step in a random direction.
+    return WarpGrad(warp, inner_steps=3, meta_optimizer=lambda p: torch.optim.SGD(p, lr=0.05))
+
+
+@pytest.mark.parametrize("selection", ["modules", "names", "predicate"])
+@pytest.mark.parametrize("momentum,trainable", [(0.0, False), (0.5, True)])
+def test_keyword_construction_equals_the_reference_style(make_model, make_tasks, selection,
+                                                         momentum, trainable):
+    """WarpGrad(model=..., warp_modules=...) builds the same learner as Warp + updater +
+    OptimizerParameters + WarpGrad(warp): same meta-parameters and, after three meta-steps,
+    the same meta-gradients, parameters and losses (float64)."""
+    tasks = _tasks(make_tasks)
+    reference = _reference_style(make_model(), momentum=momentum, trainable=trainable,
+                                 warp_objective="exact")
+    model = make_model()
+    warp_modules = {"modules": model.warp_modules(), "names": ["warp1", "warp2"],
+                    "predicate": lambda name: name.startswith("warp")}[selection]
+    ours = WarpGrad(model=model, warp_modules=warp_modules, criterion=F.cross_entropy,
+                    inner_optimizer=metazoo.SGD(0.3, momentum=momentum),
+                    learn_optimizer=trainable, warp_objective="exact", inner_steps=3,
+                    meta_optimizer=lambda p: torch.optim.SGD(p, lr=0.05))
+    assert [n for n, _ in ours.named_meta_parameters()] == [
+        n for n, _ in reference.named_meta_parameters()]
+    assert {n for n, _ in ours.warp.named_adapt_parameters()} == {
+        n for n, _ in reference.warp.named_adapt_parameters()}
+    for step in range(3):
+        expected = reference.meta_step(tasks)
+        grads = {n: p.grad.clone() for n, p in reference.named_meta_parameters()}
+        actual = ours.meta_step(tasks)
+        for n, p in ours.named_meta_parameters():
+            torch.testing.assert_close(p.grad, grads[n], rtol=0, atol=1e-10, msg=f"{step} {n}")
+        assert actual.meta_loss == pytest.approx(expected.meta_loss, abs=1e-10)
+    for (n, a), (_, b) in zip(ours.named_meta_parameters(), reference.named_meta_parameters(),
+                              strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-10, msg=n)
+    assert ours.evaluate(tasks).loss == pytest.approx(reference.evaluate(tasks).loss, abs=1e-10)
+
+
+def test_keyword_construction_options(make_model, make_tasks):
+    """eval_inner_steps, meta_lr (the old spelling), an optimizer instance and an nn.Module
+    criterion; wrong combinations fail with one line naming the keyword."""
+    tasks = _tasks(make_tasks)
+    model = make_model()
+    learner = WarpGrad(model=model, warp_modules=["warp1", "warp2"],
+                       criterion=torch.nn.CrossEntropyLoss(), inner_steps=2, eval_inner_steps=4,
+                       meta_lr=0.01)
+    assert isinstance(learner.meta_optimizer, torch.optim.Adam)
+    assert learner.meta_optimizer.param_groups[0]["lr"] == 0.01
+    assert len(learner.adapt(tasks[0]).inner_losses) == 4
+    assert len(learner.evaluate(tasks).inner_losses) == 4
+    assert len(learner.meta_step(tasks).inner_losses) == 2
+    # Default adapt_modules: every module owning parameters outside the warp layers.
+    assert {n for n, _ in learner.warp.named_adapt_parameters()} == {
+        n for n, p in model.named_parameters() if not n.startswith("warp")}
+    instance = make_model()
+    built = WarpGrad(model=instance, warp_modules="warp1",
+                     adapt_modules=["fc1", instance.fc2, "bn", "head", "warp2"],
+                     criterion=F.cross_entropy, meta_optimizer=None)
+    assert {n for n, _ in built.warp.named_warp_parameters()} == {"warp1.weight", "warp1.bias"}
+    good = dict(model=make_model(), warp_modules=["warp1", "warp2"], criterion=F.cross_entropy)
+    for key, value, message in [
+            ("criterion", torch.nn.CrossEntropyLoss, "is a class; pass an instance"),
+            ("warp_modules", ["warp3"], "does not have"),
+            ("warp_modules", lambda n: n == "nothing", "matches none"),
+            ("inner_optimizer", metazoo.Adam(0.1), "cannot adapt with Adam"),
+            ("inner_optimizer", metazoo.SGD(0.1, nesterov=True, momentum=0.5), "float lr and"),
+            ("meta_lr", -1.0, "meta_lr=-1.0"),
+            ("eval_inner_steps", 0, "eval_inner_steps must be an int >= 1"),
+            ("meta_optimizer", torch.optim.SGD(make_model().parameters(), lr=0.1),
+             "leaves out the meta-parameters")]:
+        with pytest.raises(ValueError, match=message):
+            WarpGrad(**{**good, key: value})
+    with pytest.raises(ValueError, match="not both"):
+        WarpGrad(**good, meta_lr=0.1, meta_optimizer=lambda p: torch.optim.SGD(p, lr=0.1))
+    with pytest.raises(ValueError, match=r"takes \['criterion'\] from the Warp"):
+        WarpGrad(learner.warp, criterion=F.cross_entropy)
+    with pytest.raises(ValueError, match="needs model="):
+        WarpGrad(criterion=F.cross_entropy, warp_modules=[])
+    with pytest.raises(ValueError, match="steps must be an int >= 1"):
+        learner.adapt(tasks[0], steps=0)
+
+
+@pytest.mark.parametrize("steps", [0, -1, 1.5, True])
+def test_adapt_and_evaluate_refuse_a_bad_step_count_as_the_other_learners(make_model,
+                                                                          make_tasks, steps):
+    """Issue 28 item 8: adapt(task, steps=0) returned the initialisation without a word."""
+    learner = _learner(make_model())
+    task = _tasks(make_tasks, num_tasks=1)[0]
+    with pytest.raises(ValueError, match=rf"steps must be an int >= 1, got {steps!r}"):
+        learner.adapt(task, steps=steps)
+    with pytest.raises(ValueError, match=rf"steps must be an int >= 1, got {steps!r}"):
+        learner.evaluate([task], steps=steps)
+    assert len(learner.adapt(task, steps=2).inner_losses) == 2

@@ -7,7 +7,8 @@ task learners' trajectories. ``Warp`` wraps the model, ``ReplayBuffer`` stores t
 meta-gradients (``ContinualUpdater``: Algorithm 1 for a learner that is never reset, as in the
 maze experiment), ``OptimizerParameters`` holds the (optionally meta-learned) inner learning
 rates and momenta, ``warpgrad.layers`` has warp-layer building blocks and ``WarpGrad`` exposes it
-all through the core ``MetaLearner`` interface.
+all through the core ``MetaLearner`` interface (``WarpMAML``: warp layers by the warp objective,
+the initialisation by MAML's).
 """
 
 from warpgrad.buffer import ReplayBuffer, ReplayState
@@ -33,6 +34,7 @@ from warpgrad.objectives import (
 from warpgrad.optimizer_parameters import OptimizerParameters
 from warpgrad.updaters import ContinualUpdater, DualUpdater, OnlineUpdater, UpdateResult
 from warpgrad.warp import Warp
+from warpgrad.warp_maml import WarpMAML, warp_maml
 
 __version__ = "0.1.0"
 
@@ -56,8 +58,10 @@ __all__ = [
     "WarpGrad",
     "WarpHead",
     "WarpLayer",
+    "WarpMAML",
     "WarpObjective",
     "resolve_init_objective",
     "resolve_warp_objective",
     "warp_block",
+    "warp_maml",
 ]

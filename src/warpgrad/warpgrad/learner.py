@@ -46,6 +46,9 @@ from metazoo import (
     task_fault,
     task_to_channels_last,
 )
+from warpgrad.buffer import ReplayBuffer
+from warpgrad.objectives import InitObjective, WarpObjective
+from warpgrad.optimizer_parameters import OptimizerParameters
 from warpgrad.updaters import DualUpdater
 from warpgrad.vectorized import StackedAdaptation, adapt_tasks
 from warpgrad.warp import Warp
@@ -53,55 +56,226 @@ from warpgrad.warp import Warp
 __all__ = ["WarpGrad"]
 
 
+def check_steps(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {value!r}; use at least one step")
+    return value
+
+
+ModuleSelection = (nn.Module | str | Callable[[str], bool]
+                   | Iterable[nn.Module | str] | None)
+
+
+def select_modules(model: nn.Module, argument: str, value: ModuleSelection) -> list[nn.Module]:
+    """The sub-modules of ``model`` that ``warp_modules=``/``adapt_modules=`` name.
+
+    Args:
+        model: the network.
+        argument: the keyword, for error messages.
+        value: a module, a module name (``model.get_submodule``), a predicate over the names of
+            ``model.named_modules()``, or a list of modules and names.
+
+    Raises:
+        ValueError: an unknown name, or a predicate that matches no module.
+    """
+    names = [n for n, _ in model.named_modules() if n]
+    if value is None:
+        return []
+    if isinstance(value, nn.Module):
+        return [value]
+    if isinstance(value, str):
+        value = [value]
+    elif callable(value):
+        chosen = [m for n, m in model.named_modules() if n and value(n)]
+        if not chosen:
+            raise ValueError(f"{argument} matches none of the model's modules {names[:20]}; "
+                             f"check the predicate (e.g. lambda name: name.startswith('warp'))")
+        return chosen
+    modules = []
+    for item in value:
+        if isinstance(item, nn.Module):
+            modules.append(item)
+        elif isinstance(item, str):
+            try:
+                modules.append(model.get_submodule(item))
+            except AttributeError:
+                raise ValueError(f"{argument} names a module {item!r} that the model does not "
+                                 f"have; its modules are {names[:20]}") from None
+        else:
+            raise ValueError(f"{argument} must hold modules of the model or their names, got "
+                             f"{type(item).__name__}")
+    return modules
+
+
+def _remaining_modules(model: nn.Module, taken: Sequence[nn.Module]) -> list[nn.Module]:
+    """Modules owning parameters that are not in ``taken`` (the default ``adapt_modules``)."""
+    taken_ids = {id(p) for m in taken for p in m.parameters()}
+    return [m for m in model.modules()
+            if any(id(p) not in taken_ids for p in m.parameters(recurse=False))]
+
+
+def optimizer_parameters_from(inner_optimizer: metazoo.InnerOptimizer | OptimizerParameters
+                              | None, *, learn: bool) -> OptimizerParameters:
+    """The ``OptimizerParameters`` that adapt like ``inner_optimizer``.
+
+    WarpGrad's task learner is SGD with one learning rate (and momentum) per parameter tensor,
+    which it can meta-learn (``learn``); ``metazoo.SGD(lr, momentum=m)`` with float ``lr`` and
+    ``m`` sets their initial values.
+    """
+    if isinstance(inner_optimizer, OptimizerParameters):
+        if learn and not inner_optimizer.trainable:
+            raise ValueError("learn_optimizer=True but the OptimizerParameters given as "
+                             "inner_optimizer has trainable=False; set one of them")
+        return inner_optimizer
+    inner_optimizer = metazoo.SGD(0.1) if inner_optimizer is None else inner_optimizer
+    fix = ("pass inner_optimizer=metazoo.SGD(lr, momentum=m) with float lr > 0 and "
+           "0 <= m < 1 (WarpGrad adapts with SGD, one rate and momentum per parameter tensor)")
+    if not isinstance(inner_optimizer, metazoo.SGD):
+        raise ValueError(f"WarpGrad cannot adapt with {type(inner_optimizer).__name__}; {fix}")
+    hp = inner_optimizer.hyperparameters
+    plain = all(isinstance(hp[k], (int, float)) and not isinstance(hp[k], bool)
+                for k in ("lr", "momentum", "dampening", "weight_decay"))
+    if (not plain or inner_optimizer.nesterov or hp["dampening"] != 0
+            or hp["weight_decay"] != 0 or not hp["momentum"] < 1):
+        raise ValueError(f"WarpGrad's inner SGD takes a float lr and momentum only, got "
+                         f"{inner_optimizer!r} ({', '.join(f'{k}={v!r}' for k, v in hp.items())}, "
+                         f"nesterov={inner_optimizer.nesterov}); {fix}")
+    return OptimizerParameters(trainable=learn, default_lr=float(hp["lr"]),
+                               default_momentum=float(hp["momentum"]))
+
+
 class WarpGrad(MetaLearner):
     """WarpGrad (Algorithm 2) as a ``MetaLearner``.
 
-    Args:
-        warp: the wrapped model; its updater must be a ``DualUpdater`` (its criterion, warp and
-            init objectives are used; ``bsz``/``epochs``/``init_lr`` are not: one meta-step
-            updates every group with the gradient of the mean objective).
-        inner_steps: adaptation steps per task; step k trains on ``support[k % len(support)]``.
-        meta_optimizer: builds the meta-optimizer from the meta-parameters (default
-            ``torch.optim.Adam(params, lr=meta_lr)``).
-        meta_lr: learning rate of the default meta-optimizer.
-        bn_mode: ``metazoo.BatchNormMode`` of adaptation and evaluation.
-        on_nonfinite: ``"raise"`` (default) stops with ``metazoo.NonFiniteError`` naming the task
-            and inner step of the first NaN/inf loss; ``"skip"`` drops such tasks' trajectories
-            from the replay buffer (out of the meta-gradient and the means) and counts them in
-            ``skipped_tasks``.
-        channels_last: adapt, record, replay and score in channels-last memory format: per
-            task, 4-D floating-point inputs and the 4-D initialisation and warp-layer tensors
-            used for adaptation are copied to ``torch.channels_last`` (the model is not
-            modified; the replay then runs channels-last too). On a CPU the Omniglot warp net's
-            meta-step is ~0.65x the time of the default layout; results equal up to rounding.
-        vectorize: ``False`` (default) adapts the tasks one by one; ``True`` adapts all tasks of
-            a meta-batch (``meta_backward``, ``evaluate``) in one ``torch.func.vmap`` and
-            replays the states of all of them in one ``vmap``; an int N maps N tasks at a time
-            and replays the states of N tasks at a time (memory bounded in the number of
-            tasks); ``"auto"`` vectorizes on CUDA and loops elsewhere (on CPUs the loop was
-            measured faster, ``benchmarks/gpu_warp_meta_step.py``). The same results as the
-            loop (same recorded states, replay and meta-gradients). Needs tasks whose batches
-            share shapes, ``channels_last=False`` and a ``DualUpdater`` with ``bn_mode="batch"``
-            (the vectorized replay normalises with batch statistics); otherwise ``ValueError``.
-            ``adapt(task)`` (one task) always runs the loop.
+    Built like every metazoo learner, it wraps the model itself::
+
+        WarpGrad(model=net, warp_modules=["warp1", "warp2"], criterion=F.cross_entropy,
+                 inner_optimizer=metazoo.SGD(0.1), inner_steps=5)
+
+    The reference-style form ``WarpGrad(warp, inner_steps=...)`` around a prebuilt
+    ``warpgrad.Warp`` (with its ``DualUpdater`` and ``OptimizerParameters``) keeps working and
+    gives the same learner.
+
+    Example:
+        >>> learner = WarpGrad(model=net, warp_modules=lambda n: n.startswith("warp"),
+        ...                    criterion=F.cross_entropy, inner_optimizer=metazoo.SGD(0.1))
+        >>> result = learner.meta_step(tasks)
     """
 
-    def __init__(self, warp: Warp, *, inner_steps: int,
-                 meta_optimizer: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
-                 | None = None, meta_lr: float = 1e-3, bn_mode: str = "batch",
-                 on_nonfinite: str = "raise", channels_last: bool = False,
-                 vectorize: bool | int | str = False) -> None:
+    def __init__(
+        self,
+        warp: Warp | None = None,
+        *,
+        model: nn.Module | None = None,
+        criterion: metazoo.Criterion | None = None,
+        warp_modules: ModuleSelection = None,
+        adapt_modules: ModuleSelection = None,
+        inner_optimizer: metazoo.InnerOptimizer | OptimizerParameters | None = None,
+        inner_steps: int = 5,
+        eval_inner_steps: int | None = None,
+        meta_optimizer: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+        | torch.optim.Optimizer | None = None,
+        meta_lr: float | None = None,
+        learn_optimizer: bool = False,
+        warp_objective: str | int | WarpObjective | None = None,
+        init_objective: str | int | InitObjective | None = None,
+        buffer: ReplayBuffer | None = None,
+        bn_mode: str = "batch",
+        on_nonfinite: str = "raise",
+        channels_last: bool = False,
+        vectorize: bool | int | str = False,
+    ) -> None:
+        """Builds the learner.
+
+        Args:
+            warp: the reference-style form: a prebuilt ``warpgrad.Warp`` whose updater is a
+                ``DualUpdater`` (its criterion, warp and init objectives are used;
+                ``bsz``/``epochs``/``init_lr`` are not: one meta-step updates every group with
+                the gradient of the mean objective). Leave it out to build the ``Warp`` from
+                ``model`` and the keywords below; the two forms do not mix.
+            model: the network; its adaptable parameters' values are the meta-learned
+                initialisation.
+            criterion: ``criterion(output, target) -> scalar loss``, a function or an
+                ``nn.Module`` instance (``nn.CrossEntropyLoss()``), for adaptation, the replay
+                and the query loss.
+            warp_modules: the meta-learned warp layers, held fixed while a task adapts: a
+                module, a module name, a predicate over ``model.named_modules()`` names, or a
+                list of modules and names (an empty list: no warping).
+            adapt_modules: the layers each task adapts, in the same forms (default: every
+                module owning parameters outside ``warp_modules``).
+            inner_optimizer: ``metazoo.SGD(lr, momentum=m)`` with float ``lr`` and ``m``
+                (default ``metazoo.SGD(0.1)``): the initial per-tensor learning rates and
+                momenta of ``warpgrad.OptimizerParameters`` (or such an instance itself).
+            inner_steps: adaptation steps per task while meta-training; step k trains on
+                ``support[k % len(support)]``.
+            eval_inner_steps: steps in ``adapt``/``evaluate`` (default ``inner_steps``).
+            meta_optimizer: a factory called with the meta-parameters (warp layers,
+                initialisation, learned rates: ``meta_parameters()``) or a ``torch.optim``
+                optimizer built over exactly them (default ``torch.optim.Adam(params,
+                lr=1e-3)``); any other set of tensors is refused
+                (``metazoo.build_meta_optimizer``).
+            meta_lr: the old spelling of ``meta_optimizer=lambda p: torch.optim.Adam(p,
+                lr=meta_lr)``; not together with ``meta_optimizer``.
+            learn_optimizer: meta-learn the per-tensor inner learning rates and momenta.
+            warp_objective: the ``DualUpdater``'s warp objective (default
+                ``"stop_gradient"``; ``"exact"``, ``"approx"``, ``"none"``).
+            init_objective: the ``DualUpdater``'s initialisation objective (default
+                ``"simplified_leap"``; ``"leap"``, ``"none"``).
+            buffer: the ``ReplayBuffer`` recording trajectories (default in memory).
+            bn_mode: ``metazoo.BatchNormMode`` of adaptation, replay and evaluation.
+            on_nonfinite: ``"raise"`` (default) stops with ``metazoo.NonFiniteError`` naming
+                the task and inner step of the first NaN/inf loss; ``"skip"`` drops such tasks'
+                trajectories from the replay buffer (out of the meta-gradient and the means) and
+                counts them in ``skipped_tasks``.
+            channels_last: adapt, record, replay and score in channels-last memory format: per
+                task, 4-D floating-point inputs and the 4-D initialisation and warp-layer
+                tensors used for adaptation are copied to ``torch.channels_last`` (the model is
+                not modified; the replay then runs channels-last too). On a CPU the Omniglot
+                warp net's meta-step is ~0.65x the time of the default layout; results equal up
+                to rounding.
+            vectorize: ``False`` (default) adapts the tasks one by one; ``True`` adapts all
+                tasks of a meta-batch (``meta_backward``, ``evaluate``) in one
+                ``torch.func.vmap`` and replays the states of all of them in one ``vmap``; an
+                int N maps N tasks at a time and replays the states of N tasks at a time
+                (memory bounded in the number of tasks); ``"auto"`` vectorizes on CUDA and
+                loops elsewhere (on CPUs the loop was measured faster,
+                ``benchmarks/gpu_warp_meta_step.py``). The same results as the loop (same
+                recorded states, replay and meta-gradients). Needs tasks whose batches share
+                shapes, ``channels_last=False`` and ``bn_mode="batch"`` (the vectorized replay
+                normalises with batch statistics); otherwise ``ValueError``. ``adapt(task)``
+                (one task) always runs the loop.
+        """
+        if warp is None:
+            warp = self._build_warp(model, criterion, warp_modules, adapt_modules,
+                                    inner_optimizer, learn_optimizer, warp_objective,
+                                    init_objective, buffer, bn_mode)
+        else:
+            given = [name for name, value in (
+                ("model", model), ("criterion", criterion), ("warp_modules", warp_modules),
+                ("adapt_modules", adapt_modules), ("inner_optimizer", inner_optimizer),
+                ("warp_objective", warp_objective), ("init_objective", init_objective),
+                ("buffer", buffer)) if value is not None] + (
+                ["learn_optimizer"] if learn_optimizer else [])
+            if given:
+                raise ValueError(f"WarpGrad(warp, ...) takes {given} from the Warp; drop them, "
+                                 f"or build without warp: WarpGrad(model=..., warp_modules=..., "
+                                 f"criterion=..., ...)")
         if not isinstance(warp, Warp):
             raise ValueError(f"warp must be a warpgrad.Warp, got {type(warp).__name__}")
         if not isinstance(warp.updater, DualUpdater):
             raise ValueError(f"warp.updater must be a DualUpdater for WarpGrad, got "
                              f"{type(warp.updater).__name__}")
-        if isinstance(inner_steps, bool) or not isinstance(inner_steps, int) or inner_steps < 1:
-            raise ValueError(f"inner_steps={inner_steps!r} must be a positive integer; use at "
-                             "least one adaptation step")
-        if isinstance(meta_lr, bool) or not isinstance(meta_lr, (int, float)) or not (
-                0 < meta_lr < math.inf):
-            raise ValueError(f"meta_lr={meta_lr!r} must be a finite positive number, e.g. 1e-3")
+        self.inner_steps = check_steps("inner_steps", inner_steps)
+        self.eval_inner_steps = check_steps(
+            "eval_inner_steps", inner_steps if eval_inner_steps is None else eval_inner_steps)
+        if meta_lr is not None:
+            if meta_optimizer is not None:
+                raise ValueError("give meta_optimizer or meta_lr (its old spelling for Adam's "
+                                 "learning rate), not both")
+            if isinstance(meta_lr, bool) or not isinstance(meta_lr, (int, float)) or not (
+                    0 < meta_lr < math.inf):
+                raise ValueError(f"meta_lr={meta_lr!r} must be a finite positive number, "
+                                 f"e.g. 1e-3")
         self.on_nonfinite = check_on_nonfinite(on_nonfinite)
         self.channels_last = check_channels_last(channels_last)
         self.vectorize = metazoo.vectorize.check_vectorize(vectorize)
@@ -110,7 +284,7 @@ class WarpGrad(MetaLearner):
                     ("channels_last", channels_last, "channels_last=False"),
                     (f"the updater's bn_mode={warp.updater.bn_mode!r}",
                      BatchNormMode(warp.updater.bn_mode) is not BatchNormMode.BATCH,
-                     "DualUpdater(bn_mode='batch')")):
+                     "bn_mode='batch'")):
                 if value:
                     raise ValueError(f"vectorize={vectorize!r} does not support {option}; pass "
                                      f"{alternative}, or vectorize=False to keep {option} in the "
@@ -118,11 +292,47 @@ class WarpGrad(MetaLearner):
         self.warp = warp
         self.updater: DualUpdater = warp.updater
         self.model = warp.model
-        self.inner_steps = inner_steps
+        self.criterion = CheckedCriterion(self.updater.criterion)
         self.bn_mode = BatchNormMode(bn_mode).value
-        params = [p for _, p in self.named_meta_parameters()]
-        self.meta_optimizer = (meta_optimizer(params) if meta_optimizer is not None
-                               else torch.optim.Adam(params, lr=meta_lr))
+        lr = 1e-3 if meta_lr is None else float(meta_lr)
+        self.meta_optimizer = metazoo.build_meta_optimizer(
+            meta_optimizer, self.named_meta_parameters(),
+            lambda params: torch.optim.Adam(params, lr=lr))
+
+    @staticmethod
+    def _build_warp(model: nn.Module | None, criterion: metazoo.Criterion | None,
+                    warp_modules: ModuleSelection, adapt_modules: ModuleSelection,
+                    inner_optimizer: metazoo.InnerOptimizer | OptimizerParameters | None,
+                    learn_optimizer: bool, warp_objective: str | int | WarpObjective | None,
+                    init_objective: str | int | InitObjective | None,
+                    buffer: ReplayBuffer | None, bn_mode: str) -> Warp:
+        """The ``Warp`` (with its ``DualUpdater`` and ``OptimizerParameters``) that the
+        reference-style form would be given."""
+        if model is None:
+            raise ValueError("WarpGrad needs model=... (or a prebuilt warp as first argument)")
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if criterion is None:
+            raise ValueError("WarpGrad needs criterion=..., e.g. "
+                             "torch.nn.functional.cross_entropy")
+        metazoo.check_criterion(criterion)
+        if warp_modules is None:
+            raise ValueError("WarpGrad needs warp_modules=...: the warp layers, as modules, "
+                             "module names or a name predicate (an empty list: no warping)")
+        if not isinstance(learn_optimizer, bool):
+            raise ValueError(f"learn_optimizer must be True or False, got {learn_optimizer!r}")
+        warps = select_modules(model, "warp_modules", warp_modules)
+        adapts = (_remaining_modules(model, warps) if adapt_modules is None
+                  else select_modules(model, "adapt_modules", adapt_modules))
+        updater = DualUpdater(
+            criterion,
+            warp_objective="stop_gradient" if warp_objective is None else warp_objective,
+            init_objective="simplified_leap" if init_objective is None else init_objective,
+            bn_mode=BatchNormMode(bn_mode).value)
+        return Warp(model, adapts, warps, updater,
+                    ReplayBuffer() if buffer is None else buffer,
+                    optimizer_parameters=optimizer_parameters_from(inner_optimizer,
+                                                                   learn=learn_optimizer))
 
     def named_meta_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         """Warp layers, initialisation and (when learned) inner learning rates/momenta."""
@@ -246,10 +456,18 @@ class WarpGrad(MetaLearner):
         return [(adaptation.query_loss[i], None if acc is None else acc[i],
                  adaptation.inner_losses[i]) for i in kept]
 
+    def _steps(self, steps: int | None) -> int:
+        return self.eval_inner_steps if steps is None else check_steps("steps", steps)
+
     def adapt(self, task: Task, *, steps: int | None = None) -> Adapted:
-        """Adapts the initialisation to ``task`` with the warp layers fixed."""
-        return self._adapt(self._layout(task), self.inner_steps if steps is None else steps,
-                           None)[0]
+        """Adapts the initialisation to ``task`` with the warp layers fixed.
+
+        Args:
+            task: the task; only its support batches are used.
+            steps: inner steps (default ``eval_inner_steps``).
+        """
+        metazoo.check_task(task)
+        return self._adapt(self._layout(task), self._steps(steps), None)[0]
 
     def _score(self, adapted: Adapted, task: Task) -> tuple[Tensor, Tensor | None]:
         x, y = (t.to(next(iter(adapted.params.values())).device) for t in task.query)
@@ -260,6 +478,7 @@ class WarpGrad(MetaLearner):
 
     def meta_backward(self, tasks: Sequence[Task]) -> MetaStepResult:
         """Adapts to every task while recording, then accumulates all meta-gradients."""
+        tasks = metazoo.check_tasks(tasks)
         start = time.perf_counter()
         buffer = self.warp.buffer
         if len(buffer) or buffer.slots():
@@ -281,8 +500,14 @@ class WarpGrad(MetaLearner):
                               time.perf_counter() - start, skipped)
 
     def evaluate(self, tasks: Sequence[Task], *, steps: int | None = None) -> EvalResult:
-        """Adapts to each task and scores its query batch; meta-parameters are unchanged."""
-        steps = self.inner_steps if steps is None else steps
+        """Adapts to each task and scores its query batch; meta-parameters are unchanged.
+
+        Args:
+            tasks: held-out tasks.
+            steps: inner steps (default ``eval_inner_steps``).
+        """
+        tasks = metazoo.check_tasks(tasks)
+        steps = self._steps(steps)
         chunk = self._chunk(len(tasks))
         if chunk is not None:
             adaptation, _ = self._adapt_vectorized(tasks, steps, chunk)
