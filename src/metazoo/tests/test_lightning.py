@@ -193,6 +193,12 @@ def assert_same_state(actual: metazoo.MetaLearner | dict, expected: metazoo.Meta
 # -- one process --------------------------------------------------------------------------------
 
 
+def test_an_endless_stream_needs_max_steps():
+    with pytest.raises(ValueError, match=r"without end.*Trainer\(max_steps=N\)"):
+        trainer(-1, max_epochs=1, limit_val_batches=0).fit(
+            MetaLearnerModule(build("fomaml")), datamodule=datamodule(val=0))
+
+
 def test_precision_plugins_are_refused():
     with pytest.raises(ValueError, match=r"precision='bf16-mixed'.*keep the default '32-true'"):
         trainer(1, precision="bf16-mixed", limit_val_batches=0).fit(
@@ -333,7 +339,7 @@ def test_the_stream_starts_at_the_trainers_global_step():
     data = datamodule()
 
     class Trainer:
-        global_step = 5
+        global_step, max_steps = 5, 10
 
     data.trainer = Trainer()  # type: ignore[assignment]
     batch = next(iter(data.train_dataloader()))
