@@ -33,12 +33,19 @@ if ((dev)); then
 elif ((everything)); then
   python -m pip install --quiet -r requirements.txt
 fi
+# The build backend once, into this environment: pip's default build isolation would install
+# it into a fresh temporary environment for every package built (about 25 s each here).
+# (editables: what hatchling's editable installs import at start-up.)
+if ! python -c "import editables, hatchling" 2>/dev/null; then
+  python -m pip install --quiet "hatchling>=1.26" "editables>=0.3"
+fi
+build=(--no-build-isolation)
 # The core, once. Each algorithm package names the core by its path in this repository
 # ("metazoo @ file:///.../src/metazoo", so that `pip install -e .` in its folder works alone),
-# and pip rebuilds and reinstalls a path requirement on every install: about 30-50 s per added
-# package. So the core is installed here only when this checkout's editable core is missing,
-# and the packages go in with --no-deps: their other requirements (torch, numpy) are the
-# core's own, which tests/test_packaging.py checks.
+# and pip rebuilds and reinstalls a path requirement on every install: the core again for every
+# added package. So the core is installed here only when this checkout's editable core is
+# missing, and the packages go in with --no-deps: their other requirements (torch, numpy) are
+# the core's own, which tests/test_packaging.py checks.
 core="$PWD/src/metazoo"
 if ! python - "$core" <<'EOF'
 import json, sys
@@ -54,13 +61,13 @@ sys.exit(0 if editable and url.startswith("file://")
          and Path(url[len("file://"):]).resolve() == Path(sys.argv[1]).resolve() else 1)
 EOF
 then
-  python -m pip install --quiet -e src/metazoo
+  python -m pip install --quiet "${build[@]}" -e src/metazoo
 fi
 editables=()
 for package in "${packages[@]}"; do
   editables+=(-e "src/$package")
 done
-python -m pip install --quiet --no-deps "${editables[@]}"
+python -m pip install --quiet --no-deps "${build[@]}" "${editables[@]}"
 if ((everything)); then
   for experiment in src/omniglot src/maze_navigation; do
     [[ -f "$experiment/requirements.txt" ]] && python -m pip install --quiet -r "$experiment/requirements.txt"

@@ -56,3 +56,42 @@ def test_algorithm_packages_take_the_core_from_the_repository(folder):
     assert (SRC / "metazoo" / "pyproject.toml").exists()
     assert pyproject["build-system"]["build-backend"] == "hatchling.build"
     assert pyproject["tool"]["hatch"]["metadata"]["allow-direct-references"] is True
+
+
+@pytest.mark.parametrize("folder", [f for f in PACKAGES if f != "metazoo"])
+def test_algorithm_packages_need_nothing_beyond_the_core(folder):
+    """``scripts/setup.sh`` adds an algorithm package with ``pip install --no-deps`` once the
+    core is installed (so that pip does not rebuild the core, a path requirement, every time):
+    that is only complete while the package requires nothing the core does not."""
+    core = {Requirement(t).name for t in _project("metazoo")["dependencies"]}
+    own = {Requirement(t).name for t in _project(folder)["dependencies"]} - {"metazoo"}
+    assert own <= core, f"{folder} needs {sorted(own - core)}, which the core does not install"
+
+
+@pytest.mark.parametrize("folder", PACKAGES)
+def test_package_metadata_is_complete(folder):
+    project = _project(folder)
+    for key in ("description", "readme", "license", "classifiers", "urls", "keywords"):
+        assert project.get(key), f"{folder}/pyproject.toml lacks {key}"
+    assert (SRC / folder / project["readme"]).is_file()
+    assert "License :: OSI Approved :: MIT License" in project["classifiers"]
+    assert project["license"] == {"text": "MIT"}
+    root = SRC.parent
+    for label, target in project["urls"].items():
+        # No public host is known: every URL is a path in this repository (docs/ may be
+        # written by the docs site's build later; the package folder must exist).
+        assert "://" not in target, f"{folder}: {label} = {target} invents a host"
+        if target.startswith("src/"):
+            assert (root / target).is_dir(), target
+
+
+@pytest.mark.parametrize("folder", [f for f in PACKAGES if f != "metazoo"])
+def test_learner_entry_points_name_importable_factories(folder):
+    import importlib
+
+    points = _project(folder)["entry-points"]["metazoo.learners"]
+    assert points
+    for name, target in points.items():
+        module, _, attribute = target.partition(":")
+        assert module.split(".")[0] == folder, f"{name} points outside {folder}: {target}"
+        assert callable(getattr(importlib.import_module(module), attribute)), target

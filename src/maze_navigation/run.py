@@ -24,11 +24,13 @@ import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from metazoo import PRECISIONS, atomic_write_text, set_fp32_precision
+from metazoo import PRECISIONS, set_fp32_precision
 from metazoo.cli import ArgumentParser, UsageError, run_command, user_input
+from metazoo.runs import FLAGS_KEY, RunFolder, flag_differences
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -37,8 +39,6 @@ from train import (
     TrainConfig,
     Trainer,
     last_fraction_mean,
-    load_checkpoint,
-    save_checkpoint,
 )
 
 logger = logging.getLogger("maze_navigation")
@@ -105,7 +105,11 @@ def build_parser() -> argparse.ArgumentParser:
     a("--out", type=Path, default=DEFAULT_OUT, help="run folder")
     a("--resume", action="store_true",
       help="continue from <out>/checkpoint.pt (the same options; --num_episodes, "
-           "--save_every, --print_every, --threads and --device may change)")
+           "--save_every, --print_every, --threads and --device may change); a run that "
+           "stopped before its first checkpoint starts again")
+    a("--trust_checkpoint", action="store_true",
+      help="--resume from a checkpoint that does not record the options that produced it "
+           "(an older version's), trusting that these options are its")
     return p
 
 
@@ -146,6 +150,11 @@ def _read_rewards(path: Path, upto: int) -> list[dict[str, str]]:
 
 
 RUN_FILES = ("checkpoint.pt", "rewards.csv", "summary.json")
+PROGRAM = "maze_navigation"
+# Options that may differ between a run and its --resume: how long it runs, how often it logs
+# and saves, where it runs and where its files are. Every other option is the experiment.
+RESUME_MAY_CHANGE = frozenset({"num_episodes", "save_every", "print_every", "threads", "device",
+                               "precision", "out", "resume", "trust_checkpoint"})
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -174,41 +183,98 @@ def main(argv: list[str] | None = None) -> dict:
     out = args.out
     if out == DEFAULT_OUT:
         out = Path("logs/maze_navigation") / f"{config.agent}_seed{config.seed}"
-    ckpt_path, csv_path = out / "checkpoint.pt", out / "rewards.csv"
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file; pass a folder for the run")
-    own = [name for name in RUN_FILES if (out / name).exists()]
-    if args.resume and not ckpt_path.exists() and own:
-        raise UsageError(f"--resume: {out} has no checkpoint.pt to continue from (it holds "
-                         f"{', '.join(own)}); nothing was changed. Choose another --out to "
-                         "start a new run")
-    if not args.resume and own:
-        raise UsageError(f"--out {out} already holds a run ({', '.join(own)}); pass --resume to "
-                         "continue it or choose another --out")
+    flags = run_flags(args)
+    folder = RunFolder(out, program=PROGRAM, resume_hint="run the same command with --resume")
+    with folder:  # locked until the run ends (or its process dies)
+        return _run(args, config, device, folder, flags)
 
+
+def run_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """The parsed flags as ``flags.json`` and the checkpoint record them."""
+    return {key: str(value) if isinstance(value, Path) else value
+            for key, value in vars(args).items()}
+
+
+def _resume(args: argparse.Namespace, folder: RunFolder, trainer: Trainer,
+            flags: dict[str, Any]) -> None:
+    """Checks everything first (checkpoint: checksum, producer, flags, config; every line of
+    rewards.csv), then trims the log to the checkpoint."""
+    ckpt_path = folder.file("checkpoint.pt")
+    fix = "nothing was changed. Resume with the run's options, or choose another --out"
+    if not folder.owns("checkpoint.pt"):
+        raise UsageError(f"--resume: {ckpt_path} is not recorded in {folder.manifest_path} (an "
+                         f"older version's run folder, or a copied file); {fix}")
+    state = folder.load_checkpoint("checkpoint.pt", flags, may_change=RESUME_MAY_CHANGE,
+                                   trust_unrecorded=args.trust_checkpoint, fix=fix)
+    state.pop(FLAGS_KEY, None)
+    with user_input():
+        try:
+            trainer.load_state_dict(state)
+        except ValueError as err:
+            raise ValueError(f"--resume {ckpt_path}: {err}") from None
+    upto = trainer.episode
+
+    def keep(line: str) -> bool:  # the header, and the episodes before the checkpoint
+        return line.startswith(f"{CSV_FIELDS[0]},") or int(line.split(",", 1)[0]) < upto
+
+    plan = folder.plan_rewrite(["rewards.csv"], keep, fix=fix)
+    folder.discard_temporaries()  # validated: now the folder changes
+    folder.rewrite(plan)
+    logger.info("resumed %s at episode %d", ckpt_path, trainer.episode)
+
+
+def _start(args: argparse.Namespace, folder: RunFolder, flags: dict[str, Any]) -> None:
+    """Prepares a fresh run; a run that stopped before its first checkpoint (nothing of value
+    in it) is started again on --resume, with the same options."""
+    out = folder.path
+    if folder.files:
+        own = [name for name in RUN_FILES if folder.exists(name)]
+        if not args.resume:
+            raise UsageError(f"--out {out} already holds a run ({', '.join(own)}); pass "
+                             "--resume to continue it or choose another --out")
+        if folder.exists("summary.json"):
+            raise UsageError(f"--resume: {out} has no checkpoint.pt to continue from (it holds "
+                             f"{', '.join(own)}); nothing was changed. Choose another --out "
+                             "to start a new run")
+        if folder.exists("flags.json"):
+            stored = json.loads(folder.file("flags.json").read_text())
+            differences = flag_differences(stored, flags, RESUME_MAY_CHANGE)
+            if differences:
+                raise UsageError(f"--resume: {out} is a run with other options "
+                                 f"({'; '.join(differences)}); nothing was changed. Pass its "
+                                 "options, or choose another --out")
+        logger.info("%s stopped before its first checkpoint: starting it again", out)
+        folder.clear()
+    taken = [name for name in (*RUN_FILES, "flags.json") if (out / name).exists()]
+    if taken:
+        raise UsageError(f"--out {out} holds {', '.join(taken)}, not written by a run of this "
+                         "version (no manifest.json records them); they are left alone. Choose "
+                         "another --out")
+    folder.write_text("flags.json", json.dumps(flags, indent=1, sort_keys=True) + "\n")
+
+
+def _csv_rows(rows: list[dict[str, Any]], header: bool = False) -> str:
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=CSV_FIELDS)
+    if header:
+        writer.writeheader()
+    writer.writerows(rows)
+    return text.getvalue()
+
+
+def _run(args: argparse.Namespace, config: TrainConfig, device: torch.device,
+         folder: RunFolder, flags: dict[str, Any]) -> dict:
+    ckpt_path, csv_path = folder.file("checkpoint.pt"), folder.file("rewards.csv")
     with user_input():
         trainer = Trainer(config=config, device=device)
-    if args.resume and ckpt_path.exists():
-        # Checked (checksum, the same options) before anything is rewritten.
-        with user_input():
-            try:
-                trainer.load_state_dict(load_checkpoint(ckpt_path))
-            except ValueError as err:
-                raise ValueError(f"--resume {ckpt_path}: {err}") from None
-        logger.info("resumed %s at episode %d", ckpt_path, trainer.episode)
-        for path in out.iterdir():  # what a killed run left of its atomic writes, and only that
-            if any(path.name.startswith(f".{name}.") for name in RUN_FILES) and \
-                    path.name.endswith(".tmp") and path.is_file():
-                path.unlink()
-    out.mkdir(parents=True, exist_ok=True)
-    # Episodes logged after the checkpoint are replayed identically, so drop them.
-    # The rewrite is atomic: a kill during it must not lose the rows before the checkpoint.
+    if args.resume and (ckpt_path.exists() or ckpt_path.is_symlink()):
+        _resume(args, folder, trainer, flags)
+    else:
+        _start(args, folder, flags)
+        folder.write_text("rewards.csv", _csv_rows([], header=True))
     rows = _read_rewards(csv_path, trainer.episode)
-    kept = io.StringIO(newline="")
-    writer = csv.DictWriter(kept, fieldnames=CSV_FIELDS)
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_text(kept.getvalue(), csv_path)
     rewards = [float(r["mean_reward"]) for r in rows]
 
     if trainer.random_reward is None:
@@ -221,38 +287,34 @@ def main(argv: list[str] | None = None) -> dict:
         )
 
     start = time.time()
-    with csv_path.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
-        while trainer.episode < config.num_episodes:
-            r = trainer.train_episode()
-            rewards.append(r.mean_reward)
-            writer.writerow(
-                {
-                    "episode": r.episode,
-                    "mean_reward": f"{r.mean_reward:.6g}",
-                    "loss": f"{r.loss:.6g}",
-                    "meta_update": int(r.meta_updated),
-                }
+    while trainer.episode < config.num_episodes:
+        r = trainer.train_episode()
+        rewards.append(r.mean_reward)
+        row = {
+            "episode": r.episode,
+            "mean_reward": f"{r.mean_reward:.6g}",
+            "loss": f"{r.loss:.6g}",
+            "meta_update": int(r.meta_updated),
+        }
+        folder.append_text("rewards.csv", _csv_rows([row]))
+        done = trainer.episode
+        if done % args.print_every == 0:
+            recent = rewards[-args.print_every :]
+            logger.info(
+                "episode %d  mean reward (last %d) %.3f  loss %.3f  grad norm %.2f  "
+                "meta updates %d  %.1f s",
+                done,
+                len(recent),
+                sum(recent) / len(recent),
+                r.loss,
+                r.adapt_grad_norm,
+                trainer.meta_updates,
+                time.time() - start,
             )
-            f.flush()
-            done = trainer.episode
-            if done % args.print_every == 0:
-                recent = rewards[-args.print_every :]
-                logger.info(
-                    "episode %d  mean reward (last %d) %.3f  loss %.3f  grad norm %.2f  "
-                    "meta updates %d  %.1f s",
-                    done,
-                    len(recent),
-                    sum(recent) / len(recent),
-                    r.loss,
-                    r.adapt_grad_norm,
-                    trainer.meta_updates,
-                    time.time() - start,
-                )
-            if done % args.save_every == 0 or done == config.num_episodes:
-                save_checkpoint(trainer.state_dict(), ckpt_path)
+        if done % args.save_every == 0 or done == config.num_episodes:
+            folder.save_checkpoint("checkpoint.pt", trainer.state_dict(), flags)
     if trainer.episode == 0 or not ckpt_path.exists():
-        save_checkpoint(trainer.state_dict(), ckpt_path)
+        folder.save_checkpoint("checkpoint.pt", trainer.state_dict(), flags)
 
     summary = {
         "config": asdict(config),
@@ -262,7 +324,7 @@ def main(argv: list[str] | None = None) -> dict:
         "last_10pct_reward": last_fraction_mean(rewards) if rewards else None,
         "wall_seconds_this_invocation": round(time.time() - start, 1),
     }
-    atomic_write_text(json.dumps(summary, indent=2) + "\n", out / "summary.json")
+    folder.write_text("summary.json", json.dumps(summary, indent=2) + "\n")
     logger.info(
         "done: last 10%% mean reward %s, random policy %.3f",
         summary["last_10pct_reward"],

@@ -6,12 +6,14 @@ of ``classes`` of its characters (alphabets with fewer characters are dropped), 
 in the split (which alphabets go where, which characters, which drawings are held out) is drawn
 from ``random.Random(seed)`` over sorted listings, so the seed alone fixes it.
 
-Images are decoded once with PIL into a ``uint8`` cache (``<root>/omniglot_cache_<key>.pt``,
-written atomically, loaded with ``weights_only=True``; the key covers every file's name, size
-and modification time, so an edited drawing is decoded again). A read-only ``root`` caches in
-the user's cache folder (``$XDG_CACHE_HOME`` or ``~/.cache``, ``metazoo/omniglot``), else the
-temporary folder, else in memory, and says so once. Strokes are 1 and background 0 (the PNGs
-are black on white), so the zero padding of the affine augmentation is background.
+Images are decoded once with PIL (any mode, by appearance: ``images.read_image``) into a
+``uint8`` cache (``<root>/omniglot_cache_<key>.pt``, written atomically with a checksum, loaded
+with ``weights_only=True``; the key covers the content of every drawing, so an edited drawing is
+decoded again). When ``root`` is read-only or not private to this user, the cache goes to the
+user's cache folder (``$XDG_CACHE_HOME`` or ``~/.cache``, ``metazoo/omniglot``), else a private
+folder in the temporary folder, else memory; a damaged cache is decoded again; each load gives
+one ``note:`` line saying which cache was used (``notes``). Strokes are 1 and background 0 (the
+PNGs are black on white), so the zero padding of the affine augmentation is background.
 
 Two resize modes:
 
@@ -29,16 +31,15 @@ batched ``grid_sample`` calls on the run's device (``augment``).
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import math
 import os
 import random
-import sys
 import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -46,7 +47,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
-from metazoo import atomic_save
+from images import content_key, load_cached, read_image
 
 __all__ = [
     "RESIZE_MODES",
@@ -114,90 +115,92 @@ def find_alphabets(root: str | os.PathLike) -> list[Alphabet]:
 def decode_drawing(path: str, resize: str) -> np.ndarray:
     """One Omniglot PNG as a (28, 28) uint8 ink image (255 = ink), resized like the cache.
 
-    The one-shot benchmark decodes its runs with this too, so both match exactly.
+    Any image mode PIL reads is decoded by its appearance (``images.read_image``: 16-bit grey
+    scaled, transparency composited onto white, palettes and CMYK converted). The one-shot
+    benchmark decodes its runs with this too, so both match exactly.
 
     Raises:
-        ValueError: naming the file, if it is not a readable image (truncated, not a PNG, a
-            link to nothing or to a folder).
+        ValueError: naming the file, if it is not a readable image (empty, truncated, not an
+            image, a link to nothing or to a folder, a decompression bomb).
     """
-    try:
-        with Image.open(path) as img:
-            if resize == "nearest":
-                small = img.convert("1").resize((IMAGE_SIZE, IMAGE_SIZE),
-                                                Image.Resampling.NEAREST)
-                ink = 1.0 - np.asarray(small.convert("L"), dtype=np.float32) / 255.0
-            else:
-                ink = 1.0 - np.asarray(img.convert("L"), dtype=np.float32) / 255.0
-                ink = F.adaptive_avg_pool2d(torch.from_numpy(ink)[None, None],
-                                            IMAGE_SIZE)[0, 0].numpy()
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-        kind = "a link to a missing file or a folder" if os.path.islink(path) and \
-            not os.path.isfile(path) else "not a readable image"
-        raise ValueError(f"{path} is {kind} ({type(err).__name__}: {err}); replace it with "
-                         "the drawing from the official archive") from None
+    img = read_image(path)
+    if resize == "nearest":
+        # Binary, as the reference's mode '1' drawings: grey images are thresholded at half
+        # intensity (not dithered, which would scatter ink dots over the background).
+        binary = img if img.mode == "1" else img.convert("L").convert(
+            "1", dither=Image.Dither.NONE)
+        small = binary.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.NEAREST)
+        ink = 1.0 - np.asarray(small.convert("L"), dtype=np.float32) / 255.0
+    else:
+        ink = 1.0 - np.asarray(img.convert("L"), dtype=np.float32) / 255.0
+        ink = F.adaptive_avg_pool2d(torch.from_numpy(ink)[None, None],
+                                    IMAGE_SIZE)[0, 0].numpy()
     return np.round(ink * 255.0).astype(np.uint8)
 
 
 def fallback_cache_dirs() -> list[Path]:
-    """Where the decoded images are cached when ``root`` is read-only: the user's cache folder,
-    then the temporary folder."""
+    """Where the decoded images are cached when ``root`` cannot hold the cache (read-only, or
+    not private to this user): the user's cache folder, then a private folder in the temporary
+    folder."""
     user = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     return [user / "metazoo" / "omniglot",
             Path(tempfile.gettempdir()) / f"metazoo-omniglot-{os.getuid()}"]
 
 
-_NOTED: set[str] = set()
-
-
-def _note_once(message: str) -> None:
-    if message not in _NOTED:
-        _NOTED.add(message)
-        print(f"note: {message}", file=sys.stderr, flush=True)
+def cache_candidates(root: str | os.PathLike, cache_dir: str | os.PathLike | None
+                     ) -> tuple[list[Path], list[Path]]:
+    """(folders to try for a cache, in order; those of them that may be created)."""
+    if cache_dir is not None:
+        return [Path(cache_dir)], [Path(cache_dir)]
+    fallbacks = fallback_cache_dirs()
+    return [Path(root), *fallbacks], fallbacks
 
 
 def load_alphabets(root: str | os.PathLike, *, resize: str = "area",
-                   cache_dir: str | os.PathLike | None = None) -> dict[str, list[Tensor]]:
+                   cache_dir: str | os.PathLike | None = None,
+                   notes: list[str] | None = None) -> dict[str, list[Tensor]]:
     """All alphabets as ``{name: [uint8 tensor (drawings, 28, 28) per character]}``.
 
-    Decoded once; later calls read the cache, keyed by the resize mode and every file's name,
-    size and modification time (an edited drawing is decoded again).
+    Decoded once; later calls read the cache (``images.load_cached``), keyed by the resize mode
+    and the content of every drawing (an edited drawing is decoded again), used only from a
+    folder private to this user and decoded again if it is damaged.
 
     Args:
         root: folder holding extracted archives.
         resize: ``"area"`` or ``"nearest"`` (see the module docstring).
-        cache_dir: where the cache lives (default ``root``, or when that cannot be written
-            ``fallback_cache_dirs()``, or memory only; a note says which).
+        cache_dir: where the cache lives (default ``root``, or when that is not private to this
+            user or cannot be written ``fallback_cache_dirs()``, or memory only).
+        notes: if given, the ``note:`` line saying which cache was used is appended (for the
+            experiment to log).
     """
     if resize not in RESIZE_MODES:
         raise ValueError(f"resize={resize!r} must be one of {RESIZE_MODES}")
     alphabets = find_alphabets(root)
-    listing = []
-    for a in alphabets:
-        chars = []
-        for c, paths in a.characters:
-            stats = [os.stat(p) for p in paths]
-            chars.append([c, [[Path(p).name, st.st_size, st.st_mtime_ns]
-                              for p, st in zip(paths, stats)]])
-        listing.append([a.name, chars])
-    key = hashlib.sha256(f"{resize}\n{json.dumps(listing)}".encode()).hexdigest()[:16]
-    name = f"omniglot_cache_{key}.pt"
-    folders = [Path(cache_dir)] if cache_dir is not None else [Path(root),
-                                                               *fallback_cache_dirs()]
-    for folder in folders:
-        if (folder / name).is_file():
-            return torch.load(folder / name, weights_only=True)
-    data = {a.name: [torch.from_numpy(np.stack([decode_drawing(p, resize) for p in paths]))
-                     for _, paths in a.characters] for a in alphabets}
-    for folder in folders:
-        try:
-            atomic_save(data, folder / name)
-        except OSError:  # read-only, full or missing: try the next place
-            continue
-        if folder != folders[0]:
-            _note_once(f"{folders[0]} is not writable: decoded images cached in {folder}")
-        return data
-    _note_once(f"no writable cache folder ({', '.join(map(str, folders))}): decoded images "
-               "kept in memory only, decoded again next run")
+    files = [(f"{a.name}/{c}/{Path(p).name}", p)
+             for a in alphabets for c, paths in a.characters for p in paths]
+    key = content_key(files, "omniglot", resize)
+    shapes = {a.name: [len(paths) for _, paths in a.characters] for a in alphabets}
+
+    def build() -> dict[str, Any]:
+        return {a.name: [torch.from_numpy(np.stack([decode_drawing(p, resize) for p in paths]))
+                         for _, paths in a.characters] for a in alphabets}
+
+    def check(state: dict[str, Any]) -> str | None:
+        if sorted(state) != sorted(shapes):
+            return "other alphabets than the data"
+        for name, counts in shapes.items():
+            got = state[name]
+            if not isinstance(got, list) or [getattr(t, "shape", None) for t in got] != [
+                    (n, IMAGE_SIZE, IMAGE_SIZE) for n in counts] or any(
+                    t.dtype != torch.uint8 for t in got):
+                return f"alphabet {name!r} does not match its drawings"
+        return None
+
+    folders, creatable = cache_candidates(root, cache_dir)
+    data, note = load_cached(f"omniglot_cache_{key}.pt", folders, build, check,
+                             created=creatable)
+    if notes is not None:
+        notes.append(note)
     return data
 
 

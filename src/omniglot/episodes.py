@@ -21,7 +21,6 @@ Results over episodes are reported as mean accuracy with a 95% confidence interv
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -29,6 +28,7 @@ import random
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -36,7 +36,9 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
-from metazoo import Task, atomic_save
+from data import cache_candidates
+from images import content_key, load_cached, read_image
+from metazoo import Task
 
 __all__ = [
     "CHANNELS",
@@ -189,8 +191,10 @@ def _listing(folder: Path) -> list[tuple[str, list[Path]]]:
                          "class's images in its own folder: <split>/<class>/*.png")
     classes = []
     for c in sorted(p for p in folder.iterdir() if p.is_dir()):
-        files = sorted(f for f in c.iterdir() if f.is_file() and f.suffix.lower()
-                       in IMAGE_SUFFIXES)
+        # Links to nothing are listed too, so that decoding names them instead of a class
+        # silently losing an image.
+        files = sorted(f for f in c.iterdir() if (f.is_file() or f.is_symlink())
+                       and f.suffix.lower() in IMAGE_SUFFIXES)
         if not files:
             raise ValueError(f"class folder {str(c)!r} has no .png/.jpg/.jpeg image; remove it "
                              "or add its images")
@@ -202,34 +206,37 @@ def _listing(folder: Path) -> list[tuple[str, list[Path]]]:
 
 
 def _decode_image(path: Path, size: int, channels: str) -> np.ndarray:
-    with Image.open(path) as source:
-        img = source.convert("RGB" if channels == "rgb" else "L")
-        if img.size != (size, size):
-            img = img.resize((size, size), Image.Resampling.LANCZOS)
-        array = np.asarray(img, dtype=np.uint8)
+    img = read_image(path).convert("RGB" if channels == "rgb" else "L")
+    if img.size != (size, size):
+        img = img.resize((size, size), Image.Resampling.LANCZOS)
+    array = np.asarray(img, dtype=np.uint8)
     return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
 
 
 def load_image_folder(root: str | os.PathLike, split: str, *, image_size: int,
-                      channels: str = "rgb", cache_dir: str | os.PathLike | None = None
-                      ) -> LabelledImages:
+                      channels: str = "rgb", cache_dir: str | os.PathLike | None = None,
+                      notes: list[str] | None = None) -> LabelledImages:
     """The classes of ``root/<split>/`` (one folder each, ``*.png|jpg|jpeg`` inside).
 
-    Decoded once with PIL (``RGB`` or ``L``), resized to ``image_size x image_size``
-    (``LANCZOS``) and cached as ``uint8`` in ``<cache_dir>/fewshot_cache_<split>_<key>.pt``
-    (atomic write, ``weights_only=True`` load; the key covers the listing with file sizes, the
-    size and the channels).
+    Decoded once with PIL (any mode, by appearance: ``images.read_image``; then ``RGB`` or
+    ``L``), resized to ``image_size x image_size`` (``LANCZOS``) and cached as ``uint8`` in
+    ``fewshot_cache_<split>_<key>.pt`` (``images.load_cached``: atomic write with a checksum,
+    ``weights_only=True`` load, the key over every image's content, the size and the channels;
+    a damaged cache is decoded again).
 
     Args:
         root: the dataset folder.
         split: ``"train"``, ``"val"`` or ``"test"`` (any sub-folder name).
         image_size: output height and width.
         channels: ``"rgb"`` (3 channels) or ``"grey"`` (1).
-        cache_dir: where the cache lives (default ``root``).
+        cache_dir: where the cache lives (default ``root``, or when that is not private to this
+            user or cannot be written ``data.fallback_cache_dirs()``, or memory only).
+        notes: if given, the ``note:`` line saying which cache was used is appended.
 
     Raises:
         ValueError: for a missing split folder, images outside class folders, an empty class
-            folder or no class folder at all.
+            folder or no class folder at all, and (naming the file) an image that cannot be
+            decoded: empty, truncated, not an image, a link to nothing, a decompression bomb.
     """
     if channels not in CHANNELS:
         raise ValueError(f"channels={channels!r} must be one of {CHANNELS}")
@@ -237,21 +244,36 @@ def load_image_folder(root: str | os.PathLike, split: str, *, image_size: int,
         raise ValueError(f"image_size={image_size!r} must be a positive integer")
     root = Path(root)
     classes = _listing(root / split)
-    listing = json.dumps([[name, [[f.name, f.stat().st_size] for f in files]]
-                          for name, files in classes])
-    key = hashlib.sha256(f"{split}\n{image_size}\n{channels}\n{listing}".encode()
-                         ).hexdigest()[:16]
-    cache = Path(cache_dir if cache_dir is not None else root) / f"fewshot_cache_{split}_{key}.pt"
-    if cache.exists():
-        state = torch.load(cache, weights_only=True)
-        return LabelledImages(state["images"], state["offsets"], tuple(state["names"]))
-    per_class = [torch.from_numpy(np.stack([_decode_image(f, image_size, channels)
-                                            for f in files])) for _, files in classes]
-    data = LabelledImages.from_lists(per_class, [name for name, _ in classes])
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    atomic_save({"images": data.images, "offsets": data.offsets, "names": list(data.names)},
-                cache)
-    return data
+    files = [(f"{name}/{f.name}", f) for name, class_files in classes for f in class_files]
+    key = content_key(files, "image_folder", split, image_size, channels)
+    counts = [len(class_files) for _, class_files in classes]
+    depth = 3 if channels == "rgb" else 1
+
+    def build() -> dict[str, Any]:
+        per_class = [torch.from_numpy(np.stack([_decode_image(f, image_size, channels)
+                                                for f in class_files]))
+                     for _, class_files in classes]
+        data = LabelledImages.from_lists(per_class, [name for name, _ in classes])
+        return {"images": data.images, "offsets": data.offsets, "names": list(data.names)}
+
+    def check(state: dict[str, Any]) -> str | None:
+        images, offsets = state.get("images"), state.get("offsets")
+        if state.get("names") != [name for name, _ in classes]:
+            return "other classes than the folder"
+        if not isinstance(images, Tensor) or images.dtype != torch.uint8 or tuple(
+                images.shape) != (sum(counts), depth, image_size, image_size):
+            return "images of another shape than the folder's"
+        if not isinstance(offsets, Tensor) or offsets.tolist() != [
+                sum(counts[:i]) for i in range(len(counts) + 1)]:
+            return "class offsets that do not match the folder"
+        return None
+
+    folders, creatable = cache_candidates(root, cache_dir)
+    state, note = load_cached(f"fewshot_cache_{split}_{key}.pt", folders, build, check,
+                              created=creatable)
+    if notes is not None:
+        notes.append(note)
+    return LabelledImages(state["images"], state["offsets"], tuple(state["names"]))
 
 
 # -- episodes ---------------------------------------------------------------------------------

@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 import main
-from metazoo import MetaLearner, atomic_write_text, fp32_precision
+from metazoo import MetaLearner, fp32_precision
 from metazoo.cli import ArgumentParser, UsageError, run_command, user_input
 from metazoo.serialization import load_checked
 from oneshot import OneShotResult, evaluate_oneshot, load_runs
@@ -289,9 +289,9 @@ def main_oneshot(argv: Sequence[str] | None = None) -> OneShotResult:
                "head": loaded.head, "trained_ways": loaded.trained_ways,
                "runs_folder": str(folder), "resize": args.resize, "seed": args.seed,
                "protocol": args.protocol, "image_size": args.image_size}
-    out = loaded.checkpoint.parent / "oneshot.json"
-    atomic_write_text(json.dumps(summary, indent=1, sort_keys=True) + "\n", out)
-    print(f"wrote {out}")
+    with main.run_folder(args) as run_folder:  # locked: not while a run writes the folder
+        run_folder.write_text("oneshot.json", json.dumps(summary, indent=1, sort_keys=True) + "\n")
+    print(f"wrote {run_folder.file('oneshot.json')}")
     return result
 
 

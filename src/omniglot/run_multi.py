@@ -2,10 +2,12 @@
 
 Each run is ``main.py --meta_model M --num_pretrain N --seed S --suffix n<N>_s<S>`` plus the
 shared flags given after ``--``; its stdout/stderr go to ``<log_dir>/<M>/<suffix>.out``. Runs
-whose ``done.json`` exists are skipped; unfinished ones are resumed (``--resume``). While runs
-go, the console shows each run's progress and ETA (read from its ``.out`` file) and each result
-as soon as its run ends; the sweep ends with a table of mean held-out test accuracy per method
-and number of alphabets.
+whose ``done.json`` exists are skipped if their ``args.log`` records the flags of this sweep
+(otherwise the run is reported failed, with one ``error:`` line naming the flags that differ);
+unfinished ones are resumed (``--resume``). While runs go, the console shows each run's
+progress and ETA (read from its ``.out`` file), one ETA for the whole sweep, and each result as
+soon as its run ends; the sweep ends with a table of mean held-out test accuracy per method and
+number of alphabets.
 
 Example::
 
@@ -16,7 +18,9 @@ Example::
 from __future__ import annotations
 
 import argparse
+import heapq
 import json
+import math
 import subprocess
 import sys
 import time
@@ -146,10 +150,36 @@ class _Running:
     shown: StepProgress | None = None  # the one the console shows
 
 
+def _main_argv(run: Run, log_dir: Path, extra: Sequence[str]) -> list[str]:
+    """``main.py``'s flags for ``run``."""
+    return ["--meta_model", run.method, "--num_pretrain", str(run.num_pretrain), "--seed",
+            str(run.seed), "--suffix", run.suffix, "--log_dir", str(log_dir), "--resume", *extra]
+
+
+def finished_run_differences(run: Run, log_dir: Path, extra: Sequence[str]) -> str | None:
+    """Why a finished run's results are not this sweep's (``None`` if they are): the flags in
+    its ``args.log`` that differ from the ones the sweep would run it with, named as
+    ``main.py`` names them."""
+    from flags import RESUME_MAY_CHANGE, flag_differences, parse_args, read_args_log
+    from metazoo.cli import UsageError
+
+    folder = log_dir / run.method / run.suffix
+    try:
+        stored = read_args_log(folder / "args.log")
+    except UsageError as err:
+        return str(err)
+    differences = flag_differences(stored, parse_args(_main_argv(run, log_dir, extra)))
+    if not differences:
+        return None
+    return (f"{folder} is a finished run with other flags than these "
+            f"({'; '.join(differences)}; see its args.log), so its results are not this "
+            "sweep's. Pass the run's flags (only "
+            f"{', '.join('--' + f for f in sorted(RESUME_MAY_CHANGE))} may change), or use "
+            "another --log_dir")
+
+
 def _start(run: Run, log_dir: Path, extra: Sequence[str]) -> _Running:
-    cmd = [sys.executable, str(MAIN), "--meta_model", run.method, "--num_pretrain",
-           str(run.num_pretrain), "--seed", str(run.seed), "--suffix", run.suffix,
-           "--log_dir", str(log_dir), "--resume", *extra]
+    cmd = [sys.executable, str(MAIN), *_main_argv(run, log_dir, extra)]
     (log_dir / run.method).mkdir(parents=True, exist_ok=True)
     out_path = log_dir / run.method / f"{run.suffix}.out"
     with open(out_path, "a") as out:  # appended: a resumed run keeps its earlier output
@@ -190,11 +220,40 @@ def _result(run: Run, log_dir: Path, code: int, seconds: float) -> tuple[float, 
     return json.loads(done.read_text())["test_acc"], f"{format_duration(seconds)}"
 
 
+def sweep_eta(active: Sequence[tuple[float, float | None]], finished: Sequence[float],
+              pending: int, parallel: int) -> float:
+    """Seconds until the whole sweep ends (``nan`` while nothing is known to estimate from).
+
+    Args:
+        active: per running run, (seconds it has run, seconds it still needs from its progress
+            line, or ``None`` before its first one).
+        finished: durations of the runs this sweep ran to the end.
+        pending: runs not started yet.
+        parallel: runs at a time.
+
+    A run's length is estimated as the mean of the finished runs' durations and the running
+    runs' projected lengths; each pending run takes the first free slot.
+    """
+    lengths = [*finished, *(ran + left for ran, left in active if left is not None)]
+    if not lengths:
+        return float("nan")
+    typical = sum(lengths) / len(lengths)
+    slots = [left if left is not None else max(typical - ran, 0.0) for ran, left in active]
+    slots += [0.0] * max(parallel - len(slots), 0)
+    heapq.heapify(slots)
+    for _ in range(pending):
+        heapq.heappush(slots, heapq.heappop(slots) + typical)
+    return max(slots, default=0.0)
+
+
 def sweep(runs: Sequence[Run], log_dir: Path, extra: Sequence[str], parallel: int,
           progress_every: float, poll: float = 0.5) -> dict[Run, float]:
-    """Runs (or resumes) every configuration, ``parallel`` at a time; prints progress and each
-    result as its run ends. Returns each run's test accuracy (nan on failure)."""
+    """Runs (or resumes) every configuration, ``parallel`` at a time; prints progress, the
+    sweep's ETA and each result as its run ends. Returns each run's test accuracy (nan on
+    failure, and for a finished run of other flags)."""
     results: dict[Run, float] = {}
+    durations: list[float] = []
+    last_eta = float("-inf")
 
     def report(run: Run, acc: float, status: str) -> None:
         results[run] = acc
@@ -207,6 +266,11 @@ def sweep(runs: Sequence[Run], log_dir: Path, extra: Sequence[str], parallel: in
             run = pending.popleft()
             done = log_dir / run.method / run.suffix / "done.json"
             if done.exists():
+                problem = finished_run_differences(run, log_dir, extra)
+                if problem is not None:
+                    print(f"{run.name:>16}: error: {problem}", flush=True)
+                    report(run, float("nan"), "failed (a finished run of other flags)")
+                    continue
                 report(run, json.loads(done.read_text())["test_acc"], "skipped (done)")
                 continue
             running = _start(run, log_dir, extra)
@@ -218,9 +282,27 @@ def sweep(runs: Sequence[Run], log_dir: Path, extra: Sequence[str], parallel: in
             _show_output(running, progress_every, final=code is not None)
             if code is not None:
                 active.remove(running)
-                report(running.run, *_result(running.run, log_dir, code,
-                                             time.perf_counter() - running.start))
+                seconds = time.perf_counter() - running.start
+                acc, status = _result(running.run, log_dir, code, seconds)
+                if not math.isnan(acc):
+                    durations.append(seconds)
+                report(running.run, acc, status)
+        now = time.perf_counter()
+        if active and now - last_eta >= max(progress_every, poll):
+            eta = sweep_eta([(now - r.start, _left(r.latest)) for r in active], durations,
+                            len(pending), parallel)
+            if math.isfinite(eta):
+                last_eta = now
+                print(f"{'sweep':>16}: {len(results)}/{len(runs)} runs done, "
+                      f"{len(active)} running, eta {format_duration(eta)}", flush=True)
     return results
+
+
+def _left(progress: StepProgress | None) -> float | None:
+    """Seconds a run still needs by its newest progress line (meta-training only)."""
+    if progress is None:
+        return None
+    return (progress.steps - progress.step) * progress.seconds_per_step
 
 
 def main(argv: Sequence[str] | None = None) -> int:

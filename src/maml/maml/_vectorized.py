@@ -11,22 +11,17 @@ loop's ``conjugate_gradient`` on Hessian-vector products by ``torch.func.vjp``).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.func import vmap
 
 import metazoo
 from maml._learner import score_query, summarize
 from metazoo import EvalResult, MetaStepResult, Task
-
-if TYPE_CHECKING:
-    from maml.imaml import iMAML
-    from maml.maml import MAML
-    from maml.reptile import Reptile
 
 Adapt = Callable[[Task], tuple[metazoo.Params, metazoo.UnrollResult]]
 
@@ -44,7 +39,53 @@ class MetaInputs:
     optimizer: metazoo.InnerOptimizer
 
 
-def _model_params(learner: MAML) -> metazoo.Params:
+# What this module reads of the learners, as protocols: the learner modules import this one,
+# so it names no learner class (no import circle, not even under TYPE_CHECKING).
+
+class _Scored(Protocol):
+    @property
+    def model(self) -> nn.Module: ...
+
+    @property
+    def criterion(self) -> Any: ...
+
+    @property
+    def bn_mode(self) -> Any: ...
+
+    @property
+    def on_nonfinite(self) -> Any: ...
+
+
+class _MAMLLike(_Scored, Protocol):
+    @property
+    def _zero_head(self) -> Callable[[str], bool] | None: ...
+
+    @property
+    def inner_optimizer(self) -> metazoo.InnerOptimizer: ...
+
+    def _task_objective(self, task: Task, meta: MetaInputs | None = None) -> Any: ...
+
+    def _unroll(self, task: Task, steps: int, *, keep_trajectory: bool,
+                meta: MetaInputs | None = None) -> Any: ...
+
+
+class _ReptileLike(_Scored, Protocol):
+    @property
+    def inner_steps(self) -> int: ...
+
+    def named_meta_parameters(self) -> Iterator[tuple[str, nn.Parameter]]: ...
+
+    def _unroll(self, task: Task, steps: int, *, vectorized: bool = False) -> Any: ...
+
+
+class _iMAMLLike(_ReptileLike, Protocol):
+    def meta_parameters(self) -> Iterator[nn.Parameter]: ...
+
+    def _functional_implicit_gradient(self, task: Task, phi: metazoo.Params,
+                                      buffers: metazoo.Buffers) -> Any: ...
+
+
+def _model_params(learner: _MAMLLike) -> metazoo.Params:
     zero_head = learner._zero_head
     return {name: p for name, p in learner.model.named_parameters()
             if zero_head is None or not zero_head(name)}
@@ -56,7 +97,7 @@ def _per_task(losses: Tensor, accuracies: Tensor | None, inner_losses: Tensor,
             for i in indices]
 
 
-def meta_backward(learner: MAML, tasks: Sequence[Task], chunk: int) -> MetaStepResult:
+def meta_backward(learner: _MAMLLike, tasks: Sequence[Task], chunk: int) -> MetaStepResult:
     """``MAML.meta_backward`` with the tasks mapped ``chunk`` at a time (one host transfer for
     the fault check of the whole meta-batch)."""
     start = time.perf_counter()
@@ -97,7 +138,7 @@ def meta_backward(learner: MAML, tasks: Sequence[Task], chunk: int) -> MetaStepR
     return summarize(per_task, len(tasks), len(tasks) - len(kept), start)
 
 
-def maml_adapt(learner: MAML, steps: int) -> Adapt:
+def maml_adapt(learner: _MAMLLike, steps: int) -> Adapt:
     """MAML's adaptation for ``evaluate``: the ``torch.func`` unroll from the meta-parameters."""
     meta = MetaInputs(_model_params(learner), learner.inner_optimizer)
 
@@ -108,7 +149,7 @@ def maml_adapt(learner: MAML, steps: int) -> Adapt:
     return adapt
 
 
-def reptile_meta_backward(learner: Reptile, tasks: Sequence[Task], chunk: int
+def reptile_meta_backward(learner: _ReptileLike, tasks: Sequence[Task], chunk: int
                           ) -> MetaStepResult:
     """``Reptile.meta_backward`` with the tasks mapped ``chunk`` at a time: the mean over the
     finite tasks of ``theta - phi_T`` into ``.grad`` (one host transfer for the fault check)."""
@@ -141,7 +182,7 @@ def reptile_meta_backward(learner: Reptile, tasks: Sequence[Task], chunk: int
     return summarize(per_task, len(tasks), len(tasks) - len(kept), start)
 
 
-def evaluate(learner: MAML | Reptile | iMAML, tasks: Sequence[Task], chunk: int, adapt: Adapt
+def evaluate(learner: _Scored, tasks: Sequence[Task], chunk: int, adapt: Adapt
              ) -> EvalResult:
     """``evaluate`` with the tasks mapped ``chunk`` at a time; ``adapt(task)`` returns the
     adapted parameters (all of the model's) and the unroll's result, inside ``vmap``."""
@@ -167,7 +208,7 @@ def evaluate(learner: MAML | Reptile | iMAML, tasks: Sequence[Task], chunk: int,
                             for loss, acc in zip(*rows, strict=True)))
 
 
-def imaml_meta_backward(learner: iMAML, tasks: Sequence[Task], chunk: int) -> MetaStepResult:
+def imaml_meta_backward(learner: _iMAMLLike, tasks: Sequence[Task], chunk: int) -> MetaStepResult:
     """``iMAML.meta_backward`` with the tasks mapped ``chunk`` at a time: adaptation and the
     implicit gradient of each task inside the map, the mean over the finite tasks into ``.grad``
     (one host transfer for the fault check)."""

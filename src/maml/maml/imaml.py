@@ -329,30 +329,27 @@ class iMAML(ModelLearner):
 
     def meta_backward(self, tasks: Sequence[Task]) -> MetaStepResult:
         """Accumulates the mean implicit meta-gradient over ``tasks`` into ``.grad``."""
-        check_tasks(tasks)
+        tasks = check_tasks(tasks)
         chunk = metazoo.vectorize.resolve_chunk(self.vectorize, len(tasks), self._device())
         if chunk is not None:
             return _vectorized.imaml_meta_backward(self, tasks, chunk)
         start = time.perf_counter()
         collected = TaskGradients(self.meta_parameters(), len(tasks), self.on_nonfinite)
         per_task = []
-        for index, task in enumerate(tasks):
+        for task in tasks:
             task = self._layout(task)
             result, _ = self._unroll(task, self.inner_steps)
-            if not collected.keep(index, result.losses, None):
-                continue
+            # Computed for every task (a non-finite one is masked out of .grad on the device):
+            # one host transfer checks the whole meta-batch.
             grads, loss, acc = self.implicit_gradient(task, result.params, result.buffers)
-            if not collected.keep(index, result.losses, loss):
-                continue
-            for p, g in zip(self.meta_parameters(), grads, strict=True):
-                metazoo.accumulate_grad(p, g / len(tasks))
+            collected.add(result.losses, loss, [g / len(tasks) for g in grads])
             per_task.append((loss, acc, result.losses))
-        collected.finish()
+        per_task = [per_task[i] for i in collected.finish()]
         return summarize(per_task, len(tasks), collected.skipped, start)
 
     def evaluate(self, tasks: Sequence[Task], *, steps: int | None = None) -> EvalResult:
         """Adapts to each task (proximal inner problem) and scores its query set."""
-        check_tasks(tasks)
+        tasks = check_tasks(tasks)
         steps = self.eval_inner_steps if steps is None else check_steps("steps", steps)
         chunk = metazoo.vectorize.resolve_chunk(self.vectorize, len(tasks), self._device())
 

@@ -412,20 +412,23 @@ class MAML(ModelLearner):
 
         Each task's graph is freed by its own backward pass, so memory holds one task at a time.
         """
-        check_tasks(tasks)
+        tasks = check_tasks(tasks)
         chunk = metazoo.vectorize.resolve_chunk(self.vectorize, len(tasks), self._device())
         if chunk is not None:
             return _vectorized.meta_backward(self, tasks, chunk)
         start = time.perf_counter()
-        grads = TaskGradients(self.meta_parameters(), len(tasks), self.on_nonfinite)
+        params = list(self.meta_parameters())
+        grads = TaskGradients(params, len(tasks), self.on_nonfinite)
         per_task = []
-        for index, task in enumerate(tasks):
+        for task in tasks:
             objective, loss, acc, inner_losses = self._task_objective(task)
-            # Checked before backward: a non-finite task never reaches .grad.
-            if grads.keep(index, inner_losses, objective):
-                (objective / len(tasks)).backward()
-                per_task.append((loss.detach(), acc, inner_losses))
-        grads.finish()
+            # The gradient of every task is taken and masked by its finiteness on the device:
+            # a non-finite task never reaches .grad, and one host transfer checks them all.
+            grads.add(inner_losses, objective,
+                      torch.autograd.grad(objective / len(tasks), params, allow_unused=True))
+            per_task.append((loss.detach(), acc, inner_losses))
+        kept = grads.finish()
+        per_task = [per_task[i] for i in kept]
         return summarize(per_task, len(tasks), grads.skipped, start)
 
     def evaluate(self, tasks: Sequence[Task], *, steps: int | None = None) -> EvalResult:
@@ -435,7 +438,7 @@ class MAML(ModelLearner):
             tasks: held-out tasks.
             steps: inner steps (default ``eval_inner_steps``).
         """
-        check_tasks(tasks)
+        tasks = check_tasks(tasks)
         steps = self._steps(steps)
         chunk = metazoo.vectorize.resolve_chunk(self.vectorize, len(tasks), self._device())
         if chunk is not None:

@@ -1,6 +1,7 @@
 """Tests of the command line: options, logging, checkpoints, resume."""
 
 import csv
+import errno
 import json
 import shlex
 
@@ -113,29 +114,33 @@ def test_bad_cli_values_raise(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_a_run_killed_with_sigkill_resumes_to_the_same_log(tmp_path):
-    """A real process is SIGKILLed mid-run (after a checkpoint, with episodes logged past it)
-    and resumed: its per-episode log equals that of an uninterrupted run."""
+def _wait_for_rows(proc, out, rows):
+    import time
+
+    deadline = time.monotonic() + 60
+    # Polls while the run writes: only complete lines count (see run._read_rewards).
+    while len(run._read_rewards(out / "rewards.csv", upto=10**9)) < rows:
+        assert proc.poll() is None, proc.stderr.read().decode()
+        assert time.monotonic() < deadline, "the run logged too slowly"
+        time.sleep(0.005)
+
+
+def _popen(argv):
     import os
-    import signal
     import subprocess
     import sys
-    import time
     from pathlib import Path
 
     script = Path(run.__file__).resolve()
-    args = [*TINY, "--agent", "warp", "--nbiter", "30", "--save_every", "5", "--threads", "1"]
-    killed = tmp_path / "killed"
-    command = [sys.executable, str(script), *args, "--out", str(killed)]
     env = {**os.environ, "PYTHONWARNINGS": "error"}
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    return subprocess.Popen([sys.executable, str(script), *argv], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, env=env)
+
+
+def _sigkill(proc):
+    import signal
+
     try:
-        deadline = time.monotonic() + 60
-        # Polls while the run writes: only complete lines count (see run._read_rewards).
-        while len(run._read_rewards(killed / "rewards.csv", upto=30)) < 12:
-            assert proc.poll() is None, proc.stderr.read().decode()
-            assert time.monotonic() < deadline, "the run logged too slowly"
-            time.sleep(0.005)
         assert proc.poll() is None, "the run finished before it could be killed"
         proc.send_signal(signal.SIGKILL)
         assert proc.wait(timeout=30) == -signal.SIGKILL
@@ -144,15 +149,44 @@ def test_a_run_killed_with_sigkill_resumes_to_the_same_log(tmp_path):
             proc.kill()
             proc.wait()
         proc.stderr.close()
+
+
+def test_a_run_killed_with_sigkill_resumes_to_the_same_log(tmp_path):
+    """A real process is SIGKILLed mid-run (after a checkpoint, with episodes logged past it),
+    then twice inside atomic writes (checkpoint, log rewrite or manifest: after the temporary
+    is complete and before the rename, or before its flush) at seeded random calls, and
+    resumed each time: its per-episode log equals that of an uninterrupted run."""
+    import random
+    import signal
+    import subprocess
+    from pathlib import Path
+
+    from metazoo.testing import kill_at_call_command
+
+    args = [*TINY, "--agent", "warp", "--nbiter", "30", "--save_every", "5", "--threads", "1"]
+    killed = tmp_path / "killed"
+    proc = _popen([*args, "--out", str(killed)])
+    _wait_for_rows(proc, killed, 12)
+    _sigkill(proc)
     logged = read_csv(killed / "rewards.csv")
     checkpoint = torch.load(killed / "checkpoint.pt", weights_only=True)
     assert 12 <= len(logged) < 30 and checkpoint["episode"] % 5 == 0
     assert checkpoint["episode"] <= len(logged)
-    (killed / ".rewards.csv.abc_1234.tmp").write_text("a kill mid-rewrite leaves this")
+    recorded = json.loads((killed / "manifest.json").read_text())["files"]["rewards.csv"]
+    (killed / recorded).write_text("a kill mid-rewrite leaves this")
     (killed / ".my_notes.tmp").write_text("not the run's")
+    (killed / ".rewards.csv.abc_1234.tmp").write_text("named like the run's; the user's")
+    rng = random.Random(27)
+    for function in ("replace", "fsync"):
+        command = kill_at_call_command(Path(run.__file__).resolve(),
+                                       [*args, "--out", str(killed), "--resume"],
+                                       function=function, call=rng.randint(1, 3))
+        done = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              timeout=120)
+        assert done.returncode == -signal.SIGKILL, done.stderr.decode()
     run.main([*args, "--out", str(killed), "--resume"])  # the same argument list
-    assert not (killed / ".rewards.csv.abc_1234.tmp").exists()
-    assert (killed / ".my_notes.tmp").exists()
+    assert not (killed / recorded).exists()
+    assert (killed / ".my_notes.tmp").exists() and (killed / ".rewards.csv.abc_1234.tmp").exists()
     straight = tmp_path / "straight"
     run.main([*args, "--out", str(straight)])
     rows = read_csv(killed / "rewards.csv")
@@ -162,6 +196,46 @@ def test_a_run_killed_with_sigkill_resumes_to_the_same_log(tmp_path):
     b = json.loads((straight / "summary.json").read_text())
     assert (a["last_10pct_reward"], a["meta_updates"]) == (b["last_10pct_reward"],
                                                           b["meta_updates"])
+
+
+def test_a_run_killed_before_its_first_checkpoint_starts_again_on_resume(tmp_path, capsys):
+    """Issue 27, case 2: a folder with rewards.csv and no checkpoint.pt is a run that died
+    early; --resume starts it again (the same options), to the uninterrupted run's log."""
+    options = [*TINY, "--agent", "lstm", "--save_every", "1000", "--threads", "1"]
+    args = [*options, "--nbiter", "400"]
+    killed = tmp_path / "killed"
+    proc = _popen([*args, "--out", str(killed)])
+    _wait_for_rows(proc, killed, 3)
+    _sigkill(proc)
+    assert not (killed / "checkpoint.pt").exists() and (killed / "rewards.csv").exists()
+    short = [*options, "--nbiter", "6"]  # --num_episodes may change
+    def files():  # the run's files (run.lock names the latest holder)
+        return {p.name: p.read_bytes() for p in killed.iterdir() if p.name != "run.lock"}
+
+    before = files()
+    err = _one_line_exit_2([*short, "--hs", "8", "--out", str(killed), "--resume"], capsys)
+    assert "other options (--hidden_size 6 -> 8)" in err
+    assert files() == before
+    run.main([*short, "--out", str(killed), "--resume"])
+    run.main([*short, "--out", str(tmp_path / "straight")])
+    assert read_csv(killed / "rewards.csv") == read_csv(tmp_path / "straight" / "rewards.csv")
+
+
+def test_a_second_process_on_a_live_run_is_refused_naming_the_holder(tmp_path, capsys):
+    """Issue 27, case 1 (maze)."""
+    args = [*TINY, "--agent", "lstm", "--nbiter", "100000", "--threads", "1"]
+    out = tmp_path / "live"
+    proc = _popen([*args, "--out", str(out)])
+    try:
+        _wait_for_rows(proc, out, 2)
+        before = len(read_csv(out / "rewards.csv"))
+        err = _one_line_exit_2([*args, "--nbiter", "3", "--out", str(out), "--resume"], capsys)
+        assert f"pid {proc.pid})" in err and "in use by another live process (host " in err
+        _wait_for_rows(proc, out, before + 2)  # the first run goes on
+    finally:
+        _sigkill(proc)
+    episodes = [int(r["episode"]) for r in read_csv(out / "rewards.csv")]
+    assert episodes == list(range(len(episodes)))
 
 
 class _Payload:
@@ -196,15 +270,17 @@ def test_a_failed_checkpoint_write_keeps_the_previous_checkpoint(tmp_path, monke
 
     def failing_save(obj, f, *args, **kwargs):
         real_save(obj, f, *args, **kwargs)  # the bytes are written, then the "disk" fails
-        raise OSError("No space left on device")
+        raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(torch, "save", failing_save)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(UsageError, match="the disk is full. Nothing that was written before is "
+                                         r"lost .* --resume"):  # one line from run_command
         run.main([*TINY, "--agent", "lstm", "--nbiter", "4", "--out", str(out), "--resume"])
     monkeypatch.undo()
     assert (out / "checkpoint.pt").read_bytes() == before
     # No temporary file is left behind.
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "rewards.csv",
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "flags.json",
+                                                     "manifest.json", "rewards.csv", "run.lock",
                                                      "summary.json"]
     resumed = run.main([*TINY, "--agent", "lstm", "--nbiter", "4", "--out", str(out),
                         "--resume"])
@@ -256,6 +332,11 @@ def test_resume_without_a_checkpoint_refuses_and_keeps_the_log(tmp_path, capsys)
     (["--gr", "1.5"], "--discount (--gr) 1.5: must lie in [0, 1]"),
     (["--learning_rate", "nan"], "--learning_rate nan: must be > 0"),
     (["--meta_learning_rate", "inf"], "--meta_learning_rate inf: must be > 0"),
+    # Issue 28 item 7: a raw multinomial error, a raw overflow, or exit 0 at reward 0.
+    (["--learning_rate", "1e30"], "--learning_rate 1e+30: must be <= 1: Adam moves every "
+                                  "parameter by about this much per step"),
+    (["--meta_learning_rate", "1e38"], "--meta_learning_rate 1e+38: must be <= 1"),
+    (["--meta_learning_rate", "1e30"], "--meta_learning_rate 1e+30: must be <= 1"),
     (["--bent", "nan"], "--concentration (--bent) nan: must be >= 0"),
     (["--rew", "inf"], "--reward (--rew) inf: must be a finite number"),
     (["--nbiter", "-1"], "--num_episodes (--nbiter) -1: must be a non-negative integer"),
@@ -279,7 +360,7 @@ def test_an_existing_run_folder_is_one_line(tmp_path, capsys):
     assert "already holds a run" in err and "--resume" in err
     err = _one_line_exit_2([*TINY, "--agent", "warp", "--nbiter", "2", "--out", str(out),
                             "--resume"], capsys)
-    assert "different config" in err and "'agent': ('lstm', 'warp')" in err
+    assert "other flags" in err and "--agent 'lstm' -> 'warp'" in err
 
 
 def test_a_bit_flipped_checkpoint_is_refused(tmp_path, capsys):
@@ -319,3 +400,20 @@ def test_the_command_exits_2_with_one_line(tmp_path):
                            str(tmp_path / "r")], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr == "error: --hidden_size (--hs) 0: must be a positive integer\n"
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_a_reward_that_would_overflow_the_loss_is_one_line_naming_it(tmp_path, capsys, dtype):
+    """Issue 28 item 7: --reward 1e38 ended in 'probability tensor contains either inf, nan or
+    element < 0' from the rollout (at the first rewarded episode), again on every resume."""
+    tiny = [w if w != "float64" else dtype for w in TINY]
+    reward = "1e38" if dtype == "float32" else "1e300"
+    err = _one_line_exit_2([*tiny, "--rew", reward, "--out", str(tmp_path / "r")], capsys)
+    assert f"--reward (--rew) {float(reward):g}: must be small enough for {dtype}" in err
+    assert "lower it (default 10)" in err and not (tmp_path / "r").exists()
+    err = _one_line_exit_2([*tiny, "--wp", reward, "--out", str(tmp_path / "r")], capsys)
+    assert f"--wall_penalty (--wp) {float(reward):g}: must be small enough" in err
+    if dtype == "float32":  # float64 holds these returns: the same reward runs
+        summary = run.main([*TINY, "--rew", reward, "--nbiter", "2", "--out",
+                            str(tmp_path / "f64")])
+        assert summary["episodes"] == 2

@@ -5,11 +5,12 @@ Pure functional models (``forward``, ``params_of``), differentiable inner optimi
 ``MetaLearner`` interface every algorithm implements.
 """
 
-from metazoo import cli, distributed, registry, vectorize
+from metazoo import batchnorm, cli, distributed, registry, runs, vectorize
 from metazoo.devices import DeviceMixError, strict_devices
 from metazoo.faults import (
     CheckedCriterion,
     NonFiniteError,
+    TaskFaults,
     all_finite,
     check_on_nonfinite,
     checked_step,
@@ -20,6 +21,7 @@ from metazoo.functional import (
     Buffers,
     Params,
     check_params,
+    closed_form_batch_norm,
     forward,
     initial_buffers,
     make_loss_fn,
@@ -58,6 +60,7 @@ from metazoo.precision import (
     set_fp32_precision,
 )
 from metazoo.registry import available_learners, build_learner
+from metazoo.runs import RunFolder, RunFolderError, RunLockedError
 from metazoo.serialization import atomic_save, atomic_write_text
 from metazoo.unroll import DEFAULT_SEGMENT, LossFn, UnrollResult, clip_grad_norm, unroll
 
@@ -85,7 +88,11 @@ __all__ = [
     "OptState",
     "Params",
     "RMSprop",
+    "RunFolder",
+    "RunFolderError",
+    "RunLockedError",
     "Task",
+    "TaskFaults",
     "UnrollResult",
     "accumulate_grad",
     "accuracy",
@@ -93,6 +100,7 @@ __all__ = [
     "atomic_save",
     "atomic_write_text",
     "available_learners",
+    "batchnorm",
     "build_learner",
     "build_meta_optimizer",
     "check_channels_last",
@@ -104,6 +112,7 @@ __all__ = [
     "checked_step",
     "cli",
     "clip_grad_norm",
+    "closed_form_batch_norm",
     "distributed",
     "forward",
     "fp32_precision",
@@ -114,6 +123,7 @@ __all__ = [
     "params_of",
     "params_to_channels_last",
     "registry",
+    "runs",
     "safe_sqrt",
     "set_fp32_precision",
     "split_params",

@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import argparse
 import copy
+import re
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, NoReturn
 
+from metazoo.distributed import PeerLostError
 from metazoo.faults import NonFiniteError
 
 __all__ = ["ArgumentParser", "HelpFormatter", "UsageError", "fail_usage", "run_command",
@@ -57,12 +59,18 @@ def run_command(main: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
 
     ``NonFiniteError`` is reported the same way: it names the meta-step, the task and the fix
     (lower the learning rates, or skip such tasks), and a traceback would add nothing to that.
-    Every other exception propagates with its traceback.
+    ``distributed.PeerLostError`` (another process of a torchrun run died) is one line with exit
+    code 1: the cause and its traceback are in that other process's log. Every other exception
+    propagates with its traceback.
     """
     try:
         return main(*args, **kwargs)
     except (UsageError, NonFiniteError) as err:
         fail_usage(str(err))
+    except PeerLostError as err:
+        # Another rank's failure, not this process's: its log has the traceback that matters.
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        sys.exit(1)
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -83,6 +91,10 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+_NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-(inf|infinity|nan)$",
+                              re.IGNORECASE)
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse's parser with one-line errors and every default in ``-h``.
 
@@ -94,6 +106,10 @@ class ArgumentParser(argparse.ArgumentParser):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(*args, **kwargs)
+        # argparse takes "-inf", "-1e-3" and "-nan" for flag names (its pattern only knows
+        # "-1" and "-.5"), so "--lr -inf" failed with "expected one argument" instead of
+        # reaching the check that names the value and the fix.
+        self._negative_number_matcher = _NEGATIVE_NUMBER
 
     def error(self, message: str) -> NoReturn:
         fail_usage(f"{message} ({self.prog} -h lists every flag)")

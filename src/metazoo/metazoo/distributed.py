@@ -43,8 +43,9 @@ import hashlib
 import math
 import os
 import random
+import re
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -61,6 +62,7 @@ from metazoo.serialization import atomic_save
 __all__ = [
     "DEFAULT_TIMEOUT",
     "DistributedContext",
+    "PeerLostError",
     "all_reduce_meta_gradients",
     "barrier",
     "broadcast_learner",
@@ -324,6 +326,11 @@ def shard(tasks: Sequence[T], *, rank: int | None = None, world_size: int | None
     """
     if isinstance(tasks, Task):
         raise ValueError("shard expects the meta-batch (a sequence of tasks), got a single Task")
+    if not isinstance(tasks, Sequence):
+        if not isinstance(tasks, Iterable):
+            raise ValueError(f"shard expects the meta-batch (a sequence of tasks), got "
+                             f"{type(tasks).__name__}")
+        tasks = list(tasks)  # a generator: read once (every rank reads the whole meta-batch)
     return [tasks[i] for i in shard_range(len(tasks), rank=rank, world_size=world_size)]
 
 
@@ -386,8 +393,17 @@ def _reduce_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32) if dtype.is_floating_point else dtype
 
 
+@dataclass(frozen=True)
+class _Reduced:
+    """What one gradient all-reduce learnt about the meta-batch besides the gradients."""
+
+    kept: int  # tasks over all ranks that contributed to the gradient
+    skipped: int  # tasks over all ranks left out for a non-finite loss
+    tasks_per_rank: tuple[int, ...]  # every rank's share of the meta-batch, in rank order
+
+
 def all_reduce_meta_gradients(learner: MetaLearner, *, num_tasks: int, fault: bool = False,
-                              group: Group = None) -> int:
+                              skipped_tasks: int = 0, group: Group = None) -> int:
     """Replaces each meta-parameter's ``.grad`` by the mean over every rank's tasks.
 
     Each rank's ``.grad`` must hold the mean over its ``num_tasks`` tasks (what
@@ -396,14 +412,18 @@ def all_reduce_meta_gradients(learner: MetaLearner, *, num_tasks: int, fault: bo
 
     Args:
         learner: the learner after ``meta_backward``.
-        num_tasks: tasks this rank adapted (>= 0).
+        num_tasks: tasks of this rank that contributed to its ``.grad`` (>= 0).
         fault: this rank stopped on a non-finite loss before its gradients were complete; it
             joins the collective its peers wait in, and every rank raises instead of waiting
             for the process group's timeout.
+        skipped_tasks: tasks of this rank left out for a non-finite loss
+            (``on_nonfinite="skip"``). When every task of every rank was skipped, the
+            gradients stay ``None`` (as in one process: the meta-step changes nothing)
+            instead of raising.
         group: process group (default: the world).
 
     Returns:
-        The number of tasks over all ranks.
+        The number of tasks over all ranks that contributed to the gradient.
 
     Raises:
         RuntimeError: no rank had a task.
@@ -411,51 +431,82 @@ def all_reduce_meta_gradients(learner: MetaLearner, *, num_tasks: int, fault: bo
             rank's meta-gradients are cleared.
     """
     _check_count("num_tasks", num_tasks, 0)
+    _check_count("skipped_tasks", skipped_tasks, 0)
+    return _all_reduce(learner, kept=num_tasks, skipped=skipped_tasks, fault=fault,
+                       group=group).kept
+
+
+def _all_reduce(learner: MetaLearner, *, kept: int, skipped: int, fault: bool,
+                group: Group, share: int | None = None) -> _Reduced:
+    """The all-reduce; ``share`` is this rank's number of tasks (default ``kept + skipped``)."""
+    share = kept + skipped if share is None else share
     if _world_size(group) == 1:
-        return num_tasks
+        return _Reduced(kept, skipped, (share,))
+    size, me = _world_size(group), _rank(group)
     params = _unique(learner.named_meta_parameters())
-    total = 0
+    reduced = None
     for (device, dtype), members in _by_kind(params).items():
         for name, p in members:
             if p.grad is not None and (p.grad.is_sparse or p.grad.layout != torch.strided):
                 raise RuntimeError(f"meta-parameter {name!r} has a {p.grad.layout} gradient; "
                                    f"only dense gradients can be all-reduced")
         reduce_dtype = _reduce_dtype(dtype)
-        header_size = 2 + len(members)
+        # [kept, skipped, fault, tasks of rank 0 .. W-1, has-grad flag per tensor,
+        #  kept * gradients]: counts and flags travel in the same collective as the gradients,
+        # so uneven, empty and fully skipped shards and faults cost nothing extra, and every
+        # rank learns the others' shard sizes (to name a task by its index in the meta-batch).
+        header_size = 3 + size + len(members)
         sizes = [p.numel() for _, p in members]
         buffer = torch.zeros(header_size + sum(sizes), dtype=reduce_dtype, device=device)
-        # [count, faults, has-grad flag per tensor, count * gradients]: counts and flags travel
-        # in the same collective as the gradients, so uneven and empty shards and faults cost
-        # nothing extra.
-        header = [float(num_tasks), float(fault)] + [float(p.grad is not None)
-                                                      for _, p in members]
+        shares = [0.0] * size
+        shares[me] = float(share)
+        header = [float(kept), float(skipped), float(fault), *shares] + [
+            float(p.grad is not None and kept > 0) for _, p in members]
         buffer[:header_size].copy_(torch.tensor(header, dtype=reduce_dtype))
         slices = list(torch.split(buffer[header_size:], sizes))
-        for (_, p), chunk in zip(members, slices):
-            if p.grad is not None:
-                chunk.copy_(p.grad.reshape(-1))
-        if num_tasks != 1:
-            buffer[header_size:].mul_(num_tasks)
+        if kept > 0:
+            for (_, p), chunk in zip(members, slices):
+                if p.grad is not None:
+                    chunk.copy_(p.grad.reshape(-1))
+            if kept != 1:
+                buffer[header_size:].mul_(kept)
         dist.all_reduce(buffer, op=dist.ReduceOp.SUM, group=group)
         counts = buffer[:header_size].tolist()
-        if counts[1] > 0:
+        reduced = _Reduced(round(counts[0]), round(counts[1]),
+                           tuple(round(c) for c in counts[3:3 + size]))
+        if counts[2] > 0:
             for _, p in params:
                 p.grad = None
-            raise NonFiniteError(task=None, inner_step=None, where="other_rank")
-        total = round(counts[0])
-        if total == 0:
-            raise RuntimeError("no rank had a task in this meta-step; give the meta-batch at "
-                               "least one task")
-        buffer[header_size:].div_(total)
-        for (_, p), chunk, flag in zip(members, slices, counts[2:]):
+            raise _FaultElsewhere(reduced)
+        if reduced.kept == 0:
+            for _, p in params:
+                p.grad = None
+            if reduced.skipped == 0:
+                raise RuntimeError("no rank had a task in this meta-step; give the meta-batch "
+                                   "at least one task")
+            continue  # every task was skipped: no meta-gradient, as in one process
+        buffer[header_size:].div_(reduced.kept)
+        for (_, p), chunk, flag in zip(members, slices, counts[3 + size:]):
             if flag == 0:
-                continue  # no rank produced a gradient: stays None, as in one process
+                p.grad = None  # no rank produced a gradient: stays None, as in one process
+                continue
             grad = chunk.view(p.shape)
             if p.grad is None:
                 p.grad = grad.to(p.dtype, copy=True) if grad.dtype != p.dtype else grad
             else:
                 p.grad.copy_(grad)
-    return total
+    return reduced if reduced is not None else _Reduced(kept, skipped, ())
+
+
+class _FaultElsewhere(NonFiniteError):
+    """``NonFiniteError(where="other_rank")`` that also carries the collective's counts."""
+
+    def __init__(self, reduced: _Reduced) -> None:
+        super().__init__(task=None, inner_step=None, where="other_rank")
+        self.reduced = reduced
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return NonFiniteError(task=None, inner_step=None, where="other_rank").__reduce__()
 
 
 def gradient_hook(*, group: Group = None) -> Callable[[MetaLearner, MetaStepResult], None]:
@@ -474,7 +525,7 @@ def gradient_hook(*, group: Group = None) -> Callable[[MetaLearner, MetaStepResu
 
     def hook(learner: MetaLearner, result: MetaStepResult) -> None:
         all_reduce_meta_gradients(learner, num_tasks=result.num_tasks - result.skipped_tasks,
-                                  group=group)
+                                  skipped_tasks=result.skipped_tasks, group=group)
 
     return hook
 
@@ -498,6 +549,13 @@ def meta_step(learner: MetaLearner, tasks: Sequence[Task], *,
     and steps without a ``meta_backward``), so every rank applies the gradient of the mean
     objective over all tasks. Without a process group it is ``learner.meta_step(tasks)``.
 
+    With ``on_nonfinite="skip"`` the step equals the single-process step on the whole
+    meta-batch: the mean is over the tasks kept on every rank, ``skipped_tasks`` counts the
+    skipped tasks of every rank, and a rank whose every task is skipped still takes part. With
+    ``on_nonfinite="raise"`` the rank that met the fault raises ``NonFiniteError`` naming the
+    task by its index in the whole meta-batch (ranks' shares in rank order, as ``shard``
+    splits it) and every other rank raises ``where="other_rank"`` at once.
+
     Args:
         learner: any ``MetaLearner``, built identically on every rank.
         tasks: this rank's tasks (see ``shard``); may be empty when other ranks have tasks.
@@ -506,41 +564,112 @@ def meta_step(learner: MetaLearner, tasks: Sequence[Task], *,
     Returns:
         The step's results over the whole meta-batch (the same on every rank) and this rank's
         wall-clock time.
+
+    Raises:
+        NonFiniteError: as above, or a non-finite meta-gradient or meta-update (every rank).
+        RuntimeError: another rank died during the step (its log has the cause).
     """
-    if isinstance(tasks, Task):
-        raise ValueError("meta_step expects a sequence of tasks, got a single Task; pass [task]")
+    tasks = _task_list(tasks, "meta_step")
     start = time.perf_counter()
     if _world_size(group) == 1:
         return learner.meta_step(tasks)
-    # A rank with no task still zeroes, joins the all-reduce and steps (num_tasks=0).
-    all_reduce = gradient_hook(group=group)
     joined = False
 
     def hook(learner: MetaLearner, result: MetaStepResult) -> None:
+        # A rank with no task still zeroes, joins the all-reduce and steps (num_tasks=0).
         nonlocal joined
         joined = True
-        all_reduce(learner, result)
+        _all_reduce(learner, kept=result.num_tasks - result.skipped_tasks,
+                    skipped=result.skipped_tasks, fault=False, group=group)
 
-    try:
-        stepped = learner.meta_step(tasks, grad_hook=hook)
-    except NonFiniteError:
-        if not joined:
+    with _peer_loss_explained("meta-step"):
+        try:
+            stepped = learner.meta_step(tasks, grad_hook=hook)
+        except _FaultElsewhere as elsewhere:
+            raise NonFiniteError(task=None, inner_step=None, where="other_rank") from elsewhere
+        except NonFiniteError as error:
+            if joined:
+                raise
             # This rank stopped on a non-finite loss (on_nonfinite="raise") while its peers
             # wait in the gradient all-reduce: join it with the fault flagged, so that every
-            # rank raises now instead of waiting for the process group's timeout.
-            with contextlib.suppress(NonFiniteError):
-                all_reduce_meta_gradients(learner, num_tasks=0, fault=True, group=group)
-        raise
-    local = stepped if tasks else None
-    parts = [p for p in _gather(None if local is None else (
-        local.num_tasks, local.meta_loss, local.inner_loss, local.accuracy,
-        tuple(local.inner_losses)), group) if p is not None]
-    counts = [(p[0], (p[1], p[2], *p[4])) for p in parts]
-    values = _weighted(counts)
-    accuracy = (None if any(p[3] is None for p in parts)
-                else _weighted([(p[0], (p[3],)) for p in parts])[0])
-    return MetaStepResult(values[0], values[1], accuracy, tuple(values[2:]),
-                          sum(p[0] for p in parts), time.perf_counter() - start)
+            # rank raises now instead of waiting for the process group's timeout. The
+            # collective also tells the shares of the other ranks: name the task by its index
+            # in the whole meta-batch, not in this rank's share.
+            offsets: tuple[int, ...] = ()
+            try:
+                _all_reduce(learner, kept=0, skipped=0, fault=True, group=group,
+                            share=len(tasks))
+            except _FaultElsewhere as elsewhere:
+                offsets = elsewhere.reduced.tasks_per_rank[:_rank(group)]
+            if error.task is None:
+                raise
+            raise NonFiniteError(task=sum(offsets) + error.task, inner_step=error.inner_step,
+                                 where=error.where, meta_step=error.meta_step,
+                                 names=error.names, then=error.then) from None
+        parts = _gather((stepped.num_tasks, stepped.skipped_tasks, stepped.meta_loss,
+                         stepped.inner_loss, stepped.accuracy, tuple(stepped.inner_losses)),
+                        group)
+    num_tasks = sum(p[0] for p in parts)
+    skipped = sum(p[1] for p in parts)
+    # Each rank's losses are means over its kept tasks: weight them by that count, and leave
+    # out ranks that kept none (their losses are NaN, their curves empty).
+    kept = [(p[0] - p[1], p) for p in parts if p[0] - p[1] > 0]
+    if not kept:
+        nan = float("nan")
+        return MetaStepResult(nan, nan, None, (), num_tasks, time.perf_counter() - start,
+                              skipped)
+    values = _weighted([(n, (p[2], p[3], *p[5])) for n, p in kept])
+    accuracy = (None if any(p[4] is None for _, p in kept)
+                else _weighted([(n, (p[4],)) for n, p in kept])[0])
+    return MetaStepResult(values[0], values[1], accuracy, tuple(values[2:]), num_tasks,
+                          time.perf_counter() - start, skipped)
+
+
+def _task_list(tasks: Any, function: str) -> list[Task]:
+    """``tasks`` as a list (a generator is read once); a single ``Task`` is refused."""
+    if isinstance(tasks, Task):
+        raise ValueError(f"{function} expects a sequence of tasks, got a single Task; pass "
+                         f"[task]")
+    if isinstance(tasks, (str, bytes)) or not isinstance(tasks, Iterable):
+        raise ValueError(f"{function} expects a sequence of tasks, got "
+                         f"{type(tasks).__name__}")
+    return list(tasks)
+
+
+class PeerLostError(RuntimeError):
+    """Another process of the distributed run exited while this one waited in a collective.
+
+    Not a bug of this process: its message (one line) says so and where to look for the cause;
+    the backend's own error is chained as ``__cause__``.
+    """
+
+
+#: Fragments of the errors gloo and NCCL raise when a peer's connection drops (it exited).
+_PEER_LOST = ("connection reset by peer", "connection closed by peer", "broken pipe",
+              "socket closed", "connection refused", "remote process exited",
+              "nccl communicator was aborted")
+
+
+@contextlib.contextmanager
+def _peer_loss_explained(during: str) -> Iterator[None]:
+    """Turns the backend's raw 'Connection reset by peer' into what happened and what to do."""
+    try:
+        yield
+    except RuntimeError as error:  # gloo raises RuntimeError, NCCL DistBackendError (a subclass)
+        if isinstance(error, NonFiniteError):
+            raise
+        text = str(error)
+        if not any(fragment in text.lower() for fragment in _PEER_LOST):
+            raise
+        # gloo's "[.../pair.cc:561] Connection closed by peer [127.0.0.1]:41152. This is ...":
+        # the first sentence without the source location.
+        first = re.sub(r"^\[[^\]]*\]\s*", "", text.strip().splitlines()[0] if text.strip()
+                       else type(error).__name__).split(". ")[0]
+        raise PeerLostError(
+            f"rank {_rank()}: another process of the distributed run exited during the "
+            f"{during} (the collective lost its connection: {first[:200]}); its own log or "
+            f"torchrun's summary names the first error. Fix that and resume from the last "
+            f"checkpoint") from error
 
 
 def evaluate(learner: MetaLearner, tasks: Sequence[Task], *, steps: int | None = None,
@@ -557,12 +686,12 @@ def evaluate(learner: MetaLearner, tasks: Sequence[Task], *, steps: int | None =
         The evaluation over every rank's tasks, ``per_task`` in rank order (with ``shard``, the
         order of the meta-batch); the same on every rank.
     """
-    if isinstance(tasks, Task):
-        raise ValueError("evaluate expects a sequence of tasks, got a single Task; pass [task]")
+    tasks = _task_list(tasks, "evaluate")
     if _world_size(group) == 1:
         return learner.evaluate(tasks, steps=steps)
-    local = learner.evaluate(tasks, steps=steps) if tasks else None
-    parts = [p for p in _gather(local, group) if p is not None]
+    with _peer_loss_explained("evaluation"):
+        local = learner.evaluate(tasks, steps=steps) if tasks else None
+        parts = [p for p in _gather(local, group) if p is not None]
     if not parts:
         raise RuntimeError("no rank had a task to evaluate; give at least one task")
     values = _weighted([(p.num_tasks, (p.loss, *p.inner_losses)) for p in parts])

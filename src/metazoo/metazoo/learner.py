@@ -274,18 +274,23 @@ def check_task(task: Any, argument: str = "task") -> Task:
 
 
 def check_tasks(tasks: Any, *, allow_empty: bool = False) -> Sequence[Task]:
-    """Checks a meta-batch: a non-empty list (or tuple) of ``metazoo.Task``.
+    """Checks a meta-batch: a non-empty sequence or iterable of ``metazoo.Task``.
 
     Raises:
         TypeError: an element is not a ``metazoo.Task`` (e.g. a ``(support, query)`` tuple), or
-            ``tasks`` is not a sequence (a generator: pass ``list(tasks)``).
+            ``tasks`` is not iterable.
+
+    Returns:
+        The tasks as a sequence: a generator or other iterable is read once into a list.
         ValueError: a single ``Task`` instead of a list, or no task at all.
     """
     if isinstance(tasks, Task):
         raise ValueError("expected a sequence of tasks, got a single Task; pass [task]")
     if not isinstance(tasks, Sequence):
-        raise TypeError(f"tasks must be a list of metazoo.Task, got {type(tasks).__name__}; "
-                        f"pass list(tasks)")
+        if not isinstance(tasks, Iterable):
+            raise TypeError(f"tasks must be a list of metazoo.Task, got "
+                            f"{type(tasks).__name__}; pass [task, ...]")
+        tasks = list(tasks)  # a generator or other iterable: read it once
     if not tasks and not allow_empty:
         raise ValueError("expected at least one task")
     for index, task in enumerate(tasks):
@@ -333,7 +338,8 @@ class MetaLearner(ABC):
         """One meta-update over ``tasks``.
 
         Args:
-            tasks: the meta-batch. It may be empty only with a ``grad_hook`` (a process whose
+            tasks: the meta-batch (a sequence, or any iterable such as a generator, which is
+                read once). It may be empty only with a ``grad_hook`` (a process whose
                 share of a distributed meta-batch is empty still joins the all-reduce); the
                 result then has ``num_tasks=0`` and NaN losses.
             grad_hook: optional ``grad_hook(learner, result)`` run after ``meta_backward`` and
@@ -349,9 +355,12 @@ class MetaLearner(ABC):
                 all of them (``metazoo.checked_step``); on failure the meta-parameters and the
                 optimizer state are restored to their values before the step.
         """
+        if isinstance(tasks, Task):
+            raise ValueError("meta_step expects a sequence of tasks, got a single Task; pass "
+                             "[task]")
+        tasks = check_tasks(tasks, allow_empty=True)  # a generator is read once
         if not tasks and grad_hook is None:
             raise ValueError("meta_step needs at least one task")
-        check_tasks(tasks, allow_empty=True)
         start = time.perf_counter()
         self.meta_optimizer.zero_grad(set_to_none=True)
         nan = float("nan")

@@ -43,13 +43,21 @@ def safe_sqrt(x: Tensor) -> Tensor:
     return torch.where(positive, torch.sqrt(torch.where(positive, x, torch.ones_like(x))), 0.0)
 
 
+# Adam and RMSprop divide by sqrt(second moment) + eps, and the second moment of a parameter
+# whose gradients were all exactly zero is zero: eps=0 makes its step 0/0 = NaN.
+_EPS_WHY = ("; eps must be > 0 because the step divides by sqrt(second moment) + eps, which "
+            "is 0 where every gradient so far was exactly zero (0/0 = NaN); the usual value is "
+            "1e-8")
+
+
 def _is_zero(value: Hyperparameter) -> bool:
     """True only for hyperparameters given as the plain number 0 (a tensor is never 'off')."""
     return isinstance(value, (int, float)) and value == 0
 
 
 def _validate_number(name: str, value: Hyperparameter, low: float, high: float = math.inf,
-                     *, high_inclusive: bool = True) -> None:
+                     *, high_inclusive: bool = True, low_inclusive: bool = True,
+                     why: str = "") -> None:
     """Checks every number inside a hyperparameter (tensors once, at construction)."""
     leaves = pytree.tree_leaves(value)
     if not leaves:
@@ -67,9 +75,10 @@ def _validate_number(name: str, value: Hyperparameter, low: float, high: float =
                 f"per-step list of those; got {type(leaf).__name__}"
             )
         too_high = hi > high if high_inclusive else hi >= high
-        if not lo >= low or too_high:
-            bound = "]" if high_inclusive else ")"
-            raise ValueError(f"{name}={leaf!r} is outside [{low}, {high}{bound}")
+        too_low = not lo >= low if low_inclusive else not lo > low
+        if too_low or too_high:
+            bounds = f"{'[' if low_inclusive else '('}{low}, {high}{']' if high_inclusive else ')'}"
+            raise ValueError(f"{name}={leaf!r} is outside {bounds}{why}")
 
 
 class InnerOptimizer(ABC):
@@ -149,6 +158,18 @@ class InnerOptimizer(ABC):
         return f"{type(self).__name__}({args})"
 
 
+_LARGEST: dict[torch.dtype, float] = {}
+
+
+def _largest(t: Tensor) -> float:
+    """The largest finite value of ``t``'s dtype (cached: ``torch.finfo`` costs a microsecond)."""
+    largest = _LARGEST.get(t.dtype)
+    if largest is None:
+        largest = _LARGEST[t.dtype] = (float(torch.finfo(t.dtype).max)
+                                       if t.dtype.is_floating_point else math.inf)
+    return largest
+
+
 def _zeros_like(params: Params) -> Params:
     return {name: torch.zeros_like(p) for name, p in params.items()}
 
@@ -197,8 +218,10 @@ class SGD(InnerOptimizer):
                 d = d + momentum * buf if self.nesterov else buf
             lr = self._get("lr", name, k)
             # A float rate fuses the scale into the subtraction (one autograd node instead of
-            # two; the same arithmetic as torch.optim.SGD's ``add_(d, alpha=-lr)``).
-            new_params[name] = (p - lr * d if isinstance(lr, Tensor)
+            # two; the same arithmetic as torch.optim.SGD's ``add_(d, alpha=-lr)``). A rate the
+            # parameters' dtype cannot hold (1e300 for float32) makes torch refuse ``alpha``
+            # outright; unfused it overflows to inf, which the task's fault check names.
+            new_params[name] = (p - lr * d if isinstance(lr, Tensor) or abs(lr) > _largest(p)
                                 else torch.add(p, d, alpha=-lr))
         new_state: OptState = {"step": k + 1}
         if "momentum_buffer" in state:
@@ -219,7 +242,7 @@ class Adam(InnerOptimizer):
         _validate_number("lr", lr, 0.0)
         _validate_number("betas[0]", betas[0], 0.0, 1.0, high_inclusive=False)
         _validate_number("betas[1]", betas[1], 0.0, 1.0, high_inclusive=False)
-        _validate_number("eps", eps, 0.0)
+        _validate_number("eps", eps, 0.0, low_inclusive=False, why=_EPS_WHY)
         _validate_number("weight_decay", weight_decay, 0.0)
         super().__init__(lr=lr, beta1=betas[0], beta2=betas[1], eps=eps,
                          weight_decay=weight_decay)
@@ -267,7 +290,7 @@ class RMSprop(InnerOptimizer):
                  momentum: Hyperparameter = 0.0, centered: bool = False) -> None:
         _validate_number("lr", lr, 0.0)
         _validate_number("alpha", alpha, 0.0, 1.0)
-        _validate_number("eps", eps, 0.0)
+        _validate_number("eps", eps, 0.0, low_inclusive=False, why=_EPS_WHY)
         _validate_number("weight_decay", weight_decay, 0.0)
         _validate_number("momentum", momentum, 0.0)
         super().__init__(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay,

@@ -18,11 +18,18 @@ CHECKSUM_KEY = "sha256"
 
 
 def _atomic_write(write: Callable[[IO[bytes]], object], path: str | os.PathLike[str],
-                  durable: bool) -> None:
+                  durable: bool, temporary: str | os.PathLike[str] | None = None) -> None:
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.",
-                                         suffix=".tmp")
+    if temporary is None:
+        handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.",
+                                             suffix=".tmp")
+    else:  # a name the caller chose (and recorded) beforehand, in the same folder
+        if Path(temporary).parent.resolve() != target.parent.resolve():
+            raise ValueError(f"temporary {os.fspath(temporary)} must be in the folder of "
+                             f"{os.fspath(path)}: os.replace is atomic within one file system")
+        handle = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW,
+                         0o600)
     try:
         with os.fdopen(handle, "wb") as file:
             write(file)
@@ -36,7 +43,8 @@ def _atomic_write(write: Callable[[IO[bytes]], object], path: str | os.PathLike[
         raise
 
 
-def atomic_save(obj: Any, path: str | os.PathLike[str], *, durable: bool = True) -> None:
+def atomic_save(obj: Any, path: str | os.PathLike[str], *, durable: bool = True,
+                temporary: str | os.PathLike[str] | None = None) -> None:
     """``torch.save`` to a temporary file in the same folder, then ``os.replace`` onto ``path``.
 
     A crash or an exception mid-write leaves the previous file at ``path`` intact and no
@@ -48,17 +56,23 @@ def atomic_save(obj: Any, path: str | os.PathLike[str], *, durable: bool = True)
         path: the destination; its folder is created if needed.
         durable: ``fsync`` before the rename, so the file survives a power loss too. Scratch
             files that die with the process (replay buffers) can skip the cost.
+        temporary: the temporary file's path (in ``path``'s folder). By default a fresh,
+            randomly named ``.<name>.<random>.tmp``; ``metazoo.runs.RunFolder`` passes a name
+            it recorded in its manifest first, so that what a killed write leaves behind is
+            known to be the run's.
     """
-    _atomic_write(lambda file: torch.save(obj, file), path, durable)
+    _atomic_write(lambda file: torch.save(obj, file), path, durable, temporary)
 
 
-def atomic_write_text(text: str, path: str | os.PathLike[str], *, durable: bool = True) -> None:
+def atomic_write_text(text: str, path: str | os.PathLike[str], *, durable: bool = True,
+                      temporary: str | os.PathLike[str] | None = None) -> None:
     """Write ``text`` (UTF-8) to ``path`` the way :func:`atomic_save` writes: all or nothing.
 
     Used for logs that a resumed run rewrites (truncated to its checkpoint) and for result
-    files: a kill mid-write must not lose the lines already there.
+    files: a kill mid-write must not lose the lines already there. ``temporary`` as in
+    :func:`atomic_save`.
     """
-    _atomic_write(lambda file: file.write(text.encode("utf-8")), path, durable)
+    _atomic_write(lambda file: file.write(text.encode("utf-8")), path, durable, temporary)
 
 
 def state_digest(obj: Any) -> str:
@@ -91,15 +105,17 @@ def _feed(digest: Any, obj: Any) -> None:
 
 
 def save_checked(state: dict[str, Any], path: str | os.PathLike[str], *,
-                 durable: bool = True) -> None:
+                 durable: bool = True, temporary: str | os.PathLike[str] | None = None) -> None:
     """:func:`atomic_save` of ``state`` plus a ``"sha256"`` entry over its content, which
     :func:`load_checked` verifies: a bit flipped on disk is refused instead of resumed.
 
     The file stays a plain state dict (``torch.load(path, weights_only=True)`` reads it).
+    ``temporary`` as in :func:`atomic_save`.
     """
     if CHECKSUM_KEY in state:
         raise ValueError(f"state already has a {CHECKSUM_KEY!r} entry; that key is reserved")
-    atomic_save({**state, CHECKSUM_KEY: state_digest(state)}, path, durable=durable)
+    atomic_save({**state, CHECKSUM_KEY: state_digest(state)}, path, durable=durable,
+                temporary=temporary)
 
 
 def load_checked(path: str | os.PathLike[str], *, require: bool = False) -> dict[str, Any]:

@@ -9,8 +9,12 @@ with the per-task loop in float64. A learner of another package can be checked t
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+import os
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -18,9 +22,23 @@ from torch import Tensor, nn
 from metazoo.devices import strict_devices
 from metazoo.learner import EvalResult, MetaLearner, MetaStepResult, Task
 
-__all__ = ["MetaStepSnapshot", "assert_same_gradients", "assert_same_meta_step",
-           "assert_same_results", "bn_net", "image_tasks", "meta_gradients", "meta_step_snapshot",
-           "small_conv_net", "small_tasks", "strict_meta_step", "tasks_to"]
+__all__ = [
+    "HostSyncs",
+    "MetaStepSnapshot",
+    "assert_same_gradients",
+    "assert_same_meta_step",
+    "assert_same_results",
+    "bn_net",
+    "count_host_syncs",
+    "image_tasks",
+    "kill_at_call_command",
+    "meta_gradients",
+    "meta_step_snapshot",
+    "small_conv_net",
+    "small_tasks",
+    "strict_meta_step",
+    "tasks_to",
+]
 
 
 def small_conv_net(seed: int = 0, dtype: torch.dtype = torch.float64) -> nn.Module:
@@ -167,3 +185,77 @@ def assert_same_results(actual: MetaStepResult, expected: MetaStepResult,
     assert len(actual.inner_losses) == len(expected.inner_losses)
     for got, want in zip(actual.inner_losses, expected.inner_losses, strict=True):
         assert math.isclose(got, want, rel_tol=tol, abs_tol=tol)
+
+
+# Runs a script in this interpreter and SIGKILLs its own process at the N-th call of an ``os``
+# function: a kill -9 at a chosen moment, reproducible, with no hook in the code under test.
+_KILL_AT_CALL = """
+import os, runpy, signal, sys
+name, call = sys.argv[1], int(sys.argv[2])
+real = getattr(os, name)
+count = 0
+def killing(*args, **kwargs):
+    global count
+    count += 1
+    if count == call:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(*args, **kwargs)
+setattr(os, name, killing)
+sys.argv = sys.argv[3:]
+sys.path.insert(0, os.path.dirname(os.path.abspath(sys.argv[0])))
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def kill_at_call_command(script: str | os.PathLike[str], argv: Sequence[str], *,
+                         function: str = "replace", call: int = 1) -> list[str]:
+    """A command (for ``subprocess``) that runs ``script argv...`` and kills its process with
+    SIGKILL at the ``call``-th call of ``os.<function>``.
+
+    ``"replace"`` kills an atomic write after its temporary file is complete and before the
+    rename; ``"fsync"`` before the temporary is flushed to disk. Either is where a kill -9
+    costs a run folder the most, so the experiments' resume tests kill there, at varying calls.
+    """
+    if not callable(getattr(os, function, None)):
+        raise ValueError(f"os.{function} is not a function")
+    if call < 1:
+        raise ValueError(f"call={call} must be >= 1")
+    return [sys.executable, "-c", _KILL_AT_CALL, function, str(call), os.fspath(script),
+            *argv]
+
+
+@dataclass
+class HostSyncs:
+    """What ``count_host_syncs`` counted: ``count`` transfers of a tensor's value to the host."""
+
+    count: int = 0
+
+
+_SYNC_METHODS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__")
+
+
+@contextmanager
+def count_host_syncs() -> Iterator[HostSyncs]:
+    """Counts the Python calls that read a tensor's value on the host (``item``, ``tolist``,
+    ``bool``/``int``/``float``/``__index__`` of a tensor) inside the block: on a GPU each one
+    waits for the device. A call made inside another counts once."""
+    syncs, depth = HostSyncs(), [0]
+    originals = {name: getattr(torch.Tensor, name) for name in _SYNC_METHODS}
+
+    def counted(method: Callable[..., Any]) -> Callable[..., Any]:
+        def call(tensor: Tensor, *args: Any, **kwargs: Any) -> Any:
+            syncs.count += depth[0] == 0
+            depth[0] += 1
+            try:
+                return method(tensor, *args, **kwargs)
+            finally:
+                depth[0] -= 1
+        return call
+
+    try:
+        for name, method in originals.items():
+            setattr(torch.Tensor, name, counted(method))
+        yield syncs
+    finally:
+        for name, method in originals.items():
+            setattr(torch.Tensor, name, method)

@@ -34,7 +34,7 @@ from torch import Tensor
 from torch.func import grad, grad_and_value, vmap
 
 from metazoo.faults import task_fault
-from metazoo.functional import Buffers, Params
+from metazoo.functional import Buffers, Params, closed_form_batch_norm
 from metazoo.learner import Batch, Task
 from metazoo.optim import InnerOptimizer, OptState
 from metazoo.unroll import DEFAULT_SEGMENT, LossFn, UnrollResult, _ClipBackward, clip_grad_norm
@@ -367,7 +367,8 @@ def map_tasks(fn: Callable[..., Any], batched: Any, num_tasks: int, chunk: int) 
     Returns the outputs of all chunks concatenated along the task dimension.
     """
     mapped = vmap(fn)
-    outputs = [mapped(*_take(batched, rows)) for rows in _chunks(num_tasks, chunk)]
+    with closed_form_batch_norm():
+        outputs = [mapped(*_take(batched, rows)) for rows in _chunks(num_tasks, chunk)]
     if len(outputs) == 1:
         return outputs[0]
     leaves, spec = zip(*(pytree.tree_flatten(out) for out in outputs))
@@ -412,7 +413,8 @@ def map_and_sum(
     sums: list[Tensor] | None = None
     objectives, inner_losses, auxes, finites = [], [], [], []
     for rows in _chunks(num_tasks, chunk):
-        grads, (values, (inner, aux)) = mapped(*shared, *_take(list(batched), rows))
+        with closed_form_batch_norm():
+            grads, (values, (inner, aux)) = mapped(*shared, *_take(list(batched), rows))
         finite = torch.isfinite(values) & torch.isfinite(inner).all(dim=1)
         # where, not a product: a NaN gradient times 0 is still NaN.
         masked = [torch.where(finite.view(-1, *[1] * (g.dim() - 1)), g, 0.0).sum(0)

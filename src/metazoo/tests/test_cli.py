@@ -32,6 +32,23 @@ def test_run_command_prints_one_line_and_exits_2(error, capsys):
     assert "Traceback" not in err
 
 
+def test_run_command_reports_a_lost_peer_in_one_line_with_exit_1(capsys):
+    from metazoo.distributed import PeerLostError
+
+    def main():
+        try:
+            raise RuntimeError("[pair.cc:561] Connection closed by peer [127.0.0.1]:41152")
+        except RuntimeError as gloo:
+            raise PeerLostError("rank 0: another process of the distributed run exited") \
+                from gloo
+
+    with pytest.raises(SystemExit) as info:
+        run_command(main)
+    assert info.value.code == 1
+    assert capsys.readouterr().err == ("error: rank 0: another process of the distributed run "
+                                       "exited\n")
+
+
 def test_run_command_keeps_internal_errors_and_returns_results():
     def broken():
         raise RuntimeError("Expected all tensors to be on the same device")
@@ -57,3 +74,19 @@ def test_argument_parser_errors_are_one_line_naming_flag_and_value(capsys):
         assert err.count("\n") == 1 and err.startswith("error: argument ") and named in err
         assert "usage:" not in err and "-h lists every flag" in err
     assert "(default: 1)" in parser.format_help()
+
+
+@pytest.mark.parametrize("value", ["-inf", "-Infinity", "-nan", "-1e-3", "-2.5E+4", "-.5", "-7"])
+def test_negative_numbers_of_every_form_are_values_not_flag_names(value, capsys):
+    """Issue 28 item 8: '--lr -inf' failed with 'expected one argument' (argparse took -inf
+    for a flag), so the check naming the value and the fix never ran."""
+    from metazoo.cli import ArgumentParser
+
+    parser = ArgumentParser("tool.py")
+    parser.add_argument("--lr", type=float)
+    parser.add_argument("--kwargs", nargs="+")
+    assert str(parser.parse_args(["--lr", value]).lr) == str(float(value))
+    assert parser.parse_args(["--kwargs", "lr", value]).kwargs == ["lr", value]
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--lr", "-x"])  # still a (unknown) flag
+    assert "argument --lr: expected one argument" in capsys.readouterr().err

@@ -205,7 +205,7 @@ def _worker_nonfinite(out: Path, ctx: distributed.DistributedContext) -> None:
     once, leave the meta-parameters alone, and the next meta-step must still work."""
     learner = _build("maml_uneven", seed=0)
     before = _snapshot(learner)
-    tasks = distributed.shard(_meta_batch(0, 4))  # rank 0: tasks 0, 2; rank 1: tasks 1, 3
+    tasks = distributed.shard(_meta_batch(0, 4))  # rank 0: tasks 0, 1; rank 1: tasks 2, 3
     if ctx.rank == 1:
         (x, y), = tasks[1].support
         tasks[1] = Task([(torch.full_like(x, float("nan")), y)], tasks[1].query)
@@ -225,12 +225,75 @@ def _worker_nonfinite(out: Path, ctx: distributed.DistributedContext) -> None:
                out / f"nonfinite-{ctx.rank}.pt")
 
 
+# -- on_nonfinite="skip": the distributed step equals one process's on the same tasks ------------
+
+
+def _skipping(case: str) -> metazoo.MetaLearner:
+    """A learner of ``case`` built with on_nonfinite="skip" (seed 0 on every rank)."""
+    torch.manual_seed(0)
+    if case == "maml":
+        return MAML(model=_mlp(batch_norm=True), criterion=F.cross_entropy,
+                    inner_optimizer=metazoo.SGD(0.3, momentum=0.5), inner_steps=2,
+                    meta_optimizer=lambda params: torch.optim.Adam(params, lr=0.01),
+                    on_nonfinite="skip")
+    if case == "reptile":
+        return Reptile(model=_mlp(), criterion=F.cross_entropy, inner_optimizer=metazoo.SGD(0.2),
+                       inner_steps=3, meta_optimizer=_sgd(0.5), on_nonfinite="skip")
+    if case == "leap":
+        return LeapLearner(model=_mlp(), criterion=F.cross_entropy,
+                           inner_optimizer=metazoo.SGD(0.2), inner_steps=3,
+                           meta_optimizer=_sgd(0.5), on_nonfinite="skip")
+    model = WarpedMLP().double()
+    warp = Warp(model, [model.fc1, model.fc2, model.head], [model.warp1, model.warp2],
+                DualUpdater(F.cross_entropy),
+                optimizer_parameters=OptimizerParameters(trainable=True, default_lr=0.3,
+                                                         default_momentum=0.5))
+    return WarpGrad(warp, inner_steps=3, meta_optimizer=_sgd(0.5), on_nonfinite="skip")
+
+
+SKIP_CASES = ("maml", "reptile", "leap", "warpgrad")
+# Meta-batches of 5 tasks (rank 0 adapts tasks 0-2, rank 1 tasks 3-4) and the tasks whose
+# support batch is NaN: one task on rank 1; every task of rank 1 (it joins with no gradient);
+# nothing (the meta-optimizer state carries over); every task of the meta-batch.
+SKIP_STEPS: tuple[tuple[int, ...], ...] = ((4,), (3, 4), (), (0, 1, 2, 3, 4))
+
+
+def _poisoned_batch(step: int, bad: tuple[int, ...]) -> list[Task]:
+    tasks = _meta_batch(step, 5)
+    for i in bad:
+        (x, y), = tasks[i].support
+        tasks[i] = Task([(torch.full_like(x, float("nan")), y)], tasks[i].query)
+    return tasks
+
+
+def _worker_skip(out: Path, ctx: distributed.DistributedContext) -> None:
+    for case in SKIP_CASES:
+        learner = _skipping(case)
+        results = [_results(distributed.meta_step(learner, distributed.shard(
+            _poisoned_batch(s, bad)))) for s, bad in enumerate(SKIP_STEPS)]
+        distributed.check_synchronized(learner)
+        torch.save({"params": _snapshot(learner), "results": results},
+                   out / f"skip-{case}-{ctx.rank}.pt")
+
+
 def _worker_fail(out: Path, ctx: distributed.DistributedContext, mode: str) -> None:
     if mode == "nonfinite":
         _worker_nonfinite(out, ctx)
         return
     learner = _build("maml_uneven", seed=0)
     tasks = distributed.shard(_meta_batch(0, 4))
+    if mode == "peer_lost":
+        distributed.barrier()
+        if ctx.rank == 1:
+            os._exit(3)  # dies (as kill -9 would) while rank 0 enters the meta-step
+        time.sleep(0.5)
+        try:
+            distributed.meta_step(learner, tasks)
+            message = ""
+        except RuntimeError as error:
+            message = f"{type(error).__name__}: {error}"
+        (out / "rank0-error.txt").write_text(message)
+        os._exit(0)  # the process group is broken: skip the teardown
     if ctx.rank == 1:
         try:
             raise RuntimeError("injected failure before the collective")
@@ -264,6 +327,8 @@ def _worker(mode: str, out: Path, rank_: int, port: int) -> None:
     assert ctx.backend == "gloo" and ctx.world_size == 2 and dist.is_initialized()
     if mode == "equal":
         _worker_equal(out, ctx)
+    elif mode == "skip":
+        _worker_skip(out, ctx)
     else:
         _worker_fail(out, ctx, mode)
     distributed.teardown()
@@ -320,9 +385,10 @@ def test_two_ranks_take_the_single_process_meta_step(two_rank_run, case):
     ranks = [torch.load(two_rank_run / f"{case}-{r}.pt") for r in range(2)]
     # The steps moved every meta-parameter, so equality below is not that of an idle run.
     assert all((expected[n] - initial[n]).abs().max() > 1e-6 for n in initial)
-    # One all-reduce per meta-step for all meta-parameters (float64 on the CPU): the count, the
-    # fault flag, the has-gradient flags and every gradient element.
-    size = 2 + len(expected) + sum(v.numel() for v in expected.values())
+    # One all-reduce per meta-step for all meta-parameters (float64 on the CPU): the kept and
+    # skipped counts, the fault flag, each rank's share, the has-gradient flags and every
+    # gradient element.
+    size = 3 + 2 + len(expected) + sum(v.numel() for v in expected.values())
     for got in ranks:
         assert got["all_reduce"] == [size] * STEPS
         assert set(got["params"]) == set(expected)
@@ -348,6 +414,40 @@ def test_two_ranks_take_the_single_process_meta_step(two_rank_run, case):
             assert mine == pytest.approx(theirs, rel=1e-10)
     for name in expected:
         assert torch.equal(ranks[0]["params"][name], ranks[1]["params"][name])
+
+
+@pytest.mark.parametrize("case", SKIP_CASES)
+def test_skipped_tasks_give_the_single_process_meta_step(skip_run, case):
+    learner = _skipping(case)
+    initial = _snapshot(learner)
+    expected = [_results(learner.meta_step(_poisoned_batch(s, bad)))
+                for s, bad in enumerate(SKIP_STEPS)]
+    final = _snapshot(learner)
+    assert all((final[n] - initial[n]).abs().max() > 1e-6 for n in initial)
+    # The single process skipped what the ranks are compared on (num_tasks, skipped_tasks).
+    assert [r[4] for r in expected] == [5] * len(SKIP_STEPS)
+    assert [r[6] for r in expected] == [len(bad) for bad in SKIP_STEPS]
+    for rank_ in range(2):
+        got = torch.load(skip_run / f"skip-{case}-{rank_}.pt")
+        for name, value in final.items():
+            torch.testing.assert_close(got["params"][name], value, rtol=0, atol=1e-10)
+        for step, (mine, theirs) in enumerate(zip(got["results"], expected, strict=True)):
+            assert (mine[4], mine[6]) == (theirs[4], theirs[6]), step  # num_tasks, skipped
+            rel = 1e-6 if case == "warpgrad" else 1e-10  # WarpGrad reports float32 curves
+            assert mine[0] == pytest.approx(theirs[0], rel=1e-10, nan_ok=True), step
+            assert mine[1] == pytest.approx(theirs[1], rel=rel, nan_ok=True), step
+            assert (mine[2] is None) == (theirs[2] is None), step
+            if theirs[2] is not None:
+                assert mine[2] == pytest.approx(theirs[2], rel=1e-6), step
+            assert mine[3] == pytest.approx(theirs[3], rel=rel), step
+
+
+@pytest.fixture(scope="module")
+def skip_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("distributed-skip")
+    codes, logs, _ = _launch("skip", out)
+    assert codes == {0: 0, 1: 0}, f"ranks failed:\n{logs[0]}\n{logs[1]}"
+    return out
 
 
 def test_reduction_is_over_tasks_not_ranks():
@@ -392,12 +492,23 @@ def test_a_failed_rank_makes_the_other_exit_with_an_error(tmp_path, mode):
     assert seconds < FAIL_TIMEOUT + 40  # the process exited too, start-up included
 
 
+def test_a_lost_peer_is_explained_in_one_line(tmp_path):
+    codes, logs, _ = _launch("peer_lost", tmp_path, wait_for=(0,))
+    assert codes[0] == 0, logs[0]
+    message = (tmp_path / "rank0-error.txt").read_text()
+    assert message.startswith("PeerLostError: rank 0: another process of the distributed run "
+                              "exited during the meta-step"), message
+    assert "\n" not in message and "its own log" in message
+
+
 def test_a_nonfinite_task_on_one_rank_stops_every_rank_at_once(tmp_path):
     codes, logs, _ = _launch("nonfinite", tmp_path)
     assert codes == {0: 0, 1: 0}, logs
     ranks = [torch.load(tmp_path / f"nonfinite-{r}.pt") for r in range(2)]
-    # Rank 1 names its task (the second of its shard); rank 0 says it was another rank's.
-    assert ranks[1]["error"]["where"] == "inner" and ranks[1]["error"]["task"] == 1
+    # Rank 1 names its task by its index in the meta-batch (the second of its shard, task 3 of
+    # the meta-batch, not 1); rank 0 says it was another rank's.
+    assert ranks[1]["error"]["where"] == "inner" and ranks[1]["error"]["task"] == 3
+    assert "task 3 of the meta-batch" in ranks[1]["error"]["message"]
     assert ranks[0]["error"]["where"] == "other_rank", ranks[0]["error"]
     assert "another process" in ranks[0]["error"]["message"]
     for rank in ranks:
@@ -466,6 +577,9 @@ def test_shards_are_contiguous_balanced_and_cover_the_meta_batch():
             lengths = [len(rng) for rng in ranges]
             assert max(lengths) - min(lengths) <= 1 and lengths == sorted(lengths, reverse=True)
     assert distributed.shard(list("abc"), rank=1, world_size=2) == ["c"]
+    assert distributed.shard(iter("abc"), rank=0, world_size=2) == ["a", "b"]  # a generator
+    with pytest.raises(ValueError, match="got int"):
+        distributed.shard(3)
     assert distributed.shard(list("a"), rank=1, world_size=2) == []
     with pytest.raises(ValueError, match="rank=2 must be < world_size=2"):
         distributed.shard_range(4, rank=2, world_size=2)
@@ -493,11 +607,12 @@ def test_gradient_hook_weights_by_the_tasks_that_contributed(monkeypatch):
     """Skipped (non-finite) tasks do not count towards a process's weight in the mean."""
     counts = []
     monkeypatch.setattr(distributed, "all_reduce_meta_gradients",
-                        lambda learner, *, num_tasks, group: counts.append(num_tasks))
+                        lambda learner, *, num_tasks, skipped_tasks, group: counts.append(
+                            (num_tasks, skipped_tasks)))
     hook = distributed.gradient_hook()
     nan = float("nan")
     hook(None, metazoo.MetaStepResult(nan, nan, None, (), 4, 0.0, skipped_tasks=1))
     hook(None, metazoo.MetaStepResult(nan, nan, None, (), 0, 0.0))
-    assert counts == [3, 0]
+    assert counts == [(3, 1), (0, 0)]
 
 

@@ -132,6 +132,21 @@ def test_checked_step_undoes_a_nonfinite_update_and_names_it(factory):
     assert not optimizer.state and all(p.grad is None for p in model.parameters())
 
 
+def test_checked_step_turns_a_hyperparameter_overflow_into_a_restored_meta_update_error():
+    """Issue 28 item 8: lr=1e300 on float32 parameters raised torch's raw overflow error."""
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2).float()  # 1e300 fits float64, not float32
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e300, momentum=0.9)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(metazoo.NonFiniteError, match="meta-optimizer step made") as info:
+        metazoo.checked_step(optimizer, model.named_parameters())
+    assert info.value.where == "meta_update" and set(info.value.names) == {"weight", "bias"}
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    assert not optimizer.state and all(p.grad is None for p in model.parameters())
+
+
 def test_checked_step_steps_like_step_and_reports_already_nonfinite_parameters():
     grads = {"weight": torch.ones(2, 3, dtype=torch.float64),
              "bias": torch.ones(2, dtype=torch.float64)}
@@ -154,3 +169,18 @@ def test_a_long_list_of_parameters_is_shortened_in_the_message_only():
     error = metazoo.NonFiniteError(task=None, inner_step=None, where="meta_update", names=names)
     assert "'layer5.weight', ... 14 more]" in str(error) and "layer6" not in str(error)
     assert error.names == tuple(names)
+
+
+def test_nonfinite_error_crosses_process_borders_with_every_field():
+    """Distributed runs and subprocess pools pickle errors; ``then`` (how to continue) must
+    survive with the rest, and ``with_meta_step`` keeps it."""
+    import pickle
+
+    error = metazoo.NonFiniteError(task=3, inner_step=1, where="inner", names=("w",),
+                                   then="The trajectories were dropped")
+    again = pickle.loads(pickle.dumps(error))
+    assert (again.task, again.inner_step, again.where, again.names, again.then) == (
+        3, 1, "inner", ("w",), "The trajectories were dropped")
+    assert str(again) == str(error) and str(error).endswith(". The trajectories were dropped")
+    stepped = error.with_meta_step(7)
+    assert stepped.then == error.then and "meta-step 7" in str(stepped)

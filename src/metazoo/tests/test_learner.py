@@ -119,6 +119,17 @@ def test_meta_step_needs_tasks_unless_a_hook_joins_a_collective():
     assert calls[0][0] is learner and calls[0][1].num_tasks == 0 and result.num_tasks == 0
 
 
+def test_meta_step_reads_a_generator_of_tasks_and_refuses_a_single_task():
+    from_list, from_generator = _learner(), _learner()
+    expected = from_list.meta_step([_task(0), _task(1)])
+    got = from_generator.meta_step(_task(i) for i in range(2))
+    assert got.num_tasks == 2 and got.meta_loss == expected.meta_loss
+    for a, b in zip(from_list.meta_parameters(), from_generator.meta_parameters()):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match=r"got a single Task; pass \[task\]"):
+        _learner().meta_step(_task(0))
+
+
 def test_task_validation():
     x, y = torch.randn(4, 3), torch.zeros(4, dtype=torch.long)
     with pytest.raises(ValueError, match=r"wrap a single batch as \[batch\]"):

@@ -2,6 +2,8 @@
 the split from the seed alone, and best-on-validation selection."""
 
 import json
+import random
+import signal
 import subprocess
 import sys
 import time
@@ -13,6 +15,7 @@ import torch
 import main
 import wrapper
 from metazoo.cli import UsageError
+from metazoo.testing import kill_at_call_command
 from monitor import FileHandler
 from wrapper import METHODS
 
@@ -111,28 +114,45 @@ def test_stop_and_resume_gives_identical_logs(tiny, omniglot_root, tmp_path, sam
                       same_log_files)
 
 
+def _wait_for_lines(proc: subprocess.Popen, log: Path, lines: int) -> None:
+    deadline = time.monotonic() + 300
+    while not (log.exists() and len(log.read_text().splitlines()) >= lines):
+        assert proc.poll() is None, "the run ended before it was killed"
+        assert time.monotonic() < deadline, "the run logged too slowly"
+        time.sleep(0.01)
+
+
 def test_killed_subprocess_resumes_to_identical_logs(tiny, omniglot_root, tmp_path,
                                                      same_log_files):
-    argv = [*tiny(omniglot_root, tmp_path, "leap", "--meta_train_steps", "40",
-                  "--task_train_steps", "4", "--test_ival", "10", "--threads", "1"),
-            "--suffix", "killed"]
+    """One run killed (SIGKILL) three times: at a random moment of a meta-step, then inside
+    atomic writes (a checkpoint, a log rewrite or the manifest; after the temporary file is
+    complete and before the rename, or before its flush) at seeded random calls; each time
+    resumed with the same command, and at last to the end: the logs of the uninterrupted
+    run."""
+    argv = [*tiny(omniglot_root, tmp_path, "leap", "--meta_train_steps", "24",
+                  "--task_train_steps", "4", "--test_ival", "6", "--threads", "1"),
+            "--suffix", "killed", "--resume"]
+    rng = random.Random(27)
+    run = tmp_path / "leap/killed"
+    log = run / "results_train_train.log"
     proc = subprocess.Popen([sys.executable, str(MAIN), *argv], stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)
-    log = tmp_path / "leap/killed/results_train_train.log"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and proc.poll() is None:
-        if log.exists() and len(log.read_text().splitlines()) >= 3:
-            break
-        time.sleep(0.01)
-    proc.kill()
-    _, err = proc.communicate()
-    assert proc.returncode != 0, f"the run finished before it was killed: {err.decode()}"
-    run = tmp_path / "leap/killed"
+    try:
+        _wait_for_lines(proc, log, 3)
+        time.sleep(rng.uniform(0.0, 0.05))  # somewhere in a later meta-step
+        assert proc.poll() is None, f"the run finished before it was killed: {proc.stderr}"
+    finally:
+        proc.kill()
+        proc.communicate()
     assert not (run / "done.json").exists()
-    killed_at = len(log.read_text().splitlines())
-    assert 3 <= killed_at < 40
-    main.main([*argv, "--resume"])
-    main.main([*argv[:-1], "straight"])
+    assert 3 <= len(log.read_text().splitlines()) < 24
+    for function in ("replace", "fsync"):
+        killed = subprocess.run(
+            kill_at_call_command(MAIN, argv, function=function, call=rng.randint(1, 6)),
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=300)
+        assert killed.returncode == -signal.SIGKILL, killed.stderr.decode()
+    main.main(argv)
+    main.main([*argv[:-2], "straight"])
     _assert_same_logs(tmp_path / "leap/straight", run, same_log_files)
 
 
@@ -343,7 +363,8 @@ def test_channels_last_reaches_the_learner():
         if method in wrapper.CHANNELS_LAST_METHODS:
             learner = wrapper.build_learner(config)
             parts = [getattr(learner, name) for name in ("inner", "warp", "maml")
-                     if hasattr(learner, name)] or [learner]  # wrappers: what they compose
+                     if hasattr(getattr(learner, name, None), "channels_last")
+                     ] or [learner]  # wrappers: what they compose (WarpGrad.warp is a Warp)
             assert all(part.channels_last is True for part in parts), method
         else:
             with pytest.raises(ValueError, match=f"not {method}; drop the flag"):

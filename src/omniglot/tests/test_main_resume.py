@@ -48,6 +48,20 @@ def test_nonfinite_hyperparameters_are_refused_before_the_run(tiny, omniglot_roo
 
 
 @pytest.mark.parametrize("flags,message", [
+    # Issue 28 item 8: torch's raw "value cannot be converted to type float without overflow".
+    (["--outer_kwargs", "lr", "1e300"], "--outer_kwargs lr 1e+300: too large, beyond float32"),
+    # Issue 28 item 8: "-inf" was read as a flag name ("expected one argument").
+    (["--outer_kwargs", "lr", "-inf"], "--outer_kwargs lr -inf: must be a finite number"),
+    (["--inner_kwargs", "lr", "-1e-3"], "--inner_kwargs lr -0.001: must be >= 0"),
+])
+def test_huge_and_negative_hyperparameters_are_one_line(tiny, omniglot_root, tmp_path, capsys,
+                                                       flags, message):
+    argv = [*tiny(omniglot_root, tmp_path, "maml"), *flags]
+    assert message in _one_line_exit_2(argv, capsys)
+    assert not (tmp_path / "maml").exists()
+
+
+@pytest.mark.parametrize("flags,message", [
     (["--meta_kwargs", "warp_lr", "0"], "--meta_kwargs warp_lr 0: must be a finite number > 0"),
     (["--meta_kwargs", "warp_lr", "nan"], "--meta_kwargs warp_lr nan: must be a finite number"),
     (["--warp_init", "identity", "--warp_act_fun", "relu"],
@@ -186,11 +200,16 @@ def test_overwrite_replaces_the_runs_files_only(tiny, omniglot_root, tmp_path):
     (run / "my_notes.txt").write_text("mine")
     (run / "plots").mkdir()
     (run / "plots" / "a.png").write_bytes(b"png")
-    (run / ".checkpoint.pt.abc123_x.tmp").write_bytes(b"half")  # a killed run's temporary
+    killed_write = _recorded_temporary(run, "done.json")  # what a killed write leaves
+    (run / killed_write).write_bytes(b"half")
+    (run / ".checkpoint.pt.abc123_x.tmp").write_bytes(b"mine")  # looks like one; the user's
+    (run / "results_my_summary.log").write_text("mine\n")  # matches the run's log names
     main.main([*argv, "--overwrite"])
     assert (run / "my_notes.txt").read_text() == "mine"
     assert (run / "plots" / "a.png").read_bytes() == b"png"
-    assert not (run / ".checkpoint.pt.abc123_x.tmp").exists()
+    assert not (run / killed_write).exists()
+    assert (run / ".checkpoint.pt.abc123_x.tmp").read_bytes() == b"mine"
+    assert (run / "results_my_summary.log").read_text() == "mine\n"
     assert (run / "done.json").exists()
 
 
@@ -274,13 +293,19 @@ def test_a_bit_flipped_checkpoint_is_refused(tiny, omniglot_root, tmp_path, caps
     assert _snapshot(run) == before
 
 
+def _recorded_temporary(run: Path, name: str) -> str:
+    """The temporary that the run's manifest records for ``name``'s atomic writes."""
+    return json.loads((run / "manifest.json").read_text())["files"][name]
+
+
 def test_resume_removes_only_its_own_temporaries(tiny, omniglot_root, tmp_path):
     argv = tiny(omniglot_root, tmp_path, "leap", "--meta_train_steps", "1")
     main.main(argv)
     run = tmp_path / "leap" / "tmp"
-    own = [".checkpoint.pt.k1l2m3n4.tmp", ".results_train_train.log.abcd_123.tmp",
-           ".done.json.zz99zz99.tmp"]
-    foreign = [".notes.txt.abc.tmp", "draft.tmp", ".checkpoint.pt.tmp"]
+    own = [_recorded_temporary(run, name) for name in ("checkpoint.pt", "args.log", "done.json")]
+    # the user's files, named like the run's temporaries (issue 27, case 7)
+    foreign = [".notes.txt.abc.tmp", "draft.tmp", ".checkpoint.pt.tmp", ".args.log.backup.tmp",
+               ".checkpoint.pt.k1l2m3n4.tmp"]
     for name in own + foreign:
         (run / name).write_bytes(b"x")
     main.main([*tiny(omniglot_root, tmp_path, "leap"), "--resume"])

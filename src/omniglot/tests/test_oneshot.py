@@ -327,16 +327,19 @@ def test_a_20_way_checkpoint_uses_its_own_head_and_inductive_bn(tiny, omniglot_r
     torch.manual_seed(1)
     learner = build_learner(main.learner_config(args))
     run_dir = tmp_path / "maml" / "tmp"
-    run_dir.mkdir(parents=True)
-    main.save_checkpoint(run_dir / "checkpoint.pt", learner,
-                         main.RunState(7, torch.Generator(), random.Random(0)))
+    with main.run_folder(args) as folder:
+        main.save_checkpoint(folder, "checkpoint.pt", learner,
+                             main.RunState(7, torch.Generator(), random.Random(0)),
+                             main.run_flags(args))
     result = evaluate_oneshot.main_oneshot(argv)
     assert "BatchNorm running (inductive)" in capsys.readouterr().out
     assert result.bn_mode == "running" and not result.transductive
     loaded = evaluate_oneshot.load_model(args)
     assert loaded.step == 7 and loaded.head == "checkpoint" and loaded.trained_ways == WAYS
-    main.save_checkpoint(run_dir / "best.pt", learner,
-                         main.RunState(5, torch.Generator(), random.Random(0)))
+    with main.run_folder(args) as folder:
+        main.save_checkpoint(folder, "best.pt", learner,
+                             main.RunState(5, torch.Generator(), random.Random(0)),
+                             main.run_flags(args))
     best, _ = evaluate_oneshot.parse_args([*argv, "--select", "best"])
     assert evaluate_oneshot.load_model(best).checkpoint == run_dir / "best.pt"
     assert evaluate_oneshot.load_model(best).step == 5

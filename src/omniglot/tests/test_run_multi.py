@@ -119,3 +119,7 @@ def test_sweep_shows_progress_and_reports_runs_as_they_finish(every, tmp_path, m
     assert f"slow/n1_s1: started, output in {tmp_path / 'logs/slow/n1_s1.out'}" in [
         line.strip() for line in lines]
     assert "slow/n1_s1: estimated meta-training time: 1 d 12 h" in [line.strip() for line in lines]
+    # one ETA for the whole sweep (issue 27), from the runs' progress lines
+    sweep_lines = [line.strip() for line in lines if line.strip().startswith("sweep: ")]
+    assert sweep_lines and all(" runs done, " in line and ", eta " in line
+                               for line in sweep_lines)

@@ -4,11 +4,22 @@ from __future__ import annotations
 
 import gc
 import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
 
 from warpgrad import ReplayBuffer
+from warpgrad.scratch import LOCK_NAME
+
+
+def _states_in(directory: str) -> list[str]:
+    """The files of a disk buffer's directory other than its lock file (the manifest)."""
+    return [f for f in os.listdir(directory) if f != LOCK_NAME]
 
 
 def _params(value: float) -> dict[str, torch.Tensor]:
@@ -71,14 +82,17 @@ def test_disk_mode_loads_with_weights_only_writes_atomically_and_cleans_up(monke
     buffer = ReplayBuffer(inmem=False)
     directory = buffer.tmpdir
     _fill(buffer, tasks=2, steps=4)
-    files = os.listdir(directory)
+    files = _states_in(directory)
     assert len(files) == 2 * 4 + 2  # states plus terminal states
-    assert not any(f.endswith(".partial") for f in files)
+    assert not any(f.endswith(".partial") or f.endswith(".tmp") for f in files)
     buffer.states("task1")
     buffer.terminal("task0")
     assert calls and all(c is True for c in calls)
     buffer.clear()
-    assert os.listdir(directory) == []
+    assert _states_in(directory) == []
+    # The manifest forgets the deleted files, so it does not grow over a long run.
+    with open(os.path.join(directory, LOCK_NAME)) as manifest:
+        assert len(manifest.read().splitlines()) == 1
     assert len(buffer) == 0 and buffer.slots() == []
     _fill(buffer, tasks=1, steps=2)
     del buffer
@@ -115,7 +129,7 @@ def test_max_states_caps_with_a_uniform_subsample(inmem):
             t = int(slot[-1])
             assert torch.equal(s.params["w"], _params(100 * t + s.step)["w"])
     if not inmem:
-        assert len(os.listdir(buffer.tmpdir)) == 2 * 5 + 2  # replaced files were deleted
+        assert len(_states_in(buffer.tmpdir)) == 2 * 5 + 2  # replaced files were deleted
     # Reservoir sampling keeps late states too (not just the first five).
     kept = [s.step for slot in buffer.slots() for s in buffer.states(slot)]
     assert max(kept) >= 5
@@ -170,7 +184,7 @@ def test_a_tampered_disk_file_is_refused_without_running_code(tmp_path):
     buffer = ReplayBuffer(inmem=False)
     _fill(buffer, tasks=1, steps=2)
     marker = tmp_path / "pwned"
-    name = sorted(f for f in os.listdir(buffer.tmpdir) if "terminal" not in f)[0]
+    name = sorted(f for f in _states_in(buffer.tmpdir) if "terminal" not in f)[0]
     torch.save({"step": 0, "params": _Payload(str(marker)), "momentum": None},
                os.path.join(buffer.tmpdir, name))
     with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
@@ -186,9 +200,9 @@ def test_discard_forgets_one_slot_and_its_files(inmem):
     buffer.discard("task0")
     assert buffer.slots() == ["task1"] and len(buffer) == 3
     if not inmem:
-        assert sorted(os.listdir(buffer.tmpdir)) == sorted(
-            f for f in os.listdir(buffer.tmpdir) if f.startswith("task1"))
-        assert len(os.listdir(buffer.tmpdir)) == 4
+        assert sorted(_states_in(buffer.tmpdir)) == sorted(
+            f for f in _states_in(buffer.tmpdir) if f.startswith("task1"))
+        assert len(_states_in(buffer.tmpdir)) == 4
     with pytest.raises(ValueError, match="slot 'task0' is not in the buffer"):
         buffer.discard("task0")
     buffer.init("task0", [1])  # the name is free again
@@ -205,7 +219,8 @@ def test_slot_names_never_become_paths(tmp_path, slot):
     buffer.init(slot, [])
     buffer.update(slot, _params(1.0))
     buffer.finalize(slot, _params(2.0))
-    written = [os.path.join(root, f) for root, _, files in os.walk(tmp_path) for f in files]
+    written = [os.path.join(root, f) for root, _, files in os.walk(tmp_path) for f in files
+               if f != LOCK_NAME]
     assert len(written) == 2
     assert all(os.path.dirname(f) == buffer.tmpdir for f in written), written
     assert torch.equal(buffer.states(slot)[0].params["w"], _params(1.0)["w"])
@@ -213,23 +228,148 @@ def test_slot_names_never_become_paths(tmp_path, slot):
     buffer.close()
 
 
-def test_orphan_directories_of_killed_processes_are_removed_and_nothing_else(tmp_path):
-    from warpgrad.buffer import _host
+def test_folders_named_like_a_dead_process_buffer_are_left_alone(tmp_path):
+    """Issue 28 item 2: a folder named like a buffer of a dead pid lost its state-like files.
+    Names and pids prove nothing: without a manifest under a free lock, nothing is deleted."""
+    import hashlib
+    import socket
 
+    host = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
     dead = 2**31 - 2  # no such process
-    orphan = tmp_path / f"warpgrad_replay_{_host()}_{dead}_abc"
-    shared = tmp_path / f"warpgrad_replay_{_host()}_{dead}_def"
-    live = tmp_path / f"warpgrad_replay_{_host()}_{os.getpid()}_ghi"
-    other_host = tmp_path / f"warpgrad_replay_00000000_{dead}_jkl"
-    for folder in (orphan, shared, live, other_host):
-        folder.mkdir()
-        (folder / "task0_3_12.pt").write_bytes(b"state")
-    (orphan / ".task0_terminal_13.pt.abc_12.tmp").write_bytes(b"half")
-    (shared / "notes.txt").write_text("the user's")
+    lookalike = tmp_path / f"warpgrad_replay_{host}_{dead}_abc"
+    lookalike.mkdir()
+    (lookalike / "task0_3_12.pt").write_bytes(b"the user's")
+    (lookalike / ".task0_terminal_13.pt.abc_12.tmp").write_bytes(b"the user's too")
+    planted = tmp_path / "warpgrad_replay_planted"
+    planted.mkdir()
+    (planted / LOCK_NAME).symlink_to(tmp_path / "elsewhere.lock")  # not followed
+    (planted / "task0_1_1.pt").write_bytes(b"kept")
     buffer = ReplayBuffer(inmem=False, tmpdir=tmp_path)
-    assert buffer.removed_orphans == [str(orphan)]
-    assert not orphan.exists()
-    assert sorted(os.listdir(shared)) == ["notes.txt"]  # only what a buffer writes went
-    assert os.listdir(live) == ["task0_3_12.pt"] and os.listdir(other_host) == ["task0_3_12.pt"]
-    assert os.path.basename(buffer.tmpdir).startswith(f"warpgrad_replay_{_host()}_{os.getpid()}_")
+    assert buffer.removed_orphans == []
+    assert sorted(os.listdir(lookalike)) == [".task0_terminal_13.pt.abc_12.tmp", "task0_3_12.pt"]
+    assert sorted(os.listdir(planted)) == [LOCK_NAME, "task0_1_1.pt"]
     buffer.close()
+
+
+_OWNER = textwrap.dedent("""
+    import sys, torch
+    from warpgrad import ReplayBuffer
+    buffer = ReplayBuffer(inmem=False, tmpdir=sys.argv[1])
+    buffer.init("task", [0])
+    for k in range(3):
+        buffer.update("task", {"w": torch.full((2,), float(k))})
+    print(buffer.tmpdir, flush=True)
+    sys.stdin.readline()  # stays alive until told to replay
+    print(sum(float(s.params["w"].sum()) for s in buffer.states("task")), flush=True)
+    sys.stdin.readline()  # alive until killed
+""")
+
+
+def _start_owner(parent, isolated: bool) -> tuple[subprocess.Popen, str]:
+    """A process that owns a disk buffer under ``parent``; with ``isolated``, in its own PID
+    namespace (as in a container sharing the temporary folder), where that works."""
+    command = [sys.executable, "-c", _OWNER, str(parent)]
+    if isolated:
+        command = ["unshare", "--user", "--map-root-user", "--pid", "--fork", *command]
+    owner = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"},
+                             start_new_session=True)
+    return owner, owner.stdout.readline().strip()
+
+
+def _kill(owner: subprocess.Popen, directory: str) -> None:
+    """SIGKILL to the owner's process group (unshare and the python it forked): it gets no
+    chance to clean up. Returns once the kernel has dropped the dead owner's lock."""
+    import fcntl
+    import time
+
+    os.killpg(owner.pid, signal.SIGKILL)
+    owner.wait()
+    owner.stdin.close()
+    owner.stdout.close()
+    deadline = time.monotonic() + 20
+    with open(os.path.join(directory, LOCK_NAME)) as lock:
+        while True:  # unshare's child may take a moment longer to die than unshare
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except OSError:
+                assert time.monotonic() < deadline, "the killed owner still holds its lock"
+                time.sleep(0.05)
+
+
+def _can_isolate() -> bool:
+    if shutil.which("unshare") is None:
+        return False
+    done = subprocess.run(["unshare", "--user", "--map-root-user", "--pid", "--fork", "true"],
+                          capture_output=True, check=False)
+    return done.returncode == 0
+
+
+@pytest.mark.parametrize("isolated", [False, True])
+def test_a_live_buffer_of_another_process_is_kept_and_a_killed_ones_files_removed(
+        tmp_path, isolated):
+    """Ownership is an OS file lock held by the owner: a live buffer (another process, or one in
+    another PID namespace, whose pid means nothing here) is never touched; once its owner is
+    killed (-9: no clean-up at exit), the next buffer removes exactly the files it wrote."""
+    if isolated and not _can_isolate():
+        pytest.skip("unshare of a user and PID namespace is not permitted here")
+    owner, directory = _start_owner(tmp_path, isolated)
+    try:
+        assert os.path.isdir(directory), directory
+        other = ReplayBuffer(inmem=False, tmpdir=tmp_path)
+        assert other.removed_orphans == [] and len(_states_in(directory)) == 3
+        owner.stdin.write("replay\n")
+        owner.stdin.flush()
+        assert owner.stdout.readline().strip() == "6.0"  # 2 * (0 + 1 + 2): its replay works
+    finally:
+        _kill(owner, directory)
+    other.close()
+    # Killed while owning a buffer: the next buffer removes it, files and folder.
+    owner, directory = _start_owner(tmp_path, isolated)
+    _kill(owner, directory)
+    assert len(_states_in(directory)) == 3
+    cleaner = ReplayBuffer(inmem=False, tmpdir=tmp_path)
+    assert cleaner.removed_orphans == [directory] and not os.path.exists(directory)
+    cleaner.close()
+    # A file someone else put into a dead buffer's folder stays, and so does the folder.
+    owner, directory = _start_owner(tmp_path, isolated)
+    _kill(owner, directory)
+    with open(os.path.join(directory, "notes.txt"), "w") as f:
+        f.write("the user's")
+    cleaner = ReplayBuffer(inmem=False, tmpdir=tmp_path)
+    assert cleaner.removed_orphans == [] and os.listdir(directory) == ["notes.txt"]
+    cleaner.close()
+    assert sorted(os.listdir(tmp_path)) == [os.path.basename(directory)]
+
+
+def test_a_forked_child_leaves_its_parents_buffer_alone(tmp_path):
+    buffer = ReplayBuffer(inmem=False, tmpdir=tmp_path)
+    _fill(buffer, tasks=1, steps=2)
+    pid = os.fork()
+    if pid == 0:  # the child drops its copy of the buffer (its finalizer runs)
+        try:
+            del buffer
+            gc.collect()
+        finally:
+            os._exit(0)
+    os.waitpid(pid, 0)
+    assert len(_states_in(buffer.tmpdir)) == 3
+    assert len(buffer.states("task0")) == 2
+    buffer.close()
+    assert os.listdir(tmp_path) == []
+
+
+def test_an_unwritable_tmpdir_is_one_line_naming_it(tmp_path, monkeypatch):
+    """Found by the issue 28 probe: a raw PermissionError from mkdtemp (simulated: the tests
+    may run as root, whom permissions do not stop)."""
+    import errno
+    import tempfile
+
+    def refuse(**kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", kwargs.get("dir"))
+
+    monkeypatch.setattr(tempfile, "mkdtemp", refuse)
+    with pytest.raises(ValueError, match=rf"tmpdir='{tmp_path}': cannot create the replay "
+                       r"buffer's folder there \(Permission denied\); pass a writable tmpdir"):
+        ReplayBuffer(inmem=False, tmpdir=tmp_path)

@@ -332,3 +332,16 @@ def test_keyword_construction_options(make_model, make_tasks):
         WarpGrad(criterion=F.cross_entropy, warp_modules=[])
     with pytest.raises(ValueError, match="steps must be an int >= 1"):
         learner.adapt(tasks[0], steps=0)
+
+
+@pytest.mark.parametrize("steps", [0, -1, 1.5, True])
+def test_adapt_and_evaluate_refuse_a_bad_step_count_as_the_other_learners(make_model,
+                                                                          make_tasks, steps):
+    """Issue 28 item 8: adapt(task, steps=0) returned the initialisation without a word."""
+    learner = _learner(make_model())
+    task = _tasks(make_tasks, num_tasks=1)[0]
+    with pytest.raises(ValueError, match=rf"steps must be an int >= 1, got {steps!r}"):
+        learner.adapt(task, steps=steps)
+    with pytest.raises(ValueError, match=rf"steps must be an int >= 1, got {steps!r}"):
+        learner.evaluate([task], steps=steps)
+    assert len(learner.adapt(task, steps=2).inner_losses) == 2

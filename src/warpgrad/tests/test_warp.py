@@ -181,8 +181,8 @@ def test_disk_and_memory_buffers_give_identical_meta_gradients(make_model, make_
                     optimizer_parameters=params)
         _record_loop(warp, tasks, momentum=0.5)
         assert len(buffer) == 45
-        if not buffer.inmem:
-            assert len(os.listdir(buffer.tmpdir)) == 45 + 3
+        if not buffer.inmem:  # states, terminal states and the lock file (the manifest)
+            assert len(os.listdir(buffer.tmpdir)) == 45 + 3 + 1
         collected = {}
 
         def step_fn(warp=warp, collected=collected):
@@ -194,7 +194,7 @@ def test_disk_and_memory_buffers_give_identical_meta_gradients(make_model, make_
         result = warp.backward(step_fn)
         assert result.num_meta_steps == 2
         if not buffer.inmem:
-            assert os.listdir(buffer.tmpdir) == []
+            assert os.listdir(buffer.tmpdir) == ["owner.lock"]
         grads.append(collected)
     memory, disk = grads
     assert set(memory) == set(disk) and any(n.startswith("optimizer.") for n in memory)
@@ -333,6 +333,12 @@ def _readme_meta_step(make_model, tasks, *, on_nonfinite="raise", inmem=True, tm
         meta_opt.step()
         meta_opt.zero_grad()
 
+    _record(warp, tasks)
+    return warp, before, lambda **kwargs: warp.backward(meta_step_fn, **kwargs)
+
+
+def _record(warp, tasks):
+    """Adapts to each task while recording its trajectory (the README's task loop)."""
     for task in tasks:
         warp.init_adaptation()
         warp.register_task(task)
@@ -344,7 +350,39 @@ def _readme_meta_step(make_model, tasks, *, on_nonfinite="raise", inmem=True, tm
             opt.step()
             opt.zero_grad()
         warp.no_collect()
-    return warp, before, lambda: warp.backward(meta_step_fn)
+
+
+@pytest.mark.parametrize("inmem", [True, False])
+def test_after_a_nonfinite_backward_the_next_meta_batch_steps(make_model, make_tasks, inmem,
+                                                              tmp_path):
+    """Issue 28 item 6: the bad trajectory stayed in the buffer, the message did not say how to
+    continue, and every later backward raised again while the buffer grew."""
+    tasks = make_tasks(num_tasks=3)
+    warp, before, backward = _readme_meta_step(make_model, _poison(tasks, 1, 2), inmem=inmem,
+                                               tmpdir=tmp_path)
+    with pytest.raises(NonFiniteError, match=r"task 1 of the meta-batch.*trajectories were "
+                       r"dropped and nothing was updated: record the next meta-batch"):
+        backward()
+    assert len(warp.buffer) == 0 and warp.buffer.slots() == []
+    for n, p in warp.named_meta_parameters(include_init=True):
+        assert torch.equal(p, before[n])
+    _record(warp, tasks)  # the next, clean meta-batch
+    assert backward().skipped_tasks == 0
+    reference, _, reference_backward = _readme_meta_step(make_model, tasks)
+    reference_backward()
+    for (n, p), (_, q) in zip(warp.named_meta_parameters(include_init=True),
+                              reference.named_meta_parameters(include_init=True), strict=True):
+        assert not torch.equal(p, before[n]) or n.startswith("init")
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14, msg=n)
+    # Kept for inspection on request, and the message names the way out.
+    warp, _, backward = _readme_meta_step(make_model, _poison(tasks, 1, 2))
+    with pytest.raises(NonFiniteError, match=r"kept \(retain_trajectories=True\) for "
+                       r"inspection in warp.buffer; call warp.clear\(\)"):
+        backward(retain_trajectories=True)
+    assert warp.buffer.slots() and warp.buffer.nonfinite_slots()
+    warp.clear()
+    _record(warp, tasks)
+    assert backward().skipped_tasks == 0
 
 
 def _poison(tasks, task, batch):

@@ -5,18 +5,18 @@ the inner optimizer's momentum buffers, when it has any). After a meta-batch of 
 updater replays the stored points: the warp objective is a sum over points of the whole joint
 task-parameter distribution, so no gradient ever flows through the adaptation trajectory.
 
-States are kept in memory (on ``device``) or on disk, one file per state, written atomically and
-loaded with ``torch.load(weights_only=True)``. The buffer removes its files on ``clear()`` and its
-temporary directory when it is garbage-collected (or on ``close()``).
+States are kept in memory (on ``device``) or on disk, one file per state, loaded with
+``torch.load(weights_only=True)``. On disk the buffer owns a scratch directory by an OS file lock
+(``warpgrad.scratch``); it removes its files on ``clear()`` and the directory when it is
+garbage-collected (or on ``close()``); a directory left by a killed process is removed by the
+next disk buffer under the same parent, once that process's lock is gone.
 """
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
 import os
 import re
-import shutil
-import socket
 import tempfile
 import weakref
 from collections.abc import Iterable
@@ -25,7 +25,8 @@ from typing import Any
 
 import torch
 
-from metazoo import Params, atomic_save
+from metazoo import Params
+from warpgrad.scratch import ScratchDirectory, remove_abandoned
 
 __all__ = ["ReplayBuffer", "ReplayState"]
 
@@ -55,55 +56,6 @@ def _copy(tensors: Params | None, device: torch.device | str | None) -> Params |
 
 _SAFE_LABEL = re.compile(r"[^A-Za-z0-9_-]")
 _PREFIX = "warpgrad_replay_"
-_OWNER = re.compile(_PREFIX + r"([0-9a-f]{8})_(\d+)_")
-# The files a disk buffer writes: states, and atomic_save's temporary files next to them.
-_OWN_FILE = re.compile(r"\.?[A-Za-z0-9_-]+_(\d+|terminal)_\d+\.pt(\.[A-Za-z0-9_]+\.tmp)?")
-
-
-def _host() -> str:
-    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # e.g. another user's process: it exists
-        return True
-    return True
-
-
-def _remove_orphans(parent: str) -> list[str]:
-    """Removes disk-buffer directories under ``parent`` whose process was killed.
-
-    A directory is an orphan when its name names this host and a process that no longer runs
-    (SIGKILL skips the clean-up at exit). Only the files a buffer writes are deleted, and
-    the directory only if nothing else is left in it; anything unreadable is left alone.
-
-    Returns:
-        The directories removed.
-    """
-    removed: list[str] = []
-    host = _host()
-    try:
-        entries = [e for e in os.scandir(parent)
-                   if e.name.startswith(_PREFIX) and e.is_dir(follow_symlinks=False)]
-    except OSError:
-        return removed
-    for entry in entries:
-        owner = _OWNER.match(entry.name)
-        if owner is None or owner[1] != host or _alive(int(owner[2])):
-            continue
-        try:
-            for item in os.scandir(entry.path):
-                if _OWN_FILE.fullmatch(item.name) and item.is_file(follow_symlinks=False):
-                    os.unlink(item.path)
-            os.rmdir(entry.path)  # fails, leaving it, if it holds files a buffer did not write
-        except OSError:
-            continue
-        removed.append(entry.path)
-    return removed
 
 
 def _all_finite(params: Params, momentum: Params | None) -> torch.Tensor:
@@ -115,10 +67,17 @@ def _all_finite(params: Params, momentum: Params | None) -> torch.Tensor:
                         for t in tensors]).all()
 
 
-def _atomic_save(obj: Any, path: str) -> None:
-    # A crash mid-write must never leave a truncated file that a later replay would load; the
-    # files die with the buffer, so no fsync.
-    atomic_save(obj, path, durable=False)
+def _save_state(obj: Any, path: str) -> None:
+    # Written in place, not through a temporary name: the path is in the scratch directory's
+    # manifest before the write starts, so whatever is left by a kill mid-write is cleaned up
+    # by name; and the buffer records the state only after the write returned, so no replay
+    # of this process reads a half-written file. The files die with the buffer: no fsync.
+    try:
+        torch.save(obj, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        raise
 
 
 class ReplayBuffer:
@@ -128,8 +87,10 @@ class ReplayBuffer:
         inmem: keep states in memory (default) or write them to disk.
         tmpdir: with ``inmem=False``, the directory under which a private temporary directory is
             created (default: the system's temporary directory). Directories left there by
-            buffers of killed processes (same host, process gone) are removed first, only the
-            files a buffer writes; ``removed_orphans`` lists them.
+            buffers of killed processes are removed first: only those whose owner's file lock
+            is free (the kernel releases it when the owner dies, in any container or PID
+            namespace), and only the files their manifest says the buffer wrote;
+            ``removed_orphans`` lists them.
         device: where in-memory states live (default ``"cpu"``, as in the reference, so long
             trajectories do not use accelerator memory); ``None`` keeps each tensor's device.
         every: keep only states whose step index is a multiple of ``every`` (1 keeps all).
@@ -174,12 +135,17 @@ class ReplayBuffer:
         self.removed_orphans: list[str] = []
         if not inmem:
             parent = tempfile.gettempdir() if tmpdir is None else os.fspath(tmpdir)
-            self.removed_orphans = _remove_orphans(parent)
-            # The owner (host and process) is in the name, so a later buffer can tell an
-            # orphan left by a killed process from a live buffer.
-            self.tmpdir = tempfile.mkdtemp(prefix=f"{_PREFIX}{_host()}_{os.getpid()}_",
-                                           dir=parent)
-            self._finalizer = weakref.finalize(self, shutil.rmtree, self.tmpdir, True)
+            # Directories of buffers whose process died (SIGKILL skips the clean-up at exit):
+            # removed only when their owner's lock can be taken, and only the files their
+            # manifest lists (see warpgrad.scratch).
+            self.removed_orphans = remove_abandoned(parent, _PREFIX)
+            try:
+                self._scratch = ScratchDirectory(parent, _PREFIX)
+            except OSError as err:
+                raise ValueError(f"tmpdir={parent!r}: cannot create the replay buffer's folder "
+                                 f"there ({err.strerror}); pass a writable tmpdir") from None
+            self.tmpdir = self._scratch.path
+            self._finalizer = weakref.finalize(self, self._scratch.remove)
 
     # -- writing ---------------------------------------------------------------------------
 
@@ -261,8 +227,8 @@ class ReplayBuffer:
         # characters so that no slot name (``"../x"``, ``"/abs"``) can leave the directory.
         label = _SAFE_LABEL.sub("_", str(slot))[:64]
         name = f"{label}_{'terminal' if terminal else step}_{self._counter}.pt"
-        path = os.path.join(self.tmpdir, name)
-        _atomic_save({"step": step, "params": _copy(params, "cpu"),
+        path = self._scratch.file(name)
+        _save_state({"step": step, "params": _copy(params, "cpu"),
                       "momentum": _copy(momentum, "cpu")}, path)
         return (step, path)
 
@@ -361,6 +327,7 @@ class ReplayBuffer:
             for _, path in self._terminal.values():
                 if os.path.exists(path):
                     os.unlink(path)
+            self._scratch.forget_written()
         self._data.clear()
         self._seen.clear()
         self._candidates.clear()

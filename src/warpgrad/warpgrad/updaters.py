@@ -631,6 +631,10 @@ class ContinualUpdater:
             total.zero_()
         self.count = 0
 
+    def reset(self) -> None:
+        """Forgets the accumulated warp gradients (e.g. a non-finite sum ``backward`` refused)."""
+        self._reset()
+
     def on_record(self, warp: WarpedModel, slot: str, state: ReplayState) -> None:
         """Never called: ``records_states`` is False."""
 

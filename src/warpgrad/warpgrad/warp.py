@@ -388,11 +388,20 @@ class Warp:
 
         Args:
             meta_step_fn: steps the meta-optimizer and zeroes its gradients.
-            retain_trajectories: keep the buffer (default: cleared).
+            retain_trajectories: keep the buffer (default: cleared), also when a non-finite
+                value stops the meta-step.
             retain_optimizer: keep the registered task optimizer.
 
         Returns:
             ``UpdateResult`` (replay and init timings, meta-steps taken, mean warp loss).
+
+        Raises:
+            NonFiniteError: a recorded trajectory (``on_nonfinite="raise"``) or a meta-gradient
+                is not finite. Nothing was updated; the meta-batch's trajectories (and a
+                ``ContinualUpdater``'s running sum) are dropped, unless
+                ``retain_trajectories=True`` keeps them for inspection (then call
+                ``clear()``), so the next meta-batch's ``backward`` works; the message says
+                which.
         """
         collecting = self._collect
         self.no_collect()
@@ -401,8 +410,27 @@ class Warp:
             result = self.updater.backward(self, meta_step_fn)
             if skipped:
                 result = dataclasses.replace(result, skipped_tasks=skipped)
+        except NonFiniteError as error:
+            # Replaying the same trajectories would fail the same way: unless they are wanted
+            # for inspection, drop them (and a continual updater's non-finite sum) so that the
+            # next meta-batch starts clean, and say so.
+            if retain_trajectories:
+                self._collect = collecting and self._can_collect()
+                then = ("The trajectories were kept (retain_trajectories=True) for inspection "
+                        "in warp.buffer; call warp.clear() before recording the next meta-batch")
+            else:
+                self.clear()
+                if isinstance(self.updater, ContinualUpdater):
+                    self.updater.reset()
+                then = ("This meta-batch's trajectories were dropped and nothing was updated: "
+                        "record the next meta-batch and call backward() again (pass "
+                        "retain_trajectories=True to keep them for inspection)")
+            raise NonFiniteError(task=error.task, inner_step=error.inner_step,
+                                 where=error.where, meta_step=error.meta_step,
+                                 names=error.names, then=then) from None
         except BaseException:
-            # Keep the trajectories for inspection or a retry; only the flag is restored.
+            # Keep the trajectories for a retry (an interrupt, a failing meta_step_fn); only
+            # the flag is restored.
             self._collect = collecting and self._can_collect()
             raise
         if not retain_trajectories:
