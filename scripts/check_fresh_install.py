@@ -17,8 +17,13 @@ exactly those distributions; pip finds torch there as installed, so ``torch>=2.4
 by the pinned torch of ``requirements.txt``. Nothing else from the running environment is
 visible. Needs network access to the package registry (hatchling, editables, numpy).
 
+Then ``setup``: in one more fresh venv, ``scripts/setup.sh maml`` and ``scripts/setup.sh leap
+warpgrad`` (one command for any subset; adding packages must not reinstall the core), after
+which every learner is listed by name (``metazoo.available_learners()``, the entry points of the
+installed metadata) and ``pip check`` passes.
+
 Usage: ``python scripts/check_fresh_install.py [PACKAGE ...]`` (default: warpgrad
-leap maml); exit status 0 when every package passed.
+leap maml setup); exit status 0 when every check passed.
 """
 
 from __future__ import annotations
@@ -38,6 +43,10 @@ from packaging.utils import canonicalize_name
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("warpgrad", "leap", "maml")
+CHECKS = (*PACKAGES, "setup")
+#: Every learner the three packages register (their pyprojects' entry points).
+LEARNERS = ["anil", "fomaml", "imaml", "leap", "maml", "metasgd", "reptile", "warp_leap",
+            "warp_maml", "warpgrad"]
 
 
 def distribution_closure(name: str) -> dict[str, metadata.Distribution]:
@@ -120,15 +129,51 @@ def check(package: str, work: Path, torch_folder: Path, env: dict[str, str]) -> 
     return True
 
 
+def check_setup(work: Path, torch_folder: Path, env: dict[str, str]) -> bool:
+    """``scripts/setup.sh`` for a subset, then adding two packages without reinstalling the
+    core; every learner listed by name. True when it passed."""
+    start = time.perf_counter()
+    python = fresh_venv(work / "venv_setup", torch_folder)
+    env = {**env, "PATH": f"{python.parent}{os.pathsep}{env.get('PATH', '')}"}
+    stamp = [str(python), "-c", "import importlib.metadata as m, os; "
+             "p = m.distribution('metazoo')._path; print(os.stat(p).st_ino)"]
+    listed = [str(python), "-W", "error", "-c",
+              "import metazoo; print(metazoo.available_learners())"]
+    outputs: dict[str, str] = {}
+    steps = [("setup.sh maml", ["scripts/setup.sh", "maml"]), ("core", stamp),
+             ("setup.sh leap warpgrad", ["scripts/setup.sh", "leap", "warpgrad"]),
+             ("core again", stamp), ("learners", listed),
+             ("pip check", [str(python), "-m", "pip", "check", "--disable-pip-version-check"])]
+    for label, cmd in steps:
+        print(f"[setup] $ {' '.join(cmd)}", flush=True)
+        result = subprocess.run(cmd, cwd=ROOT if "setup.sh" in label else work, env=env,
+                                capture_output=True, text=True)
+        outputs[label] = result.stdout.strip()
+        output = (result.stdout + result.stderr).strip()
+        if output:
+            print("    " + output.replace("\n", "\n    "), flush=True)
+        if result.returncode != 0:
+            print(f"[setup] FAILED (exit {result.returncode})", flush=True)
+            return False
+    if outputs["core"] != outputs["core again"]:
+        print("[setup] FAILED: adding packages reinstalled the core", flush=True)
+        return False
+    if outputs["learners"] != str(LEARNERS):
+        print(f"[setup] FAILED: learners {outputs['learners']}, expected {LEARNERS}", flush=True)
+        return False
+    print(f"[setup] ok in {time.perf_counter() - start:.0f} s", flush=True)
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("packages", nargs="*", default=list(PACKAGES),
-                        help=f"packages to check, among {', '.join(PACKAGES)}")
+    parser.add_argument("packages", nargs="*", default=list(CHECKS),
+                        help=f"checks to run, among {', '.join(CHECKS)}")
     args = parser.parse_args(argv)
-    unknown = sorted(set(args.packages) - set(PACKAGES))
+    unknown = sorted(set(args.packages) - set(CHECKS))
     if unknown:
-        parser.error(f"unknown package {', '.join(unknown)}; choose among {', '.join(PACKAGES)}")
+        parser.error(f"unknown check {', '.join(unknown)}; choose among {', '.join(CHECKS)}")
     # The fresh venvs must not see this checkout or the calling environment's packages.
     env = {k: v for k, v in os.environ.items()
            if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "PIP_REQUIRE_VIRTUALENV")}
@@ -141,7 +186,9 @@ def main(argv: list[str] | None = None) -> int:
         link_distributions(dists, torch_folder)
         print(f"fresh venvs see only: {', '.join(sorted(dists))} (linked from this environment)",
               flush=True)
-        failed = [p for p in args.packages if not check(p, work, torch_folder, env)]
+        failed = [p for p in args.packages
+                  if not (check_setup(work, torch_folder, env) if p == "setup"
+                          else check(p, work, torch_folder, env))]
     if failed:
         print(f"failed: {', '.join(failed)}")
     return int(bool(failed))

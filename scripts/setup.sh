@@ -36,7 +36,9 @@ fi
 # The build backend once, into this environment: pip's default build isolation would install
 # it into a fresh temporary environment for every package built (about 25 s each here).
 # (editables: what hatchling's editable installs import at start-up.)
-python -m pip install --quiet "hatchling>=1.26" "editables>=0.3"
+if ! python -c "import editables, hatchling" 2>/dev/null; then
+  python -m pip install --quiet "hatchling>=1.26" "editables>=0.3"
+fi
 build=(--no-build-isolation)
 # The core, once. Each algorithm package names the core by its path in this repository
 # ("metazoo @ file:///.../src/metazoo", so that `pip install -e .` in its folder works alone),

@@ -138,8 +138,10 @@ def test_shared_checks_refuse_bad_input_in_every_learner(name):
     for method in (learner.meta_step, learner.evaluate):
         with pytest.raises(TypeError, match=r"tasks\[0\] must be a metazoo\.Task, got tuple"):
             method([as_tuple])
-        with pytest.raises(TypeError, match=r"tasks must be a list of metazoo\.Task"):
-            method(t for t in [task])
+        with pytest.raises(TypeError, match=r"tasks must be a list of metazoo\.Task, got int"):
+            method(3)
+    # A generator is read once, as a list would be.
+    assert type(learner.evaluate(t for t in [task])) is type(learner.evaluate([task]))
 
 
 @pytest.mark.parametrize("name", sorted(LEARNERS))

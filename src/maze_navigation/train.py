@@ -39,12 +39,14 @@ from torch import Tensor, nn
 import warpgrad
 from agents import make_agent
 from env import NUM_ACTIONS, Maze
+from metazoo import NonFiniteError, checked_step
 from metazoo.serialization import load_checked, save_checked
 
 __all__ = [
     "A2CLoss",
     "ConfigError",
     "EpisodeResult",
+    "NonFiniteEpisode",
     "Rollout",
     "TrainConfig",
     "Trainer",
@@ -134,6 +136,13 @@ class TrainConfig:
             value = getattr(self, name)
             if not (value > 0 and math.isfinite(value)):
                 raise ConfigError(name, value, "> 0 (and finite)")
+            if value > MAX_ADAM_LR:
+                # Adam moves every parameter by about lr per step whatever the gradient's
+                # size: 1e30 replaces the network by noise of that size (a deterministic
+                # policy at reward 0, or an overflow), never a run worth having.
+                raise ConfigError(name, value, f"<= {MAX_ADAM_LR:g}: Adam moves every "
+                                  f"parameter by about this much per step; e.g. 1e-3 (the "
+                                  f"default)", verb="be")
         if not (self.grad_clip >= 0 and math.isfinite(self.grad_clip)):
             raise ConfigError("grad_clip", self.grad_clip, ">= 0 (and finite; 0: no clipping)")
         for name in ("concentration", "value_coef", "wall_penalty"):
@@ -144,10 +153,55 @@ class TrainConfig:
             raise ConfigError("reward", self.reward, "a finite number")
         if self.dtype not in _DTYPES:
             raise ConfigError("dtype", self.dtype, f"one of {sorted(_DTYPES)}")
+        peak, largest = _peak_return(self), float(torch.finfo(_DTYPES[self.dtype]).max)
+        limit = (math.sqrt(largest / (self.value_coef * self.episode_length))
+                 if self.value_coef > 0 else largest)
+        if peak > min(limit, largest):
+            # The value loss sums squared errors of returns up to ``peak``: it would overflow
+            # to inf at the first rewarded episode, and every parameter would turn NaN.
+            name = "reward" if abs(self.reward) >= self.wall_penalty else "wall_penalty"
+            raise ConfigError(name, getattr(self, name), f"small enough for {self.dtype}: "
+                              f"discounted returns reach {peak:.3g}, and their squared value "
+                              f"error overflows {self.dtype} (largest {largest:.3g}); lower it "
+                              f"(default {getattr(TrainConfig, name):g}) or use --dtype "
+                              f"float64", verb="be")
+
+
+#: The largest Adam step size a maze run accepts (``TrainConfig`` validation).
+MAX_ADAM_LR = 1.0
+
+
+def _peak_return(config: TrainConfig) -> float:
+    """The largest discounted return an episode can have: every step rewarded (or penalised)."""
+    c = config
+    horizon = (c.episode_length if c.discount == 1.0
+               else (1 - c.discount ** c.episode_length) / (1 - c.discount))
+    return max(abs(c.reward), c.wall_penalty) * horizon
 
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+class NonFiniteEpisode(NonFiniteError):
+    """An episode whose loss, gradients or policy are NaN or infinite; nothing was updated.
+
+    One line naming the episode, what was not finite and the options that lead there with
+    their values; ``metazoo.cli.run_command`` prints it as one ``error:`` line (exit code 2).
+
+    Attributes:
+        episode: the episode (0-based).
+        what: what was not finite.
+        advice: the options to change, with their values, and the fix.
+    """
+
+    def __init__(self, *, episode: int, what: str, advice: str) -> None:
+        self.episode, self.what, self.advice = episode, what, advice
+        super().__init__(task=None, inner_step=None, where="episode")
+
+    def _message(self) -> str:
+        return (f"episode {self.episode}: {self.what}; nothing was updated and no checkpoint "
+                f"was written. {self.advice}")
 
 
 class ConfigError(ValueError):
@@ -303,7 +357,15 @@ class Trainer:
             out = self.agent(obs, state)
             state = out.state
             p = torch.softmax(out.logits, dim=1)
-            action = torch.multinomial(p.detach(), 1, generator=self.action_generator)
+            try:
+                action = torch.multinomial(p.detach(), 1, generator=self.action_generator)
+            except RuntimeError as err:  # "probability tensor contains either inf, nan ..."
+                if "probability tensor" not in str(err):
+                    raise
+                raise NonFiniteEpisode(
+                    episode=self.episode, what=f"the policy's action probabilities are not "
+                    f"finite at step {len(rewards)} of the rollout (the agent's parameters or "
+                    f"state overflowed)", advice=self._advice()) from None
             log_probs.append(torch.log_softmax(out.logits, dim=1).gather(1, action).squeeze(1))
             values.append(out.value)
             probs.append(p)
@@ -358,6 +420,20 @@ class Trainer:
 
         # max_norm=inf measures the norm and leaves the gradients as they are.
         grad_norm = torch.nn.utils.clip_grad_norm_(self.adapt_params, c.grad_clip or math.inf)
+        # One host transfer (the result needs both numbers anyway): a non-finite loss or
+        # gradient stops the run before any parameter, optimizer or warp sum takes it in.
+        warp_grads = [p.grad for p in self.warp_params if p.grad is not None]
+        # 0 * g is 0 where g is finite and NaN where it is not (faults.all_finite's trick).
+        warp_fault = (torch.stack([(g * 0).sum() for g in warp_grads]).sum().to(grad_norm.dtype)
+                      if warp_grads else grad_norm.new_zeros(()))
+        loss_value, norm_value, warp_value = torch.stack(
+            [loss.total.detach().to(grad_norm.dtype), grad_norm, warp_fault]).tolist()
+        if not all(map(math.isfinite, (loss_value, norm_value, warp_value))):
+            self.adapt_optimizer.zero_grad(set_to_none=True)
+            for p in self.warp_params:
+                p.grad = None
+            raise NonFiniteEpisode(episode=self.episode, what=self._describe(loss, norm_value),
+                                   advice=self._advice())
         self.adapt_optimizer.step()
         self.adapt_optimizer.zero_grad(set_to_none=True)
 
@@ -371,24 +447,51 @@ class Trainer:
                 self.warp.no_collect()
             self.warp.accumulate_warp_gradients()
             if self.updater.count == c.meta_update_ival:
-                self.warp.backward(self._warp_step)
+                try:
+                    self.warp.backward(self._warp_step)
+                except NonFiniteEpisode:
+                    raise
+                except NonFiniteError as err:  # the warp update itself (undone, sum dropped)
+                    raise NonFiniteEpisode(
+                        episode=self.episode, what=f"the warp update is not finite "
+                        f"({err.where.replace('_', ' ')} of {list(err.names)[:3]})",
+                        advice=self._advice()) from None
                 self.meta_updates += 1
                 meta_updated = True
 
         result = EpisodeResult(
             episode=self.episode,
             mean_reward=float(rollout.rewards.sum(0).mean()),
-            loss=float(loss.total.detach()),
-            adapt_grad_norm=float(grad_norm),
+            loss=loss_value,
+            adapt_grad_norm=norm_value,
             meta_updated=meta_updated,
         )
         self.episode += 1
         return result
 
+    def _describe(self, loss: A2CLoss, grad_norm: float) -> str:
+        """What was not finite in an episode (the error path only: one transfer per term)."""
+        terms = {"policy": loss.policy, "value": loss.value, "concentration": loss.concentration}
+        values = {name: float(term.detach()) for name, term in terms.items()}
+        bad = [f"{name} {value:g}" for name, value in values.items() if not math.isfinite(value)]
+        if bad:
+            return f"the A2C loss is not finite ({', '.join(bad)})"
+        if not math.isfinite(grad_norm):
+            return f"the gradient of the A2C loss is not finite (norm {grad_norm:g})"
+        return "the warp parameters' gradient of the A2C loss is not finite"
+
+    def _advice(self) -> str:
+        """The options that make an episode non-finite, with their values, and the fix."""
+        c = self.config
+        return (f"Lower --learning_rate ({c.learning_rate:g}) or --meta_learning_rate "
+                f"({c.meta_learning_rate:g}) (defaults 1e-3), or --reward ({c.reward:g}), in "
+                f"a new run folder")
+
     def _warp_step(self) -> None:
         """The meta-step ``warp.backward`` calls with the mean (clipped) warp gradient."""
         assert self.warp_optimizer is not None
-        self.warp_optimizer.step()
+        # Undone and reported if it makes a warp parameter or Adam's state non-finite.
+        checked_step(self.warp_optimizer, self.warp.named_warp_parameters())
         self.warp_optimizer.zero_grad(set_to_none=True)
 
     def state_dict(self) -> dict[str, Any]:

@@ -265,14 +265,15 @@ def _run(args: argparse.Namespace, device: torch.device, main_process: bool
     with ExitStack() as stack:
         if main_process:  # the lock is held until the run ends (or its process dies)
             stack.enter_context(folder)
-            if args.evaluate:
-                return _evaluate_only(folder, args, exp, learner, printer)
+        if args.evaluate:  # the main process evaluates; under torchrun the others wait
+            return (_evaluate_only(folder, args, exp, learner, printer) if main_process
+                    else float("nan"))
         run = RunState(0, torch.Generator().manual_seed(args.seed), random.Random(args.seed))
         checkpoint = folder.file("checkpoint.pt")
         if args.resume and (checkpoint.exists() or checkpoint.is_symlink()):
             if main_process:
                 _resume(folder, args, exp, learner, run)
-            else:  # the other ranks read the same checkpoint, after rank 0 checked it
+            else:  # the other ranks read the same checkpoint (checked the same way)
                 restore(load_checked(folder, "checkpoint.pt", args), learner, run)
             printer(f"resumed {folder.path} at step {run.step}")
         elif main_process:

@@ -40,7 +40,6 @@ def write_line(logs: RunFolder, name: str, step: int, meta_loss: float, loss: fl
     logs.append_text(name, f"{step:d},{meta_loss:f},{loss:f},{acc:f},{curve},{acc_curve}\n")
 
 
-
 # -- state ------------------------------------------------------------------------------------
 
 @dataclass

@@ -249,7 +249,6 @@ class FewShotExperiment:
         return ci.mean
 
 
-
 def make_experiment(args: argparse.Namespace, device: torch.device
                     ) -> Experiment | FewShotExperiment:
     """The ``--protocol``'s experiment."""

@@ -56,8 +56,8 @@ def _check_steps(name: str, value: object) -> int:
     return value
 
 
-def _check_tasks(tasks: Sequence[Task]) -> None:
-    metazoo.check_tasks(tasks)
+def _check_tasks(tasks: Iterable[Task]) -> Sequence[Task]:
+    return metazoo.check_tasks(tasks)
 
 
 @final
@@ -208,27 +208,27 @@ class LeapLearner(MetaLearner):
         The returned ``meta_loss`` and ``accuracy`` score the adapted models on the query sets
         (Leap's meta-objective is the path length, which does not use them).
         """
-        _check_tasks(tasks)
+        tasks = _check_tasks(tasks)
         chunk = metazoo.vectorize.resolve_chunk(self.vectorize, len(tasks), self._device())
         if chunk is not None:
             return self._vectorized_meta_backward(tasks, chunk)
         start = time.perf_counter()
+        faults = metazoo.TaskFaults(self.on_nonfinite)
         total: Tensor | None = None
         per_task = []
-        for index, task in enumerate(tasks):
+        for task in tasks:
             task = self._layout(task)
             run = self._run(task, self.inner_steps, meta=True)
             assert run.meta_grad is not None
             loss, acc = self._score(run, task)
-            fault = metazoo.task_fault(index, run.losses, loss)
-            if fault is not None:
-                if self.on_nonfinite == "raise":
-                    raise fault
-                continue
-            total = run.meta_grad if total is None else total.add_(run.meta_grad)
+            # Masked by the task's finiteness on the device; one host transfer checks them all.
+            meta_grad = faults.masked(faults.check(run.losses, loss), run.meta_grad)
+            total = meta_grad if total is None else total.add_(meta_grad)
             per_task.append((loss, acc, run.losses))
-        if total is not None:
-            add_to_grad(list(self.meta_parameters()), total.div_(len(per_task)))
+        kept = faults.resolve()
+        per_task = [per_task[i] for i in kept]
+        if total is not None and kept:
+            add_to_grad(list(self.meta_parameters()), total.div_(len(kept)))
         return self._summary(per_task, len(tasks), start)
 
     def _vectorized_meta_backward(self, tasks: Sequence[Task], chunk: int) -> MetaStepResult:
@@ -275,7 +275,7 @@ class LeapLearner(MetaLearner):
 
     def evaluate(self, tasks: Sequence[Task], *, steps: int | None = None) -> EvalResult:
         """Adapts to each task and scores its query set; the initialisation is unchanged."""
-        _check_tasks(tasks)
+        tasks = _check_tasks(tasks)
         k = self._eval_steps(steps)
         chunk = metazoo.vectorize.resolve_chunk(self.vectorize, len(tasks), self._device())
         if chunk is not None:

@@ -376,3 +376,13 @@ def test_a_nonfinite_meta_update_is_undone_and_named(factory, on_nonfinite):
     assert info.value.where == "meta_update" and "scale" in info.value.names
     assert all(torch.equal(p, b) for p, b in zip(ours.meta_parameters(), before, strict=True))
     assert not ours.meta_optimizer.state
+
+
+def test_the_loop_checks_all_tasks_with_one_host_transfer():
+    from metazoo.testing import count_host_syncs, image_tasks, small_conv_net
+
+    learner = LeapLearner(model=small_conv_net(), criterion=torch.nn.functional.cross_entropy,
+                          inner_optimizer=metazoo.SGD(0.1), inner_steps=2)
+    with count_host_syncs() as syncs:
+        learner.meta_backward(image_tasks(4))
+    assert syncs.count == 2  # the fault flags of all tasks, then the reported means

@@ -96,9 +96,9 @@ def build_meta_optimizer(meta_optimizer: MetaOptimizerFactory | torch.optim.Opti
     return metazoo.build_meta_optimizer(meta_optimizer, named_parameters, default)
 
 
-def check_tasks(tasks: Sequence[metazoo.Task]) -> None:
-    """``metazoo.check_tasks``: a non-empty list of ``metazoo.Task``."""
-    metazoo.check_tasks(tasks)
+def check_tasks(tasks: Iterable[metazoo.Task]) -> Sequence[metazoo.Task]:
+    """``metazoo.check_tasks``: a non-empty sequence (or iterable, read once) of tasks."""
+    return metazoo.check_tasks(tasks)
 
 
 def score_query(model: nn.Module, criterion: Criterion, params: metazoo.Params,
@@ -166,41 +166,58 @@ class ModelLearner(metazoo.MetaLearner):
 
 
 class TaskGradients:
-    """Collects one meta-batch's gradients so that skipped tasks leave the mean exact.
+    """Collects one meta-batch's gradients so that skipped tasks leave the mean exact, with one
+    host transfer for the fault checks of all tasks (``metazoo.TaskFaults``).
 
-    Gradients already in ``.grad`` are set aside on entry; each kept task adds its gradient of
-    ``objective / len(tasks)``; on ``finish`` the batch's sum is rescaled to the mean over the
-    kept tasks and the set-aside gradients are added back (``backward`` accumulation).
+    Gradients already in ``.grad`` are set aside on entry; ``add`` adds a task's gradient of
+    ``objective / len(tasks)`` masked by its finiteness flag (on the device, no
+    synchronisation); ``finish`` reads the flags once, raises the first task's
+    ``metazoo.NonFiniteError`` in raise mode (``.grad`` then holds what the tasks before it
+    added, as when each task was checked before its backward pass), rescales the sum to the mean
+    over the kept tasks and adds the set-aside gradients back (``backward`` accumulation).
     """
 
     def __init__(self, params: Iterable[Tensor], num_tasks: int, on_nonfinite: str) -> None:
         self.params = list(params)
         self.num_tasks = num_tasks
-        self.on_nonfinite = on_nonfinite
+        self.faults = metazoo.TaskFaults(on_nonfinite)
         self.skipped = 0
+        self._sums: list[Tensor | None] = [None] * len(self.params)
         self._saved = [p.grad for p in self.params]
         for p in self.params:
             p.grad = None
 
-    def keep(self, index: int, inner_losses: Tensor, objective: Tensor | None) -> bool:
-        """Whether task ``index`` is finite; raises ``metazoo.NonFiniteError`` in raise mode."""
-        fault = metazoo.task_fault(index, inner_losses, objective)
-        if fault is None:
-            return True
-        if self.on_nonfinite == "raise":
-            self.finish()
-            raise fault
-        self.skipped += 1
-        return False
+    def add(self, inner_losses: Tensor, objective: Tensor | None,
+            grads: Sequence[Tensor | None]) -> None:
+        """Adds the next task's gradients (one per parameter, ``None`` for none), masked."""
+        mask = self.faults.check(inner_losses, objective)
+        for index, grad in enumerate(grads):
+            if grad is not None:
+                grad = self.faults.masked(mask, grad.detach())
+                total = self._sums[index]
+                self._sums[index] = grad if total is None else total + grad
 
-    def finish(self) -> None:
-        kept = self.num_tasks - self.skipped
-        for p, saved in zip(self.params, self._saved, strict=True):
-            if p.grad is not None and 0 < kept < self.num_tasks:
-                p.grad.mul_(self.num_tasks / kept)
+    def finish(self) -> list[int]:
+        """The indices of the kept tasks; ``.grad`` holds their mean gradient (plus what it
+        held on entry)."""
+        try:
+            kept = self.faults.resolve()
+        except metazoo.NonFiniteError:
+            self._write(self.num_tasks)
+            raise
+        self.skipped = self.num_tasks - len(kept)
+        self._write(len(kept))
+        return kept
+
+    def _write(self, kept: int) -> None:
+        for p, total, saved in zip(self.params, self._sums, self._saved, strict=True):
+            if total is not None:
+                metazoo.accumulate_grad(p, total)
+                if p.grad is not None and 0 < kept < self.num_tasks:
+                    p.grad.mul_(self.num_tasks / kept)
             if saved is not None:
                 p.grad = saved if p.grad is None else saved.add_(p.grad)
-        self._saved = []
+        self._saved, self._sums = [], []
 
 
 def summarize(per_task: Sequence[tuple[Tensor, Tensor | None, Tensor]], num_tasks: int,

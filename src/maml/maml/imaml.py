@@ -123,6 +123,7 @@ class iMAML(ModelLearner):
         on_nonfinite: str = "raise",
         channels_last: bool = False,
         vectorize: bool | int | str = False,
+        compile: bool | dict[str, Any] = False,
     ) -> None:
         """Builds the learner.
 
@@ -164,6 +165,12 @@ class iMAML(ModelLearner):
                 (on CPUs the loop was measured faster; ``benchmarks/gpu_meta_step.py``). Needs
                 tasks of one shape; raises ``ValueError`` with ``channels_last``. Models must
                 not draw random numbers (dropout) in the vectorized path.
+            compile: compile the vectorized per-meta-batch function (``vmap`` over a chunk of
+                tasks) with ``torch.compile`` (``fullgraph=True``: a graph break raises):
+                ``False`` (default), ``True`` (inductor, ``dynamic=False``) or a dict of
+                ``torch.compile`` keywords (``{"backend": "aot_eager"}``). Needs ``vectorize``.
+                The first meta-step compiles (minutes with inductor; logged by the
+                ``metazoo.vectorize`` logger); see ``docs/performance.md`` for where it pays.
         """
         self.model = check_module(model)
         self.criterion = check_criterion(criterion)
@@ -188,6 +195,7 @@ class iMAML(ModelLearner):
         self.on_nonfinite = metazoo.check_on_nonfinite(on_nonfinite)
         self.channels_last = metazoo.check_channels_last(channels_last)
         self.vectorize = metazoo.vectorize.check_vectorize(vectorize)
+        self.compile = metazoo.vectorize.check_compile(compile, self.vectorize)
         if self.vectorize is not False and channels_last:
             raise ValueError(f"vectorize={vectorize!r} does not support channels_last; pass "
                              f"channels_last=False, or vectorize=False to keep channels_last in "
@@ -329,30 +337,27 @@ class iMAML(ModelLearner):
 
     def meta_backward(self, tasks: Sequence[Task]) -> MetaStepResult:
         """Accumulates the mean implicit meta-gradient over ``tasks`` into ``.grad``."""
-        check_tasks(tasks)
+        tasks = check_tasks(tasks)
         chunk = metazoo.vectorize.resolve_chunk(self.vectorize, len(tasks), self._device())
         if chunk is not None:
             return _vectorized.imaml_meta_backward(self, tasks, chunk)
         start = time.perf_counter()
         collected = TaskGradients(self.meta_parameters(), len(tasks), self.on_nonfinite)
         per_task = []
-        for index, task in enumerate(tasks):
+        for task in tasks:
             task = self._layout(task)
             result, _ = self._unroll(task, self.inner_steps)
-            if not collected.keep(index, result.losses, None):
-                continue
+            # Computed for every task (a non-finite one is masked out of .grad on the device):
+            # one host transfer checks the whole meta-batch.
             grads, loss, acc = self.implicit_gradient(task, result.params, result.buffers)
-            if not collected.keep(index, result.losses, loss):
-                continue
-            for p, g in zip(self.meta_parameters(), grads, strict=True):
-                metazoo.accumulate_grad(p, g / len(tasks))
+            collected.add(result.losses, loss, [g / len(tasks) for g in grads])
             per_task.append((loss, acc, result.losses))
-        collected.finish()
+        per_task = [per_task[i] for i in collected.finish()]
         return summarize(per_task, len(tasks), collected.skipped, start)
 
     def evaluate(self, tasks: Sequence[Task], *, steps: int | None = None) -> EvalResult:
         """Adapts to each task (proximal inner problem) and scores its query set."""
-        check_tasks(tasks)
+        tasks = check_tasks(tasks)
         steps = self.eval_inner_steps if steps is None else check_steps("steps", steps)
         chunk = metazoo.vectorize.resolve_chunk(self.vectorize, len(tasks), self._device())
 

@@ -87,6 +87,7 @@ class Reptile(ModelLearner):
         on_nonfinite: str = "raise",
         channels_last: bool = False,
         vectorize: bool | int | str = False,
+        compile: bool | dict[str, Any] = False,
         inner_state: str = "reset",
     ) -> None:
         """Builds the learner.
@@ -118,6 +119,12 @@ class Reptile(ModelLearner):
                 ``meta_backward`` and ``evaluate``: ``False`` (default) the per-task loop,
                 ``True`` all tasks at once, an int N that many at a time, ``"auto"`` vectorized
                 on CUDA only. Needs tasks of one shape; not with ``channels_last``.
+            compile: compile the vectorized per-meta-batch function (``vmap`` over a chunk of
+                tasks) with ``torch.compile`` (``fullgraph=True``: a graph break raises):
+                ``False`` (default), ``True`` (inductor, ``dynamic=False``) or a dict of
+                ``torch.compile`` keywords (``{"backend": "aot_eager"}``). Needs ``vectorize``.
+                The first meta-step compiles (minutes with inductor; logged by the
+                ``metazoo.vectorize`` logger); see ``docs/performance.md`` for where it pays.
             inner_state: ``"reset"`` (default) starts the inner optimizer's state afresh for
                 every task. ``"carry"`` is the authors' code (see the module docstring): one
                 inner optimizer state (e.g. Adam's moments and step count) runs on from task to
@@ -138,6 +145,7 @@ class Reptile(ModelLearner):
         self.on_nonfinite = metazoo.check_on_nonfinite(on_nonfinite)
         self.channels_last = metazoo.check_channels_last(channels_last)
         self.vectorize = metazoo.vectorize.check_vectorize(vectorize)
+        self.compile = metazoo.vectorize.check_compile(compile, self.vectorize)
         if self.vectorize is not False and channels_last:
             raise ValueError(f"vectorize={vectorize!r} does not support channels_last; pass "
                              f"channels_last=False, or vectorize=False to keep channels_last in "
@@ -200,34 +208,37 @@ class Reptile(ModelLearner):
 
     def meta_backward(self, tasks: Sequence[Task]) -> MetaStepResult:
         """Accumulates ``mean_T (theta - phi_T)`` into ``.grad``; reports the query loss."""
-        check_tasks(tasks)
+        tasks = check_tasks(tasks)
         chunk = metazoo.vectorize.resolve_chunk(self.vectorize, len(tasks), self._device())
         if chunk is not None:
             return _vectorized.reptile_meta_backward(self, tasks, chunk)
         start = time.perf_counter()
-        collected = TaskGradients(self.meta_parameters(), len(tasks), self.on_nonfinite)
+        named = list(self.named_meta_parameters())
+        collected = TaskGradients([p for _, p in named], len(tasks), self.on_nonfinite)
         per_task = []
-        for index, task in enumerate(tasks):
+        for task in tasks:
             task = self._layout(task)
             result, params = self._unroll(task, self.inner_steps)
             with torch.no_grad():
                 loss, acc = score_query(self.model, self.criterion, params,
                                         result.buffers, task.query, self.bn_mode)
                 # Reptile's step does not use the query loss, but a NaN there is still a fault.
-                if not collected.keep(index, result.losses, loss):
-                    continue
-                for name, p in self.named_meta_parameters():
-                    metazoo.accumulate_grad(p, (p - result.params[name]) / len(tasks))
+                collected.add(result.losses, loss,
+                              [(p - result.params[name]) / len(tasks) for name, p in named])
             if self.inner_state == "carry":
-                # A skipped task returned above: its (non-finite) state is not carried on.
-                self._carried_state = _detached(result.state)
+                # The next task starts from this state, so this task's flag is read now (one
+                # transfer per task in carry mode); a skipped task's state is not carried on.
+                if metazoo.task_fault(0, result.losses, loss) is None:
+                    self._carried_state = _detached(result.state)
+                elif self.on_nonfinite == "raise":
+                    collected.finish()  # raises this task's error before another task runs
             per_task.append((loss, acc, result.losses))
-        collected.finish()
+        per_task = [per_task[i] for i in collected.finish()]
         return summarize(per_task, len(tasks), collected.skipped, start)
 
     def evaluate(self, tasks: Sequence[Task], *, steps: int | None = None) -> EvalResult:
         """Adapts to each task and scores its query set; the model is left unchanged."""
-        check_tasks(tasks)
+        tasks = check_tasks(tasks)
         steps = self.eval_inner_steps if steps is None else check_steps("steps", steps)
         chunk = metazoo.vectorize.resolve_chunk(self.vectorize, len(tasks), self._device())
 

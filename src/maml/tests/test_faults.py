@@ -303,3 +303,18 @@ def test_every_parameter_frozen_is_a_clear_error(name):
     with pytest.raises(ValueError, match=r"no parameters with requires_grad=True, so there is "
                                          r"nothing to adapt or meta-learn"):
         LEARNERS[name](net)
+
+
+@pytest.mark.parametrize("name", list(LEARNERS))
+@pytest.mark.parametrize("on_nonfinite", ["raise", "skip"])
+def test_the_loop_checks_all_tasks_with_one_host_transfer(name, on_nonfinite):
+    from metazoo.testing import count_host_syncs
+
+    learner = LEARNERS[name](model(), on_nonfinite=on_nonfinite)
+    learner.meta_backward(tasks(4))  # warm-up
+    learner.meta_optimizer.zero_grad()
+    with count_host_syncs() as syncs:
+        learner.meta_backward(tasks(4))
+    # One transfer reads the fault flags of all 4 tasks, one the reported means
+    # (metazoo.mean_results); before, each task cost one more.
+    assert syncs.count == 2

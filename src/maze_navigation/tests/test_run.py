@@ -332,6 +332,11 @@ def test_resume_without_a_checkpoint_refuses_and_keeps_the_log(tmp_path, capsys)
     (["--gr", "1.5"], "--discount (--gr) 1.5: must lie in [0, 1]"),
     (["--learning_rate", "nan"], "--learning_rate nan: must be > 0"),
     (["--meta_learning_rate", "inf"], "--meta_learning_rate inf: must be > 0"),
+    # Issue 28 item 7: a raw multinomial error, a raw overflow, or exit 0 at reward 0.
+    (["--learning_rate", "1e30"], "--learning_rate 1e+30: must be <= 1: Adam moves every "
+                                  "parameter by about this much per step"),
+    (["--meta_learning_rate", "1e38"], "--meta_learning_rate 1e+38: must be <= 1"),
+    (["--meta_learning_rate", "1e30"], "--meta_learning_rate 1e+30: must be <= 1"),
     (["--bent", "nan"], "--concentration (--bent) nan: must be >= 0"),
     (["--rew", "inf"], "--reward (--rew) inf: must be a finite number"),
     (["--nbiter", "-1"], "--num_episodes (--nbiter) -1: must be a non-negative integer"),
@@ -395,3 +400,20 @@ def test_the_command_exits_2_with_one_line(tmp_path):
                            str(tmp_path / "r")], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr == "error: --hidden_size (--hs) 0: must be a positive integer\n"
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_a_reward_that_would_overflow_the_loss_is_one_line_naming_it(tmp_path, capsys, dtype):
+    """Issue 28 item 7: --reward 1e38 ended in 'probability tensor contains either inf, nan or
+    element < 0' from the rollout (at the first rewarded episode), again on every resume."""
+    tiny = [w if w != "float64" else dtype for w in TINY]
+    reward = "1e38" if dtype == "float32" else "1e300"
+    err = _one_line_exit_2([*tiny, "--rew", reward, "--out", str(tmp_path / "r")], capsys)
+    assert f"--reward (--rew) {float(reward):g}: must be small enough for {dtype}" in err
+    assert "lower it (default 10)" in err and not (tmp_path / "r").exists()
+    err = _one_line_exit_2([*tiny, "--wp", reward, "--out", str(tmp_path / "r")], capsys)
+    assert f"--wall_penalty (--wp) {float(reward):g}: must be small enough" in err
+    if dtype == "float32":  # float64 holds these returns: the same reward runs
+        summary = run.main([*TINY, "--rew", reward, "--nbiter", "2", "--out",
+                            str(tmp_path / "f64")])
+        assert summary["episodes"] == 2

@@ -323,3 +323,48 @@ def test_trainer_leaves_the_global_random_state_alone():
     assert torch.equal(torch.random.get_rng_state(), state)
     b = trainer(agent="warp", seed=7)
     assert same(list(a.agent.parameters()), list(b.agent.parameters()))
+
+
+@pytest.mark.parametrize("where", ["adapt", "warp"])
+def test_nonfinite_parameters_stop_the_episode_before_any_update(where):
+    """Issue 28 item 7: the rollout's raw 'probability tensor contains either inf, nan or
+    element < 0' becomes one line naming the episode; nothing is updated."""
+    from metazoo import NonFiniteError
+
+    tr = trainer(agent="warp")
+    tr.train_episode()
+    params = tr.adapt_params if where == "adapt" else tr.warp_params
+    with torch.no_grad():
+        params[0].fill_(float("nan"))
+    adapt, warp = snapshot(tr.adapt_params), snapshot(tr.warp_params)
+    state = {k: v.clone() for k, v in tr.adapt_optimizer.state_dict()["state"][0].items()}
+    with pytest.raises(NonFiniteError, match=r"^episode 1: the policy's action probabilities "
+                       r"are not finite at step 0 .*--learning_rate \(0\.001\)"):
+        tr.train_episode()
+    assert all(torch.equal(a, b) or torch.isnan(a).all() for a, b in zip(
+        adapt, tr.adapt_params))
+    assert all(torch.equal(a, b) or torch.isnan(a).all() for a, b in zip(
+        warp, tr.warp_params))
+    assert all(torch.equal(v, tr.adapt_optimizer.state_dict()["state"][0][k])
+               for k, v in state.items())
+    assert tr.episode == 1 and tr.updater.count == 1
+
+
+def test_a_nonfinite_loss_is_refused_before_the_adaptable_step(monkeypatch):
+    import train
+
+    tr = trainer(agent="warp", reward=1.0)
+    real = train.a2c_loss
+
+    def poisoned(rollout, **kwargs):
+        loss = real(rollout, **kwargs)
+        return train.A2CLoss(loss.total * float("inf"), loss.policy * float("inf"), loss.value,
+                             loss.concentration)
+
+    monkeypatch.setattr(train, "a2c_loss", poisoned)
+    adapt = snapshot(tr.adapt_params)
+    with pytest.raises(train.NonFiniteEpisode, match=r"^episode 0: the A2C loss is not finite "
+                       r"\(policy"):
+        tr.train_episode()
+    assert same(adapt, tr.adapt_params) and tr.updater.count == 0 and tr.episode == 0
+    assert all(p.grad is None for p in tr.adapt_params + tr.warp_params)

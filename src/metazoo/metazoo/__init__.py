@@ -5,11 +5,12 @@ Pure functional models (``forward``, ``params_of``), differentiable inner optimi
 ``MetaLearner`` interface every algorithm implements.
 """
 
-from metazoo import cli, distributed, registry, runs, vectorize
+from metazoo import batchnorm, cli, distributed, registry, runs, vectorize
 from metazoo.devices import DeviceMixError, strict_devices
 from metazoo.faults import (
     CheckedCriterion,
     NonFiniteError,
+    TaskFaults,
     all_finite,
     check_on_nonfinite,
     checked_step,
@@ -20,6 +21,7 @@ from metazoo.functional import (
     Buffers,
     Params,
     check_params,
+    closed_form_batch_norm,
     forward,
     initial_buffers,
     make_loss_fn,
@@ -60,12 +62,24 @@ from metazoo.precision import (
 from metazoo.registry import available_learners, build_learner
 from metazoo.runs import RunFolder, RunFolderError, RunLockedError
 from metazoo.serialization import atomic_save, atomic_write_text
-from metazoo.unroll import DEFAULT_SEGMENT, LossFn, UnrollResult, clip_grad_norm, unroll
+from metazoo.unroll import (
+    DEFAULT_SEGMENT,
+    DEFAULT_SNAPSHOTS,
+    Checkpoint,
+    CheckpointPlan,
+    LossFn,
+    UnrollResult,
+    binomial_recomputations,
+    check_checkpoint,
+    clip_grad_norm,
+    unroll,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "DEFAULT_SEGMENT",
+    "DEFAULT_SNAPSHOTS",
     "PRECISIONS",
     "SGD",
     "Adam",
@@ -74,6 +88,8 @@ __all__ = [
     "BatchNormMode",
     "Buffers",
     "CheckedCriterion",
+    "Checkpoint",
+    "CheckpointPlan",
     "Criterion",
     "DeviceMixError",
     "EvalResult",
@@ -90,6 +106,7 @@ __all__ = [
     "RunFolderError",
     "RunLockedError",
     "Task",
+    "TaskFaults",
     "UnrollResult",
     "accumulate_grad",
     "accuracy",
@@ -97,9 +114,12 @@ __all__ = [
     "atomic_save",
     "atomic_write_text",
     "available_learners",
+    "batchnorm",
+    "binomial_recomputations",
     "build_learner",
     "build_meta_optimizer",
     "check_channels_last",
+    "check_checkpoint",
     "check_criterion",
     "check_on_nonfinite",
     "check_params",
@@ -108,6 +128,7 @@ __all__ = [
     "checked_step",
     "cli",
     "clip_grad_norm",
+    "closed_form_batch_norm",
     "distributed",
     "forward",
     "fp32_precision",

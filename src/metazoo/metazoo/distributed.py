@@ -326,6 +326,11 @@ def shard(tasks: Sequence[T], *, rank: int | None = None, world_size: int | None
     """
     if isinstance(tasks, Task):
         raise ValueError("shard expects the meta-batch (a sequence of tasks), got a single Task")
+    if not isinstance(tasks, Sequence):
+        if not isinstance(tasks, Iterable):
+            raise ValueError(f"shard expects the meta-batch (a sequence of tasks), got "
+                             f"{type(tasks).__name__}")
+        tasks = list(tasks)  # a generator: read once (every rank reads the whole meta-batch)
     return [tasks[i] for i in shard_range(len(tasks), rank=rank, world_size=world_size)]
 
 

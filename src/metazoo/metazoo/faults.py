@@ -1,10 +1,12 @@
 """Numerical faults and bad batches: detection with few host synchronisations, clear errors.
 
 A NaN or infinite loss in one task of a meta-batch must neither reach the meta-parameters nor
-be silently averaged away. Learners check each task's inner losses and query loss with one
-host transfer per task (``task_fault``) and either raise ``NonFiniteError`` naming the task
-and the inner step where the fault first appeared, or (``on_nonfinite="skip"``) leave the task
-out of the mean and count it in ``MetaStepResult.skipped_tasks``. ``MetaLearner.meta_step``
+be silently averaged away. Learners check every task's inner losses and query loss with ONE
+host transfer per meta-batch (``TaskFaults``: per-task flags stay on the device, each task's
+gradient is masked by its flag, the flags are read once at the end) and either raise
+``NonFiniteError`` naming the first such task and the inner step where the fault first
+appeared (``task_fault``), or (``on_nonfinite="skip"``) leave the task out of the mean and
+count it in ``MetaStepResult.skipped_tasks``. ``MetaLearner.meta_step``
 steps the meta-optimizer through ``checked_step``: one fused reduction (``all_finite``, one host
 transfer) over the meta-gradients, the stepped meta-parameters and the optimizer state; if any
 is non-finite the step is undone (parameters and state restored) and ``NonFiniteError`` names
@@ -22,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["NONFINITE_MODES", "CheckedCriterion", "NonFiniteError", "all_finite",
+__all__ = ["NONFINITE_MODES", "CheckedCriterion", "NonFiniteError", "TaskFaults", "all_finite",
            "check_on_nonfinite", "checked_step", "task_fault"]
 
 NONFINITE_MODES = ("raise", "skip")
@@ -124,7 +126,7 @@ def check_on_nonfinite(value: Any) -> str:
 
 
 def task_fault(task: int, inner_losses: Tensor, query_loss: Tensor | None) -> NonFiniteError | None:
-    """The fault of one task, if any, with one host synchronisation.
+    """The fault of one task, if any, with one host synchronisation (loops: ``TaskFaults``).
 
     Args:
         task: index of the task in the meta-batch.
@@ -148,6 +150,66 @@ def task_fault(task: int, inner_losses: Tensor, query_loss: Tensor | None) -> No
     if first < inner_losses.numel():
         return NonFiniteError(task=task, inner_step=first, where="inner")
     return NonFiniteError(task=task, inner_step=None, where="query")
+
+
+class TaskFaults:
+    """The task fault checks of a per-task loop with one host transfer per meta-batch.
+
+    ``check`` keeps a task's finiteness as a flag on the device (no synchronisation) and
+    returns the mask its contribution to the meta-gradient is multiplied in by (``masked``,
+    ``torch.where``: a NaN times 0 would still be NaN); ``resolve`` reads all flags with one
+    transfer, raises the first task's ``NonFiniteError`` in ``"raise"`` mode and returns the
+    indices of the kept tasks. In ``"raise"`` mode the mask of a task is also off after the
+    first faulty one, so what reaches ``.grad`` before the error is raised is exactly what the
+    check-before-backward loop accumulated: the tasks before the faulty one.
+
+    Args:
+        on_nonfinite: ``"raise"`` or ``"skip"``.
+    """
+
+    def __init__(self, on_nonfinite: str) -> None:
+        self.on_nonfinite = check_on_nonfinite(on_nonfinite)
+        self._losses: list[tuple[Tensor, Tensor | None]] = []
+        self._flags: list[Tensor] = []
+        self._all_so_far: Tensor | None = None
+
+    def check(self, inner_losses: Tensor, query_loss: Tensor | None) -> Tensor:
+        """Records the next task's losses; returns its mask (a 0-dim bool tensor)."""
+        losses = inner_losses.detach().reshape(-1)
+        if query_loss is not None:
+            query = query_loss.detach().reshape(1)
+            losses = torch.cat([losses.to(device=query.device, dtype=query.dtype), query])
+        finite = torch.isfinite(losses).all()
+        self._losses.append((inner_losses.detach(),
+                             None if query_loss is None else query_loss.detach()))
+        self._flags.append(finite)
+        if self.on_nonfinite == "skip":
+            return finite
+        self._all_so_far = finite if self._all_so_far is None else self._all_so_far & finite
+        return self._all_so_far
+
+    @staticmethod
+    def masked(mask: Tensor, tensor: Tensor) -> Tensor:
+        """``tensor`` where ``mask`` holds, else zeros."""
+        return torch.where(mask.to(tensor.device), tensor, 0.0)
+
+    def resolve(self) -> list[int]:
+        """The indices of the finite tasks, with one host transfer for all of them.
+
+        Raises:
+            NonFiniteError: in ``"raise"`` mode, for the first non-finite task (its first
+                non-finite inner step, or the query), as ``task_fault`` names it.
+        """
+        if not self._flags:
+            return []
+        device = self._flags[0].device
+        finite = torch.stack([flag.to(device) for flag in self._flags]).tolist()
+        if self.on_nonfinite == "raise" and not all(finite):
+            first = finite.index(False)
+            fault = task_fault(first, *self._losses[first])  # the error path: syncs are fine
+            assert fault is not None
+            raise fault
+        return [index for index, ok in enumerate(finite) if ok]
 
 
 def all_finite(tensors: Sequence[Tensor]) -> bool:

@@ -274,18 +274,23 @@ def check_task(task: Any, argument: str = "task") -> Task:
 
 
 def check_tasks(tasks: Any, *, allow_empty: bool = False) -> Sequence[Task]:
-    """Checks a meta-batch: a non-empty list (or tuple) of ``metazoo.Task``.
+    """Checks a meta-batch: a non-empty sequence or iterable of ``metazoo.Task``.
+
+    Returns:
+        The tasks as a sequence: a generator or other iterable is read once into a list.
 
     Raises:
         TypeError: an element is not a ``metazoo.Task`` (e.g. a ``(support, query)`` tuple), or
-            ``tasks`` is not a sequence (a generator: pass ``list(tasks)``).
+            ``tasks`` is not iterable.
         ValueError: a single ``Task`` instead of a list, or no task at all.
     """
     if isinstance(tasks, Task):
         raise ValueError("expected a sequence of tasks, got a single Task; pass [task]")
     if not isinstance(tasks, Sequence):
-        raise TypeError(f"tasks must be a list of metazoo.Task, got {type(tasks).__name__}; "
-                        f"pass list(tasks)")
+        if not isinstance(tasks, Iterable):
+            raise TypeError(f"tasks must be a list of metazoo.Task, got "
+                            f"{type(tasks).__name__}; pass [task, ...]")
+        tasks = list(tasks)  # a generator or other iterable: read it once
     if not tasks and not allow_empty:
         raise ValueError("expected at least one task")
     for index, task in enumerate(tasks):
@@ -353,11 +358,9 @@ class MetaLearner(ABC):
         if isinstance(tasks, Task):
             raise ValueError("meta_step expects a sequence of tasks, got a single Task; pass "
                              "[task]")
-        if not isinstance(tasks, Sequence):
-            tasks = list(tasks)  # a generator or other iterable: read it once
+        tasks = check_tasks(tasks, allow_empty=True)  # a generator is read once
         if not tasks and grad_hook is None:
             raise ValueError("meta_step needs at least one task")
-        check_tasks(tasks, allow_empty=True)
         start = time.perf_counter()
         self.meta_optimizer.zero_grad(set_to_none=True)
         nan = float("nan")

@@ -158,6 +158,18 @@ class InnerOptimizer(ABC):
         return f"{type(self).__name__}({args})"
 
 
+_LARGEST: dict[torch.dtype, float] = {}
+
+
+def _largest(t: Tensor) -> float:
+    """The largest finite value of ``t``'s dtype (cached: ``torch.finfo`` costs a microsecond)."""
+    largest = _LARGEST.get(t.dtype)
+    if largest is None:
+        largest = _LARGEST[t.dtype] = (float(torch.finfo(t.dtype).max)
+                                       if t.dtype.is_floating_point else math.inf)
+    return largest
+
+
 def _zeros_like(params: Params) -> Params:
     return {name: torch.zeros_like(p) for name, p in params.items()}
 
@@ -206,8 +218,10 @@ class SGD(InnerOptimizer):
                 d = d + momentum * buf if self.nesterov else buf
             lr = self._get("lr", name, k)
             # A float rate fuses the scale into the subtraction (one autograd node instead of
-            # two; the same arithmetic as torch.optim.SGD's ``add_(d, alpha=-lr)``).
-            new_params[name] = (p - lr * d if isinstance(lr, Tensor)
+            # two; the same arithmetic as torch.optim.SGD's ``add_(d, alpha=-lr)``). A rate the
+            # parameters' dtype cannot hold (1e300 for float32) makes torch refuse ``alpha``
+            # outright; unfused it overflows to inf, which the task's fault check names.
+            new_params[name] = (p - lr * d if isinstance(lr, Tensor) or abs(lr) > _largest(p)
                                 else torch.add(p, d, alpha=-lr))
         new_state: OptState = {"step": k + 1}
         if "momentum_buffer" in state:

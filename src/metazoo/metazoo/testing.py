@@ -11,8 +11,10 @@ from __future__ import annotations
 import math
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -21,11 +23,13 @@ from metazoo.devices import strict_devices
 from metazoo.learner import EvalResult, MetaLearner, MetaStepResult, Task
 
 __all__ = [
+    "HostSyncs",
     "MetaStepSnapshot",
     "assert_same_gradients",
     "assert_same_meta_step",
     "assert_same_results",
     "bn_net",
+    "count_host_syncs",
     "image_tasks",
     "kill_at_call_command",
     "meta_gradients",
@@ -218,3 +222,40 @@ def kill_at_call_command(script: str | os.PathLike[str], argv: Sequence[str], *,
         raise ValueError(f"call={call} must be >= 1")
     return [sys.executable, "-c", _KILL_AT_CALL, function, str(call), os.fspath(script),
             *argv]
+
+
+@dataclass
+class HostSyncs:
+    """What ``count_host_syncs`` counted: ``count`` transfers of a tensor's value to the host."""
+
+    count: int = 0
+
+
+_SYNC_METHODS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__")
+
+
+@contextmanager
+def count_host_syncs() -> Iterator[HostSyncs]:
+    """Counts the Python calls that read a tensor's value on the host (``item``, ``tolist``,
+    ``bool``/``int``/``float``/``__index__`` of a tensor) inside the block: on a GPU each one
+    waits for the device. A call made inside another counts once."""
+    syncs, depth = HostSyncs(), [0]
+    originals = {name: getattr(torch.Tensor, name) for name in _SYNC_METHODS}
+
+    def counted(method: Callable[..., Any]) -> Callable[..., Any]:
+        def call(tensor: Tensor, *args: Any, **kwargs: Any) -> Any:
+            syncs.count += depth[0] == 0
+            depth[0] += 1
+            try:
+                return method(tensor, *args, **kwargs)
+            finally:
+                depth[0] -= 1
+        return call
+
+    try:
+        for name, method in originals.items():
+            setattr(torch.Tensor, name, counted(method))
+        yield syncs
+    finally:
+        for name, method in originals.items():
+            setattr(torch.Tensor, name, method)

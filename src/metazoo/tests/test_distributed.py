@@ -577,6 +577,9 @@ def test_shards_are_contiguous_balanced_and_cover_the_meta_batch():
             lengths = [len(rng) for rng in ranges]
             assert max(lengths) - min(lengths) <= 1 and lengths == sorted(lengths, reverse=True)
     assert distributed.shard(list("abc"), rank=1, world_size=2) == ["c"]
+    assert distributed.shard(iter("abc"), rank=0, world_size=2) == ["a", "b"]  # a generator
+    with pytest.raises(ValueError, match="got int"):
+        distributed.shard(3)
     assert distributed.shard(list("a"), rank=1, world_size=2) == []
     with pytest.raises(ValueError, match="rank=2 must be < world_size=2"):
         distributed.shard_range(4, rank=2, world_size=2)

@@ -169,3 +169,18 @@ def test_a_long_list_of_parameters_is_shortened_in_the_message_only():
     error = metazoo.NonFiniteError(task=None, inner_step=None, where="meta_update", names=names)
     assert "'layer5.weight', ... 14 more]" in str(error) and "layer6" not in str(error)
     assert error.names == tuple(names)
+
+
+def test_nonfinite_error_crosses_process_borders_with_every_field():
+    """Distributed runs and subprocess pools pickle errors; ``then`` (how to continue) must
+    survive with the rest, and ``with_meta_step`` keeps it."""
+    import pickle
+
+    error = metazoo.NonFiniteError(task=3, inner_step=1, where="inner", names=("w",),
+                                   then="The trajectories were dropped")
+    again = pickle.loads(pickle.dumps(error))
+    assert (again.task, again.inner_step, again.where, again.names, again.then) == (
+        3, 1, "inner", ("w",), "The trajectories were dropped")
+    assert str(again) == str(error) and str(error).endswith(". The trajectories were dropped")
+    stepped = error.with_meta_step(7)
+    assert stepped.then == error.then and "meta-step 7" in str(stepped)

@@ -206,3 +206,18 @@ def test_with_hyperparameters_changes_form_and_validates():
         opt.with_hyperparameters(betas=(0.9, 0.99))
     with pytest.raises(ValueError, match="lr"):
         opt.with_hyperparameters(lr=-1.0)
+
+
+def test_a_float_lr_beyond_the_parameters_dtype_overflows_to_inf_instead_of_raising():
+    """Found by the issue 28 probe: SGD(1e300) on float32 parameters raised torch's raw 'value
+    cannot be converted to type float without overflow' from the fused update, where Adam's
+    overflowed to inf and the learners named the task and the inner step."""
+    p = {"w": torch.tensor([1.0, -2.0], dtype=torch.float32)}
+    g = {"w": torch.tensor([0.5, 0.0], dtype=torch.float32)}
+    opt = metazoo.SGD(1e300)
+    new, _ = opt.step(p, g, opt.init(p))
+    assert new["w"][0] == float("-inf") and torch.isnan(new["w"][1])  # 0 * inf: NaN
+    # float64 holds the rate: the fused path, exactly torch.optim.SGD's arithmetic.
+    p64 = {"w": p["w"].double()}
+    new64, _ = opt.step(p64, {"w": g["w"].double()}, opt.init(p64))
+    assert torch.equal(new64["w"], torch.add(p64["w"], g["w"].double(), alpha=-1e300))

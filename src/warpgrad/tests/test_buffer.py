@@ -358,3 +358,18 @@ def test_a_forked_child_leaves_its_parents_buffer_alone(tmp_path):
     assert len(buffer.states("task0")) == 2
     buffer.close()
     assert os.listdir(tmp_path) == []
+
+
+def test_an_unwritable_tmpdir_is_one_line_naming_it(tmp_path, monkeypatch):
+    """Found by the issue 28 probe: a raw PermissionError from mkdtemp (simulated: the tests
+    may run as root, whom permissions do not stop)."""
+    import errno
+    import tempfile
+
+    def refuse(**kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", kwargs.get("dir"))
+
+    monkeypatch.setattr(tempfile, "mkdtemp", refuse)
+    with pytest.raises(ValueError, match=rf"tmpdir='{tmp_path}': cannot create the replay "
+                       r"buffer's folder there \(Permission denied\); pass a writable tmpdir"):
+        ReplayBuffer(inmem=False, tmpdir=tmp_path)

@@ -139,7 +139,11 @@ class ReplayBuffer:
             # removed only when their owner's lock can be taken, and only the files their
             # manifest lists (see warpgrad.scratch).
             self.removed_orphans = remove_abandoned(parent, _PREFIX)
-            self._scratch = ScratchDirectory(parent, _PREFIX)
+            try:
+                self._scratch = ScratchDirectory(parent, _PREFIX)
+            except OSError as err:
+                raise ValueError(f"tmpdir={parent!r}: cannot create the replay buffer's folder "
+                                 f"there ({err.strerror}); pass a writable tmpdir") from None
             self.tmpdir = self._scratch.path
             self._finalizer = weakref.finalize(self, self._scratch.remove)
 

@@ -478,7 +478,7 @@ class WarpGrad(MetaLearner):
 
     def meta_backward(self, tasks: Sequence[Task]) -> MetaStepResult:
         """Adapts to every task while recording, then accumulates all meta-gradients."""
-        metazoo.check_tasks(tasks)
+        tasks = metazoo.check_tasks(tasks)
         start = time.perf_counter()
         buffer = self.warp.buffer
         if len(buffer) or buffer.slots():
@@ -506,7 +506,7 @@ class WarpGrad(MetaLearner):
             tasks: held-out tasks.
             steps: inner steps (default ``eval_inner_steps``).
         """
-        metazoo.check_tasks(tasks)
+        tasks = metazoo.check_tasks(tasks)
         steps = self._steps(steps)
         chunk = self._chunk(len(tasks))
         if chunk is not None:

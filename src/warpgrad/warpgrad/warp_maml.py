@@ -100,7 +100,7 @@ class WarpMAML(MetaLearner):
 
     def meta_backward(self, tasks: Sequence[Task]) -> MetaStepResult:
         """MAML meta-gradient into the initialisation, then WarpGrad's warp gradient."""
-        metazoo.check_tasks(tasks)
+        tasks = metazoo.check_tasks(tasks)
         adapt = self._sync()
         named = dict(self.model.named_parameters())
         # Keep whatever .grad already holds (meta_backward accumulates); MAML's contribution to
