@@ -243,6 +243,18 @@ def test_reptile_authors_protocol_equals_the_authors_loop(omniglot_root):
     assert learner.meta_optimizer.param_groups[0]["initial_lr"] == 1.0
 
 
+def test_lightning_main_refuses_what_only_main_runs(omniglot_root, tmp_path):
+    """Lightning's loop has no outer schedule and no evaluation mini-batches: refused, not
+    silently ignored."""
+    lightning_main = pytest.importorskip("lightning_main")
+    from metazoo.cli import UsageError
+
+    for extra in (["--preset", "reptile_authors"], ["--outer_lr_schedule", "linear"]):
+        with pytest.raises(UsageError, match=r"lightning_main\.py does not run it"):
+            lightning_main.main_lightning(["--root", str(omniglot_root), "--log_dir",
+                                           str(tmp_path), "--no_cuda", *extra])
+
+
 def test_linear_outer_lr_schedule_needs_a_meta_optimizer():
     class NoOptimizer:
         pass
