@@ -424,7 +424,14 @@ class MAML(ModelLearner):
         if chunk is not None:
             return _vectorized.meta_backward(self, tasks, chunk)
         start = time.perf_counter()
-        params = list(self.meta_parameters())
+        params: list[Tensor] = list(self.meta_parameters())
+        # A user's tensor hyperparameters of the inner optimizer that require grad get .grad as
+        # from a backward pass (and as in the vectorized path).
+        known = {id(p) for p in params}
+        for tensor in self.inner_optimizer.hyperparameter_tensors():
+            if tensor.requires_grad and id(tensor) not in known:
+                known.add(id(tensor))
+                params.append(tensor)
         grads = TaskGradients(params, len(tasks), self.on_nonfinite)
         per_task = []
         for task in tasks:

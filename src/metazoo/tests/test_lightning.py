@@ -193,6 +193,18 @@ def assert_same_state(actual: metazoo.MetaLearner | dict, expected: metazoo.Meta
 # -- one process --------------------------------------------------------------------------------
 
 
+def test_an_endless_stream_needs_max_steps():
+    with pytest.raises(ValueError, match=r"without end.*Trainer\(max_steps=N\)"):
+        trainer(-1, max_epochs=1, limit_val_batches=0).fit(
+            MetaLearnerModule(build("fomaml")), datamodule=datamodule(val=0))
+
+
+def test_precision_plugins_are_refused():
+    with pytest.raises(ValueError, match=r"precision='bf16-mixed'.*keep the default '32-true'"):
+        trainer(1, precision="bf16-mixed", limit_val_batches=0).fit(
+            MetaLearnerModule(build("fomaml")), datamodule=datamodule(val=0))
+
+
 @pytest.mark.parametrize("kind", sorted(LEARNERS))
 def test_trainer_takes_the_learners_own_meta_steps(kind):
     learner = build(kind)
@@ -327,7 +339,7 @@ def test_the_stream_starts_at_the_trainers_global_step():
     data = datamodule()
 
     class Trainer:
-        global_step = 5
+        global_step, max_steps = 5, 10
 
     data.trainer = Trainer()  # type: ignore[assignment]
     batch = next(iter(data.train_dataloader()))
@@ -433,6 +445,9 @@ def test_two_processes_on_lightnings_ddp_take_the_single_process_meta_steps(tmp_
             assert state["backend"] == "gloo"
             assert state["tasks"] == ([2] * STEPS if rank == 0 else [1] * STEPS)
             assert_same_state(state["params"], expected)
+    checkpoint = torch.load(tmp_path / "warpgrad" / "last.ckpt", weights_only=True)
+    assert checkpoint["global_step"] == STEPS
+    assert len(checkpoint[CHECKPOINT_KEY]["rng"]) == 2  # both processes' generators
 
 
 KILL_KINDS = ["maml", "reptile_carry", "warpgrad"]
@@ -494,11 +509,14 @@ def _ddp_main(out: Path, kinds: list[str]) -> None:
             def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
                 self.counts.append(len(batch.tasks))
 
-        # What users write; on CPUs Lightning's DDP strategy takes the gloo backend.
+        # What users write; on CPUs Lightning's DDP strategy takes the gloo backend. One learner
+        # also writes checkpoints (every process's generators gathered into rank 0's file).
+        saving = kind == "warpgrad"
+        callbacks = [Count(tasks), *([every_step(out / kind)] if saving else [])]
         fit = L.Trainer(strategy="ddp", accelerator="cpu", devices=2, max_steps=STEPS,
-                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        logger=False, enable_checkpointing=saving, enable_progress_bar=False,
                         enable_model_summary=False, val_check_interval=2,
-                        num_sanity_val_steps=1, callbacks=[Count(tasks)])
+                        num_sanity_val_steps=1, callbacks=callbacks)
         fit.fit(module, datamodule=datamodule(size=3))
         torch.save({"params": snapshot(learner), "world_size": fit.world_size,
                     "backend": str(torch.distributed.get_backend()),

@@ -153,6 +153,9 @@ class TaskDataModule(L.LightningDataModule):
         return MetaBatch(index, distributed.shard(tasks), len(tasks))
 
     def train_dataloader(self) -> MetaBatchStream:
+        if self.trainer is not None and self.trainer.max_steps < 0:
+            raise ValueError(f"{type(self).__name__} streams meta-batches without end; give "
+                             f"the trainer the number of meta-steps: Trainer(max_steps=N)")
         return MetaBatchStream(self)
 
     def val_dataloader(self) -> FixedMetaBatches:

@@ -225,6 +225,15 @@ class MetaLearnerModule(L.LightningModule):
 
     # -- processes and checkpoints ----------------------------------------------------------
 
+    def on_fit_start(self) -> None:
+        # A precision plugin would cast the model or autocast the meta-step: the learner's update
+        # would no longer be its own. The learner's dtype is its model's and its tasks'.
+        precision = str(self.trainer.precision)
+        if precision != "32-true":
+            raise ValueError(f"Trainer(precision={precision!r}) would cast or autocast the "
+                             f"learner's meta-step; keep the default '32-true' and build the "
+                             f"model and tasks in the dtype to train in (e.g. .double())")
+
     def on_train_start(self) -> None:
         # Every process continues from rank 0's learner (a no-op in one process); a resumed
         # run takes its random number generators back here, after the sanity validation.
