@@ -1,25 +1,40 @@
-"""Peak memory and time of plain vs checkpointed second-order unrolls, by number of inner steps.
+"""Peak memory and time of second-order unrolls by number of inner steps: plain, fixed segments
+(``checkpoint=S``, the schedule ``checkpoint=True`` used before issue 26) and the binomial
+schedule (``checkpoint=True`` = ``metazoo.Checkpoint(snapshots=10)``).
 
-Workload: the Omniglot 4-block conv net (3x3 conv 64 -> 2x2 max-pool -> BatchNorm -> ReLU, linear
-head), one 20-way task with 5 support images per class (100 images per inner step) and 15 query
-images per class, 28x28 inputs, inner SGD, second-order meta-gradient of the query loss.
+Workloads (``--workload``):
 
-Each (K, mode) runs in fresh processes: one warm-up unroll of 1 step, then the measured unroll
-(forward, query loss, backward). Memory is counted above the process's level just before the
-measured unroll: on CUDA ``torch.cuda.max_memory_allocated``, on CPU peak RSS (``ru_maxrss``)
-minus RSS before. On CPU, memory and time come from two separate processes: the memory process
-fixes glibc's mmap threshold (``MALLOC_MMAP_THRESHOLD_``) so freed tensors go back to the OS and
-RSS follows live tensors rather than the heap glibc retains after large frees (which made
-identical runs differ by 10%), at the cost of speed; the time process uses the default
-allocator. A plain run predicted not to fit in available memory is reported, not run.
+- ``w1`` (default): MAML's Omniglot net, 4 x [conv3x3 64, BatchNorm with batch statistics, ReLU,
+  max-pool 2] and a linear head, one 5-way 1-shot task (5 support images, 15 queries per class),
+  28x28 inputs, inner SGD at lr 0.4 (issue 26's W1 task).
+- ``conv20``: the 4-block Omniglot conv net (conv -> max-pool -> BatchNorm -> ReLU), one 20-way
+  5-shot task (100 support / 300 query images), inner SGD at lr 0.1 (this script's earlier
+  default).
+- ``mlp``: a small MLP (784 -> 128 -> 128 -> 10, tanh; 118k parameters, 0.45 MiB per stored
+  state, like W1), 50 support / 50 query rows, inner SGD at lr 0.1 (for K up to 10,000).
+
+Each (K, mode) runs in fresh processes: one warm-up meta-step of 2 steps, then the measured
+meta-step (unroll, query loss, backward). Memory is counted above the process's level just
+before the measured meta-step: on CUDA ``torch.cuda.max_memory_allocated``, on CPU peak RSS
+(``ru_maxrss``) minus RSS before. On CPU memory and time come from two separate processes: the
+memory process fixes glibc's mmap threshold (``MALLOC_MMAP_THRESHOLD_``) so freed tensors go back
+to the OS and RSS follows live tensors rather than the heap glibc retains after large frees
+(identical runs differed by 10% without it), at the cost of speed; the time process uses the
+default allocator. A plain run above ``--plain-max-steps`` or predicted not to fit in available
+memory is reported, not run.
+
+Printed: MiB and seconds per mode, the binomial schedule's peak against its own peak at the
+smallest K (flat in K: close to 1), its time against the fixed segments' at the same K, and
+``Checkpoint.plan``'s stored states and recomputed steps.
 
 With ``--tasks T`` the unroll is the vectorized one (``metazoo.vectorize.functional_unroll``
-under ``vmap(grad_and_value(...))`` over T copies of the task with different inputs), plain
-against checkpointed segments (``_CheckpointedSegment``, recomputed with ``torch.func.vjp``).
+under ``vmap(grad_and_value(...))`` over T copies of the task with different inputs).
 
-    python benchmarks/unroll_memory.py                       # CPU, K in 1 10 25 50 100
-    python benchmarks/unroll_memory.py --device cuda --steps 1 10 100 1000
-    python benchmarks/unroll_memory.py --tasks 2 --steps 2 10 20   # the vectorized unroll
+    python benchmarks/unroll_memory.py --threads 1 --steps 10 100 1000        # W1, issue 26
+    python benchmarks/unroll_memory.py --threads 1 --workload mlp --steps 10 1000 10000 \
+        --modes segments binomial
+    python benchmarks/unroll_memory.py --tasks 2 --steps 10 100                # vectorized
+    python benchmarks/unroll_memory.py --device cuda --steps 10 100 1000
 """
 
 from __future__ import annotations
@@ -32,7 +47,18 @@ import subprocess
 import sys
 import time
 
-SEGMENT_DEFAULT = 5
+MODES = ("plain", "segments", "binomial")
+
+
+def w1_convnet(ways: int = 5, filters: int = 64):
+    from torch import nn
+
+    layers, channels = [], 1
+    for _ in range(4):
+        layers += [nn.Conv2d(channels, filters, 3, padding=1), nn.BatchNorm2d(filters),
+                   nn.ReLU(), nn.MaxPool2d(2)]
+        channels = filters
+    return nn.Sequential(*layers, nn.Flatten(), nn.Linear(filters, ways))
 
 
 def omniglot_convnet(num_classes: int = 20, filters: int = 64):
@@ -46,43 +72,60 @@ def omniglot_convnet(num_classes: int = 20, filters: int = 64):
     return nn.Sequential(*layers, nn.Flatten(), nn.Linear(filters, num_classes))
 
 
+def workload(name: str, device):
+    """(model, support batch, query batch, inner lr) of a workload."""
+    import torch
+    from torch import nn
+
+    if name == "mlp":
+        model = nn.Sequential(nn.Linear(784, 128), nn.Tanh(), nn.Linear(128, 128), nn.Tanh(),
+                              nn.Linear(128, 10))
+        x = torch.randn(100, 784)
+        y = torch.arange(10).repeat(10)
+        return (model.to(device), (x[:50].to(device), y[:50].to(device)),
+                (x[50:].to(device), y[50:].to(device)), 0.1)
+    ways, shots, queries = (5, 1, 15) if name == "w1" else (20, 5, 15)
+    model = w1_convnet(ways) if name == "w1" else omniglot_convnet(ways)
+    support = (torch.randn(ways * shots, 1, 28, 28, device=device),
+               torch.arange(ways, device=device).repeat_interleave(shots))
+    query = (torch.randn(ways * queries, 1, 28, 28, device=device),
+             torch.arange(ways, device=device).repeat_interleave(queries))
+    return model.to(device), support, query, 0.4 if name == "w1" else 0.1
+
+
 def _rss_mib() -> float:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def child(steps: int, mode: str, device_name: str, segment: int, threads: int,
-          tasks: int = 0) -> dict:
+def child(args: argparse.Namespace) -> dict:
     import torch
     from torch.nn import functional as F
 
     import metazoo
 
-    torch.set_num_threads(threads)
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    device = torch.device(device_name)
-    model = omniglot_convnet().to(device)
-    ways, shots, queries = 20, 5, 15
-    support_x = torch.randn(ways * shots, 1, 28, 28, device=device)
-    support_y = torch.arange(ways, device=device).repeat_interleave(shots)
-    query_x = torch.randn(ways * queries, 1, 28, 28, device=device)
-    query_y = torch.arange(ways, device=device).repeat_interleave(queries)
+    device = torch.device(args.device)
+    steps, mode, tasks = args.steps[0], args.mode, args.tasks
+    model, (support_x, support_y), (query_x, query_y), lr = workload(args.workload, device)
     loss_fn = metazoo.make_loss_fn(model, F.cross_entropy)
     buffers = metazoo.initial_buffers(model, "batch")
-    checkpoint = segment if mode == "checkpointed" else None
+    checkpoint = {"plain": None, "segments": args.segment,
+                  "binomial": metazoo.Checkpoint(snapshots=args.snapshots)}[mode]
 
     def vectorized_meta_step(k: int) -> float:
         from torch.func import grad_and_value, vmap
 
         def objective(params, support_x, query_x):
             result = metazoo.vectorize.functional_unroll(
-                loss_fn, params, metazoo.SGD(0.1), [(support_x, support_y)], steps=k,
+                loss_fn, params, metazoo.SGD(lr), [(support_x, support_y)], steps=k,
                 buffers=buffers, checkpoint=checkpoint)
             output, _ = metazoo.forward(model, result.params, result.buffers, query_x)
             return F.cross_entropy(output, query_y)
 
         params = {n: p.detach() for n, p in model.named_parameters()}
-        noise = torch.linspace(0, 1, tasks, device=device).view(-1, 1, 1, 1, 1)
+        noise = torch.linspace(0, 1, tasks, device=device).view(-1, *[1] * support_x.dim())
         _, losses = vmap(grad_and_value(objective), in_dims=(None, 0, 0))(
             params, support_x + noise, query_x + noise)
         return losses.mean().item()
@@ -91,7 +134,7 @@ def child(steps: int, mode: str, device_name: str, segment: int, threads: int,
         if tasks:
             return vectorized_meta_step(k)
         params = dict(model.named_parameters())
-        result = metazoo.unroll(loss_fn, params, metazoo.SGD(0.1), [(support_x, support_y)],
+        result = metazoo.unroll(loss_fn, params, metazoo.SGD(lr), [(support_x, support_y)],
                                 steps=k, buffers=buffers, checkpoint=checkpoint)
         output, _ = metazoo.forward(model, result.params, result.buffers, query_x)
         loss = F.cross_entropy(output, query_y)
@@ -99,7 +142,7 @@ def child(steps: int, mode: str, device_name: str, segment: int, threads: int,
         model.zero_grad(set_to_none=True)
         return loss.item()
 
-    meta_step(1)  # warm-up: kernels, allocator, lazy init
+    meta_step(2)  # warm-up: kernels, allocator, lazy init (2 steps: the checkpointed path)
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -131,6 +174,7 @@ def available_mib(device: str) -> float:
 def _run_process(args: argparse.Namespace, steps: int, mode: str, env: dict) -> dict:
     command = [sys.executable, __file__, "--child", "--steps", str(steps), "--mode", mode,
                "--device", args.device, "--segment", str(args.segment),
+               "--snapshots", str(args.snapshots), "--workload", args.workload,
                "--threads", str(args.threads), "--tasks", str(args.tasks)]
     completed = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
     if completed.returncode != 0:
@@ -145,7 +189,7 @@ def run_child(args: argparse.Namespace, steps: int, mode: str) -> dict:
     if args.device.startswith("cuda"):
         return _run_process(args, steps, mode, dict(os.environ))
     memory = _run_process(args, steps, mode, {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"})
-    if "error" in memory:
+    if "error" in memory or args.memory_only:
         return memory
     timing = _run_process(args, steps, mode, dict(os.environ))
     if "error" in timing:
@@ -162,33 +206,54 @@ def predict_mib(results: list[dict], steps: int) -> float | None:
     return m1 + (steps - k1) * max(m1 - m0, 0.0) / max(k1 - k0, 1)
 
 
+def _cell(result: dict | None, key: str, fmt: str) -> str:
+    return format(result[key], fmt) if result and key in result else "n/a"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, nargs="+", default=[1, 10, 25, 50, 100])
+    parser.add_argument("--steps", type=int, nargs="+", default=[10, 100, 1000])
+    parser.add_argument("--workload", choices=["w1", "conv20", "mlp"], default="w1")
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--segment", type=int, default=SEGMENT_DEFAULT,
-                        help="checkpoint segment length (inner steps per recomputed segment)")
+    parser.add_argument("--segment", type=int, default=5,
+                        help="segments mode: steps per recomputed segment (checkpoint=S)")
+    parser.add_argument("--snapshots", type=int, default=None,
+                        help="binomial mode: stored states (default metazoo.DEFAULT_SNAPSHOTS)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--tasks", type=int, default=0,
                         help="T > 0: the vectorized unroll, vmap over T tasks")
+    parser.add_argument("--plain-max-steps", type=int, default=100,
+                        help="the plain unroll only up to this K (it grows by about 7 MiB per "
+                             "step on W1)")
     parser.add_argument("--memory-fraction", type=float, default=0.75,
                         help="skip a run predicted to need more than this share of free memory")
+    parser.add_argument("--memory-only", action="store_true",
+                        help="CPU: skip the timing processes (half the run time)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--mode", choices=["plain", "checkpointed"], help=argparse.SUPPRESS)
+    parser.add_argument("--mode", choices=MODES, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.snapshots is None:
+        import metazoo
+
+        args.snapshots = metazoo.DEFAULT_SNAPSHOTS
     if args.child:
-        print(json.dumps(child(args.steps[0], args.mode, args.device, args.segment,
-                               args.threads, args.tasks)))
+        print(json.dumps(child(args)))
         return
 
+    import metazoo
+
     rows: dict[int, dict[str, dict]] = {}
-    measured: dict[str, list[dict]] = {"plain": [], "checkpointed": []}
+    measured: dict[str, list[dict]] = {mode: [] for mode in args.modes}
     for steps in sorted(args.steps):
         rows[steps] = {}
-        for mode in ("plain", "checkpointed"):
+        for mode in args.modes:
             predicted = predict_mib(measured[mode], steps)
             budget = args.memory_fraction * available_mib(args.device)
-            if predicted is not None and predicted > budget:
+            if mode == "plain" and steps > args.plain_max_steps:
+                result = {"steps": steps, "mode": mode,
+                          "error": f"not run (K > --plain-max-steps {args.plain_max_steps})"}
+            elif predicted is not None and predicted > budget:
                 result = {"steps": steps, "mode": mode,
                           "error": f"does not fit (predicted {predicted / 1024:.1f} GiB > "
                                    f"{budget / 1024:.1f} GiB free)"}
@@ -197,36 +262,47 @@ def main() -> None:
             rows[steps][mode] = result
             if "memory_mib" in result:
                 measured[mode].append(result)
-            print(f"  K={steps:>4} {mode:>12}: " + (
-                f"{result['memory_mib']:8.0f} MiB {result['seconds']:7.2f} s"
+            print(f"  K={steps:>5} {mode:>9}: " + (
+                f"{result['memory_mib']:8.1f} MiB {result['seconds']:8.2f} s"
                 if "memory_mib" in result else result["error"]), file=sys.stderr, flush=True)
 
-    print(f"\nunroll_memory: device={args.device} threads={args.threads} segment={args.segment} "
-          f"tasks={args.tasks or 'one, the loop'} (20-way, 100 support / 300 query images, "
-          "second order)\n")
-    print("|    K | plain MiB | ckpt MiB | mem ratio | plain s | ckpt s | time ratio |")
-    print("|-----:|----------:|---------:|----------:|--------:|-------:|-----------:|")
+    print(f"\nunroll_memory: workload={args.workload} device={args.device} "
+          f"threads={args.threads} tasks={args.tasks or 'one, the loop'} segment={args.segment} "
+          f"snapshots={args.snapshots} (second order; MiB above the level before the "
+          f"meta-step)\n")
+    header = ["K", *(f"{m} MiB" for m in args.modes), *(f"{m} s" for m in args.modes)]
+    have_binomial = "binomial" in args.modes
+    if have_binomial:
+        header += ["binomial mem / K0", "stored", "recomputed"]
+        if "segments" in args.modes:
+            header += ["binomial / segments time"]
+    print("| " + " | ".join(header) + " |")
+    print("|" + "|".join("-" * (len(h) + 1) + ":" for h in header) + "|")
+    first = rows[min(rows)].get("binomial")
     for steps, row in rows.items():
-        plain, ckpt = row["plain"], row["checkpointed"]
-
-        def cell(r: dict, key: str, fmt: str) -> str:
-            return format(r[key], fmt) if key in r else "n/a"
-
-        mem_ratio = time_ratio = "n/a"
-        if "memory_mib" in plain and "memory_mib" in ckpt:
-            mem_ratio = f"{ckpt['memory_mib'] / plain['memory_mib']:.3f}"
-            time_ratio = f"{ckpt['seconds'] / plain['seconds']:.2f}"
-        print(f"| {steps:4d} | {cell(plain, 'memory_mib', '9.0f')} | "
-              f"{cell(ckpt, 'memory_mib', '8.0f')} | {mem_ratio:>9} | "
-              f"{cell(plain, 'seconds', '7.2f')} | {cell(ckpt, 'seconds', '6.2f')} | "
-              f"{time_ratio:>10} |")
-        for r in (plain, ckpt):
+        cells = [str(steps)]
+        cells += [_cell(row[m], "memory_mib", ".1f") for m in args.modes]
+        cells += [_cell(row[m], "seconds", ".2f") for m in args.modes]
+        if have_binomial:
+            binomial = row["binomial"]
+            plan = metazoo.Checkpoint(snapshots=args.snapshots).plan(
+                steps, vectorized=bool(args.tasks))
+            ratio = (f"{binomial['memory_mib'] / first['memory_mib']:.2f}"
+                     if first and "memory_mib" in first and "memory_mib" in binomial else "n/a")
+            cells += [ratio, str(plan.stored_states), str(plan.recomputed_steps)]
+            if "segments" in args.modes:
+                segments = row["segments"]
+                cells.append(f"{binomial['seconds'] / segments['seconds']:.2f}"
+                             if "seconds" in binomial and "seconds" in segments else "n/a")
+        print("| " + " | ".join(cells) + " |")
+        for r in row.values():
             if "error" in r:
-                print(f"|      | {r['mode']}: {r['error']} |")
-    if all("loss" in r for row in rows.values() for r in row.values()):
-        worst = max(abs(row["plain"]["loss"] - row["checkpointed"]["loss"])
-                    for row in rows.values())
-        print(f"\nquery loss |plain - checkpointed| max over K: {worst:.2e}")
+                print(f"|  | {r['mode']}: {r['error']} |")
+    losses = {(k, m): r["loss"] for k, row in rows.items() for m, r in row.items() if "loss" in r}
+    if losses:
+        worst = max(abs(loss - next(v for (k2, _), v in losses.items() if k2 == k))
+                    for (k, _), loss in losses.items())
+        print(f"\nquery loss: largest difference between modes at one K: {worst:.2e}")
 
 
 if __name__ == "__main__":

@@ -125,7 +125,8 @@ def meta_backward(learner: _MAMLLike, tasks: Sequence[Task], chunk: int) -> Meta
 
     inputs = [candidates[i] for i in differentiable]
     result = metazoo.vectorize.vectorized_meta_gradients(objective, inputs, [support, query],
-                                                         len(tasks), chunk)
+                                                         len(tasks), chunk,
+                                                         compile=learner.compile)
     kept = metazoo.vectorize.raise_or_count_faults(result, learner.on_nonfinite)
     if kept and inputs:
         # The mean over the kept tasks, accumulated into .grad like the loop's backward passes
@@ -171,7 +172,7 @@ def reptile_meta_backward(learner: _ReptileLike, tasks: Sequence[Task], chunk: i
 
     with torch.no_grad():
         result = metazoo.vectorize.map_and_sum(vmap(task_step), [], [support, query], len(tasks),
-                                               chunk)
+                                               chunk, compile=learner.compile)
     kept = metazoo.vectorize.raise_or_count_faults(result, learner.on_nonfinite)
     if kept:
         for (_, p), difference in zip(named, result.grads, strict=True):
@@ -198,7 +199,7 @@ def evaluate(learner: _Scored, tasks: Sequence[Task], chunk: int, adapt: Adapt
 
     with torch.no_grad():
         losses, accuracies, inner_losses = metazoo.vectorize.map_tasks(
-            score, [support, query], len(tasks), chunk)
+            score, [support, query], len(tasks), chunk, compile=learner.compile)
     per_task = _per_task(losses, accuracies if all(has_accuracy) else None, inner_losses,
                          range(len(tasks)))
     loss_mean, acc_mean, curve = metazoo.mean_results(per_task)
@@ -228,7 +229,7 @@ def imaml_meta_backward(learner: _iMAMLLike, tasks: Sequence[Task], chunk: int) 
 
     with torch.no_grad():
         result = metazoo.vectorize.map_and_sum(vmap(task_step), [], [support, query], len(tasks),
-                                               chunk)
+                                               chunk, compile=learner.compile)
     kept = metazoo.vectorize.raise_or_count_faults(result, learner.on_nonfinite)
     if kept:
         for p, g in zip(learner.meta_parameters(), result.grads, strict=True):

@@ -123,6 +123,7 @@ class iMAML(ModelLearner):
         on_nonfinite: str = "raise",
         channels_last: bool = False,
         vectorize: bool | int | str = False,
+        compile: bool | dict[str, Any] = False,
     ) -> None:
         """Builds the learner.
 
@@ -164,6 +165,12 @@ class iMAML(ModelLearner):
                 (on CPUs the loop was measured faster; ``benchmarks/gpu_meta_step.py``). Needs
                 tasks of one shape; raises ``ValueError`` with ``channels_last``. Models must
                 not draw random numbers (dropout) in the vectorized path.
+            compile: compile the vectorized per-meta-batch function (``vmap`` over a chunk of
+                tasks) with ``torch.compile`` (``fullgraph=True``: a graph break raises):
+                ``False`` (default), ``True`` (inductor, ``dynamic=False``) or a dict of
+                ``torch.compile`` keywords (``{"backend": "aot_eager"}``). Needs ``vectorize``.
+                The first meta-step compiles (minutes with inductor; logged by the
+                ``metazoo.vectorize`` logger); see ``docs/performance.md`` for where it pays.
         """
         self.model = check_module(model)
         self.criterion = check_criterion(criterion)
@@ -188,6 +195,7 @@ class iMAML(ModelLearner):
         self.on_nonfinite = metazoo.check_on_nonfinite(on_nonfinite)
         self.channels_last = metazoo.check_channels_last(channels_last)
         self.vectorize = metazoo.vectorize.check_vectorize(vectorize)
+        self.compile = metazoo.vectorize.check_compile(compile, self.vectorize)
         if self.vectorize is not False and channels_last:
             raise ValueError(f"vectorize={vectorize!r} does not support channels_last; pass "
                              f"channels_last=False, or vectorize=False to keep channels_last in "

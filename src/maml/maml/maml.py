@@ -119,12 +119,13 @@ class MAML(ModelLearner):
         learn_inner_lr: LearnedLR | None = None,
         per_step_inner_lr: bool = False,
         multi_step_weights: Sequence[float] | None = None,
-        checkpoint: int | bool | None = None,
+        checkpoint: metazoo.Checkpoint | int | bool | None = None,
         inner_grad_clip: float | None = None,
         backward_grad_clip: float | None = None,
         on_nonfinite: str = "raise",
         channels_last: bool = False,
         vectorize: bool | int | str = False,
+        compile: bool | dict[str, Any] = False,
     ) -> None:
         """Builds the learner.
 
@@ -155,8 +156,10 @@ class MAML(ModelLearner):
                 ``learn_inner_lr`` and ``eval_inner_steps <= inner_steps``.
             multi_step_weights: MAML++ multi-step loss: ``inner_steps`` non-negative weights of
                 the query losses after each inner step (see ``multi_step_loss_weights``).
-            checkpoint: the core's exact checkpointed unroll (``None``, ``True`` or a segment
-                length), memory flat in the number of inner steps.
+            checkpoint: the core's exact checkpointed unroll: ``None``, ``True`` (binomial
+                schedule with ``metazoo.DEFAULT_SNAPSHOTS`` stored states, memory flat in the
+                number of inner steps), ``metazoo.Checkpoint(snapshots=s)`` (a budget of s
+                stored states) or an int S (fixed segments of S steps).
             inner_grad_clip: clip the global norm of each inner gradient.
             backward_grad_clip: clip the global norm of the gradient flowing back through each
                 inner step during the meta-backward pass.
@@ -181,6 +184,12 @@ class MAML(ModelLearner):
                 faster; ``benchmarks/gpu_meta_step.py``). Needs tasks of one shape, and raises
                 ``ValueError`` with ``channels_last``, which only the loop supports. Models
                 must not draw random numbers (dropout) in the vectorized path.
+            compile: compile the vectorized per-meta-batch function (``vmap`` over a chunk of
+                tasks) with ``torch.compile`` (``fullgraph=True``: a graph break raises):
+                ``False`` (default), ``True`` (inductor, ``dynamic=False``) or a dict of
+                ``torch.compile`` keywords (``{"backend": "aot_eager"}``). Needs ``vectorize``.
+                The first meta-step compiles (minutes with inductor; logged by the
+                ``metazoo.vectorize`` logger); see ``docs/performance.md`` for where it pays.
         """
         self.model = check_module(model)
         self.criterion = check_criterion(criterion)
@@ -191,10 +200,7 @@ class MAML(ModelLearner):
             raise ValueError(f"first_order must be a bool, got {first_order!r}")
         self.first_order = first_order
         self.bn_mode = check_bn_mode(bn_mode)
-        if checkpoint is not None and not isinstance(checkpoint, bool) and (
-                not isinstance(checkpoint, int) or checkpoint < 1):
-            raise ValueError(f"checkpoint must be None, True or a segment length >= 1, got "
-                             f"{checkpoint!r}")
+        metazoo.check_checkpoint(checkpoint)
         self.checkpoint = checkpoint
         self.inner_grad_clip = check_optional_positive("inner_grad_clip", inner_grad_clip)
         self.backward_grad_clip = check_optional_positive("backward_grad_clip",
@@ -202,6 +208,7 @@ class MAML(ModelLearner):
         self.on_nonfinite = metazoo.check_on_nonfinite(on_nonfinite)
         self.channels_last = metazoo.check_channels_last(channels_last)
         self.vectorize = metazoo.vectorize.check_vectorize(vectorize)
+        self.compile = metazoo.vectorize.check_compile(compile, self.vectorize)
         if self.vectorize is not False and channels_last:
             raise ValueError(f"vectorize={vectorize!r} does not support channels_last; pass "
                              f"channels_last=False, or vectorize=False to keep channels_last in "
@@ -417,7 +424,14 @@ class MAML(ModelLearner):
         if chunk is not None:
             return _vectorized.meta_backward(self, tasks, chunk)
         start = time.perf_counter()
-        params = list(self.meta_parameters())
+        params: list[Tensor] = list(self.meta_parameters())
+        # A user's tensor hyperparameters of the inner optimizer that require grad get .grad as
+        # from a backward pass (and as in the vectorized path).
+        known = {id(p) for p in params}
+        for tensor in self.inner_optimizer.hyperparameter_tensors():
+            if tensor.requires_grad and id(tensor) not in known:
+                known.add(id(tensor))
+                params.append(tensor)
         grads = TaskGradients(params, len(tasks), self.on_nonfinite)
         per_task = []
         for task in tasks:

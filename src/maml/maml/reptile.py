@@ -87,6 +87,7 @@ class Reptile(ModelLearner):
         on_nonfinite: str = "raise",
         channels_last: bool = False,
         vectorize: bool | int | str = False,
+        compile: bool | dict[str, Any] = False,
         inner_state: str = "reset",
     ) -> None:
         """Builds the learner.
@@ -118,6 +119,12 @@ class Reptile(ModelLearner):
                 ``meta_backward`` and ``evaluate``: ``False`` (default) the per-task loop,
                 ``True`` all tasks at once, an int N that many at a time, ``"auto"`` vectorized
                 on CUDA only. Needs tasks of one shape; not with ``channels_last``.
+            compile: compile the vectorized per-meta-batch function (``vmap`` over a chunk of
+                tasks) with ``torch.compile`` (``fullgraph=True``: a graph break raises):
+                ``False`` (default), ``True`` (inductor, ``dynamic=False``) or a dict of
+                ``torch.compile`` keywords (``{"backend": "aot_eager"}``). Needs ``vectorize``.
+                The first meta-step compiles (minutes with inductor; logged by the
+                ``metazoo.vectorize`` logger); see ``docs/performance.md`` for where it pays.
             inner_state: ``"reset"`` (default) starts the inner optimizer's state afresh for
                 every task. ``"carry"`` is the authors' code (see the module docstring): one
                 inner optimizer state (e.g. Adam's moments and step count) runs on from task to
@@ -138,6 +145,7 @@ class Reptile(ModelLearner):
         self.on_nonfinite = metazoo.check_on_nonfinite(on_nonfinite)
         self.channels_last = metazoo.check_channels_last(channels_last)
         self.vectorize = metazoo.vectorize.check_vectorize(vectorize)
+        self.compile = metazoo.vectorize.check_compile(compile, self.vectorize)
         if self.vectorize is not False and channels_last:
             raise ValueError(f"vectorize={vectorize!r} does not support channels_last; pass "
                              f"channels_last=False, or vectorize=False to keep channels_last in "

@@ -62,12 +62,24 @@ from metazoo.precision import (
 from metazoo.registry import available_learners, build_learner
 from metazoo.runs import RunFolder, RunFolderError, RunLockedError
 from metazoo.serialization import atomic_save, atomic_write_text
-from metazoo.unroll import DEFAULT_SEGMENT, LossFn, UnrollResult, clip_grad_norm, unroll
+from metazoo.unroll import (
+    DEFAULT_SEGMENT,
+    DEFAULT_SNAPSHOTS,
+    Checkpoint,
+    CheckpointPlan,
+    LossFn,
+    UnrollResult,
+    binomial_recomputations,
+    check_checkpoint,
+    clip_grad_norm,
+    unroll,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "DEFAULT_SEGMENT",
+    "DEFAULT_SNAPSHOTS",
     "PRECISIONS",
     "SGD",
     "Adam",
@@ -76,6 +88,8 @@ __all__ = [
     "BatchNormMode",
     "Buffers",
     "CheckedCriterion",
+    "Checkpoint",
+    "CheckpointPlan",
     "Criterion",
     "DeviceMixError",
     "EvalResult",
@@ -101,9 +115,11 @@ __all__ = [
     "atomic_write_text",
     "available_learners",
     "batchnorm",
+    "binomial_recomputations",
     "build_learner",
     "build_meta_optimizer",
     "check_channels_last",
+    "check_checkpoint",
     "check_criterion",
     "check_on_nonfinite",
     "check_params",

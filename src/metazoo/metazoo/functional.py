@@ -164,8 +164,12 @@ def _structure_key(modules: list[nn.Module]) -> tuple[Any, ...]:
 
 
 def _structure(module: nn.Module) -> tuple[_Structure, list[nn.Module]]:
-    """The cached ``_Structure`` of ``module`` (recomputed if the tree changed) and its modules."""
-    cached = _STRUCTURES.get(module)
+    """The cached ``_Structure`` of ``module`` (recomputed if the tree changed) and its modules.
+
+    Under ``torch.compile`` the cache is bypassed: Dynamo would guard on the weak dictionary's
+    keys, which change as other models come and go (guard errors, recompilations); the
+    structure is traced afresh instead, and the compiled graph guards on the modules."""
+    cached = None if torch.compiler.is_compiling() else _STRUCTURES.get(module)
     if cached is not None:
         modules = [module, *cached.submodules]
         if _structure_key(modules) == cached.key:
@@ -177,7 +181,8 @@ def _structure(module: nn.Module) -> tuple[_Structure, list[nn.Module]]:
         param_slots=_slot_names(module, module.named_parameters),
         buffer_slots=_slot_names(module, module.named_buffers),
         batchnorms=[(name, index[id(m)]) for name, m in _batchnorm_modules(module)])
-    _STRUCTURES[module] = structure
+    if not torch.compiler.is_compiling():
+        _STRUCTURES[module] = structure
     return structure, modules
 
 

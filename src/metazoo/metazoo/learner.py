@@ -276,12 +276,12 @@ def check_task(task: Any, argument: str = "task") -> Task:
 def check_tasks(tasks: Any, *, allow_empty: bool = False) -> Sequence[Task]:
     """Checks a meta-batch: a non-empty sequence or iterable of ``metazoo.Task``.
 
+    Returns:
+        The tasks as a sequence: a generator or other iterable is read once into a list.
+
     Raises:
         TypeError: an element is not a ``metazoo.Task`` (e.g. a ``(support, query)`` tuple), or
             ``tasks`` is not iterable.
-
-    Returns:
-        The tasks as a sequence: a generator or other iterable is read once into a list.
         ValueError: a single ``Task`` instead of a list, or no task at all.
     """
     if isinstance(tasks, Task):

@@ -5,17 +5,24 @@ the adapted parameters and applies the inner optimizer. With ``first_order=False
 the gradient is taken with ``create_graph=True``, so the result is differentiable to second order
 with respect to the initial parameters, the static parameters and every tensor hyperparameter.
 
-Checkpointing (``checkpoint=S``) stores only the state at every S-th step (parameters, optimizer
-state, buffers, RNG state), runs the inner loop forward without a second-order graph, and during
-the backward pass recomputes one segment at a time with ``create_graph=True`` and backpropagates
-through it. Memory is one segment's graph plus the stored boundary states, flat in K, and the
-meta-gradient equals the plain unroll's exactly. (``torch.utils.checkpoint`` around each step is
-exact too but re-runs the inner ``autograd.grad`` repeatedly and costs more than no
-checkpointing at all; see ARCHITECTURE.md.)
+Checkpointing (``checkpoint=``, a ``Checkpoint`` schedule) runs the inner loop forward without a
+second-order graph, stores a few intermediate states (parameters, optimizer state, buffers, RNG
+state), and during the backward pass recomputes steps from a stored state with
+``create_graph=True`` and backpropagates through them; the meta-gradient equals the plain
+unroll's exactly. The default schedule is binomial ("revolve", Griewank 1992; Griewank and
+Walther 2000): at most ``DEFAULT_SNAPSHOTS`` stored states and one step's graph at a time, so
+memory is flat in K, for the fewest recomputed steps that budget allows
+(``binomial_recomputations``). ``checkpoint=S`` (an int) keeps the fixed-segment schedule: every
+S-th state stored, a segment of S steps recomputed at a time (memory grows by one state per
+segment). One reverse sweep (``_reverse``) drives both schedules, here and in
+``metazoo.vectorize``. (``torch.utils.checkpoint`` around each step is exact too but re-runs the
+inner ``autograd.grad`` repeatedly and costs more than no checkpointing at all; see
+ARCHITECTURE.md.)
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -31,11 +38,18 @@ from metazoo.optim import InnerOptimizer, OptState
 Batch = Any
 LossFn = Callable[[Params, Buffers, Batch], tuple[Tensor, Buffers]]
 
-#: Segment length used by ``checkpoint=True``. Peak memory is about this many steps' graphs,
-#: whatever K is; smaller segments store more boundary states (one parameter copy each).
+#: The segment length ``checkpoint=True`` used before binomial schedules (issue 26);
+#: ``Checkpoint(segment=DEFAULT_SEGMENT)`` (or ``checkpoint=5``) still selects that schedule.
 DEFAULT_SEGMENT = 5
 
-__all__ = ["DEFAULT_SEGMENT", "LossFn", "UnrollResult", "clip_grad_norm", "unroll"]
+#: Stored states of ``checkpoint=True`` / ``Checkpoint()``: the binomial schedule reverses up to
+#: 1,365 steps with at most 4 recomputed steps per step, up to 12,376 with 6
+#: (``benchmarks/unroll_memory.py``).
+DEFAULT_SNAPSHOTS = 10
+
+__all__ = ["DEFAULT_SEGMENT", "DEFAULT_SNAPSHOTS", "Checkpoint", "CheckpointPlan", "LossFn",
+           "UnrollResult", "binomial_recomputations", "check_checkpoint", "clip_grad_norm",
+           "unroll"]
 
 
 @dataclass(frozen=True)
@@ -201,6 +215,287 @@ class _Boundary:
     rng: _RngState
 
 
+# -- schedules: which states a checkpointed unroll stores, which steps it recomputes -----------
+
+
+def binomial_recomputations(steps: int, snapshots: int) -> int:
+    """The fewest untaped steps that reverse ``steps`` inner steps with ``snapshots`` stored states.
+
+    Griewank's binomial bound ("Algorithm 799: revolve", Griewank and Walther, ACM TOMS 2000)
+    in this module's terms: the initial state is held (it is the unroll's input) and at most
+    ``snapshots`` further states are stored at once. With ``r`` the smallest integer such that
+    ``steps <= C(snapshots + 1 + r, snapshots + 1)``, the count is
+    ``r * steps - C(snapshots + r + 1, snapshots + 2)``; with no snapshot it is
+    ``steps * (steps - 1) / 2``, with ``snapshots >= steps - 1`` it is zero.
+    """
+    if steps <= 1:
+        return 0
+    if snapshots == 0:
+        return steps * (steps - 1) // 2
+    repetitions = 0
+    while math.comb(snapshots + 1 + repetitions, snapshots + 1) < steps:
+        repetitions += 1
+    return repetitions * steps - math.comb(snapshots + repetitions + 1, snapshots + 2)
+
+
+def _binomial_split(steps: int, free: int) -> int:
+    """Where to store the next state when reversing ``steps`` steps with ``free`` slots.
+
+    The offset ``m`` minimising ``m + cost(steps - m, free - 1) + cost(m, free)`` (advance m
+    steps and store, reverse the right part with one slot less, then the left part): the
+    optimal binomial split. The cost is convex in ``m``, so a bisection on its slope finds the
+    largest minimiser (the largest keeps the forward sweep's last stored state nearest the end).
+    """
+    def cost(m: int) -> int:
+        return (m + binomial_recomputations(steps - m, free - 1)
+                + binomial_recomputations(m, free))
+
+    best, low, high = 1, 2, steps - 1
+    while low <= high:
+        middle = (low + high) // 2
+        if cost(middle) <= cost(middle - 1):
+            best, low = middle, middle + 1
+        else:
+            high = middle - 1
+    return best
+
+
+class _Schedule:
+    """A checkpointing schedule: the states the forward sweep stores and, in the reverse sweep,
+    whether to store another state or which run of steps to tape (recompute with a graph)
+    next. ``budget``: most stored states at once besides the initial one (``None``: unbounded).
+    """
+
+    budget: int | None = None
+
+    def forward_stores(self, steps: int) -> list[int]:
+        raise NotImplementedError
+
+    def next(self, top: int, end: int, free: int) -> tuple[str, int]:
+        """``("store", m)`` or ``("tape", start)``, given the last stored state ``top``, the
+        steps ``top..end-1`` still to reverse and ``free`` slots."""
+        raise NotImplementedError
+
+
+class _Segments(_Schedule):
+    """Every ``length``-th state stored; each segment taped whole (``length`` steps' graphs)."""
+
+    def __init__(self, length: int) -> None:
+        self.length = length
+
+    def forward_stores(self, steps: int) -> list[int]:
+        return list(range(self.length, steps, self.length))
+
+    def next(self, top: int, end: int, free: int) -> tuple[str, int]:
+        return "tape", top
+
+
+class _Binomial(_Schedule):
+    """The binomial (revolve) schedule: at most ``budget`` stored states, one step taped at a
+    time, the fewest recomputed steps for that budget (``binomial_recomputations``)."""
+
+    def __init__(self, snapshots: int) -> None:
+        self.budget = snapshots
+
+    def forward_stores(self, steps: int) -> list[int]:
+        # The states the reverse sweep would store first (before taping anything): storing
+        # them during the forward sweep, which passes them anyway, saves recomputing them.
+        stores, top, free = [], 0, self.budget or 0
+        while free > 0 and steps - top > 1:
+            top += _binomial_split(steps - top, free)
+            stores.append(top)
+            free -= 1
+        return stores
+
+    def next(self, top: int, end: int, free: int) -> tuple[str, int]:
+        if end - top == 1:
+            return "tape", top
+        if free <= 0:
+            return "tape", end - 1
+        return "store", top + _binomial_split(end - top, free)
+
+
+class _Losses:
+    """The detached inner losses of a long unroll, stacked every 256 steps as they come: ten
+    thousand 0-d tensors hold about 12 MiB of Python objects, more than the stored states of a
+    small model."""
+
+    def __init__(self) -> None:
+        self.chunks: list[Tensor] = []
+        self.pending: list[Tensor] = []
+
+    def append(self, loss: Tensor) -> None:
+        self.pending.append(loss)
+        if len(self.pending) == 256:
+            self.chunks.append(torch.stack(self.pending))
+            self.pending = []
+
+    def stacked(self) -> Tensor:
+        return torch.cat([*self.chunks, torch.stack(self.pending)] if self.pending
+                         else self.chunks)
+
+
+@dataclass
+class _Snapshot:
+    """A stored state: the step it is the state before, and the path's own representation."""
+
+    step: int
+    payload: Any
+
+
+def _reverse(schedule: _Schedule, steps: int, stack: list[_Snapshot],
+             advance: Callable[[_Snapshot, int], Any],
+             tape: Callable[[_Snapshot, int, int], None]) -> int:
+    """Walks ``schedule`` backwards from step ``steps``: the one reverse sweep of both paths.
+
+    ``stack`` holds the initial state (step 0) and the forward sweep's stored states in order;
+    it is consumed: a stored state is dropped as soon as the step it starts has been taped,
+    freeing its slot. ``advance(snapshot, m)`` recomputes (without a graph) the state before
+    step ``m``; ``tape(snapshot, start, end)`` recomputes up to ``start`` without a graph, then
+    steps ``start..end-1`` with one, and backpropagates through them.
+
+    Returns:
+        The most states stored at once besides the initial one.
+    """
+    end, most = steps, len(stack) - 1
+    while end > 0:
+        top = stack[-1]
+        free = (1 << 62) if schedule.budget is None else schedule.budget - (len(stack) - 1)
+        action, position = schedule.next(top.step, end, free)
+        if action == "store":
+            stack.append(_Snapshot(position, advance(top, position)))
+            most = max(most, len(stack) - 1)
+            continue
+        tape(top, position, end)
+        if position == top.step and top.step > 0:
+            stack.pop()
+        del top
+        end = position
+    return most
+
+
+@dataclass(frozen=True)
+class CheckpointPlan:
+    """What a checkpointing schedule costs for a number of inner steps (``Checkpoint.plan``).
+
+    Attributes:
+        steps: the number of inner steps K.
+        stored_states: the most states held at once besides the initial one (each a copy of the
+            adapted parameters, the optimizer state and the buffers).
+        recomputed_steps: steps recomputed without a graph during the backward pass, on top of
+            the K steps of the forward pass and the K steps recomputed with a graph.
+        longest_taped_run: the most steps whose second-order graph is alive at once.
+    """
+
+    steps: int
+    stored_states: int
+    recomputed_steps: int
+    longest_taped_run: int
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A checkpointing schedule for ``unroll(..., checkpoint=...)`` and the learners.
+
+    A checkpointed unroll runs the K inner steps forward without a second-order graph, keeps a
+    few intermediate states (adapted parameters, optimizer state, buffers, RNG state), and in
+    the backward pass recomputes each step from a stored state with a graph and backpropagates
+    through it. The meta-gradient equals the plain unroll's (float64, to 1e-10). Memory is the
+    stored states plus the graph of the steps taped at once.
+
+    Give one of:
+
+    - ``snapshots=s`` (the default, ``s = DEFAULT_SNAPSHOTS``): the binomial ("revolve")
+      schedule. At most ``s`` states are stored at once, whatever K is, and one step is taped
+      at a time, so memory is flat in K. The price is recomputation, the fewest possible for
+      ``s`` states (``binomial_recomputations``): none while ``s >= K - 1``; about ``r`` extra
+      steps per step when ``K <= C(s + 1 + r, s + 1)`` (with ``s = 10``: 2 up to K = 78, 3 up to
+      364, 4 up to 1,365, 6 up to 12,376).
+    - ``segment=S``: the fixed-segment schedule (``checkpoint=S`` with an int): every S-th
+      state stored (K / S states, growing with K), each segment of S steps taped whole (S
+      steps' graphs alive at once), no extra recomputation.
+
+    ``plan(K)`` says what a schedule costs for K steps before running it.
+
+    Example:
+        >>> metazoo.Checkpoint(snapshots=4).plan(100)
+        CheckpointPlan(steps=100, stored_states=4, recomputed_steps=..., longest_taped_run=1)
+    """
+
+    snapshots: int | None = None
+    segment: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.snapshots is not None and self.segment is not None:
+            raise ValueError(f"Checkpoint takes snapshots= (the binomial schedule) or segment= "
+                             f"(fixed segments), not both; got snapshots={self.snapshots!r}, "
+                             f"segment={self.segment!r}")
+        for name, value, least in (("snapshots", self.snapshots, 0),
+                                   ("segment", self.segment, 1)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                      or value < least):
+                raise ValueError(f"Checkpoint({name}=...) must be an int >= {least}, got "
+                                 f"{value!r}")
+        if self.snapshots is None and self.segment is None:
+            object.__setattr__(self, "snapshots", DEFAULT_SNAPSHOTS)  # the default schedule
+
+    def _schedule(self) -> _Schedule:
+        if self.segment is not None:
+            return _Segments(self.segment)
+        assert self.snapshots is not None
+        return _Binomial(self.snapshots)
+
+    def plan(self, steps: int, *, vectorized: bool = False) -> CheckpointPlan:
+        """The schedule's cost for ``steps`` inner steps, by walking it without computing.
+
+        Args:
+            steps: the number of inner steps K.
+            vectorized: the cost in ``metazoo.vectorize.functional_unroll``, whose binomial
+                forward sweep stores nothing (see there), so the backward pass recomputes the
+                states the loop's forward sweep stores.
+        """
+        schedule = self._schedule()
+        stores = _forward_stores(schedule, steps, vectorized=vectorized)
+        counts = {"recomputed": 0, "longest": 0}
+
+        def advance(snapshot: _Snapshot, stop: int) -> None:
+            counts["recomputed"] += stop - snapshot.step
+
+        def tape(snapshot: _Snapshot, start: int, end: int) -> None:
+            counts["recomputed"] += start - snapshot.step
+            counts["longest"] = max(counts["longest"], end - start)
+
+        stack = [_Snapshot(k, None) for k in (0, *stores)]
+        stored = _reverse(schedule, steps, stack, advance, tape)
+        return CheckpointPlan(steps, stored, counts["recomputed"], counts["longest"])
+
+
+def _forward_stores(schedule: _Schedule, steps: int, *, vectorized: bool) -> list[int]:
+    if vectorized and isinstance(schedule, _Binomial):
+        return []
+    return schedule.forward_stores(steps)
+
+
+def check_checkpoint(checkpoint: Any) -> Checkpoint | None:
+    """Validates a ``checkpoint`` option and returns its schedule (``None``: no checkpointing).
+
+    ``None``/``False``: keep the whole graph. ``True``: ``Checkpoint()`` (binomial schedule,
+    ``DEFAULT_SNAPSHOTS`` stored states). An int S: ``Checkpoint(segment=S)`` (fixed segments of
+    S steps, the meaning ``checkpoint=S`` has always had). A ``Checkpoint``: itself.
+    """
+    if checkpoint is None or checkpoint is False:
+        return None
+    if checkpoint is True:
+        return Checkpoint()
+    if isinstance(checkpoint, Checkpoint):
+        return checkpoint
+    if isinstance(checkpoint, int) and checkpoint >= 1:
+        return Checkpoint(segment=checkpoint)
+    raise ValueError(f"checkpoint must be None, True or a segment length >= 1, or "
+                     f"metazoo.Checkpoint(snapshots=N) for a budget of N stored states (True "
+                     f"is Checkpoint(snapshots={DEFAULT_SNAPSHOTS})); got {checkpoint!r}")
+
+
 @dataclass(frozen=True)
 class _Layout:
     """How the flat tensor inputs of ``_CheckpointedUnroll`` map back to dicts."""
@@ -227,20 +522,21 @@ def _carried(params: Params, state: OptState, buffers: Buffers) -> list[Tensor]:
 
 
 class _CheckpointedUnroll(torch.autograd.Function):
-    """The unroll as one autograd node that recomputes segments during its backward pass.
+    """The unroll as one autograd node that recomputes steps during its backward pass.
 
-    Inputs (after the non-tensor ``run``, ``segment``, ``keep_trajectory`` and ``layout``):
+    Inputs (after the non-tensor ``run``, ``schedule``, ``keep_trajectory`` and ``layout``):
     adapted parameters, static parameters, hyperparameter tensors, initial optimizer-state
     tensors and initial buffers, flattened. Outputs: the points of the trajectory (parameters
     then buffers of each; only the final point without ``keep_trajectory``), the final
     optimizer-state tensors, and the detached losses.
     Optimizer state and buffers (differentiable BatchNorm running statistics) are carried
-    through the backward pass like the parameters.
+    through the backward pass like the parameters; recomputation starts from a stored state's
+    own buffers and RNG state, so running statistics are never updated twice.
     """
 
     @staticmethod
-    def forward(ctx: Any, run: _Run, segment: int, keep_trajectory: bool, layout: _Layout,
-                *tensors: Tensor) -> tuple[Tensor, ...]:
+    def forward(ctx: Any, run: _Run, schedule: _Schedule, keep_trajectory: bool,
+                layout: _Layout, *tensors: Tensor) -> tuple[Tensor, ...]:
         params_t, static_t, hyper, state_t, buffers_t = layout.split(
             [t.detach() for t in tensors])
         params = dict(zip(layout.names, params_t))
@@ -250,13 +546,16 @@ class _CheckpointedUnroll(torch.autograd.Function):
         optimizer = run.optimizer.with_hyperparameter_tensors(hyper)
         device = tensors[0].device
 
-        boundaries, losses = [], []
+        stores = set(schedule.forward_stores(run.steps))
+        snapshots = [_Snapshot(0, _Boundary(params, state, buffers, _RngState.capture(device)))]
+        losses = _Losses()
         # Point 0 is cloned: an input returned as an output would alias it.
         points = ([[t.clone() for t in (*params.values(), *buffers.values())]]
                   if keep_trajectory else [])
         for k in range(run.steps):
-            if k % segment == 0:
-                boundaries.append(_Boundary(params, state, buffers, _RngState.capture(device)))
+            if k in stores:
+                snapshots.append(_Snapshot(k, _Boundary(params, state, buffers,
+                                                        _RngState.capture(device))))
             params, state, buffers, loss = run.step(k, params, static, buffers, state, optimizer,
                                                     create_graph=False)
             losses.append(loss)
@@ -265,12 +564,12 @@ class _CheckpointedUnroll(torch.autograd.Function):
         if not keep_trajectory:
             points = [[*params.values(), *buffers.values()]]
 
-        ctx.run, ctx.segment, ctx.keep_trajectory = run, segment, keep_trajectory
-        ctx.layout = layout
-        ctx.boundaries = boundaries
+        ctx.run, ctx.schedule, ctx.keep_trajectory = run, schedule, keep_trajectory
+        ctx.layout, ctx.device = layout, device
+        ctx.snapshots = snapshots
         ctx.static_tensors, ctx.hyper_tensors = static_t, hyper
         run.final_state = state
-        losses_tensor = torch.stack(losses)
+        losses_tensor = losses.stacked()
         ctx.mark_non_differentiable(losses_tensor)
         ctx.set_materialize_grads(False)
         return (*(t for point in points for t in point), *_tensor_leaves(state), losses_tensor)
@@ -290,14 +589,31 @@ class _CheckpointedUnroll(torch.autograd.Function):
                        for i, k in enumerate(points)}
         final = point_grads.pop(run.steps)
         state_grads = grad_outputs[len(points) * width:-1]  # losses have no gradient
-        carry = [*final[:n], *state_grads, *final[n:]]
+        carry: list[Tensor | None] = [*final[:n], *state_grads, *final[n:]]
         static_grads: list[Tensor | None] = [None] * m
         hyper_grads: list[Tensor | None] = [None] * num_hyper
+        constant_optimizer = run.optimizer.with_hyperparameter_tensors(ctx.hyper_tensors)
+        constant_static = dict(zip(layout.static_names, ctx.static_tensors))
 
-        for index in reversed(range(len(ctx.boundaries))):
-            boundary: _Boundary = ctx.boundaries[index]
-            start, end = index * ctx.segment, min((index + 1) * ctx.segment, run.steps)
-            with torch.enable_grad(), boundary.rng.restored():
+        def advance_from(boundary: _Boundary, start: int, stop: int) -> _Boundary:
+            # Inside the caller's ``boundary.rng.restored()``: the steps draw the same random
+            # numbers as in the forward sweep.
+            params, state, buffers = boundary.params, boundary.state, boundary.buffers
+            with torch.no_grad():
+                for k in range(start, stop):
+                    params, state, buffers, _ = run.step(k, params, constant_static, buffers,
+                                                         state, constant_optimizer,
+                                                         create_graph=False)
+            return _Boundary(params, state, buffers, _RngState.capture(ctx.device))
+
+        def advance(snapshot: _Snapshot, stop: int) -> _Boundary:
+            with snapshot.payload.rng.restored():
+                return advance_from(snapshot.payload, snapshot.step, stop)
+
+        def tape(snapshot: _Snapshot, start: int, end: int) -> None:
+            nonlocal carry, static_grads, hyper_grads
+            with torch.enable_grad(), snapshot.payload.rng.restored():
+                boundary = advance_from(snapshot.payload, snapshot.step, start)
                 leaves = [t.detach().requires_grad_(t.is_floating_point())
                           for t in _carried(boundary.params, boundary.state, boundary.buffers)]
                 params = dict(zip(layout.names, leaves[:n]))
@@ -311,7 +627,7 @@ class _CheckpointedUnroll(torch.autograd.Function):
                 static = dict(zip(layout.static_names, static_leaves))
 
                 # (output, incoming gradient) pairs: intermediate trajectory points with
-                # gradients, then everything the segment hands to the next one.
+                # gradients, then everything the taped run hands to the next step.
                 pairs: list[tuple[Tensor, Tensor | None]] = []
                 for k in range(start, end):
                     params, state, buffers, _ = run.step(k, params, static, buffers, state,
@@ -344,6 +660,8 @@ class _CheckpointedUnroll(torch.autograd.Function):
                 carry[n + num_state:] = [_add(a, b)
                                          for a, b in zip(carry[n + num_state:], arriving[n:])]
 
+        stack, ctx.snapshots = ctx.snapshots, None  # consumed: states dropped once passed
+        _reverse(ctx.schedule, run.steps, stack, advance, tape)
         return (None, None, None, None, *carry[:n], *static_grads, *hyper_grads, *carry[n:])
 
 
@@ -356,7 +674,7 @@ def _add(a: Tensor | None, b: Tensor | None) -> Tensor | None:
 
 
 def _validate(params: Params, static: Params, batches: Sequence[Batch], steps: int,
-              checkpoint: int | bool | None, inner_grad_clip: float | None,
+              checkpoint: Checkpoint | int | bool | None, inner_grad_clip: float | None,
               backward_grad_clip: float | None) -> None:
     if not isinstance(params, dict) or not params:
         raise ValueError("params must be a non-empty dict of name -> tensor (metazoo.params_of)")
@@ -373,10 +691,7 @@ def _validate(params: Params, static: Params, batches: Sequence[Batch], steps: i
         )
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be an int >= 1, got {steps!r}")
-    if checkpoint is not None and not isinstance(checkpoint, bool) and (
-            not isinstance(checkpoint, int) or checkpoint < 1):
-        raise ValueError(f"checkpoint must be None, a bool, or a segment length >= 1; got "
-                         f"{checkpoint!r}")
+    check_checkpoint(checkpoint)
     for name, value in (("inner_grad_clip", inner_grad_clip),
                         ("backward_grad_clip", backward_grad_clip)):
         if value is not None and not (isinstance(value, (int, float)) and value > 0):
@@ -394,7 +709,7 @@ def unroll(
     buffers: Buffers | None = None,
     state: OptState | None = None,
     first_order: bool = False,
-    checkpoint: int | bool | None = None,
+    checkpoint: Checkpoint | int | bool | None = None,
     inner_grad_clip: float | None = None,
     backward_grad_clip: float | None = None,
     keep_trajectory: bool = False,
@@ -416,9 +731,12 @@ def unroll(
         state: initial optimizer state (default ``optimizer.init(params)``).
         first_order: use inner gradients as constants (no second-order terms, no second-order
             graph); running statistics updated in the loop are constants too (detached).
-        checkpoint: ``None``/``False`` keeps the whole graph; an int S keeps only every S-th
-            state and recomputes segments in the backward pass; ``True`` uses
-            ``DEFAULT_SEGMENT``. Exact: same meta-gradients as the plain unroll.
+        checkpoint: ``None``/``False`` keeps the whole graph. ``True`` or ``Checkpoint()``: the
+            binomial schedule with ``DEFAULT_SNAPSHOTS`` stored states, memory flat in K;
+            ``Checkpoint(snapshots=s)`` chooses the budget. An int S (``Checkpoint(segment=S)``)
+            stores every S-th state and recomputes S-step segments. Exact: the same
+            meta-gradients as the plain unroll. Ignored (plain unroll) with ``first_order``, for
+            one step, or when nothing requires grad.
         inner_grad_clip: clip the global norm of each inner gradient before the step.
         backward_grad_clip: clip the global norm of the gradient flowing back into each step's
             parameters during the meta-backward pass ("max grad-grad norm").
@@ -442,9 +760,9 @@ def unroll(
     differentiable = torch.is_grad_enabled() and any(
         t.requires_grad for t in (*params.values(), *static.values(), *hyper,
                                   *_tensor_leaves(state), *buffers.values()))
-    segment = DEFAULT_SEGMENT if checkpoint is True else int(checkpoint or 0)
-    if differentiable and not first_order and 0 < segment < steps:
-        return _checkpointed(run, params, static, buffers, state, hyper, segment,
+    schedule = check_checkpoint(checkpoint)
+    if differentiable and not first_order and schedule is not None and steps > 1:
+        return _checkpointed(run, params, static, buffers, state, hyper, schedule._schedule(),
                              keep_trajectory)
 
     create_graph = differentiable and not first_order
@@ -464,7 +782,8 @@ def unroll(
 
 
 def _checkpointed(run: _Run, params: Params, static: Params, buffers: Buffers, state: OptState,
-                  hyper: list[Tensor], segment: int, keep_trajectory: bool) -> UnrollResult:
+                  hyper: list[Tensor], schedule: _Schedule, keep_trajectory: bool
+                  ) -> UnrollResult:
     names, static_names = list(params), list(static)
     for batch in run.batches:
         if any(t.requires_grad for t in _tensor_leaves(batch)):
@@ -472,7 +791,7 @@ def _checkpointed(run: _Run, params: Params, static: Params, buffers: Buffers, s
                              "tensors or use checkpoint=None")
     state_tensors = _tensor_leaves(state)
     layout = _Layout(names, static_names, len(hyper), state, list(buffers))
-    outputs = _CheckpointedUnroll.apply(run, segment, keep_trajectory, layout,
+    outputs = _CheckpointedUnroll.apply(run, schedule, keep_trajectory, layout,
                                         *params.values(), *static.values(), *hyper,
                                         *state_tensors, *buffers.values())
     n, width = len(names), len(names) + len(buffers)

@@ -24,8 +24,10 @@ vmap over 16 tasks took 5.4-8.2 s against 4.5 s for the loop), on a GPU the vect
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -37,11 +39,22 @@ from metazoo.faults import task_fault
 from metazoo.functional import Buffers, Params, closed_form_batch_norm
 from metazoo.learner import Batch, Task
 from metazoo.optim import InnerOptimizer, OptState
-from metazoo.unroll import DEFAULT_SEGMENT, LossFn, UnrollResult, _ClipBackward, clip_grad_norm
+from metazoo.unroll import (
+    Checkpoint,
+    LossFn,
+    UnrollResult,
+    _ClipBackward,
+    _forward_stores,
+    _reverse,
+    _Schedule,
+    _Snapshot,
+    check_checkpoint,
+    clip_grad_norm,
+)
 
-__all__ = ["VectorizedGradients", "check_vectorize", "functional_unroll", "map_and_sum",
-           "map_tasks", "raise_or_count_faults", "resolve_chunk", "stack_tasks",
-           "vectorized_meta_gradients"]
+__all__ = ["CompileOptions", "VectorizedGradients", "check_compile", "check_vectorize",
+           "functional_unroll", "map_and_sum", "map_tasks", "raise_or_count_faults",
+           "resolve_chunk", "stack_tasks", "vectorized_meta_gradients"]
 
 Vectorize = bool | int | str
 
@@ -143,53 +156,74 @@ def _functional_step(loss_fn: LossFn, optimizer: InnerOptimizer, batch: Batch, p
 
 
 @dataclass
-class _Segment:
-    """Everything about steps ``start..end`` of a checkpointed ``functional_unroll`` that is not
-    a tensor. ``state_template``: the optimizer state at ``start`` with its tensors ``None``
-    (non-tensor leaves such as the step count kept); ``final_template``: the same at ``end``,
-    set by ``run``."""
+class _FunctionalRun:
+    """Everything about a checkpointed ``functional_unroll`` that is not a tensor.
+
+    ``sizes``: the numbers of parameter, optimizer-state, buffer, static, hyperparameter and
+    batch tensors among the Function's inputs. ``templates``: per stored step, the optimizer
+    state with its tensors ``None`` (non-tensor leaves such as the step count kept), set by the
+    forward sweep; ``final_template`` the same after the last step.
+    """
 
     loss_fn: LossFn
     optimizer: InnerOptimizer
-    start: int
-    end: int
-    sizes: tuple[int, ...]  # params, state, buffers, static, hyper, batch tensors
+    steps: int
+    schedule: _Schedule
+    stores: list[int]
+    keep_trajectory: bool
+    sizes: tuple[int, ...]
     names: tuple[list[str], list[str], list[str]]  # params, buffers, static
-    state_template: Any
     batch_spec: Any
     num_batches: int
     inner_grad_clip: float | None
     backward_grad_clip: float | None
+    templates: dict[int, Any] = field(default_factory=dict)
     final_template: Any = None
 
-    def run(self, tensors: Sequence[Tensor]) -> tuple[Tensor, ...]:
-        """The segment's steps: each point (parameters, buffers), final state tensors, losses."""
+    def split(self, tensors: Sequence[Tensor]) -> list[list[Tensor]]:
         parts, offset = [], 0
         for size in self.sizes:
             parts.append(list(tensors[offset:offset + size]))
             offset += size
-        params_t, state_t, buffers_t, static_t, hyper, batch_t = parts
-        names, buffer_names, static_names = self.names
-        params, buffers = dict(zip(names, params_t)), dict(zip(buffer_names, buffers_t))
-        static = dict(zip(static_names, static_t))
-        state = _replace_leaves(self.state_template, state_t)
-        batches = pytree.tree_unflatten(batch_t, self.batch_spec)
-        optimizer = self.optimizer.with_hyperparameter_tensors(hyper)
-        points, losses = [], []
-        for k in range(self.start, self.end):
+        return parts
+
+    def carried(self, params: Params, state: OptState, buffers: Buffers) -> list[Tensor]:
+        return [*params.values(), *_tensors_of(state), *buffers.values()]
+
+    def unpack(self, carried: Sequence[Tensor], template: Any
+               ) -> tuple[Params, OptState, Buffers]:
+        names, buffer_names, _ = self.names
+        n, num_state = len(names), self.sizes[1]
+        return (dict(zip(names, carried[:n])),
+                _replace_leaves(template, carried[n:n + num_state]),
+                dict(zip(buffer_names, carried[n + num_state:])))
+
+    def run(self, carried: Sequence[Tensor], template: Any, static: Sequence[Tensor],
+            hyper: Sequence[Tensor], batch_tensors: Sequence[Tensor], start: int, stop: int,
+            on_step: Callable[[int, Params, OptState, Buffers, Tensor], None] | None = None
+            ) -> tuple[Params, OptState, Buffers]:
+        """Steps ``start..stop-1`` from the carried tensors of the state before ``start``;
+        ``on_step(k, params, state, buffers, loss)`` sees the state after each step k."""
+        params, state, buffers = self.unpack(carried, template)
+        static_params = dict(zip(self.names[2], static))
+        batches = pytree.tree_unflatten(list(batch_tensors), self.batch_spec)
+        optimizer = self.optimizer.with_hyperparameter_tensors(list(hyper))
+        for k in range(start, stop):
             params, state, buffers, loss = _functional_step(
-                self.loss_fn, optimizer, batches[k % self.num_batches], params, static, buffers,
-                state, first_order=False, inner_grad_clip=self.inner_grad_clip,
+                self.loss_fn, optimizer, batches[k % self.num_batches], params, static_params,
+                buffers, state, first_order=False, inner_grad_clip=self.inner_grad_clip,
                 backward_grad_clip=self.backward_grad_clip)
-            points += [*params.values(), *buffers.values()]
-            losses.append(loss)
-        self.final_template = pytree.tree_map(
-            lambda leaf: None if isinstance(leaf, Tensor) else leaf, state)
-        return (*points, *_tensors_of(state), torch.stack(losses))
+            if on_step is not None:
+                on_step(k, params, state, buffers, loss)
+        return params, state, buffers
 
 
 def _tensors_of(tree: Any) -> list[Tensor]:
     return [leaf for leaf in pytree.tree_leaves(tree) if isinstance(leaf, Tensor)]
+
+
+def _template(state: OptState) -> Any:
+    return pytree.tree_map(lambda leaf: None if isinstance(leaf, Tensor) else leaf, state)
 
 
 def _replace_leaves(template: Any, tensors: Sequence[Tensor]) -> Any:
@@ -200,21 +234,51 @@ def _replace_leaves(template: Any, tensors: Sequence[Tensor]) -> Any:
                                   else leaf for leaf in leaves], spec)
 
 
-class _CheckpointedSegment(torch.autograd.Function):
-    """One segment of a checkpointed ``functional_unroll`` as one node: the forward keeps only
-    the segment's inputs, the backward recomputes the segment under ``torch.func.vjp``.
+class _CheckpointedFunctionalUnroll(torch.autograd.Function):
+    """A checkpointed ``functional_unroll`` as one node whose backward walks the schedule
+    (``metazoo.unroll._reverse``, the loop's reverse sweep), taping runs of steps under
+    ``torch.func.vjp``.
 
     ``setup_context`` form with a generated vmap rule, so it runs under ``vmap``/``grad`` (each
-    task recomputes its own segment). Batches are inputs (tensors a Function closes over would
-    escape the transforms), constants for the gradient.
+    task recomputes its own steps). Batches are inputs (tensors a Function closes over would
+    escape the transforms), constants for the gradient. Outputs: the trajectory points after
+    each step (parameters, then buffers; only the last without ``keep_trajectory``), the final
+    optimizer-state tensors, the losses, then the states the forward sweep stores (saved for
+    the backward; a Function in this form can save only its inputs and outputs).
+
+    The binomial schedule's forward sweep stores nothing here: what a Function saves lives
+    until the whole ``torch.func`` backward ends (it runs with ``create_graph``), so states
+    stored in the forward sweep would not free their slots; the reverse sweep recomputes them
+    instead (``Checkpoint.plan(K, vectorized=True)``).
     """
 
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(segment: _Segment, *tensors: Tensor) -> tuple[Tensor, ...]:
+    def forward(run: _FunctionalRun, *tensors: Tensor) -> tuple[Tensor, ...]:
+        params_t, state_t, buffers_t, static_t, hyper, batch_t = run.split(tensors)
+        stores = set(run.stores)
+        stored: list[Tensor] = []
+        points: list[Tensor] = []
+        losses: list[Tensor] = []
+        carried = [*params_t, *state_t, *buffers_t]
+        template = run.templates[0]
+        if 0 in stores:
+            raise AssertionError("the initial state is an input, never stored")
+
+        def on_step(k: int, params: Params, state: OptState, buffers: Buffers,
+                    loss: Tensor) -> None:
+            losses.append(loss)
+            if run.keep_trajectory or k + 1 == run.steps:
+                points.extend([*params.values(), *buffers.values()])
+            if k + 1 in stores:
+                stored.extend(run.carried(params, state, buffers))
+                run.templates[k + 1] = _template(state)
+
+        _, state, _ = run.run(carried, template, static_t, hyper, batch_t, 0, run.steps, on_step)
+        run.final_template = _template(state)
         outputs, seen = [], {id(t) for t in tensors}
-        for tensor in segment.run(tensors):
+        for tensor in (*points, *_tensors_of(state), torch.stack(losses), *stored):
             # An input (buffers a step leaves unchanged) or a repeated output is returned as a
             # view: a Function in the setup_context form may not return its inputs as-is.
             outputs.append(tensor.view_as(tensor) if id(tensor) in seen else tensor)
@@ -223,79 +287,143 @@ class _CheckpointedSegment(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
-        ctx.segment = inputs[0]
-        ctx.save_for_backward(*inputs[1:])
-        ctx.mark_non_differentiable(output[-1])
+        run: _FunctionalRun = inputs[0]
+        ctx.run = run
+        num_stored = len(run.stores) * (run.sizes[0] + run.sizes[1] + run.sizes[2])
+        ctx.save_for_backward(*inputs[1:], *output[len(output) - num_stored:])
+        ctx.mark_non_differentiable(output[len(output) - num_stored - 1])
 
     @staticmethod
     def backward(ctx: Any, *grads: Tensor) -> tuple[Tensor | None, ...]:
-        segment: _Segment = ctx.segment
-        tensors = [t.detach() for t in ctx.saved_tensors]
-        num_differentiable = sum(segment.sizes[:-1])
-        differentiable = [i for i in range(num_differentiable) if tensors[i].is_floating_point()]
+        run: _FunctionalRun = ctx.run
+        saved = [t.detach() for t in ctx.saved_tensors]
+        num_inputs = sum(run.sizes)
+        params_t, state_t, buffers_t, static_t, hyper, batch_t = run.split(saved[:num_inputs])
+        width_carried = run.sizes[0] + run.sizes[1] + run.sizes[2]
+        width_point = run.sizes[0] + run.sizes[2]
+        num_params = run.sizes[0]
+        stack = [_Snapshot(0, [*params_t, *state_t, *buffers_t])]
+        for index, step in enumerate(run.stores):
+            offset = num_inputs + index * width_carried
+            stack.append(_Snapshot(step, saved[offset:offset + width_carried]))
+        del saved
 
-        floating: list[bool] = []
+        # Gradients arriving at the trajectory points (after step k: point k + 1).
+        point_steps = range(1, run.steps + 1) if run.keep_trajectory else [run.steps]
+        point_grads = {k: list(grads[i * width_point:(i + 1) * width_point])
+                       for i, k in enumerate(point_steps)}
+        final = point_grads.pop(run.steps)
+        state_grads = list(grads[len(point_steps) * width_point:][:run.sizes[1]])
+        carry: list[Tensor] = [*final[:num_params], *state_grads, *final[num_params:]]
+        static_grads = [torch.zeros_like(t) for t in static_t]
+        hyper_grads = [torch.zeros_like(t) for t in hyper]
+        meta_inputs = [*static_t, *hyper]
 
-        def recompute(*inputs: Tensor) -> tuple[Tensor, ...]:
-            full = list(tensors)
-            for index, tensor in zip(differentiable, inputs, strict=True):
-                full[index] = tensor
-            outputs = segment.run(full)[:-1]  # the losses carry no gradient
-            floating[:] = [t.is_floating_point() for t in outputs]
-            # Integer outputs (BatchNorm's num_batches_tracked) carry no gradient either.
-            return tuple(t for t in outputs if t.is_floating_point())
+        def advance_from(snapshot: _Snapshot, stop: int) -> list[Tensor]:
+            if stop == snapshot.step:
+                return list(snapshot.payload)
+            params, state, buffers = run.run(snapshot.payload, run.templates[snapshot.step],
+                                             static_t, hyper, batch_t, snapshot.step, stop)
+            run.templates.setdefault(stop, _template(state))
+            return run.carried(params, state, buffers)
+
+        def tape(snapshot: _Snapshot, start: int, end: int) -> None:
+            nonlocal carry, static_grads, hyper_grads
+            carried = advance_from(snapshot, start)
+            differentiable = [i for i, t in enumerate(carried) if t.is_floating_point()]
+            floating: list[bool] = []
+
+            def recompute(*inputs: Tensor) -> tuple[Tensor, ...]:
+                full = list(carried)
+                for index, tensor in zip(differentiable, inputs[:len(differentiable)],
+                                         strict=True):
+                    full[index] = tensor
+                static = inputs[len(differentiable):len(differentiable) + len(static_t)]
+                hyper_in = inputs[len(differentiable) + len(static_t):]
+                outputs: list[Tensor] = []
+
+                def on_step(k: int, params: Params, state: OptState, buffers: Buffers,
+                            loss: Tensor) -> None:
+                    if k + 1 < end and k + 1 in point_grads:
+                        outputs.extend([*params.values(), *buffers.values()])
+
+                params, state, buffers = run.run(full, run.templates[start], static, hyper_in,
+                                                 batch_t, start, end, on_step)
+                outputs += run.carried(params, state, buffers)
+                floating[:] = [t.is_floating_point() for t in outputs]
+                # Integer outputs (BatchNorm's num_batches_tracked) carry no gradient.
+                return tuple(t for t in outputs if t.is_floating_point())
+
+            vjp_fn = torch.func.vjp(recompute, *[carried[i] for i in differentiable],
+                                    *meta_inputs)[1]
+            incoming = [g for k in range(start + 1, end) if k in point_grads
+                        for g in point_grads.pop(k)]
+            incoming += carry
+            input_grads = list(vjp_fn(tuple(g.detach() for g, f in zip(incoming, floating)
+                                            if f)))
+            carry_in = input_grads[:len(differentiable)]
+            new_carry: list[Tensor] = [torch.zeros(()) for _ in carried]
+            for index, g in zip(differentiable, carry_in):
+                new_carry[index] = g
+            meta = input_grads[len(differentiable):]
+            static_grads = [a + b for a, b in zip(static_grads, meta[:len(static_t)])]
+            hyper_grads = [a + b for a, b in zip(hyper_grads, meta[len(static_t):])]
+            if start in point_grads:
+                arriving = point_grads.pop(start)
+                for i, g in enumerate(arriving):
+                    index = i if i < num_params else i + run.sizes[1]
+                    if carried[index].is_floating_point():
+                        new_carry[index] = new_carry[index] + g
+            carry = new_carry
 
         # No grad outside the vjp (which enables it for itself): the backward of a
-        # torch.func.grad runs with create_graph, and a recomputed segment recorded there would
-        # ride on the gradients into the next segment's backward, keeping every segment's
-        # graph alive (memory growing with K again).
+        # torch.func.grad runs with create_graph, and a recomputed step recorded there would
+        # ride on the gradients into the next step's backward, keeping every graph alive.
         with torch.no_grad():
-            vjp_fn = torch.func.vjp(recompute, *[tensors[i] for i in differentiable])[1]
-            input_grads = iter(vjp_fn(tuple(g.detach() for g, f in zip(grads[:-1], floating)
-                                            if f)))
-        result: list[Tensor | None] = [None] * len(tensors)
-        for index in differentiable:
-            result[index] = next(input_grads)
-        return (None, *result)
+            _reverse(run.schedule, run.steps, stack,
+                     lambda snapshot, stop: advance_from(snapshot, stop), tape)
+        carried_grads = [g if t.is_floating_point() else None
+                         for g, t in zip(carry, [*params_t, *state_t, *buffers_t])]
+        n, num_state = run.sizes[0], run.sizes[1]
+        return (None, *carried_grads[:n], *carried_grads[n:n + num_state],
+                *carried_grads[n + num_state:], *static_grads, *hyper_grads,
+                *([None] * len(batch_t)))
 
 
 def _checkpointed_unroll(loss_fn: LossFn, params: Params, optimizer: InnerOptimizer,
                          batches: Sequence[Batch], steps: int, static: Params, buffers: Buffers,
-                         state: OptState, segment: int, inner_grad_clip: float | None,
+                         state: OptState, schedule: _Schedule, inner_grad_clip: float | None,
                          backward_grad_clip: float | None, keep_trajectory: bool
                          ) -> UnrollResult:
-    """``functional_unroll`` through ``_CheckpointedSegment`` nodes of ``segment`` steps: the
-    graph holds each segment's inputs, not its steps (memory bounded in K for a fixed S)."""
+    """``functional_unroll`` as one ``_CheckpointedFunctionalUnroll`` node: the graph holds
+    the unroll's inputs and the states its forward sweep stores, not its steps."""
     batch_tensors, batch_spec = pytree.tree_flatten(list(batches))
     hyper = optimizer.hyperparameter_tensors()
     names, buffer_names = list(params), list(buffers)
-    trajectory, buffer_trajectory = [params], [buffers]
-    losses = []
-    for start in range(0, steps, segment):
-        end = min(start + segment, steps)
-        state_tensors = _tensors_of(state)
-        spec = _Segment(loss_fn, optimizer, start, end,
-                        (len(params), len(state_tensors), len(buffers), len(static), len(hyper),
-                         len(batch_tensors)),
-                        (names, buffer_names, list(static)),
-                        pytree.tree_map(lambda leaf: None if isinstance(leaf, Tensor) else leaf,
-                                        state),
-                        batch_spec, len(batches), inner_grad_clip, backward_grad_clip)
-        outputs = _CheckpointedSegment.apply(spec, *params.values(), *state_tensors,
-                                             *buffers.values(), *static.values(), *hyper,
-                                             *batch_tensors)
-        width = len(names) + len(buffer_names)
-        for i in range(end - start):
-            point = outputs[i * width:(i + 1) * width]
-            params = dict(zip(names, point[:len(names)]))
-            buffers = dict(zip(buffer_names, point[len(names):]))
-            trajectory.append(params)
-            buffer_trajectory.append(buffers)
-        state = _replace_leaves(spec.final_template, outputs[(end - start) * width:-1])
-        losses.append(outputs[-1])
+    state_tensors = _tensors_of(state)
+    run = _FunctionalRun(loss_fn, optimizer, steps, schedule,
+                         _forward_stores(schedule, steps, vectorized=True), keep_trajectory,
+                         (len(params), len(state_tensors), len(buffers), len(static), len(hyper),
+                          len(batch_tensors)),
+                         (names, buffer_names, list(static)), batch_spec, len(batches),
+                         inner_grad_clip, backward_grad_clip)
+    run.templates[0] = _template(state)
+    outputs = _CheckpointedFunctionalUnroll.apply(run, *params.values(), *state_tensors,
+                                                  *buffers.values(), *static.values(), *hyper,
+                                                  *batch_tensors)
+    width = len(names) + len(buffer_names)
+    num_points = steps if keep_trajectory else 1
+    flat_points = [outputs[i * width:(i + 1) * width] for i in range(num_points)]
+    trajectory = [params] + [dict(zip(names, p[:len(names)])) for p in flat_points]
+    buffer_trajectory = [buffers] + [dict(zip(buffer_names, p[len(names):]))
+                                     for p in flat_points]
+    offset = num_points * width
+    final_state = _replace_leaves(run.final_template,
+                                  outputs[offset:offset + len(state_tensors)])
+    losses = outputs[offset + len(state_tensors)]
     if not keep_trajectory:
-        return UnrollResult(params, state, buffers, torch.cat(losses))
-    return UnrollResult(params, state, buffers, torch.cat(losses), trajectory,
+        return UnrollResult(trajectory[-1], final_state, buffer_trajectory[-1], losses)
+    return UnrollResult(trajectory[-1], final_state, buffer_trajectory[-1], losses, trajectory,
                         buffer_trajectory)
 
 
@@ -310,7 +438,7 @@ def functional_unroll(
     buffers: Buffers | None = None,
     state: OptState | None = None,
     first_order: bool = False,
-    checkpoint: int | bool | None = None,
+    checkpoint: Checkpoint | int | bool | None = None,
     inner_grad_clip: float | None = None,
     backward_grad_clip: float | None = None,
     keep_trajectory: bool = False,
@@ -320,10 +448,12 @@ def functional_unroll(
     Same arguments, steps and result as ``metazoo.unroll``; the inner gradient is taken with
     ``torch.func.grad``, so the unroll can be mapped over tasks and differentiated by an outer
     ``torch.func.grad`` (or by ordinary autograd). The update rule is the optimizer's own
-    ``step``. ``checkpoint`` (an int S, or ``True`` for ``DEFAULT_SEGMENT``; as in the loop, not
-    in first-order mode) runs each segment of S steps as one ``_CheckpointedSegment`` node whose
-    backward recomputes it with ``torch.func.vjp``: the graph holds the segments' inputs, not
-    their steps.
+    ``step``. ``checkpoint`` (as in the loop: ``True``, a ``metazoo.Checkpoint`` or a segment
+    length; not in first-order mode, nor for one step) runs the unroll as one
+    ``_CheckpointedFunctionalUnroll`` node whose backward walks the same schedule as the loop's,
+    recomputing steps with ``torch.func.vjp``: the graph holds the stored states, not the steps.
+    The binomial schedule's forward sweep stores nothing here (see that class), so the
+    backward recomputes ``Checkpoint.plan(K, vectorized=True).recomputed_steps`` steps.
     """
     static = dict(static or {})
     buffers = dict(buffers or {})
@@ -332,11 +462,11 @@ def functional_unroll(
         raise ValueError(f"steps must be an int >= 1, got {steps!r}")
     if state is None:
         state = optimizer.init(params)
-    segment = DEFAULT_SEGMENT if checkpoint is True else int(checkpoint or 0)
-    if not first_order and 0 < segment < steps:  # first order keeps no second-order graph
+    schedule = check_checkpoint(checkpoint)
+    if not first_order and schedule is not None and steps > 1:  # first order: no graph kept
         return _checkpointed_unroll(loss_fn, params, optimizer, batches, steps, static, buffers,
-                                    state, segment, inner_grad_clip, backward_grad_clip,
-                                    keep_trajectory)
+                                    state, schedule._schedule(), inner_grad_clip,
+                                    backward_grad_clip, keep_trajectory)
     trajectory, buffer_trajectory = [params], [buffers]
     losses = []
     for k in range(steps):
@@ -353,6 +483,87 @@ def functional_unroll(
                         buffer_trajectory)
 
 
+# -- torch.compile of the per-meta-batch function -------------------------------------------
+
+_log = logging.getLogger(__name__)
+
+#: The ``torch.compile`` keywords a learner's ``compile=`` may set (``fullgraph`` is always
+#: True: a graph break raises instead of running part of the step eagerly).
+_COMPILE_KEYWORDS = frozenset({"backend", "mode", "dynamic", "options"})
+
+
+@dataclass(frozen=True)
+class CompileOptions:
+    """A validated ``compile=`` option: the keywords passed to ``torch.compile``."""
+
+    keywords: tuple[tuple[str, Any], ...]
+
+    def __str__(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.keywords) or "torch.compile defaults"
+
+
+def check_compile(value: Any, vectorize: Vectorize = True) -> CompileOptions | None:
+    """Validates a learner's ``compile`` option.
+
+    ``False``/``None``: eager. ``True``: ``torch.compile`` with ``dynamic=False`` and the
+    default backend (inductor). A dict: ``torch.compile`` keywords among ``backend``, ``mode``,
+    ``dynamic`` (default False) and ``options``, e.g. ``{"backend": "aot_eager"}``. The
+    per-meta-batch function is always compiled with ``fullgraph=True``. ``vectorize``: the
+    learner's option; compiling needs the vectorized path (the loop is not compiled).
+    """
+    if value is None or value is False:
+        return None
+    if vectorize is False:
+        raise ValueError(f"compile={value!r} compiles the vectorized meta-batch; pass "
+                         f"vectorize=True (or a chunk size) with it, or compile=False")
+    if value is True:
+        value = {}
+    if not isinstance(value, dict) or not set(value) <= _COMPILE_KEYWORDS:
+        raise ValueError(f"compile must be False, True or a dict of torch.compile keywords "
+                         f"among {sorted(_COMPILE_KEYWORDS)} (e.g. {{'backend': 'aot_eager'}}); "
+                         f"got {value!r}")
+    return CompileOptions(tuple(sorted({"dynamic": False, **value}.items(),
+                                       key=lambda item: item[0])))
+
+
+def _call_mapped(mapped: Callable[..., Any], *args: Any) -> Any:
+    """The per-chunk call of a vmapped function, the unit that ``compile=`` compiles."""
+    with closed_form_batch_norm():
+        return mapped(*args)
+
+
+_compiled_calls: dict[str, Callable[..., Any]] = {}  # by repr of the options
+
+
+def _mapped_caller(compile: CompileOptions | None) -> Callable[..., Any]:
+    """``_call_mapped``, compiled once per set of options. Dynamo caches the compiled graph on
+    the code of the mapped function, so a learner's objective rebuilt every meta-step (a new
+    closure of the same code) reuses it; new shapes or constants compile again."""
+    if compile is None:
+        return _call_mapped
+    caller = _compiled_calls.get(repr(compile.keywords))
+    if caller is None:
+        compiled = torch.compile(_call_mapped, fullgraph=True, **dict(compile.keywords))
+        pending = [True]  # the first call compiles
+
+        def caller(*args: Any) -> Any:
+            if not pending:
+                return compiled(*args)
+            # Library code never prints: the first call (which compiles, possibly for minutes)
+            # is logged before and after; experiments and benchmarks show it.
+            _log.info("torch.compile of the vectorized meta-batch (%s): compiling; the first "
+                      "call can take minutes", compile)
+            start = time.perf_counter()
+            result = compiled(*args)
+            pending.clear()
+            _log.info("torch.compile of the vectorized meta-batch (%s): first call done in "
+                      "%.1f s", compile, time.perf_counter() - start)
+            return result
+
+        _compiled_calls[repr(compile.keywords)] = caller
+    return caller
+
+
 def _chunks(num_tasks: int, chunk: int) -> list[slice]:
     return [slice(start, min(start + chunk, num_tasks)) for start in range(0, num_tasks, chunk)]
 
@@ -361,14 +572,15 @@ def _take(tree: Any, rows: slice) -> Any:
     return pytree.tree_map(lambda t: t[rows], tree)
 
 
-def map_tasks(fn: Callable[..., Any], batched: Any, num_tasks: int, chunk: int) -> Any:
+def map_tasks(fn: Callable[..., Any], batched: Any, num_tasks: int, chunk: int, *,
+              compile: CompileOptions | None = None) -> Any:
     """``vmap(fn)`` over the leading task dimension of ``batched``, ``chunk`` tasks at a time.
 
-    Returns the outputs of all chunks concatenated along the task dimension.
+    Returns the outputs of all chunks concatenated along the task dimension. ``compile``
+    (``check_compile``) runs each chunk's call through ``torch.compile``.
     """
-    mapped = vmap(fn)
-    with closed_form_batch_norm():
-        outputs = [mapped(*_take(batched, rows)) for rows in _chunks(num_tasks, chunk)]
+    mapped, call = vmap(fn), _mapped_caller(compile)
+    outputs = [call(mapped, *_take(batched, rows)) for rows in _chunks(num_tasks, chunk)]
     if len(outputs) == 1:
         return outputs[0]
     leaves, spec = zip(*(pytree.tree_flatten(out) for out in outputs))
@@ -403,18 +615,21 @@ def map_and_sum(
     batched: Sequence[Any],
     num_tasks: int,
     chunk: int,
+    *,
+    compile: CompileOptions | None = None,
 ) -> VectorizedGradients:
     """Runs the vmapped ``mapped(*shared, *task_args)`` on ``chunk`` tasks at a time and sums
     its first output over the finite tasks of each chunk before the next chunk.
 
     ``mapped`` returns ``(tensors to sum [n, ...], (objectives [n], (inner_losses [n, K],
-    aux)))`` for a chunk of n tasks. No host synchronisation.
+    aux)))`` for a chunk of n tasks. No host synchronisation. ``compile`` (``check_compile``)
+    runs each chunk's call of ``mapped`` through ``torch.compile`` (``fullgraph=True``).
     """
     sums: list[Tensor] | None = None
     objectives, inner_losses, auxes, finites = [], [], [], []
+    call = _mapped_caller(compile)
     for rows in _chunks(num_tasks, chunk):
-        with closed_form_batch_norm():
-            grads, (values, (inner, aux)) = mapped(*shared, *_take(list(batched), rows))
+        grads, (values, (inner, aux)) = call(mapped, *shared, *_take(list(batched), rows))
         finite = torch.isfinite(values) & torch.isfinite(inner).all(dim=1)
         # where, not a product: a NaN gradient times 0 is still NaN.
         masked = [torch.where(finite.view(-1, *[1] * (g.dim() - 1)), g, 0.0).sum(0)
@@ -437,6 +652,8 @@ def vectorized_meta_gradients(
     batched: Sequence[Any],
     num_tasks: int,
     chunk: int,
+    *,
+    compile: CompileOptions | None = None,
 ) -> VectorizedGradients:
     """Per-task gradients of ``objective`` taken inside ``vmap``, summed over tasks.
 
@@ -452,10 +669,12 @@ def vectorized_meta_gradients(
             ``num_tasks``.
         num_tasks: T.
         chunk: tasks per ``vmap`` call (T for one call).
+        compile: ``check_compile``'s options: each chunk's call through ``torch.compile``.
     """
     mapped = vmap(grad_and_value(objective, has_aux=True),
                   in_dims=(None, *([0] * len(batched))))
-    return map_and_sum(mapped, [[t.detach() for t in inputs]], batched, num_tasks, chunk)
+    return map_and_sum(mapped, [[t.detach() for t in inputs]], batched, num_tasks, chunk,
+                       compile=compile)
 
 
 def raise_or_count_faults(result: VectorizedGradients, on_nonfinite: str) -> list[int]:

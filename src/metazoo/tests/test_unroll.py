@@ -1,5 +1,7 @@
 """Gradient correctness of unroll (finite differences) and exactness of checkpointing."""
 
+import importlib
+
 import pytest
 import torch
 from torch import nn
@@ -172,7 +174,8 @@ def test_running_statistics_are_per_task_and_updated_once_per_step():
     assert model[1].num_batches_tracked.item() == 0  # the module is untouched
 
 
-def test_checkpointed_static_and_hyperparameter_gradients_equal_plain():
+@pytest.mark.parametrize("checkpoint", [2, metazoo.Checkpoint(snapshots=1)])
+def test_checkpointed_static_and_hyperparameter_gradients_equal_plain(checkpoint):
     def run(checkpoint):
         model, support, query, loss_fn = _setup("conv_bn")
         params = dict(model.named_parameters())
@@ -184,10 +187,11 @@ def test_checkpointed_static_and_hyperparameter_gradients_equal_plain():
         tensors = [*params.values(), *(t for step in lrs for t in step.values())]
         return torch.autograd.grad(loss, tensors)
 
-    _assert_grads_equal(run(None), run(2))
+    _assert_grads_equal(run(None), run(checkpoint))
 
 
-def test_trajectory_gradients_equal_plain():
+@pytest.mark.parametrize("checkpoint", [3, metazoo.Checkpoint(snapshots=2)])
+def test_trajectory_gradients_equal_plain(checkpoint):
     """A multi-step loss over intermediate points (MAML++ MSL) is exact under checkpointing."""
     def run(checkpoint):
         model, support, query, loss_fn = _setup("conv_bn")
@@ -202,11 +206,12 @@ def test_trajectory_gradients_equal_plain():
             total = total + (k + 1) * F.cross_entropy(output, query[1])
         return torch.autograd.grad(total, list(params.values()))
 
-    _assert_grads_equal(run(None), run(3))
+    _assert_grads_equal(run(None), run(checkpoint))
 
 
+@pytest.mark.parametrize("checkpoint", [2, metazoo.Checkpoint(snapshots=1)])
 @pytest.mark.parametrize("first_order", [False, True])
-def test_buffer_trajectory_gradients_equal_plain(first_order):
+def test_buffer_trajectory_gradients_equal_plain(first_order, checkpoint):
     """Running statistics at every point (multi-step loss in running mode) are exact too."""
     def run(checkpoint):
         model, support, query, loss_fn = _setup("conv_bn", bn_mode="running")
@@ -227,7 +232,7 @@ def test_buffer_trajectory_gradients_equal_plain(first_order):
             total = total + F.cross_entropy(output, query[1])
         return torch.autograd.grad(total, list(params.values()))
 
-    _assert_grads_equal(run(None), run(2))
+    _assert_grads_equal(run(None), run(checkpoint))
 
 
 def test_backward_grad_clip_limits_each_step_and_is_exact_under_checkpointing():
@@ -302,7 +307,8 @@ def test_each_step_uses_its_own_batch():
     torch.testing.assert_close(result.losses, torch.stack(expected))
 
 
-def test_dropout_is_replayed_exactly_under_checkpointing():
+@pytest.mark.parametrize("checkpoint", [2, metazoo.Checkpoint(snapshots=1)])
+def test_dropout_is_replayed_exactly_under_checkpointing(checkpoint):
     def run(checkpoint):
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(3, 16), nn.Dropout(0.5), nn.Tanh(), nn.Linear(16, 3))
@@ -316,7 +322,7 @@ def test_dropout_is_replayed_exactly_under_checkpointing():
         return torch.autograd.grad(F.cross_entropy(output, support[0][1]),
                                    list(params.values()))
 
-    _assert_grads_equal(run(None), run(2))
+    _assert_grads_equal(run(None), run(checkpoint))
 
 
 def test_no_graph_when_nothing_requires_grad():
@@ -335,6 +341,7 @@ def test_no_graph_when_nothing_requires_grad():
     [
         (dict(steps=0), "steps must be an int >= 1"),
         (dict(checkpoint=0), "checkpoint must be"),
+        (dict(checkpoint="binomial"), "checkpoint must be"),
         (dict(inner_grad_clip=-1.0), "inner_grad_clip"),
         (dict(backward_grad_clip=0.0), "backward_grad_clip"),
     ],
@@ -344,6 +351,17 @@ def test_bad_arguments_are_clear_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
         metazoo.unroll(loss_fn, dict(model.named_parameters()), metazoo.SGD(0.1), support,
                        **kwargs)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(snapshots=-1), r"Checkpoint\(snapshots=...\) must be an int >= 0, got -1"),
+    (dict(segment=0), r"Checkpoint\(segment=...\) must be an int >= 1, got 0"),
+    (dict(snapshots=2.5), "must be an int"),
+    (dict(snapshots=2, segment=3), "not both"),
+])
+def test_bad_checkpoint_schedules_are_clear_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        metazoo.Checkpoint(**kwargs)
 
 
 def test_single_batch_instead_of_a_list_is_a_clear_error():
@@ -388,3 +406,124 @@ def test_checkpoint_rng_state_is_that_of_the_parameters_device(monkeypatch):
         assert fake.states[1].item() == 1 and fake.states[0].item() == 0
         fake.states[1] = torch.tensor([9], dtype=torch.uint8)  # the recomputation draws
     assert fake.states[1].item() == 7 and fake.states[0].item() == 0
+
+
+# -- binomial (revolve) checkpointing: exactness, stored states, recomputed steps -------------
+
+unroll_module = importlib.import_module("metazoo.unroll")  # the module, not the function
+
+
+@pytest.mark.parametrize("model_name, bn_mode", [("mlp", "batch"), ("conv_bn", "running")])
+@pytest.mark.parametrize("opt_name", ["sgd_momentum", "adam"])
+@pytest.mark.parametrize("steps", [1, 2, 7, 13])
+@pytest.mark.parametrize("snapshots", [0, 1, 3, 20])
+def test_binomial_checkpointing_equals_plain(model_name, bn_mode, opt_name, steps, snapshots):
+    """Every budget (none, fewer than K, at least K) and K (1, prime, not a multiple of
+    anything), with optimizer state and a learned learning rate (the last gradient), BatchNorm
+    running statistics updated exactly once per step."""
+    checkpoint = metazoo.Checkpoint(snapshots=snapshots)
+    plain, plain_result, plain_loss = _meta_grads(model_name, opt_name, steps, None, bn_mode)
+    ckpt, ckpt_result, ckpt_loss = _meta_grads(model_name, opt_name, steps, checkpoint,
+                                               bn_mode)
+    assert plain[0].abs().sum() > 0 and plain[-1].abs() > 0
+    _assert_grads_equal(plain, ckpt)
+    torch.testing.assert_close(plain_loss, ckpt_loss, rtol=0, atol=1e-12)
+    torch.testing.assert_close(plain_result.losses, ckpt_result.losses, rtol=0, atol=1e-12)
+    for name, buffer in plain_result.buffers.items():
+        torch.testing.assert_close(ckpt_result.buffers[name], buffer, rtol=0, atol=1e-12)
+    if bn_mode == "running":
+        assert ckpt_result.buffers["1.num_batches_tracked"].item() == steps
+
+
+def test_checkpoint_true_is_the_default_binomial_schedule():
+    assert metazoo.check_checkpoint(True) == metazoo.Checkpoint(
+        snapshots=metazoo.DEFAULT_SNAPSHOTS) == metazoo.Checkpoint()
+    assert metazoo.check_checkpoint(4) == metazoo.Checkpoint(segment=4)
+    assert metazoo.check_checkpoint(None) is None and metazoo.check_checkpoint(False) is None
+    steps = 2 * metazoo.DEFAULT_SNAPSHOTS + 3  # more steps than stored states: recomputation
+    assert metazoo.Checkpoint().plan(steps).recomputed_steps > 0
+    plain, _, _ = _meta_grads("mlp", "adam", steps, None)
+    _assert_grads_equal(plain, _meta_grads("mlp", "adam", steps, True)[0])
+
+
+def test_binomial_recomputations_is_the_optimum_of_the_recursion():
+    """The closed form equals the best schedule found by trying every split (advance m steps
+    and store; reverse the right part with one slot less; then the left part)."""
+    best: dict[tuple[int, int], int] = {}
+    for free in range(5):
+        for steps in range(1, 40):
+            if steps == 1:
+                value = 0
+            elif free == 0:
+                value = steps * (steps - 1) // 2  # advance from the start for every step
+            else:
+                value = min(m + best[steps - m, free - 1] + best[m, free]
+                            for m in range(1, steps))
+            best[steps, free] = value
+            assert metazoo.binomial_recomputations(steps, free) == value, (steps, free)
+
+
+class _Counted:
+    """A loss function that counts its calls, and the stored states alive at each call."""
+
+    def __init__(self, loss_fn, monkeypatch) -> None:
+        import weakref
+
+        self.loss_fn, self.calls, self.most_stored = loss_fn, 0, 0
+        live: weakref.WeakSet = weakref.WeakSet()
+
+        class Tracked(unroll_module._Snapshot):
+            __hash__ = object.__hash__  # identity, for the weak set
+
+            def __init__(self, *args, **kwargs) -> None:
+                super().__init__(*args, **kwargs)
+                live.add(self)
+
+        self.live = live
+        monkeypatch.setattr(unroll_module, "_Snapshot", Tracked)
+
+    def __call__(self, params, buffers, batch):
+        self.calls += 1
+        # Alive besides the initial state (step 0, the unroll's input).
+        self.most_stored = max(self.most_stored, sum(1 for s in self.live if s.step > 0))
+        return self.loss_fn(params, buffers, batch)
+
+
+@pytest.mark.parametrize("steps", [2, 5, 13, 40])
+@pytest.mark.parametrize("checkpoint", [metazoo.Checkpoint(snapshots=s) for s in (0, 1, 3, 10)]
+                         + [metazoo.Checkpoint(segment=3)])
+def test_stored_states_never_exceed_the_budget_and_recomputation_follows_the_formula(
+        steps, checkpoint, monkeypatch):
+    """Counted, not assumed: the loss-function calls of the forward pass (K), of the backward
+    pass (K taped + the recomputed steps), the stored states alive at every call."""
+    model, support, query, loss_fn = _setup("mlp")
+    plan = checkpoint.plan(steps)
+    counted = _Counted(loss_fn, monkeypatch)
+    params = dict(model.named_parameters())
+    loss, _ = _meta_loss(model, counted, params, metazoo.Adam(0.05), support, query,
+                         steps=steps, checkpoint=checkpoint)
+    assert counted.calls == steps
+    loss.backward()
+    assert counted.calls - steps == steps + plan.recomputed_steps
+    if checkpoint.segment is None:
+        # Griewank's count for the whole schedule, less the steps the forward pass (which
+        # stores its first states on the way) has already advanced.
+        stores = unroll_module._Binomial(checkpoint.snapshots).forward_stores(steps)
+        assert plan.recomputed_steps == metazoo.binomial_recomputations(
+            steps, checkpoint.snapshots) - (stores[-1] if stores else 0)
+        assert counted.most_stored == plan.stored_states == min(checkpoint.snapshots,
+                                                                steps - 1)
+        assert plan.longest_taped_run == 1
+    else:
+        assert plan.recomputed_steps == 0
+        assert counted.most_stored == plan.stored_states == (steps - 1) // 3
+        assert plan.longest_taped_run == min(3, steps)
+    assert counted.most_stored <= (checkpoint.snapshots if checkpoint.segment is None
+                                   else steps)
+    assert not any(s.step > 0 for s in counted.live)  # all dropped after the backward
+
+
+def test_a_ten_thousand_step_plan_stays_in_budget():
+    plan = metazoo.Checkpoint(snapshots=10).plan(10_000)
+    assert plan.stored_states == 10 and plan.longest_taped_run == 1
+    assert plan.recomputed_steps <= 6 * 10_000

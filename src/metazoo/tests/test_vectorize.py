@@ -129,14 +129,17 @@ def trajectory_objective(net: nn.Module, unroll, optimizer, checkpoint, backward
 
 
 @pytest.mark.parametrize("optimizer", ["momentum", "adam", "tensor_lr"])
-@pytest.mark.parametrize("checkpoint,backward_clip", [(2, None), (True, None), (1, 0.05)])
-def test_vmapped_checkpointed_unroll_equals_the_loop(optimizer, checkpoint, backward_clip):
-    """Segments (2 of 5 steps: the last one partial; the default 5 with 7 steps; 1 step) carry
-    optimizer state, running statistics and trajectory points; meta-gradients equal the loop's
-    checkpointed and plain unrolls', adapted parameters and statistics too."""
+@pytest.mark.parametrize("checkpoint,backward_clip,steps", [
+    (2, None, 5), (True, None, 13), (1, 0.05, 5), (metazoo.Checkpoint(snapshots=0), None, 5),
+    (metazoo.Checkpoint(snapshots=2), 0.05, 7), (metazoo.Checkpoint(snapshots=9), None, 3)])
+def test_vmapped_checkpointed_unroll_equals_the_loop(optimizer, checkpoint, backward_clip,
+                                                     steps):
+    """Segments (2 of 5 steps: the last one partial; 1 step) and binomial schedules (the default
+    with 13 steps; no stored state; 2 for 7 steps; more than K) carry optimizer state, running
+    statistics and trajectory points; meta-gradients equal the loop's checkpointed and plain
+    unrolls', adapted parameters and statistics too."""
     net, batches = bn_net(), task_batches()
     params = metazoo.params_of(net, detach=True)
-    steps = 7 if checkpoint is True else 5
 
     def gradients(unroll, checkpoint):
         objective = trajectory_objective(net, unroll, OPTIMIZERS[optimizer](), checkpoint,
@@ -200,6 +203,29 @@ def test_vmapped_checkpointing_recomputes_segments_and_holds_only_their_inputs()
     plain, checkpointed = graph_nodes(12, None), graph_nodes(12, 3)
     assert checkpointed * 5 < plain
     assert graph_nodes(24, 3) - checkpointed < (graph_nodes(24, None) - plain) / 5
+
+
+@pytest.mark.parametrize("steps", [2, 6, 11])
+@pytest.mark.parametrize("snapshots", [0, 1, 3, 20])
+def test_vmapped_binomial_checkpointing_recomputes_what_the_formula_says(steps, snapshots):
+    """Under vmap(grad): K loss calls forward, then K taped plus Griewank's count recomputed
+    (this path's forward sweep stores nothing, see _CheckpointedFunctionalUnroll), and the
+    trajectory gradients (the query at the end and at point 2) equal the loop's."""
+    net, batches = bn_net(), task_batches()
+    params = metazoo.params_of(net, detach=True)
+    checkpoint = metazoo.Checkpoint(snapshots=snapshots)
+    calls: list[bool] = []
+    objective = trajectory_objective(net, functional_unroll, metazoo.Adam(0.05), checkpoint,
+                                     steps=steps, calls=calls)
+    grads, _ = vmap(grad_and_value(lambda p, *b: objective(p, *b)[0]),
+                    in_dims=(None, 0, 0, 0, 0))(params, *batches)
+    plan = checkpoint.plan(steps, vectorized=True)
+    assert plan.recomputed_steps == metazoo.binomial_recomputations(steps, snapshots)
+    assert plan.stored_states <= snapshots
+    assert len(calls) == 2 * steps + plan.recomputed_steps
+    expected = loop_gradients(trajectory_objective(net, metazoo.unroll, metazoo.Adam(0.05),
+                                                   None, steps=steps), params, batches)
+    assert_close([grads[n] for n in params], expected)
 
 
 @pytest.mark.parametrize("optimizer", ["momentum", "adam"])

@@ -92,3 +92,80 @@ def test_torchrun_two_processes_match_one_fewshot(omniglot_root, tmp_path):
     record = json.loads((shared / "fewshot_test.json").read_text())
     assert record["accuracy"]["mean"] == pytest.approx(single_result.accuracy.mean, abs=1e-6)
     assert record["episodes"] == 8 and record["bn_eval"] == "transductive"
+
+
+def _rank_process(argv: list[str], rank: int, port: int, log: Path) -> None:
+    """One rank of a 2-process run, forked from the test (its monkeypatches come along)."""
+    import os
+
+    out = open(log, "w", buffering=1)  # noqa: SIM115 (lives with the process)
+    os.dup2(out.fileno(), 1)
+    os.dup2(out.fileno(), 2)
+    sys.stdout = sys.stderr = out
+    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    code = 0
+    try:
+        main.main(argv)
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+        code = 1
+    out.flush()
+    os._exit(code)
+
+
+@pytest.mark.parametrize("method", ["maml", "warp_leap"])
+def test_skipped_tasks_under_two_processes_log_what_one_process_logs(
+        tiny, omniglot_root, tmp_path, monkeypatch, capsys, method):
+    """Issue 28 item 1: rank 0's only task is NaN (--on_nonfinite skip, 2 tasks split 1 + 1):
+    both ranks crashed with IndexError in distributed._weighted; with fewer skips the result
+    had no skipped_tasks, so no 'skipped' line and no nonfinite.log."""
+    import multiprocessing
+
+    original = main.Experiment.task
+    built_for_training = []
+
+    def task(self, name, steps, generator, head=None):
+        # Training tasks are built with the 2 --task_train_steps (evaluation uses 3); every
+        # rank builds the whole meta-batch, so task 0 of meta-step 1 is rank 0's whole share.
+        built = original(self, name, steps, generator, head)
+        if steps == 2:
+            built_for_training.append(name)
+            if len(built_for_training) == 1:
+                x, y = built.support[0]
+                x = x.clone()
+                x[0, 0, 0, 0] = float("nan")
+                built = main.Task([(x, y), *built.support[1:]], built.query)
+        return built
+
+    monkeypatch.setattr(main.Experiment, "task", task)
+    argv = tiny(omniglot_root, tmp_path, method, "--task_val_steps", "3", "--on_nonfinite",
+                "skip", "--log_ival", "1", "--threads", "1")
+    main.main([*argv, "--suffix", "single"])
+    single_out = capsys.readouterr().out
+    built_for_training.clear()  # the forked ranks poison their own first training task
+    port, context = _free_port(), multiprocessing.get_context("fork")
+    logs = [tmp_path / f"rank{r}.txt" for r in range(2)]
+    procs = [context.Process(target=_rank_process, args=([*argv, "--suffix", "two"], r, port,
+                                                         logs[r])) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=240)
+    codes = [p.exitcode for p in procs]
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+    assert codes == [0, 0], "\n".join(log.read_text()[-3000:] for log in logs)
+    single, shared = tmp_path / method / "single", tmp_path / method / "two"
+    assert (shared / "nonfinite.log").read_text() == (single / "nonfinite.log").read_text() \
+        == "1,1,2\n"
+    line = "[step 1] skipped 1 of 2 tasks with a non-finite loss (--on_nonfinite skip)"
+    assert line in single_out and line in logs[0].read_text()
+    names = sorted(p.name for p in single.glob("results_*.log"))
+    assert names == sorted(p.name for p in shared.glob("results_*.log")) and names
+    for name in names:
+        assert _numbers(shared / name) == pytest.approx(_numbers(single / name), rel=1e-4,
+                                                        abs=1e-5, nan_ok=True), name

@@ -1,0 +1,162 @@
+"""Kernel launches per meta-step: ATen ops, kernel ops and host syncs of every learner (issue 26).
+
+Small few-shot tasks are launch-bound on a GPU (each operation is roughly one kernel launch of
+5-10 us while the GPU waits on Python), so the number of operations a meta-step dispatches ranks
+implementations the way a GPU will, and a CPU counts it exactly. Every implementation runs one
+meta-step under a ``TorchDispatchMode`` that counts:
+
+- ``ops``: every ATen operation dispatched;
+- ``kernel ops``: the same without views (``OpOverload.is_view``) and allocations of
+  uninitialised memory (``empty``, ``empty_like``, ``empty_strided``, ``new_empty``,
+  ``new_empty_strided``): the operations that launch a kernel;
+- ``syncs``: transfers of a device value to the host, each of which makes the host wait for
+  the device: ``Tensor.item``, ``tolist``, ``bool``/``int``/``float``/``__index__`` of a
+  tensor (counted once per Python call) and any ``aten._local_scalar_dense``,
+  ``aten.is_nonzero`` or ``aten.nonzero`` dispatched outside those calls, during the
+  meta-gradient (not during the Adam step: ``torch.optim.Adam`` reads its step counts with
+  ``.item()``, but it keeps them on the host even for CUDA parameters, so they cost no sync).
+
+A meta-step is ``zero_grad``, the meta-gradient of the meta-batch into ``.grad``
+(``meta_backward`` for the learners) and one Adam step: ``Impl.meta_step`` of
+``gpu_meta_step.py``, whose implementations and workload this script uses, so its rows are the
+ones timed there. Rows: the hand-written per-task loop (``functional_call`` +
+``autograd.grad(create_graph=True)``), the hand-written ``vmap(grad_and_value(task_loss))``
+form, and every learner of ``maml`` and ``leap`` through its loop (``vectorize=False``) and
+vectorized (``vectorize=True``). Ratios: a vectorized learner against its own loop, MAML's
+against the hand-written vmap form, the loops against the hand-written loop.
+
+Workload W1: MAML's Omniglot net (4 x [conv3x3 64, BatchNorm with batch statistics, ReLU,
+max-pool 2], linear head) on 1x28x28 inputs, 5-way 1-shot, 15 queries per class, 5 inner SGD
+steps at lr 0.4, second order (except FOMAML, Reptile and Leap), float32, at 8 and 32 tasks.
+
+Usage::
+
+    python benchmarks/launches.py                  # W1 at 8 and 32 tasks (CPU, minutes)
+    python benchmarks/launches.py --tasks 32 --impls loop,vmap,maml,maml_vectorized
+    python benchmarks/launches.py --quick          # a smoke test: tiny net, 2 tasks, seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_meta_step import Impl, make_tasks, omniglot_net
+
+aten = torch.ops.aten
+ALLOCATIONS = {aten.empty.memory_format, aten.empty_like.default, aten.empty_strided.default,
+               aten.new_empty.default, aten.new_empty_strided.default}
+SYNC_OPS = {aten._local_scalar_dense.default, aten.is_nonzero.default, aten.nonzero.default}
+SYNC_METHODS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__")
+IMPLS = ("loop", "vmap", "maml", "maml_vectorized", "fomaml", "fomaml_vectorized", "reptile",
+         "reptile_vectorized", "leap", "leap_vectorized", "imaml", "imaml_vectorized")
+# Each row's ratio is against this row (None: no ratio).
+REFERENCE = {"loop": None, "vmap": "loop", "maml": "loop", "maml_vectorized": "vmap",
+             "fomaml": "loop", "reptile": "loop", "leap": "loop", "imaml": "loop",
+             **{f"{name}_vectorized": name for name in ("fomaml", "reptile", "leap", "imaml")}}
+
+
+class Counter(TorchDispatchMode):
+    """Counts ATen ops, kernel ops and host syncs while active (see the module docstring)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops = self.kernel_ops = self.syncs = 0
+        self.in_sync_method = 0
+        self.count_syncs = False
+        self.originals: dict[str, Any] = {}
+
+    def __enter__(self) -> Counter:
+        for name in SYNC_METHODS:
+            original = getattr(torch.Tensor, name)
+            self.originals[name] = original
+            setattr(torch.Tensor, name, self._counted(original))
+        return super().__enter__()
+
+    def __exit__(self, *exc: Any) -> None:
+        super().__exit__(*exc)
+        for name, original in self.originals.items():
+            setattr(torch.Tensor, name, original)
+
+    def _counted(self, method: Any) -> Any:
+        def counted(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            if self.count_syncs and not self.in_sync_method:
+                self.syncs += 1
+            self.in_sync_method += 1
+            try:
+                return method(tensor, *args, **kwargs)
+            finally:
+                self.in_sync_method -= 1
+        return counted
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None
+                           ) -> Any:
+        self.ops += 1
+        if func in SYNC_OPS:
+            if self.count_syncs and not self.in_sync_method:
+                self.syncs += 1
+        elif not (func.is_view or func in ALLOCATIONS):
+            self.kernel_ops += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count(impl: Impl, data: Any) -> tuple[int, int, int]:
+    """(ops, kernel ops, syncs) of one meta-step, after a warm-up step."""
+    impl.meta_step(data)
+    with Counter() as counter:
+        impl.optimizer.zero_grad(set_to_none=True)
+        counter.count_syncs = True
+        impl.backward(data)
+        counter.count_syncs = False
+        impl.optimizer.step()
+    return counter.ops, counter.kernel_ops, counter.syncs
+
+
+def table(tasks: int, impls: list[str], filters: int, queries: int) -> dict[str, tuple[int, ...]]:
+    torch.manual_seed(0)
+    base = omniglot_net(5, filters)
+    data = make_tasks(5, tasks, queries, torch.device("cpu"), torch.float32)
+    counts = {name: count(Impl(name, copy.deepcopy(base), None), data) for name in impls}
+    print(f"\n## W1, {tasks} tasks ({filters} filters, {queries} queries per class)\n")
+    print("| implementation | ops | kernel ops | syncs | kernel ops ratio | against |")
+    print("|---|---:|---:|---:|---:|---|")
+    for name in impls:
+        ops, kernel, syncs = counts[name]
+        reference = REFERENCE.get(name)
+        ratio = (f"{kernel / counts[reference][1]:.2f}x" if reference in counts else "-")
+        print(f"| {name} | {ops:,} | {kernel:,} | {syncs} | {ratio} | "
+              f"{reference if reference in counts else '-'} |")
+    return counts
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tasks", default="8,32", help="meta-batch sizes, comma-separated")
+    parser.add_argument("--impls", default=",".join(IMPLS),
+                        help=f"rows, comma-separated, of {', '.join(IMPLS)}")
+    parser.add_argument("--filters", type=int, default=64)
+    parser.add_argument("--queries", type=int, default=15)
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke test: 8 filters, 2 tasks, 2 queries per class")
+    args = parser.parse_args()
+    impls = args.impls.split(",")
+    unknown = sorted(set(impls) - set(IMPLS))
+    if unknown:
+        parser.error(f"--impls: unknown {unknown}; choose from {', '.join(IMPLS)}")
+    torch.set_num_threads(1)
+    if args.quick:
+        table(2, impls, 8, 2)
+        return
+    for tasks in args.tasks.split(","):
+        table(int(tasks), impls, args.filters, args.queries)
+
+
+if __name__ == "__main__":
+    main()
