@@ -23,6 +23,12 @@ to the OS and RSS follows live tensors rather than the heap glibc retains after 
 default allocator. A plain run above ``--plain-max-steps`` or predicted not to fit in available
 memory is reported, not run.
 
+On CPU the memory process also samples glibc's live allocations (``mallinfo2``: bytes handed
+out and not freed) before and after every inner loss call: the "heap" columns. RSS also counts
+freed memory the allocator keeps (fragmentation after thousands of steps: on the MLP, live
+tensors measured with ``gc`` stay flat while RSS grows by a few MiB); the sampled heap misses the
+transient peak inside a backward step, so read both.
+
 Printed: MiB and seconds per mode, the binomial schedule's peak against its own peak at the
 smallest K (flat in K: close to 1), its time against the fixed segments' at the same K, and
 ``Checkpoint.plan``'s stored states and recomputed steps.
@@ -40,6 +46,7 @@ under ``vmap(grad_and_value(...))`` over T copies of the task with different inp
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import resource
@@ -93,6 +100,21 @@ def workload(name: str, device):
     return model.to(device), support, query, 0.4 if name == "w1" else 0.1
 
 
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+        "fordblks", "keepcost")]
+
+
+def _heap_mib() -> float:
+    """Bytes glibc's malloc has handed out and not yet taken back (heap and mmap'd chunks):
+    live allocations, without the freed-but-retained memory that makes RSS grow with K."""
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallinfo2.restype = _MallInfo2
+    info = libc.mallinfo2()
+    return (info.uordblks + info.hblkhd) / 2**20
+
+
 def _rss_mib() -> float:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
@@ -109,7 +131,17 @@ def child(args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
     steps, mode, tasks = args.steps[0], args.mode, args.tasks
     model, (support_x, support_y), (query_x, query_y), lr = workload(args.workload, device)
-    loss_fn = metazoo.make_loss_fn(model, F.cross_entropy)
+    model_loss_fn = metazoo.make_loss_fn(model, F.cross_entropy)
+    heap = {"peak": 0.0}
+
+    def loss_fn(params, buffers, batch):  # samples live heap bytes around every inner loss
+        if device.type == "cpu":
+            heap["peak"] = max(heap["peak"], _heap_mib())
+        result = model_loss_fn(params, buffers, batch)
+        if device.type == "cpu":
+            heap["peak"] = max(heap["peak"], _heap_mib())
+        return result
+
     buffers = metazoo.initial_buffers(model, "batch")
     checkpoint = {"plain": None, "segments": args.segment,
                   "binomial": metazoo.Checkpoint(snapshots=args.snapshots)}[mode]
@@ -149,6 +181,7 @@ def child(args: argparse.Namespace) -> dict:
         before = torch.cuda.memory_allocated() / 2**20
     else:
         before = _rss_mib()
+        heap_before = heap["peak"] = _heap_mib()
     start = time.perf_counter()
     loss = meta_step(steps)
     if device.type == "cuda":
@@ -156,8 +189,11 @@ def child(args: argparse.Namespace) -> dict:
         peak = torch.cuda.max_memory_allocated() / 2**20
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"steps": steps, "mode": mode, "seconds": time.perf_counter() - start,
-            "memory_mib": peak - before, "loss": loss}
+    result = {"steps": steps, "mode": mode, "seconds": time.perf_counter() - start,
+              "memory_mib": peak - before, "loss": loss}
+    if device.type == "cpu":
+        result["heap_mib"] = heap["peak"] - heap_before
+    return result
 
 
 def available_mib(device: str) -> float:
@@ -194,7 +230,7 @@ def run_child(args: argparse.Namespace, steps: int, mode: str) -> dict:
     timing = _run_process(args, steps, mode, dict(os.environ))
     if "error" in timing:
         return timing
-    return {**timing, "memory_mib": memory["memory_mib"]}
+    return {**timing, "memory_mib": memory["memory_mib"], "heap_mib": memory["heap_mib"]}
 
 
 def predict_mib(results: list[dict], steps: int) -> float | None:
@@ -273,7 +309,8 @@ def main() -> None:
     header = ["K", *(f"{m} MiB" for m in args.modes), *(f"{m} s" for m in args.modes)]
     have_binomial = "binomial" in args.modes
     if have_binomial:
-        header += ["binomial mem / K0", "stored", "recomputed"]
+        header += ["binomial mem / K0", "binomial heap MiB", "heap / K0", "stored",
+                   "recomputed"]
         if "segments" in args.modes:
             header += ["binomial / segments time"]
     print("| " + " | ".join(header) + " |")
@@ -289,7 +326,10 @@ def main() -> None:
                 steps, vectorized=bool(args.tasks))
             ratio = (f"{binomial['memory_mib'] / first['memory_mib']:.2f}"
                      if first and "memory_mib" in first and "memory_mib" in binomial else "n/a")
-            cells += [ratio, str(plan.stored_states), str(plan.recomputed_steps)]
+            heap_ratio = (f"{binomial['heap_mib'] / first['heap_mib']:.2f}"
+                          if first and "heap_mib" in first and "heap_mib" in binomial else "n/a")
+            cells += [ratio, _cell(binomial, "heap_mib", ".1f"), heap_ratio,
+                      str(plan.stored_states), str(plan.recomputed_steps)]
             if "segments" in args.modes:
                 segments = row["segments"]
                 cells.append(f"{binomial['seconds'] / segments['seconds']:.2f}"

@@ -55,6 +55,9 @@ class _Scored(Protocol):
     @property
     def on_nonfinite(self) -> Any: ...
 
+    @property
+    def compile(self) -> metazoo.vectorize.CompileOptions | None: ...
+
 
 class _MAMLLike(_Scored, Protocol):
     @property
