@@ -104,6 +104,12 @@ def main_lightning(argv: Sequence[str] | None = None) -> dict[str, float]:
     ``test/loss``) and the number of meta-steps."""
     with user_input():
         own, args = parse_args(argv)
+        # main.py's meta_train and few-shot evaluation run these; Lightning's loop does not
+        for flag, default in (("outer_lr_schedule", "constant"), ("eval_inner_batch", None)):
+            if getattr(args, flag) != default:
+                raise UsageError(f"--{flag} {getattr(args, flag)} (set by --preset "
+                                 f"reptile_authors too): lightning_main.py does not run it; "
+                                 f"use main.py, or drop the flag")
     if args.threads:
         torch.set_num_threads(args.threads)
     accelerator = own.accelerator or ("cpu" if args.no_cuda else "auto")
