@@ -7,6 +7,7 @@ from __future__ import annotations
 import ast
 import sys
 import tomllib
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -23,9 +24,11 @@ def _project(folder: str) -> dict:
     return tomllib.loads((SRC / folder / "pyproject.toml").read_text())["project"]
 
 
-def _imports(package_dir: Path) -> set[str]:
+def _imports(package_dir: Path, skip: Sequence[Path] = ()) -> set[str]:
     names: set[str] = set()
     for path in package_dir.rglob("*.py"):
+        if any(path.is_relative_to(folder) for folder in skip):
+            continue
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Import):
                 names.update(alias.name.split(".")[0] for alias in node.names)
@@ -34,14 +37,30 @@ def _imports(package_dir: Path) -> set[str]:
     return names
 
 
+# optional integrations: subpackage -> the extra that installs what it imports
+EXTRAS = {("metazoo", "lightning"): "lightning"}
+
+
 @pytest.mark.parametrize("folder", PACKAGES)
 def test_every_import_is_declared(folder):
     project = _project(folder)
     assert project["name"] == PACKAGES[folder]
     declared = {Requirement(text).name for text in project["dependencies"]}
-    third_party = _imports(SRC / folder / folder) - set(sys.stdlib_module_names) - {folder}
+    optional = [SRC / folder / folder / sub for (owner, sub) in EXTRAS if owner == folder]
+    third_party = _imports(SRC / folder / folder, skip=optional) - set(
+        sys.stdlib_module_names) - {folder}
     missing = {DISTRIBUTIONS.get(name, name) for name in third_party} - declared
     assert not missing, f"{folder}/pyproject.toml does not declare {sorted(missing)}"
+    # an optional subpackage's imports: the core's dependencies plus its extra's
+    for (owner, sub), extra in EXTRAS.items():
+        if owner != folder:
+            continue
+        with_extra = declared | {Requirement(text).name
+                                 for text in project["optional-dependencies"][extra]}
+        third_party = _imports(SRC / folder / folder / sub) - set(sys.stdlib_module_names) - {
+            folder}
+        missing = {DISTRIBUTIONS.get(name, name) for name in third_party} - with_extra
+        assert not missing, f"{folder}[{extra}] does not declare {sorted(missing)}"
     # torch warns "Failed to initialize NumPy" on import without numpy
     assert "torch" not in declared or "numpy" in declared
 

@@ -17,7 +17,8 @@ close to 1 (the warp starts near the identity).
 
 ``ReferenceARNNAgent`` (``"arnn"``) is the reference code's warped agent (the aRNN of the
 ``alstm`` package): the same split, with ``tanh`` sub-policies that also scale the cell's inputs,
-see its docstring.
+see its docstring. ``"arnn_tied"`` is the same agent with the sub-policies sliced as the
+reference's code runs them (``reference_chunk``: three of them are one slice).
 
 Each agent names its parameter split as modules (``adapt_modules()``, ``warp_modules()``), which
 the trainer hands to ``warpgrad.Warp``.
@@ -32,7 +33,9 @@ return an ``AgentOutput`` with action logits, the value estimate and the next st
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -50,6 +53,7 @@ __all__ = [
     "ReferenceARNNAgent",
     "WarpedRecurrentAgent",
     "make_agent",
+    "reference_chunk",
 ]
 
 MODULATIONS = ("input", "recurrent", "preactivation", "bias")
@@ -200,6 +204,23 @@ class ARNNCell(nn.Module):
         return torch.tanh(gates)
 
 
+def reference_chunk(tensor: Tensor, sizes: list[int], dim: int) -> list[Tensor]:
+    """``alstm.utils.chunk`` as the reference runs it: chunk ``i`` is
+    ``tensor.narrow(dim, sizes[i - 1], sizes[i])`` (``0`` for the first), i.e. the previous
+    chunk's *size* is used as the next chunk's *start*, not the running sum of sizes.
+
+    With ``sizes = [17, 100, 100, 100, 100, 100]`` the chunks are rows 0-16, 17-116, 100-199,
+    100-199, 100-199, 100-199: from the third on they are one and the same slice, the second
+    overlaps it, and rows 200-516 are never read. The reference checks, as here, that the sizes
+    add up to the tensor's size.
+    """
+    if tensor.size(dim) != sum(sizes):
+        raise ValueError(f"chunk sizes {sizes} (sum {sum(sizes)}) do not match the tensor's "
+                         f"size {tensor.size(dim)} in dim {dim}")
+    starts = [0, *sizes[:-1]]
+    return [tensor.narrow(dim, start, size) for start, size in zip(starts, sizes)]
+
+
 class ReferenceARNNAgent(_WarpedSplit):
     """The reference's warped agent (flennerhag/warpgrad ``maze_navigation/run.py`` ``WNet``,
     one-layer ``alstm.aRNN``), written out here because its ``alstm`` package does not run on
@@ -219,24 +240,34 @@ class ReferenceARNNAgent(_WarpedSplit):
     the reference *runs* it they are not independent: its ``alstm.utils.chunk`` passes the
     previous chunk's size as the next chunk's start to ``narrow``, so ``p_ih``, ``p_hh`` and
     ``p_b`` are one and the same slice and ``p_h`` overlaps it (the maze README's "What differs
-    from the reference"). The reference's projection also has one more ``hidden_size`` output
-    that its cell never reads; it is left out, which only shifts the random initialisation.
+    from the reference"). ``tied=True`` (``--agent arnn_tied``) runs it that way. The
+    reference's projection also has one more ``hidden_size`` output that its cell never reads;
+    the untied agent leaves it out, which only shifts the random initialisation, the tied one
+    keeps it (``input_size + 5 * hidden_size`` outputs, 517 at the defaults), as the reference.
 
     Args:
         input_size: observation size.
         hidden_size: size of the adaptable cell and of the adaptation LSTM.
         num_actions: number of actions.
+        tied: slice the sub-policies as the reference's ``chunk`` does (``reference_chunk``):
+            ``p_x`` rows 0 to ``input_size - 1``, ``p_h`` the next ``hidden_size`` rows, and
+            ``p_ih = p_hh = p_b`` all rows ``hidden_size`` to ``2 * hidden_size - 1``.
     """
 
     def __init__(
-        self, *, input_size: int = OBS_SIZE, hidden_size: int = 100, num_actions: int = NUM_ACTIONS
+        self, *, input_size: int = OBS_SIZE, hidden_size: int = 100, num_actions: int = NUM_ACTIONS,
+        tied: bool = False,
     ) -> None:
         super().__init__()
         _check_sizes(input_size, hidden_size)
         self.hidden_size = hidden_size
+        self.tied = tied
         self.policy_sizes = (input_size, hidden_size, hidden_size, hidden_size, hidden_size)
+        # the reference's chunk sizes: one more hidden_size chunk, which the cell never reads
+        self.chunk_sizes = [*self.policy_sizes, hidden_size]
+        projection_size = sum(self.chunk_sizes) if tied else sum(self.policy_sizes)
         self.warp_lstm = nn.LSTMCell(input_size + hidden_size, hidden_size)
-        self.warp_projection = nn.Linear(hidden_size, sum(self.policy_sizes), bias=False)
+        self.warp_projection = nn.Linear(hidden_size, projection_size, bias=False)
         self.cell = ARNNCell(input_size, hidden_size)
         self.policy = nn.Linear(hidden_size, num_actions)
         self.value = nn.Linear(hidden_size, 1)
@@ -250,7 +281,11 @@ class ReferenceARNNAgent(_WarpedSplit):
         """One step from observation ``x`` ``(batch, input_size)`` and state ``(h, a, c)``."""
         h, a, c = state
         a, c = self.warp_lstm(torch.cat([x, h], dim=1), (a, c))
-        policy = torch.tanh(self.warp_projection(a)).split(self.policy_sizes, dim=1)
+        projected = torch.tanh(self.warp_projection(a))
+        if self.tied:
+            policy = tuple(reference_chunk(projected, self.chunk_sizes, dim=1)[:5])
+        else:
+            policy = projected.split(self.policy_sizes, dim=1)
         h = self.cell(x, h, policy)
         return AgentOutput(logits=self.policy(h), value=self.value(h).squeeze(1), state=(h, a, c))
 
@@ -296,11 +331,16 @@ class LSTMAgent(nn.Module):
         return AgentOutput(logits=self.policy(h), value=self.value(h).squeeze(1), state=(h, c))
 
 
-AGENTS = {"warp": WarpedRecurrentAgent, "arnn": ReferenceARNNAgent, "lstm": LSTMAgent}
+AGENTS: dict[str, Callable[..., nn.Module]] = {
+    "warp": WarpedRecurrentAgent,
+    "arnn": ReferenceARNNAgent,
+    "arnn_tied": partial(ReferenceARNNAgent, tied=True),
+    "lstm": LSTMAgent,
+}
 
 
 def make_agent(name: str, *, hidden_size: int) -> nn.Module:
-    """Build an agent by name (``"warp"``, ``"arnn"`` or ``"lstm"``).
+    """Build an agent by name (``"warp"``, ``"arnn"``, ``"arnn_tied"`` or ``"lstm"``).
 
     Raises:
         ValueError: for an unknown name.

@@ -1,4 +1,4 @@
-"""Train a maze agent with A2C: ``python src/maze_navigation/run.py --agent warp|arnn|lstm``.
+"""Train a maze agent with A2C: ``python src/maze_navigation/run.py --agent warp|arnn|lstm|...``.
 
 Writes into ``--out`` (default ``logs/maze_navigation/<agent>_seed<seed>``):
 
@@ -34,6 +34,7 @@ from metazoo.runs import FLAGS_KEY, RunFolder, flag_differences
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from agents import AGENTS
 from train import (
     ConfigError,
     TrainConfig,
@@ -56,9 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="A2C on the Miconi grid maze with a warped recurrent or a plain LSTM agent "
                     "(the warp split and update from the warpgrad package).")
     a = p.add_argument
-    a("--agent", choices=("warp", "arnn", "lstm"), default=d.agent,
+    a("--agent", choices=tuple(AGENTS), default=d.agent,
       help="warp: warped recurrent network (WarpGrad); arnn: the reference code's warped aRNN "
-           "agent; lstm: plain LSTM baseline")
+           "agent with five independent sub-policies; arnn_tied: the same agent with the "
+           "sub-policies sliced as the reference's code runs them (three of them one slice); "
+           "lstm: plain LSTM baseline")
     a("--seed", "--rngseed", type=int, default=d.seed, dest="seed",
       help="seed of the initialisation, the mazes and the sampled actions")
     a("--reward", "--rew", type=float, default=d.reward, dest="reward",

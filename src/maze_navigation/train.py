@@ -67,7 +67,8 @@ class TrainConfig:
 
     Attributes:
         agent: ``"warp"`` (warped recurrent network), ``"arnn"`` (the reference code's warped
-            aRNN agent) or ``"lstm"`` (plain LSTM baseline).
+            aRNN agent), ``"arnn_tied"`` (the same with the reference's tied sub-policy
+            slices, ``agents.reference_chunk``) or ``"lstm"`` (plain LSTM baseline).
         seed: seed of parameter initialisation, mazes and action sampling.
         reward: reward for reaching the reward cell.
         wall_penalty: cost of bumping into a wall.

@@ -123,7 +123,7 @@ def decode_drawing(path: str, resize: str) -> np.ndarray:
         ValueError: naming the file, if it is not a readable image (empty, truncated, not an
             image, a link to nothing or to a folder, a decompression bomb).
     """
-    img = read_image(path)
+    img = read_image(path, fix="replace it with the drawing from the official archive")
     if resize == "nearest":
         # Binary, as the reference's mode '1' drawings: grey images are thresholded at half
         # intensity (not dithered, which would scatter ink dots over the background).

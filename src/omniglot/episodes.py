@@ -48,6 +48,7 @@ __all__ = [
     "FewShotSplit",
     "LabelledImages",
     "MeanCI",
+    "inner_batches",
     "load_image_folder",
     "mean_ci",
     "split_alphabets",
@@ -419,6 +420,43 @@ class EpisodeSampler:
         """``count`` episodes drawn at once from ``generator``."""
         indices = self.draw(count, generator)
         return [self.task(indices, i) for i in range(count)]
+
+
+def inner_batches(task: Task, batch_size: int, count: int, generator: torch.Generator) -> Task:
+    """``task`` with its support cut into ``count`` mini-batches of ``batch_size`` images drawn
+    without replacement, as the Reptile authors' ``_mini_batches(..., replacement=False)``
+    (openai/supervised-reptile, ``supervised_reptile/reptile.py``): the support is shuffled, cut
+    into consecutive batches, and shuffled again when it runs out, a batch that is still being
+    filled continuing into the next shuffle. With 50 support images, batches of 10 and 5 steps
+    every image is in exactly one batch; with 5 images and batches of 10 each batch holds every
+    image twice (two shuffles).
+
+    Inner step ``k`` trains on batch ``k`` (``Task.support[k % count]``). The shuffles are
+    ``torch.randperm`` draws from ``generator`` (CPU), one per pass over the support and only as
+    many as the ``count`` batches need, each applied to the previous pass's order (as
+    ``random.shuffle`` shuffles the list in place). The query is unchanged.
+
+    Args:
+        task: an episode with one support batch (``EpisodeSampler.task``).
+        batch_size: images per inner batch (``--inner_batch`` / ``--eval_inner_batch``).
+        count: number of batches (the inner steps).
+        generator: the random numbers of the shuffles.
+    """
+    if len(task.support) != 1:
+        raise ValueError(f"inner_batches cuts one support batch, the task has "
+                         f"{len(task.support)}")
+    for name, value in (("batch_size", batch_size), ("count", count)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}={value!r} must be a positive integer")
+    xs, ys = task.support[0]
+    n = xs.shape[0]
+    passes = -(-batch_size * count // n)  # ceil: the shuffles the batches need
+    passes_order, current = [], torch.arange(n)
+    for _ in range(passes):  # like random.shuffle, each pass shuffles the previous pass's order
+        current = current[torch.randperm(n, generator=generator)]
+        passes_order.append(current)
+    order = torch.cat(passes_order)[:batch_size * count].to(xs.device).view(count, batch_size)
+    return Task([(xs[index], ys[index]) for index in order], task.query)
 
 
 # -- results ----------------------------------------------------------------------------------

@@ -249,6 +249,7 @@ def main_oneshot(argv: Sequence[str] | None = None) -> OneShotResult:
     Bad input (flags, a missing or damaged model, unreadable runs) raises ``UsageError``."""
     with user_input():
         args, own = parse_args(argv)
+    run_folder = main.run_folder(args)  # checked now: --suffix stays inside --log_dir
     if args.threads:
         torch.set_num_threads(args.threads)
     use_cuda = torch.cuda.is_available() and not args.no_cuda
@@ -289,7 +290,7 @@ def main_oneshot(argv: Sequence[str] | None = None) -> OneShotResult:
                "head": loaded.head, "trained_ways": loaded.trained_ways,
                "runs_folder": str(folder), "resize": args.resize, "seed": args.seed,
                "protocol": args.protocol, "image_size": args.image_size}
-    with main.run_folder(args) as run_folder:  # locked: not while a run writes the folder
+    with run_folder:  # locked: not while a run writes the folder
         run_folder.write_text("oneshot.json", json.dumps(summary, indent=1, sort_keys=True) + "\n")
     print(f"wrote {run_folder.file('oneshot.json')}")
     return result

@@ -23,7 +23,8 @@ from metazoo.cli import ArgumentParser, UsageError
 from metazoo.runs import flag_differences as _differences
 from model import DOWNSAMPLE
 from warpgrad.layers import ABLATIONS, WARP_INITS
-from wrapper import HEAD_POLICIES, METHODS, LearnerConfig
+from wrapper import HEAD_POLICIES, LearnerConfig
+from wrapper import METHODS as LEARNER_METHODS
 
 PROTOCOLS = ("alphabet", "fewshot")
 # --bn_eval in few-shot terms -> the learners' bn_mode
@@ -44,12 +45,42 @@ SEED_MAX = 2**32 - 1
 # --preset NAME sets these flags' defaults; flags given explicitly win. "paper": the WarpGrad
 # paper's Omniglot configuration (also this command's defaults); "gpu_short": the COMP6248
 # replication's budget (250 meta-steps of 5 tasks), the paper's inner loop otherwise.
-PRESETS: dict[str, dict[str, int]] = {
+# "reptile_authors": Reptile on 5-way 1-shot Omniglot as its authors' code and paper command
+# ran it (openai/supervised-reptile, README: run_omniglot.py --shots 1 --inner-batch 10
+# --inner-iters 5 --meta-step 1 --meta-batch 5 --meta-iters 100000 --eval-batch 5 --eval-iters
+# 50 --learning-rate 0.001 --meta-step-final 0 --train-shots 10 --transductive; Adam beta1 0,
+# its Adam state carried on, OmniglotModel: stride-2 convolutions, rotated classes).
+PRESETS: dict[str, dict[str, Any]] = {
     "paper": {"meta_batch_size": 20, "task_batch_size": 128, "task_train_steps": 100,
               "task_val_steps": 100, "meta_train_steps": 1000},
     "gpu_short": {"meta_batch_size": 5, "task_batch_size": 128, "task_train_steps": 100,
                   "task_val_steps": 100, "meta_train_steps": 250},
+    "reptile_authors": {
+        "meta_model": "reptile", "protocol": "fewshot", "ways": 5, "shots": 1, "queries": 1,
+        "train_shots": 10, "train_queries": 1, "rotations": True, "bn_eval": "transductive",
+        "downsample": "stride", "num_filters": 64, "meta_batch_size": 5,
+        "meta_train_steps": 100000, "task_train_steps": 5, "inner_batch": 10,
+        "task_val_steps": 50, "eval_inner_batch": 5, "inner_opt": "adam",
+        "inner_kwargs": ["lr", "1e-3", "betas", "0:0.999"], "reptile_inner_state": "carry",
+        "outer_opt": "sgd", "outer_kwargs": ["lr", "1.0"], "outer_lr_schedule": "linear"},
 }
+OUTER_LR_SCHEDULES = ("constant", "linear")
+# --meta_model names that are a method of wrapper.py with its settings changed: NAME -> (the
+# method, the flags' defaults it sets; flags given explicitly win). The run folder, args.log and
+# the plots carry NAME, so the two settings of one method are told apart.
+# "warp_leap_tuned": the setting that puts warp_leap ahead of leap in the README's ordering
+# investigation (tables (d), (e)): identity warp layers, warp meta-learning rate 1.0.
+METHOD_PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
+    "warp_leap_tuned": ("warp_leap", {"warp_init": "identity",
+                                      "meta_kwargs": ["warp_lr", "1.0"]}),
+}
+METHODS = LEARNER_METHODS + tuple(METHOD_PRESETS)
+
+
+def learner_method(meta_model: str) -> str:
+    """The ``wrapper.py`` method a ``--meta_model`` builds (itself, or a ``METHOD_PRESETS``
+    name's method)."""
+    return METHOD_PRESETS[meta_model][0] if meta_model in METHOD_PRESETS else meta_model
 
 
 # -- flags ------------------------------------------------------------------------------------
@@ -185,7 +216,14 @@ def make_parser() -> argparse.ArgumentParser:
     a("--preset", choices=tuple(PRESETS), default=None,
       help="paper: --meta_batch_size 20 --task_batch_size 128 --task_train_steps 100 "
            "--task_val_steps 100 --meta_train_steps 1000; gpu_short: the same with "
-           "--meta_batch_size 5 --meta_train_steps 250 (flags given explicitly win)")
+           "--meta_batch_size 5 --meta_train_steps 250; reptile_authors: Reptile's 5-way "
+           "1-shot Omniglot protocol as its authors ran it (--meta_model reptile --protocol "
+           "fewshot --shots 1 --queries 1 --train_shots 10 --train_queries 1 --rotations "
+           "--downsample stride --meta_batch_size 5 --meta_train_steps 100000 "
+           "--task_train_steps 5 --inner_batch 10 --task_val_steps 50 --eval_inner_batch 5 "
+           "--inner_opt adam --inner_kwargs lr 1e-3 betas 0:0.999 --reptile_inner_state carry "
+           "--outer_opt sgd --outer_kwargs lr 1.0 --outer_lr_schedule linear). Flags given "
+           "explicitly win")
     a("--log_dir", default="logs", help="logs go to <log_dir>/<meta_model>/<suffix>/")
     a("--suffix", default="tmp", help="run name")
     a("--overwrite", action="store_true", help="replace an existing run of the same name")
@@ -208,7 +246,9 @@ def make_parser() -> argparse.ArgumentParser:
     a("--bn_mode", choices=("batch", "running"), default=None,
       help="BatchNorm statistics: batch (transductive, reference; default) or per-task running "
            "(--bn_eval says the same in few-shot terms)")
-    a("--meta_model", default="warp_leap", choices=METHODS)
+    a("--meta_model", default="warp_leap", choices=METHODS,
+      help="the method; warp_leap_tuned is warp_leap with --warp_init identity --meta_kwargs "
+           "warp_lr 1.0 (flags given explicitly win)")
     a("--head_policy", default="meta", choices=HEAD_POLICIES,
       help="meta: every method meta-learns its head (default); reference: the reference "
            "code's per-method heads (see wrapper.py)")
@@ -226,6 +266,10 @@ def make_parser() -> argparse.ArgumentParser:
            "(Adam's moments and step count) carried across tasks and meta-steps and used, "
            "unchanged, by every evaluation task, as the Reptile authors' code does (carry; "
            "not with --vectorize)")
+    a("--outer_lr_schedule", choices=OUTER_LR_SCHEDULES, default="constant",
+      help="the meta-optimizer's learning rate: constant (--outer_kwargs lr, default) or "
+           "linear: annealed from it to 0, lr * (1 - i / --meta_train_steps) at meta-step "
+           "i = 0, 1, ... (the Reptile authors' --meta-step-final 0)")
     a("--on_nonfinite", choices=("raise", "skip"), default="raise",
       help="a NaN/inf loss: raise (stop, naming the meta-step, task and inner step) or skip "
            "the task (counted in nonfinite.log and the progress line)")
@@ -259,6 +303,13 @@ def make_parser() -> argparse.ArgumentParser:
            "the Reptile paper meta-trains 1-shot Omniglot with 10)")
     a("--train_queries", type=_pos_int, default=None,
       help="fewshot: query images per class in meta-training episodes (default --queries)")
+    a("--inner_batch", type=_pos_int, default=None,
+      help="fewshot: meta-training inner steps on mini-batches of this many support images, "
+           "drawn without replacement as the Reptile authors' code does (default: the whole "
+           "support every step)")
+    a("--eval_inner_batch", type=_pos_int, default=None,
+      help="fewshot: the same for the inner steps on evaluation episodes (default: the whole "
+           "support every step)")
     a("--test_episodes", type=_pos_int, default=600,
       help="fewshot: fixed, seeded test episodes (mean accuracy +- 95%% CI)")
     a("--val_episodes", type=_nonneg_int, default=100,
@@ -283,9 +334,11 @@ def make_parser() -> argparse.ArgumentParser:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parses and validates the flags."""
     parser = make_parser()
-    preset = parser.parse_known_args(argv)[0].preset
-    if preset is not None:
-        parser.set_defaults(**PRESETS[preset])
+    known = parser.parse_known_args(argv)[0]
+    if known.preset is not None:
+        parser.set_defaults(**PRESETS[known.preset])
+    if known.meta_model in METHOD_PRESETS:
+        parser.set_defaults(**METHOD_PRESETS[known.meta_model][1])
     args = parser.parse_args(argv)
     args.inner_kwargs = build_kwargs(args.inner_kwargs, "--inner_kwargs")
     args.outer_kwargs = build_kwargs(args.outer_kwargs, "--outer_kwargs")
@@ -319,6 +372,11 @@ def check_protocol(args: argparse.Namespace) -> None:
         if args.image_size != 28:
             raise ValueError(f"--image_size {args.image_size}: the alphabet protocol uses the "
                              "28x28 images; drop the flag or use --protocol fewshot")
+        for flag in ("inner_batch", "eval_inner_batch"):
+            if getattr(args, flag) is not None:
+                raise ValueError(f"--{flag} {getattr(args, flag)}: the alphabet protocol's "
+                                 "inner batches are --task_batch_size; use --protocol fewshot "
+                                 "or drop the flag")
     elif args.meta_model == "ft":
         raise ValueError("--meta_model ft pretrains one head per alphabet task, which episodes "
                          "with shuffled labels do not have; use --protocol alphabet or "
@@ -346,7 +404,7 @@ def learner_config(args: argparse.Namespace) -> LearnerConfig:
         warp["batch_norm"] = True
     warp["init"] = args.warp_init
     return LearnerConfig(
-        meta_model=args.meta_model,
+        meta_model=learner_method(args.meta_model),
         classes=args.ways if args.protocol == "fewshot" else args.classes,
         num_train_tasks=max(args.num_pretrain, 1), task_train_steps=args.task_train_steps,
         task_val_steps=args.task_val_steps, num_layers=args.num_layers,

@@ -81,13 +81,26 @@ def standard_image(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def read_image(path: str | os.PathLike[str]) -> Image.Image:
+def read_image(path: str | os.PathLike[str], *, fix: str = "") -> Image.Image:
     """The image at ``path``, loaded and in mode ``"1"``, ``"L"`` or ``"RGB"``.
 
+    Args:
+        path: the file.
+        fix: what to do about a file that cannot be read (default: replace or remove it).
+
     Raises:
-        ValueError: one line naming the file and what is wrong with it.
+        ValueError: one line naming the file, what is wrong with it and ``fix``.
     """
     name = os.fspath(path)
+    try:
+        return _read_image(name)
+    except ValueError as err:
+        if not fix:
+            raise
+        raise ValueError(f"{str(err).rsplit('; ', 1)[0]}; {fix}") from None
+
+
+def _read_image(name: str) -> Image.Image:
     if os.path.islink(name) and not os.path.exists(name):
         raise ValueError(f"{name} is a link to a missing file ({os.readlink(name)}); restore "
                          f"the file it points to or remove the link")

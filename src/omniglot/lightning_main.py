@@ -41,6 +41,7 @@ from lightning_data import OmniglotDataModule
 from metazoo import atomic_write_text, fp32_precision
 from metazoo.cli import UsageError, run_command, user_input
 from metazoo.lightning import MetaLearnerModule
+from metazoo.runs import path_inside
 from wrapper import build_learner
 
 LOGGERS = ("csv", "tensorboard", "wandb", "none")
@@ -103,10 +104,18 @@ def main_lightning(argv: Sequence[str] | None = None) -> dict[str, float]:
     ``test/loss``) and the number of meta-steps."""
     with user_input():
         own, args = parse_args(argv)
+        # main.py's meta_train and few-shot evaluation run these; Lightning's loop does not
+        for flag, default in (("outer_lr_schedule", "constant"), ("eval_inner_batch", None)):
+            if getattr(args, flag) != default:
+                raise UsageError(f"--{flag} {getattr(args, flag)} (set by --preset "
+                                 f"reptile_authors too): lightning_main.py does not run it; "
+                                 f"use main.py, or drop the flag")
     if args.threads:
         torch.set_num_threads(args.threads)
     accelerator = own.accelerator or ("cpu" if args.no_cuda else "auto")
-    folder = Path(args.log_dir) / "lightning" / args.meta_model / args.suffix
+    # --suffix stays inside --log_dir (docs/runs.md); Lightning owns the folder's layout
+    folder = path_inside(Path(args.log_dir) / "lightning", args.meta_model, args.suffix,
+                         flags=("--meta_model", "--suffix"))
     # main.py's seeding, then its experiment and learner, built on the CPU (Lightning moves
     # the module to each process's device).
     torch.manual_seed(args.seed)

@@ -45,6 +45,8 @@ import torch
 
 from flags import (  # noqa: F401  (re-exported: the command's flags, for its callers)
     BN_EVAL,
+    METHOD_PRESETS,
+    METHODS,
     PRESETS,
     PROTOCOLS,
     RESUME_MAY_CHANGE,
@@ -54,6 +56,7 @@ from flags import (  # noqa: F401  (re-exported: the command's flags, for its ca
     flag_differences,
     in_channels,
     learner_config,
+    learner_method,
     make_parser,
     parse_args,
     read_args_log,
@@ -80,7 +83,7 @@ from protocols import (  # noqa: F401
     evaluate,
     make_experiment,
 )
-from wrapper import METHODS, build_learner  # noqa: F401
+from wrapper import build_learner
 
 PROGRAM = "omniglot"
 # The run's logs (trimmed to the checkpoint on --resume) and, among them, the test logs

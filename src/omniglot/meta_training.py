@@ -156,6 +156,21 @@ class ExperimentLike(Protocol):
                  printer: Callable[[str], None]) -> float: ...
 
 
+def anneal_meta_lr(learner: MetaLearner, step: int, total: int) -> None:
+    """``--outer_lr_schedule linear``: sets every meta-optimizer group's learning rate to
+    ``initial_lr * (1 - step / total)`` before meta-step ``step`` (0-based), as the Reptile
+    authors' ``train.py`` interpolates ``--meta-step`` to ``--meta-step-final 0``. The initial
+    rate is kept in the group (``"initial_lr"``, as torch's schedulers do), so it is in the
+    checkpoint and a resumed run continues the same schedule."""
+    optimizer = getattr(learner, "meta_optimizer", None)
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise ValueError(f"--outer_lr_schedule linear needs a learner with one meta-optimizer; "
+                         f"{type(learner).__name__} has none; drop the flag")
+    for group in optimizer.param_groups:
+        initial = group.setdefault("initial_lr", group["lr"])
+        group["lr"] = initial * (1 - step / total)
+
+
 def meta_train(learner: MetaLearner, exp: ExperimentLike, run: RunState,
                logs: RunFolder | None, printer: Callable[[str], None]) -> None:
     """The meta-training loop: one meta-step per iteration, logs, validation, checkpoints
@@ -169,6 +184,8 @@ def meta_train(learner: MetaLearner, exp: ExperimentLike, run: RunState,
     main_process = distributed.is_main_process()
     start, first = time.perf_counter(), run.step
     while run.step < args.meta_train_steps:
+        if args.outer_lr_schedule == "linear":
+            anneal_meta_lr(learner, run.step, args.meta_train_steps)
         tasks = exp.meta_batch(learner, run)  # the protocol's tasks (the same on every rank)
         try:
             result: MetaStepResult = distributed.meta_step(learner, distributed.shard(tasks))

@@ -245,6 +245,23 @@ def _scale(handlers: Sequence[FileHandler]) -> str:
             f"{value('num_filters')} filters")
 
 
+def _warp_setting(handlers: Sequence[FileHandler]) -> str | None:
+    """What sets a warped method's warp layers apart, from the runs' ``args.log``: their
+    initialisation and meta-learning rate (``--meta_kwargs warp_lr``, else the one
+    ``--outer_kwargs lr`` they share with the initialisation), e.g. ``"identity warp init, warp
+    lr 1.0"``; ``None`` for methods without warp layers."""
+    notes = set()
+    for h in handlers:
+        if not (h.setting("meta_model") or "").startswith("warp_"):
+            return None
+        warp_lr = re.search(r"meta_kwargs=\{[^}]*'warp_lr': ([^,}]+)", h.args)
+        outer_lr = re.search(r"outer_kwargs=\{[^}]*'lr': ([^,}]+)", h.args)
+        lr = (f"warp lr {warp_lr.group(1)}" if warp_lr else
+              f"one meta-lr {outer_lr.group(1) if outer_lr else '?'}")
+        notes.add(f"{h.setting('warp_init') or 'random'} warp init, {lr}")
+    return notes.pop() if len(notes) == 1 else "mixed settings"
+
+
 def compare(runs: Sequence[str | os.PathLike | FileHandler], out: str | os.PathLike,
             title: str = "Omniglot") -> dict[str, tuple[float, float, int]]:
     """Writes a figure comparing runs; returns ``{method: (mean, std, runs)}`` of test accuracy.
@@ -269,6 +286,8 @@ def compare(runs: Sequence[str | os.PathLike | FileHandler], out: str | os.PathL
     ticks: list[str] = []
     for i, (method, hs) in enumerate(sorted(by_method.items())):
         color = f"C{i % 10}"
+        warp = _warp_setting(hs)  # e.g. warp_leap and warp_leap_tuned: say which is which
+        named = method if warp is None else f"{method} [{warp}]"
         curves = [h.agg_val("acc", "eval").mean(axis=1) for h in hs
                   if h.val_eval_data is not None]
         if curves:
@@ -277,7 +296,7 @@ def compare(runs: Sequence[str | os.PathLike | FileHandler], out: str | os.PathL
                                .val_eval_data[0]["step"][:length])
             stack = np.stack([c[:length] for c in curves])
             mean, dev = stack.mean(0), stack.std(0)
-            label = f"{method} ({_seeds(len(curves))})"
+            label = f"{named} ({_seeds(len(curves))})"
             if length == 1:  # not meta-trained (``no``): a reference level
                 left.axhline(mean[0], color=color, linestyle="--", label=f"{label}, step 0")
             else:
@@ -289,7 +308,8 @@ def compare(runs: Sequence[str | os.PathLike | FileHandler], out: str | os.PathL
         if finals:
             table[method] = (float(np.mean(finals)), float(np.std(finals)), len(finals))
             x = len(ticks)
-            ticks.append(f"{method}\n{_seeds(len(finals))}")
+            setting = "" if warp is None else "\n" + warp.replace(", ", ",\n")
+            ticks.append(f"{method}{setting}\n{_seeds(len(finals))}")
             # one seed has no spread: no error bar that would read as zero
             right.bar(x, table[method][0], color=color, alpha=0.8,
                       yerr=table[method][1] if len(finals) > 1 else None, capsize=4)

@@ -27,6 +27,7 @@ from episodes import (
     FewShotSplit,
     LabelledImages,
     MeanCI,
+    inner_batches,
     load_image_folder,
     mean_ci,
     split_alphabets,
@@ -189,7 +190,18 @@ class FewShotExperiment:
     def meta_batch(self, learner: MetaLearner, run: RunState) -> list[Task]:
         """``--meta_batch_size`` training episodes drawn from ``run.data_generator``."""
         del learner
-        return self.samplers["train"].sample(self.args.meta_batch_size, run.data_generator)
+        tasks = self.samplers["train"].sample(self.args.meta_batch_size, run.data_generator)
+        if self.args.inner_batch is None:
+            return tasks
+        # --inner_batch: the shuffles come after the episodes from the same saved generator
+        return [inner_batches(task, self.args.inner_batch, self.args.task_train_steps,
+                              run.data_generator) for task in tasks]
+
+    def eval_batch_generator(self, case: str) -> torch.Generator:
+        """The random numbers of ``--eval_inner_batch``'s shuffles: seeded by ``--seed`` and
+        the case alone, so every evaluation and every method adapts on the same batches."""
+        code = ("val", "test").index(case) + 1
+        return torch.Generator().manual_seed(self.args.seed * 1_000_003 + code * 10_007 + 5)
 
     def evaluate(self, learner: MetaLearner, case: str, step: int, logs: RunFolder | None,
                  printer: Callable[[str], None]) -> float:
@@ -205,9 +217,11 @@ class FewShotExperiment:
         steps = args.task_val_steps
         start = time.perf_counter()
         losses, accs, support_accs, curves = [], [], [], []
+        batches = None if args.eval_inner_batch is None else self.eval_batch_generator(case)
         for i in range(len(indices)):
             task = sampler.task(indices, i)
-            adapted = learner.adapt(task, steps=steps)
+            adapted = learner.adapt(task if batches is None else inner_batches(
+                task, args.eval_inner_batch, steps, batches), steps=steps)
             support_accs.append(score(learner, adapted, task.support[0])[1])
             loss, acc = score(learner, adapted, task.query)
             losses.append(loss)

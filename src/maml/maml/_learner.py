@@ -211,7 +211,10 @@ class TaskGradients:
 
     def _write(self, kept: int) -> None:
         for p, total, saved in zip(self.params, self._sums, self._saved, strict=True):
-            if total is not None:
+            # No kept task: no gradient at all (None, not zeros), so the meta-optimizer skips
+            # the parameter as it does for Leap and WarpGrad; a zero gradient would still move
+            # it by momentum and advance Adam's moments on a meta-batch that said nothing.
+            if total is not None and kept > 0:
                 metazoo.accumulate_grad(p, total)
                 if p.grad is not None and 0 < kept < self.num_tasks:
                     p.grad.mul_(self.num_tasks / kept)

@@ -318,3 +318,23 @@ def test_the_loop_checks_all_tasks_with_one_host_transfer(name, on_nonfinite):
     # One transfer reads the fault flags of all 4 tasks, one the reported means
     # (metazoo.mean_results); before, each task cost one more.
     assert syncs.count == 2
+
+
+@pytest.mark.parametrize("name", list(LEARNERS))
+def test_an_all_skipped_meta_batch_leaves_momentum_and_optimizer_state_alone(name):
+    """Found by the issue 28 distributed test: with one host sync per meta-step, a meta-batch
+    whose every task was skipped wrote zero gradients, so SGD momentum still moved the
+    meta-parameters and Adam's moments advanced; no kept task must mean no gradient (None)."""
+    learner = LEARNERS[name](model(), on_nonfinite="skip")
+    learner.meta_optimizer = torch.optim.SGD(learner.meta_parameters(), lr=0.1, momentum=0.9)
+    learner.meta_step(tasks())  # momentum buffers now hold something
+    before = snapshot(learner)
+    state = {k: v.clone() for k, v in learner.meta_optimizer.state_dict()["state"][0].items()
+             if isinstance(v, torch.Tensor)}
+    result = learner.meta_step([poisoned(t, step=0) for t in tasks(seed=5)])
+    assert result.skipped_tasks == result.num_tasks
+    assert all(p.grad is None for p in learner.meta_parameters())
+    for n, p in learner.named_meta_parameters():
+        assert torch.equal(p, before[n]), n
+    after = learner.meta_optimizer.state_dict()["state"][0]
+    assert all(torch.equal(v, after[k]) for k, v in state.items())

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
+import agents as agents_module
 import warpgrad
 from agents import (
     MODULATIONS,
@@ -114,6 +115,68 @@ def test_reference_arnn_step_is_the_reference_formula():
     torch.testing.assert_close(out.logits, agent.policy(expected_h), rtol=0, atol=1e-12)
 
 
+def tied(seed=0, hidden_size=20):
+    torch.manual_seed(seed)
+    return make_agent("arnn_tied", hidden_size=hidden_size).double()
+
+
+def test_tied_arnn_step_is_the_reference_chunk_written_out():
+    """``--agent arnn_tied``: one step equals ``alstm.arnn.arnn_cell`` with the policy sliced
+    as the reference's ``alstm.utils.chunk`` slices it, ``policy.narrow(1, sizes[i], sizes[i+1])``
+    over ``sizes = [0, 17, H, H, H, H, H]``, written out by hand for H = 20: p_x rows 0-16, p_h
+    rows 17-36 and p_ih = p_hh = p_b rows 20-39 of the 117 projection rows."""
+    agent = tied()
+    assert agent.warp_projection.weight.shape == (OBS_SIZE + 5 * 20, 20)
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(3, OBS_SIZE, dtype=torch.float64, generator=gen)
+    h, a, c = (torch.randn(3, 20, dtype=torch.float64, generator=gen) for _ in range(3))
+    out = agent(x, (h, a, c))
+    a1, c1 = torch.lstm_cell(
+        torch.cat([x, h], 1), (a, c), agent.warp_lstm.weight_ih, agent.warp_lstm.weight_hh,
+        agent.warp_lstm.bias_ih, agent.warp_lstm.bias_hh,
+    )
+    policy = torch.tanh(a1 @ agent.warp_projection.weight.T)
+    p_x, p_h, p_shared = policy[:, 0:17], policy[:, 17:37], policy[:, 20:40]
+    cell = agent.cell
+    expected_h = torch.tanh(
+        F.linear(x * p_x, cell.weight_ih) * p_shared + F.linear(h * p_h, cell.weight_hh) * p_shared
+        + cell.bias * p_shared
+    )
+    torch.testing.assert_close(out.state[0], expected_h, rtol=0, atol=1e-12)
+    torch.testing.assert_close(out.state[1], a1, rtol=0, atol=1e-12)
+    torch.testing.assert_close(out.state[2], c1, rtol=0, atol=1e-12)
+    torch.testing.assert_close(out.logits, agent.policy(expected_h), rtol=0, atol=1e-12)
+    # the five independent slices of the same projection give another step
+    p_ih, p_hh, p_b = policy[:, 37:97].split(20, dim=1)
+    untied_h = torch.tanh(F.linear(x * p_x, cell.weight_ih) * p_ih
+                          + F.linear(h * p_h, cell.weight_hh) * p_hh + cell.bias * p_b)
+    assert (out.state[0] - untied_h).abs().max() > 1e-3
+
+
+def test_tied_arnn_reads_only_the_reference_rows():
+    """At the reference's sizes (17 inputs, hidden 100) the projection has 517 rows and the
+    tied cell reads rows 0-199 only: rows 200-516 get exactly zero gradient."""
+    agent = tied(hidden_size=100)
+    assert agent.warp_projection.weight.shape == (517, 100)
+    x = torch.randn(4, OBS_SIZE, dtype=torch.float64)
+    out = agent(x, agent.initial_state(4))
+    out = agent(x, out.state)
+    (out.logits.sum() + out.value.sum()).backward()
+    grad = agent.warp_projection.weight.grad
+    assert grad[200:].abs().sum() == 0
+    assert (grad[:200].abs().sum(dim=1) > 0).all()
+
+
+def test_reference_chunk_is_the_reference_helper():
+    """``reference_chunk`` on a labelled row index: the reference's start/size pairs."""
+    rows = torch.arange(517).unsqueeze(0)
+    chunks = agents_module.reference_chunk(rows, [17, 100, 100, 100, 100, 100], dim=1)
+    assert [(int(c[0, 0]), int(c[0, -1])) for c in chunks] == [
+        (0, 16), (17, 116), (100, 199), (100, 199), (100, 199), (100, 199)]
+    with pytest.raises(ValueError, match="do not match"):
+        agents_module.reference_chunk(rows, [17, 100], dim=1)
+
+
 def test_reference_arnn_initialisation():
     """Orthogonal W_ih, W_hh and a zero bias, as ``aRNNCell.reset_parameters``."""
     agent = ReferenceARNNAgent(hidden_size=32)
@@ -187,12 +250,12 @@ def unroll_output(agent, params, steps=4):
 @pytest.mark.parametrize(
     ("kind", "group"),
     [("warp", "adapt"), ("warp", "warp"), ("warp", "all"), ("arnn", "adapt"), ("arnn", "warp"),
-     ("lstm", "all")],
+     ("arnn_tied", "adapt"), ("arnn_tied", "warp"), ("lstm", "all")],
 )
 def test_gradients_through_time_match_finite_differences(kind, group):
     """Directional derivatives of a random readout of a 4-step unroll, float64 autograd
     against central differences, for the adaptable group, the warp group and everything."""
-    agent = {"warp": warped, "arnn": reference}.get(
+    agent = {"warp": warped, "arnn": reference, "arnn_tied": tied}.get(
         kind, lambda: LSTMAgent(hidden_size=HS).double()
     )()
     chosen = split(agent).get(group, list(agent.parameters()))
@@ -220,7 +283,7 @@ def test_gradients_through_time_match_finite_differences(kind, group):
         assert abs(float(analytic)) > 1e-6
 
 
-@pytest.mark.parametrize("make", [warped, reference])
+@pytest.mark.parametrize("make", [warped, reference, tied])
 def test_warp_parameters_receive_gradient_through_recurrence(make):
     """The adaptation LSTM affects later steps: its gradient is non-zero at step 2's logits."""
     agent = make()
@@ -232,7 +295,7 @@ def test_warp_parameters_receive_gradient_through_recurrence(make):
         assert p.grad is not None and p.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("name", ["warp", "arnn", "lstm"])
+@pytest.mark.parametrize("name", ["warp", "arnn", "arnn_tied", "lstm"])
 def test_output_shapes(name):
     agent = make_agent(name, hidden_size=HS)
     out = agent(torch.zeros(3, OBS_SIZE), agent.initial_state(3))

@@ -230,7 +230,7 @@ def test_lstm_agent_has_a_single_optimizer():
     assert not result.meta_updated and tr.meta_updates == 0
 
 
-@pytest.mark.parametrize("agent", ["warp", "arnn", "lstm"])
+@pytest.mark.parametrize("agent", ["warp", "arnn", "arnn_tied", "lstm"])
 def test_smoke_training_few_episodes(agent):
     tr = trainer(agent=agent, meta_update_ival=2)
     before = snapshot(tr.agent.parameters())

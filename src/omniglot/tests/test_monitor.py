@@ -110,6 +110,27 @@ def test_compare_says_seeds_scale_and_chance(runs, tmp_path, monkeypatch):
         matplotlib.pyplot.close(fig)
 
 
+def test_compare_names_the_warp_setting_of_each_warped_method(omniglot_root, tmp_path, tiny,
+                                                              monkeypatch):
+    """warp_leap and warp_leap_tuned side by side: the legend and the bars say which warp
+    initialisation and meta-learning rate each ran with (from args.log)."""
+    logs = tmp_path / "logs"
+    for method in ("warp_leap", "warp_leap_tuned"):
+        main.main(tiny(omniglot_root, logs, method, "--meta_train_steps", "1"))
+    figures = []
+    monkeypatch.setattr(monitor, "_save_figure", lambda fig, out: figures.append(fig))
+    monitor.compare([logs / "warp_leap" / "tmp", logs / "warp_leap_tuned" / "tmp"],
+                    tmp_path / "w.png")
+    left, right = figures[0].axes
+    assert [t.get_text() for t in right.get_xticklabels()] == [
+        "warp_leap\nrandom warp init,\none meta-lr 0.1\n1 seed",
+        "warp_leap_tuned\nidentity warp init,\nwarp lr 1.0\n1 seed"]
+    legend = [t.get_text() for t in left.get_legend().get_texts()]
+    assert "warp_leap [random warp init, one meta-lr 0.1] (1 seed)" in legend
+    assert "warp_leap_tuned [identity warp init, warp lr 1.0] (1 seed)" in legend
+    matplotlib.pyplot.close("all")
+
+
 def _cli(argv, capsys):
     """``python monitor.py ARGV`` in-process: exit code and stderr lines."""
     with pytest.raises(SystemExit) as exit_info:

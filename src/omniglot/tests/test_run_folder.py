@@ -275,3 +275,16 @@ def test_a_dangling_checkpoint_link_is_named_as_one(tiny, omniglot_root, tmp_pat
     (run / "checkpoint.pt").symlink_to(tmp_path / "moved" / "checkpoint.pt")
     err = _one_line_exit_2([*argv, "--resume"], capsys)
     assert "is a symbolic link to" in err and "which does not exist" in err
+
+
+def test_the_lightning_command_keeps_its_folder_inside_the_log_folder(tiny, omniglot_root,
+                                                                      tmp_path, capsys):
+    pytest.importorskip("lightning")
+    import lightning_main
+
+    with pytest.raises(SystemExit) as exit_info:
+        run_command(lightning_main.main_lightning,
+                    [*tiny(omniglot_root, tmp_path / "logs", "leap"), "--suffix", "../../../x"])
+    assert exit_info.value.code == 2
+    assert "--suffix '../../../x'" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists() and not (tmp_path / "logs").exists()

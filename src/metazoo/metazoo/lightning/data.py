@@ -257,7 +257,9 @@ class ImageFolderDataModule(TaskDataModule):
 
     Args:
         root: the data set folder.
-        ways, shots, queries: classes per episode, support and query images per class.
+        ways: classes per episode.
+        shots: support images per class.
+        queries: query images per class.
         image_size: height and width of the images.
         channels: ``"rgb"`` or ``"grey"``.
         dtype: floating type of the tasks' images.

@@ -1,0 +1,31 @@
+"""The launch-count benchmark (benchmarks/launches.py --quick) runs in seconds and counts what it
+says: the hand-written loop has no host sync, a loop learner one per meta-step for its fault
+checks and one for its reported means, and the vectorized MAML fewer kernel ops than its loop."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("maml")
+pytest.importorskip("leap")
+
+_SCRIPT = Path(__file__).resolve().parents[3] / "benchmarks" / "launches.py"
+
+
+def test_quick_table_counts_ops_and_syncs() -> None:
+    result = subprocess.run(
+        [sys.executable, str(_SCRIPT), "--quick", "--impls", "loop,maml,maml_vectorized"],
+        capture_output=True, text=True, check=True, timeout=600)
+    rows = {m.group(1): [int(v.replace(",", "")) for v in m.group(2, 3, 4)]
+            for m in re.finditer(r"^\| (\w+) \| ([\d,]+) \| ([\d,]+) \| (\d+) \|", result.stdout,
+                                 re.MULTILINE)}
+    assert set(rows) == {"loop", "maml", "maml_vectorized"}, result.stdout
+    assert rows["loop"][2] == 0
+    assert rows["maml"][2] == 2  # 2 tasks: one transfer for all fault checks, one for the means
+    assert rows["maml_vectorized"][1] < 0.5 * rows["maml"][1]
+    assert all(ops > kernel > 0 for ops, kernel, _ in rows.values())
