@@ -239,8 +239,8 @@ class ReferenceARNNAgent(_WarpedSplit):
     This is the cell as the reference's code writes it, with five independent sub-policies. As
     the reference *runs* it they are not independent: its ``alstm.utils.chunk`` passes the
     previous chunk's size as the next chunk's start to ``narrow``, so ``p_ih``, ``p_hh`` and
-    ``p_b`` are one and the same slice and ``p_h`` overlaps it (the maze README's "What differs
-    from the reference"). ``tied=True`` (``--agent arnn_tied``) runs it that way. The
+    ``p_b`` are one and the same slice and ``p_h`` overlaps it (``docs/experiments/maze.md``,
+    "What differs from the reference"). ``tied=True`` (``--agent arnn_tied``) runs it that way. The
     reference's projection also has one more ``hidden_size`` output that its cell never reads;
     the untied agent leaves it out, which only shifts the random initialisation, the tied one
     keeps it (``input_size + 5 * hidden_size`` outputs, 517 at the defaults), as the reference.

@@ -153,7 +153,7 @@ class iMAML(ModelLearner):
                 ``torch.channels_last`` for each task (the model is not modified). The same
                 computation in another layout: results equal the default's up to rounding.
                 On a CPU, 0.79x the default layout's time on 5-way 1-shot Omniglot tasks but
-                1.06x with 20-image support batches (``benchmarks/README.md``).
+                1.06x with 20-image support batches (``docs/performance.md``).
             vectorize: run all tasks of a meta-batch as one batched computation
                 (``metazoo.vectorize``: ``vmap`` over tasks of the proximal inner loop, with the
                 inner gradients by ``torch.func.grad``, and of each task's implicit gradient,

@@ -2,7 +2,7 @@
 
 On a CPU, max-pooling over NCHW tensors is about 10x slower than over channels-last (NHWC)
 ones, and oneDNN convolutions prefer channels-last too; on the Omniglot conv net that makes a
-meta-step 1.2-2x faster (``benchmarks/README.md``). Learners with a ``channels_last`` option
+meta-step 1.2-2x faster (``docs/performance.md``). Learners with a ``channels_last`` option
 copy each task's 4-D inputs and the 4-D parameters they adapt to channels-last with these
 helpers; every activation and inner update then stays channels-last. The copies are
 differentiable, so meta-gradients reach the model's own (unchanged) parameters.
