@@ -6,6 +6,7 @@ The soak drives the algorithm packages, so this test is skipped where they are n
 """
 
 import importlib.util
+import mmap
 import sys
 from pathlib import Path
 
@@ -44,7 +45,11 @@ def test_a_leak_is_detected(soak_module):
     kept = []
 
     def leak(step):
-        kept.append(torch.zeros(64, 1024))  # 256 KiB (float32) or 512 KiB per meta-step
+        # 1 MiB per meta-step in a tensor over fresh, touched pages of its own: a tensor from
+        # malloc could reuse heap that earlier tests freed, and then RSS would not grow.
+        pages = mmap.mmap(-1, 1 << 20)
+        pages.write(b"\1" * (1 << 20))
+        kept.append(torch.frombuffer(pages, dtype=torch.uint8))
 
     result = soak_module.soak("reptile", steps=20, every=10, warmup=10, tasks=1, on_step=leak)
     assert result.tensor_growth == 10
