@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from metazoo import SGD
+from warpgrad.flat import FlatLayout
 
 __all__ = ["OptimizerParameters"]
 
@@ -50,6 +51,7 @@ class OptimizerParameters:
         self._log_lr: dict[str, nn.Parameter] = {}
         self._momentum_logit: dict[str, nn.Parameter] = {}
         self._template: SGD | None = None
+        self._flat_template: SGD | None = None
 
     def init(self, named_parameters: Iterable[tuple[str, Tensor]]) -> None:
         """Creates one learning rate (and momentum) per named tensor, at the defaults."""
@@ -69,6 +71,9 @@ class OptimizerParameters:
         lr = {n: v.detach() for n, v in self.lr.items()}
         momentum = {n: v.detach() for n, v in self.momentum.items()}
         self._template = SGD(lr, momentum=momentum) if momentum else SGD(lr)
+        # The flat optimizer's template: one tensor per hyperparameter (values set per call).
+        one = torch.ones((), dtype=torch.float64)
+        self._flat_template = (SGD(one, momentum=one / 2) if momentum else SGD(one))
 
     @property
     def names(self) -> list[str]:
@@ -130,6 +135,36 @@ class OptimizerParameters:
         # per tensor and replayed state on an accelerator). The values are in range by
         # construction.
         optimizer = self._template.with_hyperparameter_tensors(tensors)
+        assert isinstance(optimizer, SGD)
+        return optimizer
+
+    def flat_inner_optimizer(self, layout: FlatLayout, *, detach: bool = False) -> SGD:
+        """``inner_optimizer`` for flat states: one SGD over a single tensor in ``layout``.
+
+        Its learning rate (and momentum) is a vector over the flat state, each parameter
+        tensor's value repeated over its elements, so one step of a whole state is one
+        operation per rule term instead of one per parameter tensor; the rule is
+        ``metazoo.SGD``'s, the same as ``inner_optimizer``'s. Step it on ``{"flat": state}``.
+
+        Args:
+            layout: the layout of the flat states (its ``names`` must be covered).
+            detach: use detached values (no meta-gradient).
+        """
+        if self._flat_template is None:
+            raise RuntimeError("OptimizerParameters.init(named_parameters) must run first "
+                               "(Warp does it)")
+        missing = sorted(set(layout.names) - set(self._log_lr))
+        if missing:
+            raise ValueError(f"parameters {missing} have no learning rate; OptimizerParameters "
+                             f"covers {self._names}")
+        log_lr = torch.stack([self._log_lr[n] for n in layout.names])
+        tensors = [layout.spread(log_lr.exp())]
+        if self.has_momentum:
+            logits = torch.stack([self._momentum_logit[n] for n in layout.names])
+            tensors.append(layout.spread(torch.sigmoid(logits)))
+        if detach:
+            tensors = [t.detach() for t in tensors]
+        optimizer = self._flat_template.with_hyperparameter_tensors(tensors)
         assert isinstance(optimizer, SGD)
         return optimizer
 

@@ -4,9 +4,13 @@ Adaptation in WarpGrad is first order: the warp layers are fixed and nothing is 
 through the inner loop, so the adaptation of a task is a pure function of its batches. Here it
 is ``torch.func.vmap``-ed over tasks (``chunk`` tasks per call): the inner step is the loop's
 (``metazoo.forward`` with the warp layers fixed, the gradient with respect to the adaptable
-parameters by ``torch.func.grad``, the same ``OptimizerParameters.inner_optimizer`` step), and
-the whole trajectory of every task is returned stacked, so ``WarpGrad`` can record it into the
-replay buffer task by task, state by state, exactly as the loop records it.
+parameters by ``torch.func.grad``, the same SGD rule with the same per-tensor learning rates and
+momenta). The parameters travel as one flat vector per task (``warpgrad.flat``): the gradient
+is gathered into one vector and the step is ``OptimizerParameters.flat_inner_optimizer``'s, a
+few operations for all parameter tensors instead of a few per tensor. The whole trajectory of
+every task is returned as one flat tensor, which ``WarpGrad`` hands to the replay buffer
+(``ReplayBuffer.record``) without a copy per state; the buffer then holds the same states, in
+the same order, as the loop records.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from torch import Tensor, nn
 
 import metazoo
 from metazoo import Buffers, Params, Task, accuracy, forward
+from warpgrad.flat import FlatLayout
 
 __all__ = ["StackedAdaptation", "adapt_tasks"]
 
@@ -28,22 +33,29 @@ class StackedAdaptation:
     """Every task's adaptation, each tensor with a leading task dimension ``[T]``.
 
     Attributes:
-        trajectory: per adaptable parameter, ``[T, K + 1, ...]``: the state before each of the K
-            steps, then the adapted parameters.
-        momentum: per adaptable parameter, ``[T, K - 1, ...]``: the momentum buffer before steps
-            1..K-1 (the loop records none before step 0); empty without momentum.
+        layout: where each adaptable parameter lives in a flat state.
+        trajectory: ``[T, K + 1, layout.numel]``, flat: the state before each of the K steps,
+            then the adapted parameters.
+        momentum: ``[T, K - 1, layout.numel]``, flat: the momentum buffer before steps 1..K-1
+            (the loop records none before step 0); ``None`` without momentum.
         buffers: the BatchNorm buffers after adaptation (empty in ``batch`` mode).
         inner_losses: ``[T, K]``, the support loss of each step.
         query_loss: ``[T]``, the loss on the query batch at the adapted parameters.
         query_accuracy: ``[T]``, or ``None`` when the criterion's targets are not class labels.
     """
 
-    trajectory: Params
-    momentum: Params
+    layout: FlatLayout
+    trajectory: Tensor
+    momentum: Tensor | None
     buffers: Buffers
     inner_losses: Tensor
     query_loss: Tensor
     query_accuracy: Tensor | None
+
+    @property
+    def adapted(self) -> Params:
+        """The adapted parameters by name, each ``[T, ...]`` (views)."""
+        return self.layout.unflatten(self.trajectory[:, -1])
 
     @property
     def finite(self) -> Tensor:
@@ -79,9 +91,9 @@ def _diagnose(model: nn.Module, criterion: Callable[[Tensor, Tensor], Tensor], p
 
 
 def adapt_tasks(model: nn.Module, criterion: Callable[[Tensor, Tensor], Tensor],
-                fixed: Params, init: Params, optimizer: metazoo.InnerOptimizer,
+                fixed: Params, init: Params, optimizer: metazoo.SGD,
                 tasks: Sequence[Task], steps: int, *, bn_mode: str, device: torch.device,
-                chunk: int) -> StackedAdaptation:
+                chunk: int, layout: FlatLayout) -> StackedAdaptation:
     """Adapts ``init`` to every task with ``fixed`` (warp layers, frozen parameters) constant.
 
     Args:
@@ -89,12 +101,13 @@ def adapt_tasks(model: nn.Module, criterion: Callable[[Tensor, Tensor], Tensor],
         criterion: ``criterion(output, target) -> scalar loss``.
         fixed: every parameter that is not adapted (detached).
         init: the initialisation of the adaptable parameters (detached).
-        optimizer: the inner optimizer (detached hyperparameters).
+        optimizer: the inner optimizer of flat states (``flat_inner_optimizer``, detached).
         tasks: tasks of one shape (``metazoo.vectorize.stack_tasks``).
         steps: inner steps; step k trains on ``support[k % len(support)]``.
         bn_mode: ``metazoo.BatchNormMode`` of adaptation and scoring.
         device: where the batches are moved.
         chunk: tasks per ``vmap`` call.
+        layout: the flat layout of ``init`` (``FlatLayout.of(init)``).
     """
     _check_one_shape(tasks)
     support, query = metazoo.vectorize.stack_tasks(tasks)
@@ -102,18 +115,21 @@ def adapt_tasks(model: nn.Module, criterion: Callable[[Tensor, Tensor], Tensor],
     query = (query[0].to(device), query[1].to(device))
     start_buffers = metazoo.initial_buffers(model, bn_mode)
     has_accuracy: list[bool] = []
+    has_momentum: list[bool] = []
+
+    start = layout.flatten(init)
 
     def one_task(support: list[tuple[Tensor, Tensor]], query: tuple[Tensor, Tensor]
-                 ) -> tuple[Params, Params, Buffers, Tensor, Tensor, Tensor]:
-        theta = dict(init)
-        state = optimizer.init(theta)
+                 ) -> tuple[Tensor, Tensor, Buffers, Tensor, Tensor, Tensor]:
+        theta = start
+        state = optimizer.init({"flat": theta})
         buffers = dict(start_buffers)
         trajectory, momenta, losses = [], [], []
         for k in range(steps):
             x, y = support[k % len(support)]
             trajectory.append(theta)
             if k > 0 and "momentum_buffer" in state:
-                momenta.append(state["momentum_buffer"])
+                momenta.append(state["momentum_buffer"]["flat"])
 
             def inner_loss(adapted: Params, buffers: Buffers = buffers, x: Tensor = x,
                            y: Tensor = y) -> tuple[Tensor, tuple[Tensor, Buffers]]:
@@ -122,20 +138,22 @@ def adapt_tasks(model: nn.Module, criterion: Callable[[Tensor, Tensor], Tensor],
                 loss = criterion(output, y)
                 return loss, (loss, new_buffers)
 
-            grads, (loss, buffers) = torch.func.grad(inner_loss, has_aux=True)(theta)
+            grads, (loss, buffers) = torch.func.grad(inner_loss, has_aux=True)(
+                layout.unflatten(theta))
             losses.append(loss)
-            theta, state = optimizer.step(theta, grads, state)
+            new, state = optimizer.step({"flat": theta}, {"flat": layout.flatten(grads)}, state)
+            theta = new["flat"]
         trajectory.append(theta)
-        output, _ = forward(model, {**fixed, **theta}, buffers, query[0], bn_mode=bn_mode,
-                            training=False)
+        output, _ = forward(model, {**fixed, **layout.unflatten(theta)}, buffers, query[0],
+                            bn_mode=bn_mode, training=False)
         query_loss = criterion(output, query[1])
         acc = accuracy(output, query[1])
         has_accuracy.append(acc is not None)
-        stacked = {n: torch.stack([t[n] for t in trajectory]) for n in init}
-        momentum = ({n: torch.stack([m[n] for m in momenta]) for n in init} if momenta
-                    else {})
-        # vmap returns tensors only: a placeholder where the criterion has no accuracy.
-        return (stacked, momentum, buffers, torch.stack(losses), query_loss,
+        has_momentum.append(bool(momenta))
+        # vmap returns tensors only: placeholders where there is no momentum or accuracy.
+        return (torch.stack(trajectory),
+                torch.stack(momenta) if momenta else theta.new_zeros(0, layout.numel),
+                buffers, torch.stack(losses), query_loss,
                 query_loss.new_zeros(()) if acc is None else acc)
 
     with torch.no_grad():  # torch.func.grad inside still differentiates; nothing else does
@@ -148,5 +166,5 @@ def adapt_tasks(model: nn.Module, criterion: Callable[[Tensor, Tensor], Tensor],
             _diagnose(model, criterion, {**fixed, **init}, start_buffers, tasks,
                       bn_mode=bn_mode, device=device)
             raise
-    return StackedAdaptation(trajectory, momentum, buffers, inner, loss,
-                             acc if all(has_accuracy) else None)
+    return StackedAdaptation(layout, trajectory, momentum if any(has_momentum) else None, buffers,
+                             inner, loss, acc if all(has_accuracy) else None)
