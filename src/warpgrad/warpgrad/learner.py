@@ -395,8 +395,8 @@ class WarpGrad(MetaLearner):
                              f"the adaptable parameters have dtypes "
                              f"{sorted(map(str, set(layout.dtypes)))}; cast the model to one "
                              "dtype or pass vectorize=False")
-        optimizer = self.warp.optimizer_parameter_container.flat_inner_optimizer(layout,
-                                                                                 detach=True)
+        optimizer = self.warp.optimizer_parameter_container.inner_optimizer(detach=True,
+                                                                            stacked=True)
         return adapt_tasks(self.model, criterion, fixed, init, optimizer, tasks, steps,
                            bn_mode=self.bn_mode, device=ctx.device, chunk=chunk,
                            layout=layout), fixed

@@ -5,10 +5,11 @@ through the inner loop, so the adaptation of a task is a pure function of its ba
 is ``torch.func.vmap``-ed over tasks (``chunk`` tasks per call): the inner step is the loop's
 (``metazoo.forward`` with the warp layers fixed, the gradient with respect to the adaptable
 parameters by ``torch.func.grad``, the same SGD rule with the same per-tensor learning rates and
-momenta). The parameters travel as one flat vector per task (``warpgrad.flat``): the gradient
-is gathered into one vector and the step is ``OptimizerParameters.flat_inner_optimizer``'s, a
-few operations for all parameter tensors instead of a few per tensor. The whole trajectory of
-every task is returned as one flat tensor, which ``WarpGrad`` hands to the replay buffer
+momenta, computed in one operation each: ``inner_optimizer(stacked=True)``). Each state is
+gathered into one flat vector (``warpgrad.flat``: one ``cat`` per state; the step itself stays
+per parameter tensor, as under ``vmap`` a flat parameter vector would cost a copy of every
+gradient and weight in the batching rules). The whole trajectory of every task is returned as
+one flat tensor, which ``WarpGrad`` hands to the replay buffer
 (``ReplayBuffer.record``) without a copy per state; the buffer then holds the same states, in
 the same order, as the loop records.
 """
@@ -91,7 +92,7 @@ def _diagnose(model: nn.Module, criterion: Callable[[Tensor, Tensor], Tensor], p
 
 
 def adapt_tasks(model: nn.Module, criterion: Callable[[Tensor, Tensor], Tensor],
-                fixed: Params, init: Params, optimizer: metazoo.SGD,
+                fixed: Params, init: Params, optimizer: metazoo.InnerOptimizer,
                 tasks: Sequence[Task], steps: int, *, bn_mode: str, device: torch.device,
                 chunk: int, layout: FlatLayout) -> StackedAdaptation:
     """Adapts ``init`` to every task with ``fixed`` (warp layers, frozen parameters) constant.
@@ -101,35 +102,37 @@ def adapt_tasks(model: nn.Module, criterion: Callable[[Tensor, Tensor], Tensor],
         criterion: ``criterion(output, target) -> scalar loss``.
         fixed: every parameter that is not adapted (detached).
         init: the initialisation of the adaptable parameters (detached).
-        optimizer: the inner optimizer of flat states (``flat_inner_optimizer``, detached).
+        optimizer: the inner optimizer (detached hyperparameters).
         tasks: tasks of one shape (``metazoo.vectorize.stack_tasks``).
         steps: inner steps; step k trains on ``support[k % len(support)]``.
         bn_mode: ``metazoo.BatchNormMode`` of adaptation and scoring.
         device: where the batches are moved.
         chunk: tasks per ``vmap`` call.
-        layout: the flat layout of ``init`` (``FlatLayout.of(init)``).
+        layout: the flat layout of the recorded states (``FlatLayout.of(init)``).
     """
     _check_one_shape(tasks)
     support, query = metazoo.vectorize.stack_tasks(tasks)
     support = [(x.to(device), y.to(device)) for x, y in support]
     query = (query[0].to(device), query[1].to(device))
-    start_buffers = metazoo.initial_buffers(model, bn_mode)
+    # In batch mode no statistics are used or updated: the model's buffers as they are (a copy
+    # per buffer, as ``initial_buffers`` makes, is only needed for per-task statistics).
+    start_buffers = (metazoo.initial_buffers(model, bn_mode)
+                     if metazoo.BatchNormMode(bn_mode) is not metazoo.BatchNormMode.BATCH
+                     else {n: b.detach() for n, b in model.named_buffers()})
     has_accuracy: list[bool] = []
     has_momentum: list[bool] = []
 
-    start = layout.flatten(init)
-
     def one_task(support: list[tuple[Tensor, Tensor]], query: tuple[Tensor, Tensor]
                  ) -> tuple[Tensor, Tensor, Buffers, Tensor, Tensor, Tensor]:
-        theta = start
-        state = optimizer.init({"flat": theta})
+        theta = dict(init)
+        state = optimizer.init(theta)
         buffers = dict(start_buffers)
         trajectory, momenta, losses = [], [], []
         for k in range(steps):
             x, y = support[k % len(support)]
-            trajectory.append(theta)
+            trajectory.append(layout.flatten(theta))
             if k > 0 and "momentum_buffer" in state:
-                momenta.append(state["momentum_buffer"]["flat"])
+                momenta.append(layout.flatten(state["momentum_buffer"]))
 
             def inner_loss(adapted: Params, buffers: Buffers = buffers, x: Tensor = x,
                            y: Tensor = y) -> tuple[Tensor, tuple[Tensor, Buffers]]:
@@ -138,13 +141,11 @@ def adapt_tasks(model: nn.Module, criterion: Callable[[Tensor, Tensor], Tensor],
                 loss = criterion(output, y)
                 return loss, (loss, new_buffers)
 
-            grads, (loss, buffers) = torch.func.grad(inner_loss, has_aux=True)(
-                layout.unflatten(theta))
+            grads, (loss, buffers) = torch.func.grad(inner_loss, has_aux=True)(theta)
             losses.append(loss)
-            new, state = optimizer.step({"flat": theta}, {"flat": layout.flatten(grads)}, state)
-            theta = new["flat"]
-        trajectory.append(theta)
-        output, _ = forward(model, {**fixed, **layout.unflatten(theta)}, buffers, query[0],
+            theta, state = optimizer.step(theta, grads, state)
+        trajectory.append(layout.flatten(theta))
+        output, _ = forward(model, {**fixed, **theta}, buffers, query[0],
                             bn_mode=bn_mode, training=False)
         query_loss = criterion(output, query[1])
         acc = accuracy(output, query[1])
@@ -152,7 +153,7 @@ def adapt_tasks(model: nn.Module, criterion: Callable[[Tensor, Tensor], Tensor],
         has_momentum.append(bool(momenta))
         # vmap returns tensors only: placeholders where there is no momentum or accuracy.
         return (torch.stack(trajectory),
-                torch.stack(momenta) if momenta else theta.new_zeros(0, layout.numel),
+                torch.stack(momenta) if momenta else trajectory[0].new_zeros(0, layout.numel),
                 buffers, torch.stack(losses), query_loss,
                 query_loss.new_zeros(()) if acc is None else acc)
 
