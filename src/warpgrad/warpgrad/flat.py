@@ -87,7 +87,7 @@ class FlatLayout:
             return cached
         dtypes = tuple(t.dtype for t in tensors.values())
         dtype = dtypes[0] if dtypes else torch.float32
-        for other in dtypes[1:]:
+        for other in set(dtypes[1:]) - {dtype}:
             dtype = torch.promote_types(dtype, other)
         if len(set(dtypes)) > 1 and not all(d.is_floating_point for d in dtypes):
             raise ValueError(f"cannot store tensors of dtypes {sorted(map(str, set(dtypes)))} "
@@ -127,9 +127,9 @@ class FlatLayout:
                                                      self.orders, self.offsets, strict=True):
             part = flat.narrow(-1, offset, shape.numel())
             if order == tuple(range(len(order))):
-                t = part.view(*lead, *shape)
+                t = part.view((*lead, *shape))
             else:
-                stored = part.view(*lead, *(shape[d] for d in order))
+                stored = part.view((*lead, *(shape[d] for d in order)))
                 inverse = sorted(range(len(order)), key=order.__getitem__)
                 t = stored.permute(*range(batch), *(batch + d for d in inverse))
             out[name] = t if dtype == self.dtype else t.to(dtype)
