@@ -33,7 +33,8 @@ def _memory_order(t: Tensor) -> tuple[int, ...]:
     it is not dense: then ``reshape`` copies it in logical order)."""
     if t.dim() < 2 or t.is_contiguous():
         return tuple(range(t.dim()))
-    order = tuple(sorted(range(t.dim()), key=lambda d: (-t.stride(d), d)))
+    strides = t.stride()
+    order = tuple(sorted(range(t.dim()), key=lambda d: (-strides[d], d)))
     if t.permute(order).is_contiguous():
         return order
     return tuple(range(t.dim()))
