@@ -445,6 +445,9 @@ def test_record_stores_what_update_and_finalize_store(inmem, options, tmp_path):
     whole = recorded.flat_trajectory("t")
     assert torch.equal(whole.params, torch.stack([layout.flatten(p) for p in
                                                   updated.trajectory("t")]))
+    if inmem and options:  # the kept rows own their memory: max_states bounds it
+        for entry in [*recorded._states["t"], recorded._terminal["t"]]:
+            assert entry.params.untyped_storage().nbytes() < trajectory.untyped_storage().nbytes()
     with pytest.raises(ValueError, match=r"momentum must be \[K - 1, 9\]"):
         recorded.init("u", [])
         recorded.record("u", trajectory, layout=layout, momentum=momentum[:2])

@@ -303,16 +303,39 @@ class ReplayBuffer:
                              f"{tuple(momentum.shape)}")
         trajectory = self._take(trajectory.detach(), copy)
         momentum = None if momentum is None else self._take(momentum.detach(), copy)
+        added: dict[int, int] = {}  # id(entry) -> its row
         for k in range(steps):
             kept = self._position(slot)
             if kept is None:
                 continue
             step, position = kept
             row = None if momentum is None or k == 0 else momentum[k - 1]
-            self._put(slot, position, self._store(slot, step, layout, trajectory[k],
-                                                  None if row is None else layout, row))
-        self._set_terminal(slot, self._store(slot, self._seen[slot], layout, trajectory[steps],
-                                             None, None, terminal=True))
+            entry = self._store(slot, step, layout, trajectory[k],
+                                None if row is None else layout, row)
+            added[id(entry)] = k
+            self._put(slot, position, entry)
+        terminal = self._store(slot, self._seen[slot], layout, trajectory[steps], None, None,
+                               terminal=True)
+        self._set_terminal(slot, terminal)
+        if self.inmem and len(added) < steps:
+            self._compact(slot, terminal, added, trajectory, momentum)
+
+    def _compact(self, slot: str, terminal: _Entry, added: dict[int, int], trajectory: Tensor,
+                 momentum: Tensor | None) -> None:
+        """Rows kept by ``record`` as views would hold the whole trajectory in memory; with
+        ``every`` or ``max_states`` the kept ones are gathered into their own tensors, so the
+        memory bound holds."""
+        kept = [e for e in self._states[slot] if id(e) in added]
+        rows = [added[id(e)] for e in kept] + [trajectory.shape[0] - 1]
+        gathered = trajectory.index_select(0, torch.tensor(rows, device=trajectory.device))
+        for entry, params in zip([*kept, terminal], gathered, strict=True):
+            entry.params = params
+        with_momentum = [e for e in kept if e.momentum is not None]
+        if momentum is not None and with_momentum:
+            index = torch.tensor([added[id(e)] - 1 for e in with_momentum],
+                                 device=momentum.device)
+            for entry, row in zip(with_momentum, momentum.index_select(0, index), strict=True):
+                entry.momentum = row
 
     def _take(self, t: Tensor, copy: bool) -> Tensor:
         if self.device is not None:
