@@ -476,3 +476,22 @@ def test_states_written_one_tensor_per_parameter_still_load(monkeypatch):
     assert torch.equal(buffer.flat_states([("task0", 1)]).params[0],
                        FlatLayout.of(_params(1.0)).flatten(_params(1.0)))
     buffer.close()
+
+
+def test_momentum_in_another_memory_order_is_stacked_in_the_parameters_layout():
+    """A momentum buffer may be laid out unlike its parameter (strides of the gradient);
+    ``flat_states`` gives it in the parameters' layout."""
+    buffer = ReplayBuffer()
+    buffer.init("a", [])
+    params = {"w": torch.randn(2, 3, 2, 2).contiguous(memory_format=torch.channels_last),
+              "b": torch.randn(3)}
+    momentum = {"w": torch.randn(2, 3, 2, 2), "b": torch.randn(3)}
+    buffer.update("a", params, None)
+    buffer.update("a", params, momentum)
+    flat = buffer.flat_states([("a", 0), ("a", 1)])
+    back = flat.layout.unflatten(flat.momentum[1])
+    assert torch.equal(back["w"], momentum["w"]) and torch.equal(back["b"], momentum["b"])
+    assert not flat.momentum[0].any()
+    buffer.update("a", params, {"w": momentum["w"]})
+    with pytest.raises(ValueError, match="momentum of a stored state has other tensors"):
+        buffer.flat_states([("a", 2)])

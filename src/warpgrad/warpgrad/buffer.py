@@ -97,6 +97,18 @@ def _all_finite(params: Tensor, momentum: Tensor | None) -> Tensor:
         finite.device)
 
 
+def _relayout(flat: Tensor, layout: FlatLayout | None, target: FlatLayout) -> Tensor:
+    """``flat`` (in ``layout``) in the ``target`` layout: itself when they are the same, else
+    one gather (a momentum buffer laid out in another memory order or dtype)."""
+    if layout is None or layout == target:
+        return flat
+    if dict(zip(layout.names, layout.shapes, strict=True)) != dict(
+            zip(target.names, target.shapes, strict=True)):
+        raise ValueError("the momentum of a stored state has other tensors than its parameters; "
+                         "store momentum by the parameters' names and shapes")
+    return target.flatten(layout.unflatten(flat))
+
+
 def _own_storage(t: Tensor) -> Tensor:
     """``t`` itself when it owns its whole storage, else a compact copy (``torch.save`` writes
     a view's whole storage)."""
@@ -130,7 +142,8 @@ class ReplayBuffer:
             namespace), and only the files their manifest says the buffer wrote;
             ``removed_orphans`` lists them.
         device: where in-memory states live (default ``"cpu"``, as in the reference, so long
-            trajectories do not use accelerator memory); ``None`` keeps each tensor's device.
+            trajectories do not use accelerator memory); ``None`` keeps the states' device
+            (the first tensor's, when a state's tensors are on several devices).
         every: keep only states whose step index is a multiple of ``every`` (1 keeps all).
         max_states: keep at most this many states per task, a uniform random subset of the
             candidates (reservoir sampling), so memory is bounded whatever the number of steps.
@@ -454,11 +467,9 @@ class ReplayBuffer:
         params = torch.stack([p for p, _ in flats])
         momentum = None
         if with_momentum and any(m is not None for _, m in flats):
-            if any(e.momentum_layout not in (None, layout) for e in entries):
-                raise ValueError("the momentum of a stored state has another structure than "
-                                 "its parameters; store momentum by the parameters' names")
             zeros = params.new_zeros(()).expand(layout.numel)
-            momentum = torch.stack([zeros if m is None else m for _, m in flats])
+            momentum = torch.stack([zeros if m is None else _relayout(m, e.momentum_layout, layout)
+                                    for e, (_, m) in zip(entries, flats, strict=True)])
         if device is not None:
             params = params.to(device)
             momentum = None if momentum is None else momentum.to(device)
