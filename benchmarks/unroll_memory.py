@@ -40,8 +40,8 @@ With ``--tasks T`` the unroll is the vectorized one (``metazoo.vectorize.functio
 under ``vmap(grad_and_value(...))`` over T copies of the task with different inputs).
 
     python benchmarks/unroll_memory.py --threads 1 --steps 10 100 1000        # W1, issue 26
-    python benchmarks/unroll_memory.py --threads 1 --workload mlp --steps 10 1000 10000 \
-        --modes segments binomial
+    python benchmarks/unroll_memory.py --threads 1 --workload mlp --steps 10 100 1000 10000 \
+        --modes binomial                                                       # issue 26
     python benchmarks/unroll_memory.py --tasks 2 --steps 10 100                # vectorized
     python benchmarks/unroll_memory.py --device cuda --steps 10 100 1000
 """
