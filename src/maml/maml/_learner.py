@@ -224,7 +224,7 @@ class TaskGradients:
 def summarize(per_task: Sequence[tuple[Tensor, Tensor | None, Tensor]], num_tasks: int,
               skipped: int, start: float, means: metazoo.MeanResults | None = None
               ) -> metazoo.MetaStepResult:
-    """MeanResults over the kept tasks (NaN when every task was skipped); ``means``: those already
+    """Means over the kept tasks (NaN when every task was skipped); ``means``: those already
     read (``TaskGradients.means``)."""
     if not per_task:
         nan = float("nan")
