@@ -24,10 +24,13 @@ default allocator. A plain run above ``--plain-max-steps`` or predicted not to f
 memory is reported, not run.
 
 On CPU the memory process also samples glibc's live allocations (``mallinfo2``: bytes handed
-out and not freed) before and after every inner loss call: the "heap" columns. RSS also counts
-freed memory the allocator keeps (fragmentation after thousands of steps: on the MLP, live
-tensors measured with ``gc`` stay flat while RSS grows by a few MiB); the sampled heap misses the
-transient peak inside a backward step, so read both.
+out and not freed, tensors and Python objects) before and after every inner loss call: the
+"heap" columns, the CPU's nearest to CUDA's ``max_memory_allocated`` (it misses the transient
+peak inside one step's backward, the same at every K). The timing process, with glibc's default
+allocator, reports its peak RSS too: the "default malloc" columns, what ``top`` shows a user who
+sets nothing (noisier: the default allocator keeps freed memory as it sees fit). RSS also counts
+freed memory that the allocator and the interpreter keep (glibc's heap, CPython's free lists),
+which grows over thousands of steps up to a bound; read the columns together.
 
 Printed: MiB and seconds per mode, the binomial schedule's peak against its own peak at the
 smallest K (flat in K: close to 1), its time against the fixed segments' at the same K, and
@@ -37,8 +40,8 @@ With ``--tasks T`` the unroll is the vectorized one (``metazoo.vectorize.functio
 under ``vmap(grad_and_value(...))`` over T copies of the task with different inputs).
 
     python benchmarks/unroll_memory.py --threads 1 --steps 10 100 1000        # W1, issue 26
-    python benchmarks/unroll_memory.py --threads 1 --workload mlp --steps 10 1000 10000 \
-        --modes segments binomial
+    python benchmarks/unroll_memory.py --threads 1 --workload mlp --steps 10 100 1000 10000 \
+        --modes binomial                                                       # issue 26
     python benchmarks/unroll_memory.py --tasks 2 --steps 10 100                # vectorized
     python benchmarks/unroll_memory.py --device cuda --steps 10 100 1000
 """
@@ -52,6 +55,7 @@ import os
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 
 MODES = ("plain", "segments", "binomial")
@@ -106,12 +110,21 @@ class _MallInfo2(ctypes.Structure):
         "fordblks", "keepcost")]
 
 
+_LIBC: ctypes.CDLL | None = None
+
+
+def _mallinfo2() -> _MallInfo2:
+    global _LIBC
+    if _LIBC is None:  # loaded once: the heap is sampled twice per inner step
+        _LIBC = ctypes.CDLL("libc.so.6")
+        _LIBC.mallinfo2.restype = _MallInfo2
+    return _LIBC.mallinfo2()
+
+
 def _heap_mib() -> float:
     """Bytes glibc's malloc has handed out and not yet taken back (heap and mmap'd chunks):
     live allocations, without the freed-but-retained memory that makes RSS grow with K."""
-    libc = ctypes.CDLL("libc.so.6")
-    libc.mallinfo2.restype = _MallInfo2
-    info = libc.mallinfo2()
+    info = _mallinfo2()
     return (info.uordblks + info.hblkhd) / 2**20
 
 
@@ -182,6 +195,10 @@ def child(args: argparse.Namespace) -> dict:
     else:
         before = _rss_mib()
         heap_before = heap["peak"] = _heap_mib()
+        counter = _alloc_counter()
+        if counter is not None:
+            counter.alloc_counter_reset()
+            counted_before = [counter.alloc_counter_live(aligned) for aligned in (1, 0)]
     start = time.perf_counter()
     loss = meta_step(steps)
     if device.type == "cuda":
@@ -193,7 +210,36 @@ def child(args: argparse.Namespace) -> dict:
               "memory_mib": peak - before, "loss": loss}
     if device.type == "cpu":
         result["heap_mib"] = heap["peak"] - heap_before
+        if counter is not None:
+            result["tensor_mib"], result["allocated_mib"] = (
+                (counter.alloc_counter_peak(aligned) - live) / 2**20
+                for aligned, live in zip((1, 0), counted_before))
     return result
+
+
+def _alloc_counter() -> ctypes.CDLL | None:
+    """``alloc_counter.c``, when the parent preloaded it into this process (``ALLOC_COUNTER``)."""
+    path = os.environ.get("ALLOC_COUNTER")
+    if not path or path not in os.environ.get("LD_PRELOAD", ""):
+        return None
+    counter = ctypes.CDLL(path)
+    for name in ("alloc_counter_live", "alloc_counter_peak"):
+        getattr(counter, name).restype = ctypes.c_longlong
+    return counter
+
+
+def build_alloc_counter(directory: str) -> str | None:
+    """Compiles ``alloc_counter.c`` into ``directory``; ``None`` without a C compiler."""
+    source = os.path.join(os.path.dirname(os.path.abspath(__file__)), "alloc_counter.c")
+    library = os.path.join(directory, "alloc_counter.so")
+    try:
+        subprocess.run(["cc", "-O2", "-shared", "-fPIC", "-o", library, source], check=True,
+                       capture_output=True)
+    except (OSError, subprocess.CalledProcessError) as error:
+        print(f"alloc_counter.c not built ({error}): no exact tensor-bytes column",
+              file=sys.stderr)
+        return None
+    return library
 
 
 def available_mib(device: str) -> float:
@@ -224,13 +270,19 @@ def run_child(args: argparse.Namespace, steps: int, mode: str) -> dict:
     """Memory from one fresh process, time from another (see the module docstring)."""
     if args.device.startswith("cuda"):
         return _run_process(args, steps, mode, dict(os.environ))
-    memory = _run_process(args, steps, mode, {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"})
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
+    if args.alloc_counter:
+        preload = " ".join(filter(None, [os.environ.get("LD_PRELOAD"), args.alloc_counter]))
+        env.update(LD_PRELOAD=preload, ALLOC_COUNTER=args.alloc_counter)
+    memory = _run_process(args, steps, mode, env)
     if "error" in memory or args.memory_only:
         return memory
     timing = _run_process(args, steps, mode, dict(os.environ))
     if "error" in timing:
         return timing
-    return {**timing, "memory_mib": memory["memory_mib"], "heap_mib": memory["heap_mib"]}
+    return {**timing, **{key: memory[key] for key in ("memory_mib", "heap_mib", "tensor_mib",
+                                                      "allocated_mib") if key in memory},
+            "default_rss_mib": timing["memory_mib"]}
 
 
 def predict_mib(results: list[dict], steps: int) -> float | None:
@@ -244,6 +296,12 @@ def predict_mib(results: list[dict], steps: int) -> float | None:
 
 def _cell(result: dict | None, key: str, fmt: str) -> str:
     return format(result[key], fmt) if result and key in result else "n/a"
+
+
+def _ratio(result: dict, first: dict | None, key: str) -> str:
+    if first and key in first and key in result and first[key] > 0:
+        return f"{result[key] / first[key]:.2f}"
+    return "n/a"
 
 
 def main() -> None:
@@ -276,6 +334,10 @@ def main() -> None:
     if args.child:
         print(json.dumps(child(args)))
         return
+    # The exact allocation counter of the memory processes, built for this run and removed
+    # with it (TemporaryDirectory cleans up at exit).
+    scratch = tempfile.TemporaryDirectory(prefix="unroll_memory_")
+    args.alloc_counter = (build_alloc_counter(scratch.name) if args.device == "cpu" else None)
 
     import metazoo
 
@@ -309,8 +371,9 @@ def main() -> None:
     header = ["K", *(f"{m} MiB" for m in args.modes), *(f"{m} s" for m in args.modes)]
     have_binomial = "binomial" in args.modes
     if have_binomial:
-        header += ["binomial mem / K0", "binomial heap MiB", "heap / K0", "stored",
-                   "recomputed"]
+        header += ["binomial mem / K0", "binomial tensors MiB", "tensors / K0",
+                   "binomial heap MiB", "heap / K0", "binomial RSS default malloc MiB",
+                   "default / K0", "stored", "recomputed"]
         if "segments" in args.modes:
             header += ["binomial / segments time"]
     print("| " + " | ".join(header) + " |")
@@ -324,11 +387,11 @@ def main() -> None:
             binomial = row["binomial"]
             plan = metazoo.Checkpoint(snapshots=args.snapshots).plan(
                 steps, vectorized=bool(args.tasks))
-            ratio = (f"{binomial['memory_mib'] / first['memory_mib']:.2f}"
-                     if first and "memory_mib" in first and "memory_mib" in binomial else "n/a")
-            heap_ratio = (f"{binomial['heap_mib'] / first['heap_mib']:.2f}"
-                          if first and "heap_mib" in first and "heap_mib" in binomial else "n/a")
-            cells += [ratio, _cell(binomial, "heap_mib", ".1f"), heap_ratio,
+            heap = "allocated_mib" if "allocated_mib" in binomial else "heap_mib"
+            cells += [_ratio(binomial, first, "memory_mib"), _cell(binomial, "tensor_mib", ".1f"),
+                      _ratio(binomial, first, "tensor_mib"), _cell(binomial, heap, ".1f"),
+                      _ratio(binomial, first, heap), _cell(binomial, "default_rss_mib", ".1f"),
+                      _ratio(binomial, first, "default_rss_mib"),
                       str(plan.stored_states), str(plan.recomputed_steps)]
             if "segments" in args.modes:
                 segments = row["segments"]

@@ -215,11 +215,11 @@ class LeapLearner(MetaLearner):
             meta_grad = faults.masked(faults.check(run.losses, loss), run.meta_grad)
             total = meta_grad if total is None else total.add_(meta_grad)
             per_task.append((loss, acc, run.losses))
-        kept = faults.resolve()
+        kept, means = metazoo.resolve_and_mean(faults, per_task)  # one host transfer
         per_task = [per_task[i] for i in kept]
         if total is not None and kept:
             add_to_grad(list(self.meta_parameters()), total.div_(len(kept)))
-        return self._summary(per_task, len(tasks), start)
+        return self._summary(per_task, len(tasks), start, means)
 
     def _vectorized_meta_backward(self, tasks: Sequence[Task], chunk: int) -> MetaStepResult:
         """``meta_backward`` with the tasks mapped ``chunk`` at a time: each task's Leap
@@ -253,13 +253,13 @@ class LeapLearner(MetaLearner):
 
     @staticmethod
     def _summary(per_task: Sequence[tuple[Tensor, Tensor | None, Tensor]], num_tasks: int,
-                 start: float) -> MetaStepResult:
+                 start: float, means: metazoo.MeanResults | None = None) -> MetaStepResult:
         skipped = num_tasks - len(per_task)
         if not per_task:
             nan = float("nan")
             return MetaStepResult(nan, nan, None, (), num_tasks, time.perf_counter() - start,
                                   skipped)
-        meta_loss, acc_mean, curve = metazoo.mean_results(per_task)
+        meta_loss, acc_mean, curve = metazoo.mean_results(per_task) if means is None else means
         return MetaStepResult(meta_loss, curve[-1], acc_mean, curve, num_tasks,
                               time.perf_counter() - start, skipped)
 

@@ -176,6 +176,7 @@ class TaskGradients:
         self.num_tasks = num_tasks
         self.faults = metazoo.TaskFaults(on_nonfinite)
         self.skipped = 0
+        self.means: metazoo.MeanResults | None = None
         self._sums: list[Tensor | None] = [None] * len(self.params)
         self._saved = [p.grad for p in self.params]
         for p in self.params:
@@ -191,11 +192,14 @@ class TaskGradients:
                 total = self._sums[index]
                 self._sums[index] = grad if total is None else total + grad
 
-    def finish(self) -> list[int]:
+    def finish(self, results: Sequence[tuple[Tensor, Tensor | None, Tensor]] = ()
+               ) -> list[int]:
         """The indices of the kept tasks; ``.grad`` holds their mean gradient (plus what it
-        held on entry)."""
+        held on entry). With each task's ``results`` (``(query_loss, accuracy, inner_losses)``)
+        their means over the kept tasks are read in the same host transfer as the flags
+        (``metazoo.resolve_and_mean``), into ``means`` for ``summarize``."""
         try:
-            kept = self.faults.resolve()
+            kept, self.means = metazoo.resolve_and_mean(self.faults, results)
         except metazoo.NonFiniteError:
             self._write(self.num_tasks)
             raise
@@ -218,12 +222,14 @@ class TaskGradients:
 
 
 def summarize(per_task: Sequence[tuple[Tensor, Tensor | None, Tensor]], num_tasks: int,
-              skipped: int, start: float) -> metazoo.MetaStepResult:
-    """Means over the kept tasks (NaN when every task was skipped)."""
+              skipped: int, start: float, means: metazoo.MeanResults | None = None
+              ) -> metazoo.MetaStepResult:
+    """Means over the kept tasks (NaN when every task was skipped); ``means``: those already
+    read (``TaskGradients.means``)."""
     if not per_task:
         nan = float("nan")
         return metazoo.MetaStepResult(nan, nan, None, (), num_tasks,
                                       time.perf_counter() - start, skipped)
-    meta_loss, acc, curve = metazoo.mean_results(per_task)
+    meta_loss, acc, curve = metazoo.mean_results(per_task) if means is None else means
     return metazoo.MetaStepResult(meta_loss, curve[-1], acc, curve, num_tasks,
                                   time.perf_counter() - start, skipped)

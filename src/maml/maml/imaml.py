@@ -347,8 +347,8 @@ class iMAML(ModelLearner):
             grads, loss, acc = self.implicit_gradient(task, result.params, result.buffers)
             collected.add(result.losses, loss, [g / len(tasks) for g in grads])
             per_task.append((loss, acc, result.losses))
-        per_task = [per_task[i] for i in collected.finish()]
-        return summarize(per_task, len(tasks), collected.skipped, start)
+        per_task = [per_task[i] for i in collected.finish(per_task)]
+        return summarize(per_task, len(tasks), collected.skipped, start, collected.means)
 
     def evaluate(self, tasks: Sequence[Task], *, steps: int | None = None) -> EvalResult:
         """Adapts to each task (proximal inner problem) and scores its query set."""

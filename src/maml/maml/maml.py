@@ -436,9 +436,9 @@ class MAML(ModelLearner):
             grads.add(inner_losses, objective,
                       torch.autograd.grad(objective / len(tasks), params, allow_unused=True))
             per_task.append((loss.detach(), acc, inner_losses))
-        kept = grads.finish()
+        kept = grads.finish(per_task)
         per_task = [per_task[i] for i in kept]
-        return summarize(per_task, len(tasks), grads.skipped, start)
+        return summarize(per_task, len(tasks), grads.skipped, start, grads.means)
 
     def evaluate(self, tasks: Sequence[Task], *, steps: int | None = None) -> EvalResult:
         """Adapts to each task and scores its query set; meta-parameters are left unchanged.

@@ -228,8 +228,8 @@ class Reptile(ModelLearner):
                 elif self.on_nonfinite == "raise":
                     collected.finish()  # raises this task's error before another task runs
             per_task.append((loss, acc, result.losses))
-        per_task = [per_task[i] for i in collected.finish()]
-        return summarize(per_task, len(tasks), collected.skipped, start)
+        per_task = [per_task[i] for i in collected.finish(per_task)]
+        return summarize(per_task, len(tasks), collected.skipped, start, collected.means)
 
     def evaluate(self, tasks: Sequence[Task], *, steps: int | None = None) -> EvalResult:
         """Adapts to each task and scores its query set; the model is left unchanged."""

@@ -5,6 +5,7 @@ clear messages, tampered checkpoints are refused, and runs are bitwise reproduci
 from __future__ import annotations
 
 import copy
+import dataclasses
 import pickle
 
 import pytest
@@ -314,10 +315,32 @@ def test_the_loop_checks_all_tasks_with_one_host_transfer(name, on_nonfinite):
     learner.meta_backward(tasks(4))  # warm-up
     learner.meta_optimizer.zero_grad()
     with count_host_syncs() as syncs:
-        learner.meta_backward(tasks(4))
-    # One transfer reads the fault flags of all 4 tasks, one the reported means
-    # (metazoo.mean_results); before, each task cost one more.
-    assert syncs.count == 2
+        result = learner.meta_backward(tasks(4))
+    # One transfer reads the fault flags of all 4 tasks and the reported means together
+    # (metazoo.resolve_and_mean); before, the means cost a second one and each task one more.
+    assert syncs.count == 1
+    learner.meta_optimizer.zero_grad()
+    assert result == dataclasses.replace(learner.meta_backward(tasks(4)),
+                                         seconds=result.seconds)  # deterministic
+
+
+@pytest.mark.parametrize("name", list(LEARNERS))
+def test_a_skipped_task_costs_one_more_transfer_and_leaves_the_means_of_the_others(name):
+    from metazoo.testing import count_host_syncs
+
+    learner = LEARNERS[name](model(), on_nonfinite="skip")
+    batch = tasks(4)
+    batch[2] = poisoned(batch[2], step=1)
+    learner.meta_backward(batch)  # warm-up
+    learner.meta_optimizer.zero_grad()
+    with count_host_syncs() as syncs:
+        result = learner.meta_backward(batch)
+    assert syncs.count == 2 and result.skipped_tasks == 1
+    kept = [batch[i] for i in (0, 1, 3)]
+    learner.meta_optimizer.zero_grad()
+    alone = learner.meta_backward(kept)
+    assert (result.meta_loss, result.accuracy, result.inner_losses) == (
+        alone.meta_loss, alone.accuracy, alone.inner_losses)
 
 
 @pytest.mark.parametrize("name", list(LEARNERS))

@@ -40,6 +40,7 @@ from metazoo.learner import (
     Batch,
     Criterion,
     EvalResult,
+    MeanResults,
     MetaLearner,
     MetaOptimizerFactory,
     MetaStepResult,
@@ -51,6 +52,7 @@ from metazoo.learner import (
     check_task,
     check_tasks,
     mean_results,
+    resolve_and_mean,
     trainable_parameters,
 )
 from metazoo.optim import SGD, Adam, InnerOptimizer, OptState, RMSprop, safe_sqrt
@@ -96,6 +98,7 @@ __all__ = [
     "EvalResult",
     "InnerOptimizer",
     "LossFn",
+    "MeanResults",
     "MetaLearner",
     "MetaOptimizerFactory",
     "MetaStepResult",
@@ -141,6 +144,7 @@ __all__ = [
     "params_of",
     "params_to_channels_last",
     "registry",
+    "resolve_and_mean",
     "runs",
     "safe_sqrt",
     "set_fp32_precision",

@@ -200,16 +200,41 @@ class TaskFaults:
             NonFiniteError: in ``"raise"`` mode, for the first non-finite task (its first
                 non-finite inner step, or the query), as ``task_fault`` names it.
         """
+        return self.resolve_with(None)[0]
+
+    def resolve_with(self, values: Tensor | None) -> tuple[list[int], list[float]]:
+        """``resolve``, reading ``values`` in the same host transfer as the flags.
+
+        The loop learners read their reported means with it (``metazoo.resolve_and_mean``), so
+        a meta-batch costs one transfer, not two.
+
+        Args:
+            values: a 1-D floating-point tensor (or ``None``); read however the flags turn out.
+
+        Returns:
+            The indices of the finite tasks and ``values`` as a list of floats (empty for
+            ``None``), bit for bit what ``values.tolist()`` gives.
+
+        Raises:
+            NonFiniteError: as ``resolve``.
+        """
         if not self._flags:
-            return []
-        device = self._flags[0].device
-        finite = torch.stack([flag.to(device) for flag in self._flags]).tolist()
+            return [], [] if values is None else values.tolist()
+        flags = torch.stack([flag.to(self._flags[0].device) for flag in self._flags])
+        if values is None:
+            finite, read = flags.tolist(), []
+        else:
+            # 0 and 1 are exact in every floating-point dtype, and concatenation copies the
+            # values unchanged: one transfer returns both.
+            row = torch.cat([flags.to(device=values.device, dtype=values.dtype),
+                             values.reshape(-1)]).tolist()
+            finite, read = [flag != 0 for flag in row[:len(flags)]], row[len(flags):]
         if self.on_nonfinite == "raise" and not all(finite):
             first = finite.index(False)
             fault = task_fault(first, *self._losses[first])  # the error path: syncs are fine
             assert fault is not None
             raise fault
-        return [index for index, ok in enumerate(finite) if ok]
+        return [index for index, ok in enumerate(finite) if ok], read
 
 
 def all_finite(tensors: Sequence[Tensor]) -> bool:

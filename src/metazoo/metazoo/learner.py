@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from metazoo.faults import CheckedCriterion, checked_step
+from metazoo.faults import CheckedCriterion, TaskFaults, checked_step
 from metazoo.functional import Buffers, Params
 
 Batch = tuple[Tensor, Tensor]
@@ -28,6 +28,7 @@ __all__ = [
     "Batch",
     "Criterion",
     "EvalResult",
+    "MeanResults",
     "MetaLearner",
     "MetaOptimizerFactory",
     "MetaStepResult",
@@ -39,6 +40,7 @@ __all__ = [
     "check_task",
     "check_tasks",
     "mean_results",
+    "resolve_and_mean",
     "trainable_parameters",
 ]
 
@@ -145,9 +147,15 @@ def accuracy(output: Tensor, target: Tensor) -> Tensor | None:
     return (output.argmax(dim=1) == target).to(dtype).mean()
 
 
-def mean_results(per_task: Sequence[tuple[Tensor, Tensor | None, Tensor]]
-                 ) -> tuple[float, float | None, tuple[float, ...]]:
-    """Reduces per-task ``(query_loss, query_accuracy, inner_losses)`` with one host transfer."""
+#: What ``mean_results`` returns: mean query loss, mean accuracy (``None`` without), mean
+#: inner-loss curve.
+MeanResults = tuple[float, float | None, tuple[float, ...]]
+
+
+def _means_tensor(per_task: Sequence[tuple[Tensor, Tensor | None, Tensor]]
+                  ) -> tuple[Tensor, bool]:
+    """``[mean query loss, mean accuracy (0 without), *mean inner-loss curve]`` on the device,
+    and whether every task has an accuracy."""
     # Everything is gathered on the first query loss's device: a learner may keep its inner
     # losses on the host (CPU) while the query losses live on the GPU.
     device = per_task[0][0].device
@@ -155,11 +163,53 @@ def mean_results(per_task: Sequence[tuple[Tensor, Tensor | None, Tensor]]
     curves = torch.stack([r[2].detach().to(device) for r in per_task])
     accs = [r[1] for r in per_task]
     has_acc = all(a is not None for a in accs)
-    summary = torch.cat([losses.mean().reshape(1),
-                         torch.stack([a.detach().to(device) for a in accs]).mean().reshape(1)  # type: ignore[union-attr]
-                         if has_acc else losses.new_zeros(1),
-                         curves.mean(0).to(losses.dtype)]).tolist()
+    return torch.cat([losses.mean().reshape(1),
+                      torch.stack([a.detach().to(device) for a in accs]).mean().reshape(1)  # type: ignore[union-attr]
+                      if has_acc else losses.new_zeros(1),
+                      curves.mean(0).to(losses.dtype)]), has_acc
+
+
+def _unpack_means(summary: Sequence[float], has_acc: bool) -> MeanResults:
     return summary[0], (summary[1] if has_acc else None), tuple(summary[2:])
+
+
+def mean_results(per_task: Sequence[tuple[Tensor, Tensor | None, Tensor]]) -> MeanResults:
+    """Reduces per-task ``(query_loss, query_accuracy, inner_losses)`` with one host transfer."""
+    summary, has_acc = _means_tensor(per_task)
+    return _unpack_means(summary.tolist(), has_acc)
+
+
+def resolve_and_mean(faults: TaskFaults,
+                     per_task: Sequence[tuple[Tensor, Tensor | None, Tensor]]
+                     ) -> tuple[list[int], MeanResults | None]:
+    """``faults.resolve()`` and ``mean_results`` of the kept tasks, in one host transfer.
+
+    The loop learners' end of a meta-batch: the means of all tasks are computed on the device
+    and read with the fault flags (``TaskFaults.resolve_with``). When every task is finite
+    (the usual case) that is the only transfer and the means are bit for bit those of
+    ``mean_results(per_task)``; when ``on_nonfinite="skip"`` leaves a task out, the means of
+    the kept tasks cost a second transfer.
+
+    Args:
+        faults: the meta-batch's ``TaskFaults``, one ``check`` per task of ``per_task``.
+        per_task: each task's ``(query_loss, query_accuracy, inner_losses)``.
+
+    Returns:
+        The indices of the kept tasks and ``mean_results`` over them (``None`` when no task is
+        kept).
+
+    Raises:
+        NonFiniteError: as ``TaskFaults.resolve`` (``"raise"`` mode, a non-finite task).
+    """
+    if not per_task:
+        return faults.resolve(), None
+    summary, has_acc = _means_tensor(per_task)
+    kept, values = faults.resolve_with(summary)
+    if len(kept) == len(per_task):
+        return kept, _unpack_means(values, has_acc)
+    if not kept:
+        return kept, None
+    return kept, mean_results([per_task[i] for i in kept])
 
 
 def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:

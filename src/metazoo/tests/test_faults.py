@@ -184,3 +184,70 @@ def test_nonfinite_error_crosses_process_borders_with_every_field():
     assert str(again) == str(error) and str(error).endswith(". The trajectories were dropped")
     stepped = error.with_meta_step(7)
     assert stepped.then == error.then and "meta-step 7" in str(stepped)
+
+
+def _per_task(count: int, *, with_accuracy: bool, seed: int = 0):
+    """float32 results of ``count`` tasks: query loss, accuracy (or None), inner-loss curve."""
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.rand((), generator=g, dtype=torch.float32) * 3,
+             torch.rand((), generator=g, dtype=torch.float32) if with_accuracy else None,
+             torch.rand(5, generator=g, dtype=torch.float32) * 2) for _ in range(count)]
+
+
+@pytest.mark.parametrize("with_accuracy", [True, False])
+@pytest.mark.parametrize("on_nonfinite", ["raise", "skip"])
+def test_resolve_and_mean_reads_flags_and_means_in_one_transfer_bit_for_bit(with_accuracy,
+                                                                            on_nonfinite):
+    from metazoo.testing import count_host_syncs
+
+    per_task = _per_task(7, with_accuracy=with_accuracy)
+    faults = metazoo.TaskFaults(on_nonfinite)
+    for loss, _, curve in per_task:
+        faults.check(curve, loss)
+    with count_host_syncs() as syncs:
+        kept, means = metazoo.resolve_and_mean(faults, per_task)
+    assert syncs.count == 1 and kept == list(range(7))
+    # float32 means, read as the same Python floats as mean_results reads them.
+    assert means == metazoo.mean_results(per_task)
+    assert (means[1] is None) == (not with_accuracy)
+
+
+def test_resolve_and_mean_skips_and_raises_as_resolve_does():
+    per_task = _per_task(5, with_accuracy=True)
+    per_task[1] = (per_task[1][0], per_task[1][1], per_task[1][2].clone().index_fill_(
+        0, torch.tensor([3]), float("nan")))  # task 1: non-finite at inner step 3
+    inf = torch.tensor(float("inf"), dtype=torch.float32)
+    per_task[3] = (inf, per_task[3][1], per_task[3][2])  # task 3: non-finite query loss
+
+    def checked(on_nonfinite: str) -> metazoo.TaskFaults:
+        faults = metazoo.TaskFaults(on_nonfinite)
+        for loss, _, curve in per_task:
+            faults.check(curve, loss)
+        return faults
+
+    from metazoo.testing import count_host_syncs
+
+    with count_host_syncs() as syncs:
+        kept, means = metazoo.resolve_and_mean(checked("skip"), per_task)
+    assert kept == [0, 2, 4] and syncs.count == 2  # the flags with all means, then the kept
+    assert means == metazoo.mean_results([per_task[i] for i in kept])
+    with pytest.raises(metazoo.NonFiniteError) as raised:
+        metazoo.resolve_and_mean(checked("raise"), per_task)
+    with pytest.raises(metazoo.NonFiniteError) as expected:
+        checked("raise").resolve()
+    assert str(raised.value) == str(expected.value)
+    assert (raised.value.task, raised.value.inner_step, raised.value.where) == (1, 3, "inner")
+    every_task_bad = [(inf * 0, None, curve) for _, _, curve in per_task]  # NaN query losses
+    faults = metazoo.TaskFaults("skip")
+    for loss, _, curve in every_task_bad:
+        faults.check(curve, loss)
+    assert metazoo.resolve_and_mean(faults, every_task_bad) == ([], None)
+
+
+def test_resolve_with_reads_values_unchanged_in_any_float_dtype():
+    for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        values = torch.tensor([0.1, -2.5, 1e-3, 7.0], dtype=dtype)
+        faults = metazoo.TaskFaults("skip")
+        faults.check(torch.ones(2), torch.tensor(1.0))
+        faults.check(torch.tensor([1.0, float("nan")]), torch.tensor(1.0))
+        assert faults.resolve_with(values) == ([0], values.tolist())

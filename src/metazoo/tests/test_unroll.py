@@ -1,5 +1,6 @@
 """Gradient correctness of unroll (finite differences) and exactness of checkpointing."""
 
+import gc
 import importlib
 
 import pytest
@@ -433,6 +434,52 @@ def test_binomial_checkpointing_equals_plain(model_name, bn_mode, opt_name, step
         torch.testing.assert_close(ckpt_result.buffers[name], buffer, rtol=0, atol=1e-12)
     if bn_mode == "running":
         assert ckpt_result.buffers["1.num_batches_tracked"].item() == steps
+
+
+@pytest.mark.parametrize("snapshots", [1, 2, 10])
+def test_binomial_checkpointing_equals_plain_on_long_unrolls(snapshots):
+    """K = 150: deep recursion of the schedule (up to 16 recomputed steps per step with one
+    stored state, states dropped and stored again many times), SGD with momentum, float64."""
+    checkpoint = metazoo.Checkpoint(snapshots=snapshots)
+    plain, plain_result, plain_loss = _meta_grads("mlp", "sgd_momentum", 150, None)
+    ckpt, ckpt_result, ckpt_loss = _meta_grads("mlp", "sgd_momentum", 150, checkpoint)
+    assert checkpoint.plan(150).recomputed_steps > 150
+    _assert_grads_equal(plain, ckpt)
+    torch.testing.assert_close(plain_loss, ckpt_loss, rtol=0, atol=1e-12)
+    torch.testing.assert_close(plain_result.losses, ckpt_result.losses, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("checkpoint", [metazoo.Checkpoint(snapshots=3),
+                                        metazoo.Checkpoint(segment=4)])
+def test_checkpointed_forward_keeps_no_tensor_per_step(checkpoint):
+    """The forward sweep copies each step's loss into one [K] tensor. Keeping per-step 0-d
+    losses (a list stacked every 256 steps, before) pinned one small allocation per step among
+    the step's transient ones and fragmented the heap: RSS grew with K while the stored states
+    did not. Counted: the tensors alive at the forward sweep's last step are as many at K = 300
+    as at K = 30 (with the stored states of the same budget)."""
+    def tensors_alive_at_the_last_forward_step(steps):
+        model, support, _, loss_fn = _setup("mlp")
+        alive = []
+
+        def counting(params, buffers, batch):
+            if len(alive) == steps - 1:
+                gc.collect()
+                alive.append(sum(issubclass(type(o), torch.Tensor) for o in gc.get_objects()))
+            elif len(alive) < steps:
+                alive.append(None)
+            return loss_fn(params, buffers, batch)
+
+        params = dict(model.named_parameters())
+        result = metazoo.unroll(counting, params, metazoo.SGD(0.1), support, steps=steps,
+                                checkpoint=checkpoint)
+        assert result.losses.shape == (steps,) and result.losses.isfinite().all()
+        return alive[-1]
+
+    short, long = (tensors_alive_at_the_last_forward_step(k) for k in (30, 300))
+    segment_states = 0 if checkpoint.segment is None else (300 - 30) // checkpoint.segment
+    # Fixed segments store a state every S steps: a tensor per parameter (four here) and the
+    # generator's state.
+    assert long - short == 5 * segment_states
 
 
 def test_checkpoint_true_is_the_default_binomial_schedule():

@@ -212,6 +212,24 @@ def test_skip_mode_drops_the_task_and_its_trajectory(make_model, make_tasks):
         WarpGrad(skipping.warp, inner_steps=3, on_nonfinite="drop")
 
 
+def test_the_loop_reads_all_fault_flags_with_the_means_in_one_transfer(make_model, make_tasks):
+    """Per task, only the adaptation's read of its inner losses is left (before, each task's
+    fault check cost one more, and the means another); per meta-batch, the fault flags with the
+    means, the replay's mean loss and its shuffled order."""
+    from metazoo.testing import count_host_syncs
+
+    def syncs(num_tasks):
+        learner = _with_steps(make_model())
+        tasks = _tasks(make_tasks, num_tasks=num_tasks)
+        learner.meta_backward(tasks)  # warm-up
+        learner.meta_optimizer.zero_grad()
+        with count_host_syncs() as counted:
+            learner.meta_backward(tasks)
+        return counted.count
+
+    assert syncs(2) == 2 + 3 and syncs(4) == 4 + 3
+
+
 def test_same_seed_twice_is_bitwise_identical(make_model, make_tasks):
     def run():
         learner = _with_steps(make_model(seed=3))

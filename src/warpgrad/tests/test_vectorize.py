@@ -276,19 +276,20 @@ def test_bad_labels_are_named_as_in_the_loop(make_model, make_tasks):
 
 
 def test_fault_check_is_one_transfer_for_the_meta_batch(make_model, make_tasks, monkeypatch):
-    """The loop checks each task with its own host transfer (``task_fault`` per task); the
-    vectorized path reads every task's finiteness at once (``raise_or_count_faults``)."""
+    """The loop reads every task's fault flag at once with the means (``resolve_and_mean``);
+    the vectorized path reads every task's finiteness at once (``raise_or_count_faults``)."""
     import warpgrad.learner
 
     checks, transfers = [], []
-    original = warpgrad.learner.task_fault
-    monkeypatch.setattr(warpgrad.learner, "task_fault",
-                        lambda *args: checks.append(args[0]) or original(*args))
+    original = warpgrad.learner.resolve_and_mean
+    monkeypatch.setattr(warpgrad.learner, "resolve_and_mean",
+                        lambda faults, per_task: checks.append(len(per_task))
+                        or original(faults, per_task))
     count = metazoo.vectorize.raise_or_count_faults
     monkeypatch.setattr(metazoo.vectorize, "raise_or_count_faults",
                         lambda *args: transfers.append(1) or count(*args))
     _learner(make_model()).meta_backward(_tasks(make_tasks))
-    assert (checks, transfers) == ([0, 1, 2], [])
+    assert (checks, transfers) == ([3], [])
     checks.clear()
     _learner(make_model(), vectorize=2).meta_backward(_tasks(make_tasks))
     assert (checks, transfers) == ([], [1])

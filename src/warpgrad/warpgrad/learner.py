@@ -32,6 +32,7 @@ from metazoo import (
     BatchNormMode,
     CheckedCriterion,
     EvalResult,
+    MeanResults,
     MetaLearner,
     MetaStepResult,
     Params,
@@ -43,7 +44,7 @@ from metazoo import (
     initial_buffers,
     mean_results,
     params_to_channels_last,
-    task_fault,
+    resolve_and_mean,
     task_to_channels_last,
 )
 from warpgrad.buffer import ReplayBuffer
@@ -413,29 +414,31 @@ class WarpGrad(MetaLearner):
                           momentum=None if momentum is None else momentum[index], copy=False)
 
     def _meta_backward_loop(self, tasks: Sequence[Task]
-                            ) -> list[tuple[Tensor, Tensor | None, Tensor]]:
+                            ) -> tuple[list[tuple[Tensor, Tensor | None, Tensor]],
+                                       MeanResults | None]:
         """Adapts to the tasks one by one while recording, then accumulates the meta-gradients;
-        returns the kept tasks' (query loss, accuracy, inner losses)."""
+        returns the kept tasks' (query loss, accuracy, inner losses) and their means, read
+        with the fault flags of all tasks in one host transfer (``resolve_and_mean``)."""
         buffer = self.warp.buffer
-        per_task = []
-        for index, task in enumerate(tasks):
+        faults = metazoo.TaskFaults(self.on_nonfinite)
+        per_task, slots = [], []
+        for task in tasks:
             task = self._layout(task)  # the buffer then replays channels-last batches
             slot = uuid.uuid4().hex
             buffer.init(slot, task.support)
             adapted, _ = self._adapt(task, self.inner_steps, slot)
             loss, acc = self._score(adapted, task)
             inner = torch.tensor(adapted.inner_losses, dtype=loss.dtype, device=loss.device)
-            fault = task_fault(index, inner, loss)
-            if fault is not None:
-                if self.on_nonfinite == "raise":
-                    raise fault
-                # A non-finite trajectory must not be replayed by the warp objective.
-                buffer.discard(slot)
-                continue
+            faults.check(inner, loss)
             per_task.append((loss, acc, inner))
-        if per_task:
+            slots.append(slot)
+        kept, means = resolve_and_mean(faults, per_task)  # raises the first task's fault
+        for index in sorted(set(range(len(tasks))) - set(kept)):
+            # A non-finite trajectory must not be replayed by the warp objective.
+            buffer.discard(slots[index])
+        if kept:
             self.updater.accumulate(self.warp)
-        return per_task
+        return [per_task[i] for i in kept], means
 
     def _meta_backward_vectorized(self, tasks: Sequence[Task], chunk: int
                                   ) -> list[tuple[Tensor, Tensor | None, Tensor]]:
@@ -487,8 +490,8 @@ class WarpGrad(MetaLearner):
                                "before driving it through the MetaLearner interface")
         chunk = self._chunk(len(tasks))
         try:
-            per_task = (self._meta_backward_loop(tasks) if chunk is None
-                        else self._meta_backward_vectorized(tasks, chunk))
+            per_task, means = (self._meta_backward_loop(tasks) if chunk is None
+                               else (self._meta_backward_vectorized(tasks, chunk), None))
         finally:
             buffer.clear()
         skipped = len(tasks) - len(per_task)
@@ -496,7 +499,7 @@ class WarpGrad(MetaLearner):
             nan = float("nan")
             return MetaStepResult(nan, nan, None, (), len(tasks), time.perf_counter() - start,
                                   skipped)
-        meta_loss, mean_acc, curve = mean_results(per_task)
+        meta_loss, mean_acc, curve = mean_results(per_task) if means is None else means
         return MetaStepResult(meta_loss, curve[-1], mean_acc, curve, len(tasks),
                               time.perf_counter() - start, skipped)
 
