@@ -22,6 +22,7 @@ from torch.nn import functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.overrides import TorchFunctionMode
 
+from metazoo import layers as _layers
 from metazoo.batchnorm import batch_norm as _closed_form_batch_norm
 
 Params = dict[str, Tensor]
@@ -209,13 +210,16 @@ class _BatchNormCalls(TorchFunctionMode):
     batch statistics through ``F.batch_norm`` or ``metazoo.batchnorm.batch_norm`` (the closed-form
     double backward, see ``closed_form_batch_norm``), RUNNING statistics updated out of place and
     differentiably into ``updates``. No module attribute is changed, so ``torch.compile`` can
-    trace it.
+    trace it. With ``closed_form`` it also routes ``F.conv2d`` and ``F.max_pool2d`` on 4-d inputs
+    through ``metazoo.layers`` (the same values and first derivatives; vmap rules that keep the
+    tasks' layout and a double backward of few operations).
 
     Args:
         running: RUNNING mode only: ``id`` of each running-mean tensor swapped in -> (buffer name
             prefix, the module, its ``num_batches_tracked`` tensor or ``None``).
         updates: receives the new running statistics.
-        closed_form: normalise with ``metazoo.batchnorm.batch_norm``.
+        closed_form: normalise with ``metazoo.batchnorm.batch_norm``, convolve and pool with
+            ``metazoo.layers``.
     """
 
     def __init__(self, running: dict[int, tuple[str, _BatchNorm, Tensor | None]],
@@ -225,9 +229,16 @@ class _BatchNormCalls(TorchFunctionMode):
 
     def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (),
                            kwargs: dict[str, Any] | None = None) -> Any:
+        kwargs = kwargs or {}
         if func is F.batch_norm:
-            return self.batch_norm(*args, **(kwargs or {}))
-        return func(*args, **(kwargs or {}))
+            return self.batch_norm(*args, **kwargs)
+        if self.closed_form and not torch.compiler.is_compiling():
+            # Dynamo cannot trace an autograd.Function under vmap (torch 2.14).
+            if func is F.conv2d:
+                return _conv2d(*args, **kwargs)
+            if func is F.max_pool2d:
+                return _max_pool2d(*args, **kwargs)
+        return func(*args, **kwargs)
 
     def batch_norm(self, x: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
                    weight: Tensor | None = None, bias: Tensor | None = None,
@@ -255,6 +266,22 @@ class _BatchNormCalls(TorchFunctionMode):
                 running_var, x.var(dims, correction=1), factor)
             self.updates[prefix + "num_batches_tracked"] = count
         return output
+
+
+def _conv2d(x: Tensor, weight: Tensor, bias: Tensor | None = None, stride: Any = 1,
+            padding: Any = 0, dilation: Any = 1, groups: int = 1) -> Any:
+    if x.dim() != 4 or isinstance(padding, str):
+        return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+    return _layers.conv2d(x, weight, bias, stride, padding, dilation, groups)
+
+
+def _max_pool2d(x: Tensor, kernel_size: Any, stride: Any = None, padding: Any = 0,
+                dilation: Any = 1, ceil_mode: bool = False, return_indices: bool = False
+                ) -> Any:
+    if x.dim() != 4 or return_indices:
+        return F.max_pool2d(x, kernel_size, stride, padding, dilation,  # type: ignore[call-overload]
+                            ceil_mode=ceil_mode, return_indices=return_indices)
+    return _layers.max_pool2d(x, kernel_size, stride, padding, dilation, ceil_mode)
 
 
 _closed_form = False

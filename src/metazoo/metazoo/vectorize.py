@@ -114,10 +114,19 @@ def stack_tasks(tasks: Sequence[Task]) -> tuple[list[Batch], Batch]:
                     f"vectorize needs tasks of one shape, but task {index} {where} has "
                     f"{_describe(tensor)} and task 0 has {_describe(reference)}; pass "
                     f"vectorize=False to run such tasks one by one")
-    support = [(torch.stack([t.support[k][0] for t in tasks]),
-                torch.stack([t.support[k][1] for t in tasks])) for k in range(len(first.support))]
-    query = (torch.stack([t.query[0] for t in tasks]), torch.stack([t.query[1] for t in tasks]))
+    support = [(_stack([t.support[k][0] for t in tasks]),
+                _stack([t.support[k][1] for t in tasks])) for k in range(len(first.support))]
+    query = (_stack([t.query[0] for t in tasks]), _stack([t.query[1] for t in tasks]))
     return support, query
+
+
+def _stack(tensors: list[Tensor]) -> Tensor:
+    """``torch.stack(tensors)``; image batches ``[N, C, H, W]`` stored samples-outer
+    (``[N, T, C, H, W]`` in memory), the layout in which ``metazoo.layers`` and
+    ``metazoo.batchnorm`` fold the tasks into channels without a copy."""
+    if tensors[0].dim() == 4:
+        return torch.stack(tensors, dim=1).movedim(1, 0)
+    return torch.stack(tensors)
 
 
 def _functional_step(loss_fn: LossFn, optimizer: InnerOptimizer, batch: Batch, params: Params,
