@@ -157,7 +157,8 @@ def test_the_vectorized_path_runs_through_the_task_folding_layers(monkeypatch):
         return staticmethod(vmap_rule)
 
     functions = (layers._Conv, layers._ConvBackward, layers._MaxPool, layers._MaxPoolBackward,
-                 layers._MaxPoolGather, batchnorm._BatchNorm, batchnorm._BatchNormBackward)
+                 layers._MaxPoolGather, batchnorm._BatchNorm, batchnorm._BatchNormBackward,
+                 batchnorm._BatchNormDoubleBackward)
     for function in functions:
         monkeypatch.setattr(function, "vmap", counting(function.__name__, function.vmap))
     maml = MAML(model=bn_net(), criterion=F.cross_entropy, inner_optimizer=metazoo.SGD(0.4),
