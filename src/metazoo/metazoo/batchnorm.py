@@ -249,8 +249,13 @@ class _BatchNormDoubleBackward(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, *cotangents: Tensor) -> tuple[Tensor | None, ...]:
         primals = ctx.saved_tensors
-        _, pullback = torch.func.vjp(
-            lambda *t: _double_backward_composite(*t, ctx.eps), *primals)
+        eps = ctx.eps
+
+        def composite(gy: Tensor, x: Tensor, w: Tensor, gw: Tensor, gb: Tensor, u: Tensor,
+                      vw: Tensor, vb: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+            return _double_backward_composite(gy, x, w, gw, gb, u, vw, vb, eps)
+
+        pullback = torch.func.vjp(composite, *primals)[1]
         g_gy, g_x, g_w, g_gw, g_gb, g_u, g_vw, g_vb = pullback(cotangents)
         return g_gy, g_x, g_w, None, None, g_gw, g_gb, g_u, g_vw, g_vb, None
 
