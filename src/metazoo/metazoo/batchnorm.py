@@ -45,6 +45,7 @@ is ``sum u gy``, three multiply-adds over the activations and per-channel operat
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -273,6 +274,19 @@ class _BatchNormDoubleBackward(torch.autograd.Function):
         g_gy, g_x, g_w = _BatchNormDoubleBackward.apply(*activations, *channels, *cotangents,
                                                         eps)
         return (_unfold(g_gy, size), _unfold(g_x, size), g_w.view(size, -1)), (1, 1, 0)
+
+
+def _cache_signatures(*functions: type[torch.autograd.Function]) -> None:
+    """Stores each Function's ``forward`` signature on it. Under ``torch.func`` transforms
+    ``Function.apply`` binds the arguments with ``inspect.signature(forward)`` on every call,
+    which rebuilds the signature unless the function carries one: measured about a fifth of
+    the vectorized meta-step's host time on a small net."""
+    for function in functions:
+        function.forward.__signature__ = inspect.signature(  # type: ignore[attr-defined]
+            function.forward)
+
+
+_cache_signatures(_BatchNorm, _BatchNormBackward, _BatchNormDoubleBackward)
 
 
 def batch_norm(x: Tensor, weight: Tensor | None = None, bias: Tensor | None = None,

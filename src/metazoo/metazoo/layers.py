@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from metazoo.batchnorm import _fold, _fold_channels
+from metazoo.batchnorm import _cache_signatures, _fold, _fold_channels
 
 __all__ = ["conv2d", "max_pool2d"]
 
@@ -335,6 +335,9 @@ class _MaxPoolGather(torch.autograd.Function):
         size, position, u_, x_, indices_ = _pool_vmap(info, in_dims, u, x, indices)
         gathered = _MaxPoolGather.apply(u_, x_, indices_, spec)
         return _out_of_batch(gathered, size, position), position
+
+
+_cache_signatures(_Conv, _ConvBackward, _MaxPool, _MaxPoolBackward, _MaxPoolGather)
 
 
 def max_pool2d(x: Tensor, kernel_size: Any, stride: Any = None, padding: Any = 0,
