@@ -226,6 +226,9 @@ def _resume(args: argparse.Namespace, folder: RunFolder, trainer: Trainer,
     folder.discard_temporaries()  # validated: now the folder changes
     folder.rewrite(plan)
     logger.info("resumed %s at episode %d", ckpt_path, trainer.episode)
+    note = folder.record_machine(f"resume at episode {trainer.episode}")
+    if note:
+        logger.info("%s", note)
 
 
 def _start(args: argparse.Namespace, folder: RunFolder, flags: dict[str, Any]) -> None:
@@ -256,6 +259,7 @@ def _start(args: argparse.Namespace, folder: RunFolder, flags: dict[str, Any]) -
                          "version (no manifest.json records them); they are left alone. Choose "
                          "another --out")
     folder.write_text("flags.json", json.dumps(flags, indent=1, sort_keys=True) + "\n")
+    folder.record_machine("start")
 
 
 def _csv_rows(rows: list[dict[str, Any]], header: bool = False) -> str:

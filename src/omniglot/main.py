@@ -13,8 +13,9 @@ Logs (the reference's files and format) go to the run folder: ``results_train_tr
 ``results_train_val.log`` (meta-training tasks: adaptation curve and held-out drawings),
 ``results_<i>_<val|test>_<train|val>.log`` (each evaluation task i), one line per write:
 ``step,meta_loss,loss,acc,loss curve;...;,acc curve;...;``. Beside them: ``args.log``,
-``split.json``, ``checkpoint.pt`` (``--resume``), ``best.pt`` (``--select best``), ``done.json``
-(final test summary), ``run.lock`` and ``manifest.json``.
+``split.json``, ``machine.json`` (the machine kind each start and resume ran on: CPU runs
+repeat bit for bit only on the same kind), ``checkpoint.pt`` (``--resume``), ``best.pt``
+(``--select best``), ``done.json`` (final test summary), ``run.lock`` and ``manifest.json``.
 
 Example (the paper's protocol needs the full archives; see README.md for the CPU preset)::
 
@@ -276,10 +277,15 @@ def _run(args: argparse.Namespace, device: torch.device, main_process: bool
             else:  # the other ranks read the same checkpoint (checked the same way)
                 restore(load_checked(folder, "checkpoint.pt", args), learner, run)
             printer(f"resumed {folder.path} at step {run.step}")
+            if main_process:
+                note = folder.record_machine(f"resume at step {run.step}")
+                if note:
+                    printer(note)
         elif main_process:
             _start(folder, args)
             folder.write_text("args.log", repr(args) + "\n")
             folder.write_text("split.json", exp.split.to_json() + "\n")
+            folder.record_machine("start")
             printer(f"split: train {list(exp.split.train)} val {list(exp.split.val)} test "
                     f"{list(exp.split.test)}")
             for note in getattr(exp, "notes", ()):

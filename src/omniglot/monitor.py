@@ -108,6 +108,11 @@ class FileHandler:
         self.test_train_data, self.test_eval_data = self._load_eval(path, "test")
         done = path / "done.json"
         self.summary = json.loads(done.read_text()) if done.exists() else None
+        # The machine kind the run started on (``machine.json``; runs older than the record
+        # have none): CPU runs repeat bit for bit only on the same kind.
+        machine = path / "machine.json"
+        records = json.loads(machine.read_text()) if machine.exists() else None
+        self.machine: dict[str, Any] | None = records[0] if records else None
 
     @staticmethod
     def _load_eval(path: Path, case: str) -> tuple[list[dict] | None, list[dict] | None]:
@@ -262,6 +267,26 @@ def _warp_setting(handlers: Sequence[FileHandler]) -> str | None:
     return notes.pop() if len(notes) == 1 else "mixed settings"
 
 
+def machine_kind(handlers: Sequence[FileHandler]) -> str:
+    """One line naming the machine kind the runs started on (``machine.json``): CPU runs repeat
+    bit for bit only on the same kind, so numbers from several kinds are said to be mixed."""
+    kinds = {None if h.machine is None else
+             (h.machine.get("cpu"), h.machine.get("cpu_capability"), h.machine.get("torch"),
+              h.machine.get("threads"), tuple(h.machine.get("cuda") or ()))
+             for h in handlers}
+    missing = None in kinds
+    kinds.discard(None)
+    if not kinds:
+        return "machine: not recorded (runs older than machine.json)"
+    if len(kinds) > 1:
+        return (f"machines: {len(kinds)} kinds{' and unrecorded' if missing else ''} "
+                "(machine.json): these numbers do not all come from one machine kind")
+    cpu, capability, version, threads, cuda = kinds.pop()
+    gpus = f", {', '.join(cuda)}" if cuda else ""
+    return (f"machine: {cpu} ({capability}), {threads} thread{'s' * (threads != 1)}, torch "
+            f"{version}{gpus}{'; some runs unrecorded' if missing else ''}")
+
+
 def compare(runs: Sequence[str | os.PathLike | FileHandler], out: str | os.PathLike,
             title: str = "Omniglot") -> dict[str, tuple[float, float, int]]:
     """Writes a figure comparing runs; returns ``{method: (mean, std, runs)}`` of test accuracy.
@@ -322,8 +347,8 @@ def compare(runs: Sequence[str | os.PathLike | FileHandler], out: str | os.PathL
                        label=f"chance (1/{round(1 / chance)})")
     seeds = sorted({n for *_, n in table.values()})
     fig.suptitle(f"{title}\n{_scale(handlers)}; "
-                 f"{' or '.join(map(str, seeds)) if seeds else 0} seed(s) per method",
-                 fontsize=10)
+                 f"{' or '.join(map(str, seeds)) if seeds else 0} seed(s) per method\n"
+                 f"{machine_kind(handlers)}", fontsize=9)
     left.set(xlabel="meta-step", ylabel="validation accuracy (held-out drawings)",
              title="validation tasks: mean over seeds")
     left.legend(fontsize=7)
@@ -415,6 +440,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     else:
         table = {m: (float(np.mean(v)), float(np.std(v)), len(v))
                  for m, v in summarize(handlers).items()}
+    print(machine_kind(handlers))
     print(f"{'method':>10} {'test acc':>9} {'std':>7} {'runs':>5}")
     for method, (mean, dev, n) in sorted(table.items(), key=lambda kv: -kv[1][0]):
         spread = f"{dev:7.4f}" if n > 1 else f"{'-':>7}"  # one run has no spread to show

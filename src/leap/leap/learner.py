@@ -50,12 +50,6 @@ class _TaskRun:
 MetaOptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 
 
-def _check_steps(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an int >= 1, got {value!r}; use at least one step")
-    return value
-
-
 def _check_tasks(tasks: Iterable[Task]) -> Sequence[Task]:
     return metazoo.check_tasks(tasks)
 
@@ -172,8 +166,8 @@ class LeapLearner(MetaLearner):
         self.model = model
         self.criterion = checked_criterion
         self.inner_optimizer = inner_optimizer
-        self.inner_steps = _check_steps("inner_steps", inner_steps)
-        self.eval_inner_steps = _check_steps(
+        self.inner_steps = metazoo.check_steps("inner_steps", inner_steps)
+        self.eval_inner_steps = metazoo.check_steps(
             "eval_inner_steps", inner_steps if eval_inner_steps is None else eval_inner_steps)
         self.norm, self.loss, self.stabilizer = norm, loss, stabilizer
         self.bn_mode = bn_mode
@@ -321,7 +315,7 @@ class LeapLearner(MetaLearner):
         return next(self.model.parameters()).device
 
     def _eval_steps(self, steps: int | None) -> int:
-        return self.eval_inner_steps if steps is None else _check_steps("steps", steps)
+        return self.eval_inner_steps if steps is None else metazoo.check_steps("steps", steps)
 
     def _layout(self, task: Task) -> Task:
         return metazoo.task_to_channels_last(task) if self.channels_last else task

@@ -31,12 +31,6 @@ def check_criterion(criterion: Any) -> Criterion:
     return metazoo.check_criterion(criterion)
 
 
-def check_steps(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an int >= 1, got {value!r}; use at least one step")
-    return value
-
-
 def check_optional_positive(name: str, value: Any) -> float | None:
     if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
                               or not value > 0):

@@ -49,7 +49,6 @@ from maml._learner import (
     check_inner_optimizer,
     check_module,
     check_optional_positive,
-    check_steps,
     check_tasks,
     evaluate_tasks,
     name_predicate,
@@ -57,7 +56,7 @@ from maml._learner import (
     summarize,
 )
 from maml._vectorized import MetaInputs as _MetaInputs
-from metazoo import Adapted, EvalResult, MetaStepResult, Task
+from metazoo import Adapted, EvalResult, MetaStepResult, Task, check_steps
 
 __all__ = ["MAML", "multi_step_loss_weights"]
 

@@ -46,13 +46,12 @@ from maml._learner import (
     check_inner_optimizer,
     check_module,
     check_optional_positive,
-    check_steps,
     check_tasks,
     evaluate_tasks,
     score_query,
     summarize,
 )
-from metazoo import Adapted, EvalResult, MetaStepResult, Task
+from metazoo import Adapted, EvalResult, MetaStepResult, Task, check_steps
 
 __all__ = ["INNER_STATES", "Reptile"]
 

@@ -93,6 +93,10 @@ def test_run_logs_checkpoints_and_resumes_exactly(tmp_path, agent):
     assert summary["episodes"] == 5 and summary["config"]["agent"] == agent
     assert summary["meta_updates"] == (2 if agent == "warp" else 0)
     assert summary["last_10pct_reward"] == float(rows_b[-1]["mean_reward"])
+    # machine.json: the machine kind of the start and of the resume
+    records = json.loads((part / "machine.json").read_text())
+    assert [r["event"] for r in records] == ["start", "resume at episode 3"]
+    assert records[0]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
 
 
 def test_resume_discards_episodes_logged_after_the_checkpoint(tmp_path):
@@ -280,8 +284,8 @@ def test_a_failed_checkpoint_write_keeps_the_previous_checkpoint(tmp_path, monke
     assert (out / "checkpoint.pt").read_bytes() == before
     # No temporary file is left behind.
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "flags.json",
-                                                     "manifest.json", "rewards.csv", "run.lock",
-                                                     "summary.json"]
+                                                     "machine.json", "manifest.json",
+                                                     "rewards.csv", "run.lock", "summary.json"]
     resumed = run.main([*TINY, "--agent", "lstm", "--nbiter", "4", "--out", str(out),
                         "--resume"])
     assert resumed["episodes"] == 4

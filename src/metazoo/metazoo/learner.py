@@ -35,6 +35,7 @@ __all__ = [
     "accuracy",
     "build_meta_optimizer",
     "check_criterion",
+    "check_steps",
     "check_task",
     "check_tasks",
     "mean_results",
@@ -263,6 +264,14 @@ def build_meta_optimizer(meta_optimizer: MetaOptimizerFactory | torch.optim.Opti
                          f"learner's meta-parameters: pass a factory such as "
                          f"meta_optimizer=lambda params: torch.optim.Adam(params, lr=1e-3)")
     return optimizer
+
+
+def check_steps(name: str, value: Any) -> int:
+    """A number of steps (``inner_steps``, ``eval_inner_steps``, ``cg_steps``...): an ``int``
+    >= 1, else one ``ValueError`` line naming the argument ``name`` and the value."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {value!r}; use at least one step")
+    return value
 
 
 def check_task(task: Any, argument: str = "task") -> Task:

@@ -22,6 +22,13 @@ experiment opens its folder through :class:`RunFolder`, which
 * validates logs line by line (:meth:`RunFolder.plan_rewrite`) before anything is rewritten,
   so an experiment checks everything a resume needs and only then changes files.
 
+* records in ``machine.json`` what besides code and flags decides a run's floating-point
+  results (:func:`machine`: torch's version, the CPU kind and the kernels ATen picked for it,
+  threads, GPUs), once per start and once per resume (:meth:`RunFolder.record_machine`). CPU runs
+  are bit-reproducible on the same machine kind only: ATen chooses its kernels, and so their
+  rounding, by the CPU's capability (``AVX2``, ``AVX512``), and a resume on another kind
+  continues a different floating-point trajectory.
+
 Paths built from user input go through :func:`path_inside`, which refuses names that leave the
 log folder (``..``, absolute paths, symbolic links pointing out).
 
@@ -35,6 +42,7 @@ import errno
 import fcntl
 import json
 import os
+import platform
 import secrets
 import socket
 from collections.abc import Callable, Iterable, Mapping
@@ -43,18 +51,55 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+import torch
+
 from metazoo.cli import UsageError
 from metazoo.serialization import atomic_write_text, load_checked, save_checked
 
-__all__ = ["FLAGS_KEY", "LOCK_NAME", "MANIFEST_NAME", "PRODUCER_KEY", "RunFolder",
-           "RunFolderError", "RunLockedError", "flag_differences", "path_inside"]
+__all__ = ["FLAGS_KEY", "LOCK_NAME", "MACHINE_KEYS", "MACHINE_NAME", "MANIFEST_NAME",
+           "PRODUCER_KEY", "RunFolder", "RunFolderError", "RunLockedError", "flag_differences",
+           "machine", "path_inside"]
 
 LOCK_NAME = "run.lock"
 MANIFEST_NAME = "manifest.json"
+MACHINE_NAME = "machine.json"
+# The entries of machine() that change floating-point results: two runs agree bit for bit only
+# where these agree (the others, Python's version and the OS, are recorded to help a reader).
+MACHINE_KEYS = ("torch", "cpu", "cpu_capability", "threads", "cuda")
 # Entries that RunFolder.save_checkpoint adds to a checkpoint's state dict.
 FLAGS_KEY = "flags"
 PRODUCER_KEY = "producer"
 _MANIFEST_FORMAT = 1
+
+
+def _cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo`` on Linux), or what ``platform`` knows."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine() -> dict[str, Any]:
+    """What decides a run's floating-point results besides its code and flags.
+
+    Returns:
+        ``torch`` (version), ``cpu`` (model name), ``cpu_capability`` (the vector instruction
+        set ATen dispatches CPU kernels for, ``torch.backends.cpu.get_cpu_capability()``),
+        ``threads`` (``torch.get_num_threads()`` now), ``cuda`` (the visible GPUs' names, ``[]``
+        without CUDA), ``python`` and ``platform``. A CPU run reproduces bit for bit where the
+        :data:`MACHINE_KEYS` entries agree.
+    """
+    cuda = ([torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+            if torch.cuda.is_available() else [])
+    return {"torch": torch.__version__, "cpu": _cpu_model(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "threads": torch.get_num_threads(), "cuda": cuda,
+            "python": platform.python_version(), "platform": platform.platform()}
 
 
 class RunFolderError(UsageError):
@@ -399,6 +444,39 @@ class RunFolder:
         import metazoo  # the package imports this module: read its version at call time
 
         return {"program": self.program, "metazoo": metazoo.__version__}
+
+    def record_machine(self, event: str) -> str | None:
+        """Appends ``{"event": event, **machine()}`` to the run's ``machine.json`` (a list,
+        one record per start and resume).
+
+        Args:
+            event: what started here (``"start"``, ``"resume at step 40"``).
+
+        Returns:
+            ``None``, or one line saying how this machine differs from the one that started
+            the run (:data:`MACHINE_KEYS`): the results from here on are not bit-identical to
+            an uninterrupted run on the first machine.
+        """
+        records: list[dict[str, Any]] = []
+        if self.owns(MACHINE_NAME) and self.exists(MACHINE_NAME):
+            try:
+                loaded = json.loads(self.file(MACHINE_NAME).read_text())
+                if isinstance(loaded, list) and all(isinstance(r, dict) for r in loaded):
+                    records = loaded
+            except (OSError, ValueError):
+                pass  # unreadable: the record starts again from this machine
+        now = {"event": event, **machine()}
+        note = None
+        if records:
+            first = records[0]
+            changed = [f"{k} {first.get(k)!r} -> {now[k]!r}" for k in MACHINE_KEYS
+                       if first.get(k) != now[k]]
+            if changed:
+                note = (f"note: {self.path} was started on another machine kind "
+                        f"({'; '.join(changed)}): from here on its results are not "
+                        "bit-identical to an uninterrupted run there")
+        self.write_text(MACHINE_NAME, json.dumps([*records, now], indent=1) + "\n")
+        return note
 
     # -- reading ------------------------------------------------------------------------------
 

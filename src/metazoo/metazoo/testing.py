@@ -25,6 +25,7 @@ from metazoo.learner import EvalResult, MetaLearner, MetaStepResult, Task
 __all__ = [
     "HostSyncs",
     "MetaStepSnapshot",
+    "WarpedMLP",
     "assert_same_gradients",
     "assert_same_meta_step",
     "assert_same_results",
@@ -35,10 +36,53 @@ __all__ = [
     "meta_gradients",
     "meta_step_snapshot",
     "small_conv_net",
+    "small_mlp",
     "small_tasks",
     "strict_meta_step",
     "tasks_to",
 ]
+
+
+class WarpedMLP(nn.Module):
+    """adapt -> warp -> tanh -> adapt (BatchNorm) -> warp -> adapt head, on 3 features: the
+    smallest model with two warp layers between adapted ones (``warpgrad``'s tests, and the
+    distributed and Lightning tests that run a WarpGrad learner in several processes).
+
+    Args:
+        width: hidden width.
+        classes: outputs.
+        batch_norm: a BatchNorm1d after ``fc2`` (adapted); ``False`` puts an identity there.
+    """
+
+    def __init__(self, width: int = 4, classes: int = 3, batch_norm: bool = True) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(3, width)
+        self.warp1 = nn.Linear(width, width)
+        self.fc2 = nn.Linear(width, width)
+        self.bn = nn.BatchNorm1d(width) if batch_norm else nn.Identity()
+        self.warp2 = nn.Linear(width, width)
+        self.head = nn.Linear(width, classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(self.warp1(self.fc1(x)))
+        h = torch.tanh(self.warp2(self.bn(self.fc2(h))))
+        return self.head(h)
+
+    def adapt_modules(self) -> list[nn.Module]:
+        """The adapted layers (``warpgrad.Warp``'s ``adapt_modules``)."""
+        return [self.fc1, self.fc2, self.bn, self.head]
+
+    def warp_modules(self) -> list[nn.Module]:
+        """The warp layers (``warpgrad.Warp``'s ``warp_modules``)."""
+        return [self.warp1, self.warp2]
+
+
+def small_mlp(batch_norm: bool = False) -> nn.Module:
+    """Linear(3, 5) -> tanh -> [BatchNorm1d] -> Linear(5, 3), float64; BatchNorm comes after
+    the nonlinearity because before it the first bias would get no gradient."""
+    layers = [nn.Linear(3, 5), nn.Tanh(), *([nn.BatchNorm1d(5)] if batch_norm else []),
+              nn.Linear(5, 3)]
+    return nn.Sequential(*layers).double()
 
 
 def small_conv_net(seed: int = 0, dtype: torch.dtype = torch.float64) -> nn.Module:

@@ -23,13 +23,13 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from torch import nn
 from torch.nn import functional as F
 
 import metazoo
 from leap import LeapLearner
 from maml import MAML, Reptile
 from metazoo import Task, distributed
+from metazoo.testing import WarpedMLP, small_mlp
 from warpgrad import DualUpdater, OptimizerParameters, Warp, WarpGrad
 
 STEPS = 2  # meta-steps per case, so that meta-optimizer state carries over once
@@ -40,55 +40,34 @@ FAIL_TIMEOUT = 3.0  # process-group timeout in the failure tests
 # -- models, learners and tasks, built identically by the test and by every rank ----------------
 
 
-class WarpedMLP(nn.Module):
-    """adapt -> warp -> tanh -> adapt -> warp -> adapt head."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc1, self.warp1 = nn.Linear(3, 4), nn.Linear(4, 4)
-        self.fc2, self.warp2 = nn.Linear(4, 4), nn.Linear(4, 4)
-        self.head = nn.Linear(4, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = torch.tanh(self.warp1(self.fc1(x)))
-        return self.head(torch.tanh(self.warp2(self.fc2(h))))
-
-
-def _mlp(batch_norm: bool = False) -> nn.Module:
-    # BatchNorm after the nonlinearity: before it, the first bias would get no gradient.
-    layers = [nn.Linear(3, 5), nn.Tanh(), *([nn.BatchNorm1d(5)] if batch_norm else []),
-              nn.Linear(5, 3)]
-    return nn.Sequential(*layers).double()
-
-
 def _sgd(lr: float) -> Callable[..., torch.optim.Optimizer]:
     return lambda params: torch.optim.SGD(params, lr=lr, momentum=0.9)
 
 
 def _maml_adam() -> metazoo.MetaLearner:
-    return MAML(model=_mlp(batch_norm=True), criterion=F.cross_entropy,
+    return MAML(model=small_mlp(batch_norm=True), criterion=F.cross_entropy,
                 inner_optimizer=metazoo.SGD(0.3, momentum=0.5), inner_steps=2,
                 learn_inner_lr="per_tensor",
                 meta_optimizer=lambda params: torch.optim.Adam(params, lr=0.01))
 
 
 def _maml_sgd() -> metazoo.MetaLearner:
-    return MAML(model=_mlp(), criterion=F.cross_entropy, inner_optimizer=metazoo.SGD(0.3),
+    return MAML(model=small_mlp(), criterion=F.cross_entropy, inner_optimizer=metazoo.SGD(0.3),
                 inner_steps=2, meta_optimizer=_sgd(0.5))
 
 
 def _reptile() -> metazoo.MetaLearner:
-    return Reptile(model=_mlp(), criterion=F.cross_entropy, inner_optimizer=metazoo.SGD(0.2),
+    return Reptile(model=small_mlp(), criterion=F.cross_entropy, inner_optimizer=metazoo.SGD(0.2),
                    inner_steps=3, meta_optimizer=_sgd(0.5))
 
 
 def _leap() -> metazoo.MetaLearner:
-    return LeapLearner(model=_mlp(), criterion=F.cross_entropy,
+    return LeapLearner(model=small_mlp(), criterion=F.cross_entropy,
                        inner_optimizer=metazoo.SGD(0.2), inner_steps=3, meta_optimizer=_sgd(0.5))
 
 
 def _warpgrad() -> metazoo.MetaLearner:
-    model = WarpedMLP().double()
+    model = WarpedMLP(batch_norm=False).double()
     warp = Warp(model, [model.fc1, model.fc2, model.head], [model.warp1, model.warp2],
                 DualUpdater(F.cross_entropy),
                 optimizer_parameters=OptimizerParameters(trainable=True, default_lr=0.3,
@@ -232,18 +211,19 @@ def _skipping(case: str) -> metazoo.MetaLearner:
     """A learner of ``case`` built with on_nonfinite="skip" (seed 0 on every rank)."""
     torch.manual_seed(0)
     if case == "maml":
-        return MAML(model=_mlp(batch_norm=True), criterion=F.cross_entropy,
+        return MAML(model=small_mlp(batch_norm=True), criterion=F.cross_entropy,
                     inner_optimizer=metazoo.SGD(0.3, momentum=0.5), inner_steps=2,
                     meta_optimizer=lambda params: torch.optim.Adam(params, lr=0.01),
                     on_nonfinite="skip")
     if case == "reptile":
-        return Reptile(model=_mlp(), criterion=F.cross_entropy, inner_optimizer=metazoo.SGD(0.2),
-                       inner_steps=3, meta_optimizer=_sgd(0.5), on_nonfinite="skip")
+        return Reptile(model=small_mlp(), criterion=F.cross_entropy,
+                       inner_optimizer=metazoo.SGD(0.2), inner_steps=3,
+                       meta_optimizer=_sgd(0.5), on_nonfinite="skip")
     if case == "leap":
-        return LeapLearner(model=_mlp(), criterion=F.cross_entropy,
+        return LeapLearner(model=small_mlp(), criterion=F.cross_entropy,
                            inner_optimizer=metazoo.SGD(0.2), inner_steps=3,
                            meta_optimizer=_sgd(0.5), on_nonfinite="skip")
-    model = WarpedMLP().double()
+    model = WarpedMLP(batch_norm=False).double()
     warp = Warp(model, [model.fc1, model.fc2, model.head], [model.warp1, model.warp2],
                 DualUpdater(F.cross_entropy),
                 optimizer_parameters=OptimizerParameters(trainable=True, default_lr=0.3,

@@ -45,6 +45,7 @@ from metazoo.lightning import (
     TaskDataModule,
     task_generator,
 )
+from metazoo.testing import WarpedMLP, small_mlp
 from warpgrad import DualUpdater, OptimizerParameters, Warp, WarpGrad
 
 # Lightning 2.6 on torch 2.14 flattens its loaders with a deprecated torch pytree class; the
@@ -66,26 +67,6 @@ LAUNCH_LIMIT = 240.0  # seconds a subprocess run may take before the test fails
 # -- learners and tasks, built identically by the test and by every subprocess -----------------
 
 
-class WarpedMLP(nn.Module):
-    """adapt -> warp -> tanh -> adapt -> warp -> adapt head."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc1, self.warp1 = nn.Linear(3, 4), nn.Linear(4, 4)
-        self.fc2, self.warp2 = nn.Linear(4, 4), nn.Linear(4, 4)
-        self.head = nn.Linear(4, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = torch.tanh(self.warp1(self.fc1(x)))
-        return self.head(torch.tanh(self.warp2(self.fc2(h))))
-
-
-def _mlp(batch_norm: bool = False) -> nn.Module:
-    layers = [nn.Linear(3, 5), nn.Tanh(), *([nn.BatchNorm1d(5)] if batch_norm else []),
-              nn.Linear(5, 3)]
-    return nn.Sequential(*layers).double()
-
-
 def _adam(lr: float) -> Callable[..., torch.optim.Optimizer]:
     return lambda params: torch.optim.Adam(params, lr=lr)
 
@@ -95,7 +76,7 @@ def _sgd(lr: float) -> Callable[..., torch.optim.Optimizer]:
 
 
 def _warpgrad() -> metazoo.MetaLearner:
-    model = WarpedMLP().double()
+    model = WarpedMLP(batch_norm=False).double()
     warp = Warp(model, [model.fc1, model.fc2, model.head], [model.warp1, model.warp2],
                 DualUpdater(F.cross_entropy),
                 optimizer_parameters=OptimizerParameters(trainable=True, default_lr=0.3,
@@ -106,24 +87,24 @@ def _warpgrad() -> metazoo.MetaLearner:
 LEARNERS: dict[str, Callable[[], metazoo.MetaLearner]] = {
     # second order, BatchNorm, learned per-step inner learning rates (meta-parameters outside
     # the model), Adam meta-optimizer
-    "maml": lambda: MAML(model=_mlp(batch_norm=True), criterion=F.cross_entropy,
+    "maml": lambda: MAML(model=small_mlp(batch_norm=True), criterion=F.cross_entropy,
                          inner_optimizer=metazoo.SGD(0.3, momentum=0.5), inner_steps=2,
                          learn_inner_lr="per_tensor", per_step_inner_lr=True,
                          meta_optimizer=_adam(0.01)),
-    "fomaml": lambda: MAML(model=_mlp(), criterion=F.cross_entropy,
+    "fomaml": lambda: MAML(model=small_mlp(), criterion=F.cross_entropy,
                            inner_optimizer=metazoo.SGD(0.3), inner_steps=2, first_order=True,
                            meta_optimizer=_sgd(0.5)),
-    "reptile": lambda: Reptile(model=_mlp(), criterion=F.cross_entropy,
+    "reptile": lambda: Reptile(model=small_mlp(), criterion=F.cross_entropy,
                                inner_optimizer=metazoo.SGD(0.2), inner_steps=3,
                                meta_optimizer=_sgd(0.5)),
     # Adam's moments and step count carried across tasks and meta-steps
-    "reptile_carry": lambda: Reptile(model=_mlp(), criterion=F.cross_entropy,
+    "reptile_carry": lambda: Reptile(model=small_mlp(), criterion=F.cross_entropy,
                                      inner_optimizer=metazoo.Adam(0.05), inner_steps=3,
                                      inner_state="carry", meta_optimizer=_sgd(0.5)),
-    "imaml": lambda: iMAML(model=_mlp(), criterion=F.cross_entropy, lam=1.0, cg_steps=3,
+    "imaml": lambda: iMAML(model=small_mlp(), criterion=F.cross_entropy, lam=1.0, cg_steps=3,
                            inner_optimizer=metazoo.SGD(0.2), inner_steps=3,
                            meta_optimizer=_adam(0.01)),
-    "leap": lambda: LeapLearner(model=_mlp(), criterion=F.cross_entropy,
+    "leap": lambda: LeapLearner(model=small_mlp(), criterion=F.cross_entropy,
                                 inner_optimizer=metazoo.SGD(0.2), inner_steps=3,
                                 meta_optimizer=_sgd(0.5)),
     "warpgrad": _warpgrad,
@@ -297,12 +278,12 @@ def test_bad_input_is_one_line_naming_the_argument():
 def test_from_name_builds_through_the_registry():
     torch.manual_seed(0)
     module = MetaLearnerModule.from_name(
-        "fomaml", model=_mlp(), criterion=F.cross_entropy, inner_optimizer=metazoo.SGD(0.3),
+        "fomaml", model=small_mlp(), criterion=F.cross_entropy, inner_optimizer=metazoo.SGD(0.3),
         inner_steps=2, meta_optimizer=_sgd(0.5))
     trainer(STEPS, limit_val_batches=0).fit(module, datamodule=datamodule(val=0))
     assert_same_state(module.learner, direct("fomaml", STEPS))
     with pytest.raises(ValueError, match="unknown learner 'mamll'"):
-        MetaLearnerModule.from_name("mamll", model=_mlp())
+        MetaLearnerModule.from_name("mamll", model=small_mlp())
 
 
 def test_import_metazoo_does_not_import_lightning():

@@ -19,11 +19,14 @@ import torch
 from metazoo.cli import UsageError
 from metazoo.runs import (
     LOCK_NAME,
+    MACHINE_KEYS,
+    MACHINE_NAME,
     MANIFEST_NAME,
     RunFolder,
     RunFolderError,
     RunLockedError,
     flag_differences,
+    machine,
     path_inside,
 )
 from metazoo.serialization import load_checked, save_checked
@@ -276,3 +279,44 @@ def test_the_lock_is_held_while_the_process_lives(tmp_path):
     assert time.perf_counter() - started < 5  # refused at once, never waits
     first.close()
     _folder(tmp_path).open().close()
+
+
+# -- the machine record -----------------------------------------------------------------------
+
+def test_the_machine_record_names_what_decides_the_rounding():
+    record = machine()
+    assert set(MACHINE_KEYS) <= set(record)
+    assert record["torch"] == torch.__version__
+    assert record["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert record["threads"] == torch.get_num_threads()
+    assert record["cpu"]  # a model name, never empty
+    json.dumps(record)  # a plain record
+
+
+def test_each_start_and_resume_is_recorded_and_another_kind_is_named(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    with _folder(run) as folder:
+        assert folder.record_machine("start") is None
+    with _folder(run) as folder:  # the same machine: no note
+        assert folder.record_machine("resume at step 5") is None
+    import metazoo.runs as runs
+
+    other = {**machine(), "cpu_capability": "AVX512", "threads": 7}
+    monkeypatch.setattr(runs, "machine", lambda: other)
+    with _folder(run) as folder:
+        note = folder.record_machine("resume at step 9")
+        assert folder.owns(MACHINE_NAME)
+    assert note is not None and "\n" not in note
+    assert f"cpu_capability {torch.backends.cpu.get_cpu_capability()!r} -> 'AVX512'" in note
+    assert "threads" in note and "not bit-identical" in note
+    records = json.loads((run / MACHINE_NAME).read_text())
+    assert [r["event"] for r in records] == ["start", "resume at step 5", "resume at step 9"]
+    assert records[2]["cpu_capability"] == "AVX512"
+
+
+def test_an_unreadable_machine_record_starts_again(tmp_path):
+    run = tmp_path / "run"
+    with _folder(run) as folder:
+        folder.write_text(MACHINE_NAME, "not json")
+        assert folder.record_machine("start") is None
+    assert [r["event"] for r in json.loads((run / MACHINE_NAME).read_text())] == ["start"]

@@ -84,3 +84,53 @@ def assert_same_log_files(a: Path, b: Path, minimum: int) -> None:
 def same_log_files():
     """``assert_same_log_files`` (test modules cannot import each other here)."""
     return assert_same_log_files
+
+
+def fewshot_args(root: Path, log_dir: Path, method: str, *extra: str, steps: int = 2,
+                 test_ival: int = 1) -> list[str]:
+    """main.py flags for a ``steps``-meta-step few-shot run on the synthetic alphabets: seed 2
+    puts Gamma, Shared, Alpha (12 characters) in training, Beta (3) in validation, Delta,
+    Epsilon (7) in test; 3-way 1-shot episodes."""
+    return ["--protocol", "fewshot", "--root", str(root), "--log_dir", str(log_dir),
+            "--meta_model", method, "--seed", "2", "--num_pretrain", "3", "--num_val", "1",
+            "--num_test", "2", "--ways", "3", "--shots", "1", "--queries", "2",
+            "--meta_batch_size", "2", "--meta_train_steps", str(steps), "--task_train_steps",
+            "1", "--task_val_steps", "2", "--test_episodes", "12", "--val_episodes", "4",
+            "--test_ival", str(test_ival), "--num_filters", "4", "--log_ival", "0",
+            "--no_cuda", "--inner_kwargs", "lr", "0.1", *extra]
+
+
+@pytest.fixture(scope="session")
+def fewshot():
+    """``fewshot_args``: flags for a tiny few-shot run."""
+    return fewshot_args
+
+
+def folder_snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file under ``folder`` (names relative to it) with its bytes."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file()}
+
+
+@pytest.fixture(scope="session")
+def snapshot():
+    """``folder_snapshot``: a run folder's files and bytes, to show that nothing changed."""
+    return folder_snapshot
+
+
+@pytest.fixture
+def one_line_exit_2(capsys):
+    """Runs main.py's command in process; asserts one ``error:`` line and exit code 2; returns
+    the line."""
+    import main
+    from metazoo.cli import run_command
+
+    def run(argv: list[str]) -> str:
+        with pytest.raises(SystemExit) as exit_info:
+            run_command(main.main, argv)
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+        return err
+
+    return run

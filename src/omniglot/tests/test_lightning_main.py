@@ -22,15 +22,8 @@ pytestmark = [
 ]
 
 
-def fewshot(root: Path, log_dir: Path, method: str, *extra: str) -> list[str]:
-    """A 3-meta-step few-shot run on the synthetic alphabets (test_main_fewshot's flags)."""
-    return ["--protocol", "fewshot", "--root", str(root), "--log_dir", str(log_dir),
-            "--meta_model", method, "--seed", "2", "--num_pretrain", "3", "--num_val", "1",
-            "--num_test", "2", "--ways", "3", "--shots", "1", "--queries", "2",
-            "--meta_batch_size", "2", "--meta_train_steps", "3", "--task_train_steps", "1",
-            "--task_val_steps", "2", "--test_episodes", "12", "--val_episodes", "4",
-            "--test_ival", "2", "--num_filters", "4", "--log_ival", "0", "--no_cuda",
-            "--inner_kwargs", "lr", "0.1", *extra]
+# The few-shot runs here (the conftest's ``fewshot`` flags): 3 meta-steps, validation at 2.
+RUN = {"steps": 3, "test_ival": 2}
 
 
 def main_state(log_dir: Path, method: str) -> dict[str, torch.Tensor]:
@@ -46,10 +39,10 @@ def flat(state, prefix=""):
 
 
 @pytest.mark.parametrize("method", ["maml", "warp_maml"])
-def test_the_same_flags_give_main_pys_accuracy(omniglot_root, tmp_path, method):
-    reference = main.main(fewshot(omniglot_root, tmp_path / "main", method))
+def test_the_same_flags_give_main_pys_accuracy(omniglot_root, tmp_path, method, fewshot):
+    reference = main.main(fewshot(omniglot_root, tmp_path / "main", method, **RUN))
     result = lightning_main.main_lightning(
-        fewshot(omniglot_root, tmp_path / "lightning", method, "--save_ival", "3"))
+        fewshot(omniglot_root, tmp_path / "lightning", method, "--save_ival", "3", **RUN))
     assert result["step"] == 3
     assert result["test/accuracy"] == pytest.approx(reference.accuracy.mean, abs=1e-6)
     assert result["test/loss"] == pytest.approx(reference.loss, rel=1e-5)
@@ -74,22 +67,22 @@ def test_the_alphabet_protocol_gives_main_pys_accuracy(omniglot_root, tmp_path, 
     assert result["test/accuracy"] == pytest.approx(reference, abs=1e-6)
 
 
-def test_a_stopped_run_resumed_from_last_ckpt_draws_main_pys_meta_batches(omniglot_root,
-                                                                         tmp_path):
+def test_a_stopped_run_resumed_from_last_ckpt_draws_main_pys_meta_batches(
+        omniglot_root, tmp_path, fewshot):
     # 2 meta-steps, then on to 3 from the checkpoint: the data module's generator states
     # travel in Lightning's checkpoint, so meta-batch 3 is main.py's third.
-    flags = fewshot(omniglot_root, tmp_path, "fomaml", "--save_ival", "1")
+    flags = fewshot(omniglot_root, tmp_path, "fomaml", "--save_ival", "1", **RUN)
     lightning_main.main_lightning([*flags, "--meta_train_steps", "2"])
     resumed = lightning_main.main_lightning([*flags, "--ckpt_path", "last"])
-    reference = main.main(fewshot(omniglot_root, tmp_path / "main", "fomaml"))
+    reference = main.main(fewshot(omniglot_root, tmp_path / "main", "fomaml", **RUN))
     assert resumed["step"] == 3
     assert resumed["test/accuracy"] == pytest.approx(reference.accuracy.mean, abs=1e-6)
     assert resumed["test/loss"] == pytest.approx(reference.loss, rel=1e-5)
 
 
-def test_main_py_only_flags_are_refused_with_the_lightning_way(omniglot_root, tmp_path):
+def test_main_py_only_flags_are_refused_with_the_lightning_way(omniglot_root, tmp_path, fewshot):
     with pytest.raises(UsageError, match=r"--resume is main\.py's.*--ckpt_path last"):
-        lightning_main.main_lightning(fewshot(omniglot_root, tmp_path, "maml", "--resume"))
+        lightning_main.main_lightning(fewshot(omniglot_root, tmp_path, "maml", "--resume", **RUN))
     with pytest.raises(UsageError, match="--select best"):
         lightning_main.main_lightning(fewshot(omniglot_root, tmp_path, "maml", "--select",
-                                              "best", "--num_val", "1"))
+                                              "best", "--num_val", "1", **RUN))

@@ -112,6 +112,10 @@ def test_stop_and_resume_gives_identical_logs(tiny, omniglot_root, tmp_path, sam
     main.main([*full, "--suffix", "resumed", "--resume"])
     _assert_same_logs(tmp_path / method / "straight", tmp_path / method / "resumed",
                       same_log_files)
+    # machine.json records the machine kind of the start and of the resume
+    records = json.loads((tmp_path / method / "resumed" / "machine.json").read_text())
+    assert [r["event"] for r in records] == ["start", "resume at step 1"]
+    assert records[1]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
 
 
 def _wait_for_lines(proc: subprocess.Popen, log: Path, lines: int) -> None:

@@ -16,18 +16,6 @@ import main
 from monitor import FileHandler
 
 
-def fewshot(root: Path, log_dir: Path, method: str, *extra: str) -> list[str]:
-    """A 2-meta-step few-shot run on the synthetic alphabets: seed 2 puts Gamma, Shared, Alpha
-    (12 characters) in training, Beta (3) in validation, Delta, Epsilon (7) in test."""
-    return ["--protocol", "fewshot", "--root", str(root), "--log_dir", str(log_dir),
-            "--meta_model", method, "--seed", "2", "--num_pretrain", "3", "--num_val", "1",
-            "--num_test", "2", "--ways", "3", "--shots", "1", "--queries", "2",
-            "--meta_batch_size", "2", "--meta_train_steps", "2", "--task_train_steps", "1",
-            "--task_val_steps", "2", "--test_episodes", "12", "--val_episodes", "4",
-            "--test_ival", "1", "--num_filters", "4", "--log_ival", "0", "--no_cuda",
-            "--inner_kwargs", "lr", "0.1", *extra]
-
-
 def _assert_same_logs(a: Path, b: Path, same_log_files) -> None:
     same_log_files(a, b, 8)
     ja, jb = (json.loads((r / "fewshot_test.json").read_text()) for r in (a, b))
@@ -37,7 +25,7 @@ def _assert_same_logs(a: Path, b: Path, same_log_files) -> None:
 
 @pytest.mark.parametrize("method, extra", [("maml", ()), ("fomaml", ("--rotations",)),
                                            ("reptile", ("--downsample", "stride"))])
-def test_smoke_runs_write_results_with_ci(omniglot_root, tmp_path, capsys, method, extra):
+def test_smoke_runs_write_results_with_ci(omniglot_root, tmp_path, capsys, method, extra, fewshot):
     result = main.main(fewshot(omniglot_root, tmp_path, method, "--log_ival", "1", *extra))
     run = tmp_path / method / "tmp"
     assert isinstance(result, main.FewShotResult)
@@ -69,7 +57,7 @@ def test_smoke_runs_write_results_with_ci(omniglot_root, tmp_path, capsys, metho
     assert split["classes"] == {"train": 12, "val": 3, "test": 7}
 
 
-def test_same_seed_twice_gives_identical_logs(omniglot_root, tmp_path, same_log_files):
+def test_same_seed_twice_gives_identical_logs(omniglot_root, tmp_path, same_log_files, fewshot):
     for suffix in ("a", "b"):
         main.main(fewshot(omniglot_root, tmp_path, "maml", "--suffix", suffix, "--rotations"))
     _assert_same_logs(tmp_path / "maml" / "a", tmp_path / "maml" / "b", same_log_files)
@@ -85,8 +73,8 @@ CARRY = ("--reptile_inner_state", "carry", "--inner_opt", "adam", "--inner_kwarg
 
 @pytest.mark.parametrize(("method", "extra"), [("maml", ()), ("reptile", ()),
                                                ("reptile", CARRY)])
-def test_stop_and_resume_gives_identical_logs(omniglot_root, tmp_path, same_log_files, method,
-                                              extra):
+def test_stop_and_resume_gives_identical_logs(
+        omniglot_root, tmp_path, same_log_files, method, extra, fewshot):
     # with CARRY the checkpoint must hold the carried Adam state for the logs to match
     full = fewshot(omniglot_root, tmp_path, method, "--meta_train_steps", "3", *extra)
     main.main([*full, "--suffix", "straight"])
@@ -96,7 +84,7 @@ def test_stop_and_resume_gives_identical_logs(omniglot_root, tmp_path, same_log_
                       same_log_files)
 
 
-def test_evaluation_episodes_are_fixed_and_the_same_for_every_method(omniglot_root):
+def test_evaluation_episodes_are_fixed_and_the_same_for_every_method(omniglot_root, fewshot):
     exps = [main.FewShotExperiment(main.parse_args(fewshot(omniglot_root, Path("x"), m)),
                                    torch.device("cpu")) for m in ("maml", "reptile")]
     for case in ("val", "test"):
@@ -116,8 +104,8 @@ def test_evaluation_episodes_are_fixed_and_the_same_for_every_method(omniglot_ro
 
 
 @pytest.mark.parametrize("method", ["maml", "fomaml", "reptile"])
-def test_inductive_batch_norm_is_running_statistics_and_printed(omniglot_root, tmp_path, capsys,
-                                                                method):
+def test_inductive_batch_norm_is_running_statistics_and_printed(
+        omniglot_root, tmp_path, capsys, method, fewshot):
     result = main.main(fewshot(omniglot_root, tmp_path, method, "--bn_eval", "inductive",
                                "--log_ival", "1"))
     assert result.bn_eval == "inductive"
@@ -176,7 +164,7 @@ def test_image_folder_dataset_runs(tmp_path, capsys):
         main.main(missing)
 
 
-def test_flag_errors_and_alphabet_defaults_unchanged(omniglot_root, tmp_path):
+def test_flag_errors_and_alphabet_defaults_unchanged(omniglot_root, tmp_path, fewshot):
     args = main.parse_args([])
     assert (args.protocol, args.bn_mode, args.image_size, args.downsample) == (
         "alphabet", "batch", 28, "pool")
@@ -196,14 +184,15 @@ def test_flag_errors_and_alphabet_defaults_unchanged(omniglot_root, tmp_path):
         main.main(fewshot(omniglot_root, tmp_path, "maml", "--num_test", "0", "--suffix", "t"))
 
 
-def test_evaluate_only_gives_the_final_result_again(omniglot_root, tmp_path):
+def test_evaluate_only_gives_the_final_result_again(omniglot_root, tmp_path, fewshot):
     argv = fewshot(omniglot_root, tmp_path, "fomaml")
     first = main.main(argv)
     again = main.main([*argv, "--evaluate"])
     assert again.accuracy == first.accuracy and again.step == 2
 
 
-def test_train_shots_and_queries_change_only_meta_training_episodes(omniglot_root, tmp_path):
+def test_train_shots_and_queries_change_only_meta_training_episodes(
+        omniglot_root, tmp_path, fewshot):
     argv = fewshot(omniglot_root, tmp_path, "reptile", "--train_shots", "3",
                    "--train_queries", "1")
     exp = main.FewShotExperiment(main.parse_args(argv), torch.device("cpu"))
@@ -220,7 +209,7 @@ def test_train_shots_and_queries_change_only_meta_training_episodes(omniglot_roo
     assert (result.shots, result.queries, result.episodes) == (1, 2, 12)
 
 
-def test_reptile_inner_state_reaches_the_learner_and_is_checked(omniglot_root, tmp_path):
+def test_reptile_inner_state_reaches_the_learner_and_is_checked(omniglot_root, tmp_path, fewshot):
     reset = [*fewshot(omniglot_root, tmp_path, "reptile"), *CARRY[2:]]
     learner = main.build_learner(main.learner_config(main.parse_args(reset)))
     assert learner.inner_state == "reset"
@@ -235,8 +224,8 @@ def test_reptile_inner_state_reaches_the_learner_and_is_checked(omniglot_root, t
             [*reset, *CARRY[:2], "--vectorize", "on"])))
 
 
-def test_reptile_inner_state_carry_is_refused_across_processes(omniglot_root, tmp_path,
-                                                               monkeypatch):
+def test_reptile_inner_state_carry_is_refused_across_processes(
+        omniglot_root, tmp_path, monkeypatch, fewshot):
     two = main.distributed.DistributedContext(0, 2, 0, torch.device("cpu"), None)
     monkeypatch.setattr(main.distributed, "setup", lambda **kwargs: two)
     monkeypatch.setattr(main.distributed, "teardown", lambda: None)

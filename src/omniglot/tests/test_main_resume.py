@@ -10,25 +10,8 @@ import torch
 
 import main
 from metazoo import NonFiniteError
-from metazoo.cli import UsageError, run_command
+from metazoo.cli import UsageError
 from metazoo.serialization import load_checked, save_checked
-
-
-def _snapshot(folder: Path) -> dict[str, bytes]:
-    """Every file under ``folder`` (names relative to it) with its bytes."""
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
-            if p.is_file()}
-
-
-def _one_line_exit_2(argv, capsys) -> str:
-    """Runs main.py's command in process; asserts one ``error:`` line and exit code 2."""
-    with pytest.raises(SystemExit) as exit_info:
-        run_command(main.main, argv)
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
-    return err
-
 
 # -- bug 1: non-finite meta-optimizer hyperparameters -----------------------------------------
 
@@ -38,10 +21,10 @@ def _one_line_exit_2(argv, capsys) -> str:
     ["--outer_opt", "adam", "--outer_kwargs", "lr", "0.1", "eps", "nan"],
     ["--inner_kwargs", "lr", "nan"], ["--meta_kwargs", "norm", "inf"],
 ])
-def test_nonfinite_hyperparameters_are_refused_before_the_run(tiny, omniglot_root, tmp_path,
-                                                              capsys, flags):
+def test_nonfinite_hyperparameters_are_refused_before_the_run(
+        tiny, omniglot_root, tmp_path, flags, one_line_exit_2):
     argv = [*tiny(omniglot_root, tmp_path, "leap"), *flags, "--on_nonfinite", "skip"]
-    err = _one_line_exit_2(argv, capsys)
+    err = one_line_exit_2(argv)
     flag = next(f for f in flags if f.endswith("_kwargs"))
     assert flag in err and "finite" in err and "e.g." in err
     assert not (tmp_path / "leap").exists()  # nothing written
@@ -54,10 +37,10 @@ def test_nonfinite_hyperparameters_are_refused_before_the_run(tiny, omniglot_roo
     (["--outer_kwargs", "lr", "-inf"], "--outer_kwargs lr -inf: must be a finite number"),
     (["--inner_kwargs", "lr", "-1e-3"], "--inner_kwargs lr -0.001: must be >= 0"),
 ])
-def test_huge_and_negative_hyperparameters_are_one_line(tiny, omniglot_root, tmp_path, capsys,
-                                                       flags, message):
+def test_huge_and_negative_hyperparameters_are_one_line(
+        tiny, omniglot_root, tmp_path, flags, message, one_line_exit_2):
     argv = [*tiny(omniglot_root, tmp_path, "maml"), *flags]
-    assert message in _one_line_exit_2(argv, capsys)
+    assert message in one_line_exit_2(argv)
     assert not (tmp_path / "maml").exists()
 
 
@@ -68,10 +51,10 @@ def test_huge_and_negative_hyperparameters_are_one_line(tiny, omniglot_root, tmp
      "init='identity' needs a linear warp layer that keeps its width and size, but "
      "activation='relu'"),
 ])
-def test_bad_warp_options_are_one_line_before_the_run(tiny, omniglot_root, tmp_path, capsys,
-                                                      flags, message):
+def test_bad_warp_options_are_one_line_before_the_run(
+        tiny, omniglot_root, tmp_path, flags, message, one_line_exit_2):
     argv = [*tiny(omniglot_root, tmp_path, "warp_leap"), *flags]
-    assert message in _one_line_exit_2(argv, capsys)
+    assert message in one_line_exit_2(argv)
     assert not (tmp_path / "warp_leap").exists()  # nothing written
 
 
@@ -97,9 +80,9 @@ def test_warp_options_reach_the_learner_and_the_record(tiny, omniglot_root, tmp_
     (["--outer_opt", "adam", "--outer_kwargs", "lr", "0.1", "eps", "0"],
      "--outer_kwargs eps 0: must be > 0"),
 ])
-def test_non_numeric_hyperparameters_are_named(tiny, omniglot_root, tmp_path, capsys, flags,
-                                               message):
-    err = _one_line_exit_2([*tiny(omniglot_root, tmp_path, "maml"), *flags], capsys)
+def test_non_numeric_hyperparameters_are_named(
+        tiny, omniglot_root, tmp_path, flags, message, one_line_exit_2):
+    err = one_line_exit_2([*tiny(omniglot_root, tmp_path, "maml"), *flags])
     assert message in err
 
 
@@ -118,7 +101,7 @@ def test_out_of_range_flags_name_the_flag(tiny, omniglot_root, tmp_path, capsys,
 
 
 def test_a_nonfinite_error_of_the_core_is_one_line_naming_the_meta_step(
-        tiny, omniglot_root, tmp_path, capsys, monkeypatch):
+        tiny, omniglot_root, tmp_path, monkeypatch, one_line_exit_2):
     real_meta_step = main.distributed.meta_step
     calls = []
 
@@ -130,15 +113,14 @@ def test_a_nonfinite_error_of_the_core_is_one_line_naming_the_meta_step(
         return real_meta_step(learner, tasks)
 
     monkeypatch.setattr(main.distributed, "meta_step", meta_step)
-    err = _one_line_exit_2(tiny(omniglot_root, tmp_path, "leap", "--on_nonfinite", "skip"),
-                           capsys)
+    err = one_line_exit_2(tiny(omniglot_root, tmp_path, "leap", "--on_nonfinite", "skip"))
     assert "(meta-step 2)" in err
     run = tmp_path / "leap" / "tmp"
     assert load_checked(run / "checkpoint.pt")["step"] == 1 and not (run / "done.json").exists()
 
 
-def test_nonfinite_weights_are_never_checkpointed_nor_tested(tiny, omniglot_root, tmp_path,
-                                                             monkeypatch):
+def test_nonfinite_weights_are_never_checkpointed_nor_tested(
+        tiny, omniglot_root, tmp_path, monkeypatch):
     """The last line of defence behind the core's check: if a meta-step ever leaves NaN in the
     learner (here a meta-step that bypasses the core), no checkpoint holds it and done.json
     gets no test accuracy."""
@@ -172,17 +154,17 @@ def test_nonfinite_weights_are_never_checkpointed_nor_tested(tiny, omniglot_root
 
 # -- bug 2: --resume without a checkpoint -----------------------------------------------------
 
-def test_resume_without_a_checkpoint_refuses_and_deletes_nothing(tiny, omniglot_root, tmp_path,
-                                                                 capsys):
+def test_resume_without_a_checkpoint_refuses_and_deletes_nothing(
+        tiny, omniglot_root, tmp_path, one_line_exit_2, snapshot):
     argv = tiny(omniglot_root, tmp_path, "leap", "--suffix", "r", "--save_ival", "0")
     main.main(argv)
     run = tmp_path / "leap" / "r"
     (run / "my_notes.txt").write_text("mine")
-    before = _snapshot(run)
+    before = snapshot(run)
     assert "done.json" in before
-    err = _one_line_exit_2([*argv, "--resume"], capsys)
+    err = one_line_exit_2([*argv, "--resume"])
     assert "has no checkpoint.pt" in err and "--overwrite" in err
-    assert _snapshot(run) == before
+    assert snapshot(run) == before
 
 
 def test_resume_of_a_run_not_yet_started_starts_it(tiny, omniglot_root, tmp_path):
@@ -221,33 +203,34 @@ def test_overwrite_replaces_the_runs_files_only(tiny, omniglot_root, tmp_path):
     (["--task_train_steps", "3"], "--task_train_steps 2 -> 3"),
     (["--warp_init", "identity"], "--warp_init 'random' -> 'identity'"),
 ])
-def test_resume_under_other_flags_is_refused_naming_them(tiny, omniglot_root, tmp_path, capsys,
-                                                         flags, named):
+def test_resume_under_other_flags_is_refused_naming_them(
+        tiny, omniglot_root, tmp_path, flags, named, one_line_exit_2, snapshot):
     argv = tiny(omniglot_root, tmp_path, "leap", "--suffix", "r")
     main.main([*argv, "--meta_train_steps", "1"])
     run = tmp_path / "leap" / "r"
-    before = _snapshot(run)
-    err = _one_line_exit_2([*argv, *flags, "--resume"], capsys)
+    before = snapshot(run)
+    err = one_line_exit_2([*argv, *flags, "--resume"])
     assert named in err and "nothing was changed" in err
-    assert _snapshot(run) == before
+    assert snapshot(run) == before
     # the flags that may change (here: more meta-steps, other logging) resume
     main.main([*argv, "--resume", "--log_ival", "1", "--write_ival", "2"])
     assert json.loads((run / "done.json").read_text())["step"] == 2
 
 
-def test_a_checkpoint_of_another_method_is_refused(tiny, omniglot_root, tmp_path, capsys):
+def test_a_checkpoint_of_another_method_is_refused(
+        tiny, omniglot_root, tmp_path, one_line_exit_2, snapshot):
     main.main(tiny(omniglot_root, tmp_path, "leap", "--suffix", "a"))
     argv = tiny(omniglot_root, tmp_path, "maml", "--suffix", "a")
     main.main([*argv, "--meta_train_steps", "1"])
     run = tmp_path / "maml" / "a"
     shutil.copyfile(tmp_path / "leap" / "a" / "checkpoint.pt", run / "checkpoint.pt")
-    before = _snapshot(run)
-    err = _one_line_exit_2([*argv, "--resume"], capsys)
+    before = snapshot(run)
+    err = one_line_exit_2([*argv, "--resume"])
     assert "--meta_model 'leap' -> 'maml'" in err
-    assert _snapshot(run) == before
-    err = _one_line_exit_2([*argv, "--evaluate"], capsys)
+    assert snapshot(run) == before
+    err = one_line_exit_2([*argv, "--evaluate"])
     assert "--meta_model 'leap' -> 'maml'" in err
-    assert _snapshot(run) == before
+    assert snapshot(run) == before
 
 
 def test_the_checkpoint_records_what_produced_it(tiny, omniglot_root, tmp_path):
@@ -259,8 +242,8 @@ def test_the_checkpoint_records_what_produced_it(tiny, omniglot_root, tmp_path):
 
 # -- bug 7: a failed resume destroys nothing --------------------------------------------------
 
-def test_a_refused_resume_of_a_finished_run_keeps_its_results(tiny, omniglot_root, tmp_path,
-                                                              capsys):
+def test_a_refused_resume_of_a_finished_run_keeps_its_results(
+        tiny, omniglot_root, tmp_path, one_line_exit_2, snapshot):
     argv = tiny(omniglot_root, tmp_path, "maml")
     main.main(argv)
     run = tmp_path / "maml" / "tmp"
@@ -268,14 +251,15 @@ def test_a_refused_resume_of_a_finished_run_keeps_its_results(tiny, omniglot_roo
     weight = next(v for v in state["learner"]["model"].values() if v.is_floating_point())
     weight.view(-1)[0] = float("nan")
     save_checked(state, run / "checkpoint.pt")  # a valid checksum over NaN weights
-    before = _snapshot(run)
+    before = snapshot(run)
     assert "done.json" in before and any("_test_" in name for name in before)
-    err = _one_line_exit_2([*argv, "--resume"], capsys)
+    err = one_line_exit_2([*argv, "--resume"])
     assert "non-finite weights (model." in err
-    assert _snapshot(run) == before
+    assert snapshot(run) == before
 
 
-def test_a_bit_flipped_checkpoint_is_refused(tiny, omniglot_root, tmp_path, capsys):
+def test_a_bit_flipped_checkpoint_is_refused(
+        tiny, omniglot_root, tmp_path, one_line_exit_2, snapshot):
     argv = tiny(omniglot_root, tmp_path, "maml", "--meta_train_steps", "1")
     main.main(argv)
     run = tmp_path / "maml" / "tmp"
@@ -287,10 +271,10 @@ def test_a_bit_flipped_checkpoint_is_refused(tiny, omniglot_root, tmp_path, caps
     assert at > 0
     data[at + 5] ^= 0x04  # one bit of one weight
     path.write_bytes(bytes(data))
-    before = _snapshot(run)
-    err = _one_line_exit_2([*argv, "--resume", "--meta_train_steps", "2"], capsys)
+    before = snapshot(run)
+    err = one_line_exit_2([*argv, "--resume", "--meta_train_steps", "2"])
     assert "does not match its checksum" in err
-    assert _snapshot(run) == before
+    assert snapshot(run) == before
 
 
 def _recorded_temporary(run: Path, name: str) -> str:

@@ -8,6 +8,7 @@ import sys
 import matplotlib
 import numpy as np
 import pytest
+import torch
 
 import main
 import monitor
@@ -107,6 +108,7 @@ def test_compare_says_seeds_scale_and_chance(runs, tmp_path, monkeypatch):
         assert f"reptile ({seeds})" in [t.get_text() for t in left.get_legend().get_texts()]
         assert "3-way alphabet tasks, 3 meta-training alphabets, 2 meta-steps x 2 tasks" in (
             fig._suptitle.get_text())
+        assert f"({torch.backends.cpu.get_cpu_capability()})" in fig._suptitle.get_text()
         matplotlib.pyplot.close(fig)
 
 
@@ -183,6 +185,25 @@ def test_command_line_reports_bad_input_without_a_traceback(tmp_path):
 def test_the_printed_table_shows_no_spread_for_one_run(runs, tmp_path, capsys):
     monitor.main(["compare", *(str(r) for r in runs if r.name == "s1"), "--out",
                   str(tmp_path / "one.png")])
-    rows = [line.split() for line in capsys.readouterr().out.splitlines()[1:]]
+    machine_line, _header, *lines = capsys.readouterr().out.splitlines()
+    assert machine_line.startswith("machine: ")
+    rows = [line.split() for line in lines]
     assert sorted(row[0] for row in rows) == ["no", "reptile"]
     assert all(row[2] == "-" and row[3] == "1" for row in rows)  # not a std of 0.0000
+
+
+def test_the_machine_kind_of_the_runs_is_named_and_a_mix_is_said(runs, tmp_path):
+    handlers = [monitor.FileHandler(r) for r in runs]
+    line = monitor.machine_kind(handlers)
+    capability = torch.backends.cpu.get_cpu_capability()
+    assert line.startswith("machine: ") and f"({capability})" in line
+    assert f"torch {torch.__version__}" in line
+    other = monitor.FileHandler(runs[0])
+    other.machine = {**other.machine, "cpu_capability": "AVX512"}
+    assert monitor.machine_kind([*handlers, other]).startswith(
+        "machines: 2 kinds (machine.json): these numbers do not all come from one machine kind")
+    old = monitor.FileHandler(runs[0])
+    old.machine = None  # a run older than machine.json
+    assert monitor.machine_kind([old]) == ("machine: not recorded (runs older than "
+                                           "machine.json)")
+    assert monitor.machine_kind([*handlers, old]).endswith("; some runs unrecorded")

@@ -25,20 +25,6 @@ from metazoo.testing import kill_at_call_command
 MAIN = Path(main.__file__)
 
 
-def _snapshot(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
-            if p.is_file()}
-
-
-def _one_line_exit_2(argv, capsys) -> str:
-    with pytest.raises(SystemExit) as exit_info:
-        run_command(main.main, argv)
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
-    return err
-
-
 def _same_run(a: Path, b: Path, same_log_files) -> None:
     same_log_files(a, b, 8)
     assert (a / "split.json").read_text() == (b / "split.json").read_text()
@@ -56,7 +42,7 @@ def _wait_for_lines(proc: subprocess.Popen, log: Path, lines: int) -> None:
 # -- case 1: a second process on a live run ---------------------------------------------------
 
 def test_a_second_process_on_a_live_run_is_refused_naming_the_holder(
-        tiny, omniglot_root, tmp_path, capsys):
+        tiny, omniglot_root, tmp_path, one_line_exit_2):
     argv = [*tiny(omniglot_root, tmp_path, "leap", "--meta_train_steps", "100000",
                   "--test_ival", "0", "--threads", "1"), "--suffix", "s"]
     proc = subprocess.Popen([sys.executable, str(MAIN), *argv], stdout=subprocess.DEVNULL,
@@ -65,7 +51,7 @@ def test_a_second_process_on_a_live_run_is_refused_naming_the_holder(
     try:
         _wait_for_lines(proc, log, 2)
         for flag in ("--resume", "--overwrite"):
-            err = _one_line_exit_2([*argv, "--meta_train_steps", "3", flag], capsys)
+            err = one_line_exit_2([*argv, "--meta_train_steps", "3", flag])
             assert f"pid {proc.pid})" in err and "in use by another live process (host " in err
         lines = len(log.read_text().splitlines())
         _wait_for_lines(proc, log, lines + 2)  # the first run goes on, untouched
@@ -96,7 +82,7 @@ def test_a_run_killed_before_its_first_checkpoint_starts_again_on_resume(
 
 
 def test_a_run_that_died_before_its_checkpoint_is_not_restarted_under_other_flags(
-        tiny, omniglot_root, tmp_path, capsys, monkeypatch):
+        tiny, omniglot_root, tmp_path, monkeypatch, one_line_exit_2, snapshot):
     argv = [*tiny(omniglot_root, tmp_path, "leap"), "--suffix", "k"]
 
     def die(*args, **kwargs):
@@ -107,10 +93,10 @@ def test_a_run_that_died_before_its_checkpoint_is_not_restarted_under_other_flag
         main.main(argv)
     monkeypatch.undo()
     run = tmp_path / "leap" / "k"
-    before = _snapshot(run)
-    err = _one_line_exit_2([*argv, "--resume", "--seed", "3"], capsys)
-    assert "--seed 8879 -> 3" in err and _snapshot(run) == before
-    assert "--resume" in _one_line_exit_2(argv, capsys)  # a plain start names the way on
+    before = snapshot(run)
+    err = one_line_exit_2([*argv, "--resume", "--seed", "3"])
+    assert "--seed 8879 -> 3" in err and snapshot(run) == before
+    assert "--resume" in one_line_exit_2(argv)  # a plain start names the way on
     main.main([*argv, "--resume"])
     assert json.loads((run / "done.json").read_text())["step"] == 2
 
@@ -118,17 +104,17 @@ def test_a_run_that_died_before_its_checkpoint_is_not_restarted_under_other_flag
 # -- case 3: a refused resume deletes nothing -------------------------------------------------
 
 def test_a_malformed_log_line_refuses_the_resume_before_anything_changes(
-        tiny, omniglot_root, tmp_path, capsys):
+        tiny, omniglot_root, tmp_path, one_line_exit_2, snapshot):
     argv = tiny(omniglot_root, tmp_path, "maml")
     main.main(argv)
     run = tmp_path / "maml" / "tmp"
     with open(run / "results_train_val.log", "a") as f:
         f.write("x,not a line of the run\n")
-    before = _snapshot(run)
+    before = snapshot(run)
     assert any("_test_" in name for name in before) and "done.json" in before
-    err = _one_line_exit_2([*argv, "--resume"], capsys)
+    err = one_line_exit_2([*argv, "--resume"])
     assert "results_train_val.log line 3" in err and "nothing was changed" in err
-    assert _snapshot(run) == before
+    assert snapshot(run) == before
 
 
 def test_a_users_log_in_the_run_folder_is_never_read_or_trimmed(tiny, omniglot_root, tmp_path):
@@ -144,8 +130,8 @@ def test_a_users_log_in_the_run_folder_is_never_read_or_trimmed(tiny, omniglot_r
 # -- case 4: a checkpoint without stored flags ------------------------------------------------
 
 @pytest.mark.parametrize("saved,resumed", [("leap", "reptile"), ("maml", "fomaml")])
-def test_a_checkpoint_without_flags_is_refused_unless_trusted(tiny, omniglot_root, tmp_path,
-                                                              capsys, saved, resumed):
+def test_a_checkpoint_without_flags_is_refused_unless_trusted(
+        tiny, omniglot_root, tmp_path, saved, resumed, one_line_exit_2, snapshot):
     main.main(tiny(omniglot_root, tmp_path, saved, "--meta_train_steps", "1"))
     argv = tiny(omniglot_root, tmp_path, resumed)
     main.main([*argv, "--meta_train_steps", "1"])
@@ -154,18 +140,18 @@ def test_a_checkpoint_without_flags_is_refused_unless_trusted(tiny, omniglot_roo
     del state["flags"], state["producer"]
     save_checked(state, run / "checkpoint.pt")  # re-saved without its flags: a valid checksum
     (run / "args.log").unlink()
-    before = _snapshot(run)
-    err = _one_line_exit_2([*argv, "--resume"], capsys)
+    before = snapshot(run)
+    err = one_line_exit_2([*argv, "--resume"])
     assert "does not record the flags" in err and "--trust_checkpoint" in err
-    assert _snapshot(run) == before
+    assert snapshot(run) == before
     main.main([*argv, "--resume", "--trust_checkpoint"])  # the user vouches for it
     assert json.loads((run / "done.json").read_text())["step"] == 2
 
 
 # -- case 5: run_multi.py and stale results ---------------------------------------------------
 
-def test_the_sweep_reports_a_finished_run_of_other_flags_as_an_error(omniglot_root, tmp_path,
-                                                                     capsys, tiny):
+def test_the_sweep_reports_a_finished_run_of_other_flags_as_an_error(
+        omniglot_root, tmp_path, capsys, tiny):
     argv = ["--methods", "no", "--num_pretrain", "2", "--seeds", "1", "--log_dir",
             str(tmp_path), "--", *tiny(omniglot_root, None, None), "--threads", "1"]
     assert run_multi.main(argv) == 0
@@ -193,11 +179,11 @@ def test_the_sweep_eta_covers_running_and_pending_runs():
 # -- case 6: paths that escape ----------------------------------------------------------------
 
 @pytest.mark.parametrize("suffix", ["../../escape", "/abs"])
-def test_a_suffix_cannot_lead_out_of_the_log_folder(tiny, omniglot_root, tmp_path, capsys,
-                                                     suffix):
+def test_a_suffix_cannot_lead_out_of_the_log_folder(
+        tiny, omniglot_root, tmp_path, suffix, one_line_exit_2):
     logs = tmp_path / "logs"
     value = str(tmp_path / "abs") if suffix == "/abs" else suffix
-    err = _one_line_exit_2([*tiny(omniglot_root, logs, "no"), "--suffix", value], capsys)
+    err = one_line_exit_2([*tiny(omniglot_root, logs, "no"), "--suffix", value])
     assert f"--suffix {value!r}" in err
     assert sorted(p.name for p in tmp_path.iterdir()) in ([], ["logs"])
     assert not list(tmp_path.rglob("*.log"))
@@ -230,7 +216,7 @@ def test_resume_keeps_a_users_file_named_like_a_temporary(tiny, omniglot_root, t
     RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 64 vs 0"),
 ])
 def test_a_full_disk_is_one_line_the_checkpoint_stays_and_the_run_resumes(
-        tiny, omniglot_root, tmp_path, capsys, monkeypatch, same_log_files, failure):
+        tiny, omniglot_root, tmp_path, monkeypatch, same_log_files, failure, one_line_exit_2):
     argv = [*tiny(omniglot_root, tmp_path, "warp_leap", "--meta_train_steps", "3"),
             "--suffix", "full"]
     real_save, saves = torch.save, []
@@ -242,7 +228,7 @@ def test_a_full_disk_is_one_line_the_checkpoint_stays_and_the_run_resumes(
             raise failure
 
     monkeypatch.setattr(torch, "save", full_disk)
-    err = _one_line_exit_2(argv, capsys)
+    err = one_line_exit_2(argv)
     monkeypatch.undo()
     assert "could not write" in err and "previous checkpoint.pt is intact" in err
     assert "--resume" in err
@@ -253,32 +239,32 @@ def test_a_full_disk_is_one_line_the_checkpoint_stays_and_the_run_resumes(
     _same_run(tmp_path / "warp_leap" / "straight", run, same_log_files)
 
 
-def test_a_log_dir_that_is_a_file_or_read_only_is_one_line(tiny, omniglot_root, tmp_path,
-                                                            capsys, monkeypatch):
+def test_a_log_dir_that_is_a_file_or_read_only_is_one_line(
+        tiny, omniglot_root, tmp_path, monkeypatch, one_line_exit_2):
     (tmp_path / "file").write_text("not a folder")
-    err = _one_line_exit_2(tiny(omniglot_root, tmp_path / "file", "no"), capsys)
+    err = one_line_exit_2(tiny(omniglot_root, tmp_path / "file", "no"))
     assert "is a file, not a folder" in err
 
     def read_only(self, *args, **kwargs):
         raise OSError(errno.EROFS, "Read-only file system")
 
     monkeypatch.setattr(Path, "mkdir", read_only)  # as root, chmod would not stop the run
-    err = _one_line_exit_2(tiny(omniglot_root, tmp_path / "ro", "no"), capsys)
+    err = one_line_exit_2(tiny(omniglot_root, tmp_path / "ro", "no"))
     assert "Read-only file system" in err
 
 
-def test_a_dangling_checkpoint_link_is_named_as_one(tiny, omniglot_root, tmp_path, capsys):
+def test_a_dangling_checkpoint_link_is_named_as_one(tiny, omniglot_root, tmp_path, one_line_exit_2):
     argv = tiny(omniglot_root, tmp_path, "leap", "--meta_train_steps", "1")
     main.main(argv)
     run = tmp_path / "leap" / "tmp"
     (run / "checkpoint.pt").unlink()
     (run / "checkpoint.pt").symlink_to(tmp_path / "moved" / "checkpoint.pt")
-    err = _one_line_exit_2([*argv, "--resume"], capsys)
+    err = one_line_exit_2([*argv, "--resume"])
     assert "is a symbolic link to" in err and "which does not exist" in err
 
 
-def test_the_lightning_command_keeps_its_folder_inside_the_log_folder(tiny, omniglot_root,
-                                                                      tmp_path, capsys):
+def test_the_lightning_command_keeps_its_folder_inside_the_log_folder(
+        tiny, omniglot_root, tmp_path, capsys):
     pytest.importorskip("lightning")
     import lightning_main
 

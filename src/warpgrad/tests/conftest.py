@@ -6,35 +6,12 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from torch import nn
+
+from metazoo.testing import WarpedMLP
 
 # On a shared, oversubscribed CPU, intra-op threads spin at barriers: a 6x4 batch_norm took
 # 95 ms with 2 threads and 10 us with 1 (measured under load). The tests use tiny tensors.
 torch.set_num_threads(1)
-
-
-class WarpedMLP(nn.Module):
-    """adapt -> warp -> tanh -> adapt(BatchNorm) -> warp -> adapt head."""
-
-    def __init__(self, width: int = 4, classes: int = 3, batch_norm: bool = True) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(3, width)
-        self.warp1 = nn.Linear(width, width)
-        self.fc2 = nn.Linear(width, width)
-        self.bn = nn.BatchNorm1d(width) if batch_norm else nn.Identity()
-        self.warp2 = nn.Linear(width, width)
-        self.head = nn.Linear(width, classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = torch.tanh(self.warp1(self.fc1(x)))
-        h = torch.tanh(self.warp2(self.bn(self.fc2(h))))
-        return self.head(h)
-
-    def adapt_modules(self) -> list[nn.Module]:
-        return [self.fc1, self.fc2, self.bn, self.head]
-
-    def warp_modules(self) -> list[nn.Module]:
-        return [self.warp1, self.warp2]
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import metazoo
 from metazoo import MetaLearner, NonFiniteError, Task
-from warpgrad import DualUpdater, OnlineUpdater, OptimizerParameters, Warp, WarpGrad
+from warpgrad import DualUpdater, OnlineUpdater, OptimizerParameters, ReplayBuffer, Warp, WarpGrad
 
 
 def _tasks(make_tasks, num_tasks=2, support=2):
@@ -122,6 +122,47 @@ def test_state_dict_round_trip_and_validation(make_model, make_tasks):
         WarpGrad(online, inner_steps=1)
     with pytest.raises(ValueError, match="inner_steps must be an int >= 1, got 0"):
         WarpGrad(learner.warp, inner_steps=0)
+
+
+def _seeded(model):
+    """Replay in a seeded order, one state per step, from a seeded reservoir of 2 states per
+    task: both generators advance every meta-step."""
+    params = OptimizerParameters(trainable=True, default_lr=0.3, default_momentum=0.0)
+    warp = Warp(model, model.adapt_modules(), model.warp_modules(),
+                DualUpdater(F.cross_entropy, bsz=1, seed=3), ReplayBuffer(max_states=2, seed=4),
+                optimizer_parameters=params)
+    return WarpGrad(warp, inner_steps=3, meta_optimizer=lambda p: torch.optim.SGD(p, lr=0.1))
+
+
+def test_a_resumed_seeded_replay_continues_as_an_uninterrupted_one(make_model, make_tasks,
+                                                                   tmp_path):
+    batches = [_tasks(make_tasks, num_tasks=2) for _ in range(3)]
+    straight = _seeded(make_model())
+    for tasks in batches:
+        straight.meta_step(tasks)
+    first = _seeded(make_model())
+    first.meta_step(batches[0])
+    metazoo.atomic_save(first.state_dict(), tmp_path / "ckpt.pt")
+    state = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert set(state["warp"]["random"]) == {"updater", "buffer"}
+    resumed = _seeded(make_model(seed=7))
+    resumed.load_state_dict(state)
+    for tasks in batches[1:]:
+        resumed.meta_step(tasks)
+    for (n, a), (_, b) in zip(straight.named_meta_parameters(),
+                              resumed.named_meta_parameters(), strict=True):
+        assert torch.equal(a, b), n
+    # Without the generators (a checkpoint from before they were saved) the replay and the
+    # reservoir start again from their seeds: another run, which this test can tell apart.
+    del state["warp"]["random"]
+    fresh = _seeded(make_model(seed=7))
+    fresh.load_state_dict(state)
+    for tasks in batches[1:]:
+        fresh.meta_step(tasks)
+    assert any(not torch.equal(a, b) for (_, a), (_, b) in zip(
+        straight.named_meta_parameters(), fresh.named_meta_parameters(), strict=True))
+    # Unseeded parts draw from torch's global generator: nothing of theirs is saved.
+    assert "random" not in _learner(make_model()).state_dict()["warp"]
 
 
 # -- faults and determinism ---------------------------------------------------------------------

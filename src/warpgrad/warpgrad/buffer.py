@@ -352,6 +352,17 @@ class ReplayBuffer:
         del self._data[slot], self._seen[slot], self._candidates[slot], self._finite[slot]
         self._terminal_finite.pop(slot, None)
 
+    def random_state(self) -> torch.Tensor | None:
+        """The state of the buffer's own generator (``seed=``), ``None`` without a seed: what a
+        checkpoint needs so that a resumed run draws the same reservoir samples."""
+        return None if self._generator is None else self._generator.get_state()
+
+    def set_random_state(self, state: torch.Tensor | None) -> None:
+        """Restores ``random_state()`` (``None``, from a buffer without a seed, changes
+        nothing)."""
+        if state is not None and self._generator is not None:
+            self._generator.set_state(state)
+
     def close(self) -> None:
         """Clears the buffer and removes its temporary directory (disk mode)."""
         self.clear()

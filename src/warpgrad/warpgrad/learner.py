@@ -56,12 +56,6 @@ from warpgrad.warp import Warp
 __all__ = ["WarpGrad"]
 
 
-def check_steps(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an int >= 1, got {value!r}; use at least one step")
-    return value
-
-
 ModuleSelection = (nn.Module | str | Callable[[str], bool]
                    | Iterable[nn.Module | str] | None)
 
@@ -265,8 +259,8 @@ class WarpGrad(MetaLearner):
         if not isinstance(warp.updater, DualUpdater):
             raise ValueError(f"warp.updater must be a DualUpdater for WarpGrad, got "
                              f"{type(warp.updater).__name__}")
-        self.inner_steps = check_steps("inner_steps", inner_steps)
-        self.eval_inner_steps = check_steps(
+        self.inner_steps = metazoo.check_steps("inner_steps", inner_steps)
+        self.eval_inner_steps = metazoo.check_steps(
             "eval_inner_steps", inner_steps if eval_inner_steps is None else eval_inner_steps)
         if meta_lr is not None:
             if meta_optimizer is not None:
@@ -457,7 +451,7 @@ class WarpGrad(MetaLearner):
                  adaptation.inner_losses[i]) for i in kept]
 
     def _steps(self, steps: int | None) -> int:
-        return self.eval_inner_steps if steps is None else check_steps("steps", steps)
+        return self.eval_inner_steps if steps is None else metazoo.check_steps("steps", steps)
 
     def adapt(self, task: Task, *, steps: int | None = None) -> Adapted:
         """Adapts the initialisation to ``task`` with the warp layers fixed.

@@ -262,6 +262,16 @@ class DualUpdater:
             self._generator = torch.Generator()
             self._generator.manual_seed(seed)
 
+    def random_state(self) -> torch.Tensor | None:
+        """The state of the replay-order generator (``seed=``), ``None`` without a seed: what a
+        checkpoint needs so that a resumed run replays in the same order."""
+        return None if self._generator is None else self._generator.get_state()
+
+    def set_random_state(self, state: torch.Tensor | None) -> None:
+        """Restores ``random_state()`` (``None`` changes nothing)."""
+        if state is not None and self._generator is not None:
+            self._generator.set_state(state)
+
     def _chunks(self, n: int) -> list[list[int]]:
         order = torch.randperm(n, generator=self._generator).tolist()
         size = n if self.bsz <= 0 else self.bsz

@@ -489,12 +489,20 @@ class Warp:
 
     def state_dict(self) -> dict[str, Any]:
         """Model, initialisation and optimizer parameters (and a ``ContinualUpdater``'s
-        running sum, under ``"updater"``)."""
-        state = {"model": self.model.state_dict(),
-                 "init": {n: p.detach().clone() for n, p in self._init.items()},
-                 "optimizer_parameters": self._optimizer_parameters.state_dict()}
+        running sum, under ``"updater"``; the generators of a seeded ``DualUpdater`` and
+        ``ReplayBuffer``, under ``"random"``, so that a resumed run replays and samples as an
+        uninterrupted one)."""
+        state: dict[str, Any] = {
+            "model": self.model.state_dict(),
+            "init": {n: p.detach().clone() for n, p in self._init.items()},
+            "optimizer_parameters": self._optimizer_parameters.state_dict()}
         if isinstance(self.updater, ContinualUpdater):
             state["updater"] = self.updater.state_dict()
+        random = {name: generator for name, generator in (
+            ("updater", getattr(self.updater, "random_state", lambda: None)()),
+            ("buffer", self.buffer.random_state())) if generator is not None}
+        if random:  # only seeded parts: unseeded ones draw from torch's global generator
+            state["random"] = random
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -516,6 +524,12 @@ class Warp:
                                  "('updater'); load a state written by a Warp with a "
                                  "ContinualUpdater")
             self.updater.load_state_dict(state["updater"])
+        # A checkpoint from before the generators were saved has none: the replay order then
+        # starts again from the seed, as it did then.
+        random = state.get("random", {})
+        if hasattr(self.updater, "set_random_state"):
+            self.updater.set_random_state(random.get("updater"))
+        self.buffer.set_random_state(random.get("buffer"))
 
     def __repr__(self) -> str:
         return (f"Warp(adapt={len(self._adapt_names)} tensors, warp={len(self._warp_names)} "

@@ -48,7 +48,7 @@ class WarpMAML(MetaLearner):
     """
 
     def __init__(self, warp: WarpGrad, *, inner_optimizer: metazoo.InnerOptimizer | None = None,
-                 checkpoint: bool | int | None = None) -> None:
+                 checkpoint: metazoo.Checkpoint | int | bool | None = None) -> None:
         if not isinstance(warp, WarpGrad):
             raise ValueError(f"warp must be a warpgrad.WarpGrad, got {type(warp).__name__}")
         if warp.updater.init_objective is not None:
@@ -135,7 +135,8 @@ class WarpMAML(MetaLearner):
         self._sync()
 
 
-def warp_maml(*, checkpoint: bool | int | None = None, **keywords: Any) -> WarpMAML:
+def warp_maml(*, checkpoint: metazoo.Checkpoint | int | bool | None = None,
+              **keywords: Any) -> WarpMAML:
     """Warp-MAML built like every learner: ``WarpGrad``'s keywords (``model``,
     ``warp_modules``, ``criterion``, ``inner_optimizer``, ...) with ``init_objective="none"``,
     plus MAML's ``checkpoint``."""
