@@ -21,9 +21,9 @@ and accumulates their gradients. On a CPU the loop is as fast or faster and far 
 W1 at 8 tasks, 1 thread, interleaved medians of 7-11 on a 2-core machine loaded by other jobs,
 after the task-folding layers of issue 26: vectorized 1.01-1.17x the hand-written loop in three
 runs and 1.16-1.17x the library's loop in two, at 1,443-1,677 MiB peak RSS against 167-250 for
-the loops; chunks of 4, 2 and 1 tasks were 1.12x, 1.56x and 2.28x), on a GPU the vectorized form was 9x faster on the MAML Omniglot
-workload (0.156 s against 1.44 s per meta-step, issue 17), so ``vectorize="auto"`` vectorizes on
-CUDA only.
+the loops; chunks of 4, 2 and 1 tasks were 1.12x, 1.56x and 2.28x), on a GPU the vectorized
+form was 9x faster on the MAML Omniglot workload (0.156 s against 1.44 s per meta-step, issue
+17), so ``vectorize="auto"`` vectorizes on CUDA only.
 
 Inside the map, ``F.conv2d``, ``F.max_pool2d`` and BatchNorm with batch statistics run through
 ``metazoo.layers`` and ``metazoo.batchnorm`` (``closed_form_batch_norm``): vmap rules that fold
