@@ -106,7 +106,8 @@ def test_pool_forward_gradients_and_higher_orders(case) -> None:
 
 
 def net_loss(conv, pool, w: Tensor, b: Tensor | None, x: Tensor) -> Tensor:
-    hidden = pool(conv(x, w, b, 1, 1).relu(), 2)
+    groups = x.shape[-3] // w.shape[-3]
+    hidden = pool(conv(x, w, b, 1, 1, 1, groups).relu(), 2)
     return (hidden.tanh() * torch.linspace(-1, 1, hidden.numel(), dtype=DTYPE)
             .view_as(hidden)).sum()
 
@@ -125,16 +126,17 @@ def inner_step_loss(conv, pool, w: Tensor, b: Tensor | None, x: Tensor) -> Tenso
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("per_task_weights", [True, False])
 @pytest.mark.parametrize("samples_outer", [True, False])
+@pytest.mark.parametrize("groups", [1, 2])
 def test_second_order_under_vmap_equals_a_per_task_loop(bias, per_task_weights,
-                                                        samples_outer) -> None:
+                                                        samples_outer, groups) -> None:
     g = torch.Generator().manual_seed(2)
     tasks = 3
     xs = torch.randn(tasks, 4, 2, 6, 6, generator=g, dtype=DTYPE)
     if samples_outer:  # the layout metazoo.vectorize stacks images in
         xs = xs.transpose(0, 1).contiguous().transpose(0, 1)
-    w = torch.randn(*([tasks] if per_task_weights else []), 3, 2, 3, 3, generator=g,
+    w = torch.randn(*([tasks] if per_task_weights else []), 4, 2 // groups, 3, 3, generator=g,
                     dtype=DTYPE)
-    b = (torch.randn(*([tasks] if per_task_weights else []), 3, generator=g, dtype=DTYPE)
+    b = (torch.randn(*([tasks] if per_task_weights else []), 4, generator=g, dtype=DTYPE)
          if bias else None)
     dims = 0 if per_task_weights else None
 
