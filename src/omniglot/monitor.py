@@ -306,7 +306,8 @@ def compare(runs: Sequence[str | os.PathLike | FileHandler], out: str | os.PathL
     by_method: dict[str, list[FileHandler]] = defaultdict(list)
     for h in handlers:
         by_method[h.method].append(h)
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
+    # the test panel is the wider one: its ticks name each method (and a warped one's setting)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(14, 5), width_ratios=(1, 1.5))
     table: dict[str, tuple[float, float, int]] = {}
     ticks: list[str] = []
     for i, (method, hs) in enumerate(sorted(by_method.items())):
@@ -333,7 +334,7 @@ def compare(runs: Sequence[str | os.PathLike | FileHandler], out: str | os.PathL
         if finals:
             table[method] = (float(np.mean(finals)), float(np.std(finals)), len(finals))
             x = len(ticks)
-            setting = "" if warp is None else "\n" + warp.replace(", ", ",\n")
+            setting = "" if warp is None else "\n" + warp.replace(" warp init, ", "\nwarp init,\n")
             ticks.append(f"{method}{setting}\n{_seeds(len(finals))}")
             # one seed has no spread: no error bar that would read as zero
             right.bar(x, table[method][0], color=color, alpha=0.8,
@@ -352,7 +353,7 @@ def compare(runs: Sequence[str | os.PathLike | FileHandler], out: str | os.PathL
     left.set(xlabel="meta-step", ylabel="validation accuracy (held-out drawings)",
              title="validation tasks: mean over seeds")
     left.legend(fontsize=7)
-    right.set_xticks(range(len(ticks)), ticks, fontsize=8)
+    right.set_xticks(range(len(ticks)), ticks, fontsize=7)
     right.set(ylabel="test accuracy (held-out drawings)",
               title="test tasks: mean, runs as dots, std over seeds")
     right.legend(fontsize=7, loc="upper right")

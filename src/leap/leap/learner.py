@@ -157,12 +157,8 @@ class LeapLearner(MetaLearner):
                              f"and device, got {sorted(map(str, kinds))}; convert the model "
                              f"with model.to(dtype, device)")
         self.on_nonfinite = metazoo.check_on_nonfinite(on_nonfinite)
-        self.channels_last = metazoo.check_channels_last(channels_last)
-        self.vectorize = metazoo.vectorize.check_vectorize(vectorize)
-        if self.vectorize is not False and channels_last:
-            raise ValueError(f"vectorize={vectorize!r} does not support channels_last; pass "
-                             f"channels_last=False, or vectorize=False to keep channels_last in "
-                             f"the per-task loop")
+        self.vectorize, self.channels_last = metazoo.vectorize.check_vectorize_and_layout(
+            vectorize, channels_last)
         self.model = model
         self.criterion = checked_criterion
         self.inner_optimizer = inner_optimizer

@@ -192,13 +192,9 @@ class iMAML(ModelLearner):
         self.bn_mode = check_bn_mode(bn_mode)
         self.inner_grad_clip = check_optional_positive("inner_grad_clip", inner_grad_clip)
         self.on_nonfinite = metazoo.check_on_nonfinite(on_nonfinite)
-        self.channels_last = metazoo.check_channels_last(channels_last)
-        self.vectorize = metazoo.vectorize.check_vectorize(vectorize)
+        self.vectorize, self.channels_last = metazoo.vectorize.check_vectorize_and_layout(
+            vectorize, channels_last)
         self.compile = metazoo.vectorize.check_compile(compile, self.vectorize)
-        if self.vectorize is not False and channels_last:
-            raise ValueError(f"vectorize={vectorize!r} does not support channels_last; pass "
-                             f"channels_last=False, or vectorize=False to keep channels_last in "
-                             f"the per-task loop")
         # requires_grad=False: neither adapted nor meta-learned (metazoo.trainable_parameters).
         self._trainable = set(metazoo.trainable_parameters(self.model))
         self.meta_optimizer = build_meta_optimizer(meta_optimizer, self.named_meta_parameters(),

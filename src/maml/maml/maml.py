@@ -205,13 +205,9 @@ class MAML(ModelLearner):
         self.backward_grad_clip = check_optional_positive("backward_grad_clip",
                                                           backward_grad_clip)
         self.on_nonfinite = metazoo.check_on_nonfinite(on_nonfinite)
-        self.channels_last = metazoo.check_channels_last(channels_last)
-        self.vectorize = metazoo.vectorize.check_vectorize(vectorize)
+        self.vectorize, self.channels_last = metazoo.vectorize.check_vectorize_and_layout(
+            vectorize, channels_last)
         self.compile = metazoo.vectorize.check_compile(compile, self.vectorize)
-        if self.vectorize is not False and channels_last:
-            raise ValueError(f"vectorize={vectorize!r} does not support channels_last; pass "
-                             f"channels_last=False, or vectorize=False to keep channels_last in "
-                             f"the per-task loop")
 
         names = [n for n, _ in model.named_parameters()]
         # requires_grad=False: neither adapted nor meta-learned (metazoo.trainable_parameters).

@@ -142,13 +142,9 @@ class Reptile(ModelLearner):
         self.bn_mode = check_bn_mode(bn_mode)
         self.inner_grad_clip = check_optional_positive("inner_grad_clip", inner_grad_clip)
         self.on_nonfinite = metazoo.check_on_nonfinite(on_nonfinite)
-        self.channels_last = metazoo.check_channels_last(channels_last)
-        self.vectorize = metazoo.vectorize.check_vectorize(vectorize)
+        self.vectorize, self.channels_last = metazoo.vectorize.check_vectorize_and_layout(
+            vectorize, channels_last)
         self.compile = metazoo.vectorize.check_compile(compile, self.vectorize)
-        if self.vectorize is not False and channels_last:
-            raise ValueError(f"vectorize={vectorize!r} does not support channels_last; pass "
-                             f"channels_last=False, or vectorize=False to keep channels_last in "
-                             f"the per-task loop")
         if inner_state not in INNER_STATES:
             raise ValueError(f"inner_state must be one of {list(INNER_STATES)}, got "
                              f"{inner_state!r}")

@@ -47,6 +47,7 @@ from torch.func import grad, grad_and_value, vmap
 
 from metazoo.faults import task_fault
 from metazoo.functional import Buffers, Params, closed_form_batch_norm
+from metazoo.layout import check_channels_last
 from metazoo.learner import Batch, Task
 from metazoo.optim import InnerOptimizer, OptState
 from metazoo.unroll import (
@@ -63,6 +64,7 @@ from metazoo.unroll import (
 )
 
 __all__ = ["CompileOptions", "VectorizedGradients", "check_compile", "check_vectorize",
+           "check_vectorize_and_layout",
            "functional_unroll", "map_and_sum", "map_tasks", "raise_or_count_faults",
            "resolve_chunk", "stack_tasks", "vectorized_meta_gradients"]
 
@@ -78,6 +80,25 @@ def check_vectorize(value: Any) -> Vectorize:
     raise ValueError(f"vectorize must be False (the per-task loop), True (all tasks of a "
                      f"meta-batch in one vmap), a chunk size >= 1 (that many tasks at a time) or "
                      f"'auto' (vectorize on CUDA only); got {value!r}")
+
+
+def check_vectorize_and_layout(vectorize: Any, channels_last: Any) -> tuple[Vectorize, bool]:
+    """A learner's ``vectorize`` and ``channels_last`` options, checked alone and together:
+    the vectorized path keeps the default memory layout.
+
+    Returns:
+        ``(vectorize, channels_last)``.
+
+    Raises:
+        ValueError: either option is not one of its values, or both are on.
+    """
+    checked = check_vectorize(vectorize)
+    layout = check_channels_last(channels_last)
+    if checked is not False and layout:
+        raise ValueError(f"vectorize={vectorize!r} does not support channels_last; pass "
+                         f"channels_last=False, or vectorize=False to keep channels_last in "
+                         f"the per-task loop")
+    return checked, layout
 
 
 def resolve_chunk(vectorize: Vectorize, num_tasks: int, device: torch.device) -> int | None:

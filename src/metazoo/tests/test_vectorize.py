@@ -13,6 +13,7 @@ from metazoo import vectorize
 from metazoo.testing import bn_net
 
 check_vectorize, functional_unroll = vectorize.check_vectorize, vectorize.functional_unroll
+check_vectorize_and_layout = vectorize.check_vectorize_and_layout
 resolve_chunk, stack_tasks = vectorize.resolve_chunk, vectorize.stack_tasks
 vectorized_meta_gradients = vectorize.vectorized_meta_gradients
 
@@ -337,6 +338,16 @@ def test_stack_tasks_stores_image_batches_samples_outer():
     (images, labels), = stack_tasks(tasks)[0]
     assert torch.equal(images, x) and torch.equal(labels, y)
     assert images.movedim(0, 1).is_contiguous() and labels.is_contiguous()
+
+
+def test_vectorize_and_layout_are_checked_together():
+    assert check_vectorize_and_layout(False, True) == (False, True)
+    assert check_vectorize_and_layout(4, False) == (4, False)
+    with pytest.raises(ValueError, match="vectorize='auto' does not support channels_last; "
+                                         "pass channels_last=False, or vectorize=False"):
+        check_vectorize_and_layout("auto", True)
+    with pytest.raises(ValueError, match="channels_last"):
+        check_vectorize_and_layout(False, "yes")
 
 
 def test_vectorize_option_and_auto_choice():

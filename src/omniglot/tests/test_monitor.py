@@ -125,8 +125,8 @@ def test_compare_names_the_warp_setting_of_each_warped_method(omniglot_root, tmp
                     tmp_path / "w.png")
     left, right = figures[0].axes
     assert [t.get_text() for t in right.get_xticklabels()] == [
-        "warp_leap\nrandom warp init,\none meta-lr 0.1\n1 seed",
-        "warp_leap_tuned\nidentity warp init,\nwarp lr 1.0\n1 seed"]
+        "warp_leap\nrandom\nwarp init,\none meta-lr 0.1\n1 seed",
+        "warp_leap_tuned\nidentity\nwarp init,\nwarp lr 1.0\n1 seed"]
     legend = [t.get_text() for t in left.get_legend().get_texts()]
     assert "warp_leap [random warp init, one meta-lr 0.1] (1 seed)" in legend
     assert "warp_leap_tuned [identity warp init, warp lr 1.0] (1 seed)" in legend
