@@ -9,6 +9,9 @@ meta-step under a ``TorchDispatchMode`` that counts:
 - ``kernel ops``: the same without views (``OpOverload.is_view``) and allocations of
   uninitialised memory (``empty``, ``empty_like``, ``empty_strided``, ``new_empty``,
   ``new_empty_strided``): the operations that launch a kernel;
+- ``copies``: ``aten._to_copy`` operations (tensor copies between devices or dtypes, and the
+  copies ``Tensor.to(..., copy=True)`` makes: how the WarpGrad replay buffer used to copy every
+  stored state tensor by tensor; WarpGrad table only);
 - ``syncs``: transfers of a device value to the host, each of which makes the host wait for
   the device: ``Tensor.item``, ``tolist``, ``bool``/``int``/``float``/``__index__`` of a
   tensor (counted once per Python call) and any ``aten._local_scalar_dense``,
@@ -29,9 +32,17 @@ Workload W1: MAML's Omniglot net (4 x [conv3x3 64, BatchNorm with batch statisti
 max-pool 2], linear head) on 1x28x28 inputs, 5-way 1-shot, 15 queries per class, 5 inner SGD
 steps at lr 0.4, second order (except FOMAML, Reptile and Leap), float32, at 8 and 32 tasks.
 
+Workload W2, WarpGrad on the reference's flags (``--meta_batch_size 4 --task_batch_size 128
+--classes 20``) at 5 inner steps: one meta-step of the Omniglot experiment's ``warp_leap``
+learner (``gpu_warp_meta_step.make_learner``: warp convolutions after each block,
+stop-gradient warp objective over every recorded state, simplified Leap, meta-SGD), rows
+``warpgrad`` (``vectorize=False``) and ``warpgrad_vectorized`` (``vectorize=True``: all tasks
+adapted in one vmap, all 20 states replayed in one vmap), printed as their own table.
+
 Usage::
 
-    python benchmarks/launches.py                  # W1 at 8 and 32 tasks (CPU, minutes)
+    python benchmarks/launches.py                  # W1 at 8 and 32 tasks, W2 (CPU, minutes)
+    python benchmarks/launches.py --impls warpgrad,warpgrad_vectorized   # W2 only
     python benchmarks/launches.py --tasks 32 --impls loop,vmap,maml,maml_vectorized
     python benchmarks/launches.py --tasks 8 --impls vmap,maml_vectorized --breakdown 25
     python benchmarks/launches.py --quick          # a smoke test: tiny net, 2 tasks, seconds
@@ -59,6 +70,7 @@ SYNC_OPS = {aten._local_scalar_dense.default, aten.is_nonzero.default, aten.nonz
 SYNC_METHODS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__")
 IMPLS = ("loop", "vmap", "maml", "maml_vectorized", "fomaml", "fomaml_vectorized", "reptile",
          "reptile_vectorized", "leap", "leap_vectorized", "imaml", "imaml_vectorized")
+WARP_IMPLS = ("warpgrad", "warpgrad_vectorized")
 # Each row's ratio is against this row (None: no ratio).
 REFERENCE = {"loop": None, "vmap": "loop", "maml": "loop", "maml_vectorized": "vmap",
              "fomaml": "loop", "reptile": "loop", "leap": "loop", "imaml": "loop",
@@ -70,7 +82,7 @@ class Counter(TorchDispatchMode):
 
     def __init__(self) -> None:
         super().__init__()
-        self.ops = self.kernel_ops = self.syncs = 0
+        self.ops = self.kernel_ops = self.syncs = self.copies = 0
         self.kernel_ops_by_name: collections.Counter[str] = collections.Counter()
         self.in_sync_method = 0
         self.count_syncs = False
@@ -102,6 +114,8 @@ class Counter(TorchDispatchMode):
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None
                            ) -> Any:
         self.ops += 1
+        if func is aten._to_copy.default:
+            self.copies += 1
         if func in SYNC_OPS:
             if self.count_syncs and not self.in_sync_method:
                 self.syncs += 1
@@ -147,28 +161,76 @@ def table(tasks: int, impls: list[str], filters: int, queries: int, breakdown: i
     return counts
 
 
+def count_warp(learner: Any, tasks: Any) -> tuple[int, int, int, int]:
+    """(ops, kernel ops, syncs, copies) of one WarpGrad meta-step, after a warm-up step."""
+    learner.meta_step(tasks)
+    with Counter() as counter:
+        learner.meta_optimizer.zero_grad(set_to_none=True)
+        counter.count_syncs = True
+        learner.meta_backward(tasks)
+        counter.count_syncs = False
+        learner.meta_optimizer.step()
+    return counter.ops, counter.kernel_ops, counter.syncs, counter.copies
+
+
+def warp_table(impls: list[str], tasks: int, batch: int, steps: int, filters: int
+               ) -> dict[str, tuple[int, ...]]:
+    from gpu_warp_meta_step import make_learner
+    from gpu_warp_meta_step import make_tasks as make_warp_tasks
+
+    cpu = torch.device("cpu")
+    args = argparse.Namespace(classes=20, filters=filters)
+    data = make_warp_tasks(tasks, steps, batch, 20, cpu, torch.float32)
+    counts = {name: count_warp(make_learner(args, name.endswith("_vectorized"), cpu,
+                                            torch.float32, steps), data)
+              for name in impls}
+    print(f"\n## W2, WarpGrad warp_leap: {tasks} tasks, batch {batch}, {steps} inner steps, "
+          f"20 classes ({filters} filters)\n")
+    print("| implementation | ops | kernel ops | syncs | copies | kernel ops ratio | against |")
+    print("|---|---:|---:|---:|---:|---:|---|")
+    for name in impls:
+        ops, kernel, syncs, copies = counts[name]
+        ratio = (f"{kernel / counts['warpgrad'][1]:.3f}x"
+                 if name != "warpgrad" and "warpgrad" in counts else "-")
+        against = "warpgrad" if ratio != "-" else "-"
+        print(f"| {name} | {ops:,} | {kernel:,} | {syncs} | {copies:,} | {ratio} | {against} |")
+    return counts
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tasks", default="8,32", help="meta-batch sizes, comma-separated")
-    parser.add_argument("--impls", default=",".join(IMPLS),
-                        help=f"rows, comma-separated, of {', '.join(IMPLS)}")
+    parser.add_argument("--impls", default=",".join(IMPLS + WARP_IMPLS),
+                        help=f"rows, comma-separated, of {', '.join(IMPLS + WARP_IMPLS)}")
+    parser.add_argument("--warp-tasks", type=int, default=4, help="W2 meta-batch size")
+    parser.add_argument("--warp-batch", type=int, default=128, help="W2 task batch size")
+    parser.add_argument("--warp-steps", type=int, default=5, help="W2 inner steps")
     parser.add_argument("--filters", type=int, default=64)
     parser.add_argument("--queries", type=int, default=15)
     parser.add_argument("--breakdown", type=int, default=0, metavar="N",
                         help="also print each row's N most frequent kernel ops by name")
     parser.add_argument("--quick", action="store_true",
-                        help="smoke test: 8 filters, 2 tasks, 2 queries per class")
+                        help="smoke test: 8 filters, 2 tasks, 2 queries per class (W2: 2 tasks, "
+                             "batch 8, 2 steps)")
     args = parser.parse_args()
-    impls = args.impls.split(",")
-    unknown = sorted(set(impls) - set(IMPLS))
+    requested = args.impls.split(",")
+    unknown = sorted(set(requested) - set(IMPLS + WARP_IMPLS))
     if unknown:
-        parser.error(f"--impls: unknown {unknown}; choose from {', '.join(IMPLS)}")
+        parser.error(f"--impls: unknown {unknown}; choose from {', '.join(IMPLS + WARP_IMPLS)}")
+    impls = [name for name in requested if name in IMPLS]
+    warp_impls = [name for name in WARP_IMPLS if name in requested]
     torch.set_num_threads(1)
     if args.quick:
-        table(2, impls, 8, 2, args.breakdown)
+        if impls:
+            table(2, impls, 8, 2, args.breakdown)
+        if warp_impls:
+            warp_table(warp_impls, 2, 8, 2, 8)
         return
-    for tasks in args.tasks.split(","):
-        table(int(tasks), impls, args.filters, args.queries, args.breakdown)
+    if impls:
+        for tasks in args.tasks.split(","):
+            table(int(tasks), impls, args.filters, args.queries, args.breakdown)
+    if warp_impls:
+        warp_table(warp_impls, args.warp_tasks, args.warp_batch, args.warp_steps, args.filters)
 
 
 if __name__ == "__main__":

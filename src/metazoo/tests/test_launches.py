@@ -29,3 +29,19 @@ def test_quick_table_counts_ops_and_syncs() -> None:
     assert rows["maml"][2] == 2  # 2 tasks: one transfer for all fault checks, one for the means
     assert rows["maml_vectorized"][1] < 0.5 * rows["maml"][1]
     assert all(ops > kernel > 0 for ops, kernel, _ in rows.values())
+
+
+def test_quick_warpgrad_table_counts_copies() -> None:
+    """W2 (WarpGrad): the vectorized meta-step dispatches far fewer kernel ops than the loop and
+    neither copies the replay buffer's states tensor by tensor (`copies` column)."""
+    pytest.importorskip("warpgrad")
+    result = subprocess.run(
+        [sys.executable, str(_SCRIPT), "--quick", "--impls", "warpgrad,warpgrad_vectorized"],
+        capture_output=True, text=True, check=True, timeout=600)
+    rows = {m.group(1): [int(v.replace(",", "")) for v in m.group(2, 3, 4, 5)]
+            for m in re.finditer(r"^\| (\w+) \| ([\d,]+) \| ([\d,]+) \| (\d+) \| ([\d,]+) \|",
+                                 result.stdout, re.MULTILINE)}
+    assert set(rows) == {"warpgrad", "warpgrad_vectorized"}, result.stdout
+    assert rows["warpgrad_vectorized"][1] < 0.7 * rows["warpgrad"][1]
+    # 2 tasks x 2 steps x 18 tensors were copied one by one (72 + 36 more on reading them).
+    assert all(copies < 12 for *_, copies in rows.values()), rows

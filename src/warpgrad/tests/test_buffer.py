@@ -12,8 +12,9 @@ import textwrap
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from warpgrad import ReplayBuffer
+from warpgrad import FlatLayout, ReplayBuffer
 from warpgrad.scratch import LOCK_NAME
 
 
@@ -373,3 +374,124 @@ def test_an_unwritable_tmpdir_is_one_line_naming_it(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=rf"tmpdir='{tmp_path}': cannot create the replay "
                        r"buffer's folder there \(Permission denied\); pass a writable tmpdir"):
         ReplayBuffer(inmem=False, tmpdir=tmp_path)
+
+
+class _OpCounter(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not func.is_view:
+            self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("inmem", [True, False])
+def test_each_state_is_one_flat_tensor_stored_in_one_operation(inmem):
+    """Storing a state of many tensors is one ``cat`` (no copy per tensor); reading it gives
+    views of one storage."""
+    buffer = ReplayBuffer(inmem=inmem)
+    buffer.init("a", [])
+    params = {f"p{i}": torch.full((i + 1, 2), float(i), dtype=torch.float64) for i in range(12)}
+    momentum = {n: t * 0.5 for n, t in params.items()}
+    with _OpCounter() as counter:
+        buffer.update("a", params, momentum)
+    if inmem:
+        assert counter.ops == ["aten.cat.default"] * 2  # params, momentum
+    state = buffer.state("a", 0)
+    storages = {t.untyped_storage().data_ptr() for t in state.params.values()}
+    assert len(storages) == 1
+    for n, t in params.items():
+        assert torch.equal(state.params[n], t)
+        assert torch.equal(state.momentum[n], t * 0.5)
+    buffer.close()
+
+
+@pytest.mark.parametrize("inmem", [True, False])
+@pytest.mark.parametrize("options", [{}, {"every": 3}, {"max_states": 4, "seed": 2}])
+def test_record_stores_what_update_and_finalize_store(inmem, options, tmp_path):
+    """``record`` (a whole flat trajectory at once) == ``update`` per step + ``finalize``."""
+    steps = 9
+    path = [_params(float(k)) for k in range(steps + 1)]
+    momenta = [{n: v * 0.5 for n, v in _params(float(k)).items()} for k in range(steps)]
+    kwargs = {"tmpdir": tmp_path} if not inmem else {}
+    updated = ReplayBuffer(inmem=inmem, **kwargs, **options)
+    recorded = ReplayBuffer(inmem=inmem, **kwargs, **options)
+    for buffer in (updated, recorded):
+        buffer.init("t", ["data"])
+    for k in range(steps):
+        updated.update("t", path[k], momenta[k] if k else None)
+    updated.finalize("t", path[-1])
+    layout = FlatLayout.of(path[0])
+    trajectory = torch.stack([layout.flatten(p) for p in path])
+    momentum = torch.stack([layout.flatten(m) for m in momenta[1:]])
+    recorded.record("t", trajectory, layout=layout, momentum=momentum)
+    trajectory.add_(1000)  # copied (copy=True): the caller's tensor may change afterwards
+    expected, got = updated.states("t"), recorded.states("t")
+    assert [s.step for s in got] == [s.step for s in expected] and got
+    for s, e in zip(got, expected, strict=True):
+        assert s.params.keys() == e.params.keys()
+        assert all(torch.equal(s.params[n], e.params[n]) for n in e.params)
+        assert (s.momentum is None) == (e.momentum is None)
+        assert all(torch.equal(s.momentum[n], e.momentum[n]) for n in e.momentum or {})
+    assert all(torch.equal(recorded.terminal("t").params[n], path[-1][n]) for n in path[-1])
+    flat = recorded.flat_states([("t", i) for i in range(len(got))])
+    assert flat.layout is layout
+    assert torch.equal(flat.params, torch.stack([layout.flatten(s.params) for s in expected]))
+    assert torch.equal(flat.momentum, torch.stack(
+        [torch.zeros(layout.numel, dtype=torch.float64) if s.momentum is None
+         else layout.flatten(s.momentum) for s in expected]))
+    whole = recorded.flat_trajectory("t")
+    assert torch.equal(whole.params, torch.stack([layout.flatten(p) for p in
+                                                  updated.trajectory("t")]))
+    if inmem and options:  # the kept rows own their memory: max_states bounds it
+        for entry in [*recorded._states["t"], recorded._terminal["t"]]:
+            assert entry.params.untyped_storage().nbytes() < trajectory.untyped_storage().nbytes()
+    with pytest.raises(ValueError, match=r"momentum must be \[K - 1, 9\]"):
+        recorded.init("u", [])
+        recorded.record("u", trajectory, layout=layout, momentum=momentum[:2])
+    updated.close()
+    recorded.close()
+
+
+def test_states_written_one_tensor_per_parameter_still_load(monkeypatch):
+    """Files in the per-parameter format of earlier versions load through the same reader."""
+    import warpgrad.buffer
+
+    real_save = warpgrad.buffer._save_state
+
+    def old_format(obj, path):
+        layout = FlatLayout.of(_params(0.0))
+        real_save({"step": obj["step"], "params": dict(layout.unflatten(obj["params"])),
+                   "momentum": None if obj["momentum"] is None
+                   else dict(layout.unflatten(obj["momentum"]))}, path)
+
+    monkeypatch.setattr(warpgrad.buffer, "_save_state", old_format)
+    buffer = ReplayBuffer(inmem=False)
+    _fill(buffer, tasks=1, steps=3)
+    states = buffer.states("task0")
+    assert torch.equal(states[2].params["w"], _params(2.0)["w"])
+    assert torch.equal(states[2].momentum["b"], _params(2.0)["b"] * 0.5)
+    assert torch.equal(buffer.flat_states([("task0", 1)]).params[0],
+                       FlatLayout.of(_params(1.0)).flatten(_params(1.0)))
+    buffer.close()
+
+
+def test_momentum_in_another_memory_order_is_stacked_in_the_parameters_layout():
+    """A momentum buffer may be laid out unlike its parameter (strides of the gradient);
+    ``flat_states`` gives it in the parameters' layout."""
+    buffer = ReplayBuffer()
+    buffer.init("a", [])
+    params = {"w": torch.randn(2, 3, 2, 2).contiguous(memory_format=torch.channels_last),
+              "b": torch.randn(3)}
+    momentum = {"w": torch.randn(2, 3, 2, 2), "b": torch.randn(3)}
+    buffer.update("a", params, None)
+    buffer.update("a", params, momentum)
+    flat = buffer.flat_states([("a", 0), ("a", 1)])
+    back = flat.layout.unflatten(flat.momentum[1])
+    assert torch.equal(back["w"], momentum["w"]) and torch.equal(back["b"], momentum["b"])
+    assert not flat.momentum[0].any()
+    buffer.update("a", params, {"w": momentum["w"]})
+    with pytest.raises(ValueError, match="momentum of a stored state has other tensors"):
+        buffer.flat_states([("a", 2)])

@@ -275,3 +275,25 @@ def test_objective_resolution_by_name_object_and_reference_code():
     with pytest.raises(ValueError, match="mode='second'"):
         WarpObjective("second")
     assert warpgrad.objectives.NORM_EPS > 0
+
+
+@pytest.mark.parametrize("mode", ["exact", "stop_gradient", "approx"])
+def test_batched_loss_of_replay_states_equals_the_per_state_loss(make_model, mode):
+    """``batched_loss`` on ``ReplayState`` objects (stacked flat inside, one without momentum:
+    a zero buffer) gives each state's ``loss`` and its derivatives (float64)."""
+    warp = _warp(make_model(), mode=mode)
+    states = [_state(warp, seed=3), _state(warp, seed=4, momentum=False)]
+    batches = [_batches(5), _batches(6)]
+    ctx = warp.replay_context(F.cross_entropy)
+    leaves = list(ctx.warp.values()) + list(warp.optimizer_parameters())
+    batched = WarpObjective(mode).batched_loss(ctx, states, batches)
+    looped = torch.stack([WarpObjective(mode).loss(ctx, s, b)
+                          for s, b in zip(states, batches, strict=True)])
+    torch.testing.assert_close(batched, looped, rtol=1e-12, atol=1e-14)
+    got = torch.autograd.grad(batched.sum(), leaves, allow_unused=True)
+    expected = torch.autograd.grad(looped.sum(), leaves, allow_unused=True)
+    for g, e in zip(got, expected, strict=True):
+        if e is None:
+            assert g is None or not g.any()
+        else:
+            torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-13)

@@ -12,10 +12,19 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import metazoo
 from metazoo import NonFiniteError, Task
-from warpgrad import DualUpdater, OptimizerParameters, ReplayBuffer, Warp, WarpGrad, WarpObjective
+from warpgrad import (
+    DualUpdater,
+    OptimizerParameters,
+    ReplayBuffer,
+    SimplifiedLeap,
+    Warp,
+    WarpGrad,
+    WarpObjective,
+)
 
 TOL = {"rtol": 1e-10, "atol": 1e-12}
 
@@ -140,8 +149,8 @@ def test_adaptation_and_evaluate_equal_the_loop(make_model, make_tasks, bn_mode)
     adaptation, fixed = learner._adapt_vectorized(tasks, 4, chunk=2)
     for index, task in enumerate(tasks):
         adapted = learner.adapt(task, steps=4)  # one task: the loop
-        for n, t in adaptation.trajectory.items():
-            torch.testing.assert_close(t[index, -1], adapted.params[n], **TOL, msg=n)
+        for n, t in adaptation.adapted.items():
+            torch.testing.assert_close(t[index], adapted.params[n], **TOL, msg=n)
         for n, t in fixed.items():
             assert torch.equal(t, adapted.params[n])
         assert adaptation.buffers.keys() == adapted.buffers.keys()
@@ -283,3 +292,141 @@ def test_fault_check_is_one_transfer_for_the_meta_batch(make_model, make_tasks, 
     checks.clear()
     _learner(make_model(), vectorize=2).meta_backward(_tasks(make_tasks))
     assert (checks, transfers) == ([], [1])
+
+
+class _MatmulCounter(TorchDispatchMode):
+    """Counts the matrix products dispatched (one per linear layer and pass, whatever the number
+    of tasks or states a vmap call maps)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in (torch.ops.aten.mm.default, torch.ops.aten.bmm.default,
+                    torch.ops.aten.addmm.default, torch.ops.aten.baddbmm.default):
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_batched_replay_is_one_call_for_all_states_and_never_the_per_state_loop(
+        make_model, make_tasks, monkeypatch):
+    """The replay over every recorded state is one flat stack and one vmap call, and the init
+    objective one flat computation: nothing runs per state (or per parameter tensor)."""
+    calls = {"batched_loss": 0, "flat_states": 0, "flat_gradient": 0}
+
+    def spy(cls, name):
+        original = getattr(cls, name)
+
+        def counted(*args, **kwargs):
+            calls[name] += 1
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(cls, name, counted)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the per-state (or per-tensor) path ran")
+
+    spy(WarpObjective, "batched_loss")
+    spy(ReplayBuffer, "flat_states")
+    spy(SimplifiedLeap, "flat_gradient")
+    monkeypatch.setattr(WarpObjective, "loss", refuse)
+    monkeypatch.setattr(ReplayBuffer, "state", refuse)
+    monkeypatch.setattr(ReplayBuffer, "trajectory", refuse)
+    monkeypatch.setattr(SimplifiedLeap, "gradient", refuse)
+    monkeypatch.setattr(ReplayBuffer, "update", refuse)
+    results = []
+    original = DualUpdater.accumulate
+
+    def accumulate(self, warp, **kwargs):
+        results.append(original(self, warp, **kwargs))
+        return results[-1]
+
+    monkeypatch.setattr(DualUpdater, "accumulate", accumulate)
+    products = []
+    for num_tasks in (2, 4):
+        learner = _learner(make_model(), vectorize=True)
+        tasks = _tasks(make_tasks, num_tasks=num_tasks)
+        with _MatmulCounter() as counter:
+            learner.meta_backward(tasks)
+        products.append(counter.count)
+    assert calls == {"batched_loss": 2, "flat_states": 2, "flat_gradient": 2}
+    assert [(r.num_points, r.replay_calls) for r in results] == [(6, 1), (12, 1)]
+    # Twice the tasks and states, the same matrix products: nothing is looped over.
+    assert products[0] == products[1] > 0
+    monkeypatch.undo()
+    monkeypatch.setattr(DualUpdater, "accumulate", accumulate)
+    _learner(make_model()).meta_backward(_tasks(make_tasks))
+    assert results[-1].replay_calls == 9  # the loop: one call per state (3 tasks x 3 steps)
+
+
+class _ConvWarpNet(torch.nn.Module):
+    """A small Omniglot-like net: [conv, BatchNorm2d, ReLU, warp conv, max-pool] x 2, head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(1, 3, 3, padding=1)
+        self.bn1 = torch.nn.BatchNorm2d(3)
+        self.warp1 = torch.nn.Conv2d(3, 3, 3, padding=1)
+        self.conv2 = torch.nn.Conv2d(3, 3, 3, padding=1)
+        self.bn2 = torch.nn.BatchNorm2d(3)
+        self.warp2 = torch.nn.Conv2d(3, 3, 3, padding=1)
+        self.head = torch.nn.Linear(3 * 2 * 2, 3)
+
+    def forward(self, x):
+        x = F.max_pool2d(self.warp1(torch.relu(self.bn1(self.conv1(x)))), 2)
+        x = F.max_pool2d(self.warp2(torch.relu(self.bn2(self.conv2(x)))), 2)
+        return self.head(x.flatten(1))
+
+    def adapt_modules(self):
+        return [self.conv1, self.bn1, self.conv2, self.bn2, self.head]
+
+    def warp_modules(self):
+        return [self.warp1, self.warp2]
+
+
+@pytest.mark.parametrize("mode", ["stop_gradient", "exact"])
+def test_conv_batchnorm2d_net_equals_the_loop(mode):
+    """The replay normalises with metazoo's closed-form BatchNorm under vmap: exact for a conv
+    net with BatchNorm2d too, warp gradients through the normalisation included."""
+    torch.manual_seed(0)
+    model = _ConvWarpNet().double()
+    g = torch.Generator().manual_seed(3)
+
+    def batch():
+        return (torch.randn(6, 1, 8, 8, generator=g, dtype=torch.float64),
+                torch.randint(0, 3, (6,), generator=g))
+
+    tasks = [Task([batch(), batch()], batch()) for _ in range(3)]
+    grads = []
+    for vectorize in (False, True):
+        learner = _learner(copy.deepcopy(model), vectorize=vectorize, momentum=0.5,
+                           trainable=True, warp_objective=mode)
+        grads.append(_meta_backward(learner, tasks)[1])
+    assert grads[0].keys() == grads[1].keys() and any(n.startswith("warp.") for n in grads[0])
+    for n, g in grads[1].items():
+        torch.testing.assert_close(g, grads[0][n], **TOL, msg=n)
+
+
+def test_learning_rates_read_to_the_host_follow_a_loaded_state(make_model, make_tasks):
+    """The vectorized adaptation reads fixed learning rates to the host once; loading other
+    values (or writing them in place) must be seen by the next meta-step."""
+    tasks = _tasks(make_tasks)
+    loop, vectorized = _learner(make_model()), _learner(make_model(), vectorize=True)
+    vectorized.meta_backward(tasks)  # caches the learning rates
+    for change in ("load", "in_place"):
+        state = loop.warp.optimizer_parameter_container.state_dict()
+        state = {n: t - 0.5 for n, t in state.items()}
+        for learner in (loop, vectorized):
+            container = learner.warp.optimizer_parameter_container
+            if change == "load":
+                container.load_state_dict(state)
+            else:
+                with torch.no_grad():
+                    for p in container.parameters():
+                        p.sub_(0.25)
+        expected, expected_grads = _meta_backward(loop, tasks)
+        result, grads = _meta_backward(vectorized, tasks)
+        assert result.inner_losses == pytest.approx(expected.inner_losses, rel=1e-10)
+        for n, g in grads.items():
+            torch.testing.assert_close(g, expected_grads[n], **TOL, msg=n)

@@ -11,7 +11,8 @@ all through the core ``MetaLearner`` interface (``WarpMAML``: warp layers by the
 the initialisation by MAML's).
 """
 
-from warpgrad.buffer import ReplayBuffer, ReplayState
+from warpgrad.buffer import FlatStates, ReplayBuffer, ReplayState
+from warpgrad.flat import FlatLayout
 from warpgrad.layers import (
     ABLATIONS,
     WARP_INITS,
@@ -44,6 +45,8 @@ __all__ = [
     "ChannelScale",
     "ContinualUpdater",
     "DualUpdater",
+    "FlatLayout",
+    "FlatStates",
     "InitObjective",
     "Leap",
     "OnlineUpdater",

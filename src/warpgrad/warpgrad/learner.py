@@ -47,6 +47,7 @@ from metazoo import (
     task_to_channels_last,
 )
 from warpgrad.buffer import ReplayBuffer
+from warpgrad.flat import FlatLayout
 from warpgrad.objectives import InitObjective, WarpObjective
 from warpgrad.optimizer_parameters import OptimizerParameters
 from warpgrad.updaters import DualUpdater
@@ -376,34 +377,40 @@ class WarpGrad(MetaLearner):
 
     def _adapt_vectorized(self, tasks: Sequence[Task], steps: int, chunk: int
                           ) -> tuple[StackedAdaptation, Params]:
-        """Every task's adaptation in ``vmap`` (``warpgrad.vectorized``); also returns the fixed
-        parameters (warp layers and frozen ones)."""
+        """Every task's adaptation in ``vmap`` (``warpgrad.vectorized``), on flat states; also
+        returns the fixed parameters (warp layers and frozen ones)."""
         criterion = CheckedCriterion(self.updater.criterion)
         ctx = self.warp.replay_context(criterion, bn_mode=self.bn_mode)
         fixed = {**ctx.static, **{n: w.detach() for n, w in ctx.warp.items()}}
         init = {n: p.detach() for n, p in self.warp.named_init_parameters()}
-        optimizer = self.warp.optimizer_parameter_container.inner_optimizer(detach=True)
+        layout = FlatLayout.of(init)
+        if len(set(layout.dtypes)) > 1:
+            raise ValueError(f"vectorize={self.vectorize!r} adapts flat states of one dtype, but "
+                             f"the adaptable parameters have dtypes "
+                             f"{sorted(map(str, set(layout.dtypes)))}; cast the model to one "
+                             "dtype or pass vectorize=False")
+        optimizer = self.warp.optimizer_parameter_container.inner_optimizer(detach=True,
+                                                                            stacked=True)
         return adapt_tasks(self.model, criterion, fixed, init, optimizer, tasks, steps,
-                           bn_mode=self.bn_mode, device=ctx.device, chunk=chunk), fixed
+                           bn_mode=self.bn_mode, device=ctx.device, chunk=chunk,
+                           layout=layout), fixed
 
     def _record(self, adaptation: StackedAdaptation, tasks: Sequence[Task]) -> None:
-        """Records every task's trajectory into the buffer as the loop does: task by task,
-        ``init``, one ``update`` per step (momentum from the second step on), ``finalize``."""
+        """Records every task's trajectory into the buffer as the loop does (the same states,
+        steps and order): one ``ReplayBuffer.record`` of its flat trajectory per task."""
         buffer = self.warp.buffer
-        # One transfer per tensor to where the buffer keeps states, not one per state.
+        # One transfer for the whole meta-batch to where the buffer keeps states; the buffer
+        # then keeps views of it (the tensors are this meta-step's own: no copy needed).
         where = buffer.device if buffer.inmem and buffer.device is not None else None
-        trajectory = {n: t.to(where) if where is not None else t
-                      for n, t in adaptation.trajectory.items()}
-        momentum = {n: t.to(where) if where is not None else t
-                    for n, t in adaptation.momentum.items()}
+        trajectory, momentum = adaptation.trajectory, adaptation.momentum
+        if where is not None:
+            trajectory = trajectory.to(where)
+            momentum = None if momentum is None else momentum.to(where)
         for index, task in enumerate(tasks):
             slot = uuid.uuid4().hex
             buffer.init(slot, task.support)
-            for k in range(self.inner_steps):
-                buffer.update(slot, {n: t[index, k] for n, t in trajectory.items()},
-                              {n: t[index, k - 1] for n, t in momentum.items()}
-                              if k > 0 and momentum else None)
-            buffer.finalize(slot, {n: t[index, -1] for n, t in trajectory.items()})
+            buffer.record(slot, trajectory[index], layout=adaptation.layout,
+                          momentum=None if momentum is None else momentum[index], copy=False)
 
     def _meta_backward_loop(self, tasks: Sequence[Task]
                             ) -> list[tuple[Tensor, Tensor | None, Tensor]]:

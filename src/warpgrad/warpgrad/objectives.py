@@ -44,10 +44,10 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call
 
-from metazoo import Buffers, Params, forward
-from warpgrad.buffer import ReplayState
+from metazoo import Buffers, Params, closed_form_batch_norm, forward
+from warpgrad.buffer import FlatStates, ReplayState
+from warpgrad.flat import FlatLayout
 from warpgrad.optimizer_parameters import OptimizerParameters
 
 __all__ = [
@@ -156,54 +156,68 @@ class WarpObjective:
         new_theta, _ = optimizer.step(theta, dict(zip(theta, grads, strict=True)), opt_state)
         return ctx.loss(new_theta, batches[1])
 
-    def batched_loss(self, ctx: ReplayContext, vmap_model: nn.Module,
-                     states: Sequence[ReplayState],
+    def batched_loss(self, ctx: ReplayContext, states: FlatStates | Sequence[ReplayState],
                      batches: Sequence[Sequence[tuple[Tensor, Tensor]]]) -> Tensor:
         """The meta-losses of several states at once (``torch.func.vmap`` over states).
 
         Same values and derivatives as ``loss`` on each state, provided every state's batches
-        have the same shapes. ``vmap_model`` is a structural copy of ``ctx.model`` whose
-        BatchNorm layers are ``warpgrad.updaters.BatchStatNorm`` (batch statistics, no running
-        statistics), as ``bn_mode="batch"`` normalises.
+        have the same shapes. The states travel flat (``ReplayBuffer.flat_states``): the inner
+        gradient is gathered into one vector and the step is
+        ``OptimizerParameters.flat_inner_optimizer``'s (``loss``'s SGD rule, one operation per
+        term for all parameter tensors). BatchNorm layers normalise with batch statistics
+        (``bn_mode="batch"``) through ``metazoo.closed_form_batch_norm``, whose vmap rules and
+        derivatives of every order are exact under ``vmap`` (``F.batch_norm``'s batching rule
+        gives wrong second derivatives for the warp parameters captured from outside it).
+
+        Args:
+            ctx: see ``ReplayContext``.
+            states: the states, stacked flat, or as ``ReplayState`` objects (stacked here).
+            batches: per state, ``num_batches`` batches on ``ctx.device``.
 
         Returns:
-            The losses, shape ``[len(states)]``.
+            The losses, shape ``[number of states]``.
         """
         if ctx.bn_mode != "batch":
             raise ValueError("the vectorised replay needs bn_mode='batch'; use vectorize=0")
-        names = ctx.adapt_names
-        theta = {n: torch.stack([s.params[n].to(ctx.device) for s in states]).detach()
-                 for n in names}
+        flat = states if isinstance(states, FlatStates) else _stack_states(states,
+                                                                          ctx.adapt_names)
+        layout = flat.layout
+        if sorted(layout.names) != sorted(ctx.adapt_names):
+            raise ValueError(f"the states hold {sorted(layout.names)} but the adaptable "
+                             f"parameters are {sorted(ctx.adapt_names)}")
+        theta = flat.params.to(ctx.device).detach()
         params = ctx.optimizer_parameters
-        lr = params.lr
-        momentum = params.momentum if params.has_momentum else None
+        optimizer = params.flat_inner_optimizer(layout)
         # torch.optim.SGD's first step (buffer = gradient) equals momentum * 0 + gradient, so a
         # missing buffer is a zero buffer.
-        buf = {n: torch.stack([s.momentum[n].to(ctx.device) if s.momentum is not None
-                               else torch.zeros_like(s.params[n]) for s in states]).detach()
-               for n in names} if momentum is not None else {}
+        buf = None
+        if params.has_momentum:
+            buf = (torch.zeros_like(theta) if flat.momentum is None
+                   else flat.momentum.to(ctx.device).detach())
         fixed = {**ctx.static, **ctx.warp}
-        model_buffers = {n: b.detach() for n, b in vmap_model.named_buffers()}
         xs = [torch.stack([b[i][0] for b in batches]) for i in range(self.num_batches)]
         ys = [torch.stack([b[i][1] for b in batches]) for i in range(self.num_batches)]
 
         def loss_at(th: Params, x: Tensor, y: Tensor) -> Tensor:
-            out = functional_call(vmap_model, ({**fixed, **th}, model_buffers), (x,))
+            out, _ = forward(ctx.model, {**fixed, **th}, ctx.buffers, x, bn_mode="batch",
+                             training=True)
             return ctx.criterion(out, y)
 
-        def one(th: Params, mom: Params, x: list[Tensor], y: list[Tensor]) -> Tensor:
+        def one(th: Tensor, mom: Tensor | None, x: list[Tensor], y: list[Tensor]) -> Tensor:
             if self.mode == "approx":
-                return loss_at(th, x[0], y[0])
-            grads = torch.func.grad(loss_at)(th, x[0], y[0])
+                return loss_at(layout.unflatten(th), x[0], y[0])
+            grads = layout.flatten(torch.func.grad(loss_at)(layout.unflatten(th), x[0], y[0]))
             if self.mode == "stop_gradient":
-                grads = {n: g.detach() for n, g in grads.items()}
-            stepped = {}
-            for n in names:
-                d = grads[n] if momentum is None else momentum[n] * mom[n] + grads[n]
-                stepped[n] = th[n] - lr[n] * d
-            return loss_at(stepped, x[1], y[1])
+                grads = grads.detach()
+            opt_state: dict[str, Any] = {"step": 0}
+            if mom is not None:
+                opt_state = {"step": 1, "momentum_buffer": {"flat": mom}}
+            stepped, _ = optimizer.step({"flat": th}, {"flat": grads}, opt_state)
+            return loss_at(layout.unflatten(stepped["flat"]), x[1], y[1])
 
-        return torch.func.vmap(one)(theta, buf, xs, ys)
+        with closed_form_batch_norm():
+            return torch.func.vmap(one, in_dims=(0, None if buf is None else 0, 0, 0))(
+                theta, buf, xs, ys)
 
     def __repr__(self) -> str:
         return f"WarpObjective(mode={self.mode!r})"
@@ -225,6 +239,25 @@ class InitObjective(ABC):
             trajectories: per task, ``[theta_0, ..., theta_K]`` on ``ctx.device``.
             batches: per task, a batch when ``needs_batch`` else ``None``.
         """
+
+    def flat_gradient(self, ctx: ReplayContext, trajectories: Sequence[FlatStates],
+                      batches: Sequence[tuple[Tensor, Tensor] | None]) -> Params:
+        """``gradient`` from flat trajectories (``ReplayBuffer.flat_trajectory``): each
+        ``params`` is ``[K + 1, numel]``. This default reads them back as parameters and calls
+        ``gradient``; objectives that can work on the flat tensors override it."""
+        return self.gradient(ctx, [[dict(t.layout.unflatten(row)) for row in t.params]
+                                   for t in trajectories], batches)
+
+
+def _stack_states(states: Sequence[ReplayState], names: Sequence[str]) -> FlatStates:
+    """``ReplayState`` objects stacked flat (their momentum: zeros where a state has none)."""
+    layout = FlatLayout.of({n: states[0].params[n] for n in names})
+    params = torch.stack([layout.flatten(s.params) for s in states])
+    momentum = None
+    if any(s.momentum is not None for s in states):
+        momentum = torch.stack([torch.zeros_like(params[0]) if s.momentum is None
+                                else layout.flatten(s.momentum) for s in states])
+    return FlatStates(layout, params, momentum)
 
 
 def _stack(trajectory: Sequence[Params], names: Sequence[str]) -> dict[str, Tensor]:
@@ -268,6 +301,32 @@ class SimplifiedLeap(InitObjective):
                 g = _scale(d, weights).sum(0)
                 grads[n] = grads[n] + g if n in grads else g
         return {n: g / max(count, 1) for n, g in grads.items()}
+
+    def flat_gradient(self, ctx: ReplayContext, trajectories: Sequence[FlatStates],
+                      batches: Sequence[tuple[Tensor, Tensor] | None]) -> Params:
+        """``gradient`` on flat trajectories: the segments of every task at once (a few
+        operations in all; equal to ``gradient`` up to the order of floating-point sums)."""
+        paths = [t.params for t in trajectories if t.params.shape[0] >= 2]
+        if not paths:
+            return {}
+        layouts = {t.layout for t in trajectories}
+        if len(layouts) != 1:
+            raise ValueError("the trajectories have different parameter structures")
+        layout = layouts.pop()
+        total: Tensor | None = None
+        # Tasks with trajectories of one length (the usual case) in one stack.
+        by_length: dict[int, list[Tensor]] = {}
+        for path in paths:
+            by_length.setdefault(path.shape[0], []).append(path)
+        for group in by_length.values():
+            stacked = torch.stack(group)  # [tasks, K + 1, numel]
+            deltas = stacked[:, :-1] - stacked[:, 1:]
+            if self.norm:
+                deltas = deltas / (deltas.pow(2).sum(-1, keepdim=True).sqrt() + NORM_EPS)
+            g = deltas.sum((0, 1))
+            total = g if total is None else total + g
+        assert total is not None
+        return layout.unflatten(total / len(paths))
 
     def __repr__(self) -> str:
         return f"SimplifiedLeap(norm={self.norm})"

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from metazoo import SGD
+from warpgrad.flat import FlatLayout
 
 __all__ = ["OptimizerParameters"]
 
@@ -50,11 +51,16 @@ class OptimizerParameters:
         self._log_lr: dict[str, nn.Parameter] = {}
         self._momentum_logit: dict[str, nn.Parameter] = {}
         self._template: SGD | None = None
+        self._flat_template: SGD | None = None
+        # (version counters of the stored tensors, lr values, momentum values) read to the host
+        # once for inner_optimizer(detach=True, stacked=True) while they are not learned.
+        self._host: tuple[tuple[Any, ...], list[float], list[float]] | None = None
 
     def init(self, named_parameters: Iterable[tuple[str, Tensor]]) -> None:
         """Creates one learning rate (and momentum) per named tensor, at the defaults."""
         self._names, self._log_lr, self._momentum_logit = [], {}, {}
         self._template = None
+        self._host = None
         log_lr = math.log(self.default_lr)
         m = self.default_momentum
         for name, p in named_parameters:
@@ -69,6 +75,9 @@ class OptimizerParameters:
         lr = {n: v.detach() for n, v in self.lr.items()}
         momentum = {n: v.detach() for n, v in self.momentum.items()}
         self._template = SGD(lr, momentum=momentum) if momentum else SGD(lr)
+        # The flat optimizer's template: one tensor per hyperparameter (values set per call).
+        one = torch.ones((), dtype=torch.float64)
+        self._flat_template = (SGD(one, momentum=one / 2) if momentum else SGD(one))
 
     @property
     def names(self) -> list[str]:
@@ -113,16 +122,35 @@ class OptimizerParameters:
         for n, p in self._momentum_logit.items():
             yield f"{n}.momentum_logit", p
 
-    def inner_optimizer(self, *, detach: bool = False) -> SGD:
+    def inner_optimizer(self, *, detach: bool = False, stacked: bool = False) -> SGD:
         """The differentiable ``metazoo.SGD`` with these per-tensor hyperparameters.
 
         Args:
             detach: use detached values (no meta-gradient), e.g. for evaluation.
+            stacked: compute all learning rates (and all momenta) in one ``exp`` (``sigmoid``)
+                of their stack instead of one per tensor, equal to rounding (the vectorized
+                path; the loop keeps the per-tensor form, so its float32 results stay bit for
+                bit what they were). With ``detach`` and values that are not learned
+                (``trainable=False``), the values are Python floats, read to the host once and
+                again only after the stored tensors changed (``load_state_dict``, in-place
+                writes): ``metazoo.SGD`` then fuses each parameter's update ``p - lr * d`` into
+                one operation.
         """
         if self._template is None:
             raise RuntimeError("OptimizerParameters.init(named_parameters) must run first "
                                "(Warp does it)")
-        tensors = [*self.lr.values(), *self.momentum.values()]
+        if stacked and detach and not self._trainable and self._names:
+            lr, momentum = self._host_values()
+            return SGD(dict(zip(self._names, lr, strict=True)),
+                       momentum=dict(zip(self._names, momentum, strict=True))
+                       if momentum else 0.0)
+        if stacked and self._names:
+            tensors = list(torch.stack(list(self._log_lr.values())).exp().unbind())
+            if self._momentum_logit:
+                tensors += torch.sigmoid(torch.stack(list(self._momentum_logit.values()))
+                                         ).unbind()
+        else:
+            tensors = [*self.lr.values(), *self.momentum.values()]
         if detach:
             tensors = [t.detach() for t in tensors]
         # The template was validated once in init(); swapping its tensor leaves skips the
@@ -130,6 +158,50 @@ class OptimizerParameters:
         # per tensor and replayed state on an accelerator). The values are in range by
         # construction.
         optimizer = self._template.with_hyperparameter_tensors(tensors)
+        assert isinstance(optimizer, SGD)
+        return optimizer
+
+    def _host_values(self) -> tuple[list[float], list[float]]:
+        """The learning rates and momenta as floats (one host transfer when they changed)."""
+        # A value can only change through an in-place write (which bumps the version counter)
+        # or by replacing the tensor's data (a new data pointer or dtype).
+        versions = tuple((p._version, p.data_ptr(), p.dtype) for p in self.parameters())
+        if self._host is None or self._host[0] != versions:
+            values = [torch.stack(list(self._log_lr.values())).exp()]
+            if self._momentum_logit:
+                values.append(torch.sigmoid(torch.stack(list(self._momentum_logit.values()))))
+            both = torch.cat(values).tolist()
+            count = len(self._names)
+            self._host = (versions, both[:count], both[count:])
+        return self._host[1], self._host[2]
+
+    def flat_inner_optimizer(self, layout: FlatLayout, *, detach: bool = False) -> SGD:
+        """``inner_optimizer`` for flat states: one SGD over a single tensor in ``layout``.
+
+        Its learning rate (and momentum) is a vector over the flat state, each parameter
+        tensor's value repeated over its elements, so one step of a whole state is one
+        operation per rule term instead of one per parameter tensor; the rule is
+        ``metazoo.SGD``'s, the same as ``inner_optimizer``'s. Step it on ``{"flat": state}``.
+
+        Args:
+            layout: the layout of the flat states (its ``names`` must be covered).
+            detach: use detached values (no meta-gradient).
+        """
+        if self._flat_template is None:
+            raise RuntimeError("OptimizerParameters.init(named_parameters) must run first "
+                               "(Warp does it)")
+        missing = sorted(set(layout.names) - set(self._log_lr))
+        if missing:
+            raise ValueError(f"parameters {missing} have no learning rate; OptimizerParameters "
+                             f"covers {self._names}")
+        log_lr = torch.stack([self._log_lr[n] for n in layout.names])
+        tensors = [layout.spread(log_lr.exp())]
+        if self.has_momentum:
+            logits = torch.stack([self._momentum_logit[n] for n in layout.names])
+            tensors.append(layout.spread(torch.sigmoid(logits)))
+        if detach:
+            tensors = [t.detach() for t in tensors]
+        optimizer = self._flat_template.with_hyperparameter_tensors(tensors)
         assert isinstance(optimizer, SGD)
         return optimizer
 
@@ -166,6 +238,7 @@ class OptimizerParameters:
         with torch.no_grad():
             for n, p in own.items():
                 p.copy_(state[n])
+        self._host = None
 
     def __repr__(self) -> str:
         return (f"OptimizerParameters(trainable={self._trainable}, default_lr={self.default_lr}, "

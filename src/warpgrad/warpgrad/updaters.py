@@ -16,7 +16,6 @@ The objectives themselves (and which derivatives each mode keeps) are documented
 
 from __future__ import annotations
 
-import copy
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -55,6 +54,8 @@ class UpdateResult:
         init_seconds: time spent on the init objective and its update.
         skipped_tasks: tasks dropped because their recorded trajectory was not finite
             (``Warp(on_nonfinite="skip")``).
+        replay_calls: evaluations of the warp objective: one per state replayed on its own,
+            one per group of states replayed in one ``vmap`` (``vectorize``).
     """
 
     warp_loss: float | None
@@ -63,6 +64,7 @@ class UpdateResult:
     warp_seconds: float
     init_seconds: float
     skipped_tasks: int = 0
+    replay_calls: int = 0
 
 
 def make_criterion(criterion: Criterion) -> Callable[[Tensor, Tensor], Tensor]:
@@ -169,40 +171,6 @@ def _check_replay_vectorize(vectorize: int, bn_mode: str) -> int:
     return vectorize
 
 
-class BatchStatNorm(nn.Module):
-    """BatchNorm with batch statistics written out in tensor operations.
-
-    ``vmap`` over ``torch.func.grad`` through ``F.batch_norm(training=True)`` with affine
-    parameters gives wrong second derivatives for tensors captured from outside the transform
-    (torch 2.14.1: 8e-3 absolute error against plain autograd in float64); the same formula in
-    elementary operations is exact. Parameter names (``weight``, ``bias``) match BatchNorm's.
-    """
-
-    def __init__(self, bn: nn.modules.batchnorm._BatchNorm) -> None:
-        super().__init__()
-        self.eps = bn.eps
-        self.weight = bn.weight
-        self.bias = bn.bias
-
-    def forward(self, x: Tensor) -> Tensor:
-        dims = [0, *range(2, x.dim())]
-        mean = x.mean(dims, keepdim=True)
-        var = (x - mean).pow(2).mean(dims, keepdim=True)
-        out = (x - mean) / torch.sqrt(var + self.eps)
-        if self.weight is not None:
-            shape = (1, -1) + (1,) * (x.dim() - 2)
-            out = out * self.weight.view(shape) + self.bias.view(shape)
-        return out
-
-
-def _replace_batch_norm(module: nn.Module) -> None:
-    for name, child in module.named_children():
-        if isinstance(child, nn.modules.batchnorm._BatchNorm):
-            setattr(module, name, BatchStatNorm(child))
-        else:
-            _replace_batch_norm(child)
-
-
 class DualUpdater:
     """Algorithm 2: replay stored states through the warp objective, then update the init.
 
@@ -229,7 +197,10 @@ class DualUpdater:
         vectorize: evaluate up to this many states of a mini-batch in one ``torch.func.vmap``
             call when their batches have equal shapes (0 or 1: one state at a time, which
             keeps one state's graph in memory; larger values trade memory for fewer, larger
-            kernels, which pays off on accelerators).
+            kernels, which pays off on accelerators). The states of such a call are stacked
+            flat from the buffer in one operation, and the init objective then works on flat
+            trajectories too (``InitObjective.flat_gradient``); both equal the one-at-a-time
+            results up to the order of floating-point sums.
     """
 
     uses_buffer = True
@@ -277,52 +248,56 @@ class DualUpdater:
         size = n if self.bsz <= 0 else self.bsz
         return [order[i:i + size] for i in range(0, n, size)]
 
-    def _vmap_model(self, warp: WarpedModel, size: int) -> nn.Module | None:
-        if size <= 1:
-            return None
-        # A structural copy whose BatchNorm layers normalise with batch statistics and keep no
-        # running statistics (vmap cannot update them in place); the user's model is untouched.
-        model = copy.deepcopy(warp.model)
-        _replace_batch_norm(model)
-        return model
-
     def _replay_chunk(self, warp: WarpedModel, chunk: Sequence[tuple[str, int]],
-                      streams: dict[str, BatchStream], vmap_model: nn.Module | None = None,
-                      size: int = 1) -> tuple[list[Tensor], list[Tensor | None], Tensor]:
-        """Mean warp loss over ``chunk``; returns (targets, summed grads, detached loss)."""
+                      streams: dict[str, BatchStream], size: int = 1
+                      ) -> tuple[list[Tensor], list[Tensor | None], Tensor, int]:
+        """Mean warp loss over ``chunk``; returns (targets, summed grads, detached loss, calls
+        of the objective)."""
         objective = self.warp_objective
         assert objective is not None
         ctx = warp.replay_context(self.criterion, bn_mode=self.bn_mode)
         leaves, targets = _meta_targets(warp, ctx)
         sums: list[Tensor | None] = [None] * len(leaves)
         total = torch.zeros((), device=ctx.device)
-        size = size if vmap_model is not None else 1
+        calls = 0
+        size = max(size, 1)  # 0 and 1: one state at a time
         for start in range(0, len(chunk), size):
             group = chunk[start:start + size]
-            states = [warp.buffer.state(slot, index, device=ctx.device) for slot, index in group]
             batches = [[ctx.batch(streams[slot].next()) for _ in range(objective.num_batches)]
                        for slot, _ in group]
             shapes = {tuple((x.shape, y.shape) for x, y in b) for b in batches}
-            if vmap_model is not None and len(group) > 1 and len(shapes) == 1:
-                losses = [objective.batched_loss(ctx, vmap_model, states, batches).sum()]
+            if len(group) > 1 and len(shapes) == 1:
+                # The group's states stacked flat in one operation, replayed in one vmap.
+                flat = warp.buffer.flat_states(group, device=ctx.device)
+                losses = [objective.batched_loss(ctx, flat, batches).sum()]
             else:
+                states = [warp.buffer.state(slot, index, device=ctx.device)
+                          for slot, index in group]
                 losses = [objective.loss(ctx, s, b) for s, b in zip(states, batches,
                                                                      strict=True)]
+            calls += len(losses)
             # One backward per state (or per vectorised group) keeps only its graph alive; the
             # sum of loss / len(chunk) gradients is the gradient of the mini-batch mean.
             for loss in losses:
                 loss = loss / len(chunk)
                 _accumulate(sums, torch.autograd.grad(loss, leaves, allow_unused=True))
                 total = total + loss.detach()
-        return targets, sums, total
+        return targets, sums, total, calls
 
-    def _init_gradient(self, warp: WarpedModel, streams: dict[str, BatchStream]) -> Params:
+    def _init_gradient(self, warp: WarpedModel, streams: dict[str, BatchStream], *,
+                       flat: bool = False) -> Params:
+        """The init objective's gradient; ``flat``: from flat trajectories
+        (``InitObjective.flat_gradient``, the vectorized replay's form)."""
         assert self.init_objective is not None
         ctx = warp.replay_context(self.criterion, bn_mode=self.bn_mode)
         slots = warp.buffer.slots()
-        trajectories = [warp.buffer.trajectory(s, device=ctx.device) for s in slots]
         batches = [ctx.batch(streams[s].next()) if self.init_objective.needs_batch else None
                    for s in slots]
+        if flat:
+            return self.init_objective.flat_gradient(
+                ctx, [warp.buffer.flat_trajectory(s, device=ctx.device) for s in slots],
+                batches)
+        trajectories = [warp.buffer.trajectory(s, device=ctx.device) for s in slots]
         return self.init_objective.gradient(ctx, trajectories, batches)
 
     def backward(self, warp: WarpedModel, step_fn: Callable[[], Any]) -> UpdateResult:
@@ -337,15 +312,15 @@ class DualUpdater:
         slots = buffer.slots()
         streams = {s: BatchStream(buffer.data(s)) for s in slots}
         points = [(s, i) for s in slots for i in range(buffer.num_states(s))]
-        steps = 0
+        steps = calls = 0
         losses: list[Tensor] = []
         start = time.perf_counter()
         if self.warp_objective is not None and points:
-            vmap_model = self._vmap_model(warp, self.vectorize)
             for _ in range(self.epochs):
                 for chunk in self._chunks(len(points)):
-                    targets, sums, loss = self._replay_chunk(
-                        warp, [points[j] for j in chunk], streams, vmap_model, self.vectorize)
+                    targets, sums, loss, chunk_calls = self._replay_chunk(
+                        warp, [points[j] for j in chunk], streams, self.vectorize)
+                    calls += chunk_calls
                     losses.append(loss * len(chunk))
                     # A NaN replay batch can give a NaN gradient at a finite state.
                     _check_finite(warp, targets, sums)
@@ -355,7 +330,7 @@ class DualUpdater:
         warp_seconds = time.perf_counter() - start
         start = time.perf_counter()
         if self.init_objective is not None and slots:
-            grads = self._init_gradient(warp, streams)
+            grads = self._init_gradient(warp, streams, flat=self.vectorize > 1)
             _check_finite_init(warp, grads)
             if grads and _apply_init(warp, grads, self.init_lr):
                 step_fn()
@@ -363,7 +338,8 @@ class DualUpdater:
         init_seconds = time.perf_counter() - start
         mean = (torch.stack(losses).sum().item() / (len(points) * self.epochs)
                 if losses else None)
-        return UpdateResult(mean, len(points), steps, warp_seconds, init_seconds)
+        return UpdateResult(mean, len(points), steps, warp_seconds, init_seconds,
+                            replay_calls=calls)
 
     def accumulate(self, warp: WarpedModel, *, vectorize: int | None = None) -> UpdateResult:
         """Adds the meta-gradients of every group to ``.grad`` without stepping.
@@ -386,17 +362,19 @@ class DualUpdater:
         points = [(s, i) for s in slots for i in range(buffer.num_states(s))]
         start = time.perf_counter()
         mean = None
+        calls = 0
         if self.warp_objective is not None and points:
             order = torch.randperm(len(points), generator=self._generator).tolist()
-            targets, sums, loss = self._replay_chunk(warp, [points[j] for j in order], streams,
-                                                     self._vmap_model(warp, size), size)
+            targets, sums, loss, calls = self._replay_chunk(
+                warp, [points[j] for j in order], streams, size)
             _write_grads(targets, sums)
             mean = loss.item()
         warp_seconds = time.perf_counter() - start
         start = time.perf_counter()
         if self.init_objective is not None and slots:
-            _apply_init(warp, self._init_gradient(warp, streams), None)
-        return UpdateResult(mean, len(points), 0, warp_seconds, time.perf_counter() - start)
+            _apply_init(warp, self._init_gradient(warp, streams, flat=size > 1), None)
+        return UpdateResult(mean, len(points), 0, warp_seconds, time.perf_counter() - start,
+                            replay_calls=calls)
 
     def on_record(self, warp: WarpedModel, slot: str, state: ReplayState) -> None:
         """Called by ``Warp`` for every recorded state; nothing to do before the replay."""

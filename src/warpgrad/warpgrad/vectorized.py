@@ -4,9 +4,14 @@ Adaptation in WarpGrad is first order: the warp layers are fixed and nothing is 
 through the inner loop, so the adaptation of a task is a pure function of its batches. Here it
 is ``torch.func.vmap``-ed over tasks (``chunk`` tasks per call): the inner step is the loop's
 (``metazoo.forward`` with the warp layers fixed, the gradient with respect to the adaptable
-parameters by ``torch.func.grad``, the same ``OptimizerParameters.inner_optimizer`` step), and
-the whole trajectory of every task is returned stacked, so ``WarpGrad`` can record it into the
-replay buffer task by task, state by state, exactly as the loop records it.
+parameters by ``torch.func.grad``, the same SGD rule with the same per-tensor learning rates and
+momenta, computed in one operation each: ``inner_optimizer(stacked=True)``). Each state is
+gathered into one flat vector (``warpgrad.flat``: one ``cat`` per state; the step itself stays
+per parameter tensor, as under ``vmap`` a flat parameter vector would cost a copy of every
+gradient and weight in the batching rules). The whole trajectory of every task is returned as
+one flat tensor, which ``WarpGrad`` hands to the replay buffer
+(``ReplayBuffer.record``) without a copy per state; the buffer then holds the same states, in
+the same order, as the loop records.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from torch import Tensor, nn
 
 import metazoo
 from metazoo import Buffers, Params, Task, accuracy, forward
+from warpgrad.flat import FlatLayout
 
 __all__ = ["StackedAdaptation", "adapt_tasks"]
 
@@ -28,22 +34,29 @@ class StackedAdaptation:
     """Every task's adaptation, each tensor with a leading task dimension ``[T]``.
 
     Attributes:
-        trajectory: per adaptable parameter, ``[T, K + 1, ...]``: the state before each of the K
-            steps, then the adapted parameters.
-        momentum: per adaptable parameter, ``[T, K - 1, ...]``: the momentum buffer before steps
-            1..K-1 (the loop records none before step 0); empty without momentum.
+        layout: where each adaptable parameter lives in a flat state.
+        trajectory: ``[T, K + 1, layout.numel]``, flat: the state before each of the K steps,
+            then the adapted parameters.
+        momentum: ``[T, K - 1, layout.numel]``, flat: the momentum buffer before steps 1..K-1
+            (the loop records none before step 0); ``None`` without momentum.
         buffers: the BatchNorm buffers after adaptation (empty in ``batch`` mode).
         inner_losses: ``[T, K]``, the support loss of each step.
         query_loss: ``[T]``, the loss on the query batch at the adapted parameters.
         query_accuracy: ``[T]``, or ``None`` when the criterion's targets are not class labels.
     """
 
-    trajectory: Params
-    momentum: Params
+    layout: FlatLayout
+    trajectory: Tensor
+    momentum: Tensor | None
     buffers: Buffers
     inner_losses: Tensor
     query_loss: Tensor
     query_accuracy: Tensor | None
+
+    @property
+    def adapted(self) -> Params:
+        """The adapted parameters by name, each ``[T, ...]`` (views)."""
+        return self.layout.unflatten(self.trajectory[:, -1])
 
     @property
     def finite(self) -> Tensor:
@@ -81,7 +94,7 @@ def _diagnose(model: nn.Module, criterion: Callable[[Tensor, Tensor], Tensor], p
 def adapt_tasks(model: nn.Module, criterion: Callable[[Tensor, Tensor], Tensor],
                 fixed: Params, init: Params, optimizer: metazoo.InnerOptimizer,
                 tasks: Sequence[Task], steps: int, *, bn_mode: str, device: torch.device,
-                chunk: int) -> StackedAdaptation:
+                chunk: int, layout: FlatLayout) -> StackedAdaptation:
     """Adapts ``init`` to every task with ``fixed`` (warp layers, frozen parameters) constant.
 
     Args:
@@ -95,25 +108,31 @@ def adapt_tasks(model: nn.Module, criterion: Callable[[Tensor, Tensor], Tensor],
         bn_mode: ``metazoo.BatchNormMode`` of adaptation and scoring.
         device: where the batches are moved.
         chunk: tasks per ``vmap`` call.
+        layout: the flat layout of the recorded states (``FlatLayout.of(init)``).
     """
     _check_one_shape(tasks)
     support, query = metazoo.vectorize.stack_tasks(tasks)
     support = [(x.to(device), y.to(device)) for x, y in support]
     query = (query[0].to(device), query[1].to(device))
-    start_buffers = metazoo.initial_buffers(model, bn_mode)
+    # In batch mode no statistics are used or updated: the model's buffers as they are (a copy
+    # per buffer, as ``initial_buffers`` makes, is only needed for per-task statistics).
+    start_buffers = (metazoo.initial_buffers(model, bn_mode)
+                     if metazoo.BatchNormMode(bn_mode) is not metazoo.BatchNormMode.BATCH
+                     else {n: b.detach() for n, b in model.named_buffers()})
     has_accuracy: list[bool] = []
+    has_momentum: list[bool] = []
 
     def one_task(support: list[tuple[Tensor, Tensor]], query: tuple[Tensor, Tensor]
-                 ) -> tuple[Params, Params, Buffers, Tensor, Tensor, Tensor]:
+                 ) -> tuple[Tensor, Tensor, Buffers, Tensor, Tensor, Tensor]:
         theta = dict(init)
         state = optimizer.init(theta)
         buffers = dict(start_buffers)
         trajectory, momenta, losses = [], [], []
         for k in range(steps):
             x, y = support[k % len(support)]
-            trajectory.append(theta)
+            trajectory.append(layout.flatten(theta))
             if k > 0 and "momentum_buffer" in state:
-                momenta.append(state["momentum_buffer"])
+                momenta.append(layout.flatten(state["momentum_buffer"]))
 
             def inner_loss(adapted: Params, buffers: Buffers = buffers, x: Tensor = x,
                            y: Tensor = y) -> tuple[Tensor, tuple[Tensor, Buffers]]:
@@ -125,17 +144,17 @@ def adapt_tasks(model: nn.Module, criterion: Callable[[Tensor, Tensor], Tensor],
             grads, (loss, buffers) = torch.func.grad(inner_loss, has_aux=True)(theta)
             losses.append(loss)
             theta, state = optimizer.step(theta, grads, state)
-        trajectory.append(theta)
-        output, _ = forward(model, {**fixed, **theta}, buffers, query[0], bn_mode=bn_mode,
-                            training=False)
+        trajectory.append(layout.flatten(theta))
+        output, _ = forward(model, {**fixed, **theta}, buffers, query[0],
+                            bn_mode=bn_mode, training=False)
         query_loss = criterion(output, query[1])
         acc = accuracy(output, query[1])
         has_accuracy.append(acc is not None)
-        stacked = {n: torch.stack([t[n] for t in trajectory]) for n in init}
-        momentum = ({n: torch.stack([m[n] for m in momenta]) for n in init} if momenta
-                    else {})
-        # vmap returns tensors only: a placeholder where the criterion has no accuracy.
-        return (stacked, momentum, buffers, torch.stack(losses), query_loss,
+        has_momentum.append(bool(momenta))
+        # vmap returns tensors only: placeholders where there is no momentum or accuracy.
+        return (torch.stack(trajectory),
+                torch.stack(momenta) if momenta else trajectory[0].new_zeros(0, layout.numel),
+                buffers, torch.stack(losses), query_loss,
                 query_loss.new_zeros(()) if acc is None else acc)
 
     with torch.no_grad():  # torch.func.grad inside still differentiates; nothing else does
@@ -148,5 +167,5 @@ def adapt_tasks(model: nn.Module, criterion: Callable[[Tensor, Tensor], Tensor],
             _diagnose(model, criterion, {**fixed, **init}, start_buffers, tasks,
                       bn_mode=bn_mode, device=device)
             raise
-    return StackedAdaptation(trajectory, momentum, buffers, inner, loss,
-                             acc if all(has_accuracy) else None)
+    return StackedAdaptation(layout, trajectory, momentum if any(has_momentum) else None, buffers,
+                             inner, loss, acc if all(has_accuracy) else None)
