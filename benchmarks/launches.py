@@ -44,12 +44,14 @@ Usage::
     python benchmarks/launches.py                  # W1 at 8 and 32 tasks, W2 (CPU, minutes)
     python benchmarks/launches.py --impls warpgrad,warpgrad_vectorized   # W2 only
     python benchmarks/launches.py --tasks 32 --impls loop,vmap,maml,maml_vectorized
+    python benchmarks/launches.py --tasks 8 --impls vmap,maml_vectorized --breakdown 25
     python benchmarks/launches.py --quick          # a smoke test: tiny net, 2 tasks, seconds
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import copy
 import sys
 from pathlib import Path
@@ -81,6 +83,7 @@ class Counter(TorchDispatchMode):
     def __init__(self) -> None:
         super().__init__()
         self.ops = self.kernel_ops = self.syncs = self.copies = 0
+        self.kernel_ops_by_name: collections.Counter[str] = collections.Counter()
         self.in_sync_method = 0
         self.count_syncs = False
         self.originals: dict[str, Any] = {}
@@ -118,11 +121,13 @@ class Counter(TorchDispatchMode):
                 self.syncs += 1
         elif not (func.is_view or func in ALLOCATIONS):
             self.kernel_ops += 1
+            self.kernel_ops_by_name[str(func)] += 1
         return func(*args, **(kwargs or {}))
 
 
-def count(impl: Impl, data: Any) -> tuple[int, int, int]:
-    """(ops, kernel ops, syncs) of one meta-step, after a warm-up step."""
+def count(impl: Impl, data: Any, breakdown: int = 0) -> tuple[int, int, int]:
+    """(ops, kernel ops, syncs) of one meta-step, after a warm-up step; with ``breakdown``,
+    prints that many of its most frequent kernel ops by name."""
     impl.meta_step(data)
     with Counter() as counter:
         impl.optimizer.zero_grad(set_to_none=True)
@@ -130,14 +135,20 @@ def count(impl: Impl, data: Any) -> tuple[int, int, int]:
         impl.backward(data)
         counter.count_syncs = False
         impl.optimizer.step()
+    if breakdown:
+        print(f"\n{impl.name}: the {breakdown} most frequent of {counter.kernel_ops:,} kernel ops")
+        for name, n in counter.kernel_ops_by_name.most_common(breakdown):
+            print(f"  {n:6,}  {name}")
     return counter.ops, counter.kernel_ops, counter.syncs
 
 
-def table(tasks: int, impls: list[str], filters: int, queries: int) -> dict[str, tuple[int, ...]]:
+def table(tasks: int, impls: list[str], filters: int, queries: int, breakdown: int = 0
+          ) -> dict[str, tuple[int, ...]]:
     torch.manual_seed(0)
     base = omniglot_net(5, filters)
     data = make_tasks(5, tasks, queries, torch.device("cpu"), torch.float32)
-    counts = {name: count(Impl(name, copy.deepcopy(base), None), data) for name in impls}
+    counts = {name: count(Impl(name, copy.deepcopy(base), None), data, breakdown)
+              for name in impls}
     print(f"\n## W1, {tasks} tasks ({filters} filters, {queries} queries per class)\n")
     print("| implementation | ops | kernel ops | syncs | kernel ops ratio | against |")
     print("|---|---:|---:|---:|---:|---|")
@@ -196,6 +207,8 @@ def main() -> None:
     parser.add_argument("--warp-steps", type=int, default=5, help="W2 inner steps")
     parser.add_argument("--filters", type=int, default=64)
     parser.add_argument("--queries", type=int, default=15)
+    parser.add_argument("--breakdown", type=int, default=0, metavar="N",
+                        help="also print each row's N most frequent kernel ops by name")
     parser.add_argument("--quick", action="store_true",
                         help="smoke test: 8 filters, 2 tasks, 2 queries per class (W2: 2 tasks, "
                              "batch 8, 2 steps)")
@@ -209,13 +222,13 @@ def main() -> None:
     torch.set_num_threads(1)
     if args.quick:
         if impls:
-            table(2, impls, 8, 2)
+            table(2, impls, 8, 2, args.breakdown)
         if warp_impls:
             warp_table(warp_impls, 2, 8, 2, 8)
         return
     if impls:
         for tasks in args.tasks.split(","):
-            table(int(tasks), impls, args.filters, args.queries)
+            table(int(tasks), impls, args.filters, args.queries, args.breakdown)
     if warp_impls:
         warp_table(warp_impls, args.warp_tasks, args.warp_batch, args.warp_steps, args.filters)
 

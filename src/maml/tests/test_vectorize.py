@@ -142,6 +142,31 @@ def test_the_vectorized_path_runs_once_per_chunk_and_never_falls_back(vectorize,
     assert criterion.batched == (0 if calls == TASKS * 4 else calls)
 
 
+def test_the_vectorized_path_runs_through_the_task_folding_layers(monkeypatch):
+    """Convolution, max-pooling and BatchNorm of the vectorized meta-batch use the vmap rules
+    of ``metazoo.layers`` and ``metazoo.batchnorm`` (tasks folded into one kernel, closed-form
+    double backwards); a silent fallback to PyTorch's batching rules leaves a count at 0."""
+    from metazoo import batchnorm, layers
+
+    calls: dict[str, int] = {}
+
+    def counting(name, rule):
+        def vmap_rule(*args, **kwargs):
+            calls[name] = calls.get(name, 0) + 1
+            return rule(*args, **kwargs)
+        return staticmethod(vmap_rule)
+
+    functions = (layers._Conv, layers._ConvBackward, layers._MaxPool, layers._MaxPoolBackward,
+                 layers._MaxPoolGather, batchnorm._BatchNorm, batchnorm._BatchNormBackward,
+                 batchnorm._BatchNormDoubleBackward)
+    for function in functions:
+        monkeypatch.setattr(function, "vmap", counting(function.__name__, function.vmap))
+    maml = MAML(model=bn_net(), criterion=F.cross_entropy, inner_optimizer=metazoo.SGD(0.4),
+                inner_steps=2, vectorize=True)
+    maml.meta_backward(tasks())
+    assert sorted(calls) == sorted(f.__name__ for f in functions), calls
+
+
 def test_vectorized_fault_check_is_one_transfer_and_names_the_task_and_step(monkeypatch):
     """Both the loop (metazoo.TaskFaults) and the vectorized path check the whole meta-batch
     at once (task_fault, one transfer per task, only names a fault) and raise the same error."""

@@ -5,7 +5,7 @@ Pure functional models (``forward``, ``params_of``), differentiable inner optimi
 ``MetaLearner`` interface every algorithm implements.
 """
 
-from metazoo import batchnorm, cli, distributed, registry, runs, vectorize
+from metazoo import batchnorm, cli, distributed, layers, registry, runs, vectorize
 from metazoo.devices import DeviceMixError, strict_devices
 from metazoo.faults import (
     CheckedCriterion,
@@ -139,6 +139,7 @@ __all__ = [
     "fp32_precision",
     "fp32_precision_flags",
     "initial_buffers",
+    "layers",
     "make_loss_fn",
     "mean_results",
     "params_of",

@@ -22,6 +22,7 @@ from torch.nn import functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.overrides import TorchFunctionMode
 
+from metazoo import layers as _layers
 from metazoo.batchnorm import batch_norm as _closed_form_batch_norm
 
 Params = dict[str, Tensor]
@@ -209,13 +210,16 @@ class _BatchNormCalls(TorchFunctionMode):
     batch statistics through ``F.batch_norm`` or ``metazoo.batchnorm.batch_norm`` (the closed-form
     double backward, see ``closed_form_batch_norm``), RUNNING statistics updated out of place and
     differentiably into ``updates``. No module attribute is changed, so ``torch.compile`` can
-    trace it.
+    trace it. With ``closed_form`` it also routes ``F.conv2d`` and ``F.max_pool2d`` on 4-d inputs
+    through ``metazoo.layers`` (the same values and first derivatives; vmap rules that keep the
+    tasks' layout and a double backward of few operations).
 
     Args:
         running: RUNNING mode only: ``id`` of each running-mean tensor swapped in -> (buffer name
             prefix, the module, its ``num_batches_tracked`` tensor or ``None``).
         updates: receives the new running statistics.
-        closed_form: normalise with ``metazoo.batchnorm.batch_norm``.
+        closed_form: normalise with ``metazoo.batchnorm.batch_norm``, convolve and pool with
+            ``metazoo.layers``.
     """
 
     def __init__(self, running: dict[int, tuple[str, _BatchNorm, Tensor | None]],
@@ -225,9 +229,16 @@ class _BatchNormCalls(TorchFunctionMode):
 
     def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (),
                            kwargs: dict[str, Any] | None = None) -> Any:
+        kwargs = kwargs or {}
         if func is F.batch_norm:
-            return self.batch_norm(*args, **(kwargs or {}))
-        return func(*args, **(kwargs or {}))
+            return self.batch_norm(*args, **kwargs)
+        if self.closed_form and not torch.compiler.is_compiling():
+            # Dynamo cannot trace an autograd.Function under vmap (torch 2.14).
+            if func is F.conv2d:
+                return _conv2d(*args, **kwargs)
+            if func is F.max_pool2d:
+                return _max_pool2d(*args, **kwargs)
+        return func(*args, **kwargs)
 
     def batch_norm(self, x: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
                    weight: Tensor | None = None, bias: Tensor | None = None,
@@ -257,6 +268,22 @@ class _BatchNormCalls(TorchFunctionMode):
         return output
 
 
+def _conv2d(x: Tensor, weight: Tensor, bias: Tensor | None = None, stride: Any = 1,
+            padding: Any = 0, dilation: Any = 1, groups: int = 1) -> Any:
+    if x.dim() != 4 or isinstance(padding, str):
+        return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+    return _layers.conv2d(x, weight, bias, stride, padding, dilation, groups)
+
+
+def _max_pool2d(x: Tensor, kernel_size: Any, stride: Any = None, padding: Any = 0,
+                dilation: Any = 1, ceil_mode: bool = False, return_indices: bool = False
+                ) -> Any:
+    if x.dim() != 4 or return_indices:
+        return F.max_pool2d(x, kernel_size, stride, padding, dilation,  # type: ignore[call-overload]
+                            ceil_mode=ceil_mode, return_indices=return_indices)
+    return _layers.max_pool2d(x, kernel_size, stride, padding, dilation, ceil_mode)
+
+
 _closed_form = False
 
 
@@ -265,9 +292,11 @@ def closed_form_batch_norm(enabled: bool = True) -> Iterator[None]:
     """Within the block, ``forward`` normalises with ``metazoo.batchnorm.batch_norm``.
 
     Its forward pass and first derivatives are bit-identical to ``F.batch_norm``'s; its second
-    derivative is a closed form of about 20 operations per layer instead of PyTorch's 114, equal
-    to rounding (float64: 1e-16 relative). The vectorized meta-batches always use it; the
-    per-task loops use ``F.batch_norm`` unless run inside this block, so second-order
+    derivative is a closed form of 22 operations per layer instead of PyTorch's 114, equal
+    to rounding (float64: 1e-16 relative). ``F.conv2d`` and ``F.max_pool2d`` go through
+    ``metazoo.layers`` inside the block (bit-identical forward and first derivatives too; vmap
+    rules that keep the tasks folded). The vectorized meta-batches always use it; the
+    per-task loops use PyTorch's functions unless run inside this block, so second-order
     float32 results of the loops (published runs) stay bit for bit what they were.
 
     Args:

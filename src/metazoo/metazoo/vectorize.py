@@ -18,10 +18,18 @@ detached inputs), the same ``InnerOptimizer.step`` update rule and ``clip_grad_n
 Memory grows with the number of tasks mapped at once; ``chunk`` maps that many tasks at a time
 and accumulates their gradients. On a CPU the loop is as fast or faster and far lighter
 (ARCHITECTURE.md, "Measured facts": vmap over 16 tasks took 5.4-8.2 s against 4.5 s for the loop;
-after the closed-form BatchNorm of issue 26, W1 at 8 tasks, 1 thread, interleaved medians of 7:
-vectorized 1.10x the hand-written loop and 1.00x the library's loop, at 1,905 MiB peak RSS
-against 210), on a GPU the vectorized form was 9x faster on the MAML Omniglot workload (0.156 s
-against 1.44 s per meta-step, issue 17), so ``vectorize="auto"`` vectorizes on CUDA only.
+W1 at 8 tasks, 1 thread, interleaved medians of 7-11 on a 2-core machine loaded by other jobs,
+after the task-folding layers of issue 26: vectorized 1.01-1.17x the hand-written loop in three
+runs and 1.16-1.17x the library's loop in two, at 1,443-1,677 MiB peak RSS against 167-250 for
+the loops; chunks of 4, 2 and 1 tasks were 1.12x, 1.56x and 2.28x), on a GPU the vectorized
+form was 9x faster on the MAML Omniglot workload (0.156 s against 1.44 s per meta-step, issue
+17), so ``vectorize="auto"`` vectorizes on CUDA only.
+
+Inside the map, ``F.conv2d``, ``F.max_pool2d`` and BatchNorm with batch statistics run through
+``metazoo.layers`` and ``metazoo.batchnorm`` (``closed_form_batch_norm``): vmap rules that fold
+the tasks into one kernel call without copies, double backwards of few kernels. Image batches
+are stacked samples-outer (``[N, T, C, H, W]`` in memory) so that the first layer folds them
+without a copy too.
 """
 
 from __future__ import annotations
@@ -96,8 +104,9 @@ def check_vectorize_and_layout(vectorize: Any, channels_last: Any) -> tuple[Vect
 def resolve_chunk(vectorize: Vectorize, num_tasks: int, device: torch.device) -> int | None:
     """How many tasks to map at once, or ``None`` for the per-task loop.
 
-    ``"auto"`` vectorizes on CUDA devices only: on the CPU the loop was measured faster
-    (see the module docstring and ``benchmarks/gpu_meta_step.py``).
+    ``"auto"`` vectorizes on CUDA devices only: on the CPU the loop was measured as fast or
+    faster at a seventh of the memory (see the module docstring, ``benchmarks/gpu_meta_step.py``
+    and docs/performance.md).
     """
     if vectorize is False or (vectorize == "auto" and device.type != "cuda"):
         return None
@@ -135,10 +144,19 @@ def stack_tasks(tasks: Sequence[Task]) -> tuple[list[Batch], Batch]:
                     f"vectorize needs tasks of one shape, but task {index} {where} has "
                     f"{_describe(tensor)} and task 0 has {_describe(reference)}; pass "
                     f"vectorize=False to run such tasks one by one")
-    support = [(torch.stack([t.support[k][0] for t in tasks]),
-                torch.stack([t.support[k][1] for t in tasks])) for k in range(len(first.support))]
-    query = (torch.stack([t.query[0] for t in tasks]), torch.stack([t.query[1] for t in tasks]))
+    support = [(_stack([t.support[k][0] for t in tasks]),
+                _stack([t.support[k][1] for t in tasks])) for k in range(len(first.support))]
+    query = (_stack([t.query[0] for t in tasks]), _stack([t.query[1] for t in tasks]))
     return support, query
+
+
+def _stack(tensors: list[Tensor]) -> Tensor:
+    """``torch.stack(tensors)``; image batches ``[N, C, H, W]`` stored samples-outer
+    (``[N, T, C, H, W]`` in memory), the layout in which ``metazoo.layers`` and
+    ``metazoo.batchnorm`` fold the tasks into channels without a copy."""
+    if tensors[0].dim() == 4:
+        return torch.stack(tensors, dim=1).movedim(1, 0)
+    return torch.stack(tensors)
 
 
 def _functional_step(loss_fn: LossFn, optimizer: InnerOptimizer, batch: Batch, params: Params,

@@ -330,6 +330,16 @@ def test_stack_tasks_needs_tasks_of_one_shape():
         stack_tasks(more)
 
 
+def test_stack_tasks_stores_image_batches_samples_outer():
+    # Values as torch.stack; 4-D image batches laid out [N, T, C, H, W] in memory, so the
+    # task-folding layers fold them into channels without a copy. Labels keep torch.stack's.
+    x, y, qx, qy = task_batches()
+    tasks = [metazoo.Task([(x[i], y[i])], (qx[i], qy[i])) for i in range(TASKS)]
+    (images, labels), = stack_tasks(tasks)[0]
+    assert torch.equal(images, x) and torch.equal(labels, y)
+    assert images.movedim(0, 1).is_contiguous() and labels.is_contiguous()
+
+
 def test_vectorize_and_layout_are_checked_together():
     assert check_vectorize_and_layout(False, True) == (False, True)
     assert check_vectorize_and_layout(4, False) == (4, False)
