@@ -54,6 +54,7 @@ import argparse
 import collections
 import copy
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -125,16 +126,26 @@ class Counter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+def counted_meta_step(meta_step: Callable[[], Any], zero_grad: Callable[[], None],
+                      backward: Callable[[], Any], step: Callable[[], None]) -> Counter:
+    """The counter of one meta-step (``zero_grad``, ``backward`` with its host syncs counted,
+    ``step``), after a warm-up ``meta_step``."""
+    meta_step()
+    with Counter() as counter:
+        zero_grad()
+        counter.count_syncs = True
+        backward()
+        counter.count_syncs = False
+        step()
+    return counter
+
+
 def count(impl: Impl, data: Any, breakdown: int = 0) -> tuple[int, int, int]:
     """(ops, kernel ops, syncs) of one meta-step, after a warm-up step; with ``breakdown``,
     prints that many of its most frequent kernel ops by name."""
-    impl.meta_step(data)
-    with Counter() as counter:
-        impl.optimizer.zero_grad(set_to_none=True)
-        counter.count_syncs = True
-        impl.backward(data)
-        counter.count_syncs = False
-        impl.optimizer.step()
+    counter = counted_meta_step(lambda: impl.meta_step(data),
+                                lambda: impl.optimizer.zero_grad(set_to_none=True),
+                                lambda: impl.backward(data), impl.optimizer.step)
     if breakdown:
         print(f"\n{impl.name}: the {breakdown} most frequent of {counter.kernel_ops:,} kernel ops")
         for name, n in counter.kernel_ops_by_name.most_common(breakdown):
@@ -163,13 +174,10 @@ def table(tasks: int, impls: list[str], filters: int, queries: int, breakdown: i
 
 def count_warp(learner: Any, tasks: Any) -> tuple[int, int, int, int]:
     """(ops, kernel ops, syncs, copies) of one WarpGrad meta-step, after a warm-up step."""
-    learner.meta_step(tasks)
-    with Counter() as counter:
-        learner.meta_optimizer.zero_grad(set_to_none=True)
-        counter.count_syncs = True
-        learner.meta_backward(tasks)
-        counter.count_syncs = False
-        learner.meta_optimizer.step()
+    counter = counted_meta_step(lambda: learner.meta_step(tasks),
+                                lambda: learner.meta_optimizer.zero_grad(set_to_none=True),
+                                lambda: learner.meta_backward(tasks),
+                                learner.meta_optimizer.step)
     return counter.ops, counter.kernel_ops, counter.syncs, counter.copies
 
 
