@@ -150,11 +150,29 @@ def stack_tasks(tasks: Sequence[Task]) -> tuple[list[Batch], Batch]:
     return support, query
 
 
+#: Devices on which 4-D floating-point task batches are stacked channels-last (``_stack``).
+#: Tests empty it to run the other layout on a CPU.
+CHANNELS_LAST_DEVICES: frozenset[str] = frozenset({"cpu"})
+
+
 def _stack(tensors: list[Tensor]) -> Tensor:
-    """``torch.stack(tensors)``; image batches ``[N, C, H, W]`` stored samples-outer
-    (``[N, T, C, H, W]`` in memory), the layout in which ``metazoo.layers`` and
-    ``metazoo.batchnorm`` fold the tasks into channels without a copy."""
-    if tensors[0].dim() == 4:
+    """``torch.stack(tensors)`` (the values), laid out for the task-folding layers.
+
+    4-D image batches ``[N, C, H, W]`` on a CPU (``CHANNELS_LAST_DEVICES``) are stored
+    ``[N, H, W, T, C]`` in memory: folding the tasks into channels gives a channels-last
+    ``[N, T * C, H, W]`` view, in which every activation of the meta-batch then stays. On a
+    CPU, max-pooling over NCHW tensors is 10-13x slower than over channels-last ones and the
+    BatchNorm statistics 3-4x (``docs/performance.md``); convolutions cost the same. Elsewhere
+    (CUDA) they are stored samples-outer, ``[N, T, C, H, W]``: folding them into channels or
+    into the batch dimension is a view of the default layout. Other tensors keep
+    ``torch.stack``'s layout.
+    """
+    first = tensors[0]
+    if first.dim() == 4 and first.is_floating_point() and (
+            first.device.type in CHANNELS_LAST_DEVICES):
+        return torch.stack([t.permute(0, 2, 3, 1) for t in tensors], dim=3).permute(
+            3, 0, 4, 1, 2)
+    if first.dim() == 4:
         return torch.stack(tensors, dim=1).movedim(1, 0)
     return torch.stack(tensors)
 
@@ -650,6 +668,23 @@ class VectorizedGradients:
     finite: Tensor
 
 
+def _masked_task_sums(outputs: list[Tensor], finite: Tensor) -> list[Tensor]:
+    """Each output ``[n, ...]`` summed over the tasks where ``finite`` (``[n]``) holds.
+
+    Outputs of one dtype are summed side by side as one ``[n, P]`` matrix (three kernels for
+    all of them, not two per tensor; the sums are views of one result). ``where``, not a
+    product: a NaN gradient times 0 is still NaN.
+    """
+    if len(outputs) > 1 and len({t.dtype for t in outputs}) == 1:
+        flat = torch.cat([t.reshape(len(t), -1) for t in outputs], dim=1)
+        total = torch.where(finite.view(-1, 1), flat, 0.0).sum(0)
+        shapes = [t.shape[1:] for t in outputs]
+        return [part.view(shape) for part, shape in zip(
+            total.split([shape.numel() for shape in shapes]), shapes, strict=True)]
+    return [torch.where(finite.view(-1, *[1] * (t.dim() - 1)), t, 0.0).sum(0)
+            for t in outputs]
+
+
 def map_and_sum(
     mapped: Callable[..., tuple[Sequence[Tensor], tuple[Tensor, tuple[Tensor, Any]]]],
     shared: Sequence[Any],
@@ -672,9 +707,7 @@ def map_and_sum(
     for rows in _chunks(num_tasks, chunk):
         grads, (values, (inner, aux)) = call(mapped, *shared, *_take(list(batched), rows))
         finite = torch.isfinite(values) & torch.isfinite(inner).all(dim=1)
-        # where, not a product: a NaN gradient times 0 is still NaN.
-        masked = [torch.where(finite.view(-1, *[1] * (g.dim() - 1)), g, 0.0).sum(0)
-                  for g in grads]
+        masked = _masked_task_sums(list(grads), finite)
         sums = masked if sums is None else [a + b for a, b in zip(sums, masked, strict=True)]
         objectives.append(values.detach())
         inner_losses.append(inner.detach())
