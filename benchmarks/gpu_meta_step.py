@@ -12,6 +12,8 @@ round) after one warm-up meta-step each:
 - ``maml_vectorized``: ``maml.MAML(vectorize=True)`` (``metazoo.vectorize``), or chunks of
   ``--chunk`` tasks.
 - ``maml_auto``: ``maml.MAML(vectorize="auto")``: the loop on a CPU, vectorized on CUDA.
+- on request: ``maml_channels_last``: the library's loop with ``channels_last=True`` (each task's
+  inputs and parameters copied to channels-last).
 - on request (``--impls``): ``fomaml`` / ``fomaml_vectorized`` (``MAML(first_order=True)``) and
   ``reptile`` / ``reptile_vectorized`` (``maml.Reptile``, meta-SGD step 0.1); their ratio and
   agreement columns compare with their own loop (``fomaml``, ``reptile``); ``leap`` /
@@ -68,8 +70,8 @@ from leap import LeapLearner
 from maml import MAML, Reptile, iMAML
 
 IMPLS = ("loop", "vmap", "maml", "maml_vectorized", "maml_auto")
-EXTRA = ("fomaml", "fomaml_vectorized", "reptile", "reptile_vectorized", "leap",
-         "leap_vectorized", "imaml", "imaml_vectorized")
+EXTRA = ("maml_channels_last", "fomaml", "fomaml_vectorized", "reptile", "reptile_vectorized",
+         "leap", "leap_vectorized", "imaml", "imaml_vectorized")
 # What each implementation's ratio and agreement are against (default: the plain loop).
 REFERENCE = {"fomaml": "fomaml", "fomaml_vectorized": "fomaml", "reptile": "reptile",
              "reptile_vectorized": "reptile", "leap": "leap", "leap_vectorized": "leap",
@@ -121,7 +123,8 @@ class Impl:
                                 inner_optimizer=metazoo.SGD(INNER_LR), inner_steps=INNER_STEPS,
                                 first_order=name.startswith("fomaml"),
                                 meta_optimizer=lambda p: torch.optim.Adam(p, lr=1e-3),
-                                vectorize=vectorize)
+                                vectorize=vectorize,
+                                channels_last=name.endswith("_channels_last"))
             self.optimizer = self.learner.meta_optimizer
         elif name.startswith("reptile"):
             self.learner = Reptile(model=net, criterion=F.cross_entropy,
