@@ -15,6 +15,12 @@ vmap rule that keeps the layout the previous layer produced:
   batch dimension. Either way the task dimension stays where it was (a view, no copy).
 - ``max_pool2d``: the tasks folded into the batch dimension (a view).
 
+Channels-last tasks (``[N, H, W, T, C]`` in memory, how ``metazoo.vectorize.stack_tasks`` lays
+out image batches on a CPU) fold into channels as a view but never into the batch dimension, so
+there every rule folds them into channels: max-pooling and its backward plane by plane, the
+convolution with shared weights through the per-task form with the weights repeated. The
+kernels then read and write channels-last tensors throughout.
+
 Values and first derivatives are PyTorch's kernels (``torch.convolution``,
 ``aten.convolution_backward``, ``aten.max_pool2d_with_indices(_backward)``), so a forward pass is
 bit for bit ``F.conv2d``/``F.max_pool2d``. The double backward is closed under differentiation:

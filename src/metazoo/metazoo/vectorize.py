@@ -16,20 +16,21 @@ inner gradient taken by ``torch.func.grad`` (second order: nested transforms; fi
 detached inputs), the same ``InnerOptimizer.step`` update rule and ``clip_grad_norm``.
 
 Memory grows with the number of tasks mapped at once; ``chunk`` maps that many tasks at a time
-and accumulates their gradients. On a CPU the loop is as fast or faster and far lighter
-(ARCHITECTURE.md, "Measured facts": vmap over 16 tasks took 5.4-8.2 s against 4.5 s for the loop;
-W1 at 8 tasks, 1 thread, interleaved medians of 7-11 on a 2-core machine loaded by other jobs,
-after the task-folding layers of issue 26: vectorized 1.01-1.17x the hand-written loop in three
-runs and 1.16-1.17x the library's loop in two, at 1,443-1,677 MiB peak RSS against 167-250 for
-the loops; chunks of 4, 2 and 1 tasks were 1.12x, 1.56x and 2.28x), on a GPU the vectorized
-form was 9x faster on the MAML Omniglot workload (0.156 s against 1.44 s per meta-step, issue
-17), so ``vectorize="auto"`` vectorizes on CUDA only.
+and accumulates their gradients. On a GPU the vectorized form was 9x faster on the MAML Omniglot
+workload (0.156 s against 1.44 s per meta-step, issue 17). On a CPU (W1 at 8 tasks, 1 thread,
+interleaved medians of 7, docs/performance.md), with the channels-last layout below, the
+vectorized MAML meta-step took 0.83-0.89x the hand-written loop's time (0.77x with glibc's
+malloc keeping freed blocks), at 1.6-1.7 GiB peak RSS against about 0.2 GiB for the loops;
+before it, NCHW, 1.03-1.17x. ``vectorize="auto"`` still vectorizes on CUDA only (the memory,
+and the loop with ``channels_last=True``; see ``resolve_chunk``).
 
 Inside the map, ``F.conv2d``, ``F.max_pool2d`` and BatchNorm with batch statistics run through
 ``metazoo.layers`` and ``metazoo.batchnorm`` (``closed_form_batch_norm``): vmap rules that fold
 the tasks into one kernel call without copies, double backwards of few kernels. Image batches
-are stacked samples-outer (``[N, T, C, H, W]`` in memory) so that the first layer folds them
-without a copy too.
+are stacked so that the first layer folds them without a copy too: on a CPU channels-last
+(``[N, H, W, T, C]`` in memory; every activation then stays channels-last, where max-pooling is
+10-13x and the BatchNorm statistics 3-4x faster than over NCHW tensors), elsewhere
+samples-outer (``[N, T, C, H, W]``); see ``CHANNELS_LAST_DEVICES``.
 """
 
 from __future__ import annotations
@@ -104,9 +105,11 @@ def check_vectorize_and_layout(vectorize: Any, channels_last: Any) -> tuple[Vect
 def resolve_chunk(vectorize: Vectorize, num_tasks: int, device: torch.device) -> int | None:
     """How many tasks to map at once, or ``None`` for the per-task loop.
 
-    ``"auto"`` vectorizes on CUDA devices only: on the CPU the loop was measured as fast or
-    faster at a seventh of the memory (see the module docstring, ``benchmarks/gpu_meta_step.py``
-    and docs/performance.md).
+    ``"auto"`` vectorizes on CUDA devices only. On a CPU the vectorized MAML meta-step
+    (channels-last there) measured 0.77-0.99x the hand-written loop's time on the MAML Omniglot
+    workload at 8 tasks, a margin that glibc's allocator swings, at 7-8x the loop's peak memory,
+    and the loop with ``channels_last=True`` 0.95x at the loop's memory (see the module
+    docstring, ``benchmarks/gpu_meta_step.py`` and docs/performance.md).
     """
     if vectorize is False or (vectorize == "auto" and device.type != "cuda"):
         return None
