@@ -386,8 +386,10 @@ class UndoableStep:
             ``values.tolist()`` gives; empty for ``None``).
         """
         flags = _finite_flags(self.checked())
-        device = values.device if values is not None else (
-            next(iter(flags)) if flags else torch.device("cpu"))
+        # One transfer from the accelerator; flags on the CPU are read where they are.
+        accelerators = [where for where in flags if where.type != "cpu"]
+        device = (values.device if values is not None else
+                  accelerators[0] if accelerators else torch.device("cpu"))
         ok = True
         row = []
         for where, flag in flags.items():
