@@ -15,15 +15,22 @@ meta-step under a ``TorchDispatchMode`` that counts:
 - ``syncs``: transfers of a device value to the host, each of which makes the host wait for
   the device: ``Tensor.item``, ``tolist``, ``bool``/``int``/``float``/``__index__`` of a
   tensor (counted once per Python call) and any ``aten._local_scalar_dense``,
-  ``aten.is_nonzero`` or ``aten.nonzero`` dispatched outside those calls, during the
-  meta-gradient (not during the Adam step: ``torch.optim.Adam`` reads its step counts with
-  ``.item()``, but it keeps them on the host even for CUDA parameters, so they cost no sync).
+  ``aten.is_nonzero`` or ``aten.nonzero`` dispatched outside those calls, during a whole
+  meta-step: for the learners their own ``meta_step`` (the meta-gradient, the checked
+  meta-optimizer step and the reported result), for the hand-written rows the same
+  meta-step as the op counts. Not counted: reads inside the optimizer's ``step``
+  (``torch.optim.Adam`` reads its step counts with ``.item()``, but it keeps them on the host
+  even for CUDA parameters, so they cost no sync), and reads of tensors the code makes on the
+  host by construction through ``metazoo.host_list`` (the replay order WarpGrad draws with a
+  CPU generator), which wait for no device on any machine.
 
-A meta-step is ``zero_grad``, the meta-gradient of the meta-batch into ``.grad``
-(``meta_backward`` for the learners) and one Adam step: ``Impl.meta_step`` of
+The op counts are of a meta-step made of ``zero_grad``, the meta-gradient of the meta-batch into
+``.grad`` (``meta_backward`` for the learners) and one Adam step: ``Impl.meta_step`` of
 ``gpu_meta_step.py``, whose implementations and workload this script uses, so its rows are the
-ones timed there. Rows: the hand-written per-task loop (``functional_call`` +
-``autograd.grad(create_graph=True)``), the hand-written ``vmap(grad_and_value(task_loss))``
+ones timed there (a learner's own ``meta_step`` adds its finite check: a copy of the
+parameters and the optimizer state, and one fused reduction). Rows: the hand-written per-task
+loop (``functional_call`` + ``autograd.grad(create_graph=True)``), the hand-written
+``vmap(grad_and_value(task_loss))``
 form, and every learner of ``maml`` and ``leap`` through its loop (``vectorize=False``) and
 vectorized (``vectorize=True``). Ratios: a vectorized learner against its own loop, MAML's
 against the hand-written vmap form, the loops against the hand-written loop.
@@ -62,7 +69,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_meta_step import Impl, make_tasks, omniglot_net
+from gpu_meta_step import Impl, as_task_list, make_tasks, omniglot_net
 
 aten = torch.ops.aten
 ALLOCATIONS = {aten.empty.memory_format, aten.empty_like.default, aten.empty_strided.default,
@@ -127,25 +134,48 @@ class Counter(TorchDispatchMode):
 
 
 def counted_meta_step(meta_step: Callable[[], Any], zero_grad: Callable[[], None],
-                      backward: Callable[[], Any], step: Callable[[], None]) -> Counter:
-    """The counter of one meta-step (``zero_grad``, ``backward`` with its host syncs counted,
-    ``step``), after a warm-up ``meta_step``."""
+                      backward: Callable[[], Any], step: Callable[[], None],
+                      learner: Any = None) -> Counter:
+    """The counter of one meta-step (``zero_grad``, ``backward``, ``step``), after a warm-up
+    ``meta_step``. Its syncs are those of ``backward`` or, given a ``learner``, of one more
+    ``learner.meta_step`` (``meta_step`` again), not counting its optimizer's ``step``."""
     meta_step()
     with Counter() as counter:
         zero_grad()
-        counter.count_syncs = True
+        counter.count_syncs = learner is None
         backward()
         counter.count_syncs = False
         step()
+    if learner is not None:
+        optimizer = learner.meta_optimizer
+        with Counter() as whole:
+            def uncounted_step(*args: Any, **kwargs: Any) -> Any:
+                whole.count_syncs = False
+                try:
+                    return type(optimizer).step(optimizer, *args, **kwargs)
+                finally:
+                    whole.count_syncs = True
+
+            optimizer.step = uncounted_step
+            try:
+                whole.count_syncs = True
+                meta_step()
+                whole.count_syncs = False
+            finally:
+                del optimizer.step
+        counter.syncs = whole.syncs
     return counter
 
 
 def count(impl: Impl, data: Any, breakdown: int = 0) -> tuple[int, int, int]:
     """(ops, kernel ops, syncs) of one meta-step, after a warm-up step; with ``breakdown``,
     prints that many of its most frequent kernel ops by name."""
-    counter = counted_meta_step(lambda: impl.meta_step(data),
-                                lambda: impl.optimizer.zero_grad(set_to_none=True),
-                                lambda: impl.backward(data), impl.optimizer.step)
+    learner = impl.learner
+    counter = counted_meta_step(
+        (lambda: learner.meta_step(as_task_list(data))) if learner is not None
+        else lambda: impl.meta_step(data),
+        lambda: impl.optimizer.zero_grad(set_to_none=True), lambda: impl.backward(data),
+        impl.optimizer.step, learner)
     if breakdown:
         print(f"\n{impl.name}: the {breakdown} most frequent of {counter.kernel_ops:,} kernel ops")
         for name, n in counter.kernel_ops_by_name.most_common(breakdown):
@@ -177,7 +207,7 @@ def count_warp(learner: Any, tasks: Any) -> tuple[int, int, int, int]:
     counter = counted_meta_step(lambda: learner.meta_step(tasks),
                                 lambda: learner.meta_optimizer.zero_grad(set_to_none=True),
                                 lambda: learner.meta_backward(tasks),
-                                learner.meta_optimizer.step)
+                                learner.meta_optimizer.step, learner)
     return counter.ops, counter.kernel_ops, counter.syncs, counter.copies
 
 

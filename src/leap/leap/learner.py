@@ -198,11 +198,48 @@ class LeapLearner(MetaLearner):
         The returned ``meta_loss`` and ``accuracy`` score the adapted models on the query sets
         (Leap's meta-objective is the path length, which does not use them).
         """
+        return self._deferred_meta_backward(tasks).read()
+
+    def _deferred_meta_backward(self, tasks: Sequence[Task]
+                                ) -> metazoo.DeferredRead[MetaStepResult]:
         tasks = _check_tasks(tasks)
         chunk = metazoo.vectorize.resolve_chunk(self.vectorize, len(tasks), self._device())
         if chunk is not None:
             return self._vectorized_meta_backward(tasks, chunk)
         start = time.perf_counter()
+        faults, total, per_task = self._loop_meta_gradients(tasks)
+        params = list(self.meta_parameters())
+        # The mean over the kept tasks, their number not read: a faulty task in "raise" mode
+        # raises when the flags are read (and what was written is dropped then).
+        divisor: int | Tensor = (len(tasks) if self.on_nonfinite == "raise" else
+                                 faults.kept_count().clamp(min=1).to(torch.float64))
+
+        def write() -> None:
+            if total is not None:
+                add_to_grad(params, metazoo.vectorize.mean_over_kept(total, divisor))
+
+        return self._deferred_summary(
+            params, write, metazoo.deferred_resolve_and_mean(faults, per_task), per_task,
+            len(tasks), start)
+
+    def _deferred_summary(self, params: Sequence[Tensor], write: Callable[[], None],
+                          faults: metazoo.DeferredRead[tuple[list[int],
+                                                             metazoo.MeanResults | None]],
+                          per_task: Sequence[tuple[Tensor, Tensor | None, Tensor]],
+                          num_tasks: int, start: float) -> metazoo.DeferredRead[MetaStepResult]:
+        """``write`` the meta-gradient now, read the faults later
+        (``metazoo.deferred_meta_gradient``), then summarise the kept tasks."""
+        def summary(resolved: tuple[list[int], metazoo.MeanResults | None]) -> MetaStepResult:
+            kept, means = resolved
+            return self._summary([per_task[i] for i in kept], num_tasks, start, means)
+
+        return metazoo.deferred_meta_gradient(params, write, faults).then(summary)
+
+    def _loop_meta_gradients(self, tasks: Sequence[Task]
+                             ) -> tuple[metazoo.TaskFaults, Tensor | None,
+                                        list[tuple[Tensor, Tensor | None, Tensor]]]:
+        """Each task's Leap meta-gradient, masked by its finiteness on the device and summed
+        (no host transfer), with the fault flags and each task's results."""
         faults = metazoo.TaskFaults(self.on_nonfinite)
         total: Tensor | None = None
         per_task = []
@@ -211,17 +248,13 @@ class LeapLearner(MetaLearner):
             run = self._run(task, self.inner_steps, meta=True)
             assert run.meta_grad is not None
             loss, acc = self._score(run, task)
-            # Masked by the task's finiteness on the device; one host transfer checks them all.
             meta_grad = faults.masked(faults.check(run.losses, loss), run.meta_grad)
             total = meta_grad if total is None else total.add_(meta_grad)
             per_task.append((loss, acc, run.losses))
-        kept, means = metazoo.resolve_and_mean(faults, per_task)  # one host transfer
-        per_task = [per_task[i] for i in kept]
-        if total is not None and kept:
-            add_to_grad(list(self.meta_parameters()), total.div_(len(kept)))
-        return self._summary(per_task, len(tasks), start, means)
+        return faults, total, per_task
 
-    def _vectorized_meta_backward(self, tasks: Sequence[Task], chunk: int) -> MetaStepResult:
+    def _vectorized_meta_backward(self, tasks: Sequence[Task], chunk: int
+                                  ) -> metazoo.DeferredRead[MetaStepResult]:
         """``meta_backward`` with the tasks mapped ``chunk`` at a time: each task's Leap
         meta-gradient is summed over its segments inside the map, exactly as ``_run`` does in
         the loop; one host transfer checks the whole meta-batch for faults."""
@@ -243,13 +276,19 @@ class LeapLearner(MetaLearner):
         with torch.no_grad():
             result = metazoo.vectorize.map_and_sum(vmap(task_step), [], [support, query],
                                                    len(tasks), chunk)
-        kept = metazoo.vectorize.raise_or_count_faults(result, self.on_nonfinite)
-        if kept:
-            add_to_grad(list(self.meta_parameters()), result.grads[0] / len(kept))
+        params = list(self.meta_parameters())
+        divisor = metazoo.vectorize.kept_divisor(result, self.on_nonfinite)
         losses, accuracies = result.aux
         per_task = [(losses[i], accuracies[i] if all(has_accuracy) else None,
-                     result.inner_losses[i]) for i in kept]
-        return self._summary(per_task, len(tasks), start)
+                     result.inner_losses[i]) for i in range(len(tasks))]
+
+        def write() -> None:
+            add_to_grad(params, metazoo.vectorize.mean_over_kept(result.grads[0], divisor))
+
+        return self._deferred_summary(
+            params, write,
+            metazoo.vectorize.deferred_faults_and_means(result, self.on_nonfinite, per_task),
+            per_task, len(tasks), start)
 
     @staticmethod
     def _summary(per_task: Sequence[tuple[Tensor, Tensor | None, Tensor]], num_tasks: int,

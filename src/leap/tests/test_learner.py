@@ -386,3 +386,47 @@ def test_the_loop_checks_all_tasks_with_one_host_transfer():
     with count_host_syncs() as syncs:
         learner.meta_backward(image_tasks(4))
     assert syncs.count == 1  # the fault flags of all tasks with the reported means
+
+
+@pytest.mark.parametrize("case", ["finite", "inner_nan", "query_nan", "all_nan", "meta_update",
+                                  "task_and_update"])
+@pytest.mark.parametrize("on_nonfinite", ["raise", "skip"])
+@pytest.mark.parametrize("vectorize", [False, True])
+def test_the_one_transfer_meta_step_ends_as_the_two_transfer_one(vectorize, on_nonfinite, case):
+    """meta_step writes the mean meta-gradient (over the tasks kept, counted on the device)
+    and steps before it reads the fault flags, with the step's finite check, in one transfer;
+    it ends exactly as reading them first does (a grad_hook makes it): same result or error,
+    initialisation, .grad and momentum."""
+    from metazoo.testing import assert_one_transfer_meta_step_is_the_two_transfer_one
+
+    poison = {"inner_nan": (1, 1), "task_and_update": (1, 1), "query_nan": (2, None)}
+    tasks = _class_tasks(4, poison=poison.get(case))
+    if case == "all_nan":
+        tasks = [t for i in range(4) for t in _class_tasks(4, poison=(i, 0))[i:i + 1]]
+
+    def build():
+        learner = LeapLearner(model=_WithUnusedScale(), criterion=nn.functional.cross_entropy,
+                              inner_optimizer=metazoo.SGD(0.1), inner_steps=3,
+                              on_nonfinite=on_nonfinite, vectorize=vectorize,
+                              meta_optimizer=lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9))
+        learner.meta_step(_class_tasks(2, seed=5))  # momentum buffers hold something
+        if case in ("meta_update", "task_and_update"):
+            learner.meta_optimizer.param_groups[0]["lr"] = float("inf")
+        return learner
+
+    assert_one_transfer_meta_step_is_the_two_transfer_one(build, tasks)
+
+
+@pytest.mark.parametrize("on_nonfinite", ["raise", "skip"])
+@pytest.mark.parametrize("vectorize", [False, True])
+def test_a_meta_step_reads_the_device_once(vectorize, on_nonfinite):
+    from metazoo.testing import count_host_syncs, image_tasks, small_conv_net
+
+    learner = LeapLearner(model=small_conv_net(), criterion=torch.nn.functional.cross_entropy,
+                          inner_optimizer=metazoo.SGD(0.1), inner_steps=2,
+                          on_nonfinite=on_nonfinite, vectorize=vectorize,
+                          meta_optimizer=lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9))
+    learner.meta_step(image_tasks(4))
+    with count_host_syncs() as syncs:
+        learner.meta_step(image_tasks(4))
+    assert syncs.count == 1  # the fault flags and means with the step's finite check

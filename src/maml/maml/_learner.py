@@ -198,24 +198,50 @@ class TaskGradients:
         held on entry). With each task's ``results`` (``(query_loss, accuracy, inner_losses)``)
         their means over the kept tasks are read in the same host transfer as the flags
         (``metazoo.resolve_and_mean``), into ``means`` for ``summarize``."""
-        try:
-            kept, self.means = metazoo.resolve_and_mean(self.faults, results)
-        except metazoo.NonFiniteError:
-            self._write(self.num_tasks)
-            raise
-        self.skipped = self.num_tasks - len(kept)
-        self._write(len(kept))
-        return kept
+        return self.deferred_finish(results).read()
 
-    def _write(self, kept: int) -> None:
+    def deferred_finish(self, results: Sequence[tuple[Tensor, Tensor | None, Tensor]] = ()
+                        ) -> metazoo.DeferredRead[list[int]]:
+        """``finish`` with its host transfer left to the caller (``metazoo.DeferredRead``).
+
+        ``.grad`` is written at once, without reading anything from the device: in ``"skip"``
+        mode the sum is scaled by ``num_tasks / kept`` with ``kept`` counted on the device (by
+        exactly 1 when every task is kept, so nothing changes). Reading then raises the first
+        faulty task's error in ``"raise"`` mode (``.grad`` holds what the tasks before it
+        added), and when no task is kept sets back to ``None`` every ``.grad`` that was
+        ``None`` on entry (the zeros written are dropped: no gradient at all, see ``_write``).
+        """
+        scale = None
+        if self.faults.on_nonfinite == "skip":
+            kept = self.faults.kept_count().to(torch.float64)
+            # num_tasks / kept rounded once, as the float division finish used to do.
+            scale = torch.tensor(float(self.num_tasks), dtype=torch.float64,
+                                 device=kept.device) / kept.clamp(min=1.0)
+        unset = [saved is None for saved in self._saved]
+        self._write(scale)
+        deferred = metazoo.deferred_resolve_and_mean(self.faults, results)
+
+        def finished(resolved: tuple[list[int], metazoo.MeanResults | None]) -> list[int]:
+            kept, self.means = resolved
+            self.skipped = self.num_tasks - len(kept)
+            if not kept:
+                for p, was_unset in zip(self.params, unset, strict=True):
+                    if was_unset:
+                        p.grad = None
+            return kept
+
+        return deferred.then(finished)
+
+    def _write(self, scale: Tensor | None) -> None:
         for p, total, saved in zip(self.params, self._sums, self._saved, strict=True):
             # No kept task: no gradient at all (None, not zeros), so the meta-optimizer skips
             # the parameter as it does for Leap and WarpGrad; a zero gradient would still move
             # it by momentum and advance Adam's moments on a meta-batch that said nothing.
-            if total is not None and kept > 0:
+            # (The zeros written then are dropped after the read: deferred_finish.)
+            if total is not None:
                 metazoo.accumulate_grad(p, total)
-                if p.grad is not None and 0 < kept < self.num_tasks:
-                    p.grad.mul_(self.num_tasks / kept)
+                if scale is not None and p.grad is not None:
+                    p.grad.mul_(scale.to(device=p.grad.device, dtype=p.grad.dtype))
             if saved is not None:
                 p.grad = saved if p.grad is None else saved.add_(p.grad)
         self._saved, self._sums = [], []

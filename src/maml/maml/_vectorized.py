@@ -100,9 +100,31 @@ def _per_task(losses: Tensor, accuracies: Tensor | None, inner_losses: Tensor,
             for i in indices]
 
 
-def meta_backward(learner: _MAMLLike, tasks: Sequence[Task], chunk: int) -> MetaStepResult:
-    """``MAML.meta_backward`` with the tasks mapped ``chunk`` at a time (one host transfer for
-    the fault check of the whole meta-batch)."""
+def _deferred_result(learner: Any, tasks: Sequence[Task],
+                     result: metazoo.vectorize.VectorizedGradients,
+                     has_accuracy: Sequence[bool], params: Sequence[Tensor],
+                     write: Callable[[], None], start: float
+                     ) -> metazoo.DeferredRead[MetaStepResult]:
+    """``write`` the mean meta-gradient over the kept tasks now, read the fault flags and the
+    means later (``metazoo.deferred_meta_gradient``), then summarise the kept tasks."""
+    losses, accuracies = result.aux
+    per_task = _per_task(losses, accuracies if all(has_accuracy) else None,
+                         result.inner_losses, range(len(tasks)))
+    faults = metazoo.vectorize.deferred_faults_and_means(result, learner.on_nonfinite, per_task)
+
+    def summary(resolved: tuple[list[int], metazoo.MeanResults | None]) -> MetaStepResult:
+        kept, means = resolved
+        return summarize([per_task[i] for i in kept], len(tasks), len(tasks) - len(kept),
+                         start, means)
+
+    return metazoo.deferred_meta_gradient(params, write, faults).then(summary)
+
+
+def meta_backward(learner: _MAMLLike, tasks: Sequence[Task], chunk: int
+                  ) -> metazoo.DeferredRead[MetaStepResult]:
+    """``MAML.meta_backward`` with the tasks mapped ``chunk`` at a time; the fault check of the
+    whole meta-batch and its means are read in one host transfer, later
+    (``MetaLearner._deferred_meta_backward``)."""
     start = time.perf_counter()
     support, query = metazoo.vectorize.stack_tasks(tasks)
     params = _model_params(learner)
@@ -130,16 +152,20 @@ def meta_backward(learner: _MAMLLike, tasks: Sequence[Task], chunk: int) -> Meta
     result = metazoo.vectorize.vectorized_meta_gradients(objective, inputs, [support, query],
                                                          len(tasks), chunk,
                                                          compile=learner.compile)
-    kept = metazoo.vectorize.raise_or_count_faults(result, learner.on_nonfinite)
-    if kept and inputs:
+    divisor = metazoo.vectorize.kept_divisor(result, learner.on_nonfinite)
+
+    def write() -> None:
+        if not inputs:
+            return
         # The mean over the kept tasks, accumulated into .grad like the loop's backward passes
-        # (TaskGradients.finish: the sum of the gradients of objective / T, times T / kept).
-        scale = len(tasks) / len(kept)
-        torch.autograd.backward(inputs, [g * scale if scale != 1 else g for g in result.grads])
-    losses, accuracies = result.aux
-    per_task = _per_task(losses, accuracies if all(has_accuracy) else None,
-                         result.inner_losses, kept)
-    return summarize(per_task, len(tasks), len(tasks) - len(kept), start)
+        # (TaskGradients: the sum of the gradients of objective / T, times T / kept).
+        grads = result.grads
+        if not isinstance(divisor, int):
+            scale = len(tasks) / divisor
+            grads = [g * scale.to(device=g.device, dtype=g.dtype) for g in grads]
+        torch.autograd.backward(inputs, grads)
+
+    return _deferred_result(learner, tasks, result, has_accuracy, inputs, write, start)
 
 
 def maml_adapt(learner: _MAMLLike, steps: int) -> Adapt:
@@ -154,7 +180,7 @@ def maml_adapt(learner: _MAMLLike, steps: int) -> Adapt:
 
 
 def reptile_meta_backward(learner: _ReptileLike, tasks: Sequence[Task], chunk: int
-                          ) -> MetaStepResult:
+                          ) -> metazoo.DeferredRead[MetaStepResult]:
     """``Reptile.meta_backward`` with the tasks mapped ``chunk`` at a time: the mean over the
     finite tasks of ``theta - phi_T`` into ``.grad`` (one host transfer for the fault check)."""
     start = time.perf_counter()
@@ -176,14 +202,14 @@ def reptile_meta_backward(learner: _ReptileLike, tasks: Sequence[Task], chunk: i
     with torch.no_grad():
         result = metazoo.vectorize.map_and_sum(vmap(task_step), [], [support, query], len(tasks),
                                                chunk, compile=learner.compile)
-    kept = metazoo.vectorize.raise_or_count_faults(result, learner.on_nonfinite)
-    if kept:
+    divisor = metazoo.vectorize.kept_divisor(result, learner.on_nonfinite)
+
+    def write() -> None:
         for (_, p), difference in zip(named, result.grads, strict=True):
-            metazoo.accumulate_grad(p, difference / len(kept))
-    losses, accuracies = result.aux
-    per_task = _per_task(losses, accuracies if all(has_accuracy) else None,
-                         result.inner_losses, kept)
-    return summarize(per_task, len(tasks), len(tasks) - len(kept), start)
+            metazoo.accumulate_grad(p, metazoo.vectorize.mean_over_kept(difference, divisor))
+
+    return _deferred_result(learner, tasks, result, has_accuracy, [p for _, p in named], write,
+                            start)
 
 
 def evaluate(learner: _Scored, tasks: Sequence[Task], chunk: int, adapt: Adapt
@@ -212,7 +238,8 @@ def evaluate(learner: _Scored, tasks: Sequence[Task], chunk: int, adapt: Adapt
                             for loss, acc in zip(*rows, strict=True)))
 
 
-def imaml_meta_backward(learner: _iMAMLLike, tasks: Sequence[Task], chunk: int) -> MetaStepResult:
+def imaml_meta_backward(learner: _iMAMLLike, tasks: Sequence[Task], chunk: int
+                        ) -> metazoo.DeferredRead[MetaStepResult]:
     """``iMAML.meta_backward`` with the tasks mapped ``chunk`` at a time: adaptation and the
     implicit gradient of each task inside the map, the mean over the finite tasks into ``.grad``
     (one host transfer for the fault check)."""
@@ -233,11 +260,11 @@ def imaml_meta_backward(learner: _iMAMLLike, tasks: Sequence[Task], chunk: int) 
     with torch.no_grad():
         result = metazoo.vectorize.map_and_sum(vmap(task_step), [], [support, query], len(tasks),
                                                chunk, compile=learner.compile)
-    kept = metazoo.vectorize.raise_or_count_faults(result, learner.on_nonfinite)
-    if kept:
-        for p, g in zip(learner.meta_parameters(), result.grads, strict=True):
-            metazoo.accumulate_grad(p, g / len(kept))
-    losses, accuracies = result.aux
-    per_task = _per_task(losses, accuracies if all(has_accuracy) else None,
-                         result.inner_losses, kept)
-    return summarize(per_task, len(tasks), len(tasks) - len(kept), start)
+    divisor = metazoo.vectorize.kept_divisor(result, learner.on_nonfinite)
+    params = list(learner.meta_parameters())
+
+    def write() -> None:
+        for p, g in zip(params, result.grads, strict=True):
+            metazoo.accumulate_grad(p, metazoo.vectorize.mean_over_kept(g, divisor))
+
+    return _deferred_result(learner, tasks, result, has_accuracy, params, write, start)

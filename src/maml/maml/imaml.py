@@ -332,6 +332,10 @@ class iMAML(ModelLearner):
 
     def meta_backward(self, tasks: Sequence[Task]) -> MetaStepResult:
         """Accumulates the mean implicit meta-gradient over ``tasks`` into ``.grad``."""
+        return self._deferred_meta_backward(tasks).read()
+
+    def _deferred_meta_backward(self, tasks: Sequence[Task]
+                                ) -> metazoo.DeferredRead[MetaStepResult]:
         tasks = check_tasks(tasks)
         chunk = metazoo.vectorize.resolve_chunk(self.vectorize, len(tasks), self._device())
         if chunk is not None:
@@ -347,8 +351,9 @@ class iMAML(ModelLearner):
             grads, loss, acc = self.implicit_gradient(task, result.params, result.buffers)
             collected.add(result.losses, loss, [g / len(tasks) for g in grads])
             per_task.append((loss, acc, result.losses))
-        per_task = [per_task[i] for i in collected.finish(per_task)]
-        return summarize(per_task, len(tasks), collected.skipped, start, collected.means)
+        return collected.deferred_finish(per_task).then(
+            lambda kept: summarize([per_task[i] for i in kept], len(tasks), collected.skipped,
+                                   start, collected.means))
 
     def evaluate(self, tasks: Sequence[Task], *, steps: int | None = None) -> EvalResult:
         """Adapts to each task (proximal inner problem) and scores its query set."""

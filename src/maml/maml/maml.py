@@ -414,6 +414,10 @@ class MAML(ModelLearner):
 
         Each task's graph is freed by its own backward pass, so memory holds one task at a time.
         """
+        return self._deferred_meta_backward(tasks).read()
+
+    def _deferred_meta_backward(self, tasks: Sequence[Task]
+                                ) -> metazoo.DeferredRead[MetaStepResult]:
         tasks = check_tasks(tasks)
         chunk = metazoo.vectorize.resolve_chunk(self.vectorize, len(tasks), self._device())
         if chunk is not None:
@@ -436,9 +440,9 @@ class MAML(ModelLearner):
             grads.add(inner_losses, objective,
                       torch.autograd.grad(objective / len(tasks), params, allow_unused=True))
             per_task.append((loss.detach(), acc, inner_losses))
-        kept = grads.finish(per_task)
-        per_task = [per_task[i] for i in kept]
-        return summarize(per_task, len(tasks), grads.skipped, start, grads.means)
+        return grads.deferred_finish(per_task).then(
+            lambda kept: summarize([per_task[i] for i in kept], len(tasks), grads.skipped,
+                                   start, grads.means))
 
     def evaluate(self, tasks: Sequence[Task], *, steps: int | None = None) -> EvalResult:
         """Adapts to each task and scores its query set; meta-parameters are left unchanged.

@@ -203,6 +203,10 @@ class Reptile(ModelLearner):
 
     def meta_backward(self, tasks: Sequence[Task]) -> MetaStepResult:
         """Accumulates ``mean_T (theta - phi_T)`` into ``.grad``; reports the query loss."""
+        return self._deferred_meta_backward(tasks).read()
+
+    def _deferred_meta_backward(self, tasks: Sequence[Task]
+                                ) -> metazoo.DeferredRead[MetaStepResult]:
         tasks = check_tasks(tasks)
         chunk = metazoo.vectorize.resolve_chunk(self.vectorize, len(tasks), self._device())
         if chunk is not None:
@@ -228,8 +232,9 @@ class Reptile(ModelLearner):
                 elif self.on_nonfinite == "raise":
                     collected.finish()  # raises this task's error before another task runs
             per_task.append((loss, acc, result.losses))
-        per_task = [per_task[i] for i in collected.finish(per_task)]
-        return summarize(per_task, len(tasks), collected.skipped, start, collected.means)
+        return collected.deferred_finish(per_task).then(
+            lambda kept: summarize([per_task[i] for i in kept], len(tasks), collected.skipped,
+                                   start, collected.means))
 
     def evaluate(self, tasks: Sequence[Task], *, steps: int | None = None) -> EvalResult:
         """Adapts to each task and scores its query set; the model is left unchanged."""

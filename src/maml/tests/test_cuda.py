@@ -81,3 +81,29 @@ def test_float64_meta_step_on_cuda_equals_cpu(name):
     snapshots = [meta_step_snapshot(LEARNERS[name](small_conv_net().to(device)),
                                     tasks_to(image_tasks(), device)) for device in ("cpu", "cuda")]
     assert_same_meta_step(snapshots[1], snapshots[0], tol=1e-10)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("vectorize", [False, True])
+@pytest.mark.parametrize("name", ["maml", "fomaml", "reptile", "imaml"])
+def test_a_meta_step_on_cuda_synchronises_once(name, vectorize):
+    """What the CPU counts (``count_host_syncs``, issue 26 item 3), CUDA's own sync detector
+    confirms: a meta-step waits for the device once (the read of the fault flags, the means and
+    the step's finite check), however many tasks."""
+    import warnings
+
+    model = small_conv_net().to("cuda")
+    learner = LEARNERS[name](model)
+    learner.vectorize = vectorize
+    tasks = tasks_to(image_tasks(4), "cuda")
+    learner.meta_step(tasks)  # warm-up: cuDNN's algorithm choice may synchronise
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            learner.meta_step(tasks)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
+    assert len(syncs) == 1, syncs

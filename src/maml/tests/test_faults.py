@@ -361,3 +361,65 @@ def test_an_all_skipped_meta_batch_leaves_momentum_and_optimizer_state_alone(nam
         assert torch.equal(p, before[n]), n
     after = learner.meta_optimizer.state_dict()["state"][0]
     assert all(torch.equal(v, after[k]) for k, v in state.items())
+
+
+# -- one host transfer per meta-step (issue 26 item 3) -----------------------------------------
+
+def _meta_batch(case: str) -> list[metazoo.Task]:
+    batch = tasks(4)
+    if case in ("inner_nan", "task_and_update"):
+        batch[1] = poisoned(batch[1], step=1)
+    elif case == "query_inf":
+        batch[2] = poisoned(batch[2], step=None, value=float("inf"))
+    elif case == "all_nan":
+        batch = [poisoned(t, step=0) for t in batch]
+    return batch
+
+
+@pytest.mark.parametrize("case", ["finite", "inner_nan", "query_inf", "all_nan",
+                                  "meta_update", "task_and_update"])
+@pytest.mark.parametrize("on_nonfinite", ["raise", "skip"])
+@pytest.mark.parametrize("vectorize", [False, True])
+@pytest.mark.parametrize("name", list(LEARNERS))
+def test_the_one_transfer_meta_step_ends_as_the_two_transfer_one(name, vectorize, on_nonfinite,
+                                                                  case):
+    """meta_step steps first and reads the task faults with the step's own check; whatever the
+    faults (a task, every task, the meta-update, a task and the meta-update), it ends exactly
+    as when the faults were read before the step: same result or error, parameters, .grad and
+    momentum, bit for bit."""
+    from metazoo.testing import assert_one_transfer_meta_step_is_the_two_transfer_one
+
+    def build() -> metazoo.MetaLearner:
+        learner = LEARNERS[name](_WithUnusedScale(), on_nonfinite=on_nonfinite,
+                                 vectorize=vectorize,
+                                 meta_optimizer=lambda ps: torch.optim.SGD(ps, lr=0.1,
+                                                                           momentum=0.9))
+        learner.meta_step(tasks(4, seed=7))  # momentum buffers hold something
+        if case in ("meta_update", "task_and_update"):
+            learner.meta_optimizer.param_groups[0]["lr"] = float("inf")
+        return learner
+
+    assert_one_transfer_meta_step_is_the_two_transfer_one(build, _meta_batch(case))
+
+
+@pytest.mark.parametrize("on_nonfinite", ["raise", "skip"])
+@pytest.mark.parametrize("vectorize", [False, True])
+@pytest.mark.parametrize("name", list(LEARNERS))
+def test_a_meta_step_reads_the_device_once(name, vectorize, on_nonfinite):
+    """The fault flags and means of the meta-batch and the meta-optimizer step's finite check
+    come back in one host transfer (Adam is left out: it reads its step counts with .item(),
+    host tensors even on a GPU)."""
+    from metazoo.testing import count_host_syncs
+
+    learner = LEARNERS[name](model(), on_nonfinite=on_nonfinite, vectorize=vectorize,
+                             meta_optimizer=lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9))
+    learner.meta_step(tasks(4))  # warm-up
+    with count_host_syncs() as syncs:
+        learner.meta_step(tasks(4))
+    assert syncs.count == 1
+    hooked = LEARNERS[name](model(), on_nonfinite=on_nonfinite, vectorize=vectorize,
+                            meta_optimizer=lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9))
+    hooked.meta_step(tasks(4))
+    with count_host_syncs() as syncs:  # the hook needs the counts before the step
+        hooked.meta_step(tasks(4), grad_hook=lambda learner, result: None)
+    assert syncs.count == 2

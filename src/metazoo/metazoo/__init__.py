@@ -6,11 +6,13 @@ Pure functional models (``forward``, ``params_of``), differentiable inner optimi
 """
 
 from metazoo import batchnorm, cli, distributed, layers, registry, runs, vectorize
-from metazoo.devices import DeviceMixError, strict_devices
+from metazoo.deferred import DeferredRead
+from metazoo.devices import DeviceMixError, host_list, strict_devices
 from metazoo.faults import (
     CheckedCriterion,
     NonFiniteError,
     TaskFaults,
+    UndoableStep,
     all_finite,
     check_on_nonfinite,
     checked_step,
@@ -51,6 +53,9 @@ from metazoo.learner import (
     check_steps,
     check_task,
     check_tasks,
+    deferred_flags_and_means,
+    deferred_meta_gradient,
+    deferred_resolve_and_mean,
     mean_results,
     resolve_and_mean,
     trainable_parameters,
@@ -94,6 +99,7 @@ __all__ = [
     "Checkpoint",
     "CheckpointPlan",
     "Criterion",
+    "DeferredRead",
     "DeviceMixError",
     "EvalResult",
     "InnerOptimizer",
@@ -111,6 +117,7 @@ __all__ = [
     "RunLockedError",
     "Task",
     "TaskFaults",
+    "UndoableStep",
     "UnrollResult",
     "accumulate_grad",
     "accuracy",
@@ -134,10 +141,14 @@ __all__ = [
     "cli",
     "clip_grad_norm",
     "closed_form_batch_norm",
+    "deferred_flags_and_means",
+    "deferred_meta_gradient",
+    "deferred_resolve_and_mean",
     "distributed",
     "forward",
     "fp32_precision",
     "fp32_precision_flags",
+    "host_list",
     "initial_buffers",
     "layers",
     "make_loss_fn",

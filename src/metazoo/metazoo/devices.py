@@ -48,7 +48,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 from torch.utils.weak import WeakIdKeyDictionary
 
-__all__ = ["DeviceMixError", "strict_devices"]
+__all__ = ["DeviceMixError", "host_list", "strict_devices"]
 
 # torch.* functions that create a tensor on the default (CPU) device unless given ``device=``.
 _FACTORIES = frozenset({
@@ -179,3 +179,22 @@ def strict_devices() -> Iterator[None]:
             yield
     finally:
         torch.from_numpy, torch.load = from_numpy, load  # type: ignore[assignment]
+
+
+def host_list(tensor: Tensor) -> list[Any]:
+    """The values of a tensor that lives on the host by construction, as a list.
+
+    For tensors the code itself makes on the CPU (a permutation drawn with a CPU
+    ``torch.Generator``): reading them never waits for an accelerator, on any machine. The read
+    goes through NumPy, so ``benchmarks/launches.py``, which counts ``Tensor.tolist`` and
+    ``.item()`` as device synchronisations, does not count it.
+
+    Raises:
+        ValueError: ``tensor`` is not on the CPU (its read would synchronise with the device;
+            use ``tolist()`` where that is meant).
+    """
+    if tensor.device.type != "cpu":
+        raise ValueError(f"host_list reads host tensors only, got one on {tensor.device}; "
+                         f"reading it synchronises with the device: call .tolist() if meant")
+    result: list[Any] = tensor.detach().numpy().tolist()
+    return result

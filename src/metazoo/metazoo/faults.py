@@ -24,8 +24,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["NONFINITE_MODES", "CheckedCriterion", "NonFiniteError", "TaskFaults", "all_finite",
-           "check_on_nonfinite", "checked_step", "task_fault"]
+from metazoo.deferred import DeferredRead
+
+__all__ = ["NONFINITE_MODES", "CheckedCriterion", "NonFiniteError", "TaskFaults", "UndoableStep",
+           "all_finite", "check_on_nonfinite", "checked_step", "task_fault"]
 
 NONFINITE_MODES = ("raise", "skip")
 
@@ -218,39 +220,70 @@ class TaskFaults:
         Raises:
             NonFiniteError: as ``resolve``.
         """
-        if not self._flags:
-            return [], [] if values is None else values.tolist()
-        flags = torch.stack([flag.to(self._flags[0].device) for flag in self._flags])
+        return self.deferred_resolve(values).read()
+
+    def deferred_resolve(self, values: Tensor | None
+                         ) -> DeferredRead[tuple[list[int], list[float]]]:
+        """``resolve_with`` with its host transfer left to the caller (``DeferredRead``), who
+        may read it together with other values (``MetaLearner.meta_step``)."""
+        count = len(self._flags)
+        if not count:
+            return DeferredRead(values, lambda read: ([], read))
+        flags = self.flags()
         if values is None:
-            finite, read = flags.tolist(), []
+            row = flags.to(torch.float32)
         else:
             # 0 and 1 are exact in every floating-point dtype, and concatenation copies the
             # values unchanged: one transfer returns both.
             row = torch.cat([flags.to(device=values.device, dtype=values.dtype),
-                             values.reshape(-1)]).tolist()
-            finite, read = [flag != 0 for flag in row[:len(flags)]], row[len(flags):]
+                             values.reshape(-1)])
+        return DeferredRead(row, lambda read: (self.kept_from(read[:count]), read[count:]))
+
+    def flags(self) -> Tensor:
+        """Each task's flag so far (1-D bool, on the first task's device; no transfer)."""
+        if not self._flags:
+            return torch.zeros(0, dtype=torch.bool)
+        return torch.stack([flag.to(self._flags[0].device) for flag in self._flags])
+
+    def kept_from(self, flags: Sequence[float]) -> list[int]:
+        """The indices of the finite tasks, from ``flags()`` read on the host.
+
+        Raises:
+            NonFiniteError: as ``resolve``.
+        """
+        finite = [flag != 0 for flag in flags]
         if self.on_nonfinite == "raise" and not all(finite):
             first = finite.index(False)
             fault = task_fault(first, *self._losses[first])  # the error path: syncs are fine
             assert fault is not None
             raise fault
-        return [index for index, ok in enumerate(finite) if ok], read
+        return [index for index, ok in enumerate(finite) if ok]
+
+    def kept_count(self) -> Tensor:
+        """The number of finite tasks so far, on the device (no transfer; 0 without tasks)."""
+        return self.flags().sum()
+
+
+def _finite_flags(tensors: Sequence[Tensor]) -> dict[torch.device, Tensor]:
+    """One 0-dim bool flag per device: whether every entry of its tensors is finite (no
+    transfer: the flags stay where their tensors are)."""
+    by_device: dict[torch.device, list[Tensor]] = {}
+    for t in tensors:
+        by_device.setdefault(t.device, []).append(t.detach())
+    flags = {}
+    for device, group in by_device.items():
+        # 0 * x is 0 for finite x and NaN for NaN or inf, and cannot overflow, so each L1 norm
+        # of the products is finite exactly when its tensor is (a norm of x itself would report
+        # large finite gradients as inf). Two multi-tensor kernels instead of two per tensor.
+        norms = torch._foreach_norm(torch._foreach_mul(group, 0.0), 1)
+        flags[device] = torch.stack([n.to(norms[0].dtype) for n in norms]).isfinite().all()
+    return flags
 
 
 def all_finite(tensors: Sequence[Tensor]) -> bool:
     """Whether every entry of every floating-point tensor is finite: fused reductions, one host
     transfer per device (tensors on the CPU, such as Adam's step counts, cost none)."""
-    by_device: dict[torch.device, list[Tensor]] = {}
-    for t in tensors:
-        by_device.setdefault(t.device, []).append(t.detach())
-    flags = []
-    for group in by_device.values():
-        # 0 * x is 0 for finite x and NaN for NaN or inf, and cannot overflow, so each L1 norm
-        # of the products is finite exactly when its tensor is (a norm of x itself would report
-        # large finite gradients as inf). Two multi-tensor kernels instead of two per tensor.
-        norms = torch._foreach_norm(torch._foreach_mul(group, 0.0), 1)
-        flags.append(torch.stack([n.to(norms[0].dtype) for n in norms]).isfinite().all())
-    return all(bool(flag) for flag in flags)
+    return all(bool(flag) for flag in _finite_flags(tensors).values())
 
 
 def _state_tensors(state: dict[str, Any]) -> list[Tensor]:
@@ -265,6 +298,117 @@ def _copy_state(state: dict[str, Any]) -> dict[str, Any]:
 def _finite(tensors: Iterable[Tensor]) -> bool:
     """Per-tensor check for the error path only (one transfer per tensor)."""
     return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
+class UndoableStep:
+    """One ``optimizer.step()`` that can be checked and undone: the parts of ``checked_step``.
+
+    ``MetaLearner.meta_step`` uses them to read the step's finite check in the same host
+    transfer as the meta-batch's fault flags and means (``read_after_step``); ``checked_step``
+    is ``step``, ``all_finite(checked())`` and ``fail``.
+
+    Args:
+        optimizer: a ``torch.optim`` optimizer whose gradients are in ``.grad``.
+        named_parameters: ``(name, tensor)`` pairs naming the parameters in errors.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer,
+                 named_parameters: Iterable[tuple[str, Tensor]] = ()) -> None:
+        names = {id(p): n for n, p in named_parameters}
+        self.optimizer = optimizer
+        self.stepped = [(names.get(id(p), f"param_groups[{i}][{j}]"), p)
+                        for i, group in enumerate(optimizer.param_groups)
+                        for j, p in enumerate(group["params"]) if p.grad is not None]
+        self._values = [p.detach().clone() for _, p in self.stepped]
+        self._states = [_copy_state(optimizer.state[p]) if p in optimizer.state else None
+                        for _, p in self.stepped]
+
+    def step(self) -> None:
+        """``optimizer.step()``; an overflowing hyperparameter is restored and raised."""
+        try:
+            self.optimizer.step()
+        except RuntimeError as error:
+            # torch refuses a hyperparameter that does not fit the parameters' dtype (lr=1e300
+            # on float32: "value cannot be converted to type float without overflow"): the same
+            # fault as an update that overflows to inf, so the same restore and the same error.
+            if "overflow" not in str(error):
+                raise
+            self.undo()
+            raise NonFiniteError(task=None, inner_step=None, where="meta_update",
+                                 names=[n for n, _ in self.stepped]) from None
+
+    def checked(self) -> list[Tensor]:
+        """What the check covers: the stepped parameters, their gradients and their
+        floating-point optimizer state."""
+        state = self.optimizer.state
+        return [t for _, p in self.stepped
+                for t in (p.grad, p, *_state_tensors(state.get(p, {}))) if t is not None]
+
+    def undo(self, *, keep_grads: bool = False) -> None:
+        """Puts parameters and optimizer state back as they were before the step; their
+        gradients are set to ``None`` unless ``keep_grads``."""
+        with torch.no_grad():
+            for (_, p), before, state in zip(self.stepped, self._values, self._states,
+                                             strict=True):
+                p.copy_(before)
+                if state is None:
+                    self.optimizer.state.pop(p, None)
+                else:
+                    self.optimizer.state[p] = state
+                if not keep_grads:
+                    p.grad = None
+
+    def fail(self) -> None:
+        """The error path of a failed check: finds the culprits (syncs are fine here), undoes
+        the step and raises ``NonFiniteError``."""
+        state = self.optimizer.state
+        stepped = self.stepped
+        bad_grads = [n for n, p in stepped if p.grad is not None and not _finite([p.grad])]
+        bad_values = [n for n, p in stepped
+                      if not _finite([p, *_state_tensors(state.get(p, {}))])]
+        already = [n for (n, _), before, saved in zip(stepped, self._values, self._states,
+                                                      strict=True)
+                   if not _finite([before, *_state_tensors(saved or {})])]
+        self.undo()
+        if bad_grads:
+            raise NonFiniteError(task=None, inner_step=None, where="meta_gradient",
+                                 names=bad_grads)
+        if already:
+            raise NonFiniteError(task=None, inner_step=None, where="meta_parameters",
+                                 names=already)
+        raise NonFiniteError(task=None, inner_step=None, where="meta_update", names=bad_values)
+
+    def read_after_step(self, values: Tensor | None) -> tuple[bool, list[float]]:
+        """The step's finite check and ``values`` (1-D, floating point) in one host transfer.
+
+        Returns:
+            Whether the check passed, and ``values`` as a list of floats (bit for bit what
+            ``values.tolist()`` gives; empty for ``None``).
+        """
+        flags = _finite_flags(self.checked())
+        # One transfer from the accelerator; flags on the CPU are read where they are.
+        accelerators = [where for where in flags if where.type != "cpu"]
+        device = (values.device if values is not None else
+                  accelerators[0] if accelerators else torch.device("cpu"))
+        ok = True
+        row = []
+        for where, flag in flags.items():
+            if where == device:
+                row.append(flag.reshape(1))
+            elif where.type == "cpu":
+                ok = ok and bool(flag)  # on the host already: no device synchronisation
+            else:
+                row.append(flag.reshape(1).to(device))
+        dtype = values.dtype if values is not None else torch.float32
+        if values is not None:
+            row.append(values.reshape(-1))
+        if not row:
+            return ok, []
+        # 0 and 1 are exact in every floating-point dtype, and concatenation copies the values
+        # unchanged: one transfer returns both.
+        read = torch.cat([r.to(dtype) for r in row]).tolist()
+        count = len(row) - (values is not None)
+        return ok and all(v != 0 for v in read[:count]), read[count:]
 
 
 def checked_step(optimizer: torch.optim.Optimizer,
@@ -288,55 +432,10 @@ def checked_step(optimizer: torch.optim.Optimizer,
     Raises:
         NonFiniteError: as above; the parameters and the optimizer state are unchanged.
     """
-    names = {id(p): n for n, p in named_parameters}
-    stepped = [(names.get(id(p), f"param_groups[{i}][{j}]"), p)
-               for i, group in enumerate(optimizer.param_groups)
-               for j, p in enumerate(group["params"]) if p.grad is not None]
-    saved_values = [p.detach().clone() for _, p in stepped]
-    saved_states = [_copy_state(optimizer.state[p]) if p in optimizer.state else None
-                    for _, p in stepped]
-    try:
-        optimizer.step()
-    except RuntimeError as error:
-        # torch refuses a hyperparameter that does not fit the parameters' dtype (lr=1e300 on
-        # float32: "value cannot be converted to type float without overflow"): the same
-        # fault as an update that overflows to inf, so the same restore and the same error.
-        if "overflow" not in str(error):
-            raise
-        _restore(optimizer, stepped, saved_values, saved_states)
-        raise NonFiniteError(task=None, inner_step=None, where="meta_update",
-                             names=[n for n, _ in stepped]) from None
-    checked = [t for _, p in stepped
-               for t in (p.grad, p, *_state_tensors(optimizer.state.get(p, {})))
-               if t is not None]
-    if all_finite(checked):
-        return
-    # The error path: find the culprits, then put everything back.
-    bad_grads = [n for n, p in stepped if p.grad is not None and not _finite([p.grad])]
-    bad_values = [n for n, p in stepped
-                  if not _finite([p, *_state_tensors(optimizer.state.get(p, {}))])]
-    already = [n for (n, _), before, state in zip(stepped, saved_values, saved_states,
-                                                  strict=True)
-               if not _finite([before, *_state_tensors(state or {})])]
-    _restore(optimizer, stepped, saved_values, saved_states)
-    if bad_grads:
-        raise NonFiniteError(task=None, inner_step=None, where="meta_gradient", names=bad_grads)
-    if already:
-        raise NonFiniteError(task=None, inner_step=None, where="meta_parameters", names=already)
-    raise NonFiniteError(task=None, inner_step=None, where="meta_update", names=bad_values)
-
-
-def _restore(optimizer: torch.optim.Optimizer, stepped: Sequence[tuple[str, Tensor]],
-             values: Sequence[Tensor], states: Sequence[dict[str, Any] | None]) -> None:
-    """Puts parameters and optimizer state back as they were before the step; no gradients."""
-    with torch.no_grad():
-        for (_, p), before, state in zip(stepped, values, states, strict=True):
-            p.copy_(before)
-            if state is None:
-                optimizer.state.pop(p, None)
-            else:
-                optimizer.state[p] = state
-            p.grad = None
+    step = UndoableStep(optimizer, named_parameters)
+    step.step()
+    if not all_finite(step.checked()):
+        step.fail()
 
 
 Criterion = Callable[[Tensor, Tensor], Tensor]

@@ -16,7 +16,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from metazoo.faults import CheckedCriterion, TaskFaults, checked_step
+from metazoo.deferred import DeferredRead
+from metazoo.faults import CheckedCriterion, NonFiniteError, TaskFaults, UndoableStep, checked_step
 from metazoo.functional import Buffers, Params
 
 Batch = tuple[Tensor, Tensor]
@@ -39,6 +40,9 @@ __all__ = [
     "check_steps",
     "check_task",
     "check_tasks",
+    "deferred_flags_and_means",
+    "deferred_meta_gradient",
+    "deferred_resolve_and_mean",
     "mean_results",
     "resolve_and_mean",
     "trainable_parameters",
@@ -201,15 +205,126 @@ def resolve_and_mean(faults: TaskFaults,
     Raises:
         NonFiniteError: as ``TaskFaults.resolve`` (``"raise"`` mode, a non-finite task).
     """
+    return deferred_resolve_and_mean(faults, per_task).read()
+
+
+def deferred_resolve_and_mean(faults: TaskFaults,
+                              per_task: Sequence[tuple[Tensor, Tensor | None, Tensor]]
+                              ) -> DeferredRead[tuple[list[int], MeanResults | None]]:
+    """``resolve_and_mean`` with its host transfer left to the caller (``DeferredRead``):
+    ``MetaLearner.meta_step`` reads it with the meta-optimizer step's finite check."""
     if not per_task:
-        return faults.resolve(), None
+        return faults.deferred_resolve(None).then(lambda resolved: (resolved[0], None))
+    return deferred_flags_and_means(faults.flags(), faults.kept_from, per_task)
+
+
+def deferred_flags_and_means(flags: Tensor, kept_from: Callable[[list[float]], list[int]],
+                             per_task: Sequence[tuple[Tensor, Tensor | None, Tensor]]
+                             ) -> DeferredRead[tuple[list[int], MeanResults | None]]:
+    """The kept tasks and their means, from per-task finiteness ``flags`` on the device, read
+    with the means of all tasks in one transfer (a second one only when a task is skipped).
+
+    Args:
+        flags: 1-D, one per task of ``per_task``: whether its losses are all finite.
+        kept_from: the flags read (floats, 0 or 1) to the indices of the kept tasks; raises
+            the first faulty task's ``NonFiniteError`` in ``"raise"`` mode.
+        per_task: each task's ``(query_loss, query_accuracy, inner_losses)``.
+    """
     summary, has_acc = _means_tensor(per_task)
-    kept, values = faults.resolve_with(summary)
-    if len(kept) == len(per_task):
-        return kept, _unpack_means(values, has_acc)
-    if not kept:
-        return kept, None
-    return kept, mean_results([per_task[i] for i in kept])
+    count = flags.numel()
+    # 0 and 1 are exact in every floating-point dtype, and concatenation copies the means
+    # unchanged: one transfer returns both.
+    row = torch.cat([flags.reshape(-1).to(device=summary.device, dtype=summary.dtype), summary])
+
+    def finish(read: list[float]) -> tuple[list[int], MeanResults | None]:
+        kept = kept_from(read[:count])
+        if len(kept) == len(per_task):
+            return kept, _unpack_means(read[count:], has_acc)
+        if not kept:
+            return kept, None
+        return kept, mean_results([per_task[i] for i in kept])
+
+    return DeferredRead(row, finish)
+
+
+def deferred_meta_gradient(params: Sequence[Tensor], write: Callable[[], object],
+                           faults: DeferredRead[tuple[list[int], MeanResults | None]]
+                           ) -> DeferredRead[tuple[list[int], MeanResults | None]]:
+    """A meta-gradient written into ``.grad`` before the fault flags of its tasks are read.
+
+    Reading the flags first costs a host transfer before the meta-optimizer can step; written
+    first, ``MetaLearner.meta_step`` reads them with its step's finite check. ``write`` must
+    add nothing of a faulty task (its gradient masked out) and scale by the number of kept
+    tasks without reading it (counted on the device). Gradients already in ``.grad`` are set
+    aside first; when the read is finished they get the new gradient added (``backward``'s
+    accumulation), or, when a faulty task raises or no task is kept, are put back as they
+    were (the new gradient dropped: no gradient at all rather than zeros).
+
+    Args:
+        params: the tensors ``write`` writes ``.grad`` of.
+        write: writes the meta-gradient (``accumulate_grad``, ``autograd.backward``, ...).
+        faults: the read of the kept tasks and their means (``deferred_flags_and_means``).
+    """
+    saved = [p.grad for p in params]
+    for p in params:
+        p.grad = None
+    write()
+
+    def put_back() -> None:
+        for p, grad in zip(params, saved, strict=True):
+            p.grad = grad
+
+    def finish(read: list[float]) -> tuple[list[int], MeanResults | None]:
+        try:
+            kept, means = faults.finish(read)
+        except NonFiniteError:
+            put_back()
+            raise
+        if not kept:
+            put_back()
+        else:
+            for p, grad in zip(params, saved, strict=True):
+                if grad is not None:
+                    p.grad = grad if p.grad is None else grad.add_(p.grad)
+        return kept, means
+
+    return DeferredRead(faults.values, finish)
+
+
+def _step_then_read(optimizer: torch.optim.Optimizer,
+                    named_parameters: Iterable[tuple[str, Tensor]],
+                    deferred: DeferredRead[MetaStepResult]) -> MetaStepResult:
+    """``checked_step`` and the meta-batch's deferred read in one host transfer.
+
+    The step runs on ``.grad`` as the deferred ``meta_backward`` wrote it; the read then decides:
+    a faulty task (``"raise"`` mode) undoes the step and raises its error, as when it was read
+    before the step; no kept task undoes the step (no gradient, nothing to step); a non-finite
+    meta-gradient or update fails as ``checked_step`` does.
+    """
+    step = UndoableStep(optimizer, named_parameters)
+    grads = [p.grad for _, p in step.stepped]
+    try:
+        step.step()
+    except NonFiniteError:
+        # A faulty task comes first, as it did when it was read before the step.
+        for (_, p), grad in zip(step.stepped, grads, strict=True):
+            p.grad = grad
+        try:
+            deferred.read()
+        finally:
+            step.undo()
+        raise
+    ok, values = step.read_after_step(deferred.values)
+    try:
+        result = deferred.finish(values)
+    except NonFiniteError:
+        step.undo(keep_grads=True)
+        raise
+    if result.num_tasks and result.skipped_tasks == result.num_tasks:
+        step.undo()  # the gradients were zeros; finish set them back to None
+    elif not ok:
+        step.fail()
+    return result
 
 
 def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
@@ -362,8 +477,10 @@ class MetaLearner(ABC):
 
     Subclasses implement ``adapt``, ``meta_backward`` and ``evaluate``; ``meta_step`` (zero
     gradients, ``meta_backward``, optional gradient hook such as a distributed all-reduce,
-    meta-optimizer step) is shared. Subclasses are final: configuration goes through keyword-only
-    constructor arguments, not inheritance.
+    meta-optimizer step) is shared. A subclass whose meta-gradient can be written before its
+    fault flags are read also overrides ``_deferred_meta_backward``: ``meta_step`` then reads
+    them with its step's finite check, one host transfer per meta-step. Subclasses are final:
+    configuration goes through keyword-only constructor arguments, not inheritance.
     """
 
     model: nn.Module
@@ -423,14 +540,33 @@ class MetaLearner(ABC):
         start = time.perf_counter()
         self.meta_optimizer.zero_grad(set_to_none=True)
         nan = float("nan")
-        result = (self.meta_backward(tasks) if tasks
-                  else MetaStepResult(nan, nan, None, (), 0, 0.0))
-        if grad_hook is not None:
+        if grad_hook is None:
+            # One host transfer for the whole meta-step: the meta-batch's fault flags and means
+            # are read with the step's finite check, after the step (undone on a fault).
+            result = _step_then_read(self.meta_optimizer, self.named_meta_parameters(),
+                                     self._deferred_meta_backward(tasks))
+        else:
+            # The hook (an all-reduce) needs the counts of kept tasks first: two transfers.
+            result = (self.meta_backward(tasks) if tasks
+                      else MetaStepResult(nan, nan, None, (), 0, 0.0))
             grad_hook(self, result)
-        checked_step(self.meta_optimizer, self.named_meta_parameters())
+            checked_step(self.meta_optimizer, self.named_meta_parameters())
         return MetaStepResult(result.meta_loss, result.inner_loss, result.accuracy,
                               result.inner_losses, result.num_tasks,
                               time.perf_counter() - start, result.skipped_tasks)
+
+    def _deferred_meta_backward(self, tasks: Sequence[Task]) -> DeferredRead[MetaStepResult]:
+        """``meta_backward`` with its host read left to ``meta_step``.
+
+        Called with every ``.grad`` of the meta-parameters ``None`` (``meta_step`` zeroes them
+        first). The meta-gradient is in ``.grad`` when it returns, written without reading
+        anything from the device, and the read's ``finish`` turns the values into the result:
+        it raises a faulty task's ``NonFiniteError`` (``.grad`` then as ``meta_backward`` leaves
+        it when it raises) and, when no task is kept, sets every ``.grad`` back to ``None``.
+        Learners whose ``meta_backward`` can work that way override it; the default reads at
+        once.
+        """
+        return DeferredRead.ready(self.meta_backward(tasks))
 
     def state_dict(self) -> dict[str, Any]:
         """Model and meta-optimizer state; tensors and plain containers only."""

@@ -8,6 +8,7 @@ with the per-task loop in float64. A learner of another package can be checked t
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import sys
@@ -20,12 +21,14 @@ import torch
 from torch import Tensor, nn
 
 from metazoo.devices import strict_devices
+from metazoo.faults import NonFiniteError
 from metazoo.learner import EvalResult, MetaLearner, MetaStepResult, Task
 
 __all__ = [
     "HostSyncs",
     "MetaStepSnapshot",
     "WarpedMLP",
+    "assert_one_transfer_meta_step_is_the_two_transfer_one",
     "assert_same_gradients",
     "assert_same_meta_step",
     "assert_same_results",
@@ -162,6 +165,53 @@ def strict_meta_step(build: Callable[[], MetaLearner], tasks: list[Task]
         learner.adapt(tasks[0])
         evaluation = learner.evaluate(tasks)
     return result, evaluation
+
+
+def _meta_step_outcome(learner: MetaLearner, tasks: list[Task], grad_hook: Any
+                       ) -> tuple[Any, ...]:
+    try:
+        result: Any = dataclasses.replace(learner.meta_step(tasks, grad_hook=grad_hook),
+                                          seconds=0.0)
+        error = None
+    except NonFiniteError as raised:
+        result, error = None, (str(raised), raised.task, raised.where, raised.inner_step,
+                               raised.names)
+    params = {n: p.detach().clone() for n, p in learner.named_meta_parameters()}
+    grads = {n: None if p.grad is None else p.grad.clone()
+             for n, p in learner.named_meta_parameters()}
+    state = learner.meta_optimizer.state_dict()["state"]
+    return result, error, params, grads, state
+
+
+def assert_one_transfer_meta_step_is_the_two_transfer_one(build: Callable[[], MetaLearner],
+                                                          tasks: list[Task]) -> None:
+    """``meta_step`` reading the meta-batch's faults and means after the optimizer step, with
+    its finite check (one host transfer: the default), ends exactly as reading them before the
+    step (two transfers: what a ``grad_hook`` makes it do): the same result or the same
+    ``NonFiniteError``, and bit for bit the same meta-parameters, ``.grad`` (or ``None``) and
+    optimizer state. ``build`` makes a fresh, identical learner for each."""
+    deferred = _meta_step_outcome(build(), tasks, None)
+    hooked = _meta_step_outcome(build(), tasks, lambda learner, result: None)
+    # repr: a NaN loss (no task kept) is not equal to itself; repr round-trips floats exactly.
+    assert repr(deferred[:2]) == repr(hooked[:2]), f"{deferred[:2]} != {hooked[:2]}"
+    for index, what in ((2, "parameter"), (3, "gradient")):
+        assert deferred[index].keys() == hooked[index].keys()
+        for name, got in deferred[index].items():
+            want = hooked[index][name]
+            assert (got is None) == (want is None), f"{what} {name}: {got} != {want}"
+            if got is not None:
+                torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True,
+                                           msg=f"{what} {name}")
+    assert deferred[4].keys() == hooked[4].keys(), "optimizer state"
+    for key, entries in deferred[4].items():
+        assert entries.keys() == hooked[4][key].keys()
+        for field, got in entries.items():
+            want = hooked[4][key][field]
+            if isinstance(got, Tensor):
+                torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True,
+                                           msg=f"optimizer state {key} {field}")
+            else:
+                assert got == want, f"optimizer state {key} {field}: {got} != {want}"
 
 
 # -- vectorized against the loop (float64) -------------------------------------------------------

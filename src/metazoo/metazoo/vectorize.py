@@ -46,10 +46,11 @@ import torch.utils._pytree as pytree
 from torch import Tensor
 from torch.func import grad, grad_and_value, vmap
 
+from metazoo.deferred import DeferredRead
 from metazoo.faults import task_fault
 from metazoo.functional import Buffers, Params, closed_form_batch_norm
 from metazoo.layout import check_channels_last
-from metazoo.learner import Batch, Task
+from metazoo.learner import Batch, MeanResults, Task, deferred_flags_and_means
 from metazoo.optim import InnerOptimizer, OptState
 from metazoo.unroll import (
     Checkpoint,
@@ -65,9 +66,9 @@ from metazoo.unroll import (
 )
 
 __all__ = ["CompileOptions", "VectorizedGradients", "check_compile", "check_vectorize",
-           "check_vectorize_and_layout",
-           "functional_unroll", "map_and_sum", "map_tasks", "raise_or_count_faults",
-           "resolve_chunk", "stack_tasks", "vectorized_meta_gradients"]
+           "check_vectorize_and_layout", "deferred_faults_and_means", "functional_unroll",
+           "kept_divisor", "kept_from_flags", "map_and_sum", "map_tasks", "mean_over_kept",
+           "raise_or_count_faults", "resolve_chunk", "stack_tasks", "vectorized_meta_gradients"]
 
 Vectorize = bool | int | str
 
@@ -760,10 +761,42 @@ def raise_or_count_faults(result: VectorizedGradients, on_nonfinite: str) -> lis
     In ``"raise"`` mode a non-finite task raises ``metazoo.NonFiniteError`` naming the first such
     task and its first non-finite inner step (or the query), as the loop's per-task checks do.
     """
-    finite = result.finite.tolist()
+    return kept_from_flags(result, result.finite.tolist(), on_nonfinite)
+
+
+def kept_from_flags(result: VectorizedGradients, flags: Sequence[float | bool],
+                    on_nonfinite: str) -> list[int]:
+    """``raise_or_count_faults`` from ``result.finite`` already read (``flags``)."""
+    finite = [flag != 0 for flag in flags]
     if on_nonfinite == "raise" and not all(finite):
         first = finite.index(False)
         fault = task_fault(first, result.inner_losses[first], result.objectives[first])
         assert fault is not None
         raise fault
     return [index for index, ok in enumerate(finite) if ok]
+
+
+def deferred_faults_and_means(result: VectorizedGradients, on_nonfinite: str,
+                              per_task: Sequence[tuple[Tensor, Tensor | None, Tensor]]
+                              ) -> DeferredRead[tuple[list[int], MeanResults | None]]:
+    """The kept tasks (``raise_or_count_faults``) and their means, read in one host transfer
+    later (``metazoo.deferred_flags_and_means``); ``per_task``: every task's results."""
+    return deferred_flags_and_means(
+        result.finite, lambda flags: kept_from_flags(result, flags, on_nonfinite), per_task)
+
+
+def kept_divisor(result: VectorizedGradients, on_nonfinite: str) -> int | Tensor:
+    """What the sum of the kept tasks' gradients is divided by for their mean, read nowhere:
+    the number of tasks in ``"raise"`` mode (a faulty task raises when the flags are read), the
+    finite tasks counted on the device in ``"skip"`` mode (float64, at least 1)."""
+    if on_nonfinite == "raise":
+        return int(result.finite.numel())
+    return result.finite.sum().clamp(min=1).to(torch.float64)
+
+
+def mean_over_kept(total: Tensor, divisor: int | Tensor) -> Tensor:
+    """``total / divisor`` (``kept_divisor``), in ``total``'s dtype: bit for bit the division by
+    the Python count of kept tasks."""
+    if isinstance(divisor, int):
+        return total / divisor
+    return total / divisor.to(device=total.device, dtype=total.dtype)

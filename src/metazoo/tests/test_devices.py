@@ -86,3 +86,14 @@ def test_task_fault_and_mean_results_accept_losses_from_two_devices():
         assert metazoo.task_fault(0, torch.tensor([1.0, 2.0]), query) is None
         loss, acc, curve = metazoo.mean_results([(query, None, torch.tensor([1.0, 3.0]))])
     assert (loss, acc, curve) == (0.5, None, (1.0, 3.0))
+
+
+def test_host_list_reads_host_tensors_uncounted_and_refuses_device_ones():
+    from metazoo.testing import count_host_syncs
+
+    order = torch.randperm(6, generator=torch.Generator().manual_seed(0))
+    with count_host_syncs() as syncs:
+        values = metazoo.host_list(order)
+    assert values == order.tolist() and syncs.count == 0
+    with pytest.raises(ValueError, match="host_list reads host tensors only, got one on meta"):
+        metazoo.host_list(torch.empty(3, device="meta"))

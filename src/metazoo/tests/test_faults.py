@@ -251,3 +251,86 @@ def test_resolve_with_reads_values_unchanged_in_any_float_dtype():
         faults.check(torch.ones(2), torch.tensor(1.0))
         faults.check(torch.tensor([1.0, float("nan")]), torch.tensor(1.0))
         assert faults.resolve_with(values) == ([0], values.tolist())
+
+
+def test_a_deferred_read_reads_once_and_chains():
+    from metazoo.testing import count_host_syncs
+
+    values = torch.tensor([1.5, -2.0, 0.25])
+    read = metazoo.DeferredRead(values, lambda got: sum(got)).then(lambda total: total * 2)
+    with count_host_syncs() as syncs:
+        assert read.read() == 2 * (1.5 - 2.0 + 0.25)
+    assert syncs.count == 1
+    with count_host_syncs() as syncs:
+        assert metazoo.DeferredRead.ready("done").then(str.upper).read() == "DONE"
+    assert syncs.count == 0
+
+
+def _flags_read(flags: list[bool], on_nonfinite: str = "skip"):
+    per_task = _per_task(len(flags), with_accuracy=False)
+    faults = metazoo.TaskFaults(on_nonfinite)
+    for ok, (loss, _, curve) in zip(flags, per_task, strict=True):
+        faults.check(curve, loss if ok else loss * float("nan"))
+    return metazoo.deferred_resolve_and_mean(faults, per_task)
+
+
+@pytest.mark.parametrize(("flags", "on_nonfinite", "kept_any"), [
+    ([True, True], "skip", True), ([True, False], "skip", True), ([False, False], "skip", False),
+    ([True, False], "raise", None)])
+def test_a_deferred_meta_gradient_adds_to_what_was_there_or_puts_it_back(flags, on_nonfinite,
+                                                                         kept_any):
+    """Written before the flags are read, the gradient joins what .grad held (as backward
+    accumulates); a faulty task ("raise") or no kept task puts .grad back as it was: the same
+    tensor, untouched, or None."""
+    held = nn.Parameter(torch.zeros(3))
+    held.grad = torch.tensor([1.0, 2.0, 3.0])
+    held_grad = held.grad
+    empty = nn.Parameter(torch.zeros(2))
+
+    def write() -> None:
+        metazoo.accumulate_grad(held, torch.full((3,), 0.5))
+        metazoo.accumulate_grad(empty, torch.full((2,), 0.25))
+
+    deferred = metazoo.deferred_meta_gradient([held, empty], write,
+                                              _flags_read(flags, on_nonfinite))
+    assert held.grad is not held_grad and empty.grad is not None  # written, not yet resolved
+    if kept_any is None:
+        with pytest.raises(metazoo.NonFiniteError, match="task 1 of the meta-batch"):
+            deferred.read()
+    else:
+        kept, _ = deferred.read()
+        assert kept == [i for i, ok in enumerate(flags) if ok]
+    if kept_any:
+        assert held.grad is held_grad
+        assert held.grad.tolist() == [1.5, 2.5, 3.5] and empty.grad.tolist() == [0.25, 0.25]
+    else:
+        assert held.grad is held_grad and held.grad.tolist() == [1.0, 2.0, 3.0]
+        assert empty.grad is None
+
+
+def test_an_undoable_step_reads_its_check_with_other_values_in_one_transfer():
+    from metazoo.testing import count_host_syncs
+
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    before = [p.detach().clone() for p in model.parameters()]
+    step = metazoo.UndoableStep(optimizer, model.named_parameters())
+    step.step()
+    values = torch.tensor([0.5, 1.0, -3.0])
+    with count_host_syncs() as syncs:
+        ok, read = step.read_after_step(values)
+    assert syncs.count == 1 and ok and read == values.tolist()
+    step.undo(keep_grads=True)
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
+    assert not optimizer.state and all(p.grad is not None for p in model.parameters())
+    model.weight.grad[0, 0] = float("nan")
+    step = metazoo.UndoableStep(optimizer, model.named_parameters())
+    step.step()
+    assert step.read_after_step(None) == (False, [])
+    with pytest.raises(metazoo.NonFiniteError, match="weight") as info:
+        step.fail()
+    assert info.value.where == "meta_gradient"
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))

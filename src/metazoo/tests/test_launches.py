@@ -1,7 +1,7 @@
 """The launch-count benchmark (benchmarks/launches.py --quick) runs in seconds and counts what it
-says: the hand-written loop has no host sync, a loop learner one per meta-step for its fault
-checks and its reported means together, and the vectorized MAML fewer kernel ops than its
-loop."""
+says: the hand-written loop has no host sync, a learner one per meta-step for its fault
+checks, its reported means and its step's finite check together, and the vectorized MAML fewer
+kernel ops than its loop."""
 
 from __future__ import annotations
 
@@ -27,7 +27,8 @@ def test_quick_table_counts_ops_and_syncs() -> None:
                                  re.MULTILINE)}
     assert set(rows) == {"loop", "maml", "maml_vectorized"}, result.stdout
     assert rows["loop"][2] == 0
-    assert rows["maml"][2] == 1  # 2 tasks: one transfer for all fault checks and the means
+    # One transfer per meta-step: the fault flags, the means and the step's finite check.
+    assert rows["maml"][2] == 1 and rows["maml_vectorized"][2] == 1
     assert rows["maml_vectorized"][1] < 0.5 * rows["maml"][1]
     assert all(ops > kernel > 0 for ops, kernel, _ in rows.values())
 
@@ -44,5 +45,6 @@ def test_quick_warpgrad_table_counts_copies() -> None:
                                  result.stdout, re.MULTILINE)}
     assert set(rows) == {"warpgrad", "warpgrad_vectorized"}, result.stdout
     assert rows["warpgrad_vectorized"][1] < 0.7 * rows["warpgrad"][1]
+    assert all(syncs == 1 for _, _, syncs, _ in rows.values()), rows
     # 2 tasks x 2 steps x 18 tensors were copied one by one (72 + 36 more on reading them).
     assert all(copies < 12 for *_, copies in rows.values()), rows

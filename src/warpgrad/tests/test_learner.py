@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -175,10 +176,10 @@ def _poisoned(tasks, task, batch):
     return [*tasks[:task], Task(support, query), *tasks[task + 1:]]
 
 
-def _with_steps(model, on_nonfinite="raise"):
+def _with_steps(model, on_nonfinite="raise", vectorize=False):
     learner = _learner(model)
     return WarpGrad(learner.warp, inner_steps=3, on_nonfinite=on_nonfinite,
-                    meta_optimizer=lambda p: torch.optim.SGD(p, lr=0.1))
+                    vectorize=vectorize, meta_optimizer=lambda p: torch.optim.SGD(p, lr=0.1))
 
 
 @pytest.mark.parametrize(("batch", "where", "first"), [(1, "inner", 1), (None, "query", None)])
@@ -213,21 +214,63 @@ def test_skip_mode_drops_the_task_and_its_trajectory(make_model, make_tasks):
 
 
 def test_the_loop_reads_all_fault_flags_with_the_means_in_one_transfer(make_model, make_tasks):
-    """Per task, only the adaptation's read of its inner losses is left (before, each task's
-    fault check cost one more, and the means another); per meta-batch, the fault flags with the
-    means, the replay's mean loss and its shuffled order."""
+    """No per-task read is left (before, each task's inner losses and fault check cost one,
+    the means another, the replay's mean loss and its shuffled order one each): meta_backward
+    reads the fault flags with the means, and meta_step reads them with the meta-optimizer
+    step's finite check, once per meta-step whatever the number of tasks. With
+    on_nonfinite="skip" the replay must know which trajectories to leave out before it runs:
+    one transfer more."""
     from metazoo.testing import count_host_syncs
 
-    def syncs(num_tasks):
-        learner = _with_steps(make_model())
+    def syncs(num_tasks, step, on_nonfinite="raise", vectorize=False):
+        learner = _with_steps(make_model(), on_nonfinite, vectorize)
         tasks = _tasks(make_tasks, num_tasks=num_tasks)
-        learner.meta_backward(tasks)  # warm-up
+        learner.meta_step(tasks)  # warm-up
         learner.meta_optimizer.zero_grad()
         with count_host_syncs() as counted:
-            learner.meta_backward(tasks)
+            learner.meta_step(tasks) if step else learner.meta_backward(tasks)
         return counted.count
 
-    assert syncs(2) == 2 + 3 and syncs(4) == 4 + 3
+    assert syncs(2, step=False) == 1 and syncs(4, step=False) == 1
+    assert syncs(2, step=True) == 1 and syncs(4, step=True) == 1
+    assert syncs(4, step=True, on_nonfinite="skip") == 2
+    assert syncs(4, step=True, vectorize=True) == 1
+    assert syncs(4, step=True, on_nonfinite="skip", vectorize=True) == 2
+
+
+@pytest.mark.parametrize("case", ["finite", "inner_nan", "query_nan", "meta_update",
+                                  "task_and_update"])
+@pytest.mark.parametrize("on_nonfinite", ["raise", "skip"])
+@pytest.mark.parametrize("vectorize", [False, True])
+def test_the_one_transfer_meta_step_ends_as_the_two_transfer_one(make_model, make_tasks,
+                                                                  vectorize, on_nonfinite, case):
+    """The loop replays before it reads the fault flags; a faulty task then drops the
+    meta-gradients, undoes the step and the replay's draw of its order, and raises as it did
+    when read first: same error, parameters, .grad, optimizer state and random state."""
+    from metazoo.testing import assert_one_transfer_meta_step_is_the_two_transfer_one
+
+    tasks = _tasks(make_tasks, num_tasks=3)
+    if case in ("inner_nan", "task_and_update"):
+        tasks = _poisoned(tasks, 1, 1)
+    elif case == "query_nan":
+        tasks = _poisoned(tasks, 2, None)
+
+    def build():
+        learner = _with_steps(make_model(), on_nonfinite, vectorize)
+        learner.meta_step(_tasks(make_tasks, num_tasks=2))
+        if case in ("meta_update", "task_and_update"):
+            learner.meta_optimizer.param_groups[0]["lr"] = float("inf")
+        return learner
+
+    assert_one_transfer_meta_step_is_the_two_transfer_one(build, tasks)
+    # The replay order drawn after a fault is the one the two-transfer step would draw.
+    draws = []
+    for hook in (None, lambda learner, result: None):
+        learner = build()
+        with contextlib.suppress(NonFiniteError):
+            learner.meta_step(tasks, grad_hook=hook)
+        draws.append(torch.rand(3))
+    assert torch.equal(draws[0], draws[1])
 
 
 def test_same_seed_twice_is_bitwise_identical(make_model, make_tasks):

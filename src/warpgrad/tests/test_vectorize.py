@@ -275,24 +275,21 @@ def test_bad_labels_are_named_as_in_the_loop(make_model, make_tasks):
                                          (tasks[1].query[0], tasks[1].query[1] - 1))])
 
 
-def test_fault_check_is_one_transfer_for_the_meta_batch(make_model, make_tasks, monkeypatch):
-    """The loop reads every task's fault flag at once with the means (``resolve_and_mean``);
-    the vectorized path reads every task's finiteness at once (``raise_or_count_faults``)."""
-    import warpgrad.learner
+@pytest.mark.parametrize("vectorize", [False, 2])
+def test_fault_check_is_one_transfer_for_the_meta_batch(make_model, make_tasks, vectorize):
+    """The loop and the vectorized path read every task's fault flag at once, with the means
+    (one host transfer for meta_backward); meta_step reads them with the meta-optimizer step's
+    finite check (one for the whole meta-step)."""
+    from metazoo.testing import count_host_syncs
 
-    checks, transfers = [], []
-    original = warpgrad.learner.resolve_and_mean
-    monkeypatch.setattr(warpgrad.learner, "resolve_and_mean",
-                        lambda faults, per_task: checks.append(len(per_task))
-                        or original(faults, per_task))
-    count = metazoo.vectorize.raise_or_count_faults
-    monkeypatch.setattr(metazoo.vectorize, "raise_or_count_faults",
-                        lambda *args: transfers.append(1) or count(*args))
-    _learner(make_model()).meta_backward(_tasks(make_tasks))
-    assert (checks, transfers) == ([3], [])
-    checks.clear()
-    _learner(make_model(), vectorize=2).meta_backward(_tasks(make_tasks))
-    assert (checks, transfers) == ([], [1])
+    learner = _learner(make_model(), vectorize=vectorize)
+    learner.meta_step(_tasks(make_tasks))  # warm-up
+    learner.meta_optimizer.zero_grad()
+    with count_host_syncs() as backward:
+        learner.meta_backward(_tasks(make_tasks))
+    with count_host_syncs() as step:
+        learner.meta_step(_tasks(make_tasks))
+    assert (backward.count, step.count) == (1, 1)
 
 
 class _MatmulCounter(TorchDispatchMode):

@@ -340,8 +340,10 @@ class WarpGrad(MetaLearner):
     def _in_layout(self, params: Params) -> Params:
         return params_to_channels_last(params) if self.channels_last else params
 
-    def _adapt(self, task: Task, steps: int, slot: str | None) -> tuple[Adapted, Params]:
-        """Adapts to ``task`` (already in the learner's layout, see ``_layout``)."""
+    def _adapt(self, task: Task, steps: int, slot: str | None) -> tuple[Adapted, Tensor]:
+        """Adapts to ``task`` (already in the learner's layout, see ``_layout``); returns the
+        adapted model with its inner losses unread (``Adapted.inner_losses`` empty: reading
+        them costs a host transfer, ``_adapted`` makes it) and the inner losses as a tensor."""
         # Labels outside the model's classes fail with a message instead of torch's IndexError.
         criterion = CheckedCriterion(self.updater.criterion)
         ctx = self.warp.replay_context(criterion, bn_mode=self.bn_mode)
@@ -368,9 +370,13 @@ class WarpGrad(MetaLearner):
                                               dict(zip(leaves, grads, strict=True)), state)
         if slot is not None:
             self.warp.buffer.finalize(slot, theta)
-        adapted = Adapted({**fixed, **theta}, buffers,
-                          tuple(torch.stack(losses).tolist()) if losses else ())
-        return adapted, theta
+        inner = torch.stack(losses) if losses else torch.zeros(0)
+        return Adapted({**fixed, **theta}, buffers, ()), inner
+
+    @staticmethod
+    def _adapted(adapted: Adapted, inner_losses: Tensor) -> Adapted:
+        """``adapted`` with its inner losses read (one host transfer)."""
+        return Adapted(adapted.params, adapted.buffers, tuple(inner_losses.tolist()))
 
     def _chunk(self, num_tasks: int) -> int | None:
         device = next(iter(self.warp.init_parameters())).device
@@ -413,12 +419,11 @@ class WarpGrad(MetaLearner):
             buffer.record(slot, trajectory[index], layout=adaptation.layout,
                           momentum=None if momentum is None else momentum[index], copy=False)
 
-    def _meta_backward_loop(self, tasks: Sequence[Task]
-                            ) -> tuple[list[tuple[Tensor, Tensor | None, Tensor]],
-                                       MeanResults | None]:
-        """Adapts to the tasks one by one while recording, then accumulates the meta-gradients;
-        returns the kept tasks' (query loss, accuracy, inner losses) and their means, read
-        with the fault flags of all tasks in one host transfer (``resolve_and_mean``)."""
+    def _record_tasks(self, tasks: Sequence[Task]
+                      ) -> tuple[metazoo.TaskFaults, list[tuple[Tensor, Tensor | None, Tensor]],
+                                 list[str]]:
+        """Adapts to the tasks one by one while recording into the buffer; returns their fault
+        flags (unread), each task's (query loss, accuracy, inner losses) and its slot."""
         buffer = self.warp.buffer
         faults = metazoo.TaskFaults(self.on_nonfinite)
         per_task, slots = [], []
@@ -426,39 +431,49 @@ class WarpGrad(MetaLearner):
             task = self._layout(task)  # the buffer then replays channels-last batches
             slot = uuid.uuid4().hex
             buffer.init(slot, task.support)
-            adapted, _ = self._adapt(task, self.inner_steps, slot)
+            adapted, inner = self._adapt(task, self.inner_steps, slot)
             loss, acc = self._score(adapted, task)
-            inner = torch.tensor(adapted.inner_losses, dtype=loss.dtype, device=loss.device)
+            inner = inner.to(device=loss.device, dtype=loss.dtype)
             faults.check(inner, loss)
             per_task.append((loss, acc, inner))
             slots.append(slot)
+        return faults, per_task, slots
+
+    def _meta_backward_loop(self, tasks: Sequence[Task]
+                            ) -> tuple[list[tuple[Tensor, Tensor | None, Tensor]],
+                                       MeanResults | None]:
+        """Adapts to the tasks one by one while recording, then accumulates the meta-gradients;
+        returns the kept tasks' (query loss, accuracy, inner losses) and their means, read
+        with the fault flags of all tasks in one host transfer (``resolve_and_mean``)."""
+        faults, per_task, slots = self._record_tasks(tasks)
         kept, means = resolve_and_mean(faults, per_task)  # raises the first task's fault
         for index in sorted(set(range(len(tasks))) - set(kept)):
             # A non-finite trajectory must not be replayed by the warp objective.
-            buffer.discard(slots[index])
+            self.warp.buffer.discard(slots[index])
         if kept:
-            self.updater.accumulate(self.warp)
+            self.updater.accumulate(self.warp, read_loss=False)
         return [per_task[i] for i in kept], means
 
     def _meta_backward_vectorized(self, tasks: Sequence[Task], chunk: int
-                                  ) -> list[tuple[Tensor, Tensor | None, Tensor]]:
+                                  ) -> tuple[list[tuple[Tensor, Tensor | None, Tensor]],
+                                             MeanResults | None]:
         """``_meta_backward_loop`` with the adaptation mapped ``chunk`` tasks at a time and the
         replay over the states of ``chunk`` tasks per ``vmap`` call."""
         adaptation, _ = self._adapt_vectorized(tasks, self.inner_steps, chunk)
         self._record(adaptation, tasks)
-        faults = metazoo.vectorize.VectorizedGradients(
-            [], adaptation.query_loss, adaptation.inner_losses, None, adaptation.finite)
-        kept = metazoo.vectorize.raise_or_count_faults(faults, self.on_nonfinite)
+        per_task = adaptation.per_task(range(len(tasks)))
+        # The fault flags with the means: one host transfer.
+        kept, means = metazoo.vectorize.deferred_faults_and_means(
+            adaptation.faults(), self.on_nonfinite, per_task).read()
         slots = self.warp.buffer.slots()
         for index in sorted(set(range(len(tasks))) - set(kept)):
             # A non-finite trajectory must not be replayed by the warp objective.
             self.warp.buffer.discard(slots[index])
         if kept:
             # The states of ``chunk`` tasks per vmap call of the replay.
-            self.updater.accumulate(self.warp, vectorize=chunk * self.inner_steps)
-        acc = adaptation.query_accuracy
-        return [(adaptation.query_loss[i], None if acc is None else acc[i],
-                 adaptation.inner_losses[i]) for i in kept]
+            self.updater.accumulate(self.warp, vectorize=chunk * self.inner_steps,
+                                    read_loss=False)
+        return [per_task[i] for i in kept], means
 
     def _steps(self, steps: int | None) -> int:
         return self.eval_inner_steps if steps is None else metazoo.check_steps("steps", steps)
@@ -471,7 +486,7 @@ class WarpGrad(MetaLearner):
             steps: inner steps (default ``eval_inner_steps``).
         """
         metazoo.check_task(task)
-        return self._adapt(self._layout(task), self._steps(steps), None)[0]
+        return self._adapted(*self._adapt(self._layout(task), self._steps(steps), None))
 
     def _score(self, adapted: Adapted, task: Task) -> tuple[Tensor, Tensor | None]:
         x, y = (t.to(next(iter(adapted.params.values())).device) for t in task.query)
@@ -484,23 +499,73 @@ class WarpGrad(MetaLearner):
         """Adapts to every task while recording, then accumulates all meta-gradients."""
         tasks = metazoo.check_tasks(tasks)
         start = time.perf_counter()
+        self._check_buffer_empty()
+        chunk = self._chunk(len(tasks))
+        try:
+            per_task, means = (self._meta_backward_loop(tasks) if chunk is None
+                               else self._meta_backward_vectorized(tasks, chunk))
+        finally:
+            self.warp.buffer.clear()
+        return self._summary(per_task, means, len(tasks), start)
+
+    def _deferred_meta_backward(self, tasks: Sequence[Task]
+                                ) -> metazoo.DeferredRead[MetaStepResult]:
+        # In "raise" mode the replay runs before the fault flags are read: a faulty task then
+        # raises when they are read, and the meta-gradients written are dropped. In "skip"
+        # mode the replay must leave the non-finite trajectories out, so it reads them first.
+        tasks = metazoo.check_tasks(tasks)
+        if self.on_nonfinite == "skip":
+            return metazoo.DeferredRead.ready(self.meta_backward(tasks))
+        start = time.perf_counter()
+        self._check_buffer_empty()
+        chunk = self._chunk(len(tasks))
+        try:
+            if chunk is None:
+                faults, per_task, _ = self._record_tasks(tasks)
+                deferred = metazoo.deferred_resolve_and_mean(faults, per_task)
+            else:
+                adaptation, _ = self._adapt_vectorized(tasks, self.inner_steps, chunk)
+                self._record(adaptation, tasks)
+                per_task = adaptation.per_task(range(len(tasks)))
+                deferred = metazoo.vectorize.deferred_faults_and_means(
+                    adaptation.faults(), self.on_nonfinite, per_task)
+            # The replay draws its order; a faulty task undoes the draw with the rest.
+            replay_order = (self.updater.random_state(), torch.random.get_rng_state())
+            params = list(self.meta_parameters())
+            deferred = metazoo.deferred_meta_gradient(params, lambda: self.updater.accumulate(
+                self.warp, vectorize=None if chunk is None else chunk * self.inner_steps,
+                read_loss=False), deferred)
+        finally:
+            self.warp.buffer.clear()
+
+        def finished(read: list[float]) -> MetaStepResult:
+            try:
+                _, means = deferred.finish(read)
+            except metazoo.NonFiniteError:
+                self.updater.set_random_state(replay_order[0])
+                torch.random.set_rng_state(replay_order[1])
+                raise
+            return self._summary(per_task, means, len(tasks), start)
+
+        return metazoo.DeferredRead(deferred.values, finished)
+
+    def _check_buffer_empty(self) -> None:
         buffer = self.warp.buffer
         if len(buffer) or buffer.slots():
             raise RuntimeError("the Warp's replay buffer is not empty; call warp.clear() "
                                "before driving it through the MetaLearner interface")
-        chunk = self._chunk(len(tasks))
-        try:
-            per_task, means = (self._meta_backward_loop(tasks) if chunk is None
-                               else (self._meta_backward_vectorized(tasks, chunk), None))
-        finally:
-            buffer.clear()
-        skipped = len(tasks) - len(per_task)
+
+    @staticmethod
+    def _summary(per_task: Sequence[tuple[Tensor, Tensor | None, Tensor]],
+                 means: MeanResults | None, num_tasks: int, start: float) -> MetaStepResult:
+        """The result over the kept tasks ``per_task`` (``means``: their means, if read)."""
+        skipped = num_tasks - len(per_task)
         if not per_task:
             nan = float("nan")
-            return MetaStepResult(nan, nan, None, (), len(tasks), time.perf_counter() - start,
+            return MetaStepResult(nan, nan, None, (), num_tasks, time.perf_counter() - start,
                                   skipped)
         meta_loss, mean_acc, curve = mean_results(per_task) if means is None else means
-        return MetaStepResult(meta_loss, curve[-1], mean_acc, curve, len(tasks),
+        return MetaStepResult(meta_loss, curve[-1], mean_acc, curve, num_tasks,
                               time.perf_counter() - start, skipped)
 
     def evaluate(self, tasks: Sequence[Task], *, steps: int | None = None) -> EvalResult:
@@ -525,10 +590,9 @@ class WarpGrad(MetaLearner):
         per_task = []
         for task in tasks:
             task = self._layout(task)
-            adapted = self._adapt(task, steps, None)[0]
+            adapted, inner = self._adapt(task, steps, None)
             loss, acc = self._score(adapted, task)
-            per_task.append((loss, acc, torch.tensor(adapted.inner_losses, dtype=loss.dtype,
-                                                     device=loss.device)))
+            per_task.append((loss, acc, inner.to(device=loss.device, dtype=loss.dtype)))
         mean_loss, mean_acc, curve = mean_results(per_task)
         return EvalResult(mean_loss, mean_acc, curve, len(tasks), tuple(
             (float(r[0]), None if r[1] is None else float(r[1])) for r in per_task))

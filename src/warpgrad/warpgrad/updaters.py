@@ -25,7 +25,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from metazoo import BatchNormMode, NonFiniteError, Params, accumulate_grad, all_finite
+from metazoo import (
+    BatchNormMode,
+    NonFiniteError,
+    Params,
+    accumulate_grad,
+    all_finite,
+    host_list,
+)
 from warpgrad.buffer import ReplayState
 from warpgrad.objectives import (
     InitObjective,
@@ -244,7 +251,8 @@ class DualUpdater:
             self._generator.set_state(state)
 
     def _chunks(self, n: int) -> list[list[int]]:
-        order = torch.randperm(n, generator=self._generator).tolist()
+        # Drawn on the host (a CPU generator): reading it never waits for the device.
+        order = host_list(torch.randperm(n, generator=self._generator))
         size = n if self.bsz <= 0 else self.bsz
         return [order[i:i + size] for i in range(0, n, size)]
 
@@ -341,7 +349,8 @@ class DualUpdater:
         return UpdateResult(mean, len(points), steps, warp_seconds, init_seconds,
                             replay_calls=calls)
 
-    def accumulate(self, warp: WarpedModel, *, vectorize: int | None = None) -> UpdateResult:
+    def accumulate(self, warp: WarpedModel, *, vectorize: int | None = None,
+                   read_loss: bool = True) -> UpdateResult:
         """Adds the meta-gradients of every group to ``.grad`` without stepping.
 
         The warp (and optimizer-parameter) gradient is that of the mean objective over all
@@ -353,6 +362,9 @@ class DualUpdater:
             warp: the wrapped model whose buffer holds the trajectories.
             vectorize: states per ``vmap`` call for this call (default: the updater's own
                 ``vectorize``); needs ``bn_mode="batch"`` when > 1.
+            read_loss: read the mean warp loss into ``UpdateResult.warp_loss`` (a host
+                transfer); ``False`` leaves it ``None`` (``WarpGrad.meta_step``, which does not
+                report it, reads nothing here).
         """
         size = self.vectorize if vectorize is None else _check_replay_vectorize(
             vectorize, self.bn_mode)
@@ -364,11 +376,11 @@ class DualUpdater:
         mean = None
         calls = 0
         if self.warp_objective is not None and points:
-            order = torch.randperm(len(points), generator=self._generator).tolist()
+            order = host_list(torch.randperm(len(points), generator=self._generator))
             targets, sums, loss, calls = self._replay_chunk(
                 warp, [points[j] for j in order], streams, size)
             _write_grads(targets, sums)
-            mean = loss.item()
+            mean = loss.item() if read_loss else None
         warp_seconds = time.perf_counter() - start
         start = time.perf_counter()
         if self.init_objective is not None and slots:

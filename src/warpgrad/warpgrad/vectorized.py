@@ -16,7 +16,7 @@ the same order, as the loop records.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -62,6 +62,18 @@ class StackedAdaptation:
     def finite(self) -> Tensor:
         """Whether each task's inner losses and query loss are finite, ``[T]`` (on device)."""
         return torch.isfinite(self.query_loss) & torch.isfinite(self.inner_losses).all(dim=1)
+
+    def faults(self) -> metazoo.vectorize.VectorizedGradients:
+        """The tasks' losses and flags in the form the fault checks of
+        ``metazoo.vectorize`` read (no gradients: the replay writes them)."""
+        return metazoo.vectorize.VectorizedGradients([], self.query_loss, self.inner_losses,
+                                                     None, self.finite)
+
+    def per_task(self, indices: Iterable[int]) -> list[tuple[Tensor, Tensor | None, Tensor]]:
+        """``(query loss, accuracy, inner losses)`` of the tasks ``indices``."""
+        acc = self.query_accuracy
+        return [(self.query_loss[i], None if acc is None else acc[i], self.inner_losses[i])
+                for i in indices]
 
 
 def _check_one_shape(tasks: Sequence[Task]) -> None:
