@@ -19,9 +19,9 @@ Memory grows with the number of tasks mapped at once; ``chunk`` maps that many t
 and accumulates their gradients. On a GPU the vectorized form was 9x faster on the MAML Omniglot
 workload (0.156 s against 1.44 s per meta-step, issue 17). On a CPU (W1 at 8 tasks, 1 thread,
 interleaved medians of 7, docs/performance.md), with the channels-last layout below, the
-vectorized MAML meta-step took 0.83-0.89x the hand-written loop's time (0.77x with glibc's
-malloc keeping freed blocks), at 1.6-1.7 GiB peak RSS against about 0.2 GiB for the loops;
-before it, NCHW, 1.03-1.17x. ``vectorize="auto"`` still vectorizes on CUDA only (the memory,
+vectorized MAML meta-step took 0.82-0.99x the hand-written loop's time (0.77x with glibc's
+malloc keeping freed blocks), at 1.4-1.7 GiB peak RSS against about 0.2 GiB for the loops;
+before it, NCHW, 1.01-1.17x. ``vectorize="auto"`` still vectorizes on CUDA only (the memory,
 and the loop with ``channels_last=True``; see ``resolve_chunk``).
 
 Inside the map, ``F.conv2d``, ``F.max_pool2d`` and BatchNorm with batch statistics run through
