@@ -12,6 +12,8 @@ round) after one warm-up meta-step each:
 - ``maml_vectorized``: ``maml.MAML(vectorize=True)`` (``metazoo.vectorize``), or chunks of
   ``--chunk`` tasks.
 - ``maml_auto``: ``maml.MAML(vectorize="auto")``: the loop on a CPU, vectorized on CUDA.
+- on request: ``maml_channels_last``: the library's loop with ``channels_last=True`` (each task's
+  inputs and parameters copied to channels-last).
 - on request (``--impls``): ``fomaml`` / ``fomaml_vectorized`` (``MAML(first_order=True)``) and
   ``reptile`` / ``reptile_vectorized`` (``maml.Reptile``, meta-SGD step 0.1); their ratio and
   agreement columns compare with their own loop (``fomaml``, ``reptile``); ``leap`` /
@@ -25,7 +27,11 @@ statistics, ReLU, max-pool 2], linear head), 28x28 synthetic inputs, 5 inner SGD
 ``20way``: 20-way 1-shot, 16 tasks (``--tasks`` overrides both).
 
 Reported per implementation: the median seconds per meta-step (float32), the ratio to its
-reference (``loop``, or the own loop of FOMAML and Reptile), the peak memory of one meta-step after
+reference (``loop``, or the own loop of FOMAML and Reptile); on a CPU also the median CPU time of
+the process per meta-step (``time.process_time``: user + system time, which other jobs on a
+shared machine do not inflate as they do the wall clock), its ratio, and the median number of
+minor page faults per meta-step (fresh memory the kernel maps and zeroes, counted in the system
+time); the peak memory of one meta-step after
 warm-up (``torch.cuda.max_memory_allocated`` on CUDA; on a CPU the peak resident set size sampled
 every millisecond during the step, above its level just before it, after ``malloc_trim``), and
 the float64 meta-gradient agreement with the reference on ``--check-tasks`` tasks (max abs
@@ -35,6 +41,8 @@ Usage::
 
     python benchmarks/gpu_meta_step.py --device cuda                 # the issue's sizes, a GPU
     python benchmarks/gpu_meta_step.py --device cpu --tasks 4 --repeats 3
+    OMP_NUM_THREADS=1 python benchmarks/gpu_meta_step.py --device cpu --workloads 5way \
+        --tasks 8 --repeats 7 --impls loop,vmap,maml,maml_vectorized --malloc-retain
     python benchmarks/gpu_meta_step.py --device cuda \
         --impls fomaml,fomaml_vectorized,reptile,reptile_vectorized
     python benchmarks/gpu_meta_step.py --device cuda \
@@ -47,6 +55,7 @@ import argparse
 import copy
 import ctypes
 import os
+import resource
 import statistics
 import threading
 import time
@@ -61,8 +70,8 @@ from leap import LeapLearner
 from maml import MAML, Reptile, iMAML
 
 IMPLS = ("loop", "vmap", "maml", "maml_vectorized", "maml_auto")
-EXTRA = ("fomaml", "fomaml_vectorized", "reptile", "reptile_vectorized", "leap",
-         "leap_vectorized", "imaml", "imaml_vectorized")
+EXTRA = ("maml_channels_last", "fomaml", "fomaml_vectorized", "reptile", "reptile_vectorized",
+         "leap", "leap_vectorized", "imaml", "imaml_vectorized")
 # What each implementation's ratio and agreement are against (default: the plain loop).
 REFERENCE = {"fomaml": "fomaml", "fomaml_vectorized": "fomaml", "reptile": "reptile",
              "reptile_vectorized": "reptile", "leap": "leap", "leap_vectorized": "leap",
@@ -114,7 +123,8 @@ class Impl:
                                 inner_optimizer=metazoo.SGD(INNER_LR), inner_steps=INNER_STEPS,
                                 first_order=name.startswith("fomaml"),
                                 meta_optimizer=lambda p: torch.optim.Adam(p, lr=1e-3),
-                                vectorize=vectorize)
+                                vectorize=vectorize,
+                                channels_last=name.endswith("_channels_last"))
             self.optimizer = self.learner.meta_optimizer
         elif name.startswith("reptile"):
             self.learner = Reptile(model=net, criterion=F.cross_entropy,
@@ -212,6 +222,26 @@ def peak_memory_cuda(impl: Impl, data: Stacked, device: torch.device) -> float:
     return torch.cuda.max_memory_allocated(device) / 2**20
 
 
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
+RETAIN_BYTES = 2**30
+
+
+def malloc_retain() -> None:
+    """Makes glibc's malloc keep freed blocks of up to 1 GiB for reuse (``--malloc-retain``).
+
+    By default glibc serves blocks above its mmap threshold (adjusted at run time up to 32 MiB)
+    with fresh ``mmap`` calls and unmaps them when freed, and returns the top of the heap to the
+    system beyond twice that: every such block is faulted in and zeroed by the kernel page by
+    page again on the next meta-step (system time). The setting applies to the whole process,
+    so every implementation runs under it.
+    """
+    libc = ctypes.CDLL("libc.so.6")
+    for option in (M_MMAP_THRESHOLD, M_TRIM_THRESHOLD):
+        if libc.mallopt(option, ctypes.c_int(RETAIN_BYTES)) != 1:
+            raise RuntimeError(f"mallopt({option}, {RETAIN_BYTES}) failed; run without "
+                               f"--malloc-retain (it needs glibc)")
+
+
 def rss_mib() -> float:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
@@ -260,25 +290,40 @@ def run_workload(workload: str, impls: list[str], args: argparse.Namespace,
         memory[name] = (peak_memory_cuda(impl, data, device) if device.type == "cuda"
                         else peak_memory_cpu(impl, data))
     times: dict[str, list[float]] = {name: [] for name in impls}
+    cpu_times: dict[str, list[float]] = {name: [] for name in impls}
+    faults: dict[str, list[int]] = {name: [] for name in impls}
     for round_ in range(args.repeats):
         order = impls if round_ % 2 == 0 else list(reversed(impls))
         for name in order:
             sync(device)
-            start = time.perf_counter()
+            faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            cpu_start, start = time.process_time(), time.perf_counter()
             runners[name].meta_step(data)
             sync(device)
             times[name].append(time.perf_counter() - start)
+            cpu_times[name].append(time.process_time() - cpu_start)
+            faults[name].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+                                - faults_before)
     medians = {name: statistics.median(t) for name, t in times.items()}
+    cpu_medians = {name: statistics.median(t) for name, t in cpu_times.items()}
+    on_cpu = device.type != "cuda"
     memory_label = "peak MiB (cuda)" if device.type == "cuda" else "peak RSS MiB"
-    print(f"| impl | median s | min-max s | ratio to reference | {memory_label} | "
+    cpu_labels = " median CPU s | CPU ratio | page faults |" if on_cpu else ""
+    print(f"| impl | median s | min-max s | ratio to reference |{cpu_labels} {memory_label} | "
           f"float64 grad vs reference | reference |")
-    print("|---|---:|---:|---:|---:|---:|---|")
+    print("|---|---:|---:|---:|" + ("---:|---:|---:|" if on_cpu else "") + "---:|---:|---|")
     for name in impls:
         reference = REFERENCE.get(name, "loop")
         ratio = f"{medians[name] / medians[reference]:.2f}" if reference in medians else "-"
+        cpu_columns = ""
+        if on_cpu:
+            cpu_ratio = (f"{cpu_medians[name] / cpu_medians[reference]:.2f}"
+                         if reference in cpu_medians else "-")
+            cpu_columns = (f" {cpu_medians[name]:.3f} | {cpu_ratio} | "
+                           f"{statistics.median(faults[name]):.0f} |")
         error = f"{errors[name]:.1e}" if name in errors else "-"
         print(f"| {name} | {medians[name]:.3f} | {min(times[name]):.3f}-{max(times[name]):.3f} "
-              f"| {ratio} | {memory[name]:.0f} | {error} | {reference} |")
+              f"| {ratio} |{cpu_columns} {memory[name]:.0f} | {error} | {reference} |")
     if "maml" in medians and "maml_auto" in medians:
         print(f"\nmaml_auto / maml (vectorize='auto' against the library's loop): "
               f"{medians['maml_auto'] / medians['maml']:.2f}")
@@ -299,7 +344,12 @@ def main() -> None:
     parser.add_argument("--check-tasks", type=int, default=2,
                         help="tasks of the float64 agreement check (0: skip it)")
     parser.add_argument("--threads", type=int, default=1, help="CPU intra-op threads")
+    parser.add_argument("--malloc-retain", action="store_true",
+                        help="glibc: keep freed blocks up to 1 GiB for reuse instead of "
+                             "unmapping those above 32 MiB (mallopt; the whole process)")
     args = parser.parse_args()
+    if args.malloc_retain:
+        malloc_retain()
     args.chunk = args.chunk or None
     torch.set_num_threads(args.threads)
     impls = [name.strip() for name in args.impls.split(",") if name.strip()]
@@ -317,7 +367,9 @@ def main() -> None:
     device = torch.device(args.device)
     print(f"torch {torch.__version__}, {device}"
           + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else
-             f", {args.threads} thread(s)"))
+             f", {args.threads} thread(s)")
+          + (", glibc malloc retaining freed blocks up to 1 GiB (--malloc-retain)"
+             if args.malloc_retain else ""))
     for workload in args.workloads.split(","):
         run_workload(workload, impls, args, device)
 

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import metazoo
 from maml import MAML, Reptile, iMAML
@@ -83,6 +87,83 @@ def test_vectorized_meta_gradient_and_results_equal_the_loop(config):
         assert not any(name in expected for name in HEAD)
     if "lr" in str(CONFIGS[config].get("learn_inner_lr", "")) or "meta_sgd" in config:
         assert any(name.startswith("inner_lr.") for name in expected)
+
+
+@pytest.mark.parametrize("config", ["batch_sgd", "running_sgd", "lslr_msl", "first_order",
+                                    "checkpoint_msl_lslr_running", "anil_zero_head"])
+def test_the_samples_outer_layout_of_cuda_equals_the_loop_too(monkeypatch, config):
+    # On a CPU the vectorized path stacks image batches channels-last; this runs the layout it
+    # uses on CUDA (and every other device) here.
+    monkeypatch.setattr(metazoo.vectorize, "CHANNELS_LAST_DEVICES", frozenset())
+    batch = tasks()
+    expected, expected_result = meta_gradients(learner(config), batch)
+    got, result = meta_gradients(learner(config, True), batch)
+    assert_same_gradients(got, expected)
+    assert_same_results(result, expected_result)
+
+
+class KernelLayouts(TorchDispatchMode):
+    """Records, per kernel, whether its activation inputs were channels-last (and not also
+    contiguous), and counts copies of activations (4-D or larger)."""
+
+    KERNELS = frozenset({torch.ops.aten.convolution.default,
+                         torch.ops.aten.max_pool2d_with_indices.default,
+                         torch.ops.aten.native_batch_norm.default,
+                         torch.ops.aten.native_batch_norm_backward.default})
+    COPIES = frozenset({torch.ops.aten.clone.default, torch.ops.aten.copy_.default,
+                        torch.ops.aten._to_copy.default})
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layouts: dict[str, set[bool]] = {}
+        self.copies = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in self.KERNELS:
+            x = args[0]
+            self.layouts.setdefault(func.__name__, set()).add(
+                not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last))
+        if func in self.COPIES and isinstance(args[0], torch.Tensor) and args[0].dim() >= 4:
+            self.copies += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_on_a_cpu_the_vectorized_meta_batch_runs_channels_last_without_copies(monkeypatch):
+    """Fails if the channels-last layout of the CPU silently falls back to NCHW or is copied
+    back and forth: every convolution, max-pooling and BatchNorm kernel reads channels-last
+    activations, and no activation is copied that the CUDA layout does not copy too. Two conv
+    layers (3 and 4 channels, 4x4 images), so that the activations before the head are never
+    both contiguous and channels-last."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU(),
+                        nn.MaxPool2d(2), nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4),
+                        nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(4, 3)).to(DTYPE)
+    g = torch.Generator().manual_seed(3)
+    batch = [metazoo.Task([(torch.randn(6, 1, 4, 4, generator=g, dtype=DTYPE),
+                            torch.arange(3).repeat(2))],
+                          (torch.randn(9, 1, 4, 4, generator=g, dtype=DTYPE),
+                           torch.arange(3).repeat(3))) for _ in range(TASKS)]
+
+    def make(vectorize):
+        return MAML(model=copy.deepcopy(net), criterion=F.cross_entropy,
+                    inner_optimizer=metazoo.SGD(0.4), inner_steps=2, vectorize=vectorize)
+
+    expected, _ = meta_gradients(make(False), batch)
+    kernels = ("convolution.default", "max_pool2d_with_indices.default",
+               "native_batch_norm.default", "native_batch_norm_backward.default")
+    copies = {}
+    for channels_last in (True, False):
+        monkeypatch.setattr(metazoo.vectorize, "CHANNELS_LAST_DEVICES",
+                            frozenset({"cpu"} if channels_last else ()))
+        with KernelLayouts() as seen:
+            got, _ = meta_gradients(make(True), batch)
+        assert_same_gradients(got, expected)
+        assert seen.layouts == {name: {channels_last} for name in kernels}, seen.layouts
+        copies[channels_last] = seen.copies
+    # One more: the second convolution's weight gradients come back channels-last and are
+    # copied once where the tasks' gradients are summed (the first one's, of one input
+    # channel, are both contiguous and channels-last).
+    assert copies[True] == copies[False] + 1, copies
 
 
 @pytest.mark.parametrize("config", ["backward_clip", "backward_clip_first_order_running"])

@@ -15,6 +15,12 @@ vmap rule that keeps the layout the previous layer produced:
   batch dimension. Either way the task dimension stays where it was (a view, no copy).
 - ``max_pool2d``: the tasks folded into the batch dimension (a view).
 
+Channels-last tasks (``[N, H, W, T, C]`` in memory, how ``metazoo.vectorize.stack_tasks`` lays
+out image batches on a CPU) fold into channels as a view but never into the batch dimension, so
+there every rule folds them into channels: max-pooling and its backward plane by plane, the
+convolution with shared weights through the per-task form with the weights repeated. The
+kernels then read and write channels-last tensors throughout.
+
 Values and first derivatives are PyTorch's kernels (``torch.convolution``,
 ``aten.convolution_backward``, ``aten.max_pool2d_with_indices(_backward)``), so a forward pass is
 bit for bit ``F.conv2d``/``F.max_pool2d``. The double backward is closed under differentiation:
@@ -50,6 +56,11 @@ def _pair(value: Any) -> tuple[int, int]:
     return int(first), int(second)
 
 
+def _is_channels_last(t: Tensor) -> bool:
+    return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(
+        memory_format=torch.channels_last)
+
+
 # -- folding the task dimension -----------------------------------------------------------------
 
 def _into_batch(t: Tensor, dim: int | None, size: int, position: int) -> Tensor:
@@ -63,7 +74,9 @@ def _into_batch(t: Tensor, dim: int | None, size: int, position: int) -> Tensor:
     return t.flatten(0, 1)
 
 
-def _out_of_batch(t: Tensor, size: int, position: int) -> Tensor:
+def _out_of_batch(t: Tensor, size: int, position: int | None) -> Tensor:
+    if position is None:  # folded into the channels (``_pool_vmap``)
+        return t.unflatten(1, (size, -1))
     return t.unflatten(0, (size, -1) if position == 0 else (-1, size))
 
 
@@ -79,6 +92,29 @@ def _batch_position(*batched: tuple[Tensor, int | None]) -> int:
             return 1
         return 0
     raise AssertionError("a vmap rule runs only with a batched input")
+
+
+def _mergeable(t: Tensor, dim: int | None, first: int) -> bool:
+    """Whether ``t`` with its task dimension moved to ``first`` merges dimensions ``first`` and
+    ``first + 1`` as a view."""
+    if dim is None:
+        return False
+    sizes, strides = list(t.shape), list(t.stride())  # no tensor ops: movedim on the lists
+    sizes.insert(first, sizes.pop(dim))
+    strides.insert(first, strides.pop(dim))
+    return (sizes[first] == 1 or sizes[first + 1] == 1
+            or strides[first] == strides[first + 1] * sizes[first + 1])
+
+
+def _into_channels(*batched: tuple[Tensor, int | None]) -> bool:
+    """Whether to fold the tasks into the channels instead of the batch dimension: where that
+    is a view for every batched tensor and the batch fold is not for one of them. That is the
+    case of channels-last task batches (``[N, H, W, T, C]`` in memory, how
+    ``metazoo.vectorize.stack_tasks`` lays out image batches on a CPU)."""
+    tensors = [(t, dim) for t, dim in batched if dim is not None]
+    position = _batch_position(*tensors)
+    return (not all(_mergeable(t, dim, position) for t, dim in tensors)
+            and all(_mergeable(t, dim, 1) for t, dim in tensors))
 
 
 def _fold_leading(t: Tensor | None, dim: int | None, size: int) -> Tensor | None:
@@ -136,7 +172,7 @@ class _Conv(torch.autograd.Function):
     def vmap(info: Any, in_dims: tuple[Any, ...], x: Tensor, w: Tensor, b: Tensor | None,
              spec: _ConvSpec) -> tuple[Tensor, int]:
         size = info.batch_size
-        if in_dims[1] is None and in_dims[2] is None:
+        if in_dims[1] is None and in_dims[2] is None and not _into_channels((x, in_dims[0])):
             # Weights shared by all tasks: the tasks are more samples of one convolution.
             position = _batch_position((x, in_dims[0]))
             y = _Conv.apply(_into_batch(x, in_dims[0], size, position), w, b, spec)
@@ -198,7 +234,8 @@ class _ConvBackward(torch.autograd.Function):
     def vmap(info: Any, in_dims: tuple[Any, ...], gy: Tensor, x: Tensor, w: Tensor,
              spec: _ConvSpec, mask: tuple[bool, bool, bool]) -> tuple[Any, Any]:
         size = info.batch_size
-        if in_dims[2] is None and not mask[1] and not mask[2]:
+        if (in_dims[2] is None and not mask[1] and not mask[2]
+                and not _into_channels((gy, in_dims[0]), (x, in_dims[1]))):
             # Shared weights and only the input gradient: the tasks are more samples.
             position = _batch_position((gy, in_dims[0]), (x, in_dims[1]))
             gy_ = _into_batch(gy, in_dims[0], size, position)
@@ -259,17 +296,29 @@ class _MaxPool(torch.autograd.Function):
     @staticmethod
     def vmap(info: Any, in_dims: tuple[Any, ...], x: Tensor, spec: _PoolSpec
              ) -> tuple[Any, Any]:
-        size, position = info.batch_size, _batch_position((x, in_dims[0]))
+        size = info.batch_size
+        if _into_channels((x, in_dims[0])):
+            # Channels-last tasks: side by side as channels (a view), pooled plane by plane.
+            y, indices = _MaxPool.apply(_fold(x, in_dims[0], size), spec)
+            return (y.unflatten(1, (size, -1)), indices.unflatten(1, (size, -1))), (1, 1)
+        position = _batch_position((x, in_dims[0]))
         y, indices = _MaxPool.apply(_into_batch(x, in_dims[0], size, position), spec)
         return ((_out_of_batch(y, size, position), _out_of_batch(indices, size, position)),
                 (position, position))
 
 
 def _pool_vmap(info: Any, in_dims: tuple[Any, ...], values: Tensor, x: Tensor,
-               indices: Tensor) -> tuple[int, int, Tensor, Tensor, Tensor]:
+               indices: Tensor) -> tuple[int, int | None, Tensor, Tensor, Tensor]:
     """The common fold of ``_MaxPoolBackward`` and ``_MaxPoolGather``: every task into the batch
-    dimension at one position; ``x`` only gives its shape."""
+    dimension at one position, or (channels-last tasks, position ``None``) into the channels;
+    ``x`` only gives its shape (and memory format)."""
     size = info.batch_size
+    if _into_channels((values, in_dims[0]), (indices, in_dims[2])):
+        values_, indices_ = _fold(values, in_dims[0], size), _fold(indices, in_dims[2], size)
+        # In the input's memory format: the backward kernel writes its output in it.
+        x_ = torch.empty((values_.shape[0], values_.shape[1], *x.shape[-2:]), dtype=x.dtype,
+                         device=x.device, memory_format=torch.channels_last)
+        return size, None, values_, x_, indices_
     position = _batch_position((values, in_dims[0]), (indices, in_dims[2]))
     values_ = _into_batch(values, in_dims[0], size, position)
     indices_ = _into_batch(indices, in_dims[2], size, position)
@@ -305,7 +354,7 @@ class _MaxPoolBackward(torch.autograd.Function):
              spec: _PoolSpec) -> tuple[Tensor, int]:
         size, position, gy_, x_, indices_ = _pool_vmap(info, in_dims, gy, x, indices)
         gx = _MaxPoolBackward.apply(gy_, x_, indices_, spec)
-        return _out_of_batch(gx, size, position), position
+        return _out_of_batch(gx, size, position), 1 if position is None else position
 
 
 class _MaxPoolGather(torch.autograd.Function):
@@ -313,6 +362,12 @@ class _MaxPoolGather(torch.autograd.Function):
 
     @staticmethod
     def forward(u: Tensor, x: Tensor, indices: Tensor, spec: _PoolSpec) -> Tensor:
+        if _is_channels_last(indices):
+            # Gathered along the positions of [N, H * W, C] views: the output stays
+            # channels-last, as the activations around it.
+            gathered = u.permute(0, 2, 3, 1).flatten(1, 2).gather(
+                1, indices.permute(0, 2, 3, 1).flatten(1, 2))
+            return gathered.view(indices.shape[0], *indices.shape[2:], -1).permute(0, 3, 1, 2)
         return u.flatten(-2).gather(-1, indices.flatten(-2)).view(indices.shape)
 
     @staticmethod
@@ -334,7 +389,7 @@ class _MaxPoolGather(torch.autograd.Function):
              spec: _PoolSpec) -> tuple[Tensor, int]:
         size, position, u_, x_, indices_ = _pool_vmap(info, in_dims, u, x, indices)
         gathered = _MaxPoolGather.apply(u_, x_, indices_, spec)
-        return _out_of_batch(gathered, size, position), position
+        return _out_of_batch(gathered, size, position), 1 if position is None else position
 
 
 _cache_signatures(_Conv, _ConvBackward, _MaxPool, _MaxPoolBackward, _MaxPoolGather)

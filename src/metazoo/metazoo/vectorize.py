@@ -16,20 +16,21 @@ inner gradient taken by ``torch.func.grad`` (second order: nested transforms; fi
 detached inputs), the same ``InnerOptimizer.step`` update rule and ``clip_grad_norm``.
 
 Memory grows with the number of tasks mapped at once; ``chunk`` maps that many tasks at a time
-and accumulates their gradients. On a CPU the loop is as fast or faster and far lighter
-(ARCHITECTURE.md, "Measured facts": vmap over 16 tasks took 5.4-8.2 s against 4.5 s for the loop;
-W1 at 8 tasks, 1 thread, interleaved medians of 7-11 on a 2-core machine loaded by other jobs,
-after the task-folding layers of issue 26: vectorized 1.01-1.17x the hand-written loop in three
-runs and 1.16-1.17x the library's loop in two, at 1,443-1,677 MiB peak RSS against 167-250 for
-the loops; chunks of 4, 2 and 1 tasks were 1.12x, 1.56x and 2.28x), on a GPU the vectorized
-form was 9x faster on the MAML Omniglot workload (0.156 s against 1.44 s per meta-step, issue
-17), so ``vectorize="auto"`` vectorizes on CUDA only.
+and accumulates their gradients. On a GPU the vectorized form was 9x faster on the MAML Omniglot
+workload (0.156 s against 1.44 s per meta-step, issue 17). On a CPU (W1 at 8 tasks, 1 thread,
+interleaved medians of 7, docs/performance.md), with the channels-last layout below, the
+vectorized MAML meta-step took 0.82-0.99x the hand-written loop's time (0.77x with glibc's
+malloc keeping freed blocks), at 1.4-1.7 GiB peak RSS against about 0.2 GiB for the loops;
+before it, NCHW, 1.01-1.17x. ``vectorize="auto"`` still vectorizes on CUDA only (the memory,
+and the loop with ``channels_last=True``; see ``resolve_chunk``).
 
 Inside the map, ``F.conv2d``, ``F.max_pool2d`` and BatchNorm with batch statistics run through
 ``metazoo.layers`` and ``metazoo.batchnorm`` (``closed_form_batch_norm``): vmap rules that fold
 the tasks into one kernel call without copies, double backwards of few kernels. Image batches
-are stacked samples-outer (``[N, T, C, H, W]`` in memory) so that the first layer folds them
-without a copy too.
+are stacked so that the first layer folds them without a copy too: on a CPU channels-last
+(``[N, H, W, T, C]`` in memory; every activation then stays channels-last, where max-pooling is
+10-13x and the BatchNorm statistics 3-4x faster than over NCHW tensors), elsewhere
+samples-outer (``[N, T, C, H, W]``); see ``CHANNELS_LAST_DEVICES``.
 """
 
 from __future__ import annotations
@@ -105,9 +106,11 @@ def check_vectorize_and_layout(vectorize: Any, channels_last: Any) -> tuple[Vect
 def resolve_chunk(vectorize: Vectorize, num_tasks: int, device: torch.device) -> int | None:
     """How many tasks to map at once, or ``None`` for the per-task loop.
 
-    ``"auto"`` vectorizes on CUDA devices only: on the CPU the loop was measured as fast or
-    faster at a seventh of the memory (see the module docstring, ``benchmarks/gpu_meta_step.py``
-    and docs/performance.md).
+    ``"auto"`` vectorizes on CUDA devices only. On a CPU the vectorized MAML meta-step
+    (channels-last there) measured 0.77-0.99x the hand-written loop's time on the MAML Omniglot
+    workload at 8 tasks, a margin that glibc's allocator swings, at 7-8x the loop's peak memory,
+    and the loop with ``channels_last=True`` 0.95x at the loop's memory (see the module
+    docstring, ``benchmarks/gpu_meta_step.py`` and docs/performance.md).
     """
     if vectorize is False or (vectorize == "auto" and device.type != "cuda"):
         return None
@@ -151,11 +154,29 @@ def stack_tasks(tasks: Sequence[Task]) -> tuple[list[Batch], Batch]:
     return support, query
 
 
+#: Devices on which 4-D floating-point task batches are stacked channels-last (``_stack``).
+#: Tests empty it to run the other layout on a CPU.
+CHANNELS_LAST_DEVICES: frozenset[str] = frozenset({"cpu"})
+
+
 def _stack(tensors: list[Tensor]) -> Tensor:
-    """``torch.stack(tensors)``; image batches ``[N, C, H, W]`` stored samples-outer
-    (``[N, T, C, H, W]`` in memory), the layout in which ``metazoo.layers`` and
-    ``metazoo.batchnorm`` fold the tasks into channels without a copy."""
-    if tensors[0].dim() == 4:
+    """``torch.stack(tensors)`` (the values), laid out for the task-folding layers.
+
+    4-D image batches ``[N, C, H, W]`` on a CPU (``CHANNELS_LAST_DEVICES``) are stored
+    ``[N, H, W, T, C]`` in memory: folding the tasks into channels gives a channels-last
+    ``[N, T * C, H, W]`` view, in which every activation of the meta-batch then stays. On a
+    CPU, max-pooling over NCHW tensors is 10-13x slower than over channels-last ones and the
+    BatchNorm statistics 3-4x (``docs/performance.md``); convolutions cost the same. Elsewhere
+    (CUDA) they are stored samples-outer, ``[N, T, C, H, W]``: folding them into channels or
+    into the batch dimension is a view of the default layout. Other tensors keep
+    ``torch.stack``'s layout.
+    """
+    first = tensors[0]
+    if first.dim() == 4 and first.is_floating_point() and (
+            first.device.type in CHANNELS_LAST_DEVICES):
+        return torch.stack([t.permute(0, 2, 3, 1) for t in tensors], dim=3).permute(
+            3, 0, 4, 1, 2)
+    if first.dim() == 4:
         return torch.stack(tensors, dim=1).movedim(1, 0)
     return torch.stack(tensors)
 
@@ -651,6 +672,23 @@ class VectorizedGradients:
     finite: Tensor
 
 
+def _masked_task_sums(outputs: list[Tensor], finite: Tensor) -> list[Tensor]:
+    """Each output ``[n, ...]`` summed over the tasks where ``finite`` (``[n]``) holds.
+
+    Outputs of one dtype are summed side by side as one ``[n, P]`` matrix (three kernels for
+    all of them, not two per tensor; the sums are views of one result). ``where``, not a
+    product: a NaN gradient times 0 is still NaN.
+    """
+    if len(outputs) > 1 and len({t.dtype for t in outputs}) == 1:
+        flat = torch.cat([t.reshape(len(t), -1) for t in outputs], dim=1)
+        total = torch.where(finite.view(-1, 1), flat, 0.0).sum(0)
+        shapes = [t.shape[1:] for t in outputs]
+        return [part.view(shape) for part, shape in zip(
+            total.split([shape.numel() for shape in shapes]), shapes, strict=True)]
+    return [torch.where(finite.view(-1, *[1] * (t.dim() - 1)), t, 0.0).sum(0)
+            for t in outputs]
+
+
 def map_and_sum(
     mapped: Callable[..., tuple[Sequence[Tensor], tuple[Tensor, tuple[Tensor, Any]]]],
     shared: Sequence[Any],
@@ -673,9 +711,7 @@ def map_and_sum(
     for rows in _chunks(num_tasks, chunk):
         grads, (values, (inner, aux)) = call(mapped, *shared, *_take(list(batched), rows))
         finite = torch.isfinite(values) & torch.isfinite(inner).all(dim=1)
-        # where, not a product: a NaN gradient times 0 is still NaN.
-        masked = [torch.where(finite.view(-1, *[1] * (g.dim() - 1)), g, 0.0).sum(0)
-                  for g in grads]
+        masked = _masked_task_sums(list(grads), finite)
         sums = masked if sums is None else [a + b for a, b in zip(sums, masked, strict=True)]
         objectives.append(values.detach())
         inner_losses.append(inner.detach())

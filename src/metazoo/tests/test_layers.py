@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.func import grad, vmap
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import metazoo
 from metazoo import layers
@@ -123,17 +124,35 @@ def inner_step_loss(conv, pool, w: Tensor, b: Tensor | None, x: Tensor) -> Tenso
     return loss(w - 0.3 * gw, b - 0.3 * gb, x - 0.3 * gx) ** 2
 
 
+class PoolInputs(TorchDispatchMode):
+    """Records whether each max-pooling kernel read a channels-last (and not also contiguous)
+    input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.channels_last: list[bool] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten.max_pool2d_with_indices.default:
+            x = args[0]
+            self.channels_last.append(not x.is_contiguous()
+                                      and x.is_contiguous(memory_format=torch.channels_last))
+        return func(*args, **(kwargs or {}))
+
+
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("per_task_weights", [True, False])
-@pytest.mark.parametrize("samples_outer", [True, False])
+@pytest.mark.parametrize("layout", ["tasks_outer", "samples_outer", "channels_last"])
 @pytest.mark.parametrize("groups", [1, 2])
 def test_second_order_under_vmap_equals_a_per_task_loop(bias, per_task_weights,
-                                                        samples_outer, groups) -> None:
+                                                        layout, groups) -> None:
     g = torch.Generator().manual_seed(2)
     tasks = 3
     xs = torch.randn(tasks, 4, 2, 6, 6, generator=g, dtype=DTYPE)
-    if samples_outer:  # the layout metazoo.vectorize stacks images in
+    if layout == "samples_outer":  # how metazoo.vectorize stacks images on CUDA
         xs = xs.transpose(0, 1).contiguous().transpose(0, 1)
+    if layout == "channels_last":  # [N, H, W, T, C] in memory, how it stacks them on a CPU
+        xs = xs.permute(1, 3, 4, 0, 2).contiguous().permute(3, 0, 4, 1, 2)
     w = torch.randn(*([tasks] if per_task_weights else []), 4, 2 // groups, 3, 3, generator=g,
                     dtype=DTYPE)
     b = (torch.randn(*([tasks] if per_task_weights else []), 4, generator=g, dtype=DTYPE)
@@ -147,7 +166,12 @@ def test_second_order_under_vmap_equals_a_per_task_loop(bias, per_task_weights,
         return inner_step_loss(F.conv2d, F.max_pool2d, w, b, x)
 
     argnums = (0, 2) if b is None else (0, 1, 2)
-    got = vmap(grad(ours, argnums=argnums), in_dims=(dims, dims if bias else None, 0))(w, b, xs)
+    with PoolInputs() as pool_inputs:
+        got = vmap(grad(ours, argnums=argnums), in_dims=(dims, dims if bias else None, 0))(
+            w, b, xs)
+    # Channels-last tasks stay channels-last (folded into channels, never copied back).
+    assert pool_inputs.channels_last
+    assert set(pool_inputs.channels_last) == {layout == "channels_last"}
     for i, x in enumerate(xs):
         wi = w[i] if per_task_weights else w
         bi = None if b is None else (b[i] if per_task_weights else b)

@@ -330,14 +330,40 @@ def test_stack_tasks_needs_tasks_of_one_shape():
         stack_tasks(more)
 
 
-def test_stack_tasks_stores_image_batches_samples_outer():
-    # Values as torch.stack; 4-D image batches laid out [N, T, C, H, W] in memory, so the
-    # task-folding layers fold them into channels without a copy. Labels keep torch.stack's.
+@pytest.mark.parametrize("dtypes", [(DTYPE, DTYPE, DTYPE), (DTYPE, torch.float32, DTYPE)])
+def test_masked_task_sums_leave_non_finite_tasks_out_in_one_or_per_tensor_sums(dtypes):
+    # One [n, P] sum for outputs of one dtype, one sum per tensor otherwise: the same sums.
+    g = torch.Generator().manual_seed(4)
+    outputs = [torch.randn(4, *shape, generator=g, dtype=DTYPE).to(dtype)
+               for shape, dtype in zip([(3, 2), (5,), (2, 1, 3)], dtypes, strict=True)]
+    outputs[1][2, 0] = float("nan")  # task 2 is not finite: its NaN must not reach the sums
+    finite = torch.tensor([True, True, False, True])
+    sums = vectorize._masked_task_sums(outputs, finite)
+    for got, output in zip(sums, outputs, strict=True):
+        assert got.dtype == output.dtype and got.shape == output.shape[1:]
+        torch.testing.assert_close(got, output[[0, 1, 3]].sum(0), rtol=1e-6, atol=1e-12)
+
+
+@pytest.mark.parametrize("devices", [vectorize.CHANNELS_LAST_DEVICES, frozenset()])
+def test_stack_tasks_lays_image_batches_out_for_the_task_folding_layers(monkeypatch, devices):
+    # Values as torch.stack. 4-D image batches on a CPU: [N, H, W, T, C] in memory, so the
+    # tasks fold into channels as a channels-last view; on other devices (CUDA) [N, T, C, H, W],
+    # folded into channels or the batch dimension without a copy. Labels keep torch.stack's.
+    monkeypatch.setattr(vectorize, "CHANNELS_LAST_DEVICES", devices)
     x, y, qx, qy = task_batches()
+    x = x.expand(-1, -1, 2, -1, -1) * torch.tensor([1.0, -1.0], dtype=DTYPE).view(2, 1, 1)
     tasks = [metazoo.Task([(x[i], y[i])], (qx[i], qy[i])) for i in range(TASKS)]
     (images, labels), = stack_tasks(tasks)[0]
     assert torch.equal(images, x) and torch.equal(labels, y)
-    assert images.movedim(0, 1).is_contiguous() and labels.is_contiguous()
+    assert labels.is_contiguous()
+    if "cpu" in devices:
+        assert images.permute(1, 3, 4, 0, 2).is_contiguous()
+        folded = images.movedim(0, 1).reshape(6, TASKS * 2, 6, 6)
+        assert folded.data_ptr() == images.data_ptr()  # a view
+        assert folded.is_contiguous(memory_format=torch.channels_last)
+        assert not folded.is_contiguous()
+    else:
+        assert images.movedim(0, 1).is_contiguous()
 
 
 def test_vectorize_and_layout_are_checked_together():

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import main
+import metazoo
 import wrapper
 from metazoo.cli import UsageError
 from metazoo.testing import kill_at_call_command
@@ -316,10 +317,17 @@ def test_channels_last_runs_give_the_default_layouts_logs(tiny, omniglot_root, t
 
 
 @pytest.mark.parametrize("method", ["maml", "reptile", "leap", "imaml", "warp_leap", "warp_maml"])
-def test_vectorized_runs_give_the_loops_logs(tiny, omniglot_root, tmp_path, method):
+def test_vectorized_runs_give_the_loops_logs(tiny, omniglot_root, tmp_path, method,
+                                             monkeypatch):
     """--vectorize on and in chunks of 1: the logged curves agree with the loop's up to float32
     rounding (amplified by the tiny BatchNorm net as in the channels-last test above; the exact
-    float64 comparisons are in src/maml/tests/test_vectorize.py)."""
+    float64 comparisons are in src/maml/tests/test_vectorize.py). On a CPU the vectorized path
+    runs channels-last, whose kernels round differently; iMAML's indefinite CG system turns that
+    into loss differences of about 1% (see the channels-last test above), so its vectorized runs
+    here keep the NCHW layout of CUDA; its channels-last path is compared in float64 in
+    src/maml/tests/test_vectorize.py."""
+    if method == "imaml":
+        monkeypatch.setattr(metazoo.vectorize, "CHANNELS_LAST_DEVICES", frozenset())
     argv = tiny(omniglot_root, tmp_path, method)
     accs = [main.main([*argv, "--suffix", suffix, *flags])
             for suffix, flags in (("loop", []), ("on", ["--vectorize", "on"]),
