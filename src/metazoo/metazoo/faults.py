@@ -7,11 +7,13 @@ gradient is masked by its flag, the flags are read once at the end) and either r
 ``NonFiniteError`` naming the first such task and the inner step where the fault first
 appeared (``task_fault``), or (``on_nonfinite="skip"``) leave the task out of the mean and
 count it in ``MetaStepResult.skipped_tasks``. ``MetaLearner.meta_step``
-steps the meta-optimizer through ``checked_step``: one fused reduction (``all_finite``, one host
-transfer) over the meta-gradients, the stepped meta-parameters and the optimizer state; if any
-is non-finite the step is undone (parameters and state restored) and ``NonFiniteError`` names
-them. A non-finite meta-update (an lr of NaN or inf, Adam's ``eps=0`` on a zero gradient) is
-not a task fault: ``on_nonfinite="skip"`` cannot drop a task to avoid it, so it always raises.
+checks its meta-optimizer step as ``checked_step`` does: one fused reduction (``all_finite``)
+over the meta-gradients, the stepped meta-parameters and the optimizer state; if any is
+non-finite the step is undone (parameters and state restored, ``UndoableStep``) and
+``NonFiniteError`` names them. It reads that check in the same host transfer as the tasks'
+fault flags (one per meta-step), after the step, which a faulty task then undoes. A
+non-finite meta-update (an lr of NaN or inf, Adam's ``eps=0`` on a zero gradient) is not a task
+fault: ``on_nonfinite="skip"`` cannot drop a task to avoid it, so it always raises.
 """
 
 from __future__ import annotations

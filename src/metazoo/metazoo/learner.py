@@ -524,12 +524,16 @@ class MetaLearner(ABC):
                 skipped_tasks`` tasks contributed to ``.grad``).
 
         Raises:
-            NonFiniteError: a meta-gradient holds NaN or inf (checked after ``grad_hook``), or
-                the meta-optimizer's step made a meta-parameter or its state non-finite (its
-                lr or eps; ``where="meta_update"``, raised whatever ``on_nonfinite`` says, since
-                skipping tasks cannot avoid it). One fused reduction, one host transfer, checks
-                all of them (``metazoo.checked_step``); on failure the meta-parameters and the
-                optimizer state are restored to their values before the step.
+            NonFiniteError: a task's loss is NaN or inf (``on_nonfinite="raise"``), a
+                meta-gradient holds NaN or inf (checked after ``grad_hook``), or the
+                meta-optimizer's step made a meta-parameter or its state non-finite (its lr or
+                eps; ``where="meta_update"``, raised whatever ``on_nonfinite`` says, since
+                skipping tasks cannot avoid it). One fused reduction checks the step
+                (``metazoo.checked_step``'s check); without a ``grad_hook`` it is read in the
+                same host transfer as the tasks' fault flags and means, after the step, which
+                is undone when a task turns out faulty (one transfer per meta-step; with a hook,
+                two). On failure the meta-parameters and the optimizer state are restored to
+                their values before the step.
         """
         if isinstance(tasks, Task):
             raise ValueError("meta_step expects a sequence of tasks, got a single Task; pass "
