@@ -228,18 +228,9 @@ class TaskFaults:
                          ) -> DeferredRead[tuple[list[int], list[float]]]:
         """``resolve_with`` with its host transfer left to the caller (``DeferredRead``), who
         may read it together with other values (``MetaLearner.meta_step``)."""
-        count = len(self._flags)
-        if not count:
+        if not self._flags:
             return DeferredRead(values, lambda read: ([], read))
-        flags = self.flags()
-        if values is None:
-            row = flags.to(torch.float32)
-        else:
-            # 0 and 1 are exact in every floating-point dtype, and concatenation copies the
-            # values unchanged: one transfer returns both.
-            row = torch.cat([flags.to(device=values.device, dtype=values.dtype),
-                             values.reshape(-1)])
-        return DeferredRead(row, lambda read: (self.kept_from(read[:count]), read[count:]))
+        return _read_flags_with(self.flags(), values, self.kept_from)
 
     def flags(self) -> Tensor:
         """Each task's flag so far (1-D bool, on the first task's device; no transfer)."""
@@ -253,17 +244,42 @@ class TaskFaults:
         Raises:
             NonFiniteError: as ``resolve``.
         """
-        finite = [flag != 0 for flag in flags]
-        if self.on_nonfinite == "raise" and not all(finite):
-            first = finite.index(False)
-            fault = task_fault(first, *self._losses[first])  # the error path: syncs are fine
-            assert fault is not None
-            raise fault
-        return [index for index, ok in enumerate(finite) if ok]
+        return _kept_tasks(flags, self.on_nonfinite, lambda index: self._losses[index])
 
     def kept_count(self) -> Tensor:
         """The number of finite tasks so far, on the device (no transfer; 0 without tasks)."""
         return self.flags().sum()
+
+
+def _kept_tasks(flags: Sequence[float | bool], on_nonfinite: str,
+                losses_of: Callable[[int], tuple[Tensor, Tensor | None]]) -> list[int]:
+    """The indices of the finite tasks, from their flags read on the host; in ``"raise"`` mode
+    the first non-finite task's ``NonFiniteError`` (``task_fault`` of ``losses_of(task)``: its
+    inner losses and query loss)."""
+    finite = [flag != 0 for flag in flags]
+    if on_nonfinite == "raise" and not all(finite):
+        first = finite.index(False)
+        fault = task_fault(first, *losses_of(first))  # the error path: syncs are fine
+        assert fault is not None
+        raise fault
+    return [index for index, ok in enumerate(finite) if ok]
+
+
+def _read_flags_with(flags: Tensor, values: Tensor | None,
+                     kept_from: Callable[[list[float]], list[int]]
+                     ) -> DeferredRead[tuple[list[int], list[float]]]:
+    """Per-task finiteness ``flags`` (1-D, on the device) and ``values`` (1-D, floating point,
+    or ``None``) read later in one host transfer: the kept tasks (``kept_from`` of the flags
+    read) and ``values`` as floats, bit for bit what ``values.tolist()`` gives."""
+    count = flags.numel()
+    if values is None:
+        row = flags.reshape(-1).to(torch.float32)
+    else:
+        # 0 and 1 are exact in every floating-point dtype, and concatenation copies the
+        # values unchanged: one transfer returns both.
+        row = torch.cat([flags.reshape(-1).to(device=values.device, dtype=values.dtype),
+                         values.reshape(-1)])
+    return DeferredRead(row, lambda read: (kept_from(read[:count]), read[count:]))
 
 
 def _finite_flags(tensors: Sequence[Tensor]) -> dict[torch.device, Tensor]:

@@ -326,6 +326,24 @@ def _pool_vmap(info: Any, in_dims: tuple[Any, ...], values: Tensor, x: Tensor,
     return size, position, values_, x_, indices_
 
 
+def _save_pooling(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+    """``setup_context`` of the adjoint pair ``_MaxPoolBackward`` / ``_MaxPoolGather``: each
+    saves the pooled input and the argmax indices, and its backward applies the other."""
+    _, x, indices, spec = inputs
+    ctx.save_for_backward(x, indices)
+    ctx.spec = spec
+    ctx.set_materialize_grads(False)
+
+
+def _pool_pair_vmap(function: Any, info: Any, in_dims: tuple[Any, ...], a: Tensor, x: Tensor,
+                    indices: Tensor, spec: _PoolSpec) -> tuple[Tensor, int]:
+    """The vmap rule of either function of the pair: the mapped tasks folded as
+    ``_pool_vmap`` folds them, one call, unfolded."""
+    size, position, a_, x_, indices_ = _pool_vmap(info, in_dims, a, x, indices)
+    out = function.apply(a_, x_, indices_, spec)
+    return _out_of_batch(out, size, position), 1 if position is None else position
+
+
 class _MaxPoolBackward(torch.autograd.Function):
     """Scatters ``gy`` to the argmax positions (``max_pool2d_with_indices_backward``)."""
 
@@ -335,12 +353,7 @@ class _MaxPoolBackward(torch.autograd.Function):
                                                      spec.padding, spec.dilation,
                                                      spec.ceil_mode, indices)
 
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
-        _, x, indices, spec = inputs
-        ctx.save_for_backward(x, indices)
-        ctx.spec = spec
-        ctx.set_materialize_grads(False)
+    setup_context = staticmethod(_save_pooling)
 
     @staticmethod
     def backward(ctx: Any, u: Tensor | None) -> tuple[Tensor | None, None, None, None]:
@@ -352,9 +365,7 @@ class _MaxPoolBackward(torch.autograd.Function):
     @staticmethod
     def vmap(info: Any, in_dims: tuple[Any, ...], gy: Tensor, x: Tensor, indices: Tensor,
              spec: _PoolSpec) -> tuple[Tensor, int]:
-        size, position, gy_, x_, indices_ = _pool_vmap(info, in_dims, gy, x, indices)
-        gx = _MaxPoolBackward.apply(gy_, x_, indices_, spec)
-        return _out_of_batch(gx, size, position), 1 if position is None else position
+        return _pool_pair_vmap(_MaxPoolBackward, info, in_dims, gy, x, indices, spec)
 
 
 class _MaxPoolGather(torch.autograd.Function):
@@ -370,12 +381,7 @@ class _MaxPoolGather(torch.autograd.Function):
             return gathered.view(indices.shape[0], *indices.shape[2:], -1).permute(0, 3, 1, 2)
         return u.flatten(-2).gather(-1, indices.flatten(-2)).view(indices.shape)
 
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
-        _, x, indices, spec = inputs
-        ctx.save_for_backward(x, indices)
-        ctx.spec = spec
-        ctx.set_materialize_grads(False)
+    setup_context = staticmethod(_save_pooling)
 
     @staticmethod
     def backward(ctx: Any, v: Tensor | None) -> tuple[Tensor | None, None, None, None]:
@@ -387,9 +393,7 @@ class _MaxPoolGather(torch.autograd.Function):
     @staticmethod
     def vmap(info: Any, in_dims: tuple[Any, ...], u: Tensor, x: Tensor, indices: Tensor,
              spec: _PoolSpec) -> tuple[Tensor, int]:
-        size, position, u_, x_, indices_ = _pool_vmap(info, in_dims, u, x, indices)
-        gathered = _MaxPoolGather.apply(u_, x_, indices_, spec)
-        return _out_of_batch(gathered, size, position), 1 if position is None else position
+        return _pool_pair_vmap(_MaxPoolGather, info, in_dims, u, x, indices, spec)
 
 
 _cache_signatures(_Conv, _ConvBackward, _MaxPool, _MaxPoolBackward, _MaxPoolGather)

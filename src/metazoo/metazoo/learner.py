@@ -17,7 +17,14 @@ import torch
 from torch import Tensor, nn
 
 from metazoo.deferred import DeferredRead
-from metazoo.faults import CheckedCriterion, NonFiniteError, TaskFaults, UndoableStep, checked_step
+from metazoo.faults import (
+    CheckedCriterion,
+    NonFiniteError,
+    TaskFaults,
+    UndoableStep,
+    _read_flags_with,
+    checked_step,
+)
 from metazoo.functional import Buffers, Params
 
 Batch = tuple[Tensor, Tensor]
@@ -231,20 +238,16 @@ def deferred_flags_and_means(flags: Tensor, kept_from: Callable[[list[float]], l
         per_task: each task's ``(query_loss, query_accuracy, inner_losses)``.
     """
     summary, has_acc = _means_tensor(per_task)
-    count = flags.numel()
-    # 0 and 1 are exact in every floating-point dtype, and concatenation copies the means
-    # unchanged: one transfer returns both.
-    row = torch.cat([flags.reshape(-1).to(device=summary.device, dtype=summary.dtype), summary])
 
-    def finish(read: list[float]) -> tuple[list[int], MeanResults | None]:
-        kept = kept_from(read[:count])
+    def means(resolved: tuple[list[int], list[float]]) -> tuple[list[int], MeanResults | None]:
+        kept, values = resolved
         if len(kept) == len(per_task):
-            return kept, _unpack_means(read[count:], has_acc)
+            return kept, _unpack_means(values, has_acc)
         if not kept:
             return kept, None
         return kept, mean_results([per_task[i] for i in kept])
 
-    return DeferredRead(row, finish)
+    return _read_flags_with(flags, summary, kept_from).then(means)
 
 
 def deferred_meta_gradient(params: Sequence[Tensor], write: Callable[[], object],

@@ -47,7 +47,7 @@ from torch import Tensor
 from torch.func import grad, grad_and_value, vmap
 
 from metazoo.deferred import DeferredRead
-from metazoo.faults import task_fault
+from metazoo.faults import _kept_tasks
 from metazoo.functional import Buffers, Params, closed_form_batch_norm
 from metazoo.layout import check_channels_last
 from metazoo.learner import Batch, MeanResults, Task, deferred_flags_and_means
@@ -767,13 +767,8 @@ def raise_or_count_faults(result: VectorizedGradients, on_nonfinite: str) -> lis
 def kept_from_flags(result: VectorizedGradients, flags: Sequence[float | bool],
                     on_nonfinite: str) -> list[int]:
     """``raise_or_count_faults`` from ``result.finite`` already read (``flags``)."""
-    finite = [flag != 0 for flag in flags]
-    if on_nonfinite == "raise" and not all(finite):
-        first = finite.index(False)
-        fault = task_fault(first, result.inner_losses[first], result.objectives[first])
-        assert fault is not None
-        raise fault
-    return [index for index, ok in enumerate(finite) if ok]
+    return _kept_tasks(flags, on_nonfinite,
+                       lambda index: (result.inner_losses[index], result.objectives[index]))
 
 
 def deferred_faults_and_means(result: VectorizedGradients, on_nonfinite: str,
